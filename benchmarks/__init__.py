@@ -1,0 +1,4 @@
+"""Hallucination benchmarks (POPE, AMBER, easy-VQA) on top of vlm_sparsify."""
+
+BENCHMARKS = ("pope", "amber", "easyvqa")
+STAGES = ("capture", "score", "classify", "analyze", "plot", "map", "steer", "all")

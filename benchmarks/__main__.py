@@ -1,0 +1,37 @@
+"""`python -m benchmarks BENCHMARK STAGE [flags]`.
+
+A stage is `benchmarks/<benchmark>/<stage>.py` when the benchmark has its own (e.g. `score`),
+otherwise the shared `benchmarks/stages/<stage>.py`. Each exposes `main(argv, benchmark) -> None`.
+"""
+
+import importlib
+import sys
+
+from benchmarks import BENCHMARKS, STAGES
+
+
+def _stage_module(benchmark: str, stage: str):
+    for name in (f"benchmarks.{benchmark}.{stage}", f"benchmarks.stages.{stage}"):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+    raise SystemExit(f"stage '{stage}' is not implemented for '{benchmark}'")
+
+
+def run(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    usage = f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} {{{','.join(STAGES)}}} [flags]"
+    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+        raise SystemExit(usage)
+    benchmark, stage, rest = argv[0], argv[1], argv[2:]
+    if benchmark not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark '{benchmark}'; known: {', '.join(BENCHMARKS)}\n{usage}")
+    if stage not in STAGES:
+        raise SystemExit(f"unknown stage '{stage}'; known: {', '.join(STAGES)}\n{usage}")
+    _stage_module(benchmark, stage).main(rest, benchmark=benchmark)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Benchmark-independent stages: each module exposes `main(argv, benchmark)`."""
