@@ -1,0 +1,186 @@
+"""POPE's official scorer (RUCAIBox/POPE `evaluate.py`, LLaVA's `eval_pope.py`), paired by id.
+
+`python -m benchmarks pope score --questions-dir DIR --responses FILE [--json]`
+
+The parser and metrics are the official ones, quirks included: only text before the first "." is
+read, commas are dropped, words are split on single spaces (so "No\\nThere" is one word), and the
+answer is "no" iff a word is exactly "No", "not" or "no"; anything else, "" included, is "yes".
+"yes" is the positive class. Unlike the official scripts, responses are paired with labels by
+(split, question_id), never by line order. A zero denominator gives 0.0 where the official
+script would raise ZeroDivisionError.
+"""
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.pope.items import SPLITS, PopeItem, load_questions_dir
+from benchmarks.responses import load_records, require_fields
+
+NO_WORDS = ("No", "not", "no")
+
+
+def parse_answer(text: str) -> str:
+    """Official POPE parser: "no" or "yes"."""
+    first_sentence = text.split(".")[0]
+    words = first_sentence.replace(",", "").split(" ")
+    return "no" if any(word in NO_WORDS for word in words) else "yes"
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else 0.0
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+    @property
+    def accuracy(self) -> float:
+        return _ratio(self.tp + self.tn, self.n)
+
+    @property
+    def precision(self) -> float:
+        return _ratio(self.tp, self.tp + self.fp)
+
+    @property
+    def recall(self) -> float:
+        return _ratio(self.tp, self.tp + self.fn)
+
+    @property
+    def f1(self) -> float:
+        return _ratio(2 * self.precision * self.recall, self.precision + self.recall)
+
+    @property
+    def yes_ratio(self) -> float:
+        return _ratio(self.tp + self.fp, self.n)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "accuracy": self.accuracy,
+            "precision": self.precision,
+            "recall": self.recall,
+            "f1": self.f1,
+            "yes_ratio": self.yes_ratio,
+            "n": self.n,
+        }
+
+
+def confusion(predictions: Sequence[str], labels: Sequence[str]) -> SplitMetrics:
+    """Counts of parsed predictions ("yes"/"no") against labels, "yes" positive."""
+    pairs = list(zip(predictions, labels, strict=True))
+    return SplitMetrics(
+        tp=sum(p == "yes" and t == "yes" for p, t in pairs),
+        fp=sum(p == "yes" and t != "yes" for p, t in pairs),
+        tn=sum(p != "yes" and t != "yes" for p, t in pairs),
+        fn=sum(p != "yes" and t == "yes" for p, t in pairs),
+    )
+
+
+def _response_key(record: dict[str, Any], where: str) -> tuple[str, int]:
+    require_fields(record, ("question_id", "split", "response"), where)
+    split = record["split"]
+    if split not in SPLITS:
+        raise ValueError(f"{where}: split {split!r} of {record!r} is not one of {SPLITS}")
+    try:
+        return split, int(record["question_id"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: question_id of {record!r} is not an integer") from err
+
+
+def pair_by_id(
+    items: Sequence[PopeItem], responses: Sequence[dict[str, Any]], where: str = "responses"
+) -> dict[str, list[tuple[PopeItem, str]]]:
+    """(item, raw response) per split, for every split the responses cover.
+
+    Raises on a duplicate or unknown (split, question_id) and on a question of a covered split
+    that has no response.
+    """
+    by_key: dict[tuple[str, int], str] = {}
+    for record in responses:
+        key = _response_key(record, where)
+        if key in by_key:
+            raise ValueError(f"{where}: duplicate response for split {key[0]!r}, question {key[1]}")
+        by_key[key] = record["response"]
+    labelled = {(item.split, item.question_id): item for item in items}
+    unknown = sorted(set(by_key) - set(labelled))
+    if unknown:
+        raise ValueError(
+            f"{where}: {len(unknown)} responses match no labelled question, e.g. "
+            f"{unknown[:5]}; check --questions-dir and the split / question_id fields"
+        )
+    covered = [s for s in SPLITS if any(k[0] == s for k in by_key)]
+    paired: dict[str, list[tuple[PopeItem, str]]] = {}
+    for split in covered:
+        split_items = [item for item in items if item.split == split]
+        missing = [i.question_id for i in split_items if (split, i.question_id) not in by_key]
+        if missing:
+            raise ValueError(
+                f"{where}: split {split!r} lacks responses to {len(missing)} of "
+                f"{len(split_items)} questions, e.g. question_id {missing[:5]}"
+            )
+        paired[split] = [(i, by_key[(split, i.question_id)]) for i in split_items]
+    return paired
+
+
+def score(items: Sequence[PopeItem], responses: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """`{split: {accuracy, precision, recall, f1, yes_ratio, n}, ..., "mean_f1"}` (fractions)."""
+    result: dict[str, Any] = {}
+    for split, pairs in pair_by_id(items, responses).items():
+        metrics = confusion(
+            [parse_answer(response) for _, response in pairs],
+            [item.label for item, _ in pairs],
+        )
+        result[split] = metrics.as_dict()
+    splits = [s for s in SPLITS if s in result]
+    result["mean_f1"] = sum(result[s]["f1"] for s in splits) / len(splits) if splits else 0.0
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Readable table in percent, one row per split."""
+    columns = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+    lines = [f"{'split':<12}" + "".join(f"{c:>11}" for c in columns) + f"{'n':>7}"]
+    for split in SPLITS:
+        if split in result:
+            row = result[split]
+            lines.append(
+                f"{split:<12}"
+                + "".join(f"{100 * row[c]:>11.2f}" for c in columns)
+                + f"{row['n']:>7}"
+            )
+    lines.append(f"mean F1 over {len(lines) - 1} split(s): {100 * result['mean_f1']:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str], benchmark: str = "pope") -> None:
+    parser = argparse.ArgumentParser(
+        prog=f"python -m benchmarks {benchmark} score",
+        description="Score POPE responses with the official parser and metrics, paired by id.",
+    )
+    parser.add_argument(
+        "--questions-dir",
+        required=True,
+        help="folder with the official *_pope_{random,popular,adversarial}.json label files",
+    )
+    parser.add_argument(
+        "--responses",
+        required=True,
+        help='JSONL of {"question_id", "split", "response"} (raw model text)',
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON (fractions)")
+    args = parser.parse_args(argv)
+    try:
+        result = score(load_questions_dir(args.questions_dir), load_records(args.responses))
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"pope score: {err}") from err
+    print(json.dumps(result, indent=2) if args.json else format_table(result))

@@ -1,0 +1,234 @@
+import json
+
+import pytest
+
+from benchmarks.__main__ import run
+from benchmarks.amber import items as amber
+from benchmarks.amber.lexicon import OfflineLexicon, load_lexicon
+from benchmarks.amber.score import judge_caption, normalize_answer, score
+from tests.benchmarks import shared_data
+
+
+@pytest.fixture(scope="module")
+def data() -> dict:
+    folder = shared_data("amber")
+    association = amber.load_association(folder)
+    return {
+        "annotations": amber.load_annotations(folder),
+        "association": association,
+        "safe_words": amber.load_safe_words(folder),
+        "counter_init": amber.load_counter_init(folder),
+        "lexicon": OfflineLexicon(amber.vocabulary_of(association)),
+    }
+
+
+def _score(data: dict, responses: list[dict], normalize: bool = False) -> dict:
+    return score(responses=responses, normalize=normalize, **data)
+
+
+def test_items_and_id_ranges() -> None:
+    items = amber.load_items(shared_data("amber"))
+    assert len(items) == 15220
+    assert items[0].query == "Describe this image." and items[0].image == "AMBER_1.jpg"
+    expected = {
+        "generative": amber.GENERATIVE_IDS,
+        "existence": amber.EXISTENCE_IDS,
+        "relation": amber.RELATION_IDS,
+    }
+    for item in items:
+        assert item.id in expected.get(item.dimension, amber.ATTRIBUTE_IDS)
+    assert len(amber.vocabulary_of(amber.load_association(shared_data("amber")))) == 418
+
+
+def test_discriminative_answers_are_case_sensitive(data: dict) -> None:
+    # 8633-8636 are existence items with truth "no"; 1005 / 1007 state "yes", 1006 state "no".
+    answers = {
+        8633: "No",
+        8634: "no",
+        8635: "No.",
+        8636: "NO",
+        1005: "yes",
+        1006: "No",
+        1007: "Yes",
+    }
+    responses = [{"id": i, "response": a} for i, a in answers.items()]
+    result = _score(data, responses)["discriminative"]
+    # existence: 1 correct of 4 (denominators start at 0.001): acc 1/4.001, P 1/1.001, R 1/4.001.
+    assert result["existence"] == {"accuracy": 25.0, "precision": 99.9, "recall": 25.0, "f1": 40.0}
+    # state: correct 1006, 1007 of 3 -> 2/3.001 = 66.64 (not 66.7); one "No", rightly.
+    assert result["state"] == {"accuracy": 66.6, "precision": 99.9, "recall": 99.9, "f1": 99.9}
+    # overall: correct 3 of 7 -> 42.9; P 2/2.001 -> 100.0 (99.95 rounds up); R 2/5.001 -> 40.0.
+    assert result["overall"] == {"accuracy": 42.9, "precision": 100.0, "recall": 40.0, "f1": 57.1}
+    assert set(result) == {"overall", "existence", "attribute", "state"}
+    normalized = _score(data, responses, normalize=True)["discriminative"]
+    assert normalized["existence"]["accuracy"] == 100.0 and normalized["state"]["accuracy"] == 100.0
+
+
+def test_normalize_answer() -> None:
+    assert [normalize_answer(a) for a in ("yes.", "No, there is not", " NO", "Yes")] == [
+        "Yes",
+        "No",
+        "No",
+        "Yes",
+    ]
+    assert normalize_answer("There is no dog") == "There is no dog"
+    assert normalize_answer("") == ""
+
+
+def test_perfect_and_inverted_discriminative_answers(data: dict) -> None:
+    truths = {a["id"]: a["truth"] for a in data["annotations"] if a["type"] != "generative"}
+    perfect = [{"id": i, "response": t.capitalize()} for i, t in truths.items()]
+    result = _score(data, perfect)
+    assert result["items"] == {
+        "state": 4764,
+        "number": 2072,
+        "action": 792,
+        "existence": 4924,
+        "relation": 1664,
+    }
+    assert all(v == 100.0 for rates in result["discriminative"].values() for v in rates.values())
+    assert result["generative"] is None and result["amber_score"] is None
+    inverted = [{"id": i, "response": "No" if t == "yes" else "Yes"} for i, t in truths.items()]
+    assert all(
+        v == 0.0
+        for rates in _score(data, inverted)["discriminative"].values()
+        for v in rates.values()
+    )
+
+
+def test_first_match_association_mapping(data: dict) -> None:
+    # Item 14's truth lists grass (whose associations include "ground") before ground itself:
+    # "ground" marks grass, the first matching entry, and leaves ground uncovered.
+    annotation = data["annotations"][13]
+    assert annotation["truth"] == [
+        "sky",
+        "grass",
+        "forest",
+        "lake",
+        "woman",
+        "beach",
+        "child",
+        "ground",
+    ]
+    judgement = judge_caption(
+        "The ground is wet.",
+        annotation["truth"],
+        annotation["hallu"],
+        data["association"],
+        data["safe_words"],
+        data["lexicon"],
+    )
+    assert judgement.covered == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert judgement.hallucinated == [0] and judgement.cognition == [0] * 5
+
+
+CAPTION_1 = (
+    "A man and a dog walk along the road next to a lake, under clouds and a blue sky. "
+    "An orange kite flies above the mountains."
+)
+
+
+def test_generative_metrics_by_hand(data: dict) -> None:
+    # Item 1: truth sky forest grass person lake mountain road; hallu cloud sun bird dog flower.
+    # Nouns: man(->person) dog road lake cloud sky orange(safe word) kite mountain = 9,
+    # hallucinated dog cloud kite = 3, covered person road lake sky mountain = 5 of 7,
+    # hallu mentioned dog cloud = 2 of 5.
+    judgement = judge_caption(
+        CAPTION_1,
+        **{k: data["annotations"][0][k] for k in ("truth", "hallu")},
+        association=data["association"],
+        safe_words=data["safe_words"],
+        lexicon=data["lexicon"],
+    )
+    assert judgement.hallucinated == [0, 1, 0, 0, 1, 0, 0, 1, 0]
+    assert judgement.covered == [1, 0, 0, 1, 1, 1, 1]
+    assert judgement.cognition == [1, 0, 0, 1, 0]
+    one = _score(data, [{"id": 1, "response": CAPTION_1}])
+    # 3/9.001 -> 33.3, 5/7.001 -> 71.4, Hal 100 - 0/1.001 -> 100.0, 2/5.001 -> 40.0
+    assert one["generative"] == {"CHAIR": 33.3, "Cover": 71.4, "Hal": 100.0, "Cog": 40.0}
+    assert one["mode"] == "offline-fallback" and one["discriminative"] is None
+    # Item 14 alone: nothing hallucinated, yet Hal = 100 - 1/1.001*100 = 0.1 (the 0.001 start).
+    alone = _score(data, [{"id": 14, "response": "The ground is wet."}])
+    assert alone["generative"] == {"CHAIR": 0.0, "Cover": 12.5, "Hal": 0.1, "Cog": 0.0}
+    both = _score(
+        data, [{"id": 14, "response": "The ground is wet."}, {"id": 1, "response": CAPTION_1}]
+    )
+    # CHAIR 3/10.001, Cover 6/15.001, Hal 100 - 1/2.001*100 = 50.02, Cog 2/10.001
+    assert both["generative"] == {"CHAIR": 30.0, "Cover": 40.0, "Hal": 50.0, "Cog": 20.0}
+
+
+def test_amber_score_combines_chair_and_f1(data: dict) -> None:
+    responses = [
+        {"id": 1, "response": CAPTION_1},
+        {"id": 8633, "response": "No"},
+        {"id": 1005, "response": "No"},
+    ]
+    result = _score(data, responses)
+    f1 = result["discriminative"]["overall"]["f1"]
+    assert f1 == 66.6  # P 1/2.001 -> 50.0, R 1/1.001 -> 99.9
+    assert result["amber_score"] == round((100 - 33.3 + 66.6) / 2, 2)
+
+
+def test_offline_lexicon() -> None:
+    lexicon = OfflineLexicon(amber.vocabulary_of(amber.load_association(shared_data("amber"))))
+    text = "Dogs and two women sit on grass by glasses, leaves and boxes; you can see earrings and a can."
+    # "Dogs" starts the sentence: NLTK + WordNet keep its case, so it is not the vocabulary's "dog".
+    assert lexicon.nouns(text) == ["woman", "grass", "glass", "box", "can"]
+    assert lexicon.similar("dog", "dog") and not lexicon.similar("dog", "puppy")
+    assert load_lexicon("offline", lexicon.vocabulary).mode == "offline-fallback"
+    with pytest.raises(ValueError, match="Unknown matching mode"):
+        load_lexicon("fuzzy", lexicon.vocabulary)
+
+
+@pytest.mark.parametrize(
+    ("responses", "message"),
+    [
+        ([{"id": 1, "response": "x"}, {"id": 1, "response": "y"}], "duplicate id 1"),
+        ([{"id": 0, "response": "x"}], "not an AMBER item"),
+        ([{"id": 15221, "response": "x"}], "not an AMBER item"),
+        ([{"response": "x"}], "lacks id"),
+    ],
+)
+def test_id_errors(data: dict, responses: list[dict], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _score(data, responses)
+
+
+def test_cli_json(tmp_path, capsys) -> None:
+    folder = shared_data("amber")
+    responses = tmp_path / "responses.json"
+    responses.write_text(
+        json.dumps([{"id": 1, "response": CAPTION_1}, {"id": 8633, "response": "no."}])
+    )
+    run(
+        [
+            "amber",
+            "score",
+            "--data-dir",
+            str(folder),
+            "--responses",
+            str(responses),
+            "--json",
+            "--mode",
+            "offline",
+        ]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["generative"] == {"CHAIR": 33.3, "Cover": 71.4, "Hal": 100.0, "Cog": 40.0}
+    assert printed["discriminative"]["existence"]["accuracy"] == 0.0
+    assert printed["mode"] == "offline-fallback"
+    run(
+        [
+            "amber",
+            "score",
+            "--data-dir",
+            str(folder),
+            "--responses",
+            str(responses),
+            "--json",
+            "--normalize",
+            "--mode",
+            "offline",
+        ]
+    )
+    assert json.loads(capsys.readouterr().out)["discriminative"]["existence"]["accuracy"] == 99.9

@@ -1,0 +1,216 @@
+import json
+import random
+
+import pytest
+
+from benchmarks.__main__ import run
+from benchmarks.pope.items import (
+    LLAVA_PROMPT_SUFFIX,
+    load_question_file,
+    load_questions_dir,
+    prompt,
+    split_of_file,
+)
+from benchmarks.pope.score import parse_answer, score
+from tests.benchmarks import shared_data
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("No", "no"),
+        ("no", "no"),
+        ("NO", "yes"),
+        ("No!", "yes"),
+        ("No.", "no"),
+        ("No, there is none.", "no"),
+        ("Yes, but not clearly", "no"),
+        ("No\nThere is none", "yes"),
+        ("", "yes"),
+        ("not sure", "no"),
+        ("Nope", "yes"),
+        (" No", "no"),
+        ("Yes. There is no dog.", "yes"),
+        ("There is no dog", "no"),
+        ("Yes", "yes"),
+    ],
+)
+def test_official_parser_edge_cases(text: str, expected: str) -> None:
+    assert parse_answer(text) == expected
+
+
+def _llava_13b_responses() -> list[dict]:
+    """LLaVA-1.5-13B's published answers as {question_id, split, response}.
+
+    LLaVA's question file numbers random / popular from 10,000,001 / 20,000,001; its text and image
+    must match the label file's question of the same split-local id.
+    """
+    folder = shared_data("pope-llava")
+    questions = load_question_file(folder / "llava_pope_test.jsonl")
+    answers = {
+        row["question_id"]: row["text"]
+        for row in map(json.loads, (folder / "llava-v1.5-13b.jsonl").read_text().splitlines())
+    }
+    labelled = {(i.split, i.question_id): i for i in load_questions_dir(folder / "coco-e3e3926")}
+    responses = []
+    for q in questions:
+        local_id = q.question_id % 10_000_000
+        label_item = labelled[(q.split, local_id)]
+        assert (label_item.question, label_item.image) == (q.question, q.image)
+        responses.append(
+            {"question_id": local_id, "split": q.split, "response": answers[q.question_id]}
+        )
+    return responses
+
+
+def _reference_metrics(answers: list[str], labels: list[str]) -> dict:
+    """The official formula written out independently: first sentence, commas, single spaces."""
+    tp = fp = tn = fn = 0
+    for answer, label in zip(answers, labels, strict=True):
+        words = answer.split(".")[0].replace(",", "").split(" ")
+        said_yes = not ({"No", "not", "no"} & set(words))
+        tp += said_yes and label == "yes"
+        fp += said_yes and label == "no"
+        tn += not said_yes and label == "no"
+        fn += not said_yes and label == "yes"
+    precision, recall = tp / (tp + fp), tp / (tp + fn)
+    return {
+        "accuracy": (tp + tn) / len(labels),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall),
+        "yes_ratio": (tp + fp) / len(labels),
+        "n": len(labels),
+    }
+
+
+def test_llava_13b_published_answers_match_the_official_formula() -> None:
+    folder = shared_data("pope-llava")
+    responses = _llava_13b_responses()
+    result = score(load_questions_dir(folder / "coco-e3e3926"), responses)
+    for split in ("random", "popular", "adversarial"):
+        labels = [
+            json.loads(line)["label"]
+            for line in (folder / "coco-e3e3926" / f"coco_pope_{split}.json").open()
+        ]
+        answers = [r["response"] for r in responses if r["split"] == split]
+        assert result[split] == pytest.approx(_reference_metrics(answers, labels), abs=1e-12)
+    assert result["random"]["n"] == 2910
+    assert result["random"]["f1"] == pytest.approx(0.8714, abs=1e-4)
+    # LLaVA-1.5 paper, Table 4: POPE 85.9 for 13B (mean F1 of the three COCO splits).
+    assert round(100 * result["mean_f1"], 1) == 85.9
+
+
+def test_shuffled_responses_give_identical_metrics() -> None:
+    items = load_questions_dir(shared_data("pope-llava", "coco-e3e3926"))
+    responses = _llava_13b_responses()
+    shuffled = responses[:]
+    random.Random(0).shuffle(shuffled)
+    assert shuffled != responses
+    assert score(items, shuffled) == score(items, responses)
+
+
+def test_all_yes_on_a_real_split() -> None:
+    items = load_questions_dir(shared_data("pope", "coco"))
+    responses = [
+        {"question_id": i.question_id, "split": "random", "response": "Yes"}
+        for i in items
+        if i.split == "random"
+    ]
+    result = score(items, responses)
+    assert set(result) == {"random", "mean_f1"}
+    assert result["random"] == pytest.approx(
+        {"accuracy": 0.5, "precision": 0.5, "recall": 1.0, "f1": 2 / 3, "yes_ratio": 1.0, "n": 3000}
+    )
+    assert result["mean_f1"] == pytest.approx(2 / 3)
+
+
+def test_hand_counted_small_set(tmp_path) -> None:
+    labels = ["yes", "yes", "yes", "no", "no", "no"]
+    rows = [
+        {"question_id": i + 1, "image": "x.jpg", "text": "Is there a dog?", "label": lab}
+        for i, lab in enumerate(labels)
+    ]
+    (tmp_path / "toy_pope_popular.json").write_text(json.dumps(rows))
+    answers = ["Yes", "No, it is not.", "Yes there is", "No", "no", "Sure"]  # TP FN TP TN TN FP
+    responses = [
+        {"question_id": i + 1, "split": "popular", "response": a} for i, a in enumerate(answers)
+    ]
+    result = score(load_questions_dir(tmp_path), responses)["popular"]
+    assert result == pytest.approx(
+        {
+            "accuracy": 4 / 6,
+            "precision": 2 / 3,
+            "recall": 2 / 3,
+            "f1": 2 / 3,
+            "yes_ratio": 0.5,
+            "n": 6,
+        }
+    )
+
+
+def test_all_no_answers_give_zero_precision_instead_of_crashing(tmp_path) -> None:
+    rows = [
+        {"question_id": 1, "image": "x.jpg", "text": "q", "label": "yes"},
+        {"question_id": 2, "image": "x.jpg", "text": "q", "label": "no"},
+    ]
+    (tmp_path / "toy_pope_random.json").write_text("\n".join(map(json.dumps, rows)))
+    responses = [{"question_id": i, "split": "random", "response": "No"} for i in (1, 2)]
+    result = score(load_questions_dir(tmp_path), responses)["random"]
+    assert (result["precision"], result["recall"], result["f1"], result["accuracy"]) == (
+        0.0,
+        0.0,
+        0.0,
+        0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda rs: rs[1:], "lacks responses to 1 of 3000"),
+        (lambda rs: rs + rs[:1], "duplicate response"),
+        (
+            lambda rs: rs + [{"question_id": 3001, "split": "random", "response": "No"}],
+            "match no labelled question",
+        ),
+        (lambda rs: rs + [{"question_id": 1, "split": "gqa", "response": "No"}], "is not one of"),
+        (lambda rs: [{"question_id": 1, "response": "No"}] + rs[1:], "lacks split"),
+    ],
+)
+def test_id_errors(edit, message: str) -> None:
+    items = load_questions_dir(shared_data("pope", "coco"))
+    responses = [
+        {"question_id": i.question_id, "split": "random", "response": "No"}
+        for i in items
+        if i.split == "random"
+    ]
+    with pytest.raises(ValueError, match=message):
+        score(items, edit(responses))
+
+
+def test_question_files_of_every_format() -> None:
+    aokvqa = load_questions_dir(
+        shared_data("pope", "aokvqa")
+    )  # JSON arrays, *_pope_seem_<split>.json
+    assert [sum(i.split == s for i in aokvqa) for s in ("random", "popular", "adversarial")] == [
+        3000
+    ] * 3
+    assert split_of_file("gqa_pope_seem_adversarial.json") == "adversarial"
+    llava = load_question_file(shared_data("pope-llava", "llava_pope_test.jsonl"))
+    assert len(llava) == 8910 and llava[0].split == "adversarial" and llava[0].label is None
+    assert llava[0].question == "Is there a snowboard in the image?"
+    assert prompt(llava[0]) == "Is there a snowboard in the image?" + LLAVA_PROMPT_SUFFIX
+
+
+def test_cli_json(tmp_path, capsys) -> None:
+    folder = shared_data("pope-llava", "coco-e3e3926")
+    responses = tmp_path / "responses.jsonl"
+    responses.write_text("\n".join(json.dumps(r) for r in _llava_13b_responses()))
+    run(["pope", "score", "--questions-dir", str(folder), "--responses", str(responses), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"random", "popular", "adversarial", "mean_f1"}
+    assert set(printed["popular"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio", "n"}
+    assert printed["adversarial"]["n"] == 3000 and round(100 * printed["mean_f1"], 1) == 85.9
+    run(["pope", "score", "--questions-dir", str(folder), "--responses", str(responses)])
+    assert "mean F1 over 3 split(s): 85.95" in capsys.readouterr().out

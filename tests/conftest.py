@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random models of shipped recipes, and images made on the fly."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_sparsify.random_models import build_tiny
+from vlm_sparsify.recipe import find_recipe
+
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def llava_recipe():
+    return find_recipe("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(llava_recipe):
+    """(model, processor) of a random tiny LLaVA-1.5 architecture."""
+    return build_tiny(llava_recipe)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory, tiny_llava) -> Path:
+    """The tiny LLaVA saved with save_pretrained, so from_pretrained can load it offline."""
+    folder = tmp_path_factory.mktemp("tiny_llava")
+    model, processor = tiny_llava
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (32, 40), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA").convert(mode)
+    image.save(path)
+    return path

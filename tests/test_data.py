@@ -1,0 +1,158 @@
+"""The multimodal pipeline: prompts, image-token-safe truncation, masks, bad images, order."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPImageProcessor, LlavaProcessor
+
+from tests.conftest import make_image
+from vlm_sparsify.data import (
+    BadImageError,
+    BatchStream,
+    ContextTooShortError,
+    Example,
+    encode_example,
+    folder_examples,
+    load_rgb,
+    token_mask,
+)
+from vlm_sparsify.random_models import build_tokenizer
+
+
+def llava15_processor(recipe) -> LlavaProcessor:
+    """LLaVA-1.5's real preprocessing geometry: 336 px, patch 14, default feature selection."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(recipe),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def test_long_question_keeps_all_576_image_tokens(tmp_path, llava_recipe):
+    processor = llava15_processor(llava_recipe)
+    image = make_image(tmp_path / "photo.png", size=(336, 336))
+    question = " ".join(["is there a red circle left of the blue square ?"] * 60)
+    encoded = encode_example(Example("q", image, question), processor, llava_recipe, ctx_len=512)
+    ids = encoded["input_ids"][0]
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((ids == image_id).sum()) == 576
+    assert int((ids != image_id).sum()) == 512  # ctx_len budgets text; the image comes on top
+    # the kept text is the start of the prompt: truncation cut the end of the question
+    words = processor.tokenizer.convert_ids_to_tokens(ids[ids != image_id].tolist())
+    assert words[:3] == ["user", ":", "\n"]
+    assert encoded["attention_mask"].shape == (1, 576 + 512)
+
+
+def test_model_context_bounds_image_plus_text(tmp_path, llava_recipe):
+    processor = llava15_processor(llava_recipe)
+    image = make_image(tmp_path / "photo.png", size=(336, 336))
+    question = " ".join(["is there a red circle ?"] * 100)
+    example = Example("q", image, question)
+    encoded = encode_example(example, processor, llava_recipe, ctx_len=512, max_positions=600)
+    assert encoded["input_ids"].shape == (1, 600)
+    with pytest.raises(ContextTooShortError, match="576 image tokens"):
+        encode_example(example, processor, llava_recipe, ctx_len=512, max_positions=500)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16"])
+def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    path = make_image(tmp_path / f"image-{mode.replace(';', '')}.png", mode=mode)
+    image = load_rgb(str(path))
+    assert image.mode == "RGB" and image.size == (32, 40)
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    assert load_rgb(str(tmp_path / "clear.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def write_folder(tmp_path):
+    make_image(tmp_path / "gray.png", mode="L", seed=1)
+    make_image(tmp_path / "alpha.png", mode="RGBA", seed=2)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows = [
+        {"file_name": "gray.png", "question": "what color is it?", "answer": "gray"},
+        {"file_name": "corrupt.jpg", "text": "a broken image"},
+        {"file_name": "missing.png", "text": "nothing here"},
+        {"file_name": "alpha.png", "text": "a picture"},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder_examples(tmp_path, "Describe this image.")
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path, llava_recipe, tiny_llava):
+    model, processor = tiny_llava
+    examples = write_folder(tmp_path)
+    batches = list(BatchStream(examples, processor, llava_recipe, batch_size=4))
+    assert len(batches) == 1
+    assert sorted(batches[0]["skipped"]) == ["1", "2"]
+    inputs = batches[0]["inputs"]
+    assert inputs["pixel_values"].shape[0] == 2  # grayscale and RGBA both train
+    out = model(**inputs)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_strict_stops_on_a_bad_image(tmp_path, llava_recipe, tiny_llava):
+    _, processor = tiny_llava
+    examples = write_folder(tmp_path)
+    with pytest.raises(BadImageError, match="example 1"):
+        list(BatchStream(examples, processor, llava_recipe, batch_size=4, strict=True))
+
+
+def test_token_mask_regions_and_padding(llava_recipe, tiny_llava):
+    _, processor = tiny_llava
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    batch = {
+        "input_ids": torch.tensor([[7, image_id, image_id, 8, 9], [7, image_id, image_id, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+    }
+    assert token_mask(batch, image_id, "all").sum() == 8
+    assert token_mask(batch, image_id, "image").tolist() == [
+        [False, True, True, False, False],
+        [False, True, True, False, False],
+    ]
+    assert token_mask(batch, image_id, "text").sum() == 4
+    assert token_mask(batch, image_id, "text", exclude_tokens=(7,)).sum() == 2
+
+
+def test_batches_are_the_same_for_any_worker_count_and_resume_point(llava_recipe, tiny_llava):
+    from torch.utils.data import DataLoader
+
+    from vlm_sparsify.data import easyvqa_examples
+
+    _, processor = tiny_llava
+    examples = easyvqa_examples("train")[:40]
+
+    def ids(num_workers: int, start: int = 0, rank: int = 0, world: int = 1):
+        stream = BatchStream(
+            examples,
+            processor,
+            llava_recipe,
+            batch_size=8,
+            start_batch=start,
+            rank=rank,
+            world_size=world,
+        )
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+        return [(b["batch_index"], b["inputs"]["input_ids"].tolist()) for b in loader]
+
+    single = ids(0)
+    assert [i for i, _ in single] == [0, 1, 2, 3, 4]
+    assert ids(2) == single
+    assert ids(0, start=3) == single[3:]
+    # two ranks each take half of every batch, in order
+    rank0, rank1 = ids(0, rank=0, world=2), ids(0, rank=1, world=2)
+    pad = processor.tokenizer.pad_token_id
+
+    def unpadded(rows):
+        return [[t for t in row if t != pad] for row in rows]
+
+    for (_, full), (_, a), (_, b) in zip(single, rank0, rank1, strict=True):
+        assert unpadded(a) + unpadded(b) == unpadded(full)

@@ -1,0 +1,296 @@
+"""`python -m vlm_sparsify [MODEL] [DATASET] [flags]`: train sparsify coders on a VLM.
+
+Flags mirror `python -m sparsify` (its `TrainConfig` and `SparseCoderConfig` fields, same names)
+plus `--recipe`, `--tokens`, `--cross_layer` and `--push_to_hub`. MODEL and DATASET default to the
+embedded offline default: the tiny easy-VQA LLaVA shipped with the package, on easy-VQA train.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext, redirect_stdout
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from simple_parsing import field, parse
+from sparsify.config import TrainConfig
+from torch.utils.data import DataLoader
+
+from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.data import BatchStream, TokenRegion, open_examples
+from vlm_sparsify.hookpoints import select_hookpoints
+from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
+from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.train_state import (
+    TRAINING_ONLY,
+    live_parameters,
+    read_training_state,
+    write_training_state,
+)
+from vlm_sparsify.training import Trainer, build_coders, build_optimizers, eval_weights
+
+
+@dataclass
+class RunConfig(TrainConfig):
+    model: str = field(default=DEFAULT_MODEL, positional=True)
+    """Model id on the Hub or a local folder (default: the embedded tiny easy-VQA LLaVA)."""
+
+    dataset: str = field(default="", positional=True)
+    """`easyvqa`, a local folder of images + metadata.jsonl/csv, or a Hugging Face dataset id
+    (default: the recipe's dataset)."""
+
+    recipe: str = ""
+    """Recipe name or TOML path (default: matched from the model id or its config.model_type)."""
+
+    cross_layer: int = 0
+    """0: one coder per hookpoint; N > 0: a cross-layer transcoder whose source layer decodes
+    into itself and the next N-1 hookpoints (N >= number of layers: all following layers)."""
+
+    tokens: TokenRegion = "all"
+    """Which positions train the coders: all, image or text tokens."""
+
+    split: str = ""
+    """Dataset split (default: the recipe's)."""
+
+    ctx_len: int = 2048
+    """Text tokens per example (truncated from the end); image tokens never are truncated and
+    come on top, within the model's own context length."""
+
+    streaming: bool = False
+    """Stream a Hugging Face dataset instead of downloading it whole."""
+
+    data_args: str = ""
+    """Extra arguments for `datasets.load_dataset`, as 'arg1=val1,arg2=val2'."""
+
+    max_examples: int | None = None
+    """Maximum number of examples to train on."""
+
+    shuffle_seed: int = 42
+    """Random seed for shuffling the dataset."""
+
+    num_workers: int = 1
+    """DataLoader workers that load images and run the processor (0: in the main process)."""
+
+    strict: bool = False
+    """Stop on a missing or unreadable image instead of skipping and counting it."""
+
+    resume: bool = False
+    """Continue the run in `save_dir/run_name` exactly where it stopped."""
+
+    dtype: str = "auto"
+    """Model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16."""
+
+    decoder_dtype: str = "float32"
+    """Dtype of cross-layer decoder weights (bfloat16 halves their memory, see docs/memory.md)."""
+
+    device: str = ""
+    """Device (default: cuda when available)."""
+
+    revision: str | None = None
+    """Model revision on the Hub."""
+
+    trust_remote_code: bool = False
+    """Allow the model's own code from the Hub (off unless you ask)."""
+
+    hf_token: str | None = field(default=None, encoding_fn=lambda _: None)
+    """Hugging Face token (never written to disk or logs; HF_TOKEN works too)."""
+
+    push_to_hub: str = ""
+    """Upload the finished run folder (coders, configs, summary; no optimizer state) to this
+    Hub repository."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cross_layer < 0:
+            raise ValueError("--cross_layer must be >= 0")
+        if self.loss_fn != "fvu":
+            raise ValueError(
+                f"--loss_fn {self.loss_fn} is not supported yet; vlm_sparsify trains with fvu"
+            )
+        if self.auxk_alpha or self.sae.multi_topk or self.distribute_modules:
+            raise ValueError(
+                "--auxk_alpha, --multi_topk and --distribute_modules are not supported"
+            )
+
+
+def apply_recipe_defaults(args: RunConfig, defaults: dict[str, Any], argv: list[str]) -> None:
+    """The recipe's [train] defaults, for flags the user did not pass (the tiny default run)."""
+    for key, value in defaults.items():
+        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
+            continue
+        target = args.sae if hasattr(args.sae, key) else args
+        setattr(target, key, value)
+
+
+def run_config_dict(args: RunConfig) -> dict[str, Any]:
+    config = asdict(args)
+    config.pop("hf_token", None)
+    return config
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    width = max(len(r["hookpoint"]) for r in rows)
+    print(f"{'hookpoint':<{width}}  targets     FVU     L0  dead %")
+    for r in rows:
+        print(
+            f"{r['hookpoint']:<{width}}  {r['n_targets']:>7}  {r['fvu']:6.3f}  "
+            f"{r['l0']:5.1f}  {r['dead_pct']:6.1f}"
+        )
+
+
+def push_to_hub(run_dir: Path, repo: str, token: str | None) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(repo_id=repo, folder_path=str(run_dir), ignore_patterns=list(TRAINING_ONLY))
+    print(f"Uploaded {run_dir} to https://huggingface.co/{repo}")
+
+
+def train(args: RunConfig, argv: list[str]) -> Trainer:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    token = args.hf_token or os.environ.get("HF_TOKEN")
+    recipe = find_recipe(args.recipe or None, model_id=args.model)
+    apply_recipe_defaults(args, recipe.train_defaults, argv)
+    device = args.device or (f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
+    model, processor, recipe = load_model_and_processor(
+        args.model,
+        recipe,
+        dtype=args.dtype,
+        device=device,
+        revision=args.revision,
+        token=token,
+        trust_remote_code=args.trust_remote_code,
+    )
+    hookpoints = select_hookpoints(
+        model, recipe, args.hookpoints or None, args.layers or None, args.layer_stride
+    )
+    args.hookpoints = hookpoints
+    d_in = model.config.get_text_config().hidden_size
+    decoder_dtype = getattr(torch, args.decoder_dtype)
+    coders = build_coders(
+        hookpoints,
+        d_in,
+        args.sae,
+        args.cross_layer,
+        torch.device(device),
+        init_seed=args.init_seeds[0],
+        decoder_dtype=decoder_dtype,
+    )
+    examples = open_examples(
+        args.dataset or recipe.dataset.path,
+        recipe,
+        split=args.split or None,
+        streaming=args.streaming,
+        shuffle_seed=args.shuffle_seed,
+        **_parse_data_args(args.data_args),
+    )
+    total = _num_batches(examples, args)
+    optimizers, schedulers = build_optimizers(args, coders, total or 10**6)
+    trainer = Trainer(model, coders, args, optimizers, schedulers)
+    run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
+    if args.resume:
+        read_training_state(run_dir, trainer)
+        print(f"Resuming {run_dir} at step {trainer.state.global_step}")
+    elif args.finetune:
+        from vlm_sparsify.coder_io import load_coders
+
+        coders.load_state_dict(load_coders(args.finetune, device=device).state_dict())
+
+    def checkpoint(t: Trainer) -> None:
+        if rank == 0:
+            params = live_parameters(t)
+            summary = t.summary()
+            with eval_weights(t.optimizers):
+                save_coders(
+                    t.coders,
+                    run_dir,
+                    config=run_config_dict(args),
+                    write_extra=lambda folder: write_training_state(folder, t, params, summary),
+                )
+        if dist.is_initialized():
+            dist.barrier()
+
+    trainer.checkpoint = checkpoint
+    stream = BatchStream(
+        examples,
+        processor,
+        recipe,
+        batch_size=args.batch_size,
+        ctx_len=args.ctx_len,
+        max_positions=getattr(model.config.get_text_config(), "max_position_embeddings", None),
+        tokens=args.tokens,
+        exclude_tokens=tuple(args.exclude_tokens),
+        strict=args.strict,
+        start_batch=trainer.state.batches_seen,
+        max_examples=args.max_examples,
+        rank=rank,
+        world_size=world,
+    )
+    loader = DataLoader(stream, batch_size=None, num_workers=args.num_workers)
+    n_params = sum(p.numel() for p in coders.parameters())
+    kind = (
+        f"cross-layer transcoder (cross_layer {args.cross_layer})"
+        if args.cross_layer
+        else ("per-layer transcoders" if args.sae.transcode else "sparse autoencoders")
+    )
+    print(
+        f"Training {kind} on {len(hookpoints)} hookpoints of {args.model} ({recipe.name} "
+        f"recipe), {n_params:_} coder parameters, {world} process(es)"
+    )
+    trainer.fit(loader, total)
+    if rank == 0:
+        print_summary(trainer.summary())
+        if trainer.state.skipped:
+            shown = ", ".join(trainer.state.skipped[:5])
+            print(
+                f"Skipped {len(trainer.state.skipped)} examples with missing or unreadable "
+                f"images (first: {shown}); pass --strict to stop on them instead"
+            )
+        print(f"Saved to {run_dir}")
+        if args.push_to_hub:
+            push_to_hub(run_dir, args.push_to_hub, token)
+    return trainer
+
+
+def _parse_data_args(text: str) -> dict[str, Any]:
+    from sparsify.utils import simple_parse_args_string
+
+    return simple_parse_args_string(text)
+
+
+def _num_batches(examples: Any, args: RunConfig) -> int | None:
+    try:
+        n = len(examples)
+    except TypeError:
+        return None if args.max_examples is None else -(-args.max_examples // args.batch_size)
+    n = min(n, args.max_examples or n)
+    return -(-n // args.batch_size)
+
+
+def run(argv: list[str] | None = None) -> Trainer | None:
+    argv = sys.argv[1:] if argv is None else argv
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(local_rank))
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
+    args = parse(RunConfig, args=argv)
+    rank_zero = not dist.is_initialized() or dist.get_rank() == 0
+    try:
+        with nullcontext() if rank_zero else redirect_stdout(None):
+            return train(args, argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run()

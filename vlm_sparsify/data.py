@@ -1,0 +1,351 @@
+"""Multimodal streaming: image+text examples -> processor -> padded batches with token masks.
+
+Sources: easy-VQA from its PyPI package (`easyvqa`), a local folder of images with a
+`metadata.jsonl` / `metadata.csv`, or any Hugging Face dataset (map-style or `--streaming`).
+The processor and the recipe's prompt format build each example inside DataLoader workers; image
+tokens are never truncated (text is); unreadable images are skipped and counted, or raise with
+`strict`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import IterableDataset, get_worker_info
+
+from vlm_sparsify.recipe import Recipe
+
+TokenRegion = Literal["all", "image", "text"]
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+"""Processor outputs with one entry per token: padded and truncated along the sequence."""
+EASYVQA = ("easyvqa", "easy-vqa", "easy_vqa")
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    image: Any
+    """A PIL image, a file path, raw bytes, or a datasets `{"bytes", "path"}` dict."""
+    question: str
+    answer: str = ""
+
+
+class BadImageError(ValueError):
+    """An example's image is missing or unreadable."""
+
+
+class ContextTooShortError(ValueError):
+    """The context cannot hold an example's image tokens."""
+
+
+def load_rgb(image: Any) -> Image.Image:
+    """Open any image reference as RGB (grayscale, palette and RGBA included)."""
+    try:
+        if isinstance(image, dict):
+            image = image.get("bytes") or image.get("path")
+        if isinstance(image, bytes):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, (str, Path)):
+            image = Image.open(image)
+        if not isinstance(image, Image.Image):
+            raise BadImageError(f"not an image: {type(image).__name__}")
+        image.load()
+    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+        raise BadImageError(str(err)) from err
+    if image.mode in ("RGBA", "LA", "P", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+# -- sources ----------------------------------------------------------------------------------
+
+
+def easyvqa_examples(split: str = "train") -> list[Example]:
+    """Every easy-VQA question of a split, as (image path, question, answer)."""
+    import easy_vqa
+
+    if split not in ("train", "test"):
+        raise ValueError(f"easy-VQA has splits 'train' and 'test', not '{split}'")
+    texts, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    return [
+        Example(id=f"{split}-{i}", image=paths[image_id], question=text, answer=answer)
+        for i, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True))
+    ]
+
+
+def folder_examples(folder: Path, question: str) -> list[Example]:
+    """Images in `folder` described by `metadata.jsonl` or `metadata.csv` (`file_name` column,
+    plus `text` or `question` / `answer` columns), as in Hugging Face's imagefolder."""
+    if (folder / "metadata.jsonl").is_file():
+        with (folder / "metadata.jsonl").open() as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif (folder / "metadata.csv").is_file():
+        with (folder / "metadata.csv").open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv")
+    examples = []
+    for i, row in enumerate(rows):
+        if "file_name" not in row:
+            raise ValueError(f"{folder}: metadata row {i} has no 'file_name'")
+        examples.append(
+            Example(
+                id=str(row.get("id", i)),
+                image=str(folder / row["file_name"]),
+                question=row.get("question") or question,
+                answer=row.get("answer") or row.get("text") or "",
+            )
+        )
+    return examples
+
+
+def hf_examples(
+    path: str, split: str, recipe: Recipe, streaming: bool, shuffle_seed: int, **kwargs: Any
+) -> Iterable[Example]:
+    """A Hugging Face dataset (map-style or streaming); images decode lazily in workers."""
+    from datasets import Image as ImageFeature
+    from datasets import load_dataset
+
+    defaults = recipe.dataset
+    ds = load_dataset(path, split=split, streaming=streaming, **kwargs)
+    if defaults.image_column not in (ds.column_names or []):
+        raise ValueError(
+            f"dataset '{path}' has no image column '{defaults.image_column}' "
+            f"(columns: {ds.column_names}); set [dataset] image_column in the recipe"
+        )
+    if isinstance(ds.features[defaults.image_column], ImageFeature):
+        ds = ds.cast_column(defaults.image_column, ImageFeature(decode=False))
+    ds = ds.shuffle(seed=shuffle_seed)
+
+    def generate() -> Iterator[Example]:
+        for i, row in enumerate(ds):
+            answer = row.get(defaults.text_column, "") if defaults.text_column else ""
+            if isinstance(answer, list):
+                answer = answer[0] if answer else ""
+            question = row.get(defaults.question_column) or defaults.question
+            yield Example(str(row.get("id", i)), row[defaults.image_column], question, answer)
+
+    return _Reiterable(generate)
+
+
+class _Reiterable:
+    """An iterable that restarts its generator on every `iter()` (one per worker)."""
+
+    def __init__(self, make: Callable[[], Iterator[Example]]):
+        self.make = make
+
+    def __iter__(self) -> Iterator[Example]:
+        return self.make()
+
+
+def open_examples(
+    dataset: str,
+    recipe: Recipe,
+    split: str | None = None,
+    streaming: bool = False,
+    shuffle_seed: int = 42,
+    **kwargs: Any,
+) -> Iterable[Example]:
+    """Examples of `dataset`: `easyvqa`, a local folder, or a Hugging Face dataset id."""
+    if not split:
+        split = recipe.dataset.split if dataset == recipe.dataset.path else "train"
+    if dataset.lower() in EASYVQA:
+        examples = easyvqa_examples(split)
+    elif Path(dataset).is_dir():
+        examples = folder_examples(Path(dataset), recipe.dataset.question)
+    else:
+        return hf_examples(dataset, split, recipe, streaming, shuffle_seed, **kwargs)
+    random.Random(shuffle_seed).shuffle(examples)
+    return examples
+
+
+# -- encoding and batching --------------------------------------------------------------------
+
+
+def image_token_id(processor: Any, recipe: Recipe) -> int:
+    """Id of the token repeated once per image patch."""
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None:
+        token = recipe.prompt.image_pad_token or recipe.prompt.image_token
+        token_id = processor.tokenizer.convert_tokens_to_ids(token)
+    return int(token_id)
+
+
+def truncate_keeping_image_tokens(
+    encoded: dict[str, torch.Tensor],
+    image_id: int,
+    ctx_len: int,
+    max_positions: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keep every image token and at most `ctx_len` text tokens (cut from the end).
+
+    `ctx_len` budgets text, as in sparsify; image tokens come on top of it and must fit the
+    model's context (`max_positions`) together with at least one text token.
+    """
+    input_ids = encoded["input_ids"][0]
+    is_image = input_ids == image_id
+    n_image = int(is_image.sum())
+    budget = ctx_len
+    if max_positions is not None:
+        if n_image >= max_positions:
+            raise ContextTooShortError(
+                f"the model's context of {max_positions} positions cannot hold the {n_image} "
+                "image tokens of one example; use smaller images or a longer-context model"
+            )
+        budget = min(budget, max_positions - n_image)
+    if len(input_ids) - n_image <= budget:
+        return encoded
+    text_positions = (~is_image).nonzero().squeeze(1)[:budget]
+    keep = torch.cat([is_image.nonzero().squeeze(1), text_positions]).sort().values
+    return {key: value[:, keep] if key in TOKEN_KEYS else value for key, value in encoded.items()}
+
+
+def encode_example(
+    example: Example,
+    processor: Any,
+    recipe: Recipe,
+    ctx_len: int,
+    max_positions: int | None = None,
+) -> dict[str, torch.Tensor]:
+    image = load_rgb(example.image)
+    text = recipe.format_prompt(example.question, processor)
+    if example.answer:
+        text = f"{text}{recipe.prompt.answer_separator}{example.answer}"
+    encoded = processor(images=[image], text=[text], return_tensors="pt")
+    image_id = image_token_id(processor, recipe)
+    return truncate_keeping_image_tokens(dict(encoded), image_id, ctx_len, max_positions)
+
+
+def _pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    pad: list[int] = []
+    for have, want in zip(reversed(tensor.shape[1:]), reversed(shape[1:]), strict=True):
+        pad += [0, want - have]
+    return F.pad(tensor, pad)
+
+
+def collate(encoded: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token keys; concatenate image keys along dim 0 (zero-padding ragged dims)."""
+    batch: dict[str, torch.Tensor] = {}
+    length = max(e["input_ids"].shape[1] for e in encoded)
+    for key in encoded[0]:
+        values = [e[key] for e in encoded]
+        if key in TOKEN_KEYS:
+            fill = pad_id if key == "input_ids" else 0
+            batch[key] = torch.cat([F.pad(v, (0, length - v.shape[1]), value=fill) for v in values])
+        else:
+            shape = torch.Size(max(dims) for dims in zip(*(v.shape for v in values), strict=True))
+            batch[key] = torch.cat([_pad_to(v, shape) for v in values])
+    return batch
+
+
+def token_mask(
+    batch: dict[str, torch.Tensor],
+    image_id: int,
+    tokens: TokenRegion = "all",
+    exclude_tokens: tuple[int, ...] = (),
+) -> torch.Tensor:
+    """Training positions: not padding AND in the region AND not an excluded token."""
+    input_ids = batch["input_ids"]
+    mask = batch["attention_mask"].bool()
+    match tokens:
+        case "all":
+            pass
+        case "image":
+            mask &= input_ids == image_id
+        case "text":
+            mask &= input_ids != image_id
+        case other:
+            raise ValueError(f"unknown --tokens '{other}'; choose all, image or text")
+    if exclude_tokens:
+        mask &= ~torch.isin(input_ids, torch.tensor(exclude_tokens))
+    return mask
+
+
+@dataclass
+class BatchStream(IterableDataset):
+    """Batches of processed examples, deterministic in order for any number of workers.
+
+    Batch b holds raw examples [b * batch_size, (b + 1) * batch_size); worker w builds the
+    batches with b % num_workers == w, and DataLoader's round robin restores the order, so
+    resuming at `start_batch` and running under torchrun (rank r takes its contiguous slice of
+    every batch) see exactly the same examples as one uninterrupted process.
+    """
+
+    examples: Iterable[Example]
+    processor: Any
+    recipe: Recipe
+    batch_size: int
+    ctx_len: int = 2048
+    max_positions: int | None = None
+    """The model's context length (image and text tokens together)."""
+    tokens: TokenRegion = "all"
+    exclude_tokens: tuple[int, ...] = ()
+    strict: bool = False
+    start_batch: int = 0
+    max_examples: int | None = None
+    rank: int = 0
+    world_size: int = 1
+    _image_id: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"--batch_size {self.batch_size} must be divisible by the {self.world_size} ranks"
+            )
+        self._image_id = image_token_id(self.processor, self.recipe)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        examples = iter(self.examples)
+        if self.max_examples is not None:
+            examples = islice(examples, self.max_examples)
+        for index, chunk in enumerate(_chunks(examples, self.batch_size)):
+            if index >= self.start_batch and index % num_workers == worker_id:
+                yield self.make_batch(index, chunk)
+
+    def make_batch(self, index: int, chunk: list[Example]) -> dict[str, Any]:
+        per_rank = self.batch_size // self.world_size
+        chunk = chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
+        encoded, skipped = [], []
+        for example in chunk:
+            try:
+                encoded.append(
+                    encode_example(
+                        example, self.processor, self.recipe, self.ctx_len, self.max_positions
+                    )
+                )
+            except BadImageError as err:
+                if self.strict:
+                    raise BadImageError(f"example {example.id}: {err}") from err
+                skipped.append(example.id)
+        batch: dict[str, Any] = {"batch_index": index, "skipped": skipped}
+        if encoded:
+            pad_id = self.processor.tokenizer.pad_token_id or 0
+            inputs = collate(encoded, pad_id)
+            batch["inputs"] = inputs
+            batch["token_mask"] = token_mask(
+                inputs, self._image_id, self.tokens, self.exclude_tokens
+            )
+            batch["image_mask"] = inputs["input_ids"] == self._image_id
+        return batch
+
+
+def _chunks(items: Iterator[Example], size: int) -> Iterator[list[Example]]:
+    while chunk := list(islice(items, size)):
+        yield chunk

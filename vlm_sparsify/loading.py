@@ -1,0 +1,69 @@
+"""Load a VLM and its processor through the real `from_pretrained` path."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+
+from vlm_sparsify.recipe import Recipe, find_recipe
+
+DEFAULT_MODEL = str(resources.files("vlm_sparsify") / "tiny" / "easyvqa_llava")
+"""The embedded offline default: a tiny LLaVA trained on easy-VQA, shipped with the package."""
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` means bfloat16 on a GPU that supports it, float32 elsewhere."""
+    if dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _dtype_kwarg() -> str:
+    # transformers renamed `torch_dtype` to `dtype` in 4.56
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def load_model_and_processor(
+    model_id: str,
+    recipe: Recipe | None = None,
+    *,
+    dtype: str = "auto",
+    device: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any, Recipe]:
+    """Model (eval mode, frozen), processor and the recipe that describes them."""
+    recipe = recipe or find_recipe(model_id=model_id)
+    torch_device = pick_device(device)
+    hub_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if token:
+        hub_kwargs["token"] = token
+    try:
+        model = recipe.resolve_model_class().from_pretrained(
+            model_id, **{_dtype_kwarg(): pick_dtype(dtype, torch_device)}, **hub_kwargs
+        )
+        processor = recipe.resolve_processor_class().from_pretrained(model_id, **hub_kwargs)
+    except OSError as err:
+        local = "" if Path(model_id).exists() else " (no such local folder either)"
+        raise OSError(
+            f"could not load model '{model_id}'{local} with recipe '{recipe.name}': {err}"
+        ) from None
+    model.to(torch_device).eval().requires_grad_(False)
+    return model, processor, recipe

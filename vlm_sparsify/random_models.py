@@ -1,0 +1,176 @@
+"""Tiny random models of a recipe's architecture, with an offline processor, for tests.
+
+The model is the real transformers class built from the recipe's `[tiny]` config; the processor is
+the real processor class assembled from a word-level tokenizer (the `tokenizers` library) and the
+recipe's image processor class, so `save_pretrained` / `from_pretrained` round-trip offline.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from vlm_sparsify.recipe import Recipe, transformers_class
+
+BASE_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+WORDS = [
+    "user",
+    "assistant",
+    "system",
+    "describe",
+    "this",
+    "image",
+    "the",
+    "a",
+    "an",
+    "is",
+    "are",
+    "there",
+    "in",
+    "of",
+    "on",
+    "what",
+    "which",
+    "color",
+    "colour",
+    "shape",
+    "does",
+    "not",
+    "contain",
+    "yes",
+    "no",
+    "answer",
+    "question",
+    "using",
+    "single",
+    "word",
+    "or",
+    "phrase",
+    "circle",
+    "rectangle",
+    "triangle",
+    "square",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "black",
+    "white",
+    "gray",
+    "grey",
+    "brown",
+    "teal",
+    "purple",
+    "orange",
+    "pink",
+    "cat",
+    "dog",
+    "person",
+    "car",
+    "tree",
+    "sky",
+    "one",
+    "two",
+    "three",
+    "picture",
+    "photo",
+    "of",
+    "with",
+    "and",
+    "it",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "small",
+    "large",
+    "big",
+    ".",
+    ",",
+    "?",
+    "!",
+    ":",
+    "'",
+    "\n",
+]
+
+
+def build_tokenizer(recipe: Recipe, extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer holding the recipe's special tokens (image token included)."""
+    tiny = recipe.tiny
+    specials = list(BASE_SPECIALS)
+    for token in [
+        tiny.get("image_token", recipe.prompt.image_token),
+        *tiny.get("special_tokens", []),
+    ]:
+        if token not in specials:
+            specials.append(token)
+    words = [w for w in dict.fromkeys((*WORDS, *extra_words)) if w and w not in specials]
+    vocab = {token: i for i, token in enumerate([*specials, *words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex(r"\w+|[^\w]"), behavior="isolated"),
+        ]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=specials[len(BASE_SPECIALS) :],
+        **tiny.get("tokenizer", {}),
+    )
+    if "chat_template" in tiny:
+        tokenizer.chat_template = tiny["chat_template"]
+    return tokenizer
+
+
+def build_tiny_processor(recipe: Recipe) -> Any:
+    tiny = recipe.tiny
+    tokenizer = build_tokenizer(recipe)
+    image_processor = transformers_class(tiny["image_processor_class"])(
+        **tiny.get("image_processor", {})
+    )
+    processor_kwargs = dict(tiny.get("processor", {}))
+    if "chat_template" in tiny:
+        processor_kwargs["chat_template"] = tiny["chat_template"]
+    processor_class = transformers_class(tiny.get("processor_class", recipe.processor_class))
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, **processor_kwargs)
+
+
+def _token_ids(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+    """Config fields that must name token ids of the tokenizer we just built."""
+    return {
+        field: tokenizer.convert_tokens_to_ids(token)
+        for field, token in recipe.tiny.get("token_id_fields", {}).items()
+    }
+
+
+def build_tiny_model(recipe: Recipe, processor: Any | None = None, seed: int = 0) -> Any:
+    """A random, float32, eval-mode model of the recipe's architecture."""
+    tiny = recipe.tiny
+    if not tiny:
+        raise ValueError(f"recipe '{recipe.name}' has no [tiny] section to build a test model")
+    processor = processor or build_tiny_processor(recipe)
+    config_kwargs = copy.deepcopy(tiny["config"])
+    config_kwargs.update(_token_ids(recipe, processor.tokenizer))
+    text_key = tiny.get("text_config_key", "text_config")
+    text_config = config_kwargs.get(text_key, config_kwargs)
+    text_config["vocab_size"] = max(text_config.get("vocab_size", 0), len(processor.tokenizer))
+    config = transformers_class(tiny["config_class"])(**config_kwargs)
+    torch.manual_seed(seed)
+    model = recipe.resolve_model_class()(config)
+    return model.eval().requires_grad_(False)
+
+
+def build_tiny(recipe: Recipe, seed: int = 0) -> tuple[Any, Any]:
+    processor = build_tiny_processor(recipe)
+    return build_tiny_model(recipe, processor, seed), processor

@@ -1,0 +1,71 @@
+"""The resumable part of a checkpoint: optimizer and scheduler state, step, live parameters.
+
+Coders are saved at schedule-free's averaged point (what users load); resuming needs the live
+(train-mode) parameters instead, so they are stored beside, in `train_params.safetensors`.
+Everything is loaded with `weights_only=True` or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlm_sparsify.training import Trainer, TrainingState
+
+STATE_FILE = "state.pt"
+PARAMS_FILE = "train_params.safetensors"
+SUMMARY_FILE = "summary.json"
+TRAINING_ONLY = ("state.pt", "optimizer_*.pt", "lr_scheduler_*.pt", PARAMS_FILE)
+"""Files a shared (Hub) copy of a run leaves out."""
+
+
+def live_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in trainer.coders.state_dict().items()}
+
+
+def write_training_state(
+    folder: Path, trainer: Trainer, params: dict[str, torch.Tensor], summary: list[dict]
+) -> None:
+    torch.save(trainer.state.to_dict(), folder / STATE_FILE)
+    for i, opt in enumerate(trainer.optimizers):
+        torch.save(opt.state_dict(), folder / f"optimizer_{i}.pt")
+    for i, scheduler in enumerate(trainer.schedulers):
+        torch.save(scheduler.state_dict(), folder / f"lr_scheduler_{i}.pt")
+    save_file(params, str(folder / PARAMS_FILE))
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def read_training_state(run_dir: Path, trainer: Trainer) -> None:
+    """Restore `trainer` from `run_dir` so that it continues exactly where it stopped."""
+    if not (run_dir / STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"cannot resume: {run_dir} has no {STATE_FILE}; run without --resume to start anew"
+        )
+    device = next(trainer.coders.parameters()).device
+    params = load_file(str(run_dir / PARAMS_FILE), device=str(device))
+    expected = trainer.coders.state_dict()
+    mismatched = sorted(
+        k
+        for k in expected.keys() | params.keys()
+        if k not in params or k not in expected or params[k].shape != expected[k].shape
+    )
+    if mismatched:
+        raise ValueError(
+            f"cannot resume from {run_dir}: its coders differ from this run's settings "
+            f"(first differing tensors: {mismatched[:4]}); use the same flags or a new --run_name"
+        )
+    trainer.coders.load_state_dict(params)
+    state: dict[str, Any] = torch.load(run_dir / STATE_FILE, map_location=device, weights_only=True)
+    trainer.state = TrainingState.from_dict(state)
+    for i, opt in enumerate(trainer.optimizers):
+        opt.load_state_dict(
+            torch.load(run_dir / f"optimizer_{i}.pt", map_location=device, weights_only=True)
+        )
+    for i, scheduler in enumerate(trainer.schedulers):
+        scheduler.load_state_dict(
+            torch.load(run_dir / f"lr_scheduler_{i}.pt", map_location=device, weights_only=True)
+        )

@@ -1,0 +1,393 @@
+"""The lean training loop: batch -> activations -> loss per target -> optimizer step.
+
+One path for SAEs, per-layer transcoders and cross-layer transcoders. It reuses sparsify's coder,
+kernels, optimizers and config dataclasses; what it adds is multimodal batches (every model input
+reaches the model, the token mask comes from the batch), cross-layer targets, exact data-parallel
+training (global FVU denominators, summed gradients) and bit-exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from schedulefree import ScheduleFreeWrapper
+from sparsify.config import SparseCoderConfig, TrainConfig
+from sparsify.muon import Muon
+from sparsify.sign_sgd import SignSGD
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.per_layer import PerLayerCoders
+
+CoderSet = PerLayerCoders | CrossLayerTranscoder
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last checkpoint on disk is left as it was."""
+
+
+class _StopForward(Exception):
+    """Raised by the last hook: the rest of the model is not needed for training."""
+
+
+def build_coders(
+    hookpoints: list[str],
+    d_in: int,
+    cfg: SparseCoderConfig,
+    cross_layer: int,
+    device: torch.device,
+    init_seed: int = 0,
+    decoder_dtype: torch.dtype | None = None,
+) -> CoderSet:
+    """Per-layer coders for `cross_layer == 0`, else a cross-layer transcoder."""
+    if cross_layer == 0:
+        return PerLayerCoders(hookpoints, d_in, cfg, device, init_seed=init_seed)
+    cfg.transcode = True
+    return CrossLayerTranscoder(
+        hookpoints, d_in, cfg, cross_layer, device, decoder_dtype=decoder_dtype, init_seed=init_seed
+    )
+
+
+def coder_modules(coders: CoderSet) -> list[nn.Module]:
+    """One module per source: its parameters form one optimizer parameter group."""
+    return list(coders.coders if isinstance(coders, PerLayerCoders) else coders.sources)
+
+
+def build_optimizers(
+    cfg: TrainConfig, coders: CoderSet, num_batches: int
+) -> tuple[list[Any], list[Any]]:
+    """sparsify.Trainer's optimizers and learning rates, one parameter group per source."""
+    modules = coder_modules(coders)
+    latents = modules[0].encoder.weight.shape[0]
+    match cfg.optimizer:
+        case "signum":
+            lr = cfg.lr or 5e-3 / (latents / 2**14) ** 0.5
+            groups = [{"params": m.parameters(), "lr": lr} for m in modules]
+            opt = ScheduleFreeWrapper(SignSGD(groups), momentum=0.95)
+            opt.train()
+            return [opt], []
+        case "adam":
+            lr = cfg.lr or 2e-4 / (latents / 2**14) ** 0.5
+            adam = torch.optim.Adam([{"params": m.parameters(), "lr": lr} for m in modules])
+            return [adam], [get_linear_schedule_with_warmup(adam, cfg.lr_warmup_steps, num_batches)]
+        case "muon":
+            params = {p for m in modules for p in m.parameters()}
+            matrices = {p for p in params if p.ndim >= 2}
+            muon = Muon(list(matrices), lr=cfg.lr or 2e-3, ddp=dist.is_initialized())
+            adam = torch.optim.Adam(list(params - matrices), lr=cfg.lr or 2e-3)
+            return [muon, adam], [
+                get_linear_schedule_with_warmup(muon, 0, num_batches),
+                get_linear_schedule_with_warmup(adam, cfg.lr_warmup_steps, num_batches),
+            ]
+        case other:
+            raise ValueError(f"Unknown optimizer '{other}'; choose signum, adam or muon")
+
+
+# -- activations ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def collect_activations(
+    model: nn.Module,
+    hookpoints: list[str],
+    inputs: dict[str, Tensor],
+    mask: Tensor,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """MLP inputs and outputs at every hookpoint, flattened to [N, d] over masked tokens.
+
+    Every model input of the batch (pixel values, image sizes, attention mask) reaches the model;
+    the forward stops after the last hookpoint.
+    """
+    flat_mask = mask.flatten()
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+    last = hookpoints[-1]
+
+    def make_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            x = args[0] if isinstance(args, tuple) else args
+            y = output[0] if isinstance(output, tuple) else output
+            captured[name] = (x.flatten(0, 1)[flat_mask], y.flatten(0, 1)[flat_mask])
+            if name == last:
+                raise _StopForward
+
+        return hook
+
+    handles = [model.get_submodule(h).register_forward_hook(make_hook(h)) for h in hookpoints]
+    try:
+        model(**inputs)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [h for h in hookpoints if h not in captured]
+    if missing:
+        raise RuntimeError(f"hookpoints {missing} did not run in the model's forward")
+    return [captured[h][0] for h in hookpoints], [captured[h][1] for h in hookpoints]
+
+
+# -- data parallel ------------------------------------------------------------------------------
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_sum(x: Tensor) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def total_variances(outputs: list[Tensor]) -> list[Tensor]:
+    """FVU denominators over the GLOBAL batch: sum over tokens of (y - mean y)^2 per target."""
+    if not dist.is_initialized():
+        # exactly sparsify's expression, so one process reproduces sparsify bit for bit
+        return [(y - y.mean(0)).pow(2).sum() for y in outputs]
+    n = _all_sum(torch.tensor(float(outputs[0].shape[0]), device=outputs[0].device))
+    variances = []
+    for y in outputs:
+        mean = _all_sum(y.float().sum(0)) / n
+        variances.append(_all_sum((y.float() - mean).pow(2).sum()))
+    return variances
+
+
+def global_mean_reducer(n_local: int, device: torch.device):
+    """Turns a local mean over n_local tokens into the global mean over all ranks' tokens."""
+    if not dist.is_initialized():
+        return None
+    n_total = _all_sum(torch.tensor(float(n_local), device=device))
+
+    def reduce(local_mean: Tensor) -> Tensor:
+        return _all_sum(local_mean * n_local) / n_total
+
+    return reduce
+
+
+def sum_gradients(coders: CoderSet) -> None:
+    """Data parallel: every rank's loss is its share of the global loss, so gradients add up."""
+    if not dist.is_initialized():
+        return
+    for p in coders.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+# -- one step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingState:
+    """Everything besides weights and optimizer state that a resumed run needs."""
+
+    global_step: int = 0
+    batches_seen: int = 0
+    tokens_seen: int = 0
+    skipped: list[str] = field(default_factory=list)
+    tokens_since_fired: list[Tensor] = field(default_factory=list)
+    fvu_history: list[list[float]] = field(default_factory=list)
+    l0_history: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "batches_seen": self.batches_seen,
+            "tokens_seen": self.tokens_seen,
+            "skipped": self.skipped,
+            "tokens_since_fired": self.tokens_since_fired,
+            "fvu_history": self.fvu_history,
+            "l0_history": self.l0_history,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingState:
+        return cls(**data)
+
+
+def loss_per_target(
+    coders: CoderSet,
+    inputs: list[Tensor],
+    outputs: list[Tensor],
+    variances: list[Tensor],
+    micro_acc_steps: int = 1,
+    scale: float = 1.0,
+) -> tuple[Tensor, list[Tensor], list[float]]:
+    """Forward + backward; per-target FVU [H], active indices and L0 per source."""
+    fvu = torch.zeros(len(outputs))
+    active = torch.zeros(len(inputs))
+    indices: list[list[Tensor]] = [[] for _ in inputs]
+    n = inputs[0].shape[0]
+    bounds = [round(i * n / micro_acc_steps) for i in range(micro_acc_steps + 1)]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        out = coders([x[lo:hi] for x in inputs], [y[lo:hi] for y in outputs])
+        parts = [
+            (y[lo:hi] - y_hat).pow(2).sum() / var
+            for y, y_hat, var in zip(outputs, out.predictions, variances, strict=True)
+        ]
+        loss = torch.stack(parts)
+        loss.sum().mul(scale).backward()
+        fvu += loss.detach().float().cpu()
+        for p, (acts, idx) in enumerate(zip(out.latent_acts, out.latent_indices, strict=True)):
+            indices[p].append(idx.detach())
+            active[p] += float((acts.detach() > 0).sum())
+    return fvu, [torch.cat(idx) for idx in indices], (active / max(n, 1)).tolist()
+
+
+@contextmanager
+def eval_weights(optimizers: list[Any]) -> Iterator[None]:
+    """Coders at schedule-free's averaged point (what users load), restored bit for bit after."""
+    sf = [opt for opt in optimizers if isinstance(opt, ScheduleFreeWrapper) and opt.train_mode]
+    saved = [[p.detach().clone() for g in opt.param_groups for p in g["params"]] for opt in sf]
+    for opt in sf:
+        opt.eval()
+    try:
+        yield
+    finally:
+        for opt, copies in zip(sf, saved, strict=True):
+            params = [p for g in opt.param_groups for p in g["params"]]
+            with torch.no_grad():
+                for p, copy in zip(params, copies, strict=True):
+                    p.copy_(copy)
+            opt.train_mode = True
+
+
+@dataclass
+class Trainer:
+    """Drives the loop over a stream of batches; checkpoints through a callback."""
+
+    model: nn.Module
+    coders: CoderSet
+    cfg: TrainConfig
+    optimizers: list[Any]
+    schedulers: list[Any]
+    state: TrainingState = field(default_factory=TrainingState)
+    checkpoint: Any = None
+    """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps and at the end."""
+
+    def __post_init__(self) -> None:
+        if not self.state.tokens_since_fired:
+            device = next(self.coders.parameters()).device
+            latents = coder_modules(self.coders)[0].encoder.weight.shape[0]
+            self.state.tokens_since_fired = [
+                torch.zeros(latents, dtype=torch.long, device=device)
+                for _ in self.coders.hookpoints
+            ]
+
+    def current_k(self) -> int:
+        cfg = self.cfg
+        if self.state.global_step >= cfg.k_decay_steps:
+            return cfg.sae.k
+        latents, d_in = coder_modules(self.coders)[0].encoder.weight.shape
+        initial = min(latents, d_in * 10)
+        progress = self.state.global_step / cfg.k_decay_steps
+        return round(initial * (1 - progress) + cfg.sae.k * progress)
+
+    def train_on_batch(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        state = self.state
+        state.batches_seen += 1
+        state.skipped.extend(batch.get("skipped", []))
+        if "inputs" not in batch:
+            return None
+        device = next(self.coders.parameters()).device
+        model_inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+        mask = batch["token_mask"].to(device)
+        inputs, outputs = collect_activations(
+            self.model, self.coders.hookpoints, model_inputs, mask
+        )
+        n_local = inputs[0].shape[0]
+        if _all_sum(torch.tensor(n_local, device=device)).item() == 0:
+            return None
+        self.coders.cfg.k = self.current_k()
+        if state.global_step == 0 and not self.cfg.finetune:
+            self.coders.init_biases(inputs, outputs, global_mean_reducer(n_local, device))
+        acc_steps = self.cfg.grad_acc_steps
+        fvu, indices, l0 = loss_per_target(
+            self.coders,
+            inputs,
+            outputs,
+            total_variances(outputs),
+            self.cfg.micro_acc_steps,
+            1 / acc_steps,
+        )
+        if not torch.isfinite(fvu).all():
+            bad = [
+                h
+                for h, v in zip(self.coders.hookpoints, fvu.tolist(), strict=True)
+                if not math.isfinite(v)
+            ]
+            raise NonFiniteLossError(
+                f"non-finite FVU at step {state.global_step} (batch {state.batches_seen - 1}) "
+                f"for {bad}; the last checkpoint is untouched. Try a lower --lr or float32."
+            )
+        n_tokens = int(_all_sum(torch.tensor(n_local, device=device)).item())
+        state.tokens_seen += n_tokens
+        for counts, idx in zip(state.tokens_since_fired, indices, strict=True):
+            fired = torch.zeros_like(counts, dtype=torch.bool)
+            fired[idx.flatten()] = True
+            if dist.is_initialized():
+                fired_int = fired.int()
+                dist.all_reduce(fired_int, op=dist.ReduceOp.MAX)
+                fired = fired_int.bool()
+            counts += n_tokens
+            counts[fired] = 0
+        state.fvu_history.append(fvu.tolist())
+        state.l0_history.append(l0)
+
+        if (state.global_step + 1) % acc_steps == 0:
+            sum_gradients(self.coders)
+            before_step = getattr(self.coders, "before_optimizer_step", None)
+            if before_step is not None:
+                before_step()
+            for opt in self.optimizers:
+                opt.step()
+                opt.zero_grad()
+            for scheduler in self.schedulers:
+                scheduler.step()
+        state.global_step += 1
+        return {"fvu": fvu.sum().item()}
+
+    def fit(self, batches: Iterable[dict[str, Any]], total: int | None = None) -> None:
+        rank_zero = not dist.is_initialized() or dist.get_rank() == 0
+        self.model.requires_grad_(False)
+        pbar = tqdm(
+            desc="Training", total=total, initial=self.state.batches_seen, disable=not rank_zero
+        )
+        for batch in batches:
+            metrics = self.train_on_batch(batch)
+            pbar.update()
+            if metrics:
+                pbar.set_postfix(fvu=f"{metrics['fvu']:.3f}")
+            step = self.state.global_step
+            if self.checkpoint and metrics and step % self.cfg.save_every == 0:
+                self.checkpoint(self)
+        pbar.close()
+        if self.checkpoint:
+            self.checkpoint(self)
+
+    def summary(self, window: int = 20) -> list[dict[str, Any]]:
+        """Per hookpoint: FVU and L0 averaged over the last `window` steps, and dead %."""
+        state = self.state
+        recent_fvu = state.fvu_history[-window:]
+        recent_l0 = state.l0_history[-window:]
+        horizon = min(self.cfg.dead_feature_threshold, state.tokens_seen)
+        rows = []
+        for i, hookpoint in enumerate(self.coders.hookpoints):
+            counts = state.tokens_since_fired[i]
+            rows.append(
+                {
+                    "hookpoint": hookpoint,
+                    "n_targets": self.coders.n_targets(i),
+                    "fvu": sum(r[i] for r in recent_fvu) / max(len(recent_fvu), 1),
+                    "l0": sum(r[i] for r in recent_l0) / max(len(recent_l0), 1),
+                    "dead_pct": 100.0 * float((counts >= max(horizon, 1)).float().mean()),
+                }
+            )
+        return rows
