@@ -178,10 +178,12 @@ def open_examples(
 
 def image_token_id(processor: Any, recipe: Recipe) -> int:
     """Id of the token repeated once per image patch."""
+    # the recipe's pad token first: Gemma3Processor's `image_token_id` is its placeholder's id
+    if recipe.prompt.image_pad_token:
+        return int(processor.tokenizer.convert_tokens_to_ids(recipe.prompt.image_pad_token))
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None:
-        token = recipe.prompt.image_pad_token or recipe.prompt.image_token
-        token_id = processor.tokenizer.convert_tokens_to_ids(token)
+        token_id = processor.tokenizer.convert_tokens_to_ids(recipe.prompt.image_token)
     return int(token_id)
 
 

@@ -317,6 +317,7 @@ class Trainer:
             self.cfg.micro_acc_steps,
             1 / acc_steps,
         )
+        fvu = _all_sum(fvu)  # each rank holds its share of the global FVU
         if not torch.isfinite(fvu).all():
             bad = [
                 h

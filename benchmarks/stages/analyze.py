@@ -1,0 +1,292 @@
+"""`python -m benchmarks BENCH analyze --out DIR`: rank features that separate GOOD from BAD.
+
+Reads `DIR/store/` (feature store), `DIR/classification.json` (`{"GOOD": [{"id", ...}],
+"BAD": [...]}`) and, when present, `DIR/store/attributions.safetensors`; writes
+`DIR/features.json` (selected features, seed's keys plus direction, significance and split) and
+`DIR/feature_stats.npz` (every statistic for every (layer, latent), for plots).
+Only the train split of the samples is used; the held-out ids are listed for `steer`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from safetensors import safe_open
+from simple_parsing import ArgumentParser, DashVariant
+
+from benchmarks.influence import (
+    BAD,
+    GOOD,
+    FiringCounts,
+    benjamini_hochberg,
+    feature_scores,
+    fisher_exact,
+    group_means,
+    round_robin,
+)
+from benchmarks.splits import Split, split_ids
+from benchmarks.store import FeatureStore
+
+ATTRIBUTIONS = "attributions.safetensors"
+CHUNK_BINS = 1 << 17
+"""Samples per accumulation chunk: about this many / num_latents (bins that fit in cache)."""
+
+
+@dataclass
+class AnalyzeConfig:
+    """Feature influence analysis over the train split (docs/benchmarks.md)."""
+
+    out: str
+    """Output folder of the benchmark run (holds store/ and classification.json)."""
+    region: Literal["response", "prompt", "image", "all"] = "response"
+    """Token region whose features are analysed."""
+    target_features: int = 50
+    """Features to select per direction."""
+    min_per_layer: int = 1
+    """Each layer gets at least this many (when it has candidates), even beyond the target."""
+    direction: Literal["good", "bad", "both"] = "both"
+    """Select features that fire more in GOOD samples, in BAD samples, or both lists."""
+    rank_by: Literal["goodness", "attribution"] = "goodness"
+    """Rank by goodness / badness score, or by mean attribution (needs attributions)."""
+    eps: float = 0.01
+    """Added to the denominators of the ratios (a share of samples)."""
+    fdr: float = 0.05
+    """Benjamini-Hochberg false-discovery rate for `significant`."""
+    significant_only: bool = False
+    """Select only features significant at --fdr."""
+    held_out_fraction: float = 0.2
+    """Share of samples held out for steering (never used for selection)."""
+    split_seed: int = 0
+    """Seed of the hash-based train / held-out split."""
+    force: bool = False
+    """Recompute even when features.json is up to date."""
+
+
+def parse_config(argv: list[str]) -> AnalyzeConfig:
+    parser = ArgumentParser(
+        prog="python -m benchmarks BENCH analyze",
+        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
+    )
+    parser.add_arguments(AnalyzeConfig, dest="config")
+    return parser.parse_args(argv).config
+
+
+def main(argv: list[str], benchmark: str) -> None:
+    config = parse_config(argv)
+    out = Path(config.out)
+    target = out / "features.json"
+    if not config.force and _up_to_date(target, config, out):
+        print(f"analyze: {target} is up to date (--force to recompute)")
+        return
+    start = time.perf_counter()
+    result = analyze(out, config, dataset=benchmark)
+    _write_json(target, result)
+    counts = result["layer_distribution"]
+    print(
+        f"analyze: {result['selected_features_count']} features from "
+        f"{result['total_good_samples']} GOOD / {result['total_bad_samples']} BAD train samples, "
+        f"{sum(f['significant'] for f in result['features'])} significant at FDR {config.fdr}, "
+        f"{len(counts)} layers; {time.perf_counter() - start:.1f} s -> {target}"
+    )
+
+
+def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
+    store = FeatureStore(out / "store")
+    groups = _read_classification(out / "classification.json")
+    stored = store.ids()
+    labelled = [sample_id for sample_id in stored if sample_id in groups]
+    if not labelled:
+        raise SystemExit(
+            f"no sample of {out / 'classification.json'} is in the feature store {store.path}; "
+            "run capture and classify on the same --out"
+        )
+    split = split_ids(labelled, config.held_out_fraction, config.split_seed)
+    train_group = {sample_id: groups[sample_id] for sample_id in split.train}
+    counts = firing_counts(store, train_group, config.region)
+    stats = feature_scores(counts, config.eps)
+    stats["p_value"] = fisher_exact(
+        counts.fired[GOOD],
+        int(counts.n_samples[GOOD]),
+        counts.fired[BAD],
+        int(counts.n_samples[BAD]),
+    )
+    stats["q_value"] = benjamini_hochberg(stats["p_value"])
+    attributions = out / "store" / ATTRIBUTIONS
+    if attributions.exists():
+        stats.update(attribution_stats(attributions, train_group, counts.fired.shape[1:]))
+    elif config.rank_by == "attribution":
+        raise SystemExit(f"--rank-by attribution needs {attributions}; see docs/benchmarks.md")
+    _write_npz(out / "feature_stats.npz", stats)
+    selected = select_features(stats, config)
+    layers = layer_numbers(store.meta.hookpoints)
+    features = [
+        _feature_json(stats, layer, latent, direction, layers, store.meta.hookpoints, config.fdr)
+        for direction, picks in selected.items()
+        for layer, latent in picks
+    ]
+    distribution: dict[str, int] = {}
+    for feature in features:
+        distribution[str(feature["layer"])] = distribution.get(str(feature["layer"]), 0) + 1
+    return {
+        "dataset": dataset,
+        "total_good_samples": int(counts.n_samples[GOOD]),
+        "total_bad_samples": int(counts.n_samples[BAD]),
+        "total_features_analyzed": int(counts.fired[0].size),
+        "selected_features_count": len(features),
+        "layer_distribution": distribution,
+        "features": features,
+        "split": _split_json(split, groups),
+        "parameters": _parameters(config),
+    }
+
+
+def firing_counts(store: FeatureStore, sample_group: dict[str, int], region: str) -> FiringCounts:
+    """Accumulate firing statistics of the samples in `sample_group`, shard by shard."""
+    meta = store.meta
+    counts = FiringCounts.zeros(len(meta.hookpoints), meta.num_latents)
+    per_chunk = max(1, CHUNK_BINS // meta.num_latents)
+    for shard in store.shards(sample_group):
+        for first in range(0, len(shard.records), per_chunk):
+            records = shard.records[first : first + per_chunk]
+            sample_rows = [record.rows(region) + record.start for record in records]
+            rows = np.concatenate(sample_rows)
+            row_sample = np.repeat(np.arange(len(records)), [len(r) for r in sample_rows])
+            groups = np.array([sample_group[record.id] for record in records])
+            counts.add(shard.indices(rows), shard.values(rows), row_sample, groups)
+    return counts
+
+
+def attribution_stats(
+    path: Path, sample_group: dict[str, int], shape: tuple[int, int]
+) -> dict[str, np.ndarray]:
+    """Mean attribution per (layer, latent) over GOOD, BAD and all train samples."""
+    with safe_open(path, framework="numpy") as file:
+        ids = json.loads(file.metadata()["ids"])
+        arrays = {name: file.get_tensor(name) for name in ("sample", "layer", "latent", "value")}
+    groups = np.array([sample_group.get(str(sample_id), -1) for sample_id in ids], dtype=np.int64)
+    args = (arrays["sample"], arrays["layer"], arrays["latent"], arrays["value"].astype(np.float64))
+    by_group = group_means(*args, groups, shape)
+    pooled = group_means(*args, np.where(groups >= 0, 0, -1), shape)[0]
+    return {
+        "attribution_good": by_group[GOOD],
+        "attribution_bad": by_group[BAD],
+        "attribution": pooled,
+    }
+
+
+def select_features(
+    stats: dict[str, np.ndarray], config: AnalyzeConfig
+) -> dict[str, list[tuple[int, int]]]:
+    """Round-robin selection per direction; a feature belongs to the direction it scores higher in."""
+    if config.rank_by == "attribution":
+        good_key, bad_key = stats["attribution"], -stats["attribution"]
+    else:
+        good_key, bad_key = stats["goodness_score"], stats["badness_score"]
+    allowed = stats["q_value"] <= config.fdr if config.significant_only else True
+    directions = ("good", "bad") if config.direction == "both" else (config.direction,)
+    selected = {}
+    for direction in directions:
+        key, other = (good_key, bad_key) if direction == "good" else (bad_key, good_key)
+        candidates = allowed & (key > 0) & (key >= other if direction == "good" else key > other)
+        scores = np.where(candidates, key, np.nan)
+        selected[direction] = round_robin(scores, config.target_features, config.min_per_layer)
+    return selected
+
+
+def layer_numbers(hookpoints: list[str]) -> list[int]:
+    """Decoder layer number of each hookpoint (last integer in its name), else its position."""
+    numbers = []
+    for hookpoint in hookpoints:
+        found = re.findall(r"\d+", hookpoint)
+        numbers.append(int(found[-1]) if found else -1)
+    if len(set(numbers)) != len(numbers) or -1 in numbers:
+        return list(range(len(hookpoints)))
+    return numbers
+
+
+def _feature_json(
+    stats: dict[str, np.ndarray],
+    position: int,
+    latent: int,
+    direction: str,
+    layers: list[int],
+    hookpoints: list[str],
+    fdr: float,
+) -> dict:
+    feature = {"layer": layers[position], "feature_idx": latent}
+    for name in (
+        "goodness_score",
+        "badness_score",
+        "frequency_ratio",
+        "activation_ratio",
+        "good_freq",
+        "bad_freq",
+        "good_avg_activation",
+        "bad_avg_activation",
+        "p_value",
+        "q_value",
+        "attribution",
+    ):
+        if name in stats:
+            feature[name] = float(stats[name][position, latent])
+    feature["significant"] = bool(feature["q_value"] <= fdr)
+    feature["direction"] = direction
+    feature["hookpoint"] = hookpoints[position]
+    return feature
+
+
+def _read_classification(path: Path) -> dict[str, int]:
+    if not path.exists():
+        raise SystemExit(f"missing {path}: run `classify` first")
+    data = json.loads(path.read_text())
+    groups = {}
+    for label, group in (("GOOD", GOOD), ("BAD", BAD)):
+        for item in data.get(label, []):
+            groups[str(item["id"])] = group
+    return groups
+
+
+def _split_json(split: Split, groups: dict[str, int]) -> dict:
+    held_out_bad = sum(groups[sample_id] == BAD for sample_id in split.held_out)
+    return {
+        **split.to_json(),
+        "held_out_good": len(split.held_out) - held_out_bad,
+        "held_out_bad": held_out_bad,
+    }
+
+
+def _parameters(config: AnalyzeConfig) -> dict:
+    return {key: value for key, value in asdict(config).items() if key not in ("out", "force")}
+
+
+def _up_to_date(target: Path, config: AnalyzeConfig, out: Path) -> bool:
+    if not target.exists():
+        return False
+    inputs = [
+        out / "classification.json",
+        out / "store" / "index.jsonl",
+        out / "store" / ATTRIBUTIONS,
+    ]
+    newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
+    if target.stat().st_mtime <= newest:
+        return False
+    return json.loads(target.read_text()).get("parameters") == _parameters(config)
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as file:
+        np.savez(file, **arrays)
+    tmp.replace(path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)

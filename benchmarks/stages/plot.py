@@ -1,0 +1,219 @@
+"""`python -m benchmarks BENCH plot --out DIR`: PNG charts of `DIR/features.json`.
+
+Writes to `DIR/plots/`: top_features.png (scores of the best selected features),
+features_per_layer.png, activation_heatmap.png (GOOD vs BAD frequency and activation of the
+selected features), frequency_ratios.png (log scale) and, from `DIR/feature_stats.npz`,
+volcano.png (frequency ratio against Fisher p-value for every feature that fires).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
+from simple_parsing import ArgumentParser, DashVariant  # noqa: E402
+
+COLORS = {"good": "#2a9d8f", "bad": "#e76f51"}
+SCORE = {"good": "goodness_score", "bad": "badness_score"}
+
+
+@dataclass
+class PlotConfig:
+    """PNG charts of features.json into OUT/plots/."""
+
+    out: str
+    """Output folder of the benchmark run (holds features.json)."""
+    top: int = 20
+    """Features shown per direction in the bar charts and the heatmap."""
+    dpi: int = 120
+    """Resolution of the PNGs."""
+
+
+def main(argv: list[str], benchmark: str) -> None:
+    parser = ArgumentParser(
+        prog="python -m benchmarks BENCH plot",
+        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
+    )
+    parser.add_arguments(PlotConfig, dest="config")
+    config: PlotConfig = parser.parse_args(argv).config
+    out = Path(config.out)
+    source = out / "features.json"
+    if not source.exists():
+        raise SystemExit(f"missing {source}: run `analyze` first")
+    result = json.loads(source.read_text())
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    title = f"{result.get('dataset', benchmark)}"
+    written = [
+        plot_top_features(result, plots / "top_features.png", title, config.top, config.dpi),
+        plot_features_per_layer(result, plots / "features_per_layer.png", title, config.dpi),
+        plot_activation_heatmap(
+            result, plots / "activation_heatmap.png", title, config.top, config.dpi
+        ),
+        plot_frequency_ratios(
+            result, plots / "frequency_ratios.png", title, config.top, config.dpi
+        ),
+    ]
+    stats = out / "feature_stats.npz"
+    if stats.exists():
+        written.append(
+            plot_volcano(result, np.load(stats), plots / "volcano.png", title, config.dpi)
+        )
+    print(f"plot: {len(written)} charts -> {plots}")
+
+
+def feature_label(feature: dict) -> str:
+    return f"L{feature['layer']}/F{feature['feature_idx']}"
+
+
+def _top(result: dict, direction: str, n: int) -> list[dict]:
+    features = [f for f in result["features"] if f.get("direction", "good") == direction]
+    return sorted(features, key=lambda f: -f[SCORE[direction]])[:n]
+
+
+def _directions(result: dict) -> list[str]:
+    present = {f.get("direction", "good") for f in result["features"]}
+    return [d for d in ("good", "bad") if d in present] or ["good"]
+
+
+def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
+    directions = _directions(result)
+    rows = max(len(_top(result, d, top)) for d in directions)
+    fig, axes = plt.subplots(
+        1, len(directions), figsize=(6 * len(directions), 1.2 + 0.28 * max(rows, 3)), squeeze=False
+    )
+    for ax, direction in zip(axes[0], directions, strict=True):
+        features = _top(result, direction, top)[::-1]
+        scores = [f[SCORE[direction]] for f in features]
+        colors = [COLORS[direction] if f.get("significant") else "#b0b0b0" for f in features]
+        ax.barh([feature_label(f) for f in features], scores, color=colors)
+        ax.set_xlabel(f"{SCORE[direction].replace('_', ' ')}")
+        ax.set_title(f"top {len(features)} {direction.upper()} features (grey: not significant)")
+        ax.tick_params(axis="y", labelsize=8)
+    fig.suptitle(f"{title}: features ranked by score")
+    return _save(fig, path, dpi)
+
+
+def plot_features_per_layer(result: dict, path: Path, title: str, dpi: int) -> Path:
+    layers = sorted({f["layer"] for f in result["features"]})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 4))
+    bottom = np.zeros(len(layers))
+    for direction in _directions(result):
+        counts = np.array(
+            [sum(1 for f in result["features"] if f["layer"] == layer
+                 and f.get("direction", "good") == direction) for layer in layers]
+        )  # fmt: skip
+        ax.bar([str(layer) for layer in layers], counts, bottom=bottom, color=COLORS[direction],
+               label=f"{direction.upper()} features")  # fmt: skip
+        bottom += counts
+    ax.set_xlabel("layer")
+    ax.set_ylabel("selected features")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(0, max(bottom.max(initial=0.0), 1.0) * 1.25)  # headroom for the legend
+    ax.set_title(f"{title}: selected features per layer ({len(result['features'])} in all)")
+    ax.legend(loc="upper right", ncol=2)
+    if len(layers) > 20:
+        ax.tick_params(axis="x", labelsize=7, rotation=90)
+    return _save(fig, path, dpi)
+
+
+def plot_activation_heatmap(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
+    features = [f for d in _directions(result) for f in _top(result, d, top)]
+    labels = [f"{feature_label(f)} ({f.get('direction', 'good')})" for f in features]
+    freq = np.array([[f["good_freq"], f["bad_freq"]] for f in features]).reshape(-1, 2)
+    act = np.array([[f["good_avg_activation"], f["bad_avg_activation"]] for f in features]).reshape(
+        -1, 2
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(8, 1.5 + 0.3 * max(len(features), 3)))
+    panels = (
+        (freq, "firing frequency (share of samples)", "Blues", 0.0, 1.0),
+        (act, "mean activation when firing", "Oranges", 0.0, max(act.max(initial=0.0), 1e-9)),
+    )
+    for ax, (data, name, cmap, vmin, vmax) in zip(axes, panels, strict=True):
+        image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_xticks([0, 1], ["GOOD", "BAD"])
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [""] * len(labels))
+        ax.tick_params(axis="y", labelsize=8)
+        ax.set_title(name, fontsize=10)
+        for (row, col), value in np.ndenumerate(data):
+            dark = value > vmin + 0.6 * (vmax - vmin)
+            ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")  # fmt: skip
+        fig.colorbar(image, ax=ax, fraction=0.08)
+    fig.suptitle(f"{title}: GOOD vs BAD samples, top selected features")
+    return _save(fig, path, dpi)
+
+
+def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
+    eps = result.get("parameters", {}).get("eps", 0.01)
+    features = [f for d in _directions(result) for f in _top(result, d, top)]
+    # eps on both sides keeps features that never fire in one group finite and symmetric
+    ratios = [(f["good_freq"] + eps) / (f["bad_freq"] + eps) for f in features]
+    order = np.argsort(ratios, kind="stable")
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * max(len(features), 3)))
+    ax.barh(
+        [feature_label(features[i]) for i in order],
+        [ratios[i] for i in order],
+        color=[COLORS[features[i].get("direction", "good")] for i in order],
+    )
+    ax.set_xscale("log")
+    decades = np.log10(max(ratios, default=10.0) / min(ratios, default=0.1))
+    subs = (1.0, 2.0, 5.0) if decades <= 2.5 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel(
+        f"(good_freq + eps) / (bad_freq + eps), eps = {eps:g}   (log scale; 1 = no difference)"
+    )
+    ax.set_title(f"{title}: firing frequency ratio of the selected features")
+    ax.tick_params(axis="y", labelsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[d]) for d in _directions(result)]
+    ax.legend(handles, [f"{d.upper()} feature" for d in _directions(result)], loc="lower right")
+    return _save(fig, path, dpi)
+
+
+def plot_volcano(
+    result: dict, stats: np.lib.npyio.NpzFile, path: Path, title: str, dpi: int
+) -> Path:
+    fires = (stats["good_freq"] > 0) | (stats["bad_freq"] > 0)
+    # symmetric log-ratio of frequencies, smoothed by half a sample so it stays finite
+    n_good = max(result["total_good_samples"], 1)
+    n_bad = max(result["total_bad_samples"], 1)
+    good = stats["good_freq"][fires] + 0.5 / n_good
+    bad = stats["bad_freq"][fires] + 0.5 / n_bad
+    log_ratio = np.log2(good / bad)
+    p = np.maximum(stats["p_value"][fires], 1e-300)
+    significant = stats["q_value"][fires] <= result["parameters"].get("fdr", 0.05)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.scatter(log_ratio[~significant], -np.log10(p[~significant]), s=4, color="#b0b0b0",
+               label=f"not significant ({(~significant).sum()})", rasterized=True)  # fmt: skip
+    ax.scatter(log_ratio[significant], -np.log10(p[significant]), s=8, color="#264653",
+               label=f"significant at FDR ({significant.sum()})")  # fmt: skip
+    for direction in _directions(result):
+        chosen = [f for f in result["features"] if f.get("direction", "good") == direction]
+        x = [
+            np.log2((f["good_freq"] + 0.5 / n_good) / (f["bad_freq"] + 0.5 / n_bad)) for f in chosen
+        ]
+        y = [-np.log10(max(f["p_value"], 1e-300)) for f in chosen]
+        ax.scatter(x, y, s=28, facecolors="none", edgecolors=COLORS[direction],
+                   label=f"selected {direction.upper()} ({len(chosen)})")  # fmt: skip
+    ax.axvline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("log2 firing frequency ratio, GOOD / BAD")
+    ax.set_ylabel("-log10 p (Fisher's exact test)")
+    ax.set_title(f"{title}: {fires.sum()} features that fire")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _save(fig, path, dpi)

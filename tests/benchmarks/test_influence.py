@@ -1,0 +1,292 @@
+"""Influence analysis: hand-computed scores, round-robin selection, FDR control, splits."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+from scipy.stats import false_discovery_control
+from scipy.stats import fisher_exact as scipy_fisher
+
+from benchmarks.influence import (
+    FiringCounts,
+    benjamini_hochberg,
+    feature_scores,
+    fisher_exact,
+    round_robin,
+)
+from benchmarks.splits import split_ids
+from benchmarks.stages import analyze
+from benchmarks.store import FeatureStore, StoreMeta
+
+# Hand-made store: 2 layers, 4 latents, k = 2. Per sample: rows of (layer 0, layer 1) pairs of
+# (latents, values); the first row (or rows) is the prompt, the rest the response.
+HAND_SAMPLES = {
+    "g1": (1, [
+        (([0, 1], [1.0, 1.0]), ([2, 3], [1.0, 1.0])),
+        (([1, 2], [2.0, 0.5]), ([0, 3], [1.0, 4.0])),
+        (([1, 3], [4.0, 1.0]), ([0, 1], [3.0, 2.0])),
+    ]),
+    "g2": (1, [
+        (([2, 3], [1.0, 1.0]), ([1, 2], [1.0, 1.0])),
+        (([1, 0], [1.0, 2.0]), ([3, 2], [2.0, 0.5])),
+    ]),
+    "b1": (1, [
+        (([1, 2], [1.0, 1.0]), ([1, 3], [1.0, 1.0])),
+        (([2, 3], [1.0, 3.0]), ([0, 2], [0.5, 1.0])),
+    ]),
+    "b2": (1, [
+        (([0, 3], [1.0, 1.0]), ([2, 3], [1.0, 1.0])),
+        (([1, 2], [0.5, 2.0]), ([0, 1], [1.0, 1.0])),
+        (([2, 0], [4.0, 1.0]), ([0, 3], [2.0, 1.0])),
+    ]),
+}  # fmt: skip
+# Computed by hand from the response rows above: [layer][latent].
+HAND = {
+    "good_freq": [[0.5, 1.0, 0.5, 0.5], [0.5, 0.5, 0.5, 1.0]],
+    "bad_freq": [[0.5, 0.5, 1.0, 0.5], [1.0, 0.5, 0.5, 0.5]],
+    "good_avg_activation": [[2.0, 2.0, 0.5, 1.0], [2.0, 2.0, 0.5, 3.0]],
+    "bad_avg_activation": [[1.0, 0.5, 2.0, 3.0], [1.0, 1.0, 1.0, 1.0]],
+}
+EPS = 0.01
+
+
+def write_hand_store(out):
+    store = FeatureStore(
+        out / "store", StoreMeta([f"layers.{i}.mlp" for i in (4, 7)], k=2, num_latents=4)
+    )
+    samples = []
+    for sample_id, (prompt_rows, rows) in HAND_SAMPLES.items():
+        indices = torch.tensor([[pair[0] for pair in row] for row in rows])
+        values = torch.tensor([[pair[1] for pair in row] for row in rows])
+        regions = {"prompt": [(0, prompt_rows)], "response": [(prompt_rows, len(rows))]}
+        samples.append((sample_id, indices, values, regions))
+    store.append(samples[:3])
+    store.append(samples[3:])
+    classification = {"GOOD": [{"id": "g1"}, {"id": "g2"}], "BAD": [{"id": "b1"}, {"id": "b2"}]}
+    (out / "classification.json").write_text(json.dumps(classification))
+
+
+def run_analyze(out, *flags):
+    argv = ["--out", str(out), "--held-out-fraction", "0", "--eps", str(EPS), *flags]
+    analyze.main(argv, benchmark="hand")
+    return json.loads((out / "features.json").read_text())
+
+
+def test_scores_equal_hand_computed_values(tmp_path):
+    write_hand_store(tmp_path)
+    result = run_analyze(tmp_path, "--target-features", "3")
+    stats = np.load(tmp_path / "feature_stats.npz")
+    for name, expected in HAND.items():
+        np.testing.assert_allclose(stats[name], expected, err_msg=name)
+    gf, bf = np.array(HAND["good_freq"]), np.array(HAND["bad_freq"])
+    ga, ba = np.array(HAND["good_avg_activation"]), np.array(HAND["bad_avg_activation"])
+    np.testing.assert_allclose(stats["goodness_score"], gf / (bf + EPS) * ga)
+    np.testing.assert_allclose(stats["badness_score"], bf / (gf + EPS) * ba)
+    np.testing.assert_allclose(stats["activation_ratio"], ga / (ba + EPS))
+    assert stats["goodness_score"][0, 1] == pytest.approx(1.0 / 0.51 * 2.0)
+    # With 2 vs 2 samples nothing can be significant; p-values are scipy's.
+    assert stats["p_value"][1, 0] == pytest.approx(scipy_fisher([[1, 1], [2, 0]])[1])
+
+    assert result["total_good_samples"] == 2 and result["total_bad_samples"] == 2
+    assert result["total_features_analyzed"] == 8
+    picked = [(f["direction"], f["layer"], f["feature_idx"]) for f in result["features"]]
+    # good: layer 4 {1: 3.92, 0: 1.96}, layer 7 {3: 5.88, 1: 1.96}; bad: layer 4 {2: 3.92,
+    # 3: 2.94}, layer 7 {0: 1.96, 2: 0.98}; round robin: best of each layer, then again.
+    assert picked == [
+        ("good", 4, 1), ("good", 7, 3), ("good", 4, 0),
+        ("bad", 4, 2), ("bad", 7, 0), ("bad", 4, 3),
+    ]  # fmt: skip
+    assert result["layer_distribution"] == {"4": 4, "7": 2}
+    first = result["features"][0]
+    assert first["hookpoint"] == "layers.4.mlp"
+    assert first["good_avg_activation"] == 2.0 and first["bad_freq"] == 0.5
+    assert first["significant"] is False and first["q_value"] >= first["p_value"]
+    assert result["split"]["n_held_out"] == 0
+
+
+def test_region_changes_the_rows_analysed(tmp_path):
+    write_hand_store(tmp_path)
+    run_analyze(tmp_path, "--region", "all", "--force")
+    stats = np.load(tmp_path / "feature_stats.npz")
+    # the prompt rows add layer 4 latent 0 to g1 (value 1) and to b2 (value 1, with 1.0 later)
+    assert stats["good_freq"][0, 0] == 1.0
+    assert stats["good_avg_activation"][0, 0] == pytest.approx((1.0 + 2.0) / 2)
+    assert stats["bad_avg_activation"][0, 0] == pytest.approx(1.0)
+
+
+def test_up_to_date_output_is_not_recomputed(tmp_path):
+    write_hand_store(tmp_path)
+    run_analyze(tmp_path)
+    target = tmp_path / "features.json"
+    os.utime(target, (1e10, 1e10))  # newer than every input
+    run_analyze(tmp_path)
+    assert target.stat().st_mtime == 1e10
+    run_analyze(tmp_path, "--target-features", "1")  # other parameters: recompute
+    assert target.stat().st_mtime != 1e10
+    assert json.loads(target.read_text())["parameters"]["target_features"] == 1
+
+
+def test_attribution_ranking(tmp_path):
+    write_hand_store(tmp_path)
+    # activation x gradient per (sample, layer position, latent); absent entries are 0
+    save_file(
+        {
+            "sample": np.array([0, 1, 2, 3, 0], dtype=np.int64),
+            "layer": np.array([1, 1, 1, 0, 0], dtype=np.int64),
+            "latent": np.array([2, 2, 0, 3, 1], dtype=np.int64),
+            "value": np.array([0.4, 0.2, -0.6, -1.0, 0.1], dtype=np.float32),
+        },
+        str(tmp_path / "store" / "attributions.safetensors"),
+        metadata={"ids": json.dumps(["g1", "g2", "b1", "b2"])},
+    )
+    result = run_analyze(tmp_path, "--rank-by", "attribution", "--target-features", "1")
+    picked = {(f["direction"], f["layer"], f["feature_idx"]): f for f in result["features"]}
+    assert set(picked) == {("good", 4, 1), ("good", 7, 2), ("bad", 4, 3), ("bad", 7, 0)}
+    assert picked[("good", 7, 2)]["attribution"] == pytest.approx((0.4 + 0.2) / 4)
+    stats = np.load(tmp_path / "feature_stats.npz")
+    assert stats["attribution_good"][1, 2] == pytest.approx(0.3)
+    assert stats["attribution_bad"][0, 3] == pytest.approx(-0.5)
+
+
+def test_firing_counts_chunking_does_not_change_results():
+    rng = np.random.default_rng(0)
+    rows, layers, latents, k = 40, 3, 50, 5
+    indices = np.stack([rng.permutation(latents)[:k] for _ in range(rows * layers)]).reshape(
+        rows, layers, k
+    )
+    values = rng.random((rows, layers, k)).astype(np.float32)
+    row_sample = np.sort(rng.integers(0, 8, rows))
+    groups = np.array([0, 1, 0, 1, 1, 0, 0, 1])
+    whole = FiringCounts.zeros(layers, latents)
+    whole.add(indices, values, row_sample, groups)
+    parts = FiringCounts.zeros(layers, latents)
+    for first in (0, 4):
+        rows_in = (row_sample >= first) & (row_sample < first + 4)
+        parts.add(
+            indices[rows_in],
+            values[rows_in],
+            row_sample[rows_in] - first,
+            groups[first : first + 4],
+        )
+    np.testing.assert_array_equal(whole.fired, parts.fired)
+    np.testing.assert_allclose(whole.act_sum, parts.act_sum)
+    # brute force for one feature
+    layer, latent = 1, int(indices[0, 1, 0])
+    fired = np.zeros(2)
+    for sample in range(8):
+        hits = (indices[row_sample == sample, layer] == latent).any(-1)
+        fired[groups[sample]] += hits.any()
+    np.testing.assert_array_equal(whole.fired[:, layer, latent], fired)
+
+
+def test_fisher_and_bh_match_scipy():
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 31, 300), rng.integers(0, 21, 300)
+    a[:10], b[:10] = 15, 10  # symmetric tables (ties in the null distribution)
+    expected = [scipy_fisher([[x, 30 - x], [y, 20 - y]])[1] for x, y in zip(a, b, strict=True)]
+    p = fisher_exact(a, 30, b, 20)
+    np.testing.assert_allclose(p, expected, rtol=1e-9)
+    np.testing.assert_allclose(benjamini_hochberg(p), false_discovery_control(p), rtol=1e-12)
+
+
+def test_round_robin_balances_layers():
+    rng = np.random.default_rng(2)
+    scores = rng.random((5, 40))
+    scores[rng.random((5, 40)) < 0.3] = np.nan
+    for target in (1, 7, 23, 50):
+        picked = round_robin(scores, target)
+        counts = np.bincount([layer for layer, _ in picked], minlength=5)
+        assert len(picked) == target
+        assert counts.max() - counts.min() <= 1
+        for layer in range(5):  # each layer's picks are its best candidates, best first
+            mine = [scores[layer, latent] for lay, latent in picked if lay == layer]
+            best = np.sort(scores[layer][~np.isnan(scores[layer])])[::-1][: len(mine)]
+            np.testing.assert_array_equal(mine, best)
+
+
+def test_round_robin_min_per_layer_and_exhausted_layers():
+    scores = np.full((3, 10), np.nan)
+    scores[0] = np.arange(10)
+    scores[1, :2] = [5.0, 1.0]
+    scores[2] = np.arange(10) * 2
+    picked = round_robin(scores, target=2, min_per_layer=2)
+    assert sorted(picked) == [(0, 8), (0, 9), (1, 0), (1, 1), (2, 8), (2, 9)]
+    # layer 1 runs out after 2: the others keep alternating
+    counts = np.bincount([layer for layer, _ in round_robin(scores, target=12)], minlength=3)
+    assert counts.tolist() == [5, 2, 5]
+
+
+def null_counts(seed: int, n_good=60, n_bad=80, layers=4, latents=500) -> FiringCounts:
+    """Firing independent of the GOOD / BAD label: each feature has its own firing rate."""
+    rng = np.random.default_rng(seed)
+    rate = rng.uniform(0.02, 0.6, (layers, latents))
+    counts = FiringCounts.zeros(layers, latents)
+    counts.n_samples[:] = [n_good, n_bad]
+    counts.fired[0] = rng.binomial(n_good, rate)
+    counts.fired[1] = rng.binomial(n_bad, rate)
+    return counts
+
+
+def test_fdr_controlled_on_null_and_effects_found():
+    alpha, runs_with_discoveries, small_p = 0.05, 0, []
+    for seed in range(20):
+        counts = null_counts(seed)
+        p = fisher_exact(counts.fired[0], 60, counts.fired[1], 80)
+        runs_with_discoveries += (benjamini_hochberg(p) <= alpha).any()
+        small_p.append((p <= alpha).mean())
+    # under the complete null the FDR is P(any discovery)
+    assert runs_with_discoveries / 20 <= alpha
+    # and the p-values are valid but not degenerate (Fisher is conservative)
+    assert 0.01 < np.mean(small_p) <= alpha
+
+    counts = null_counts(99)
+    counts.fired[0, 0, :50] = 50  # 50 real effects: 50/60 GOOD vs ~rate of BAD
+    counts.fired[1, 0, :50] = 10
+    q = benjamini_hochberg(fisher_exact(counts.fired[0], 60, counts.fired[1], 80))
+    discoveries = q <= alpha
+    assert discoveries[0, :50].all()
+    false = discoveries.sum() - 50
+    assert false / discoveries.sum() <= alpha
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_null_store_has_few_discoveries(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    store = FeatureStore(tmp_path / "store", StoreMeta(["l0", "l1"], k=3, num_latents=40))
+    samples, labels = [], {"GOOD": [], "BAD": []}
+    for i in range(160):
+        indices = torch.from_numpy(np.stack([rng.permutation(40)[:3] for _ in range(8)]))
+        values = torch.from_numpy(rng.random((4, 2, 3), dtype=np.float32))
+        samples.append((f"s{i}", indices.reshape(4, 2, 3), values, {"response": [(0, 4)]}))
+        labels["GOOD" if rng.random() < 0.5 else "BAD"].append({"id": f"s{i}"})
+    store.append(samples)
+    (tmp_path / "classification.json").write_text(json.dumps(labels))
+    result = run_analyze(tmp_path, "--fdr", "0.05")
+    q = np.load(tmp_path / "feature_stats.npz")["q_value"]
+    assert (q <= 0.05).mean() <= 0.05
+    assert result["total_good_samples"] + result["total_bad_samples"] == 160
+
+
+def test_split_is_deterministic_and_order_free():
+    ids = [f"q{i}" for i in range(2000)]
+    split = split_ids(ids, held_out_fraction=0.25, seed=3)
+    assert 0.22 < len(split.held_out) / 2000 < 0.28
+    assert set(split.train).isdisjoint(split.held_out)
+    again = split_ids(list(reversed(ids)) + ["new"], held_out_fraction=0.25, seed=3)
+    assert set(again.held_out) - {"new"} == set(split.held_out)
+    assert set(split_ids(ids, 0.25, seed=4).held_out) != set(split.held_out)
+
+
+def test_scores_from_counts_guard_empty_groups():
+    counts = FiringCounts.zeros(1, 3)
+    counts.n_samples[:] = [4, 0]
+    counts.fired[0] = [2, 0, 4]
+    counts.act_sum[0] = [3.0, 0.0, 2.0]
+    stats = feature_scores(counts, eps=0.5)
+    np.testing.assert_allclose(stats["good_avg_activation"][0], [1.5, 0.0, 0.5])
+    np.testing.assert_allclose(stats["goodness_score"][0], [0.5 / 0.5 * 1.5, 0.0, 1.0 / 0.5 * 0.5])

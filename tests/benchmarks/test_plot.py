@@ -1,0 +1,65 @@
+"""Plot stage: readable PNGs from an analysis with planted GOOD and BAD features."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from benchmarks.stages import analyze, plot
+from benchmarks.store import FeatureStore, StoreMeta
+
+LAYERS, LATENTS, K, ROWS = 6, 64, 4, 6
+
+
+def write_planted_store(out, samples=200, seed=0):
+    """Latent 5 + layer fires mostly in GOOD samples, latent 40 + layer mostly in BAD ones."""
+    rng = np.random.default_rng(seed)
+    hookpoints = [f"model.language_model.layers.{i}.mlp" for i in range(LAYERS)]
+    store = FeatureStore(out / "store", StoreMeta(hookpoints, K, LATENTS))
+    labels, batch = {"GOOD": [], "BAD": []}, []
+    for i in range(samples):
+        good = i % 2 == 0
+        indices = np.stack([rng.permutation(np.arange(10, 40))[:K] for _ in range(ROWS * LAYERS)])
+        indices = indices.reshape(ROWS, LAYERS, K)
+        for layer in range(LAYERS):
+            if rng.random() < (0.8 if good else 0.2):
+                indices[-1, layer, 0] = 5 + layer
+            if rng.random() < (0.15 if good else 0.7):
+                indices[-2, layer, 0] = 40 + layer
+        values = rng.gamma(2.0, 1.0, (ROWS, LAYERS, K)).astype(np.float32)
+        regions = {"prompt": [(0, 2)], "response": [(2, ROWS)]}
+        batch.append((f"s{i}", torch.from_numpy(indices), torch.from_numpy(values), regions))
+        labels["GOOD" if good else "BAD"].append({"id": f"s{i}", "correct": good})
+    store.append(batch)
+    (out / "classification.json").write_text(json.dumps(labels))
+
+
+def test_plots_are_valid_images(tmp_path):
+    write_planted_store(tmp_path)
+    analyze.main(["--out", str(tmp_path), "--target-features", "12"], benchmark="easyvqa")
+    result = json.loads((tmp_path / "features.json").read_text())
+    planted_good = {(f["layer"], f["feature_idx"]) for f in result["features"]
+                    if f["direction"] == "good" and f["significant"]}  # fmt: skip
+    assert {(layer, 5 + layer) for layer in range(LAYERS)} <= planted_good
+
+    plot.main(["--out", str(tmp_path)], benchmark="easyvqa")
+    names = {
+        "top_features.png",
+        "features_per_layer.png",
+        "activation_heatmap.png",
+        "frequency_ratios.png",
+        "volcano.png",
+    }
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == names
+    for name in names:
+        with Image.open(tmp_path / "plots" / name) as image:
+            image.verify()
+        with Image.open(tmp_path / "plots" / name) as image:
+            width, height = image.size
+            assert image.format == "PNG"
+            assert 400 <= width <= 3000 and 300 <= height <= 3000, (name, image.size)
+            # not a blank canvas
+            assert np.asarray(image.convert("L")).std() > 10

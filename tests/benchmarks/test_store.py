@@ -1,0 +1,129 @@
+"""Feature store: exact round trip, resume, crash leftovers, size per feature."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.store import FeatureStore, StoreMeta
+
+HOOKPOINTS = [f"model.language_model.layers.{i}.mlp" for i in range(3)]
+
+
+def topk_sample(sample_id: str, rows: int, num_latents: int, k: int, seed: int):
+    """A sample shaped like a TopK coder's output: k distinct latents per row and layer."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rows, len(HOOKPOINTS), num_latents, generator=generator)
+    values, indices = scores.topk(k, dim=-1)
+    regions = {"image": [(0, 2)], "prompt": [(2, 3)], "response": [(3, rows)]}
+    return sample_id, indices, (values * 7).to(torch.bfloat16), regions
+
+
+def make_store(path, num_latents=65536, k=4, value_dtype="bfloat16"):
+    return FeatureStore(path, StoreMeta(HOOKPOINTS, k, num_latents, value_dtype))
+
+
+def assert_same(stored, original):
+    sample_id, indices, values, regions = original
+    assert stored.id == sample_id
+    assert stored.indices.dtype == torch.int64
+    assert torch.equal(stored.indices, indices)
+    assert stored.values.dtype == values.dtype
+    assert torch.equal(stored.values, values)
+    assert stored.regions == regions
+
+
+@pytest.mark.parametrize("num_latents", [65536, 70000])
+def test_round_trip_is_exact(tmp_path, num_latents):
+    # 65536 latents: indices above 32767 go through the int16 / uint16 reinterpretation
+    store = make_store(tmp_path / "store", num_latents=num_latents)
+    samples = [
+        topk_sample(f"s{i}", rows=5 + i, num_latents=num_latents, k=4, seed=i) for i in range(4)
+    ]
+    assert max(s[1].max() for s in samples) > 32767
+    store.append(samples[:2])
+    store.append(samples[2:])
+
+    reopened = FeatureStore(tmp_path / "store")
+    assert reopened.meta.index_dtype == ("int16" if num_latents <= 65536 else "int32")
+    for stored, original in zip(reopened, samples, strict=True):
+        assert_same(stored, original)
+    assert_same(reopened.load("s2"), samples[2])
+    shard = next(reopened.shards())
+    expected = samples[1][2].float().numpy()
+    assert (shard.values(slice(5, 11)) == expected).all()
+
+
+def test_values_in_float32_are_kept_exactly(tmp_path):
+    store = make_store(tmp_path / "store", value_dtype="float32")
+    sample_id, indices, values, regions = topk_sample("a", 4, 65536, 4, seed=0)
+    exact = torch.rand(values.shape, dtype=torch.float32)
+    store.append([(sample_id, indices, exact, regions)])
+    assert torch.equal(FeatureStore(tmp_path / "store").load("a").values, exact)
+
+
+def test_resume_skips_stored_ids(tmp_path):
+    store = make_store(tmp_path / "store")
+    a, b, c = (topk_sample(name, 4, 65536, 4, seed=i) for i, name in enumerate("abc"))
+    assert store.append([a, b]) == 2
+    reopened = FeatureStore(tmp_path / "store")
+    assert reopened.append([b, c]) == 1
+    assert reopened.append([a]) == 0
+    assert FeatureStore(tmp_path / "store").ids() == ["a", "b", "c"]
+    assert len(list((tmp_path / "store" / "shards").iterdir())) == 2
+
+
+def test_orphan_shard_is_ignored_and_overwritten(tmp_path):
+    store = make_store(tmp_path / "store")
+    a, b = topk_sample("a", 4, 65536, 4, seed=0), topk_sample("b", 6, 65536, 4, seed=1)
+    store.append([a])
+    # a crash after the rename of shard 1 and before its index line
+    store.shard_path(1).write_bytes(b"half of a shard nobody indexed")
+    reopened = FeatureStore(tmp_path / "store")
+    assert reopened.ids() == ["a"]
+    assert [s.id for s in reopened] == ["a"]
+    reopened.append([b])
+    assert_same(FeatureStore(tmp_path / "store").load("b"), b)
+
+
+def test_torn_index_line_is_dropped(tmp_path):
+    store = make_store(tmp_path / "store")
+    a, b = topk_sample("a", 4, 65536, 4, seed=0), topk_sample("b", 4, 65536, 4, seed=1)
+    store.append([a])
+    with open(store.index_path, "a") as index:
+        index.write('{"id": "b", "shard": 1, "sta')
+    reopened = FeatureStore(tmp_path / "store")
+    assert reopened.ids() == ["a"]
+    reopened.append([b])
+    lines = store.index_path.read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "b"]
+    assert_same(FeatureStore(tmp_path / "store").load("b"), b)
+
+
+def test_bytes_per_active_feature(tmp_path):
+    k = 32
+    store = make_store(tmp_path / "store", num_latents=8192, k=k)
+    samples = [topk_sample(f"s{i}", 60, 8192, k, seed=i) for i in range(8)]
+    store.append(samples[:4])
+    store.append(samples[4:])
+    per_feature = store.bytes_per_active_feature()
+    files = [*(tmp_path / "store" / "shards").iterdir(), store.index_path, store.path / "meta.json"]
+    pairs = 8 * 60 * len(HOOKPOINTS) * k
+    assert per_feature == pytest.approx(sum(f.stat().st_size for f in files) / pairs)
+    assert 4.0 < per_feature <= 4.5  # 2-byte index + bf16 value, plus headers and index lines
+
+
+def test_mismatched_meta_and_shapes_are_refused(tmp_path):
+    make_store(tmp_path / "store", k=4)
+    with pytest.raises(ValueError, match="use a new folder"):
+        make_store(tmp_path / "store", k=8)
+    store = FeatureStore(tmp_path / "store")
+    sample_id, indices, values, regions = topk_sample("a", 4, 65536, 4, seed=0)
+    with pytest.raises(ValueError, match="k=4"):
+        store.append([(sample_id, indices[..., :2], values[..., :2], regions)])
+    with pytest.raises(ValueError, match="region 'response'"):
+        store.append([(sample_id, indices, values, {"response": [(3, 9)]})])
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        FeatureStore(tmp_path / "elsewhere")

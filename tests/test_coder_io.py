@@ -1,0 +1,213 @@
+"""Checkpoints: CLT round trip in clt-training's layout, clt-training folders, stock PLT, atomicity."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sparsify import SparseCoder, SparseCoderConfig
+
+from vlm_sparsify.coder_io import CheckpointError, load_coders, save_coders
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.per_layer import PerLayerCoders
+
+HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(4)]
+D, LATENTS, K = 8, 32, 4
+
+
+def acts(seed: int, n: int = 64) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, D, generator=g) for _ in HOOKS], [
+        torch.randn(n, D, generator=g) for _ in HOOKS
+    ]
+
+
+def trained_like_clt(cross_layer: int, decoder_dtype=None) -> CrossLayerTranscoder:
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    clt = CrossLayerTranscoder(HOOKS, D, cfg, cross_layer, decoder_dtype=decoder_dtype)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.normal_()
+    return clt
+
+
+def file_keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as f:
+        return sorted(f.keys())
+
+
+@pytest.mark.parametrize("decoder_dtype", [None, torch.bfloat16])
+def test_clt_round_trip_in_untied_layout(tmp_path: Path, decoder_dtype) -> None:
+    clt = trained_like_clt(cross_layer=2, decoder_dtype=decoder_dtype)
+    save_coders(clt, tmp_path / "run", config={"cross_layer": 2})
+    for p, hook in enumerate(HOOKS):
+        n = [2, 2, 2, 1][p]
+        folder = tmp_path / "run" / hook
+        assert sorted(f.name for f in folder.iterdir()) == ["cfg.json", "sae.safetensors"]
+        expected = ["encoder.bias", "encoder.weight"]
+        expected += [f"W_decs.{i}" for i in range(n)] + [f"b_decs.{i}" for i in range(n)]
+        assert file_keys(folder / "sae.safetensors") == sorted(expected)
+        cfg = json.loads((folder / "cfg.json").read_text())
+        assert (cfg["n_targets"], cfg["n_sources"], cfg["d_in"]) == (n, [1, 2, 2, 2][p], D)
+        assert (cfg["coalesce_topk"], cfg["transcode"], cfg["source_index"]) == ("none", True, p)
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"cross_layer": 2}
+
+    loaded = load_coders(tmp_path / "run", hookpoints=HOOKS, d_in=D)
+    assert isinstance(loaded, CrossLayerTranscoder)
+    assert loaded.cross_layer == 2 and loaded.hookpoints == HOOKS
+    assert loaded.sources[0].W_decs[1].dtype == (decoder_dtype or torch.float32)
+    xs, ys = acts(0)
+    a, b = clt(xs, ys), loaded(xs, ys)
+    torch.testing.assert_close(a.fvu, b.fvu, rtol=0, atol=0)
+    for pa, pb in zip(a.predictions, b.predictions, strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    # no two loaded parameters share storage
+    ptrs = [p.data_ptr() for p in loaded.parameters()]
+    assert len(set(ptrs)) == len(ptrs)
+
+
+def write_clt_training_folder(root: Path, post_enc_value: float) -> dict[str, dict]:
+    """A run as EleutherAI/clt-training's untied CLT saves it (cross_layer 3 over 4 hookpoints):
+    cfg.json = its SparseCoderConfig fields + d_in; state_dict with `W_dec`/`b_dec` aliases of
+    index 0 and `post_encs.{i}`."""
+    g = torch.Generator().manual_seed(7)
+    states = {}
+    for p, hook in enumerate(HOOKS):
+        n = min(3, 4 - p)
+        cfg = {
+            "dtype": "none",
+            "activation": "topk",
+            "expansion_factor": 32,
+            "normalize_decoder": True,
+            "num_latents": LATENTS,
+            "k": K,
+            "skip_connection": False,
+            "transcode": True,
+            "tp_output": True,
+            "n_targets": n,
+            "n_sources": min(p + 1, 3),
+            "normalize_io": False,
+            "divide_cross_layer": False,
+            "train_post_encoder": True,
+            "post_encoder_scale": False,
+            "per_source_tied": False,
+            "secondary_target_tied": False,
+            "coalesce_topk": "none",
+            "topk_coalesced": False,
+            "use_fp8": False,
+            "d_in": D,
+        }
+        state = {
+            "encoder.weight": torch.randn(LATENTS, D, generator=g),
+            "encoder.bias": torch.randn(LATENTS, generator=g),
+        }
+        for i in range(n):
+            state[f"W_decs.{i}"] = torch.randn(LATENTS, D, generator=g)
+            state[f"b_decs.{i}"] = torch.randn(D, generator=g)
+            state[f"post_encs.{i}"] = torch.full((LATENTS,), post_enc_value)
+        state["W_dec"] = state["W_decs.0"].clone()
+        state["b_dec"] = state["b_decs.0"].clone()
+        (root / hook).mkdir(parents=True)
+        save_file(state, str(root / hook / "sae.safetensors"))
+        (root / hook / "cfg.json").write_text(json.dumps(cfg))
+        states[hook] = state
+    return states
+
+
+@pytest.mark.parametrize("post_enc_value", [0.0, 0.25])
+def test_clt_training_folder_loads(tmp_path: Path, post_enc_value: float) -> None:
+    states = write_clt_training_folder(tmp_path, post_enc_value)
+    clt = load_coders(tmp_path)
+    assert isinstance(clt, CrossLayerTranscoder)
+    assert clt.hookpoints == HOOKS and clt.cross_layer == 3
+    assert [clt.n_targets(p) for p in range(4)] == [3, 3, 2, 1]
+    # Target 2's prediction by hand: sources 0, 1, 2, each (act + post_enc) * W_dec row + b
+    xs, _ = acts(1, n=5)
+    expected = torch.zeros(5, D)
+    for p in range(3):
+        s = states[HOOKS[p]]
+        pre = torch.relu(xs[p] @ s["encoder.weight"].T + s["encoder.bias"])
+        values, indices = pre.topk(K, dim=-1)
+        values = values + post_enc_value * (values > 0)
+        dense = torch.zeros(5, LATENTS).scatter(1, indices, values)
+        expected += dense @ s[f"W_decs.{2 - p}"] + s[f"b_decs.{2 - p}"]
+    encoded = [clt.encode(p, x) for p, x in enumerate(xs)]
+    torch.testing.assert_close(clt.predict(encoded, 2), expected, rtol=1e-4, atol=1e-4)
+    # Zero offsets are dropped; trained ones are kept and saved again
+    assert (clt.sources[0].post_encs is None) == (post_enc_value == 0.0)
+    save_coders(clt, tmp_path / "resaved")
+    assert ("post_encs.0" in file_keys(tmp_path / "resaved" / HOOKS[0] / "sae.safetensors")) == (
+        post_enc_value != 0.0
+    )
+
+
+def test_plt_saved_by_us_loads_with_stock_sparsify(tmp_path: Path) -> None:
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    plt = PerLayerCoders(HOOKS, D, cfg)
+    xs, ys = acts(2)
+    plt.init_biases(xs, ys)
+    with torch.no_grad():
+        for coder in plt.coders:
+            coder.W_dec.normal_()
+    save_coders(plt, tmp_path / "run")
+    for p, hook in enumerate(HOOKS):
+        stock = SparseCoder.load_from_disk(tmp_path / "run" / hook)
+        out = stock(xs[p], ys[p])
+        torch.testing.assert_close(out.sae_out, plt[hook](xs[p], ys[p]).sae_out, rtol=0, atol=0)
+    loaded = load_coders(tmp_path / "run")
+    assert isinstance(loaded, PerLayerCoders) and loaded.hookpoints == HOOKS
+    torch.testing.assert_close(loaded(xs, ys).fvu, plt(xs, ys).fvu, rtol=0, atol=0)
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    old = trained_like_clt(cross_layer=4)
+    save_coders(old, run, write_extra=lambda folder: (folder / "state.json").write_text("{}"))
+    assert (run / "state.json").exists()
+    before = {f.relative_to(run): f.read_bytes() for f in run.rglob("*") if f.is_file()}
+
+    def crash(folder: Path) -> None:
+        (folder / "state.json").write_text('{"half')
+        raise OSError("disk full")
+
+    new = trained_like_clt(cross_layer=2)
+    with pytest.raises(OSError, match="disk full"):
+        save_coders(new, run, write_extra=crash)
+    after = {f.relative_to(run): f.read_bytes() for f in run.rglob("*") if f.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary left behind
+    assert load_coders(run).cross_layer == 4
+
+
+def test_mismatched_checkpoints_name_the_file_and_fix(tmp_path: Path) -> None:
+    clt = trained_like_clt(cross_layer=2)
+    save_coders(clt, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="were requested"):
+        load_coders(tmp_path / "run", hookpoints=HOOKS[:3])
+    with pytest.raises(CheckpointError, match="MLP width is 16"):
+        load_coders(tmp_path / "run", d_in=16)
+    weights = tmp_path / "run" / HOOKS[1] / "sae.safetensors"
+    save_file({"encoder.weight": torch.zeros(LATENTS, D + 1)}, str(weights))
+    with pytest.raises(CheckpointError, match=r"layers\.1\.mlp/sae\.safetensors: missing"):
+        load_coders(tmp_path / "run")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"missing .*layers\.1\.mlp/sae\.safetensors"):
+        load_coders(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+        load_coders(tmp_path / "nowhere")
+
+
+def test_shape_mismatch_is_named(tmp_path: Path) -> None:
+    clt = trained_like_clt(cross_layer=1)
+    save_coders(clt, tmp_path / "run")
+    path = tmp_path / "run" / HOOKS[0] / "sae.safetensors"
+    state = {k: v.clone() for k, v in clt.sources[0].state_dict().items()}
+    state["W_decs.0"] = torch.zeros(LATENTS, D + 2)
+    save_file(state, str(path))
+    with pytest.raises(
+        CheckpointError, match=r"W_decs\.0 has shape \[32, 10\], expected \[32, 8\]"
+    ):
+        load_coders(tmp_path / "run")

@@ -1,0 +1,198 @@
+"""The CLT: targets per source, predictions summed over sources, init, parity, memory model."""
+
+import pytest
+import torch
+from schedulefree import ScheduleFreeWrapper
+from sparsify import SparseCoderConfig
+from sparsify.sign_sgd import SignSGD
+
+from vlm_sparsify.cross_layer import (
+    CrossLayerTranscoder,
+    n_sources_per_target,
+    n_targets_per_source,
+    training_memory_bytes,
+)
+from vlm_sparsify.per_layer import PerLayerCoders
+
+HOOKS3 = ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp", "l.2.mlp"]
+
+
+@pytest.mark.parametrize(
+    ("layers", "cross_layer", "expected"),
+    [(4, 4, [4, 3, 2, 1]), (4, 2, [2, 2, 2, 1]), (5, 16, [5, 4, 3, 2, 1]), (3, 0, [1, 1, 1])],
+)
+def test_n_targets_per_source(layers: int, cross_layer: int, expected: list[int]) -> None:
+    assert n_targets_per_source(layers, cross_layer) == expected
+    hooks = [f"l.{i}" for i in range(layers)]
+    cfg = SparseCoderConfig(num_latents=4, k=1, transcode=True)
+    if cross_layer:
+        clt = CrossLayerTranscoder(hooks, 2, cfg, cross_layer)
+        assert [clt.n_targets(p) for p in range(layers)] == expected
+        assert [len(clt.sources_reaching(t)) for t in range(layers)] == n_sources_per_target(
+            layers, cross_layer
+        )
+
+
+def hand_built_clt(cross_layer: int) -> tuple[CrossLayerTranscoder, list[torch.Tensor]]:
+    """d=2, 3 latents, k=1; encoder picks latent 0 at source 0 (act 2), 1 at 1 (act 3), 2 at 2 (3)."""
+    cfg = SparseCoderConfig(num_latents=3, k=1, transcode=True)
+    clt = CrossLayerTranscoder(HOOKS3, 2, cfg, cross_layer)
+    with torch.no_grad():
+        for p, source in enumerate(clt.sources):
+            source.encoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+            source.encoder.bias.zero_()
+            for i, (W, b) in enumerate(zip(source.W_decs, source.b_decs, strict=True)):
+                # Row j of decoder p->t is [100p + 10t + j, -(100p + 10t + j)]
+                base = 100 * p + 10 * (p + i) + torch.arange(3.0)
+                W.copy_(torch.stack([base, -base], dim=1))
+                b.copy_(torch.tensor([p + 1.0, 0.5 * (p + i)]))
+    inputs = [torch.tensor([[2.0, 1.0]]), torch.tensor([[0.5, 3.0]]), torch.tensor([[-1.0, -2.0]])]
+    return clt, inputs
+
+
+def row(p: int, t: int, j: int) -> torch.Tensor:
+    v = 100.0 * p + 10.0 * t + j
+    return torch.tensor([v, -v])
+
+
+def bias(p: int, t: int) -> torch.Tensor:
+    return torch.tensor([p + 1.0, 0.5 * t])
+
+
+def test_hand_built_prediction_is_sum_over_sources() -> None:
+    clt, inputs = hand_built_clt(cross_layer=3)
+    expected = [
+        2 * row(0, 0, 0) + bias(0, 0),
+        2 * row(0, 1, 0) + bias(0, 1) + 3 * row(1, 1, 1) + bias(1, 1),
+        2 * row(0, 2, 0)
+        + bias(0, 2)
+        + 3 * row(1, 2, 1)
+        + bias(1, 2)
+        + 3 * row(2, 2, 2)
+        + bias(2, 2),
+    ]
+    outputs = [torch.tensor([[1.0, 2.0]]).repeat(1, 1) for _ in range(3)]
+    out = clt(inputs, outputs)
+    for t in range(3):
+        torch.testing.assert_close(out.predictions[t][0], expected[t])
+    assert [int(i) for i in torch.cat(out.latent_indices).flatten()] == [0, 1, 2]
+    assert [float(a) for a in torch.cat(out.latent_acts).detach().flatten()] == [2.0, 3.0, 3.0]
+    # predict() and decode() agree with forward
+    encoded = [clt.encode(p, x) for p, x in enumerate(inputs)]
+    torch.testing.assert_close(clt.predict(encoded, 2)[0], expected[2])
+    torch.testing.assert_close(clt.decode(1, *encoded[1][:2])[1][0], 3 * row(1, 2, 1) + bias(1, 2))
+
+
+def test_hand_built_cross_layer_2_skips_far_targets() -> None:
+    clt, inputs = hand_built_clt(cross_layer=2)
+    expected_2 = 2 * 0 + 3 * row(1, 2, 1) + bias(1, 2) + 3 * row(2, 2, 2) + bias(2, 2)
+    ys = [torch.zeros(2, 2) for _ in range(3)]
+    two = [x.repeat(2, 1) for x in inputs]
+    ys[2] = torch.tensor([[0.0, 0.0], [2.0, 2.0]])
+    out = clt(two, ys)
+    torch.testing.assert_close(out.predictions[2][0], expected_2)
+    # FVU of target 2 by hand: sum of squared errors over the two rows / total variance 4
+    sq = (expected_2 - ys[2][0]).pow(2).sum() + (expected_2 - ys[2][1]).pow(2).sum()
+    torch.testing.assert_close(out.fvu[2], sq / 4.0)
+
+
+def random_acts(seed: int, hooks: int, n: int, d: int) -> tuple[list, list]:
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(n, d, generator=g) + 1.0 for _ in range(hooks)]
+    ys = [torch.randn(n, d, generator=g) * 2 - 3.0 for _ in range(hooks)]
+    return xs, ys
+
+
+def test_init_biases_centres_encoders_and_splits_target_means() -> None:
+    xs, ys = random_acts(0, 4, 64, 8)
+    clt = CrossLayerTranscoder(
+        [f"l.{i}" for i in range(4)], 8, SparseCoderConfig(num_latents=32, k=4, transcode=True), 2
+    )
+    clt.init_biases(xs, ys)
+    for p, x in enumerate(xs):
+        encoder = clt.sources[p].encoder
+        torch.testing.assert_close(encoder(x).mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    out = clt(xs, ys)
+    for t, y in enumerate(ys):
+        # decoders start at zero, so the prediction is the target mean
+        torch.testing.assert_close(out.predictions[t], y.mean(0).expand_as(y), atol=1e-5, rtol=0)
+    torch.testing.assert_close(clt.sources[1].b_decs[0], ys[1].mean(0) / 2)
+    torch.testing.assert_close(clt.sources[0].b_decs[0], ys[0].mean(0))
+
+
+def test_cross_layer_1_equals_per_layer_transcoders() -> None:
+    """A CLT reaching one layer is sparsify's PLT: same init (seeded), FVU and gradients."""
+    xs, ys = random_acts(1, 3, 128, 16)
+    cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True)
+    hooks = [f"l.{i}" for i in range(3)]
+    plt, clt = PerLayerCoders(hooks, 16, cfg), CrossLayerTranscoder(hooks, 16, cfg, 1)
+    for coders in (plt, clt):
+        coders.init_biases(xs, ys)
+        with torch.no_grad():  # move decoders off zero identically
+            for p in range(3):
+                W = coders.coders[p].W_dec if coders is plt else coders.sources[p].W_decs[0]
+                W.copy_(torch.linspace(-1, 1, W.numel()).view_as(W))
+    a, b = plt(xs, ys), clt(xs, ys)
+    torch.testing.assert_close(a.fvu, b.fvu)
+    assert a.fvu.min().item() > 0.1
+    a.fvu.sum().backward()
+    b.fvu.sum().backward()
+    for p in range(3):
+        torch.testing.assert_close(plt.coders[p].W_dec.grad, clt.sources[p].W_decs[0].grad)
+        torch.testing.assert_close(
+            plt.coders[p].encoder.weight.grad, clt.sources[p].encoder.weight.grad
+        )
+
+
+def test_training_step_lowers_summed_fvu_and_reaches_all_decoders() -> None:
+    xs, ys = random_acts(2, 3, 256, 16)
+    cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True)
+    clt = CrossLayerTranscoder([f"l.{i}" for i in range(3)], 16, cfg, 3)
+    clt.init_biases(xs, ys)
+    opt = torch.optim.Adam(clt.parameters(), lr=1e-2)
+    first = None
+    for _ in range(20):
+        loss = clt(xs, ys).fvu.sum()
+        first = loss.item() if first is None else first
+        loss.backward()
+        if opt.state == {}:
+            assert all(float(W.grad.abs().sum()) > 0 for s in clt.sources for W in s.W_decs)
+        opt.step()
+        opt.zero_grad()
+    assert clt(xs, ys).fvu.sum().item() < 0.9 * first
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t.numel() > 1)
+
+
+@pytest.mark.parametrize("optimizer", ["signum", "adam"])
+def test_memory_formula_matches_measured_bytes(optimizer: str) -> None:
+    """Weights, gradients and optimizer state counted after a real step equal the formula."""
+    hooks, d, latents, reach = 5, 16, 64, 3
+    cfg = SparseCoderConfig(num_latents=latents, k=4, transcode=True)
+    clt = CrossLayerTranscoder(
+        [f"l.{i}" for i in range(hooks)], d, cfg, reach, decoder_dtype=torch.bfloat16
+    )
+    xs, ys = random_acts(3, hooks, 32, d)
+    if optimizer == "signum":
+        opt = ScheduleFreeWrapper(SignSGD(clt.parameters(), lr=1e-3), momentum=0.95)
+        opt.train()
+    else:
+        opt = torch.optim.Adam(clt.parameters(), lr=1e-3)
+    clt(xs, ys).fvu.sum().backward()
+    grads = tensor_bytes(p.grad for p in clt.parameters())
+    opt.step()
+    state = tensor_bytes(v for s in opt.state.values() for v in s.values())
+    expected = training_memory_bytes(hooks, latents, d, reach, optimizer, 4, 2)
+    assert clt.memory_bytes(optimizer) == expected
+    assert tensor_bytes(clt.parameters()) == expected["weights"]
+    assert grads == expected["gradients"]
+    assert state == expected["optimizer"]
+    assert expected["decoder_weights"] == (3 + 3 + 3 + 2 + 1) * latents * d * 2
+
+
+def test_llava_7b_decoder_size() -> None:
+    """32 layers x 8192 latents x cross_layer 16 at d=4096: ~13 B decoder parameters."""
+    mem = training_memory_bytes(32, 8192, 4096, 16, "signum", 4, 2)
+    assert mem["decoder_weights"] // 2 == 392 * 8192 * 4096  # 13.15e9 parameters

@@ -1,0 +1,104 @@
+"""Export to circuit-tracer: loads with its own load_clt, holds our weights, fidelity measured."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+from safetensors.torch import save_file
+from sparsify import SparseCoderConfig
+
+from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.export import export_circuit_tracer, export_fidelity, fit_thresholds, main
+
+HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(4)]
+
+
+def random_clt(cross_layer: int, d: int = 8, latents: int = 8, k: int = 2) -> CrossLayerTranscoder:
+    cfg = SparseCoderConfig(num_latents=latents, k=k, transcode=True)
+    clt = CrossLayerTranscoder(HOOKS, d, cfg, cross_layer)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in clt.parameters():
+            p.normal_()
+    return clt
+
+
+def test_export_loads_in_circuit_tracer_with_our_weights(tmp_path: Path) -> None:
+    clt = random_clt(cross_layer=2)
+    thresholds = [torch.full((8,), 0.1 * (p + 1)) for p in range(4)]
+    export_circuit_tracer(clt, tmp_path / "ct", thresholds, model_name="llava-hf/llava-1.5-7b-hf")
+    config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
+    assert config["model_kind"] == "cross_layer_transcoder"
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == (
+        "mlp.hook_in",
+        "hook_mlp_out",
+    )
+    ct = load_clt(
+        str(tmp_path / "ct"), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False
+    )
+    assert (ct.n_layers, ct.d_transcoder, ct.d_model) == (4, 8, 8)
+    for i, source in enumerate(clt.sources):
+        assert torch.equal(ct.W_enc[i], source.encoder.weight)
+        assert torch.equal(ct.b_enc[i], source.encoder.bias)
+        assert torch.equal(ct.activation_function.threshold[i, 0], thresholds[i])
+        assert ct.W_dec[i].shape == (8, 4 - i, 8)
+        for j in range(4 - i):
+            expected = source.W_decs[j] if j < clt.n_targets(i) else torch.zeros(8, 8)
+            assert torch.equal(ct.W_dec[i][:, j], expected)
+        # circuit-tracer has one decoder bias per output layer: the sum over sources reaching it
+        b = sum(clt.sources[p].b_decs[i - p] for p in clt.sources_reaching(i))
+        torch.testing.assert_close(ct.b_dec[i], b)
+
+
+def separable_inputs(n: int, d: int, k: int, seed: int) -> list[torch.Tensor]:
+    """Noise below 0.5 everywhere plus k coordinates above 5: TopK is a clean cut."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for _ in HOOKS:
+        x = torch.rand(n, d, generator=g) * 0.5
+        hot = torch.rand(n, d, generator=g).argsort(-1)[:, :k]
+        xs.append(x.scatter(1, hot, 5 + torch.rand(n, k, generator=g)))
+    return xs
+
+
+def test_fitted_thresholds_reproduce_clean_topk_and_cli_measures_fidelity(tmp_path: Path) -> None:
+    clt = random_clt(cross_layer=4)
+    with torch.no_grad():
+        for source in clt.sources:
+            source.encoder.weight.copy_(torch.eye(8))
+            source.encoder.bias.zero_()
+    calib = separable_inputs(400, 8, 2, seed=0)
+    for method in ("feature", "layer"):
+        thresholds = fit_thresholds(clt, calib[:], method)
+        assert all(bool(((t > 0.5) & (t < 5)).all()) for t in thresholds), method
+        fidelity = export_fidelity(clt, thresholds, separable_inputs(100, 8, 2, seed=1))
+        assert max(fidelity["fvu_export_vs_topk"]) < 1e-10
+        assert fidelity["l0_export"] == [2.0] * 4
+    # A TopK that is not a clean cut loses fidelity, and the CLI reports it
+    save_coders(random_clt(cross_layer=2, latents=32, k=4), tmp_path / "run")
+    g = torch.Generator().manual_seed(2)
+    tensors = {f"inputs.{h}": torch.randn(512, 8, generator=g) for h in HOOKS}
+    tensors |= {f"outputs.{h}": torch.randn(512, 8, generator=g) for h in HOOKS}
+    save_file(tensors, str(tmp_path / "calib.safetensors"))
+    result = main(
+        ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--calibration",
+         str(tmp_path / "calib.safetensors")]
+    )  # fmt: skip
+    assert set(result) == {"fvu_export_vs_topk", "l0_export", "fvu_topk", "fvu_export"}
+    assert all(0.01 < v < 1.5 for v in result["fvu_export_vs_topk"])
+    assert all(2 < v < 8 for v in result["l0_export"])
+    assert sorted(p.name for p in (tmp_path / "ct").iterdir())[:2] == [
+        "W_dec_0.safetensors",
+        "W_dec_1.safetensors",
+    ]
+
+
+def test_export_refuses_saes(tmp_path: Path) -> None:
+    from vlm_sparsify.per_layer import PerLayerCoders
+
+    sae = PerLayerCoders(HOOKS, 8, SparseCoderConfig(num_latents=8, k=2))
+    with pytest.raises(ValueError, match="transcode=False"):
+        export_circuit_tracer(sae, tmp_path / "ct", [torch.zeros(8)] * 4)

@@ -1,0 +1,128 @@
+"""The training CLI end to end: checkpoints load upstream, resume is exact, NaN stops cleanly."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sparsify import SparseCoder
+
+import vlm_sparsify.training as training
+from vlm_sparsify.__main__ import run
+from vlm_sparsify.coder_io import load_coders
+
+HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(3)]
+
+
+def cli(folder, save_dir, run_name, *extra: str) -> list[str]:
+    return [
+        str(folder), "easyvqa", "--recipe", "llava", "--save_dir", str(save_dir),
+        "--run_name", run_name, "--max_examples", "48", "--batch_size", "8",
+        "--num_latents", "64", "--k", "4", "--num_workers", "0", "--log_to_wandb", "false",
+        "--lr", "1e-3", *extra,
+    ]  # fmt: skip
+
+
+def weights(run_dir):
+    return {h: load_file(run_dir / h / "sae.safetensors") for h in HOOKS}
+
+
+@pytest.mark.parametrize("cross_layer", ["0", "3"], ids=["plt", "clt"])
+def test_checkpoints_load_and_resume_is_exact(tmp_path, tiny_llava_dir, monkeypatch, cross_layer):
+    extra = ("--transcode", "true", "--cross_layer", cross_layer, "--save_every", "3")
+    run(cli(tiny_llava_dir, tmp_path, "whole", *extra))
+    whole = tmp_path / "whole"
+    assert (whole / "summary.json").is_file() and (whole / "config.json").is_file()
+
+    original = training.Trainer.train_on_batch
+    calls = {"n": 0}
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(training.Trainer, "train_on_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cli(tiny_llava_dir, tmp_path, "split", *extra))
+    monkeypatch.setattr(training.Trainer, "train_on_batch", original)
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["global_step"] == 3  # the checkpoint of step 3 survived the interruption
+
+    run(cli(tiny_llava_dir, tmp_path, "split", *extra, "--resume", "true"))
+    for hook, tensors in weights(tmp_path / "split").items():
+        for key, value in tensors.items():
+            assert torch.equal(value, weights(whole)[hook][key]), (hook, key)
+
+    ours = load_coders(whole)
+    x = torch.randn(5, 32)
+    if cross_layer == "0":
+        for hook in HOOKS:
+            stock = SparseCoder.load_from_disk(whole / hook)
+            torch.testing.assert_close(stock(x).sae_out, ours[hook](x).sae_out, rtol=0, atol=0)
+    else:
+        assert [ours.n_targets(p) for p in range(3)] == [3, 2, 1]
+
+
+def test_resume_refuses_a_different_coder_shape(tmp_path, tiny_llava_dir):
+    run(cli(tiny_llava_dir, tmp_path, "r", "--transcode", "true"))
+    args = cli(tiny_llava_dir, tmp_path, "r", "--transcode", "true", "--resume", "true")
+    args[args.index("--num_latents") + 1] = "128"
+    with pytest.raises(ValueError, match="differ from this run's settings"):
+        run(args)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_llava_dir, monkeypatch):
+    real = training.collect_activations
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        inputs, outputs = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            outputs[1] = outputs[1] * float("nan")
+        return inputs, outputs
+
+    monkeypatch.setattr(training, "collect_activations", poisoned)
+    with pytest.raises(training.NonFiniteLossError, match="model.language_model.layers.1.mlp"):
+        run(cli(tiny_llava_dir, tmp_path, "nan", "--transcode", "true", "--save_every", "2"))
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
+    assert state["global_step"] == 2
+    for tensors in weights(tmp_path / "nan").values():
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_what_one_process_trains(tmp_path, tiny_llava_dir):
+    """One step on the same global batch: same FVU (global denominators), same weights.
+
+    At initialisation the decoder biases equal the target means, so their gradient is zero up
+    to rounding and SignSGD takes the sign of rounding noise: biases may differ by 2 * lr.
+    """
+    extra = ("--transcode", "true", "--cross_layer", "2", "--max_examples", "8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = [sys.executable, "-m", "vlm_sparsify", *cli(tiny_llava_dir, tmp_path, "one", *extra)]
+    subprocess.run(one, check=True, env=env, capture_output=True)
+    two = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29533", "-m", "vlm_sparsify",
+        *cli(tiny_llava_dir, tmp_path, "two", *extra),
+    ]  # fmt: skip
+    result = subprocess.run(two, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two")]
+    for a, b in zip(*summaries, strict=True):
+        assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5)
+    moved = 0.0
+    for hook, tensors in weights(tmp_path / "two").items():
+        for key, value in tensors.items():
+            reference = weights(tmp_path / "one")[hook][key]
+            atol = 2e-3 + 1e-6 if key.startswith("b_decs") else 1e-5
+            torch.testing.assert_close(value, reference, atol=atol, rtol=0)
+            if key.startswith("W_decs"):
+                moved = max(moved, float(reference.abs().max()))
+    assert moved > 5e-4  # the decoders took a real step

@@ -1,0 +1,284 @@
+"""Atomic save / load of coder sets in sparsify's and EleutherAI/clt-training's layouts.
+
+A run folder holds one `<hookpoint>/` folder per source with `cfg.json` and `sae.safetensors`:
+- SAE / PLT: exactly what `sparsify.SparseCoder.save_to_disk` writes (stock `load_from_disk`
+  reads it);
+- CLT: clt-training's untied layout (`encoder.weight`, `encoder.bias`, `W_decs.{i}`, `b_decs.{i}`,
+  optional `W_skips.{i}`); `cfg.json` = SparseCoderConfig + `d_in`, `n_targets`, `n_sources`,
+  `coalesce_topk: "none"`, `transcode: true`, and ours: `cross_layer`, `hookpoints`,
+  `source_index`.
+See docs/checkpoints.md.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from natsort import natsorted
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sparsify import SparseCoder, SparseCoderConfig
+from torch import Tensor
+
+from .cross_layer import CLTSource, CrossLayerTranscoder, n_sources_per_target, n_targets_per_source
+from .per_layer import PerLayerCoders
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae.safetensors"
+RUN_CONFIG_FILE = "config.json"
+
+Coders = PerLayerCoders | CrossLayerTranscoder
+
+# clt-training stores these as aliases of index 0 (`W_dec` is `W_decs.0`): never needed
+_CLT_TRAINING_ALIASES = ("W_dec", "b_dec", "W_skip")
+
+
+class CheckpointError(ValueError):
+    """A run folder that does not hold the coders asked for."""
+
+
+def save_coders(
+    coders: Coders,
+    run_dir: str | Path,
+    config: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `coders` to `run_dir` atomically: into a temporary sibling, then renamed over.
+
+    `config` (the run's configuration) goes to `config.json`; `write_extra(folder)` may add more
+    files (optimizer state, step) to the same folder so that a whole checkpoint is one rename.
+    The previous contents of `run_dir` are replaced as a whole.
+    """
+    run_dir = Path(run_dir)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if isinstance(coders, CrossLayerTranscoder):
+            _write_clt(coders, tmp)
+        else:
+            for hookpoint, coder in coders.items():
+                coder.save_to_disk(tmp / hookpoint)
+        if config is not None:
+            (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+        if write_extra is not None:
+            write_extra(tmp)
+        replace_dir(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run_dir
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst`; an existing `dst` is moved aside first and removed after.
+
+    A crash between the two renames leaves the old folder at `.<name>.old-<pid>` beside it.
+    """
+    if not dst.exists():
+        os.replace(src, dst)
+        return
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def clt_source_cfg(clt: CrossLayerTranscoder, p: int) -> dict[str, Any]:
+    """cfg.json of CLT source p: clt-training's fields plus what `load_coders` needs."""
+    return {
+        **clt.cfg.to_dict(),
+        "d_in": clt.d_in,
+        "num_latents": clt.num_latents,
+        "transcode": True,
+        "n_targets": clt.n_targets(p),
+        "n_sources": n_sources_per_target(len(clt.hookpoints), clt.cross_layer)[p],
+        "coalesce_topk": "none",
+        "post_encoder_scale": clt.sources[p].post_enc_scales is not None,
+        "cross_layer": clt.cross_layer,
+        "hookpoints": clt.hookpoints,
+        "source_index": p,
+    }
+
+
+def _write_clt(clt: CrossLayerTranscoder, folder: Path) -> None:
+    for p, (hookpoint, source) in enumerate(clt.items()):
+        out = folder / hookpoint
+        out.mkdir(parents=True)
+        # .contiguous() copies only views; each parameter has its own storage
+        tensors = {k: v.detach().cpu().contiguous() for k, v in source.state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        (out / CFG_FILE).write_text(json.dumps(clt_source_cfg(clt, p)))
+
+
+def load_coders(
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    *,
+    hookpoints: list[str] | None = None,
+    d_in: int | None = None,
+    decoder_dtype: torch.dtype | None = None,
+) -> Coders:
+    """Load the coders of a run folder (ours, stock sparsify's, or clt-training's untied CLT).
+
+    `dtype` casts every tensor (default: as stored); `decoder_dtype` overrides it for CLT
+    decoders. `hookpoints` / `d_in`, when given, must match the checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"no checkpoint folder {run_dir}; pass the RUN folder that holds <hookpoint>/cfg.json"
+        )
+    folders = [f for f in run_dir.iterdir() if f.is_dir() and (f / CFG_FILE).exists()]
+    if not folders:
+        raise CheckpointError(
+            f"{run_dir} holds no <hookpoint>/{CFG_FILE}; pass a run folder written by "
+            "vlm_sparsify, sparsify or clt-training (not the save_dir above it)"
+        )
+    cfgs = {f.name: json.loads((f / CFG_FILE).read_text()) for f in folders}
+    for name in cfgs:
+        if not (run_dir / name / WEIGHTS_FILE).exists():
+            raise CheckpointError(
+                f"missing {run_dir / name / WEIGHTS_FILE}; the checkpoint is incomplete: "
+                "re-save it or point to an earlier one"
+            )
+    order = _hookpoint_order(run_dir, cfgs)
+    if hookpoints is not None and list(hookpoints) != order:
+        raise CheckpointError(
+            f"{run_dir} holds coders for {order} but {list(hookpoints)} were requested; "
+            "pass the checkpoint's hookpoints (or --layers) or train coders for these"
+        )
+    widths = {name: cfg["d_in"] for name, cfg in cfgs.items()}
+    if d_in is not None and set(widths.values()) != {d_in}:
+        raise CheckpointError(
+            f"{run_dir} has d_in {widths} but the model's MLP width is {d_in}; "
+            "these coders were trained on another model"
+        )
+    if any(cfg.get("n_targets", 0) > 0 for cfg in cfgs.values()):
+        return _load_clt(run_dir, order, cfgs, device, dtype, decoder_dtype or dtype)
+    return _load_per_layer(run_dir, order, device, dtype)
+
+
+def _hookpoint_order(run_dir: Path, cfgs: dict[str, dict[str, Any]]) -> list[str]:
+    """Our CLT cfg.json lists the hookpoints; otherwise natural sort of the folder names."""
+    listed = next((cfg["hookpoints"] for cfg in cfgs.values() if "hookpoints" in cfg), None)
+    if listed is None:
+        return natsorted(cfgs)
+    if set(listed) != set(cfgs):
+        raise CheckpointError(
+            f"{run_dir}: cfg.json lists hookpoints {listed} but the folders are "
+            f"{natsorted(cfgs)}; the run folder is incomplete or mixes two runs"
+        )
+    return list(listed)
+
+
+def _load_per_layer(
+    run_dir: Path, order: list[str], device: str | torch.device, dtype: torch.dtype | None
+) -> PerLayerCoders:
+    coders = {}
+    for name in order:
+        try:
+            coder = SparseCoder.load_from_disk(run_dir / name, device=device)
+        except (RuntimeError, KeyError, TypeError) as err:
+            raise CheckpointError(
+                f"{run_dir / name / WEIGHTS_FILE} does not match its {CFG_FILE}: {err}; "
+                "re-save the checkpoint"
+            ) from err
+        coders[name] = coder if dtype is None else coder.to(dtype)
+    return PerLayerCoders.from_coders(coders)
+
+
+def _check_clt_cfg(run_dir: Path, order: list[str], cfgs: dict[str, dict[str, Any]]) -> int:
+    """Validate clt-training options we do not implement; return cross_layer."""
+    for name, cfg in cfgs.items():
+        unsupported = {
+            "coalesce_topk": cfg.get("coalesce_topk", "none") != "none",
+            "per_source_tied": cfg.get("per_source_tied", False),
+            "normalize_io": cfg.get("normalize_io", False),
+            "activation": cfg.get("activation", "topk") not in ("topk", "groupmax"),
+        }
+        if bad := [key for key, is_bad in unsupported.items() if is_bad]:
+            raise CheckpointError(
+                f"{run_dir / name / CFG_FILE}: {', '.join(f'{k}={cfg.get(k)!r}' for k in bad)} "
+                "is not supported; only clt-training's untied CLT (coalesce_topk 'none', "
+                "no per-source tying, no normalize_io, topk/groupmax) loads here"
+            )
+    n_targets = [cfgs[name]["n_targets"] for name in order]
+    cross_layer = next((cfg["cross_layer"] for cfg in cfgs.values() if "cross_layer" in cfg), None)
+    cross_layer = cross_layer or max(n_targets)
+    expected = n_targets_per_source(len(order), cross_layer)
+    if n_targets != expected:
+        raise CheckpointError(
+            f"{run_dir}: n_targets per source {dict(zip(order, n_targets, strict=True))} "
+            f"do not fit cross_layer={cross_layer} over {len(order)} hookpoints (expected "
+            f"{expected}); a hookpoint folder is missing or extra"
+        )
+    return cross_layer
+
+
+def _load_clt(
+    run_dir: Path,
+    order: list[str],
+    cfgs: dict[str, dict[str, Any]],
+    device: str | torch.device,
+    dtype: torch.dtype | None,
+    decoder_dtype: torch.dtype | None,
+) -> CrossLayerTranscoder:
+    cross_layer = _check_clt_cfg(run_dir, order, cfgs)
+    first = cfgs[order[0]]
+    known = {f.name for f in dataclasses.fields(SparseCoderConfig)}
+    cfg = SparseCoderConfig.from_dict(
+        {k: v for k, v in first.items() if k in known} | {"transcode": True}
+    )
+    if len({c["d_in"] for c in cfgs.values()}) != 1:
+        raise CheckpointError(f"{run_dir}: sources differ in d_in; a CLT needs one width")
+    with torch.device("meta"):
+        clt = CrossLayerTranscoder(order, first["d_in"], cfg, cross_layer)
+    for name, source in clt.items():
+        path = run_dir / name / WEIGHTS_FILE
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        _prepare_clt_state(path, source, state, cfgs[name])
+        for key, tensor in state.items():
+            target = decoder_dtype if key.startswith("W_decs.") else dtype
+            if target is not None:
+                state[key] = tensor.to(target)
+        source.load_state_dict(state, assign=True)
+    return clt
+
+
+def _prepare_clt_state(
+    path: Path, source: CLTSource, state: dict[str, Tensor], cfg: dict[str, Any]
+) -> None:
+    """Drop clt-training's aliases and all-zero post-encoder offsets; check keys and shapes."""
+    for key in _CLT_TRAINING_ALIASES:
+        state.pop(key, None)
+    offsets = [k for k in state if k.startswith("post_encs.")]
+    scales = [k for k in state if k.startswith("post_enc_scales.")]
+    if scales or any(state[k].any() for k in offsets):
+        source.add_post_encoder(scales=bool(scales))
+    else:
+        for key in offsets:
+            del state[key]
+    expected = {k: v.shape for k, v in source.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            f"{path}: missing tensors {missing}, unexpected {extra} for n_targets="
+            f"{cfg['n_targets']}; the file and {CFG_FILE} disagree: re-save the checkpoint"
+        )
+    for key, shape in expected.items():
+        if state[key].shape != shape:
+            raise CheckpointError(
+                f"{path}: {key} has shape {list(state[key].shape)}, expected {list(shape)} "
+                f"from {CFG_FILE} (d_in={cfg['d_in']}, num_latents={source.encoder.out_features})"
+            )

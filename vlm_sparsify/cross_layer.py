@@ -1,0 +1,280 @@
+"""The cross-layer transcoder (CLT): each source layer writes to itself and the next layers.
+
+Source p encodes its MLP input x_p with sparsify's fused TopK encoder into features f_p; the MLP
+output of target t is predicted as  y_t ~ sum over sources p reaching t of  W_dec[p->t] f_p + b[p->t].
+Decoding is sparse (sparsify's `decoder_impl`: Triton on GPU, `embedding_bag` on CPU) so a step
+costs about what a per-layer transcoder step costs. Each source is a `CLTSource` whose state_dict
+is EleutherAI/clt-training's untied layout.
+"""
+
+import torch
+from sparsify import SparseCoderConfig
+from sparsify.fused_encoder import EncoderOutput, fused_encoder
+from sparsify.utils import decoder_impl
+from torch import Tensor, nn
+
+from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
+
+
+def n_targets_per_source(num_hookpoints: int, cross_layer: int) -> list[int]:
+    """Targets of each source: min(cross_layer, H - p); 0 means per-layer (1 target each)."""
+    if cross_layer < 0:
+        raise ValueError(f"cross_layer must be >= 0, got {cross_layer}")
+    reach = cross_layer or 1
+    return [min(reach, num_hookpoints - p) for p in range(num_hookpoints)]
+
+
+def n_sources_per_target(num_hookpoints: int, cross_layer: int) -> list[int]:
+    """How many sources write into each target hookpoint."""
+    counts = [0] * num_hookpoints
+    for p, n in enumerate(n_targets_per_source(num_hookpoints, cross_layer)):
+        for t in range(p, p + n):
+            counts[t] += 1
+    return counts
+
+
+class CLTSource(nn.Module):
+    """One source hookpoint: its encoder and its decoders into targets p, p+1, ..., p+n-1.
+
+    State-dict keys are clt-training's untied layout: `encoder.weight` [L, d], `encoder.bias` [L],
+    `W_decs.{i}` [L, d], `b_decs.{i}` [d], optional `W_skips.{i}` [d, d]. `post_encs.{i}` /
+    `post_enc_scales.{i}` (per-target activation offsets / scales) exist only when loaded from a
+    clt-training checkpoint that trained them.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        num_latents: int,
+        n_targets: int,
+        skip_connection: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        decoder_dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        decoder_dtype = decoder_dtype or dtype
+        self.encoder = nn.Linear(d_in, num_latents, device=device, dtype=dtype)
+        self.encoder.bias.data.zero_()
+
+        def zeros(*shape: int, dtype: torch.dtype = dtype) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
+
+        # Transcoder decoders start at zero, as in sparsify
+        self.W_decs = nn.ParameterList(
+            [zeros(num_latents, d_in, dtype=decoder_dtype) for _ in range(n_targets)]
+        )
+        self.b_decs = nn.ParameterList([zeros(d_in) for _ in range(n_targets)])
+        self.W_skips = (
+            nn.ParameterList([zeros(d_in, d_in) for _ in range(n_targets)])
+            if skip_connection
+            else None
+        )
+        self.post_encs: nn.ParameterList | None = None
+        self.post_enc_scales: nn.ParameterList | None = None
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.W_decs)
+
+    def add_post_encoder(self, scales: bool) -> None:
+        """Add clt-training's per-target activation offsets (and scales) before loading them."""
+        like = self.encoder.bias
+        self.post_encs = nn.ParameterList(
+            [nn.Parameter(torch.zeros_like(like)) for _ in range(self.n_targets)]
+        )
+        if scales:
+            self.post_enc_scales = nn.ParameterList(
+                [nn.Parameter(torch.zeros_like(like)) for _ in range(self.n_targets)]
+            )
+
+    def target_acts(self, i: int, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """The activations target i decodes (clt-training's post-encoder offset and scale)."""
+        if self.post_encs is None:
+            return top_acts
+        acts = top_acts + self.post_encs[i][top_indices] * (top_acts > 0)
+        if self.post_enc_scales is not None:
+            acts = acts * self.post_enc_scales[i][top_indices]
+        return acts
+
+    def decode_target(self, i: int, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """Contribution to target i (hookpoint p+i), decoder bias included, as float32."""
+        W_dec = self.W_decs[i]
+        acts = self.target_acts(i, top_acts, top_indices).to(W_dec.dtype)
+        return decoder_impl(top_indices, acts, W_dec.mT).float() + self.b_decs[i]
+
+    def decode(self, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
+        """Contribution to each of the n_targets targets, decoder bias included."""
+        return [self.decode_target(i, top_acts, top_indices) for i in range(self.n_targets)]
+
+
+class CrossLayerTranscoder(nn.Module):
+    """A CLT over `hookpoints` (in model order) with the coder-set interface of docs/internals.md."""
+
+    def __init__(
+        self,
+        hookpoints: list[str],
+        d_in: int,
+        cfg: SparseCoderConfig,
+        cross_layer: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        decoder_dtype: torch.dtype | None = None,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        if not cfg.transcode:
+            raise ValueError("a cross-layer coder is a transcoder: set cfg.transcode=True")
+        if cross_layer < 1:
+            raise ValueError(f"cross_layer must be >= 1 for a CLT, got {cross_layer}")
+        self.hookpoints = list(hookpoints)
+        self.cfg = cfg
+        self.d_in = d_in
+        self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
+        self.cross_layer = cross_layer
+        sources = []
+        for n in n_targets_per_source(len(self.hookpoints), cross_layer):
+            # Seeded per source like sparsify.Trainer, so source p's encoder matches a PLT's
+            torch.manual_seed(init_seed)
+            sources.append(
+                CLTSource(
+                    d_in, self.num_latents, n, cfg.skip_connection, device, dtype, decoder_dtype
+                )
+            )
+        self.sources = nn.ModuleList(sources)
+
+    def __getitem__(self, hookpoint: str) -> CLTSource:
+        return self.sources[self.hookpoints.index(hookpoint)]  # type: ignore[return-value]
+
+    def items(self) -> list[tuple[str, CLTSource]]:
+        return list(zip(self.hookpoints, self.sources, strict=True))  # type: ignore[arg-type]
+
+    @property
+    def transcode(self) -> bool:
+        return True
+
+    def n_targets(self, p: int) -> int:
+        return self.sources[p].n_targets  # type: ignore[return-value]
+
+    def sources_reaching(self, t: int) -> list[int]:
+        return [p for p in range(t + 1) if p + self.n_targets(p) > t]
+
+    @torch.no_grad()
+    def init_biases(
+        self,
+        inputs: list[Tensor],
+        outputs: list[Tensor],
+        reduce_mean: MeanReducer | None = None,
+    ) -> None:
+        """Centre each encoder on its input mean; the target means split evenly over sources."""
+        reduce_mean = reduce_mean or (lambda t: t)
+        for x, source in zip(inputs, self.sources, strict=True):
+            mean = reduce_mean(x.mean(0)).to(source.encoder.weight.dtype)
+            source.encoder.bias.data = -mean @ source.encoder.weight.data.T
+        for t, y in enumerate(outputs):
+            reaching = self.sources_reaching(t)
+            mean = reduce_mean(y.mean(0)) / len(reaching)
+            for p in reaching:
+                b_dec = self.sources[p].b_decs[t - p]
+                b_dec.data = mean.to(b_dec.dtype).clone()  # each source owns its bias
+
+    def before_optimizer_step(self) -> None:
+        """Nothing to do (transcoder decoders are not kept unit-norm); same interface as PLTs."""
+
+    def encode(self, p: int, x: Tensor) -> EncoderOutput:
+        """TopK features of source p (a transcoder: no decoder-bias subtraction)."""
+        encoder = self.sources[p].encoder
+        return fused_encoder(x, encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation)
+
+    def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
+        """Contribution of source p to targets p .. p+n_targets(p)-1 (bias of p->t included)."""
+        return self.sources[p].decode(top_acts, top_indices)
+
+    def skip(self, p: int, x: Tensor) -> list[Tensor]:
+        """Skip-connection terms of source p into its targets (empty without skip_connection)."""
+        W_skips = self.sources[p].W_skips
+        return [] if W_skips is None else [x.to(W.dtype) @ W.mT for W in W_skips]
+
+    def predict(
+        self, sources: list[EncoderOutput | None], t: int, inputs: list[Tensor] | None = None
+    ) -> Tensor:
+        """Prediction of target t: the sum over every source reaching it."""
+        total = None
+        for p in self.sources_reaching(t):
+            source = sources[p]
+            if source is None:
+                raise ValueError(f"target {t} ({self.hookpoints[t]}) needs source {p} encoded")
+            i = t - p
+            part = self.sources[p].decode_target(i, source.top_acts, source.top_indices)
+            if inputs is not None and self.cfg.skip_connection:
+                part = part + self.skip(p, inputs[p])[i]
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    # bf16 autocast on CUDA, as sparsify's SparseCoder.forward
+    @torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
+    def forward(self, inputs: list[Tensor], outputs: list[Tensor]) -> CoderSetOutput:
+        """Encode every source, decode into all its targets, FVU per target (loss = fvu.sum())."""
+        predictions: list[Tensor | None] = [None] * len(self.hookpoints)
+        acts, indices = [], []
+        for p, x in enumerate(inputs):
+            top_acts, top_indices, _ = self.encode(p, x)
+            acts.append(top_acts)
+            indices.append(top_indices)
+            parts = self.decode(p, top_acts, top_indices)
+            for i, skip in enumerate(self.skip(p, x)):
+                parts[i] = parts[i] + skip
+            for i, part in enumerate(parts):
+                prev = predictions[p + i]
+                predictions[p + i] = part if prev is None else prev + part
+        preds = [pred for pred in predictions if pred is not None]
+        fvu = torch.stack(
+            [
+                fraction_of_variance_unexplained(y, y_hat)
+                for y, y_hat in zip(outputs, preds, strict=True)
+            ]
+        )
+        return CoderSetOutput(fvu, acts, indices, preds)
+
+    def memory_bytes(self, optimizer: str = "signum") -> dict[str, int]:
+        """Bytes of this CLT's weights, gradients and optimizer state while training."""
+        return training_memory_bytes(
+            len(self.hookpoints),
+            self.num_latents,
+            self.d_in,
+            self.cross_layer,
+            optimizer,
+            self.sources[0].encoder.weight.element_size(),
+            self.sources[0].W_decs[0].element_size(),
+        )
+
+
+OPTIMIZER_STATE_COPIES = {"signum": 1, "adam": 2}
+"""Full-size state tensors per parameter, in the parameter's dtype: signum = SignSGD (no state)
+inside schedulefree's ScheduleFreeWrapper (one buffer `z`); adam = exp_avg + exp_avg_sq."""
+
+
+def training_memory_bytes(
+    n_layers: int,
+    num_latents: int,
+    d_in: int,
+    cross_layer: int,
+    optimizer: str = "signum",
+    dtype_bytes: int = 4,
+    decoder_dtype_bytes: int = 4,
+) -> dict[str, int]:
+    """Bytes of CLT weights, gradients and optimizer state (docs/memory.md has the model)."""
+    if optimizer not in OPTIMIZER_STATE_COPIES:
+        raise ValueError(f"Unknown optimizer '{optimizer}'; known: {list(OPTIMIZER_STATE_COPIES)}")
+    pairs = sum(n_targets_per_source(n_layers, cross_layer))
+    decoder_weights = pairs * num_latents * d_in * decoder_dtype_bytes
+    rest = (n_layers * (num_latents * d_in + num_latents) + pairs * d_in) * dtype_bytes
+    weights = decoder_weights + rest
+    return {
+        "decoder_weights": decoder_weights,
+        "weights": weights,
+        "gradients": weights,
+        "optimizer": OPTIMIZER_STATE_COPIES[optimizer] * weights,
+        "total": (2 + OPTIMIZER_STATE_COPIES[optimizer]) * weights,
+    }

@@ -1,0 +1,260 @@
+"""Export a transcoder run to circuit-tracer's cross-layer transcoder format.
+
+    python -m vlm_sparsify.export circuit-tracer RUN OUT_DIR --calibration ACTS.safetensors
+
+circuit-tracer reads per layer i `W_enc_{i}.safetensors` (`W_enc_{i}` [d_tc, d_model], `b_enc_{i}`,
+`b_dec_{i}`, `threshold_{i}`) and `W_dec_{i}.safetensors` (`W_dec_{i}` [d_tc, n_layers - i,
+d_model]), plus `config.yaml`. It runs JumpReLU, f = a * (a > threshold) with a = W_enc x + b_enc,
+not TopK, so each TopK feature gets a threshold fitted on calibration inputs (see
+docs/checkpoints.md) and the fidelity lost is measured on held-out calibration tokens.
+"""
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .coder_io import Coders, load_coders, replace_dir
+from .cross_layer import CrossLayerTranscoder
+from .per_layer import fraction_of_variance_unexplained
+
+ThresholdMethod = Literal["feature", "layer"]
+
+
+def _source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """(W_enc, b_enc, W_decs, b_decs) of source p, decoders [L, d] per target p, p+1, ..."""
+    if isinstance(coders, CrossLayerTranscoder):
+        source = coders.sources[p]
+        if source.post_encs is not None:
+            raise ValueError(
+                f"source {coders.hookpoints[p]} has clt-training post-encoder offsets, which "
+                "circuit-tracer's CLT cannot represent; export a CLT trained without them"
+            )
+        return source.encoder.weight, source.encoder.bias, list(source.W_decs), list(source.b_decs)
+    coder = coders.coders[p]
+    if not coder.cfg.transcode:
+        raise ValueError(
+            "circuit-tracer exports transcoders; this run holds SAEs (transcode=False)"
+        )
+    return coder.encoder.weight, coder.encoder.bias, [coder.W_dec], [coder.b_dec]
+
+
+def _pre_acts(coders: Coders, p: int, x: Tensor) -> Tensor:
+    W_enc, b_enc, _, _ = _source_weights(coders, p)
+    return x.to(W_enc.dtype) @ W_enc.T + b_enc
+
+
+@torch.no_grad()
+def fit_thresholds(
+    coders: Coders, inputs: list[Tensor], method: ThresholdMethod = "feature"
+) -> list[Tensor]:
+    """A JumpReLU threshold per feature of each source, imitating TopK on `inputs`.
+
+    "feature": per feature, the threshold that best separates the tokens where TopK selects it
+    from those where it does not (fewest disagreements); a feature never selected gets the
+    layer value. "layer": one value per source, the median over tokens of the midpoint between
+    the k-th and (k+1)-th largest pre-activations.
+    """
+    k = coders.cfg.k
+    thresholds = []
+    for p, x in enumerate(inputs):
+        pre = _pre_acts(coders, p, x).float().relu()
+        top = pre.topk(min(k + 1, pre.shape[-1]), dim=-1).values
+        kth = top[:, k - 1]
+        layer_value = ((kth + top[:, -1]) / 2).median().clamp_min(0)
+        threshold = torch.full_like(pre[0], float(layer_value))
+        if method == "feature":
+            selected = (pre >= kth[:, None]) & (pre > 0)
+            fitted, ever = _best_separation(pre, selected)
+            threshold = torch.where(ever, fitted, threshold)
+        elif method != "layer":
+            raise ValueError(f"Unknown threshold method '{method}'; use 'feature' or 'layer'")
+        thresholds.append(threshold)
+    return thresholds
+
+
+def _best_separation(values: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """Per column, a cut c minimising #(positive, value <= c) + #(negative, value > c)."""
+    order = values.sort(dim=0)
+    pos = positive.gather(0, order.indices).float()
+    # Cutting just above row r: positives at or below r plus negatives above r
+    pos_below = pos.cumsum(0)
+    neg_above = (1 - pos).flip(0).cumsum(0).flip(0) - (1 - pos)
+    errors = pos_below + neg_above
+    best = errors.argmin(0)
+    # Cut halfway between the best row and the next one up (the last row: at its value)
+    above = (best + 1).clamp_max(values.shape[0] - 1)
+    cut = (order.values.gather(0, best[None])[0] + order.values.gather(0, above[None])[0]) / 2
+    no_cut_errors = (1 - pos).sum(0)  # threshold below every value: all fire
+    lowest = order.values[0] - 1e-6
+    cut = torch.where(no_cut_errors <= errors.min(0).values, lowest, cut)
+    return cut.clamp_min(0), positive.any(0)
+
+
+@torch.no_grad()
+def jumprelu_predictions(
+    coders: Coders, thresholds: list[Tensor], inputs: list[Tensor]
+) -> tuple[list[Tensor], list[float]]:
+    """What circuit-tracer's CLT predicts per target (dense), and mean L0 per source."""
+    n = len(inputs)
+    predictions = [torch.zeros_like(inputs[t], dtype=torch.float32) for t in range(n)]
+    l0 = []
+    for p, x in enumerate(inputs):
+        pre = _pre_acts(coders, p, x).float()
+        features = pre * (pre > thresholds[p])
+        l0.append(float((features > 0).sum(-1).float().mean()))
+        _, _, W_decs, b_decs = _source_weights(coders, p)
+        for i, (W_dec, b_dec) in enumerate(zip(W_decs, b_decs, strict=True)):
+            predictions[p + i] += features @ W_dec.float() + b_dec.float()
+    return predictions, l0
+
+
+@torch.no_grad()
+def export_fidelity(
+    coders: Coders,
+    thresholds: list[Tensor],
+    inputs: list[Tensor],
+    outputs: list[Tensor] | None = None,
+) -> dict[str, list[float]]:
+    """Per target: FVU of the JumpReLU export against the TopK coder's prediction (and, with
+    `outputs`, both against the true MLP outputs); per source: L0 of the export."""
+    encoded = [coders.encode(p, x) for p, x in enumerate(inputs)]
+    topk = [coders.predict(encoded, t).float() for t in range(len(inputs))]
+    jump, l0 = jumprelu_predictions(coders, thresholds, inputs)
+    result = {
+        "fvu_export_vs_topk": [
+            float(fraction_of_variance_unexplained(a, b)) for a, b in zip(topk, jump, strict=True)
+        ],
+        "l0_export": l0,
+    }
+    if outputs is not None:
+        for name, preds in (("fvu_topk", topk), ("fvu_export", jump)):
+            result[name] = [
+                float(fraction_of_variance_unexplained(y.float(), y_hat))
+                for y, y_hat in zip(outputs, preds, strict=True)
+            ]
+    return result
+
+
+@torch.no_grad()
+def export_circuit_tracer(
+    coders: Coders,
+    out_dir: str | Path,
+    thresholds: list[Tensor],
+    *,
+    feature_input_hook: str = "mlp.hook_in",
+    feature_output_hook: str = "hook_mlp_out",
+    model_name: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write circuit-tracer's CLT files for every layer (decoders zero-padded beyond reach)."""
+    out_dir = Path(out_dir)
+    n_layers = len(coders.hookpoints)
+    b_dec_per_target: list[Tensor] = [0] * n_layers  # type: ignore[list-item]
+    for p in range(n_layers):
+        _, _, _, b_decs = _source_weights(coders, p)
+        for i, b_dec in enumerate(b_decs):
+            b_dec_per_target[p + i] = b_dec_per_target[p + i] + b_dec.float()
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for p in range(n_layers):
+        W_enc, b_enc, W_decs, _ = _source_weights(coders, p)
+        enc = {
+            f"W_enc_{p}": W_enc,
+            f"b_enc_{p}": b_enc,
+            f"b_dec_{p}": b_dec_per_target[p],
+            f"threshold_{p}": thresholds[p],
+        }
+        save_file(
+            {k: v.detach().to("cpu", dtype).contiguous() for k, v in enc.items()},
+            str(tmp / f"W_enc_{p}.safetensors"),
+        )
+        W_dec = torch.zeros(W_enc.shape[0], n_layers - p, W_enc.shape[1], dtype=dtype)
+        for i, W in enumerate(W_decs):
+            W_dec[:, i] = W.detach().to("cpu", dtype)
+        save_file({f"W_dec_{p}": W_dec}, str(tmp / f"W_dec_{p}.safetensors"))
+    config = {
+        "model_kind": "cross_layer_transcoder",
+        "feature_input_hook": feature_input_hook,
+        "feature_output_hook": feature_output_hook,
+        "hookpoints": coders.hookpoints,
+        "activation_function": "jump_relu",
+    }
+    if model_name:
+        config["model_name"] = model_name
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def _load_calibration(
+    path: Path, hookpoints: list[str]
+) -> tuple[list[Tensor], list[Tensor] | None]:
+    tensors = load_file(str(path))
+    missing = [h for h in hookpoints if f"inputs.{h}" not in tensors]
+    if missing:
+        raise ValueError(
+            f"{path} lacks inputs.<hookpoint> for {missing}; it needs one [N, d] tensor of MLP "
+            "inputs per hookpoint (and optionally outputs.<hookpoint>)"
+        )
+    inputs = [tensors[f"inputs.{h}"].float() for h in hookpoints]
+    has_outputs = all(f"outputs.{h}" in tensors for h in hookpoints)
+    outputs = [tensors[f"outputs.{h}"].float() for h in hookpoints] if has_outputs else None
+    return inputs, outputs
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[float]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_sparsify.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("format", choices=["circuit-tracer"])
+    parser.add_argument("run", type=Path, help="run folder with <hookpoint>/cfg.json")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        required=True,
+        help="safetensors with inputs.<hookpoint> [N, d] (MLP inputs) and "
+        "optionally outputs.<hookpoint>; the first half fits thresholds, the "
+        "second half measures fidelity",
+    )
+    parser.add_argument(
+        "--threshold",
+        choices=["feature", "layer"],
+        default="feature",
+        help="JumpReLU threshold per feature (default) or one per layer",
+    )
+    parser.add_argument("--feature_input_hook", default="mlp.hook_in")
+    parser.add_argument("--feature_output_hook", default="hook_mlp_out")
+    parser.add_argument("--model_name", default=None)
+    args = parser.parse_args(argv)
+
+    coders = load_coders(args.run)
+    inputs, outputs = _load_calibration(args.calibration, coders.hookpoints)
+    half = inputs[0].shape[0] // 2
+    thresholds = fit_thresholds(coders, [x[:half] for x in inputs], args.threshold)
+    export_circuit_tracer(
+        coders,
+        args.out_dir,
+        thresholds,
+        feature_input_hook=args.feature_input_hook,
+        feature_output_hook=args.feature_output_hook,
+        model_name=args.model_name,
+    )
+    held_out = None if outputs is None else [y[half:] for y in outputs]
+    fidelity = export_fidelity(coders, thresholds, [x[half:] for x in inputs], held_out)
+    for name, values in fidelity.items():
+        print(f"{name}: " + " ".join(f"{v:.4f}" for v in values))
+    return fidelity
+
+
+if __name__ == "__main__":
+    main()
