@@ -126,3 +126,47 @@ def test_two_gloo_processes_train_what_one_process_trains(tmp_path, tiny_llava_d
             if key.startswith("W_decs"):
                 moved = max(moved, float(reference.abs().max()))
     assert moved > 5e-4  # the decoders took a real step
+
+
+def test_hub_copy_loads_with_sparsify_load_many(tmp_path, tiny_llava_dir):
+    import shutil
+
+    from vlm_sparsify.hub import hub_files
+
+    run(cli(tiny_llava_dir, tmp_path, "shared", "--transcode", "true"))
+    run_dir = tmp_path / "shared"
+    files = hub_files(run_dir)
+    assert "config.json" in files and "summary.json" in files
+    assert not any(f.startswith(("optimizer_", "state.pt", "train_params")) for f in files)
+    hub = tmp_path / "hub"
+    for name in files:
+        (hub / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run_dir / name, hub / name)
+    loaded = SparseCoder.load_many(str(hub), local=True)
+    assert sorted(loaded) == sorted(HOOKS)
+    x = torch.randn(3, 32)
+    ours = load_coders(run_dir)
+    for hook in HOOKS:
+        torch.testing.assert_close(loaded[hook](x).sae_out, ours[hook](x).sae_out, rtol=0, atol=0)
+
+
+def test_export_calibrates_on_the_runs_own_model_and_data(tmp_path, tiny_llava_dir):
+    from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+
+    from vlm_sparsify.export import main as export
+
+    run(cli(tiny_llava_dir, tmp_path, "clt", "--cross_layer", "2"))
+    fidelity = export(
+        [
+            "circuit-tracer",
+            str(tmp_path / "clt"),
+            str(tmp_path / "ct"),
+            "--calibration_examples",
+            "16",
+        ]
+    )
+    assert len(fidelity["fvu_export_vs_topk"]) == 3
+    assert all(0 <= v < 1.5 for v in fidelity["fvu_export_vs_topk"])
+    clt = load_clt(str(tmp_path / "ct"), device="cpu", dtype=torch.float32, lazy_encoder=False)
+    ours = load_coders(tmp_path / "clt")
+    assert torch.equal(clt.W_enc[0], ours.sources[0].encoder.weight)

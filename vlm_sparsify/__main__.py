@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.data import BatchStream, TokenRegion, open_examples
 from vlm_sparsify.hookpoints import select_hookpoints
+from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.train_state import (
-    TRAINING_ONLY,
     live_parameters,
     read_training_state,
     write_training_state,
@@ -143,15 +143,6 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def push_to_hub(run_dir: Path, repo: str, token: str | None) -> None:
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo, exist_ok=True)
-    api.upload_folder(repo_id=repo, folder_path=str(run_dir), ignore_patterns=list(TRAINING_ONLY))
-    print(f"Uploaded {run_dir} to https://huggingface.co/{repo}")
-
-
 def train(args: RunConfig, argv: list[str]) -> Trainer:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -255,7 +246,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
             )
         print(f"Saved to {run_dir}")
         if args.push_to_hub:
-            push_to_hub(run_dir, args.push_to_hub, token)
+            print(f"Uploaded {run_dir} to {push_to_hub(run_dir, args.push_to_hub, token)}")
     return trainer
 
 

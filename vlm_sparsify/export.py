@@ -221,11 +221,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument(
         "--calibration",
         type=Path,
-        required=True,
+        default=None,
         help="safetensors with inputs.<hookpoint> [N, d] (MLP inputs) and "
         "optionally outputs.<hookpoint>; the first half fits thresholds, the "
-        "second half measures fidelity",
+        "second half measures fidelity (default: activations of the run's own model on "
+        "--calibration_examples examples of its dataset)",
     )
+    parser.add_argument("--calibration_examples", type=int, default=64)
     parser.add_argument(
         "--threshold",
         choices=["feature", "layer"],
@@ -238,7 +240,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     args = parser.parse_args(argv)
 
     coders = load_coders(args.run)
-    inputs, outputs = _load_calibration(args.calibration, coders.hookpoints)
+    if args.calibration is None:
+        from vlm_sparsify.run_activations import run_activations
+
+        inputs, outputs = run_activations(
+            args.run, coders.hookpoints, num_examples=args.calibration_examples
+        )
+    else:
+        inputs, outputs = _load_calibration(args.calibration, coders.hookpoints)
     half = inputs[0].shape[0] // 2
     thresholds = fit_thresholds(coders, [x[:half] for x in inputs], args.threshold)
     export_circuit_tracer(

@@ -19,8 +19,6 @@ from vlm_sparsify.training import Trainer, TrainingState
 STATE_FILE = "state.pt"
 PARAMS_FILE = "train_params.safetensors"
 SUMMARY_FILE = "summary.json"
-TRAINING_ONLY = ("state.pt", "optimizer_*.pt", "lr_scheduler_*.pt", PARAMS_FILE)
-"""Files a shared (Hub) copy of a run leaves out."""
 
 
 def live_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
