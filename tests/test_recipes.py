@@ -1,0 +1,285 @@
+"""Recipes: lookup, validation, and a tiny random model of every shipped recipe that trains."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sparsify.config import SparseCoderConfig
+from torch import nn
+
+from vlm_sparsify.data import Example, collate, encode_example, image_token_id, token_mask
+from vlm_sparsify.hookpoints import decoder_layers_path, mlp_hookpoints, vision_layer_paths
+from vlm_sparsify.loading import load_model_and_processor
+from vlm_sparsify.random_models import build_tiny, build_tiny_model, build_tokenizer
+from vlm_sparsify.recipe import Recipe, find_recipe, shipped_recipes
+from vlm_sparsify.training import (
+    build_coders,
+    collect_activations,
+    loss_per_target,
+    total_variances,
+)
+
+RECIPES = sorted(shipped_recipes())
+LLAVA_TOML = Path(__file__).resolve().parents[1] / "recipes" / "llava.toml"
+
+
+def test_every_family_of_the_issue_is_shipped():
+    assert set(RECIPES) >= {
+        "llava",
+        "llava_next",
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "idefics3",
+        "gemma3",
+        "paligemma",
+    }
+
+
+# -- lookup ---------------------------------------------------------------------------------------
+
+
+def test_lookup_by_name():
+    recipe = find_recipe("qwen2_5_vl")
+    assert recipe.model_class == "Qwen2_5_VLForConditionalGeneration"
+    assert recipe.decoder_layers[0] == "model.language_model.layers"
+
+
+def test_lookup_by_path(tmp_path):
+    path = tmp_path / "my_family.toml"
+    path.write_text(LLAVA_TOML.read_text().replace('name = "llava"', 'name = "my_family"'))
+    recipe = find_recipe(str(path))
+    assert recipe.name == "my_family" and recipe.source == str(path)
+    assert recipe.model_class == "LlavaForConditionalGeneration"
+
+
+@pytest.mark.parametrize(
+    ("model_id", "name"),
+    [
+        ("llava-hf/llava-1.5-7b-hf", "llava"),
+        ("llava-hf/llava-v1.6-mistral-7b-hf", "llava_next"),
+        ("llava-hf/llava-v1.6-34b-hf", "llava_next"),
+        ("Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl"),
+        ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"),
+        ("HuggingFaceTB/SmolVLM-256M-Instruct", "idefics3"),
+        ("HuggingFaceM4/Idefics3-8B-Llama3", "idefics3"),
+        ("google/gemma-3-4b-it", "gemma3"),
+        ("google/paligemma-3b-mix-224", "paligemma"),
+        ("google/paligemma2-3b-pt-448", "paligemma"),
+    ],
+)
+def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
+    assert find_recipe(model_id=model_id).name == name
+    assert [r.name for r in shipped_recipes().values() if r.matches(model_id)] == [name]
+
+
+def test_lookup_by_model_type_of_a_saved_model(tmp_path):
+    recipe = find_recipe("paligemma")
+    model = build_tiny_model(recipe, _tokenizer_only(recipe))
+    folder = tmp_path / "my-finetune"  # a name no model_ids pattern knows
+    model.config.save_pretrained(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "paligemma"
+    assert find_recipe(model_id=str(folder)).name == "paligemma"
+
+
+def test_unknown_model_lists_the_recipes_and_the_flag(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "florence2"}))
+    with pytest.raises(ValueError, match="florence2") as err:
+        find_recipe(model_id=str(tmp_path))
+    message = str(err.value)
+    assert "--recipe PATH" in message
+    assert all(name in message for name in RECIPES)
+
+
+def test_unknown_recipe_name_lists_the_recipes():
+    with pytest.raises(ValueError, match="unknown recipe 'llava2'") as err:
+        find_recipe("llava2")
+    assert "--recipe PATH" in str(err.value) and "gemma3" in str(err.value)
+
+
+@pytest.mark.parametrize("class_name", ["os.system", "Popen", "subprocess.Popen", "PIL.Image"])
+def test_a_non_transformers_class_is_rejected(tmp_path, class_name):
+    path = tmp_path / "evil.toml"
+    path.write_text(
+        LLAVA_TOML.read_text().replace(
+            'class = "LlavaForConditionalGeneration"', f'class = "{class_name}"'
+        )
+    )
+    recipe = find_recipe(str(path))
+    with pytest.raises(ValueError, match="only name transformers classes"):
+        recipe.resolve_model_class()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_classes_resolve_inside_transformers(name):
+    recipe = find_recipe(name)
+    assert issubclass(recipe.resolve_model_class(), nn.Module)
+    recipe.resolve_processor_class()
+    assert recipe.dataset.path and recipe.dataset.image_column
+    assert recipe.prompt.use_chat_template or "{question}" in recipe.prompt.template
+    if recipe.prompt.use_chat_template:
+        assert "chat_template" in recipe.tiny, "the offline processor needs a chat template"
+
+
+# -- a tiny random model of every shipped recipe --------------------------------------------------
+
+
+def _tokenizer_only(recipe: Recipe) -> Any:
+    """Enough of a processor to size the model: the tiny tokenizer."""
+    return SimpleNamespace(tokenizer=build_tokenizer(recipe))
+
+
+def _require(recipe: Recipe) -> None:
+    for package in recipe.tiny.get("requires", []):
+        pytest.importorskip(package, reason=f"recipe '{recipe.name}' needs {package}")
+
+
+@cache
+def _tiny(name: str) -> tuple[Any, Any]:
+    model, processor = build_tiny(find_recipe(name))
+    # weights that initialise to zero (Gemma 3's image projection) would make every image
+    # feature zero, and the image tokens indistinguishable from any other input
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2 and not param.any():
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    return model, processor
+
+
+def _vision_depth(config: Any) -> int:
+    vision = config.vision_config
+    return int(getattr(vision, "depth", None) or vision.num_hidden_layers)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_hookpoints_one_per_text_decoder_layer(name):
+    recipe = find_recipe(name)
+    model = build_tiny_model(recipe, _tokenizer_only(recipe))
+    assert model.config.model_type == recipe.model_type
+    n_layers = model.config.get_text_config().num_hidden_layers
+    hookpoints = mlp_hookpoints(model, recipe)
+    assert len(hookpoints) == n_layers
+    # the transformers >= 4.52 layout, listed first, is the one found in 5.x
+    assert hookpoints == [f"{recipe.decoder_layers[0]}.{i}.{recipe.mlp}" for i in range(n_layers)]
+    for hookpoint in hookpoints:
+        assert "MLP" in type(model.get_submodule(hookpoint)).__name__
+    vision = vision_layer_paths(model, recipe)
+    assert len(vision) == _vision_depth(model.config)
+    assert all(p.startswith(("model.visual.", "model.vision")) for p in vision)
+
+
+def _images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    sizes = [(40, 32), (64, 120)]  # (width, height): different sizes and aspect ratios
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def _batch(recipe: Recipe, processor: Any) -> dict[str, torch.Tensor]:
+    first, second = _images()
+    examples = [
+        Example("a", first, "what color is the circle?", "red"),
+        Example("b", second, "describe this image.", "a blue square on the left"),
+    ]
+    encoded = [encode_example(e, processor, recipe, ctx_len=256) for e in examples]
+    return collate(encoded, processor.tokenizer.pad_token_id)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first_layer_inputs(model: nn.Module, recipe: Recipe, inputs: dict) -> torch.Tensor:
+    """Hidden states entering decoder layer 0: the embeddings with image features merged in."""
+    seen: list[torch.Tensor] = []
+
+    def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args[0] if args else kwargs["hidden_states"]).clone())
+        raise _Stop
+
+    layer = model.get_submodule(f"{decoder_layers_path(model, recipe)}.0")
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_image_mask_selects_the_tokens_the_model_fills_with_image_features(name):
+    recipe = find_recipe(name)
+    _require(recipe)
+    model, processor = _tiny(name)
+    batch = _batch(recipe, processor)
+    image_mask = token_mask(batch, image_token_id(processor, recipe), "image")
+    pad_token = recipe.prompt.image_pad_token or recipe.prompt.image_token
+    pad_id = processor.tokenizer.convert_tokens_to_ids(pad_token)
+    assert image_mask.sum(1).tolist() == (batch["input_ids"] == pad_id).sum(1).tolist()
+    assert (image_mask.sum(1) > 0).all()
+    # the model overwrites the token embedding exactly where the mask says image
+    before = _first_layer_inputs(model, recipe, batch)
+    embedded = model.get_input_embeddings()(batch["input_ids"])
+    assert torch.equal((before - embedded).abs().amax(-1) > 0, image_mask)
+    # and what it writes there comes from the pixels (LLaVA-NeXT's row-end tokens do not)
+    after = _first_layer_inputs(model, recipe, {**batch, "pixel_values": -batch["pixel_values"]})
+    from_pixels = (before - after).abs().amax(-1) > 0
+    assert not (from_pixels & ~image_mask).any()
+    assert (from_pixels.sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_two_image_text_examples_train_one_plt_step(name):
+    recipe = find_recipe(name)
+    _require(recipe)
+    model, processor = _tiny(name)
+    batch = _batch(recipe, processor)
+    mask = token_mask(batch, image_token_id(processor, recipe), "all")
+    assert int(mask.sum()) == int(batch["attention_mask"].sum())
+    hookpoints = mlp_hookpoints(model, recipe)
+    inputs, outputs = collect_activations(model, hookpoints, batch, mask)
+    d_in = model.config.get_text_config().hidden_size
+    assert [x.shape for x in inputs] == [(int(mask.sum()), d_in)] * len(hookpoints)
+    cfg = SparseCoderConfig(transcode=True, num_latents=64, k=4)
+    coders = build_coders(hookpoints, d_in, cfg, cross_layer=0, device=torch.device("cpu"))
+    coders.init_biases(inputs, outputs)
+    fvu, indices, l0 = loss_per_target(coders, inputs, outputs, total_variances(outputs))
+    assert fvu.shape == (len(hookpoints),) and torch.isfinite(fvu).all() and (fvu > 0).all()
+    assert l0 == [4.0] * len(hookpoints)
+    for coder in coders.coders:
+        # sparsify starts a transcoder's decoder at zero, so only the decoder's gradient is
+        # non-zero at step 0; the encoder's exists and is finite
+        grad = coder.encoder.weight.grad
+        assert grad is not None and torch.isfinite(grad).all()
+        assert torch.isfinite(coder.W_dec.grad).all() and coder.W_dec.grad.abs().sum() > 0
+
+
+# -- the real from_pretrained path for a non-LLaVA family -----------------------------------------
+
+
+def test_gemma3_round_trips_through_from_pretrained(tmp_path):
+    recipe = find_recipe("gemma3")
+    model, processor = _tiny("gemma3")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded, loaded_processor, found = load_model_and_processor(
+        str(tmp_path), dtype="float32", device="cpu"
+    )
+    assert found.name == "gemma3"  # found through config.model_type: the folder name says nothing
+    assert type(loaded) is type(model) and type(loaded_processor) is type(processor)
+    assert image_token_id(loaded_processor, recipe) == image_token_id(processor, recipe)
+    batch = _batch(recipe, processor)
+    loaded_batch = _batch(recipe, loaded_processor)
+    assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**loaded_batch).logits, model(**batch).logits)
