@@ -129,6 +129,11 @@ class PerLayerCoders(nn.Module):
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
         return [self.coders[p].decode(top_acts, top_indices)]  # type: ignore[operator]
 
+    def skip(self, p: int, x: Tensor) -> list[Tensor]:
+        """The stock coder's skip connection (`W_skip`), as in `SparseCoder.forward`."""
+        W_skip = self.coders[p].W_skip
+        return [] if W_skip is None else [x.to(W_skip.dtype) @ W_skip.mT]
+
     def predict(self, sources: list[EncoderOutput | None], t: int) -> Tensor:
         source = sources[t]
         if source is None:

@@ -1,0 +1,65 @@
+"""`python -m vlm_sparsify.fidelity` on a tiny random LLaVA with random coders, on easy-VQA test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from sparsify import SparseCoderConfig
+
+from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.fidelity import left_pad, main
+from vlm_sparsify.hookpoints import mlp_hookpoints
+
+
+@pytest.fixture(scope="module")
+def clt_run(tmp_path_factory, tiny_llava, tiny_llava_dir, llava_recipe) -> Path:
+    model, _ = tiny_llava
+    hookpoints = mlp_hookpoints(model, llava_recipe)
+    d_in = model.config.get_text_config().hidden_size
+    cfg = SparseCoderConfig(num_latents=4 * d_in, k=4, transcode=True)
+    clt = CrossLayerTranscoder(hookpoints, d_in, cfg, cross_layer=len(hookpoints))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in clt.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    run = tmp_path_factory.mktemp("runs") / "clt"
+    save_coders(clt, run, config={"model": str(tiny_llava_dir), "dataset": "easyvqa"})
+    return run
+
+
+def run_fidelity(run: Path, mode: str, capsys) -> dict:
+    main([str(run), "--mode", mode, "--limit", "3", "--batch_size", "2", "--max_new_tokens", "3",
+          "--dtype", "float32", "--json"])  # fmt: skip
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_error_mode_is_faithful(clt_run: Path, capsys) -> None:
+    result = run_fidelity(clt_run, "error", capsys)
+    assert result["top1_agreement"] == 1.0
+    assert result["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert result["exact_match"] == 1.0
+    assert result["examples"] == 3 and result["generations"] == 3
+    assert set(result["top1_agreement_by_region"]) == {"image", "prompt", "answer"}
+    assert all(value is not None for value in result["top1_agreement_by_region"].values())
+    assert all(fvu > 0 for fvu in result["fvu"].values())
+
+
+def test_open_loop_with_random_coders_is_not(clt_run: Path, capsys) -> None:
+    result = run_fidelity(clt_run, "open-loop", capsys)
+    assert result["kl"] > 1e-3
+    assert 0.0 <= result["top1_agreement"] < 1.0
+
+
+def test_left_pad_moves_padding_to_the_left() -> None:
+    inputs = {
+        "input_ids": torch.tensor([[7, 8, 0, 0], [1, 2, 3, 4]]),
+        "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]]),
+        "pixel_values": torch.zeros(2, 3),
+    }
+    padded = left_pad(inputs)
+    assert padded["input_ids"].tolist() == [[0, 0, 7, 8], [1, 2, 3, 4]]
+    assert padded["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]

@@ -1,0 +1,390 @@
+"""ReplacementModel on a tiny random LLaVA: error-mode exactness, open-loop sums, KV cache, capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from sparsify import SparseCoderConfig
+from torch import Tensor, nn
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.interventions import Intervention
+from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.replacement import ReplacementModel, benchmark_generate
+
+LAYERS, D, LATENTS, K = 4, 32, 64, 4
+IMAGE, PAD, EOS = 5, 0, 2
+HOOKPOINTS = [f"model.language_model.layers.{i}.mlp" for i in range(LAYERS)]
+
+
+def tiny_llava() -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=32,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=D,
+            intermediate_size=64,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            vocab_size=128,
+            max_position_embeddings=256,
+            initializer_range=0.2,
+        ),
+        image_token_index=IMAGE,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def randomize(coders: nn.Module, seed: int) -> nn.Module:
+    """Random encoders and decoders (transcoder decoders start at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in coders.named_parameters():
+            scale = 0.5 if "encoder" in name else 0.1
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return coders.eval()
+
+
+def make_coders(kind: str) -> nn.Module:
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    if kind == "plt":
+        return randomize(PerLayerCoders(HOOKPOINTS, D, cfg), seed=1)
+    return randomize(CrossLayerTranscoder(HOOKPOINTS, D, cfg, cross_layer=LAYERS), seed=2)
+
+
+def batch() -> dict[str, Tensor]:
+    """Two prompts with 4 image tokens each; the first is left-padded by two."""
+    input_ids = torch.tensor(
+        [
+            [PAD, PAD, 1, IMAGE, IMAGE, IMAGE, IMAGE, 7, 8, 9],
+            [1, IMAGE, IMAGE, IMAGE, IMAGE, 9, 10, 11, 12, 13],
+        ]
+    )
+    generator = torch.Generator().manual_seed(3)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != PAD).long(),
+        "pixel_values": torch.randn(2, 3, 28, 28, generator=generator),
+    }
+
+
+GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlavaForConditionalGeneration:
+    return tiny_llava()
+
+
+class MLPRecorder:
+    """Records each hooked MLP's input and (possibly replaced) output, for checks by hand."""
+
+    def __init__(self, model: nn.Module):
+        self.inputs: list[Tensor] = [torch.empty(0)] * LAYERS
+        self.outputs: list[Tensor] = [torch.empty(0)] * LAYERS
+        self.handles = [
+            model.get_submodule(h).register_forward_hook(self._hook(i))
+            for i, h in enumerate(HOOKPOINTS)
+        ]
+
+    def _hook(self, i: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            self.inputs[i] = args[0].detach().reshape(-1, D).clone()
+            self.outputs[i] = output.detach().reshape(-1, D).clone()
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def dense_features(encoder: nn.Linear, x: Tensor) -> Tensor:
+    """TopK features by hand, dense [N, L]."""
+    pre = torch.relu(x @ encoder.weight.T + encoder.bias)
+    values, indices = pre.topk(K, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, indices, values)
+
+
+def decoder(coders: nn.Module, p: int, t: int) -> tuple[Tensor, Tensor]:
+    """(W_dec [L, d], b_dec [d]) from source p into target t, read from the coder weights."""
+    if isinstance(coders, CrossLayerTranscoder):
+        source = coders.sources[p]
+        return source.W_decs[t - p].detach(), source.b_decs[t - p].detach()
+    assert p == t
+    return coders.coders[p].W_dec.detach(), coders.coders[p].b_dec.detach()
+
+
+def encoder(coders: nn.Module, p: int) -> nn.Linear:
+    if isinstance(coders, CrossLayerTranscoder):
+        return coders.sources[p].encoder
+    return coders.coders[p].encoder
+
+
+def reaches(coders: nn.Module, p: int, t: int) -> bool:
+    return p <= t < p + coders.n_targets(p)
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_error_mode_reproduces_the_model(model: nn.Module, kind: str) -> None:
+    coders = make_coders(kind)
+    inputs = batch()
+    with torch.no_grad():
+        base_logits = model(**inputs).logits
+        base_tokens = model.generate(**inputs, **GREEDY)
+        # A no-op intervention forces the edited-minus-clean path through every source
+        noop = [Intervention("scale", features=tuple(range(LATENTS)), value=1.0)]
+        replacement = ReplacementModel(model, coders, mode="error", interventions=noop)
+        with replacement.capture() as capture:
+            logits = replacement(**inputs).logits
+        tokens = replacement.generate(**inputs, **GREEDY)
+        open_loop = ReplacementModel(model, coders, mode="open-loop")(**inputs).logits
+    assert len(capture.pop_samples()) == 2
+    assert (logits - base_logits).abs().max() <= 1e-4
+    assert torch.equal(tokens, base_tokens)
+    # the replacement itself is not the model: error mode is not trivially the identity
+    assert (open_loop - base_logits).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["plt", "clt"])
+def test_open_loop_output_is_the_sum_of_decoder_contributions(model: nn.Module, kind: str) -> None:
+    coders = make_coders(kind)
+    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop"):
+        recorder = MLPRecorder(model)
+        model(**batch())
+        recorder.remove()
+    with torch.no_grad():
+        for t in range(LAYERS):
+            expected = torch.zeros_like(recorder.outputs[t])
+            for p in range(t + 1):
+                if reaches(coders, p, t):
+                    W_dec, b_dec = decoder(coders, p, t)
+                    f_p = dense_features(encoder(coders, p), recorder.inputs[p])
+                    expected += f_p @ W_dec + b_dec
+            torch.testing.assert_close(recorder.outputs[t], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_zeroing_a_feature_moves_every_target_by_its_decoder_contributions(
+    model: nn.Module,
+) -> None:
+    coders = make_coders("clt")
+    # Later sources read nothing (zero encoder, fixed distinct biases): their features are the same
+    # whatever the stream, so the only change downstream is source 0's decoded contributions.
+    with torch.no_grad():
+        for p in range(1, LAYERS):
+            coders.sources[p].encoder.weight.zero_()
+            coders.sources[p].encoder.bias.copy_(torch.linspace(0.1, 1.0, LATENTS))
+    inputs = batch()
+    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop") as replacement:
+        recorder = MLPRecorder(model)
+        model(**inputs)
+        clean = list(recorder.outputs)
+        f_0 = dense_features(encoder(coders, 0), recorder.inputs[0])
+        feature = int(f_0[-1].argmax())
+        with replacement.intervene([Intervention("zero", features=feature, layers=0)]):
+            model(**inputs)
+        recorder.remove()
+    assert (f_0[:, feature] > 0).sum() >= 1
+    for t in range(LAYERS):
+        W_dec, _ = decoder(coders, 0, t)
+        expected = -f_0[:, feature, None] * W_dec[feature]
+        torch.testing.assert_close(recorder.outputs[t] - clean[t], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_zeroing_a_feature_in_error_mode_changes_its_layer_by_its_contribution(
+    model: nn.Module,
+) -> None:
+    coders = make_coders("clt")
+    inputs = batch()
+    with torch.no_grad(), ReplacementModel(model, coders, mode="error") as replacement:
+        recorder = MLPRecorder(model)
+        model(**inputs)
+        clean, x_1 = recorder.outputs[1], recorder.inputs[1]
+        f_1 = dense_features(encoder(coders, 1), x_1)
+        feature = int(f_1[0].argmax())
+        with replacement.intervene([Intervention("zero", features=feature, layers=1)]):
+            model(**inputs)
+        recorder.remove()
+    W_dec, _ = decoder(coders, 1, 1)
+    expected = -f_1[:, feature, None] * W_dec[feature]
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(recorder.inputs[1], x_1)
+    torch.testing.assert_close(recorder.outputs[1] - clean, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind,mode", [("clt", "open-loop"), ("clt", "error"), ("clt", "off"), ("plt", "open-loop")]
+)
+def test_generate_with_kv_cache_equals_without(model: nn.Module, kind: str, mode: str) -> None:
+    coders = make_coders(kind)
+    edit = [Intervention("add", features=(3, 9), layers=(0, 2), region="response", value=2.0)]
+    replacement = ReplacementModel(model, coders, mode=mode, interventions=edit)
+    runs = []
+    with torch.no_grad():
+        for use_cache in (True, False):
+            with replacement.capture() as capture:
+                tokens = replacement.generate(**batch(), **GREEDY, use_cache=use_cache)
+            runs.append((tokens, capture.pop_samples()))
+    (cached, cached_samples), (uncached, uncached_samples) = runs
+    assert torch.equal(cached, uncached)
+    for a, b in zip(cached_samples, uncached_samples, strict=True):
+        assert a.regions == b.regions
+        assert torch.equal(a.token_ids, b.token_ids)
+        assert torch.equal(a.indices.sort(-1).values, b.indices.sort(-1).values)
+        torch.testing.assert_close(
+            a.values.float().sort(-1).values, b.values.float().sort(-1).values
+        )
+
+
+def test_capture_is_the_exact_top_k_with_regions(model: nn.Module) -> None:
+    coders = make_coders("clt")
+    inputs = batch()
+    mask = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        with ReplacementModel(model, coders, mode="open-loop") as replacement:
+            recorder = MLPRecorder(model)
+            with replacement.capture() as capture:
+                model(**inputs)
+            recorder.remove()
+        samples = capture.pop_samples()
+        assert len(samples) == 2
+        for p in range(LAYERS):
+            exact = coders.encode(p, recorder.inputs[p])
+            exact_indices = exact.top_indices.view(2, -1, K)
+            exact_acts = exact.top_acts.view(2, -1, K)
+            for b, sample in enumerate(samples):
+                order = sample.indices[:, p].long().argsort(-1)
+                expected_order = exact_indices[b][mask[b]].argsort(-1)
+                assert torch.equal(
+                    sample.indices[:, p].long().gather(-1, order),
+                    exact_indices[b][mask[b]].gather(-1, expected_order),
+                )
+                torch.testing.assert_close(
+                    sample.values[:, p].float().gather(-1, order),
+                    exact_acts[b][mask[b]].gather(-1, expected_order).bfloat16().float(),
+                )
+    first, second = samples
+    assert torch.equal(first.token_ids, inputs["input_ids"][0, 2:])
+    assert first.indices.dtype == torch.int16 and first.values.dtype == torch.bfloat16
+    assert first.regions == {"image": [(1, 5)], "prompt": [(0, 1), (5, 8)], "response": []}
+    assert second.regions == {"image": [(1, 5)], "prompt": [(0, 1), (5, 10)], "response": []}
+
+
+def test_capture_during_generate_marks_the_response(model: nn.Module) -> None:
+    replacement = ReplacementModel(model, make_coders("plt"), mode="off")
+    with torch.no_grad(), replacement.capture() as capture:
+        tokens = replacement.generate(**batch(), **{**GREEDY, "eos_token_id": None})
+    samples = capture.pop_samples()
+    # every generated token but the last one is fed back in (the last is never read)
+    new = GREEDY["max_new_tokens"] - 1
+    assert samples[0].regions["response"] == [(8, 8 + new)]
+    assert samples[1].regions["response"] == [(10, 10 + new)]
+    assert torch.equal(samples[0].token_ids[8:], tokens[0, 10:-1])
+    assert samples[0].indices.shape == (8 + new, LAYERS, K)
+
+
+def test_capture_stops_the_response_at_eos(model: nn.Module) -> None:
+    replacement = ReplacementModel(model, make_coders("plt"), mode="off")
+    with torch.no_grad():
+        plain = replacement.generate(**batch(), **{**GREEDY, "eos_token_id": None})
+        eos = int(plain[1, 12])  # the third token of the second row ends it there
+        with replacement.capture() as capture:
+            tokens = replacement.generate(**batch(), **{**GREEDY, "eos_token_id": eos})
+    first_eos = (tokens[:, 10:] == eos).int().argmax(1)
+    samples = capture.pop_samples()
+    assert samples[1].regions["response"] == [(10, 10 + int(first_eos[1]))]
+    assert int(first_eos[1]) <= 2
+
+
+def test_region_intervention_touches_only_that_region(model: nn.Module) -> None:
+    coders = make_coders("clt")
+    inputs = batch()
+    image = (inputs["input_ids"] == IMAGE).reshape(-1)
+    feature = 7
+    add = Intervention("add", features=feature, layers=0, region="image", value=5.0)
+    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop") as replacement:
+        recorder = MLPRecorder(model)
+        model(**inputs)
+        clean = recorder.outputs[0]
+        with replacement.intervene([add]):
+            model(**inputs)
+        recorder.remove()
+    W_dec, _ = decoder(coders, 0, 0)
+    delta = recorder.outputs[0] - clean
+    assert torch.equal(delta[~image], torch.zeros_like(delta[~image]))
+    torch.testing.assert_close(delta[image], (5.0 * W_dec[feature]).expand(int(image.sum()), D))
+
+
+def test_response_intervention_leaves_the_prompt_alone(model: nn.Module) -> None:
+    coders = make_coders("clt")
+    steer = Intervention("set", features=(1, 2, 3), region="response", value=20.0)
+    replacement = ReplacementModel(model, coders, mode="error")
+    with torch.no_grad():
+        with replacement.capture() as capture:
+            clean = replacement.generate(**batch(), **GREEDY)
+            steered = replacement.generate(**batch(), **GREEDY, interventions=[steer])
+        clean_sample, _, steered_sample, _ = capture.pop_samples()
+    assert replacement.interventions == []
+    assert torch.equal(clean[:, :11], steered[:, :11])  # the first new token reads the prompt only
+    assert not torch.equal(clean, steered)
+    prompt = slice(0, 8)
+    assert torch.equal(clean_sample.indices[prompt], steered_sample.indices[prompt])
+
+
+def test_hooks_are_removed_on_exit(model: nn.Module) -> None:
+    coders = make_coders("clt")
+    inputs = batch()
+    with torch.no_grad():
+        base = model(**inputs).logits
+        with ReplacementModel(model, coders, mode="open-loop"):
+            replaced = model(**inputs).logits
+        after = model(**inputs).logits
+    assert not torch.allclose(base, replaced)
+    assert torch.equal(base, after)
+
+
+def test_layers_without_coders_are_left_alone(model: nn.Module) -> None:
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    coders = randomize(PerLayerCoders(HOOKPOINTS[2:3], D, cfg), seed=4)
+    with torch.no_grad():
+        recorder = MLPRecorder(model)
+        model(**batch())
+        recorder.remove()
+        base = list(recorder.outputs)
+        with ReplacementModel(model, coders, mode="open-loop"):
+            recorder = MLPRecorder(model)
+            model(**batch())
+            recorder.remove()
+    assert torch.equal(recorder.outputs[0], base[0]) and torch.equal(recorder.outputs[1], base[1])
+    assert not torch.allclose(recorder.outputs[2], base[2])
+
+
+def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
+    with pytest.raises(ValueError, match="Unknown replacement mode 'closed'"):
+        ReplacementModel(model, make_coders("plt"), mode="closed")  # type: ignore[arg-type]
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    stale = PerLayerCoders(["language_model.model.layers.0.mlp"], D, cfg)
+    with pytest.raises(ValueError, match="not modules of LlavaForConditionalGeneration"):
+        ReplacementModel(model, stale)
+    with pytest.raises(ValueError, match=f"edits feature {LATENTS} but the coders have {LATENTS}"):
+        ReplacementModel(model, make_coders("clt"), interventions=[Intervention("zero", LATENTS)])
+
+
+def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
+    result = benchmark_generate(model, make_coders("clt"), batch(), max_new_tokens=2, repeats=1)
+    assert result["base_s"] > 0 and result["replacement_s"] > 0
+    assert result["ratio"] == pytest.approx(result["replacement_s"] / result["base_s"])

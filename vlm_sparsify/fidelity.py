@@ -1,0 +1,280 @@
+"""`python -m vlm_sparsify.fidelity RUN`: how faithful is the replacement model?
+
+On held-out examples of the run's dataset: teacher-forced top-1 next-token agreement between the
+replacement model and the original (overall and per token region: image / prompt / answer), the
+KL divergence of the replacement's next-token distribution from the original's, the FVU of each
+target layer's prediction in the replacement's own stream, and the share of free (greedy)
+generations that match the original's exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from simple_parsing import field, parse
+from torch import Tensor, nn
+
+from vlm_sparsify.coder_io import RUN_CONFIG_FILE, load_coders
+from vlm_sparsify.data import (
+    EASYVQA,
+    Example,
+    collate,
+    encode_example,
+    image_token_id,
+    open_examples,
+)
+from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
+from vlm_sparsify.recipe import Recipe, find_recipe
+from vlm_sparsify.replacement import ReplacementModel
+
+REGIONS = ("image", "prompt", "answer")
+
+
+@dataclass
+class FidelityConfig:
+    run: str = field(positional=True)
+    """Run folder holding <hookpoint>/cfg.json (and the run's config.json)."""
+    model: str = ""
+    """Model id or folder (default: the run's model, else the embedded default)."""
+    dataset: str = ""
+    """Dataset (default: the run's, else the recipe's)."""
+    split: str = ""
+    """Held-out split (default: `test` for easy-VQA, else the recipe's split)."""
+    recipe: str = ""
+    """Recipe name or TOML path (default: the run's, else matched from the model)."""
+    mode: Literal["open-loop", "error"] = "open-loop"
+    """Replacement mode."""
+    limit: int = 64
+    """Number of held-out examples."""
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    """Length of the free generations compared for exact match."""
+    ctx_len: int = 2048
+    device: str = ""
+    dtype: str = "auto"
+    json: bool = False
+    """Print one JSON object instead of a table."""
+
+
+class _LayerRecorder:
+    """MLP inputs and true outputs at each hookpoint (hooked before the replacement's hooks)."""
+
+    def __init__(self, model: nn.Module, hookpoints: Sequence[str]):
+        self.inputs: list[Tensor] = []
+        self.outputs: list[Tensor] = []
+        self._handles = [
+            model.get_submodule(h).register_forward_hook(self._record) for h in hookpoints
+        ]
+
+    def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self.inputs.append(args[0].detach().flatten(0, -2))
+        self.outputs.append(output.detach().flatten(0, -2))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def layer_predictions(coders: nn.Module, inputs: list[Tensor]) -> list[Tensor]:
+    """Each target's prediction from the recorded MLP inputs of every source reaching it."""
+    dtype = next(coders.parameters()).dtype
+    skip = getattr(coders, "skip", None)
+    predictions: list[Tensor | None] = [None] * len(inputs)
+    for p, x in enumerate(inputs):
+        x = x.to(dtype)
+        top_acts, top_indices, _ = coders.encode(p, x)
+        parts = coders.decode(p, top_acts, top_indices)
+        skips = skip(p, x) if skip is not None else []
+        for i, part in enumerate(parts):
+            part = part + skips[i] if skips else part
+            prev = predictions[p + i]
+            predictions[p + i] = part if prev is None else prev + part
+    return [pred for pred in predictions if pred is not None]
+
+
+def left_pad(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Move each row's right padding to the left (for batched generation)."""
+    mask = inputs["attention_mask"]
+    length = mask.shape[1]
+    shift = length - mask.sum(1, keepdim=True)
+    order = (torch.arange(length) - shift) % length
+    return {
+        key: value.gather(1, order) if key in ("input_ids", "attention_mask") else value
+        for key, value in inputs.items()
+    }
+
+
+class FidelityTotals:
+    """Running sums over token positions and generations."""
+
+    def __init__(self, num_layers: int):
+        self.agree = dict.fromkeys(("all", *REGIONS), 0)
+        self.count = dict.fromkeys(("all", *REGIONS), 0)
+        self.kl = 0.0
+        self.residual = torch.zeros(num_layers, dtype=torch.float64)
+        self.variance = torch.zeros(num_layers, dtype=torch.float64)
+        self.matches = 0
+        self.generations = 0
+
+    def add_positions(self, base: Tensor, replaced: Tensor, regions: dict[str, Tensor]) -> None:
+        """`base` / `replaced` logits [M, V] at the scored positions; region masks [M]."""
+        agree = base.argmax(-1) == replaced.argmax(-1)
+        log_p, log_q = base.float().log_softmax(-1), replaced.float().log_softmax(-1)
+        self.kl += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+        for name, mask in (("all", torch.ones_like(agree)), *regions.items()):
+            self.agree[name] += int(agree[mask].sum())
+            self.count[name] += int(mask.sum())
+
+    def add_layers(self, targets: list[Tensor], predictions: list[Tensor], mask: Tensor) -> None:
+        for t, (y, y_hat) in enumerate(zip(targets, predictions, strict=True)):
+            y, y_hat = y[mask].double(), y_hat[mask].double()
+            self.residual[t] += (y - y_hat).pow(2).sum().item()
+            self.variance[t] += (y - y.mean(0)).pow(2).sum().item()
+
+    def result(self, hookpoints: Sequence[str]) -> dict[str, Any]:
+        def share(name: str) -> float | None:
+            return self.agree[name] / self.count[name] if self.count[name] else None
+
+        return {
+            "top1_agreement": share("all"),
+            "top1_agreement_by_region": {name: share(name) for name in REGIONS},
+            "kl": self.kl / max(self.count["all"], 1),
+            "fvu": dict(zip(hookpoints, (self.residual / self.variance).tolist(), strict=True)),
+            "exact_match": self.matches / self.generations if self.generations else None,
+            "positions": self.count["all"],
+            "generations": self.generations,
+        }
+
+
+@torch.no_grad()
+def measure_fidelity(
+    model: nn.Module,
+    processor: Any,
+    recipe: Recipe,
+    coders: nn.Module,
+    examples: Sequence[Example],
+    mode: str = "open-loop",
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    ctx_len: int = 2048,
+) -> dict[str, Any]:
+    """Fidelity of `ReplacementModel(model, coders, mode)` on `examples` (see module doc)."""
+    replacement = ReplacementModel(model, coders, mode=mode)  # type: ignore[arg-type]
+    image_id = image_token_id(processor, recipe)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    device = next(model.parameters()).device
+    totals = FidelityTotals(len(coders.hookpoints))
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        full = [encode_example(e, processor, recipe, ctx_len) for e in chunk]
+        prompts = [
+            encode_example(Example(e.id, e.image, e.question), processor, recipe, ctx_len)
+            for e in chunk
+        ]
+        inputs = {k: v.to(device) for k, v in collate(full, pad_id).items()}
+        base = model(**inputs).logits
+        recorder = _LayerRecorder(model, coders.hookpoints)
+        try:
+            replaced = replacement(**inputs).logits
+        finally:
+            recorder.remove()
+        # position i predicts token i + 1: score where both are real tokens
+        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
+        scored = mask[:, :-1] & mask[:, 1:]
+        answer_start = torch.tensor([p["input_ids"].shape[1] for p in prompts], device=device)
+        positions = torch.arange(ids.shape[1] - 1, device=device)
+        is_image = ids[:, :-1] == image_id
+        is_answer = positions >= answer_start[:, None] - 1
+        regions = {
+            "image": is_image[scored],
+            "prompt": (~is_image & ~is_answer)[scored],
+            "answer": is_answer[scored],
+        }
+        totals.add_positions(base[:, :-1][scored], replaced[:, :-1][scored], regions)
+        totals.add_layers(
+            recorder.outputs, layer_predictions(coders, recorder.inputs), mask.reshape(-1)
+        )
+        generation_inputs = {k: v.to(device) for k, v in left_pad(collate(prompts, pad_id)).items()}
+        settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+        base_tokens = model.generate(**generation_inputs, **settings)
+        replaced_tokens = replacement.generate(**generation_inputs, **settings)
+        prompt_length = generation_inputs["input_ids"].shape[1]
+        for a, b in zip(base_tokens, replaced_tokens, strict=True):
+            same = torch.equal(
+                _response(a, prompt_length, pad_id), _response(b, prompt_length, pad_id)
+            )
+            totals.matches += int(same)
+        totals.generations += len(chunk)
+    return {"mode": mode, "examples": len(examples), **totals.result(coders.hookpoints)}
+
+
+def _response(tokens: Tensor, prompt_length: int, pad_id: int) -> Tensor:
+    response = tokens[prompt_length:]
+    return response[response != pad_id]
+
+
+def _run_config(run: Path) -> dict[str, Any]:
+    path = run / RUN_CONFIG_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(FidelityConfig, args=sys.argv[1:] if argv is None else argv)
+    run = Path(args.run)
+    trained = _run_config(run)
+    model_id = args.model or trained.get("model") or DEFAULT_MODEL
+    recipe = find_recipe(args.recipe or trained.get("recipe") or None, model_id=model_id)
+    model, processor, recipe = load_model_and_processor(
+        model_id, recipe, dtype=args.dtype, device=args.device or None
+    )
+    device = next(model.parameters()).device
+    coders = load_coders(run, device=device).eval()
+    dataset = args.dataset or trained.get("dataset") or recipe.dataset.path
+    split = args.split or ("test" if dataset.lower() in EASYVQA else recipe.dataset.split)
+    examples = list(islice(open_examples(dataset, recipe, split=split), args.limit))
+    result = measure_fidelity(
+        model,
+        processor,
+        recipe,
+        coders,
+        examples,
+        args.mode,
+        args.batch_size,
+        args.max_new_tokens,
+        args.ctx_len,
+    )
+    result.update(run=str(run), model=model_id, dataset=dataset, split=split)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _print_table(result)
+    return result
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    def pct(value: float | None) -> str:
+        return "   n/a" if value is None else f"{100 * value:5.1f}%"
+
+    print(f"{result['mode']} replacement of {result['model']} by {result['run']}")
+    print(f"  {result['examples']} examples of {result['dataset']} ({result['split']})")
+    print(f"  top-1 agreement   {pct(result['top1_agreement'])}")
+    for name, value in result["top1_agreement_by_region"].items():
+        print(f"    {name:<15} {pct(value)}")
+    print(f"  KL (nats/token)   {result['kl']:.4f}")
+    print(f"  exact match       {pct(result['exact_match'])}")
+    print("  FVU per layer")
+    for hookpoint, fvu in result["fvu"].items():
+        print(f"    {hookpoint}  {fvu:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Feature interventions: scale, add, set or zero features before they are decoded.
+
+An intervention edits the sparse features f_p of a source hookpoint p before the coder decodes
+them, so one change reaches every target layer p .. p + n_targets(p) - 1. Features that are not
+in the top-k can be added or set: they are appended as extra (index, value) columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from vlm_sparsify.capture import REGION_CODE
+
+Op = Literal["scale", "add", "set", "zero"]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One edit of some features of some source layers on some token regions."""
+
+    op: Op
+    """`scale` (f *= value), `add` (f += value), `set` (f = value) or `zero` (f = 0)."""
+
+    features: int | tuple[int, ...]
+    """Latent index or indices to edit."""
+
+    layers: int | str | tuple[int | str, ...] | None = None
+    """Source hookpoints: positions among the coder set's hookpoints or hookpoint names; None = all."""
+
+    region: str | tuple[str, ...] = "all"
+    """Token region(s) edited: `image`, `prompt`, `response`, or `all`."""
+
+    value: float | tuple[float, ...] = 0.0
+    """Factor (scale), amount (add) or new activation (set); one per feature, or one for all."""
+
+    def __post_init__(self) -> None:
+        if self.op not in ("scale", "add", "set", "zero"):
+            raise ValueError(f"Unknown intervention op '{self.op}'; use scale, add, set or zero")
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        if len(set(features)) != len(features) or not features:
+            raise ValueError(f"features must be distinct and non-empty, got {features}")
+        object.__setattr__(self, "features", features)
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        regions = (self.region,) if isinstance(self.region, str) else tuple(self.region)
+        unknown = [r for r in regions if r != "all" and r not in REGION_CODE]
+        if unknown:
+            raise ValueError(f"Unknown token region(s) {unknown}; use image, prompt, response, all")
+        object.__setattr__(self, "region", regions[0] if len(regions) == 1 else regions)
+        values = (self.value,) if isinstance(self.value, (int, float)) else tuple(self.value)
+        if len(values) not in (1, len(features)):
+            raise ValueError(f"give one value or one per feature ({len(features)}), got {values}")
+        object.__setattr__(self, "value", values[0] if len(values) == 1 else values)
+
+    def source_positions(self, hookpoints: Sequence[str]) -> list[int]:
+        """Positions of the source hookpoints this intervention edits."""
+        if self.layers is None:
+            return list(range(len(hookpoints)))
+        layers = self.layers if isinstance(self.layers, tuple) else (self.layers,)
+        positions = []
+        for layer in layers:
+            if isinstance(layer, str):
+                if layer not in hookpoints:
+                    raise ValueError(f"no coder at hookpoint '{layer}'; coders: {list(hookpoints)}")
+                positions.append(hookpoints.index(layer))
+            elif 0 <= layer < len(hookpoints):
+                positions.append(layer)
+            else:
+                raise ValueError(f"source layer {layer} out of range 0..{len(hookpoints) - 1}")
+        return sorted(set(positions))
+
+    def region_codes(self) -> tuple[int, ...] | None:
+        """Region codes edited, or None for every token."""
+        regions = (self.region,) if isinstance(self.region, str) else self.region
+        if "all" in regions:
+            return None
+        return tuple(REGION_CODE[r] for r in regions)
+
+
+@lru_cache(maxsize=1024)
+def _as_tensors(
+    intervention: Intervention, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Features, value(s) and region codes on the device, made once (no copy per forward)."""
+    codes = intervention.region_codes()
+    return (
+        torch.tensor(intervention.features, device=device),
+        torch.tensor(intervention.value, dtype=dtype, device=device),
+        None if codes is None else torch.tensor(codes, dtype=torch.int8, device=device),
+    )
+
+
+def apply_interventions(
+    interventions: Sequence[Intervention],
+    top_acts: Tensor,
+    top_indices: Tensor,
+    token_regions: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Edit sparse features `[N, k]`; returns `[N, k + extra]` when features were added or set.
+
+    `token_regions` `[N]` holds each token's region code (`capture.REGION_CODE`); None means all tokens
+    match every region.
+    """
+    for intervention in interventions:
+        features, value, codes = _as_tensors(intervention, top_acts.device, top_acts.dtype)
+        rows = None
+        if codes is not None and token_regions is not None:
+            rows = torch.isin(token_regions, codes)[:, None]
+        # [N, k, m]: which of the k active slots holds which edited feature
+        match = top_indices[:, :, None] == features
+        if intervention.op in ("scale", "zero"):
+            hit = match.any(-1)
+            hit = hit if rows is None else hit & rows
+            if intervention.op == "zero":
+                top_acts = top_acts.masked_fill(hit, 0.0)
+            else:
+                factor = (match * value).sum(-1) if value.ndim else value
+                top_acts = torch.where(hit, top_acts * factor, top_acts)
+            continue
+        # add / set: the feature's current value moves to an appended slot (0 if inactive)
+        current = (top_acts[:, :, None] * match).sum(1)
+        new = current + value if intervention.op == "add" else value.expand_as(current)
+        hit = match.any(-1)
+        if rows is not None:
+            new = torch.where(rows, new, 0.0)
+            hit = hit & rows
+        top_acts = torch.cat([top_acts.masked_fill(hit, 0.0), new], dim=1)
+        top_indices = torch.cat([top_indices, features.expand(len(top_indices), -1)], dim=1)
+    return top_acts, top_indices

@@ -1,0 +1,326 @@
+"""The replacement model: a VLM whose MLPs are replaced by coders, in any forward or `generate`.
+
+Forward hooks on the coders' MLP hookpoints. At source p the MLP input x_p is encoded into
+sparse features f_p, interventions edit f_p, and f_p is decoded into every target it reaches
+(p .. p + n_targets(p) - 1); the decoded parts wait in a per-forward buffer until the target's
+MLP runs. The buffer starts empty at the first hookpoint of every forward, so with a KV cache
+each step decodes only the new positions. A pre-hook on the root model reads each forward's
+tokens for their regions (image / prompt / response). Modes:
+
+- `open-loop`: MLP output at t := sum of the decoded parts of every source reaching t.
+- `error`: MLP output := true output + (prediction with interventions - prediction without), i.e.
+  reconstruction + error term; without interventions the original model, bit for bit.
+- `off`: the original model (features are still captured inside `capture()`).
+
+Layers without a coder are left alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vlm_sparsify.capture import FeatureCapture, token_regions
+from vlm_sparsify.interventions import Intervention, apply_interventions
+
+Mode = Literal["open-loop", "error", "off"]
+
+
+class ReplacementModel:
+    """Wraps `model` with `coders` (coder-set interface) on their hookpoints.
+
+    Use as a context manager (`with ReplacementModel(vlm, coders) as rm:` hooks `vlm` until exit)
+    or call `rm(...)` / `rm.forward(...)` / `rm.generate(...)`, which hook it for the call.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        coders: nn.Module,
+        mode: Mode = "open-loop",
+        interventions: Sequence[Intervention] = (),
+        image_token_id: int | None = None,
+    ):
+        match mode:
+            case "open-loop" | "error" | "off":
+                self.mode: Mode = mode
+            case other:
+                raise ValueError(f"Unknown replacement mode '{other}'; use open-loop, error or off")
+        self.model = model
+        self.coders = coders
+        self.hookpoints: list[str] = list(coders.hookpoints)
+        missing = [h for h in self.hookpoints if not _has_submodule(model, h)]
+        if missing:
+            raise ValueError(
+                f"coder hookpoints {missing} are not modules of {type(model).__name__}; "
+                "hookpoints are paths from the root model, e.g. model.language_model.layers.0.mlp"
+            )
+        config = getattr(model, "config", None)
+        self.image_token_id = image_token_id
+        if image_token_id is None:
+            self.image_token_id = getattr(config, "image_token_id", None)
+            if self.image_token_id is None:
+                self.image_token_id = getattr(config, "image_token_index", None)
+        self.num_latents = max(source.encoder.out_features for _, source in coders.items())
+        self._dtype = next(coders.parameters()).dtype
+        self._skip = getattr(coders, "skip", None)
+        self.interventions = list(interventions)
+        self._capture: FeatureCapture | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._installs = 0
+        # Per-forward state
+        self._pending: list[Tensor | None] = [None] * len(self.hookpoints)
+        self._regions: Tensor | None = None
+        # Sequence state: prompt length fixed by generate(), else by a forward with no past
+        self._generate_prompt_length: int | None = None
+        self._generate_started = False
+        self._prompt_length = 0
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def interventions(self) -> list[Intervention]:
+        return list(self._interventions)
+
+    @interventions.setter
+    def interventions(self, interventions: Sequence[Intervention]) -> None:
+        per_source: list[list[Intervention]] = [[] for _ in self.hookpoints]
+        for intervention in interventions:
+            if max(intervention.features) >= self.num_latents:
+                raise ValueError(
+                    f"{intervention} edits feature {max(intervention.features)} but the coders "
+                    f"have {self.num_latents} latents"
+                )
+            for p in intervention.source_positions(self.hookpoints):
+                per_source[p].append(intervention)
+        self._interventions = list(interventions)
+        self._per_source = per_source
+        self._regional = any(i.region_codes() is not None for i in interventions)
+
+    @contextmanager
+    def intervene(self, interventions: Sequence[Intervention]) -> Iterator[ReplacementModel]:
+        """Add `interventions` to the standing ones until the block exits."""
+        standing = self._interventions
+        self.interventions = [*standing, *interventions]
+        try:
+            yield self
+        finally:
+            self.interventions = standing
+
+    @contextmanager
+    def capture(self, value_dtype: torch.dtype = torch.bfloat16) -> Iterator[FeatureCapture]:
+        """Record every source's top-k per token while the block runs; read `pop_samples()`."""
+        capture = FeatureCapture(len(self.hookpoints), self.num_latents, value_dtype)
+        outer, self._capture = self._capture, capture
+        try:
+            yield capture
+        finally:
+            self._capture = outer
+
+    # ------------------------------------------------------------------ hooks
+    def install(self) -> None:
+        """Hook the model (nested calls count; `remove()` undoes one)."""
+        if self._installs == 0:
+            self._handles.append(
+                self.model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
+            )
+            for p, hookpoint in enumerate(self.hookpoints):
+                module = self.model.get_submodule(hookpoint)
+                self._handles.append(module.register_forward_hook(partial(self._replace, p)))
+        self._installs += 1
+
+    def remove(self) -> None:
+        self._installs -= 1
+        if self._installs == 0:
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
+
+    def __enter__(self) -> ReplacementModel:
+        self.install()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    @contextmanager
+    def _hooked(self) -> Iterator[None]:
+        self.install()
+        try:
+            yield
+        finally:
+            self.remove()
+
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._regions = None
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        reference = tokens if tokens is not None else embeds
+        if reference is None:
+            return
+        batch, n = reference.shape[:2]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.ndim == 2:
+            past = mask.shape[1] - n
+        else:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            past = cache.get_seq_length() if cache is not None else 0
+        # generate() without a KV cache re-runs the whole sequence: still the same sequence
+        if self._generate_prompt_length is not None:
+            new_sequence = not self._generate_started
+            self._generate_started = True
+        else:
+            new_sequence = past == 0
+        if new_sequence:
+            self._prompt_length = self._generate_prompt_length or n
+            if self._capture is not None:
+                self._capture.start_sequence()
+        if self._capture is None and not self._regional:
+            return
+        regions = token_regions(
+            tokens,
+            mask,
+            (batch, n),
+            past,
+            self._prompt_length,
+            self.image_token_id,
+            reference.device,
+        )
+        self._regions = regions.reshape(-1)
+        if self._capture is not None:
+            self._capture.start_forward(past, tokens, regions)
+
+    def _replace(self, p: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if p == 0:  # each forward starts afresh (even one of the language model alone)
+            self._pending = [None] * len(self.hookpoints)
+        mode = self.mode
+        edits = self._per_source[p] if mode != "off" else ()
+        if mode == "open-loop" or edits or self._capture is not None:
+            x = args[0].reshape(-1, args[0].shape[-1]).to(self._dtype)
+            top_acts, top_indices, _ = self.coders.encode(p, x)
+            if self._capture is not None:
+                self._capture.record(p, top_acts, top_indices)
+            if mode == "open-loop":
+                if edits:
+                    top_acts, top_indices = apply_interventions(
+                        edits, top_acts, top_indices, self._regions
+                    )
+                parts = self.coders.decode(p, top_acts, top_indices)
+                skips = self._skip(p, x) if self._skip is not None else []
+                if skips:
+                    parts = [part + skip for part, skip in zip(parts, skips, strict=True)]
+                self._accumulate(p, parts)
+            elif edits:
+                edited = self.coders.decode(
+                    p, *apply_interventions(edits, top_acts, top_indices, self._regions)
+                )
+                clean = self.coders.decode(p, top_acts, top_indices)
+                self._accumulate(p, [a - b for a, b in zip(edited, clean, strict=True)])
+        prediction, self._pending[p] = self._pending[p], None
+        if mode == "open-loop":
+            assert prediction is not None
+            return prediction.view(output.shape).to(output.dtype)
+        if prediction is not None:
+            return output + prediction.view(output.shape).to(output.dtype)
+        return None
+
+    def _accumulate(self, p: int, parts: list[Tensor]) -> None:
+        pending = self._pending
+        for t, part in enumerate(parts, start=p):
+            pending[t] = part if pending[t] is None else pending[t] + part
+
+    # ------------------------------------------------------------------ running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._hooked():
+            return self.model(*args, **kwargs)
+
+    __call__ = forward
+
+    def generate(
+        self, *args: Any, interventions: Sequence[Intervention] = (), **kwargs: Any
+    ) -> Any:
+        """`model.generate` through the replacement; `interventions` add to the standing ones.
+
+        Captured response rows stop before each row's first EOS token.
+        """
+        tokens = kwargs.get("input_ids", args[0] if args else None)
+        if tokens is None:
+            raise ValueError("ReplacementModel.generate needs input_ids (token regions)")
+        prompt_length = tokens.shape[1]
+        with self._hooked(), self.intervene(interventions):
+            self._generate_prompt_length, self._generate_started = prompt_length, False
+            try:
+                output = self.model.generate(*args, **kwargs)
+            finally:
+                self._generate_prompt_length = None
+        if self._capture is not None:
+            sequences = output if isinstance(output, Tensor) else output.sequences
+            self._capture.end_sequence(self._response_stops(sequences, prompt_length, kwargs))
+        return output
+
+    def _response_stops(self, sequences: Tensor, prompt_length: int, kwargs: dict) -> list[int]:
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+        response = sequences[:, prompt_length:]
+        if eos is None:
+            return [sequences.shape[1]] * len(sequences)
+        eos = torch.tensor(eos if isinstance(eos, (list, tuple)) else [eos])
+        is_eos = torch.isin(response.cpu(), eos)
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), response.shape[1])
+        return (first + prompt_length).tolist()
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def benchmark_generate(
+    model: nn.Module,
+    coders: nn.Module,
+    inputs: dict[str, Tensor],
+    mode: Mode = "open-loop",
+    max_new_tokens: int = 16,
+    repeats: int = 5,
+    capture: bool = False,
+) -> dict[str, float]:
+    """Median greedy `generate` time of the replacement model over the base model's (same run).
+
+    Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved.
+    """
+    replacement = ReplacementModel(model, coders, mode=mode)
+    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
+
+    def timed(run: Any) -> float:
+        start = time.perf_counter()
+        run(**inputs, **settings)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def replaced(**kwargs: Any) -> Any:
+        if not capture:
+            return replacement.generate(**kwargs)
+        with replacement.capture() as features:
+            output = replacement.generate(**kwargs)
+            features.pop_samples()
+        return output
+
+    base_times, replacement_times = [], []
+    with torch.inference_mode():
+        timed(model.generate)
+        timed(replaced)
+        for _ in range(repeats):
+            base_times.append(timed(model.generate))
+            replacement_times.append(timed(replaced))
+    base, replaced_s = statistics.median(base_times), statistics.median(replacement_times)
+    return {"base_s": base, "replacement_s": replaced_s, "ratio": replaced_s / base}
