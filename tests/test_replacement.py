@@ -388,3 +388,33 @@ def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
     result = benchmark_generate(model, make_coders("clt"), batch(), max_new_tokens=2, repeats=1)
     assert result["base_s"] > 0 and result["replacement_s"] > 0
     assert result["ratio"] == pytest.approx(result["replacement_s"] / result["base_s"])
+
+
+def test_attribution_gradients_match_a_finite_difference(model: nn.Module) -> None:
+    """activation x gradient of a logit equals the first-order effect of scaling the feature."""
+    inputs = batch()
+    coders = make_coders("clt")
+    rm = ReplacementModel(model, coders, mode="error")
+    with rm.attribution() as leaves:
+        logits = rm(**inputs).logits
+    assert torch.equal(logits, model(**inputs).logits)  # the leaves do not change the values
+    target = logits[0, -1, 3]
+    target.backward()
+    p, acts, indices = leaves[0]
+    # the strongest attributed feature of the last token, and the effect of scaling it slightly
+    row = acts.shape[0] - 1
+    attribution = (acts * acts.grad)[row]
+    j = int(attribution.abs().argmax())
+    feature = int(indices[row, j])
+    eps = 1e-3
+    nudged = ReplacementModel(model, coders, mode="error")
+    with (
+        torch.no_grad(),
+        nudged.intervene([Intervention("scale", features=feature, layers=p, value=1 + eps)]),
+    ):
+        moved = nudged(**inputs).logits[0, -1, 3]
+    # scaling multiplies every token's activation of that feature; compare with the summed
+    # attribution of that feature over all tokens
+    total = float((acts * acts.grad)[indices == feature].sum())
+    assert abs(total) > 1e-3  # a feature that matters
+    assert float(moved - target.detach()) / eps == pytest.approx(total, rel=0.05)

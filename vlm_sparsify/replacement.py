@@ -73,6 +73,7 @@ class ReplacementModel:
         self._skip = getattr(coders, "skip", None)
         self.interventions = list(interventions)
         self._capture: FeatureCapture | None = None
+        self._leaves: list[tuple[int, Tensor, Tensor]] | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._installs = 0
         # Per-forward state
@@ -122,6 +123,25 @@ class ReplacementModel:
             yield capture
         finally:
             self._capture = outer
+
+    @contextmanager
+    def attribution(self) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+        """Expose every source's feature activations as leaf tensors that gradients reach.
+
+        Inside the block each forward appends `(source, top_acts [N, k], top_indices [N, k])`;
+        `top_acts` requires grad, and decoding adds `decode(acts) - decode(acts.detach())` to the
+        targets: zero in value (error mode stays exact), the features' direct path in gradient.
+        After `backward()`, `top_acts * top_acts.grad` is the activation x gradient attribution.
+        Only in error mode, without interventions.
+        """
+        if self.mode != "error" or self._interventions:
+            raise ValueError("attribution needs mode='error' and no interventions")
+        leaves: list[tuple[int, Tensor, Tensor]] = []
+        outer, self._leaves = self._leaves, leaves
+        try:
+            yield leaves
+        finally:
+            self._leaves = outer
 
     # ------------------------------------------------------------------ hooks
     def install(self) -> None:
@@ -200,6 +220,8 @@ class ReplacementModel:
         if p == 0:  # each forward starts afresh (even one of the language model alone)
             self._pending = [None] * len(self.hookpoints)
         mode = self.mode
+        if self._leaves is not None:
+            return self._attribution_step(p, args[0], output)
         edits = self._per_source[p] if mode != "off" else ()
         if mode == "open-loop" or edits or self._capture is not None:
             x = args[0].reshape(-1, args[0].shape[-1]).to(self._dtype)
@@ -229,6 +251,20 @@ class ReplacementModel:
         if prediction is not None:
             return output + prediction.view(output.shape).to(output.dtype)
         return None
+
+    def _attribution_step(self, p: int, x: Tensor, output: Tensor) -> Tensor:
+        assert self._leaves is not None
+        flat = x.detach().reshape(-1, x.shape[-1]).to(self._dtype)
+        with torch.no_grad():
+            top_acts, top_indices, _ = self.coders.encode(p, flat)
+        leaf = top_acts.detach().requires_grad_(True)
+        self._leaves.append((p, leaf, top_indices))
+        live = self.coders.decode(p, leaf, top_indices)
+        frozen = self.coders.decode(p, leaf.detach(), top_indices)
+        self._accumulate(p, [a - b for a, b in zip(live, frozen, strict=True)])
+        prediction, self._pending[p] = self._pending[p], None
+        assert prediction is not None
+        return output + prediction.view(output.shape).to(output.dtype)
 
     def _accumulate(self, p: int, parts: list[Tensor]) -> None:
         pending = self._pending
