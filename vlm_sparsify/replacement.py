@@ -48,11 +48,8 @@ class ReplacementModel:
         interventions: Sequence[Intervention] = (),
         image_token_id: int | None = None,
     ):
-        match mode:
-            case "open-loop" | "error" | "off":
-                self.mode: Mode = mode
-            case other:
-                raise ValueError(f"Unknown replacement mode '{other}'; use open-loop, error or off")
+        self._installs = 0
+        self.mode = mode
         self.model = model
         self.coders = coders
         self.hookpoints: list[str] = list(coders.hookpoints)
@@ -74,8 +71,7 @@ class ReplacementModel:
         self.interventions = list(interventions)
         self._capture: FeatureCapture | None = None
         self._leaves: list[tuple[int, Tensor, Tensor]] | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._installs = 0
+        self._handles: list[Any] = []
         # Per-forward state
         self._pending: list[Tensor | None] = [None] * len(self.hookpoints)
         self._regions: Tensor | None = None
@@ -85,6 +81,20 @@ class ReplacementModel:
         self._prompt_length = 0
 
     # ------------------------------------------------------------------ configuration
+    @property
+    def mode(self) -> Mode:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: Mode) -> None:
+        if self._installs:
+            raise RuntimeError("change the mode outside `with rm:` (its hooks depend on it)")
+        match mode:
+            case "open-loop" | "error" | "off":
+                self._mode: Mode = mode
+            case other:
+                raise ValueError(f"Unknown replacement mode '{other}'; use open-loop, error or off")
+
     @property
     def interventions(self) -> list[Intervention]:
         return list(self._interventions)
@@ -152,7 +162,11 @@ class ReplacementModel:
             )
             for p, hookpoint in enumerate(self.hookpoints):
                 module = self.model.get_submodule(hookpoint)
-                self._handles.append(module.register_forward_hook(partial(self._replace, p)))
+                if self.mode == "open-loop":
+                    # the MLP's own output is not needed: do not compute it
+                    self._handles.append(_ForwardOverride(module, partial(self._open_loop, p)))
+                else:
+                    self._handles.append(module.register_forward_hook(partial(self._replace, p)))
         self._installs += 1
 
     def remove(self) -> None:
@@ -216,7 +230,15 @@ class ReplacementModel:
         if self._capture is not None:
             self._capture.start_forward(past, tokens, regions)
 
-    def _replace(self, p: int, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+    def _open_loop(self, p: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Stands in for MLP p's forward in open-loop mode: the coders' prediction from x."""
+        prediction = self._replace(p, None, (x,), x)
+        assert prediction is not None
+        return prediction
+
+    def _replace(
+        self, p: int, module: nn.Module | None, args: tuple, output: Tensor
+    ) -> Tensor | None:
         if p == 0:  # each forward starts afresh (even one of the language model alone)
             self._pending = [None] * len(self.hookpoints)
         mode = self.mode
@@ -310,6 +332,17 @@ class ReplacementModel:
         is_eos = torch.isin(response.cpu(), eos)
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), response.shape[1])
         return (first + prompt_length).tolist()
+
+
+class _ForwardOverride:
+    """Replaces a module's `forward` until `remove()` (a handle like a hook's)."""
+
+    def __init__(self, module: nn.Module, forward: Any):
+        self.module = module
+        module.forward = forward  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        del self.module.forward
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:

@@ -1,0 +1,61 @@
+"""`python -m vlm_sparsify.bench --quick --json` runs and reports every figure (no timing asserts)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from vlm_sparsify.bench import GOALS
+
+FIGURES = (
+    "plugin_vs_stock_plt_step",
+    "clt_vs_plt_step",
+    "replacement_vs_base_generate",
+    "replacement_error_vs_base_generate",
+    "capture_vs_base_generate",
+    "store_bytes_per_active",
+    "analyze_7b_s",
+    "analyze_tiny_s",
+    "pipeline_vs_pretokenized",
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run() -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "vlm_sparsify.bench", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return json.loads(done.stdout)  # stdout holds the JSON object alone
+
+
+def test_quick_json_has_every_figure(quick_run: dict):
+    for key in FIGURES:
+        value = quick_run[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    # a TopK capture stores one int16 index and one bf16 value per active feature, plus index
+    assert 4.0 <= quick_run["store_bytes_per_active"] < 6.0
+    assert set(GOALS) <= set(FIGURES)
+    machine = quick_run["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch"] and machine["date"]
+
+
+def test_gpu_flag_fails_fast_without_cuda():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    done = subprocess.run(
+        [sys.executable, "-m", "vlm_sparsify.bench", "--gpu", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "needs a CUDA device" in done.stderr
+    assert done.stdout == ""

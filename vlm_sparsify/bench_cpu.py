@@ -1,0 +1,246 @@
+"""The CPU part of `python -m vlm_sparsify.bench`: every figure on the tiny default model."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vlm_sparsify.bench_steps import (
+    Paired,
+    alternate_steps,
+    make_trainer,
+    pipeline_vs_pretokenized,
+    plugin_vs_stock_steps,
+    train_config,
+)
+from vlm_sparsify.data import BatchStream, Example, easyvqa_examples, load_rgb
+from vlm_sparsify.hookpoints import mlp_hookpoints
+from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
+from vlm_sparsify.recipe import Recipe, find_recipe
+from vlm_sparsify.replacement import ReplacementModel, benchmark_generate
+
+
+@dataclass(frozen=True)
+class CpuSizes:
+    """Sizes and repeats of the CPU run (`quick()` for the smoke run)."""
+
+    batch_size: int = 8
+    text_tokens: int = 48
+    expansion_factor: int = 8
+    k: int = 32
+    stock_rounds: int = 8
+    steps_per_round: int = 14
+    clt_steps: int = 40
+    generate_batch: int = 4
+    max_new_tokens: int = 16
+    generate_repeats: int = 15
+    store_samples: int = 32
+    analyze_samples: int = 1000
+    pipeline_rounds: int = 6
+    pipeline_batches: int = 10
+    num_workers: int = 1
+
+    @classmethod
+    def quick(cls) -> CpuSizes:
+        return cls(
+            stock_rounds=2,
+            steps_per_round=4,
+            clt_steps=3,
+            max_new_tokens=4,
+            generate_repeats=2,
+            store_samples=8,
+            analyze_samples=16,
+            pipeline_rounds=2,
+            pipeline_batches=3,
+        )
+
+
+def load_bench_model() -> tuple[nn.Module, Any, Recipe, str]:
+    """The shipped tiny easy-VQA LLaVA; until it exists, a random model of its architecture."""
+    recipe = find_recipe("tiny_llava")
+    if (Path(DEFAULT_MODEL) / "config.json").is_file():
+        model, processor, _ = load_model_and_processor(
+            DEFAULT_MODEL, recipe, dtype="float32", device="cpu"
+        )
+        return model, processor, recipe, f"shipped tiny easy-VQA LLaVA ({DEFAULT_MODEL})"
+    from vlm_sparsify.tiny.build import build_model, build_processor
+
+    torch.manual_seed(0)
+    model = build_model().eval().requires_grad_(False)
+    note = (
+        f"random weights with the shipped tiny LLaVA's architecture (no model in {DEFAULT_MODEL} "
+        "yet); timings do not depend on the weights"
+    )
+    return model, build_processor(), recipe, note
+
+
+def easyvqa_batch(
+    examples: list[Example], processor: Any, recipe: Recipe, model: nn.Module
+) -> dict[str, Any]:
+    """One training batch (image + question + answer) through the real pipeline."""
+    stream = BatchStream(
+        examples,
+        processor,
+        recipe,
+        batch_size=len(examples),
+        max_positions=model.config.get_text_config().max_position_embeddings,
+    )
+    return next(iter(stream))
+
+
+def generation_inputs(
+    examples: list[Example], processor: Any, recipe: Recipe
+) -> dict[str, torch.Tensor]:
+    """Left-padded image + prompt inputs for greedy generation."""
+    images = [load_rgb(e.image) for e in examples]
+    prompts = [recipe.format_prompt(e.question, processor) for e in examples]
+    return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+
+def store_bytes_per_active(
+    model: nn.Module,
+    coders: nn.Module,
+    examples: list[Example],
+    processor: Any,
+    recipe: Recipe,
+    batch_size: int,
+    max_new_tokens: int,
+) -> float:
+    """Capture features while generating (base model, capture on) into a FeatureStore."""
+    from benchmarks.store import FeatureStore, StoreMeta
+
+    replacement = ReplacementModel(model, coders, mode="off")
+    meta = StoreMeta(list(coders.hookpoints), coders.cfg.k, replacement.num_latents)
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        store = FeatureStore(Path(tmp) / "store", meta)
+        for first in range(0, len(examples), batch_size):
+            chunk = examples[first : first + batch_size]
+            with replacement.capture() as features:
+                replacement.generate(
+                    **generation_inputs(chunk, processor, recipe),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                )
+                samples = features.pop_samples()
+            store.append(
+                (e.id, s.indices, s.values, s.regions) for e, s in zip(chunk, samples, strict=True)
+            )
+        return store.bytes_per_active_feature()
+
+
+def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model, processor, recipe, source = load_bench_model()
+    log(f"model: {source}")
+    hookpoints = mlp_hookpoints(model, recipe)
+    examples = easyvqa_examples("train")[: max(sizes.store_samples, 64)]
+    results: dict[str, Any] = {"model": source, "hookpoints": len(hookpoints)}
+    details: dict[str, Any] = {}
+    bs, ef, k = sizes.batch_size, sizes.expansion_factor, sizes.k
+
+    # (a) plugin vs stock sparsify, text-only batches
+    vocab = model.config.get_text_config().vocab_size
+    n_batches = sizes.steps_per_round + 2
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (bs * n_batches, sizes.text_tokens), generator=generator)
+    log("(a) plugin vs stock PLT step ...")
+    paired = sum(
+        (
+            plugin_vs_stock_steps(model, hookpoints, ids, bs, ef, k)
+            for _ in range(sizes.stock_rounds)
+        ),
+        start=Paired(),
+    )
+    results["plugin_vs_stock_plt_step"] = paired.ratio
+    details["plugin_vs_stock_plt_step"] = paired.summary()
+
+    # (b) CLT (all layers) vs PLT, multimodal batch
+    log("(b) CLT vs PLT step ...")
+    batch = easyvqa_batch(examples[:bs], processor, recipe, model)
+    plt = make_trainer(model, hookpoints, train_config(bs, ef, k))
+    clt = make_trainer(model, hookpoints, train_config(bs, ef, k), cross_layer=len(hookpoints))
+    paired = alternate_steps(
+        lambda: clt.train_on_batch(batch),
+        lambda: plt.train_on_batch(batch),
+        sizes.clt_steps,
+        warmup=2,
+        device=device,
+    )
+    results["clt_vs_plt_step"] = paired.ratio
+    details["clt_vs_plt_step"] = {**paired.summary(), "tokens": int(batch["token_mask"].sum())}
+
+    # (c, d) generation: replacement (CLT) vs base; capture on vs off
+    log("(c) replacement vs base generate ...")
+    inputs = generation_inputs(examples[: sizes.generate_batch], processor, recipe)
+    gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
+    for key, mode, capture in (
+        ("replacement_vs_base_generate", "open-loop", False),
+        ("replacement_error_vs_base_generate", "error", False),
+        ("capture_vs_base_generate", "off", True),
+        ("replacement_capture_vs_base_generate", "open-loop", True),
+    ):
+        timing = benchmark_generate(model, clt.coders, inputs, mode=mode, capture=capture, **gen)
+        results[key] = timing["ratio"]
+        details[key] = timing
+
+    # (e) bytes per stored active feature, from a real capture
+    log("(e) feature store bytes ...")
+    results["store_bytes_per_active"] = store_bytes_per_active(
+        model,
+        clt.coders,
+        examples[: sizes.store_samples],
+        processor,
+        recipe,
+        sizes.generate_batch,
+        sizes.max_new_tokens,
+    )
+
+    # (f) analyze on synthetic stores: LLaVA-7B scale and tiny-model scale
+    from benchmarks.bench_analyze import bench_analyze
+
+    log(f"(f) analyze, {sizes.analyze_samples} samples at 7B scale ...")
+    big = bench_analyze(samples=sizes.analyze_samples)
+    results["analyze_7b_s"] = big["analyze_s"]
+    details["analyze_7b"] = {"samples": sizes.analyze_samples, **big}
+    tiny = bench_analyze(samples=64, tokens=32, layers=len(hookpoints), latents=ef * 128, k=k)
+    results["analyze_tiny_s"] = tiny["analyze_s"]
+    details["analyze_tiny"] = {"samples": 64, **tiny}
+
+    # (g) multimodal pipeline vs pre-tokenized batches, same PLT step
+    log("(g) multimodal pipeline vs pre-tokenized ...")
+    max_positions = model.config.get_text_config().max_position_embeddings
+    n_examples = bs * sizes.pipeline_batches
+
+    def make_loader() -> DataLoader:
+        stream = BatchStream(
+            examples, processor, recipe, bs, max_positions=max_positions, max_examples=n_examples
+        )
+        return DataLoader(stream, batch_size=None, num_workers=sizes.num_workers)
+
+    stream = BatchStream(examples, processor, recipe, bs, max_positions=max_positions)
+    start = time.perf_counter()
+    stream.make_batch(0, examples[:bs])
+    details["pipeline_make_batch_s"] = time.perf_counter() - start
+    pretokenized = list(
+        islice(
+            BatchStream(examples, processor, recipe, bs, max_positions=max_positions),
+            sizes.pipeline_batches,
+        )
+    )
+    paired = pipeline_vs_pretokenized(plt, make_loader, pretokenized, sizes.pipeline_rounds, device)
+    results["pipeline_vs_pretokenized"] = paired.ratio
+    details["pipeline_vs_pretokenized"] = {
+        **paired.summary("tok_per_s"),
+        "num_workers": sizes.num_workers,
+    }
+    results["details"] = details
+    return results

@@ -1,0 +1,304 @@
+"""The `--gpu` part of `python -m vlm_sparsify.bench`: LLaVA-1.5-7B size, random weights.
+
+Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 (as
+`../shared/bench/gpu_anchor_sparsify.py`), batch 8 x 1024 text tokens:
+- the plugin's PLT step vs stock sparsify's, alternating step by step (8,192 latents, k=32);
+- stock sparsify's PLT alone and our CLT (32 layers x 8,192 latents x cross_layer 16, bf16
+  decoders) alone: tokens/s and `torch.cuda.max_memory_allocated` of each, one after the other
+  (both together do not fit one GPU);
+- replacement-model (CLT) greedy generation vs the base model (576 image tokens + prompt);
+- the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
+  workers) vs the same batches pre-tokenized, feeding the plugin's PLT step.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from functools import partial
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vlm_sparsify.bench_steps import (
+    make_trainer,
+    pipeline_vs_pretokenized,
+    plugin_vs_stock_steps,
+    sync,
+    train_config,
+)
+from vlm_sparsify.data import BatchStream, easyvqa_examples, load_rgb
+from vlm_sparsify.hookpoints import mlp_hookpoints
+from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.replacement import benchmark_generate
+
+NO_CUDA = (
+    "--gpu needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
+    "run `python -m vlm_sparsify.bench` without --gpu for the CPU figures"
+)
+
+
+@dataclass(frozen=True)
+class GpuSizes:
+    """LLaVA-1.5-7B geometry and the benchmark's repeats (`smoke()`: a tiny CPU check)."""
+
+    hidden: int = 4096
+    intermediate: int = 11008
+    layers: int = 32
+    heads: int = 32
+    vocab: int = 32064
+    vision_hidden: int = 1024
+    vision_intermediate: int = 4096
+    vision_layers: int = 24
+    vision_heads: int = 16
+    image_size: int = 336
+    batch_size: int = 8
+    ctx: int = 1024
+    num_latents: int = 8192
+    k: int = 32
+    cross_layer: int = 16
+    warmup: int = 2
+    steps: int = 8
+    max_new_tokens: int = 32
+    generate_repeats: int = 3
+    pipeline_rounds: int = 2
+    pipeline_batches: int = 6
+    num_workers: int = max(1, min(8, len(os.sched_getaffinity(0)) - 2))
+
+    @classmethod
+    def quick(cls) -> GpuSizes:
+        return cls(steps=3, generate_repeats=1, max_new_tokens=8, pipeline_rounds=1)
+
+    @classmethod
+    def smoke(cls) -> GpuSizes:
+        """Same code path at toy size (to check it on a CPU)."""
+        return cls(
+            hidden=64,
+            intermediate=128,
+            layers=4,
+            heads=2,
+            vision_hidden=32,
+            vision_intermediate=64,
+            vision_layers=2,
+            vision_heads=2,
+            image_size=56,
+            batch_size=2,
+            ctx=32,
+            num_latents=128,
+            k=8,
+            cross_layer=2,
+            steps=2,
+            max_new_tokens=2,
+            generate_repeats=1,
+            pipeline_rounds=1,
+            pipeline_batches=2,
+            num_workers=1,
+        )
+
+
+def build_llava(sizes: GpuSizes, device: torch.device) -> tuple[nn.Module, Any]:
+    """Random bf16 LLaVA-1.5 of `sizes` and a processor whose image token matches its config."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from vlm_sparsify.tiny.build import CHAT_TEMPLATE, IMAGE, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    patch = 14
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": sizes.image_size},
+            crop_size={"height": sizes.image_size, "width": sizes.image_size},
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+    text = LlamaConfig(
+        hidden_size=sizes.hidden,
+        intermediate_size=sizes.intermediate,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=sizes.heads,
+        num_key_value_heads=sizes.heads,
+        vocab_size=sizes.vocab,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=sizes.vision_hidden,
+        intermediate_size=sizes.vision_intermediate,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=sizes.vision_heads,
+        image_size=sizes.image_size,
+        patch_size=patch,
+        projection_dim=768,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_seq_length=(sizes.image_size // patch) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    default = torch.get_default_dtype()
+    # bf16 as the anchor on a GPU; float32 for the toy-size check on a CPU (no autocast there)
+    torch.set_default_dtype(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval().requires_grad_(False), processor
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def timed_steps(step: Any, warmup: int, steps: int, device: torch.device) -> float:
+    """Median seconds of `step()` after `warmup` calls."""
+    import time
+
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str, Any]:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model, processor = build_llava(sizes, device)
+    hookpoints = mlp_hookpoints(model, find_recipe("llava"))
+    bs, tokens = sizes.batch_size, sizes.batch_size * sizes.ctx
+    ef = sizes.num_latents // sizes.hidden
+    results: dict[str, Any] = {"model": "LLaVA-1.5-7B architecture, random bf16 weights"}
+    details: dict[str, Any] = {}
+    n_batches = sizes.warmup + sizes.steps
+    ids = torch.randint(
+        0, 32000 if sizes.vocab > 32000 else sizes.vocab, (bs * n_batches, sizes.ctx)
+    )
+    text_batch = {
+        "inputs": {"input_ids": ids[:bs].to(device)},
+        "token_mask": torch.ones(bs, sizes.ctx, dtype=torch.bool, device=device),
+    }
+
+    log("[gpu] plugin vs stock PLT step ...")
+    paired = plugin_vs_stock_steps(model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup)
+    results["plugin_vs_stock_plt_step"] = paired.ratio
+    details["plugin_vs_stock_plt_step"] = paired.summary()
+
+    results["plugin_plt_tok_per_s"] = tokens / statistics.median(paired.candidate)
+
+    log("[gpu] stock PLT alone ...")
+    reset_peak(device)
+    stock = plugin_vs_stock_steps(
+        model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup, with_plugin=False
+    )
+    stock_tok_s = tokens / statistics.median(stock.reference)
+    results["stock_plt_tok_per_s"] = stock_tok_s
+    results["stock_plt_peak_gib"] = peak_gib(device)
+
+    log(f"[gpu] CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer} ...")
+    reset_peak(device)
+    clt = make_trainer(
+        model,
+        hookpoints,
+        train_config(bs, ef, sizes.k),
+        cross_layer=sizes.cross_layer,
+        decoder_dtype=torch.bfloat16,
+    )
+    step = partial(clt.train_on_batch, text_batch)
+    seconds = timed_steps(step, sizes.warmup, sizes.steps, device)
+    results["clt_tok_per_s"] = tokens / seconds
+    results["clt_peak_gib"] = peak_gib(device)
+    results["clt_vs_stock_plt_tok_per_s"] = results["clt_tok_per_s"] / stock_tok_s
+    coders = clt.coders
+    del clt, step
+    reset_peak(device)
+
+    log("[gpu] replacement vs base generate ...")
+    examples = easyvqa_examples("train")[: bs * max(sizes.pipeline_batches, 1)]
+    recipe = find_recipe("tiny_llava")  # its prompt format is LLaVA-1.5's
+    prompts = [recipe.format_prompt(e.question, processor) for e in examples[:bs]]
+    images = [load_rgb(e.image) for e in examples[:bs]]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
+    for key, mode in (
+        ("replacement_vs_base_generate", "open-loop"),
+        ("replacement_error_vs_base_generate", "error"),
+    ):
+        timing = benchmark_generate(model, coders, inputs, mode=mode, **gen)
+        results[key] = timing["ratio"]
+        details[key] = timing
+    del coders, inputs
+    reset_peak(device)
+
+    log("[gpu] multimodal pipeline vs pre-tokenized ...")
+    plt = make_trainer(model, hookpoints, train_config(bs, ef, sizes.k))
+    n_examples = bs * sizes.pipeline_batches
+
+    dtype = model.dtype
+
+    class ModelDtypePixels(BatchStream):
+        """Pixel values cast to the model's dtype in the worker, as a user's collate would."""
+
+        def make_batch(self, index: int, chunk: list) -> dict[str, Any]:
+            batch = super().make_batch(index, chunk)
+            if "inputs" in batch:
+                batch["inputs"]["pixel_values"] = batch["inputs"]["pixel_values"].to(dtype)
+            return batch
+
+    def stream() -> ModelDtypePixels:
+        return ModelDtypePixels(examples, processor, recipe, bs, max_examples=n_examples)
+
+    def make_loader() -> DataLoader:
+        return DataLoader(stream(), batch_size=None, num_workers=sizes.num_workers, pin_memory=True)
+
+    pretokenized = list(islice(stream(), sizes.pipeline_batches))
+    plt.train_on_batch(pretokenized[0])  # warm-up
+    paired = pipeline_vs_pretokenized(plt, make_loader, pretokenized, sizes.pipeline_rounds, device)
+    results["pipeline_vs_pretokenized"] = paired.ratio
+    details["pipeline_vs_pretokenized"] = {
+        **paired.summary("tok_per_s"),
+        "num_workers": sizes.num_workers,
+    }
+    results["details"] = details
+    results["settings"] = asdict(sizes)
+    return results
+
+
+def run_gpu(quick: bool, log: Any) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise SystemExit(NO_CUDA)
+    sizes = GpuSizes.quick() if quick else GpuSizes()
+    return measure_at_size(sizes, torch.device("cuda"), log)

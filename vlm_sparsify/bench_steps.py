@@ -1,0 +1,265 @@
+"""Timing primitives shared by the CPU and GPU benchmarks (`python -m vlm_sparsify.bench`).
+
+Every figure is a ratio against a reference measured in the same process, interleaved with it,
+after warm-up, as a median: absolute times on a shared machine drift, ratios much less.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+import transformers
+from sparsify import SparseCoderConfig, TrainConfig
+from sparsify import Trainer as StockTrainer
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from vlm_sparsify.training import Trainer, build_coders, build_optimizers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, cores, GPU, library versions, date and load (the machine may be shared)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence stock sparsify's prints and progress bars while it is being timed."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+class InterleavedBatches(Dataset):
+    """Rows of `input_ids` for stock sparsify's DataLoader. When stock fetches the first row of
+    a batch (its previous step has ended), the plugin's step runs on that same batch and is
+    timed on its own; stock's step is the time from there to its next batch fetch. So the two
+    trainers alternate step by step (ABAB...) on identical batches under identical load."""
+
+    def __init__(
+        self, input_ids: Tensor, batch_size: int, device: torch.device, plugin_step: Callable
+    ):
+        self.input_ids = input_ids
+        self.batch_size = batch_size
+        self.device = device
+        self.plugin_step = plugin_step
+        self.stock_times: list[float] = []
+        self.plugin_times: list[float] = []
+        self._stock_start: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        if i % self.batch_size == 0:
+            self.boundary(self.input_ids[i : i + self.batch_size])
+        return {"input_ids": self.input_ids[i]}
+
+    def boundary(self, ids: Tensor | None) -> None:
+        """End stock's running step; run the plugin's step on the next batch."""
+        sync(self.device)
+        now = time.perf_counter()
+        if self._stock_start is not None:
+            self.stock_times.append(now - self._stock_start)
+        if ids is not None:
+            self.plugin_step(ids.to(self.device))
+            sync(self.device)
+            self.plugin_times.append(time.perf_counter() - now)
+        self._stock_start = time.perf_counter()
+
+
+def relative_hookpoints(model: nn.Module, hookpoints: list[str]) -> list[str]:
+    """Our root-model hookpoints as stock sparsify names them (relative to `model.base_model`)."""
+    base = model.base_model
+    prefix = next(name for name, module in model.named_modules() if module is base)
+    return [h.removeprefix(f"{prefix}.") if prefix else h for h in hookpoints]
+
+
+def train_config(
+    batch_size: int, expansion_factor: int, k: int, hookpoints: list[str] | None = None
+) -> TrainConfig:
+    """PLT settings shared by both trainers: signum, k fixed from step 0, no saving."""
+    return TrainConfig(
+        SparseCoderConfig(transcode=True, expansion_factor=expansion_factor, k=k),
+        batch_size=batch_size,
+        hookpoints=hookpoints or [],
+        log_to_wandb=False,
+        save_every=10**9,
+    )
+
+
+def make_trainer(
+    model: nn.Module,
+    hookpoints: list[str],
+    cfg: TrainConfig,
+    cross_layer: int = 0,
+    decoder_dtype: torch.dtype | None = None,
+) -> Trainer:
+    """The plugin's trainer, built as `python -m vlm_sparsify` builds it."""
+    device = next(model.parameters()).device
+    d_in = model.config.get_text_config().hidden_size
+    coders = build_coders(
+        hookpoints, d_in, cfg.sae, cross_layer, device, decoder_dtype=decoder_dtype
+    )
+    optimizers, schedulers = build_optimizers(cfg, coders, 10**6)
+    model.requires_grad_(False)
+    return Trainer(model, coders, cfg, optimizers, schedulers)
+
+
+def plugin_vs_stock_steps(
+    model: nn.Module,
+    hookpoints: list[str],
+    input_ids: Tensor,
+    batch_size: int,
+    expansion_factor: int,
+    k: int,
+    warmup: int = 2,
+    with_plugin: bool = True,
+) -> Paired:
+    """Step times of stock `sparsify.Trainer.fit()` (hook-driven forward, coder forward +
+    backward, optimizer step, bookkeeping, batch fetch) and of the plugin's
+    `Trainer.train_on_batch`, alternating step by step on the same batches, after `warmup`.
+    Without `with_plugin`, stock runs alone (its plugin times are then ~0)."""
+    device = next(model.parameters()).device
+    plugin = (
+        make_trainer(model, hookpoints, train_config(batch_size, expansion_factor, k))
+        if with_plugin
+        else None
+    )
+
+    def plugin_step(ids: Tensor) -> None:
+        if plugin is not None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+            plugin.train_on_batch({"inputs": {"input_ids": ids}, "token_mask": mask})
+
+    cfg = train_config(batch_size, expansion_factor, k, relative_hookpoints(model, hookpoints))
+    data = InterleavedBatches(input_ids, batch_size, device, plugin_step)
+    with quiet():
+        stock = StockTrainer(cfg, data, model)  # type: ignore[arg-type]
+        stock.save = lambda: None  # type: ignore[method-assign]
+        stock.fit()
+    data.boundary(None)
+    return Paired(data.plugin_times[warmup:], data.stock_times[warmup:])
+
+
+@dataclass
+class Paired:
+    """Interleaved measurements of a candidate against its reference."""
+
+    candidate: list[float] = field(default_factory=list)
+    reference: list[float] = field(default_factory=list)
+
+    def __add__(self, other: Paired) -> Paired:
+        return Paired(self.candidate + other.candidate, self.reference + other.reference)
+
+    @property
+    def ratio(self) -> float:
+        """Median over pairs of candidate / reference (neighbours in time share the load)."""
+        return statistics.median(c / r for c, r in zip(self.candidate, self.reference, strict=True))
+
+    def summary(self, unit: str = "s") -> dict[str, float]:
+        return {
+            f"candidate_{unit}": statistics.median(self.candidate),
+            f"reference_{unit}": statistics.median(self.reference),
+            "ratio": self.ratio,
+            "ratio_of_medians": statistics.median(self.candidate)
+            / statistics.median(self.reference),
+            "n": len(self.candidate),
+        }
+
+
+def alternate_steps(
+    candidate: Callable[[], Any],
+    reference: Callable[[], Any],
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> Paired:
+    """ABAB...: one call of each per step, timed separately, after `warmup` untimed pairs."""
+    paired = Paired()
+
+    def timed(run: Callable[[], Any]) -> float:
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        return time.perf_counter() - start
+
+    for i in range(warmup + steps):
+        first, second = (candidate, reference) if i % 2 == 0 else (reference, candidate)
+        a, b = timed(first), timed(second)
+        if i >= warmup:
+            c, r = (a, b) if first is candidate else (b, a)
+            paired.candidate.append(c)
+            paired.reference.append(r)
+    return paired
+
+
+def tokens_per_second(
+    trainer: Trainer, batches: Iterable[dict[str, Any]], device: torch.device
+) -> tuple[int, float]:
+    """Masked tokens trained and seconds taken, from the first batch's arrival to the last step
+    (the first batch is fetched outside the clock: worker start-up is not throughput)."""
+    iterator = iter(batches)
+    batch = next(iterator)
+    tokens = 0
+    sync(device)
+    start = time.perf_counter()
+    while True:
+        trainer.train_on_batch(batch)
+        tokens += int(batch["token_mask"].sum())
+        batch = next(iterator, None)
+        if batch is None:
+            break
+    sync(device)
+    return tokens, time.perf_counter() - start
+
+
+def pipeline_vs_pretokenized(
+    trainer: Trainer,
+    make_loader: Callable[[], Iterable[dict[str, Any]]],
+    pretokenized: list[dict[str, Any]],
+    rounds: int,
+    device: torch.device,
+) -> Paired:
+    """Tokens/s of training fed by the live multimodal pipeline vs by the same batches held in
+    memory, alternating blocks of equal length (candidate = pipeline)."""
+    paired = Paired()
+    for r in range(rounds):
+        for live in (True, False) if r % 2 == 0 else (False, True):
+            source = make_loader() if live else pretokenized
+            tokens, seconds = tokens_per_second(trainer, source, device)
+            (paired.candidate if live else paired.reference).append(tokens / seconds)
+    return paired
