@@ -10,7 +10,7 @@ import sys
 from benchmarks import BENCHMARKS, STAGES
 
 
-def _stage_module(benchmark: str, stage: str):
+def stage_module(benchmark: str, stage: str):
     for name in (f"benchmarks.{benchmark}.{stage}", f"benchmarks.stages.{stage}"):
         try:
             return importlib.import_module(name)
@@ -27,10 +27,12 @@ def run(argv: list[str] | None = None) -> None:
         raise SystemExit(usage)
     benchmark, stage, rest = argv[0], argv[1], argv[2:]
     if benchmark not in BENCHMARKS:
-        raise SystemExit(f"unknown benchmark '{benchmark}'; known: {', '.join(BENCHMARKS)}\n{usage}")
+        raise SystemExit(
+            f"unknown benchmark '{benchmark}'; known: {', '.join(BENCHMARKS)}\n{usage}"
+        )
     if stage not in STAGES:
         raise SystemExit(f"unknown stage '{stage}'; known: {', '.join(STAGES)}\n{usage}")
-    _stage_module(benchmark, stage).main(rest, benchmark=benchmark)
+    stage_module(benchmark, stage).main(rest, benchmark=benchmark)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from .per_layer import fraction_of_variance_unexplained
 ThresholdMethod = Literal["feature", "layer"]
 
 
-def _source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+def source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
     """(W_enc, b_enc, W_decs, b_decs) of source p, decoders [L, d] per target p, p+1, ..."""
     if isinstance(coders, CrossLayerTranscoder):
         source = coders.sources[p]
@@ -45,7 +45,7 @@ def _source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor
 
 
 def _pre_acts(coders: Coders, p: int, x: Tensor) -> Tensor:
-    W_enc, b_enc, _, _ = _source_weights(coders, p)
+    W_enc, b_enc, _, _ = source_weights(coders, p)
     return x.to(W_enc.dtype) @ W_enc.T + b_enc
 
 
@@ -108,7 +108,7 @@ def jumprelu_predictions(
         pre = _pre_acts(coders, p, x).float()
         features = pre * (pre > thresholds[p])
         l0.append(float((features > 0).sum(-1).float().mean()))
-        _, _, W_decs, b_decs = _source_weights(coders, p)
+        _, _, W_decs, b_decs = source_weights(coders, p)
         for i, (W_dec, b_dec) in enumerate(zip(W_decs, b_decs, strict=True)):
             predictions[p + i] += features @ W_dec.float() + b_dec.float()
     return predictions, l0
@@ -157,14 +157,14 @@ def export_circuit_tracer(
     n_layers = len(coders.hookpoints)
     b_dec_per_target: list[Tensor] = [0] * n_layers  # type: ignore[list-item]
     for p in range(n_layers):
-        _, _, _, b_decs = _source_weights(coders, p)
+        _, _, _, b_decs = source_weights(coders, p)
         for i, b_dec in enumerate(b_decs):
             b_dec_per_target[p + i] = b_dec_per_target[p + i] + b_dec.float()
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for p in range(n_layers):
-        W_enc, b_enc, W_decs, _ = _source_weights(coders, p)
+        W_enc, b_enc, W_decs, _ = source_weights(coders, p)
         enc = {
             f"W_enc_{p}": W_enc,
             f"b_enc_{p}": b_enc,

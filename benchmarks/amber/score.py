@@ -24,6 +24,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from benchmarks.amber.items import (
@@ -35,6 +36,7 @@ from benchmarks.amber.items import (
     vocabulary_of,
 )
 from benchmarks.amber.lexicon import Lexicon, load_lexicon
+from benchmarks.outputs import METRICS, capture_info, official_responses, write_json
 from benchmarks.responses import load_records, require_fields
 
 DISCRIMINATIVE = ("existence", "attribute", "state", "number", "action", "relation")
@@ -140,12 +142,15 @@ def _rates(counters: dict[str, float], prefixes: Sequence[str], f1_eps: float) -
     }
 
 
+def answer_is_correct(truth: str, response: str) -> bool:
+    """One discriminative answer as the official script counts it: only "Yes" / "No" are read."""
+    return (truth == "yes" and response == "Yes") or (truth != "yes" and response == "No")
+
+
 def _count_answer(counters: dict[str, float], prefix: str, truth: str, response: str) -> None:
     for p in ("qa", prefix):
         counters[f"{p}_correct_num"] += 1
-        counters[f"{p}_correct_score"] += (truth == "yes" and response == "Yes") or (
-            truth != "yes" and response == "No"
-        )
+        counters[f"{p}_correct_score"] += answer_is_correct(truth, response)
         counters[f"{p}_no_num"] += truth != "yes"
         counters[f"{p}_no_score"] += truth != "yes" and response == "No"
         counters[f"{p}_ans_no_num"] += response == "No"
@@ -255,8 +260,13 @@ def main(argv: list[str], benchmark: str = "amber") -> None:
         prog=f"python -m benchmarks {benchmark} score",
         description="Score AMBER responses as the official inference.py does.",
     )
-    parser.add_argument("--data-dir", required=True, help="AMBER's data/ folder")
-    parser.add_argument("--responses", required=True, help='JSON list of {"id", "response"}')
+    parser.add_argument("--data-dir", help="AMBER's data/ folder")
+    parser.add_argument("--responses", help='JSON list of {"id", "response"}')
+    parser.add_argument(
+        "--out",
+        help="a capture folder: score its responses_official.json (with the --data-dir capture "
+        "read unless given) and write metrics.json there",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (percent)")
     parser.add_argument(
         "--normalize",
@@ -274,6 +284,11 @@ def main(argv: list[str], benchmark: str = "amber") -> None:
     parser.add_argument("--similarity-score", type=float, default=0.8, help="spaCy threshold")
     args = parser.parse_args(argv)
     try:
+        if args.out:
+            args.data_dir = args.data_dir or capture_info(args.out)["data"]["data_dir"]
+            args.responses = official_responses(args.out)
+        if not (args.data_dir and args.responses):
+            raise ValueError("pass --data-dir DIR --responses FILE, or --out DIR")
         association = load_association(args.data_dir)
         result = score(
             load_annotations(args.data_dir),
@@ -286,6 +301,8 @@ def main(argv: list[str], benchmark: str = "amber") -> None:
         )
     except (ValueError, OSError, RuntimeError) as err:
         raise SystemExit(f"amber score: {err}") from err
+    if args.out:
+        write_json(Path(args.out) / METRICS, result)
     if result["mode"] != "official" and result["generative"]:
         print("note: generative metrics use the offline word-matching fallback", file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_report(result))

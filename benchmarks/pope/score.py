@@ -14,9 +14,11 @@ import argparse
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from benchmarks.pope.items import SPLITS, PopeItem, load_questions_dir
+from benchmarks.outputs import METRICS, capture_info, official_responses, write_json
+from benchmarks.pope.items import SPLITS, PopeItem, load_question_file, load_questions_dir
 from benchmarks.responses import load_records, require_fields
 
 NO_WORDS = ("No", "not", "no")
@@ -169,18 +171,42 @@ def main(argv: list[str], benchmark: str = "pope") -> None:
     )
     parser.add_argument(
         "--questions-dir",
-        required=True,
         help="folder with the official *_pope_{random,popular,adversarial}.json label files",
     )
     parser.add_argument(
         "--responses",
-        required=True,
         help='JSONL of {"question_id", "split", "response"} (raw model text)',
+    )
+    parser.add_argument(
+        "--out",
+        help="a capture folder: score its responses_official.jsonl against the questions it "
+        "ran (of the label files capture read unless --questions-dir), write metrics.json there",
     )
     parser.add_argument("--json", action="store_true", help="print JSON (fractions)")
     args = parser.parse_args(argv)
     try:
-        result = score(load_questions_dir(args.questions_dir), load_records(args.responses))
+        if args.out:
+            result = _score_capture(args.out, args.questions_dir)
+        elif args.questions_dir and args.responses:
+            result = score(load_questions_dir(args.questions_dir), load_records(args.responses))
+        else:
+            raise ValueError("pass --questions-dir DIR --responses FILE, or --out DIR")
     except (ValueError, OSError) as err:
         raise SystemExit(f"pope score: {err}") from err
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+
+
+def _score_capture(out: str, questions_dir: str | None) -> dict[str, Any]:
+    """Score a capture folder's answers, only the questions it answered (e.g. with --limit)."""
+    data = capture_info(out)["data"]
+    if questions_dir:
+        items = load_questions_dir(questions_dir)
+    elif data.get("questions_dir"):
+        items = load_questions_dir(data["questions_dir"])
+    else:
+        items = load_question_file(data["questions"])
+    responses = load_records(official_responses(out))
+    answered = {(r["split"], int(r["question_id"])) for r in responses}
+    result = score([i for i in items if (i.split, i.question_id) in answered], responses)
+    write_json(Path(out) / METRICS, result)
+    return result

@@ -1,0 +1,105 @@
+"""The uniform view of a benchmark that the `capture` and `classify` stages need.
+
+Each benchmark has `benchmarks/<name>/adapter.py` (see `Adapter`): its data flags as a dataclass,
+its items with the recipe's prompt text, the official response file, and GOOD / BAD per sample
+under the `Rules` below, computed with the benchmark scorer's own per-sample functions.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from benchmarks.outputs import write_atomic
+from vlm_sparsify.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class BenchItem:
+    """One sample to generate: what capture needs, whatever the benchmark."""
+
+    id: str
+    """Unique sample id (responses.jsonl, the feature store, classification.json)."""
+    image: Path
+    """Image file."""
+    question: str
+    """Text given to `Recipe.format_prompt` (any short-answer suffix included)."""
+    fields: dict[str, Any] = field(default_factory=dict)
+    """Benchmark fields copied into the sample's responses.jsonl record."""
+
+
+@dataclass
+class Rules:
+    """What makes a sample GOOD (docs/benchmarks.md, "Capture and classify")."""
+
+    caption_rule: Literal["no-hallucination", "cover", "both"] = "both"
+    """Captions (AMBER generative, easy-VQA captions): GOOD when no hallucinated object, when
+    the coverage of the truth objects is at least --min-cover, or both."""
+    min_cover: float = 0.5
+    """Share of the truth objects a caption must mention (with --caption-rule cover / both)."""
+    normalize: bool = False
+    """AMBER discriminative: read a first word yes / no in any case as "Yes" / "No" (the
+    official scorer accepts only the exact strings)."""
+    word_matching: Literal["auto", "official", "offline"] = "auto"
+    """AMBER generative word matching, as `amber score --mode`."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """GOOD or BAD for one sample, with the per-sample metrics behind it."""
+
+    id: str
+    good: bool
+    group: str
+    """The sample's split / dimension / kind, for counts."""
+    metrics: dict[str, Any]
+
+
+class Adapter(Protocol):
+    """What `benchmarks/<name>/adapter.py` provides."""
+
+    Data: type
+    """Dataclass of the benchmark's data flags (parsed with simple-parsing)."""
+    OFFICIAL_FILE: str
+    """Name of the official response file written into the output folder."""
+
+    def load_items(self, data: Any, recipe: Recipe) -> list[BenchItem]: ...
+
+    def write_official(self, records: Sequence[dict[str, Any]], path: Path) -> None: ...
+
+    def classify(
+        self, data: Any, records: Sequence[dict[str, Any]], rules: Rules
+    ) -> list[Verdict]: ...
+
+
+def get_adapter(benchmark: str) -> Adapter:
+    return importlib.import_module(f"benchmarks.{benchmark}.adapter")  # type: ignore[return-value]
+
+
+def csv_choices(text: str, known: Sequence[str], flag: str) -> list[str]:
+    """A comma-separated flag value, checked against the known names."""
+    chosen = [word.strip() for word in text.split(",") if word.strip()]
+    unknown = [word for word in chosen if word not in known]
+    if unknown or not chosen:
+        raise ValueError(f"{flag} {text!r}: unknown {unknown}; choose from {', '.join(known)}")
+    return chosen
+
+
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    write_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
+
+
+def caption_is_good(hallucinated: int, cover: float, rules: Rules) -> bool:
+    match rules.caption_rule:
+        case "no-hallucination":
+            return hallucinated == 0
+        case "cover":
+            return cover >= rules.min_cover
+        case "both":
+            return hallucinated == 0 and cover >= rules.min_cover
+        case other:
+            raise ValueError(f"Unknown caption rule '{other}'; use no-hallucination, cover, both")

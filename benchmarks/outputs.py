@@ -1,0 +1,72 @@
+"""The files of one benchmark output folder (`--out DIR`) and how stages read them.
+
+capture.json               capture's settings, data flags and counts
+responses.jsonl            one line per generated sample: id, prompt, response, benchmark fields
+responses_official.json[l] the same responses in the benchmark's official format
+store/                     sparse feature store (benchmarks/store.py), when coders were given
+metrics.json               official metrics (`score --out DIR`)
+classification.json        GOOD / BAD per sample (`classify`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CAPTURE = "capture.json"
+RESPONSES = "responses.jsonl"
+OFFICIAL_RESPONSES = ("responses_official.jsonl", "responses_official.json")
+STORE = "store"
+METRICS = "metrics.json"
+CLASSIFICATION = "classification.json"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file under a temporary name, fsync it, then rename it over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file written append-only; a torn last line (a crash) is ignored."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON object") from None
+    return records
+
+
+def capture_info(out: str | Path) -> dict[str, Any]:
+    """capture.json of an output folder (`settings`, `data`, `counts`)."""
+    path = Path(out) / CAPTURE
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}: run `capture --out {out}` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def official_responses(out: str | Path) -> Path:
+    """The official-format response file capture wrote into `out`."""
+    for name in OFFICIAL_RESPONSES:
+        path = Path(out) / name
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"no {' or '.join(OFFICIAL_RESPONSES)} in {out}: run `capture --out {out}` first"
+    )

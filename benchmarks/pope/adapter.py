@@ -1,0 +1,92 @@
+"""POPE for capture / classify: items from official question files, GOOD = correct answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.adapters import BenchItem, Rules, Verdict, csv_choices, write_jsonl
+from benchmarks.pope.items import (
+    SPLITS,
+    PopeItem,
+    load_question_file,
+    load_questions_dir,
+    prompt,
+)
+from benchmarks.pope.score import parse_answer
+from vlm_sparsify.recipe import Recipe
+
+OFFICIAL_FILE = "responses_official.jsonl"
+
+
+@dataclass
+class Data:
+    """POPE questions and images."""
+
+    questions_dir: str | None = None
+    """Folder of the official *_pope_{random,popular,adversarial}.json label files."""
+    questions: str | None = None
+    """One question file instead (JSONL or JSON array; LLaVA's llava_pope_test.jsonl too)."""
+    images: str = "."
+    """Folder of the images the questions name (COCO val2014)."""
+    splits: str = ",".join(SPLITS)
+    """Comma-separated splits to run."""
+
+
+def pope_items(data: Data) -> list[PopeItem]:
+    """The official items of the chosen splits, split by split."""
+    if bool(data.questions_dir) == bool(data.questions):
+        raise ValueError("pass either --questions-dir DIR or --questions FILE")
+    if data.questions_dir:
+        items = load_questions_dir(data.questions_dir)
+    else:
+        items = load_question_file(data.questions)
+    splits = csv_choices(data.splits, SPLITS, "--splits")
+    return [item for item in items if item.split in splits]
+
+
+def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
+    """Question + the recipe's short-answer suffix; id `<split>-<question_id>`."""
+    return [
+        BenchItem(
+            id=f"{item.split}-{item.question_id}",
+            image=Path(data.images) / item.image,
+            question=prompt(item, recipe.prompt.short_answer_suffix),
+            fields={
+                "question_id": item.question_id,
+                "split": item.split,
+                "image": item.image,
+                "label": item.label,
+            },
+        )
+        for item in pope_items(data)
+    ]
+
+
+def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """JSONL of `{"question_id", "split", "response"}` (what `pope score` reads)."""
+    fields = ("question_id", "split", "response")
+    write_jsonl(path, [{name: record[name] for name in fields} for record in records])
+
+
+def classify(data: Data, records: Sequence[dict[str, Any]], rules: Rules) -> list[Verdict]:
+    """GOOD when the official parser's answer equals the label."""
+    verdicts = []
+    for record in records:
+        if record["label"] is None:
+            raise ValueError(
+                f"question {record['question_id']} has no label; capture with label files "
+                "(--questions-dir) to classify"
+            )
+        answer = parse_answer(record["response"])
+        metrics = {
+            "question_id": record["question_id"],
+            "split": record["split"],
+            "label": record["label"],
+            "answer": answer,
+            "correct": answer == record["label"],
+        }
+        verdicts.append(Verdict(record["id"], metrics["correct"], record["split"], metrics))
+    return verdicts

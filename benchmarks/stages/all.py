@@ -1,0 +1,129 @@
+"""`python -m benchmarks BENCH all --out DIR [--coders RUN] [--limit N]`: every stage in order.
+
+capture -> score -> classify -> analyze -> plot -> map -> steer, all into DIR. Without --coders
+a small cross-layer transcoder is trained first on the model (`python -m vlm_sparsify` with the
+settings below) into `DIR/coders`. Each stage skips work already done (capture resumes by sample
+id, analyze / map when their output is up to date, steer per condition, training when
+`DIR/coders` loads), so rerunning the command after an interruption continues it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from simple_parsing import ArgumentParser, DashVariant
+
+from benchmarks.__main__ import stage_module
+from vlm_sparsify.__main__ import run as train
+from vlm_sparsify.coder_io import CheckpointError, load_coders
+from vlm_sparsify.loading import DEFAULT_MODEL
+
+
+@dataclass
+class AllConfig:
+    """One command for the whole pipeline of a benchmark (docs/benchmarks.md, "Map, steer, all")."""
+
+    out: str
+    """Output folder of every stage."""
+    coders: str | None = None
+    """Coder run folder; without it a small CLT is trained into OUT/coders."""
+    model: str = DEFAULT_MODEL
+    """Model id or folder (default: the shipped tiny easy-VQA LLaVA)."""
+    recipe: str | None = None
+    """Recipe name or TOML path (default: matched from the model)."""
+    limit: int | None = 600
+    """Benchmark items captured (the tiny model answers most easy-VQA questions right, so a few
+    hundred are needed for enough BAD samples)."""
+    device: str | None = None
+    """Device (default: cuda if available)."""
+    dtype: str = "auto"
+    """Model dtype for capture."""
+    batch_size: int = 16
+    """Items per generate call."""
+    max_new_tokens: int = 16
+    """Greedy decoding length."""
+    train_dataset: str = ""
+    """Dataset of that CLT (default: the recipe's; easy-VQA for the tiny model)."""
+    train_examples: int = 2000
+    """easy-VQA training examples for the CLT trained without --coders."""
+    num_latents: int = 512
+    """Latents per source of that CLT."""
+    k: int = 16
+    """Active latents per token of that CLT."""
+    cross_layer: int = 4
+    """Targets per source of that CLT (>= layers: every later layer)."""
+    target_features: int = 8
+    """Features selected per direction (analyze)."""
+    factors: str = "0,0.5,2,4"
+    """Steering factors (map uses the largest as its amplification factor)."""
+    bootstrap: int = 1000
+    """Bootstrap resamples (steer)."""
+    seed: int = 0
+    """Seed of the split, the random control and the bootstrap."""
+
+
+def main(argv: list[str], benchmark: str) -> None:
+    parser = ArgumentParser(
+        prog=f"python -m benchmarks {benchmark} all",
+        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
+    )
+    parser.add_arguments(AllConfig, dest="config")
+    config: AllConfig = parser.parse_args(argv).config
+    run_all(config, benchmark)
+
+
+def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None = None) -> None:
+    """Run every stage; `extra_capture` adds the benchmark's data flags to capture."""
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    coders = config.coders or str(train_coders(config, out / "coders"))
+    device = ["--device", config.device] if config.device else []
+    recipe = ["--recipe", config.recipe] if config.recipe else []
+    limit = ["--limit", str(config.limit)] if config.limit else []
+    factors = [float(f) for f in config.factors.split(",") if f.strip()]
+    stages = [
+        ("capture", ["--model", config.model, *recipe, "--coders", coders, *limit, *device,
+                     "--dtype", config.dtype, "--batch-size", str(config.batch_size),
+                     "--max-new-tokens", str(config.max_new_tokens), *(extra_capture or [])]),
+        ("score", []),
+        ("classify", []),
+        ("analyze", ["--target-features", str(config.target_features),
+                     "--split-seed", str(config.seed)]),
+        ("plot", []),
+        ("map", ["--coders", coders, "--factor", str(max(factors)), *device,
+                 "--seed", str(config.seed)]),
+        ("steer", ["--coders", coders, "--factors", config.factors, *device,
+                   "--bootstrap", str(config.bootstrap), "--seed", str(config.seed),
+                   "--batch-size", str(config.batch_size)]),
+    ]  # fmt: skip
+    for stage, argv in stages:
+        start = time.perf_counter()
+        print(f"== {benchmark} {stage}", flush=True)
+        stage_module(benchmark, stage).main(["--out", str(out), *argv], benchmark=benchmark)
+        print(f"== {stage}: {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def train_coders(config: AllConfig, run_dir: Path) -> Path:
+    """A small CLT on the model's own dataset, unless `run_dir` already holds coders."""
+    try:
+        load_coders(run_dir)
+        print(f"== coders: {run_dir} exists, not retrained")
+        return run_dir
+    except (FileNotFoundError, CheckpointError):
+        pass
+    start = time.perf_counter()
+    print(f"== training a CLT into {run_dir}", flush=True)
+    argv = [
+        config.model, *([config.train_dataset] if config.train_dataset else []), "--save_dir", str(run_dir.parent), "--run_name", run_dir.name,
+        "--transcode", "true", "--cross_layer", str(config.cross_layer),
+        "--num_latents", str(config.num_latents), "--k", str(config.k),
+        "--max_examples", str(config.train_examples), "--batch_size", "16",
+        "--num_workers", "0", "--log_to_wandb", "false", "--lr", "2e-3",
+        *(["--recipe", config.recipe] if config.recipe else []),
+        *(["--device", config.device] if config.device else []),
+    ]  # fmt: skip
+    train(argv)
+    print(f"== training: {time.perf_counter() - start:.1f} s", flush=True)
+    return run_dir

@@ -1,0 +1,307 @@
+"""`python -m benchmarks BENCH capture --out DIR [flags]`: generate responses, capture features.
+
+Batched greedy generation with the base model, or with a `ReplacementModel` when `--coders RUN`
+is given (default mode `error`: the model's own outputs, features captured into `DIR/store/`).
+Per batch the store shard is written first, then the response lines (flush + fsync), so a
+restart skips exactly the ids present in both and redoes the rest. Under torchrun, rank r
+generates items r::world and rank 0 writes everything (one writer per store).
+Writes `DIR/responses.jsonl`, `DIR/responses_official.json[l]`, `DIR/store/`, `DIR/capture.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from simple_parsing import ArgumentParser, DashVariant
+from tqdm import tqdm
+
+from benchmarks import outputs
+from benchmarks.adapters import Adapter, BenchItem, get_adapter
+from benchmarks.generation import generate_batch
+from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta
+from vlm_sparsify.coder_io import load_coders
+from vlm_sparsify.data import BadImageError, load_rgb
+from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
+from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.replacement import ReplacementModel
+
+# Settings that change what is generated: a resumed capture must keep them.
+RESUME_KEYS = ("model", "recipe", "coders", "mode", "max_new_tokens", "dtype", "value_dtype")
+
+
+@dataclass
+class CaptureConfig:
+    """Generation and capture settings (the benchmark's data flags come separately)."""
+
+    out: str
+    """Output folder (responses, feature store, capture.json)."""
+    model: str = DEFAULT_MODEL
+    """Model id or folder (default: the shipped tiny easy-VQA LLaVA)."""
+    recipe: str | None = None
+    """Recipe name or TOML path (default: matched from the model)."""
+    coders: str | None = None
+    """Coder run folder; without it the base model generates and no features are stored."""
+    mode: Literal["open-loop", "error", "off"] = "error"
+    """Replacement mode: error reproduces the model exactly, open-loop uses the coders' outputs."""
+    limit: int | None = None
+    """Only the first N items."""
+    batch_size: int = 8
+    """Items per generate call (and per store shard)."""
+    max_new_tokens: int = 32
+    """Greedy decoding length limit (AMBER captions need a few hundred)."""
+    device: str | None = None
+    """Device (default: cuda if available; under torchrun cuda:LOCAL_RANK)."""
+    dtype: str = "auto"
+    """Model dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, ..."""
+    value_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """Stored activation dtype."""
+    strict: bool = False
+    """Fail on a missing or unreadable image instead of skipping it."""
+
+
+def parse_args(argv: list[str], adapter: Adapter, benchmark: str) -> tuple[CaptureConfig, Any]:
+    parser = ArgumentParser(
+        prog=f"python -m benchmarks {benchmark} capture",
+        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
+    )
+    parser.add_arguments(CaptureConfig, dest="config")
+    parser.add_arguments(adapter.Data, dest="data")
+    args = parser.parse_args(argv)
+    return args.config, args.data
+
+
+def main(argv: list[str], benchmark: str) -> None:
+    adapter = get_adapter(benchmark)
+    config, data = parse_args(argv, adapter, benchmark)
+    try:
+        counts = capture(benchmark, adapter, config, data)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"{benchmark} capture: {err}") from err
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if counts is not None:
+        print(json.dumps(counts))
+
+
+def _distributed(device: str | None) -> tuple[int, int, str | None]:
+    """(rank, world size, device); initialises torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def rank_batches(todo: Sequence[BenchItem], rank: int, world: int, batch_size: int) -> list[list]:
+    """Rank `rank`'s items (todo[rank::world]) in batches; every rank gets the same number of
+    batches (the last ones may be empty) so that the per-batch gathers pair up."""
+    mine = list(todo[rank::world])
+    n_batches = math.ceil(math.ceil(len(todo) / world) / batch_size)
+    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+
+
+def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) -> dict | None:
+    """Run the capture; returns the counts on the writing rank (None on the others)."""
+    rank, world, device = _distributed(config.device)
+    recipe = find_recipe(config.recipe, model_id=config.model) if config.recipe else None
+    model, processor, recipe = load_model_and_processor(
+        config.model, recipe, dtype=config.dtype, device=device
+    )
+    items = adapter.load_items(data, recipe)[: config.limit]
+    if len({item.id for item in items}) != len(items):
+        raise ValueError("duplicate item ids in the benchmark data; check the question files")
+    out = Path(config.out)
+    replacement = store = None
+    if config.coders:
+        coders = load_coders(config.coders, device=model.device)
+        replacement = ReplacementModel(model, coders, mode=config.mode)
+    writer = rank == 0
+    done: set[str] = set()
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        _check_resume(out, config, data)
+        _write_info(out, config, data, recipe.name, world, counts=None, skipped=[])
+        if replacement is not None:
+            meta = StoreMeta(
+                replacement.hookpoints,
+                k=replacement.coders.cfg.k,
+                num_latents=replacement.num_latents,
+                value_dtype=config.value_dtype,
+                coders=str(config.coders),
+            )
+            store = FeatureStore(out / outputs.STORE, meta)
+        done = _completed_ids(out, store)
+    if world > 1:
+        shared = [done]
+        dist.broadcast_object_list(shared, src=0)
+        done = shared[0]
+    todo = [item for item in items if item.id not in done]
+    prompts = {item.id: recipe.format_prompt(item.question, processor) for item in todo}
+    skipped: list[str] = []
+    progress = tqdm(total=len(todo), desc=f"{benchmark} capture", disable=not writer)
+    for batch in rank_batches(todo, rank, world, config.batch_size):
+        records, samples, missing = _run_batch(
+            batch, prompts, model, processor, replacement, config
+        )
+        if world > 1:
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, (records, samples, missing))
+            records = [r for part in gathered for r in part[0]]
+            samples = [s for part in gathered for s in part[1]]
+            missing = [m for part in gathered for m in part[2]]
+        if writer:
+            if store is not None and samples:
+                store.append(samples)
+            _append_responses(out / outputs.RESPONSES, records)
+            skipped += missing
+            progress.update(len(records) + len(missing))
+    progress.close()
+    if not writer:
+        return None
+    return _finish(out, adapter, config, data, recipe.name, items, done, skipped, store, world)
+
+
+def _run_batch(
+    batch: list[BenchItem],
+    prompts: dict[str, str],
+    model: Any,
+    processor: Any,
+    replacement: ReplacementModel | None,
+    config: CaptureConfig,
+) -> tuple[list[dict], list[tuple], list[str]]:
+    """Response records and store samples of one batch, and the ids skipped for their image."""
+    ready, images, missing = [], [], []
+    for item in batch:
+        try:
+            images.append(load_rgb(item.image))
+            ready.append(item)
+        except BadImageError as err:
+            if config.strict:
+                raise ValueError(f"image {item.image} of item {item.id}: {err}") from err
+            missing.append(item.id)
+    if not ready:
+        return [], [], missing
+    generations = generate_batch(
+        model,
+        processor,
+        images,
+        [prompts[item.id] for item in ready],
+        replacement=replacement,
+        capture=replacement is not None,
+        value_dtype=VALUE_DTYPES[config.value_dtype],
+        max_new_tokens=config.max_new_tokens,
+    )
+    records, samples = [], []
+    for item, generation in zip(ready, generations, strict=True):
+        records.append(
+            {
+                "id": item.id,
+                "prompt": prompts[item.id],
+                "response": generation.response,
+                "response_token_ids": generation.tokens,
+                **item.fields,
+            }
+        )
+        if generation.sample is not None:
+            sample = generation.sample
+            samples.append((item.id, sample.indices, sample.values, sample.regions))
+    return records, samples, missing
+
+
+def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
+    path = out / outputs.CAPTURE
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    now = {**{key: getattr(config, key) for key in RESUME_KEYS}, "data": asdict(data)}
+    was = {**{key: before["settings"].get(key) for key in RESUME_KEYS}, "data": before["data"]}
+    changed = {key: (was[key], now[key]) for key in now if was[key] != now[key]}
+    if changed:
+        raise ValueError(
+            f"{out} was captured with other settings {changed} (before, now); "
+            "use a new --out or the same settings"
+        )
+
+
+def _completed_ids(out: Path, store: FeatureStore | None) -> set[str]:
+    """Ids with a response line (and a stored sample, with coders); other lines are dropped."""
+    path = out / outputs.RESPONSES
+    records = outputs.read_jsonl(path)
+    stored = set(store.ids()) if store is not None else None
+    kept = [r for r in records if stored is None or r["id"] in stored]
+    if path.exists() and (len(kept) != len(records) or not path.read_text().endswith("\n")):
+        outputs.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return {r["id"] for r in kept}
+
+
+def _append_responses(path: Path, records: list[dict]) -> None:
+    if not records:
+        return
+    with open(path, "a", encoding="utf-8") as file:
+        file.write("".join(json.dumps(record) + "\n" for record in records))
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _finish(
+    out: Path,
+    adapter: Adapter,
+    config: CaptureConfig,
+    data: Any,
+    recipe: str,
+    items: list[BenchItem],
+    done: set[str],
+    skipped: list[str],
+    store: FeatureStore | None,
+    world: int,
+) -> dict:
+    """Write the official response file and capture.json; return the counts."""
+    order = {item.id: i for i, item in enumerate(items)}
+    records = sorted(
+        outputs.read_jsonl(out / outputs.RESPONSES), key=lambda r: order.get(r["id"], len(order))
+    )
+    adapter.write_official(records, out / adapter.OFFICIAL_FILE)
+    counts: dict[str, Any] = {
+        "items": len(items),
+        "responses": len(records),
+        "resumed": len(done),
+        "captured": len(records) - len(done),
+        "skipped_image": len(skipped),
+    }
+    if store is not None and store.records():
+        counts["bytes_per_active_feature"] = round(store.bytes_per_active_feature(), 4)
+    _write_info(out, config, data, recipe, world, counts, skipped)
+    return counts
+
+
+def _write_info(
+    out: Path,
+    config: CaptureConfig,
+    data: Any,
+    recipe: str,
+    world: int,
+    counts: dict | None,
+    skipped: list[str],
+) -> None:
+    """capture.json: settings and data flags (at the start), counts (null until finished)."""
+    info = {
+        "settings": asdict(config),
+        "recipe_used": recipe,
+        "data": asdict(data),
+        "counts": counts,
+        "skipped_ids": skipped,
+        "world_size": world,
+    }
+    outputs.write_json(out / outputs.CAPTURE, info)

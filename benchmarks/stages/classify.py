@@ -1,0 +1,69 @@
+"""`python -m benchmarks BENCH classify --out DIR [rules]`: GOOD / BAD per captured sample.
+
+Reads `DIR/responses.jsonl` and the data flags recorded in `DIR/capture.json`; writes
+`DIR/classification.json` = `{"GOOD": [{"id", ...metrics}], "BAD": [...], "rules", "counts"}`.
+Rules (docs/benchmarks.md, "Capture and classify"): POPE and yes/no questions GOOD when the
+official parser's answer is right; AMBER discriminative when the exact "Yes" / "No" is right;
+open questions when the first word is the answer; captions by --caption-rule / --min-cover.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from simple_parsing import ArgumentParser, DashVariant
+
+from benchmarks import outputs
+from benchmarks.adapters import Rules, Verdict, get_adapter
+
+
+@dataclass
+class ClassifyConfig:
+    out: str
+    """Output folder of `capture` (holds responses.jsonl and capture.json)."""
+
+
+def classification(verdicts: list[Verdict], rules: Rules) -> dict:
+    """The classification.json document: GOOD / BAD lists, the rules, counts overall and per group."""
+    result: dict = {"GOOD": [], "BAD": []}
+    groups: dict[str, Counter] = {}
+    for verdict in verdicts:
+        label = "GOOD" if verdict.good else "BAD"
+        result[label].append({"id": verdict.id, **verdict.metrics})
+        groups.setdefault(verdict.group, Counter())[label] += 1
+    result["rules"] = asdict(rules)
+    result["counts"] = {
+        "GOOD": len(result["GOOD"]),
+        "BAD": len(result["BAD"]),
+        "total": len(verdicts),
+        "groups": {name: {"GOOD": c["GOOD"], "BAD": c["BAD"]} for name, c in groups.items()},
+    }
+    return result
+
+
+def main(argv: list[str], benchmark: str) -> None:
+    parser = ArgumentParser(
+        prog=f"python -m benchmarks {benchmark} classify",
+        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
+    )
+    parser.add_arguments(ClassifyConfig, dest="config")
+    parser.add_arguments(Rules, dest="rules")
+    args = parser.parse_args(argv)
+    out, rules = Path(args.config.out), args.rules
+    adapter = get_adapter(benchmark)
+    try:
+        data = adapter.Data(**outputs.capture_info(out)["data"])
+        records = outputs.read_jsonl(out / outputs.RESPONSES)
+        if not records:
+            raise ValueError(f"{out / outputs.RESPONSES} holds no responses: run capture first")
+        result = classification(adapter.classify(data, records, rules), rules)
+    except (ValueError, OSError, RuntimeError) as err:
+        raise SystemExit(f"{benchmark} classify: {err}") from err
+    outputs.write_json(out / outputs.CLASSIFICATION, result)
+    counts = result["counts"]
+    groups = ", ".join(f"{g} {c['GOOD']}/{c['BAD']}" for g, c in counts["groups"].items())
+    print(f"GOOD {counts['GOOD']}  BAD {counts['BAD']}  of {counts['total']}  (GOOD/BAD: {groups})")
+    print(json.dumps(counts))

@@ -1,0 +1,476 @@
+"""`python -m benchmarks BENCH steer --out DIR`: does steering the selected features move the metric?
+
+Reruns the benchmark on the HELD-OUT samples of `DIR/features.json` (never used to select the
+features) under these conditions, each direction (`good` features, `bad` features) at each factor
+of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
+
+- `features`: the replacement model in error mode, the direction's features scaled at their
+  source (every target layer follows);
+- `control`: as many random features, each from the same source layer as the one it stands for,
+  drawn (seeded) among the latents that fired in the analysed samples, scaled the same way;
+- `neurons`: the original model with the direction's mapped MLP neurons (`DIR/neuron_map.json`)
+  scaled at the `down_proj` input;
+- `clt_free`: the original model with a `FeatureSteerer` (exact mode) for the same features and
+  factor: it should answer as `features` does, without the coders;
+
+against the `baseline` (the original model). Each condition is scored with the benchmark's
+official scorer (`score --out` on its own folder) and per sample GOOD / BAD with the rules of
+`DIR/classification.json`; the reported metric is the GOOD rate, whose delta to the baseline (and,
+for `features`, to the `control` at the same factor) gets a paired bootstrap interval over samples.
+Writes `DIR/steer/<condition>/` (responses, official file, metrics), `DIR/steering.json` and
+`DIR/plots/steering.png`; a condition whose folder is complete is not generated again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from simple_parsing import ArgumentParser, DashVariant  # noqa: E402
+
+from benchmarks import outputs  # noqa: E402
+from benchmarks.__main__ import stage_module  # noqa: E402
+from benchmarks.adapters import Adapter, Rules, get_adapter  # noqa: E402
+from benchmarks.bootstrap import paired_bootstrap  # noqa: E402
+from benchmarks.generation import generate_batch  # noqa: E402
+from benchmarks.neuron_map import scale_neurons  # noqa: E402
+from benchmarks.stages.map import NEURON_MAP, Run, load_run, read_features  # noqa: E402
+from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
+from vlm_sparsify.data import load_rgb  # noqa: E402
+from vlm_sparsify.interventions import Intervention  # noqa: E402
+from vlm_sparsify.replacement import ReplacementModel  # noqa: E402
+
+STEERING = "steering.json"
+KINDS = ("features", "control", "neurons", "clt_free")
+COLORS = {"features": "#2a9d8f", "control": "#8d99ae", "neurons": "#e9c46a", "clt_free": "#264653"}
+
+
+@dataclass
+class SteerConfig:
+    """Steering on the held-out split against a random-feature control."""
+
+    out: str
+    """Output folder of the benchmark run (features.json, neuron_map.json, capture.json)."""
+    coders: str | None = None
+    """Coder run folder (default: the one capture used)."""
+    factors: str = "0,0.5,2,4"
+    """Comma-separated scale factors."""
+    kinds: str = ",".join(KINDS)
+    """Comma-separated conditions besides the baseline: features, control, neurons, clt_free."""
+    directions: str = "good,bad"
+    """Which feature lists to steer."""
+    bootstrap: int = 1000
+    """Bootstrap resamples for the intervals."""
+    confidence: float = 0.95
+    """Interval coverage."""
+    seed: int = 0
+    """Seed of the random control features and of the bootstrap."""
+    limit: int | None = None
+    """Only the first N held-out items."""
+    batch_size: int = 8
+    """Items per generate call."""
+    device: str | None = None
+    """Device (default: cuda if available)."""
+    force: bool = False
+    """Regenerate every condition."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str
+    kind: str
+    direction: str
+    factor: float
+
+
+def main(argv: list[str], benchmark: str) -> None:
+    parser = ArgumentParser(
+        prog=f"python -m benchmarks {benchmark} steer",
+        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
+    )
+    parser.add_arguments(SteerConfig, dest="config")
+    config: SteerConfig = parser.parse_args(argv).config
+    try:
+        report = steer(Path(config.out), config, benchmark)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"{benchmark} steer: {err}") from err
+    print(format_table(report))
+
+
+def parse_factors(text: str) -> list[float]:
+    factors = [float(word) for word in text.split(",") if word.strip()]
+    if not factors or any(f < 0 for f in factors):
+        raise ValueError(f"--factors {text!r}: give non-negative numbers, e.g. 0,0.5,2,4")
+    return factors
+
+
+def random_control(
+    features: Sequence[dict], num_latents: int, seed: int, alive: np.ndarray | None = None
+) -> list[dict]:
+    """One random latent per feature from the same source hookpoint, distinct and never one of the
+    selected latents there. With `alive` (`[S, L]` bool, indexed by the feature's `source`
+    position), drawn among the latents that fired in the analysed samples when any are left."""
+    rng = np.random.default_rng(seed)
+    selected: dict[str, set[int]] = {}
+    for feature in features:
+        selected.setdefault(feature["hookpoint"], set()).add(feature["feature_idx"])
+    taken: dict[str, set[int]] = {h: set(s) for h, s in selected.items()}
+    control = []
+    for feature in features:
+        hookpoint = feature["hookpoint"]
+        pool = np.arange(num_latents)
+        if alive is not None and "source" in feature:
+            living = np.flatnonzero(alive[feature["source"]])
+            if len(set(living.tolist()) - taken[hookpoint]) > 0:
+                pool = living
+        pool = np.array(sorted(set(pool.tolist()) - taken[hookpoint]))
+        if len(pool) == 0:
+            raise ValueError(f"no latent left at {hookpoint} for the random control")
+        latent = int(rng.choice(pool))
+        taken[hookpoint].add(latent)
+        control.append({**feature, "feature_idx": latent, "direction": feature["direction"]})
+    return control
+
+
+def interventions_for(features: Sequence[dict], factor: float) -> list[Intervention]:
+    """One scale intervention per source hookpoint."""
+    by_source: dict[str, list[int]] = {}
+    for feature in features:
+        by_source.setdefault(feature["hookpoint"], []).append(feature["feature_idx"])
+    return [
+        Intervention("scale", tuple(latents), layers=hookpoint, value=factor)
+        for hookpoint, latents in by_source.items()
+    ]
+
+
+def mapped_neurons(neuron_map: Sequence[dict], direction: str) -> dict[str, list[int]]:
+    """Union of the top neurons of the direction's features, per target MLP."""
+    neurons: dict[str, set[int]] = {}
+    for entry in neuron_map:
+        if entry["feature"]["direction"] != direction:
+            continue
+        for target in entry["targets"]:
+            chosen = {n["neuron_idx"] for n in target["top_mlp_neurons"]}
+            neurons.setdefault(target["target_hookpoint"], set()).update(chosen)
+    return {hookpoint: sorted(n) for hookpoint, n in neurons.items()}
+
+
+def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list[Condition]:
+    kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+    result = [Condition("baseline", "baseline", "", 1.0)]
+    for direction, features in by_direction.items():
+        if not features:
+            continue
+        for factor in parse_factors(config.factors):
+            for kind in kinds:
+                result.append(Condition(f"{direction}-{kind}-x{factor:g}", kind, direction, factor))
+    return result
+
+
+def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
+    result = read_features(out)
+    held_out = result.get("split", {}).get("held_out_ids", [])
+    if not held_out:
+        raise ValueError(
+            f"{out / 'features.json'} has no held-out ids; rerun analyze with --held-out-fraction > 0"
+        )
+    run = load_run(out, benchmark, config.coders, config.device)
+    hookpoints = list(run.coders.hookpoints)
+    directions = [d.strip() for d in config.directions.split(",") if d.strip()]
+    by_direction = {
+        d: [
+            {**f, "source": hookpoints.index(f["hookpoint"])}
+            for f in result["features"]
+            if f["direction"] == d
+        ]
+        for d in directions
+    }
+    replacement = ReplacementModel(run.model, run.coders, mode="error")
+    alive = _alive_latents(out)
+    control = {
+        d: random_control(fs, replacement.num_latents, config.seed + i, alive)
+        for i, (d, fs) in enumerate(by_direction.items())
+    }
+    neuron_map = _read_neuron_map(out, config)
+    adapter = get_adapter(benchmark)
+    wanted = set(held_out)
+    items = [item for item in adapter.load_items(run.data, run.recipe) if item.id in wanted]
+    items = items[: config.limit]
+    rules = Rules(**json.loads((out / outputs.CLASSIFICATION).read_text())["rules"])
+    generated: dict[str, dict[str, Any]] = {}
+    for condition in conditions(config, by_direction):
+        setup = _setup(condition, run, replacement, by_direction, control, neuron_map)
+        if setup is None:
+            continue
+        folder = out / "steer" / condition.name
+        records = _generate(folder, items, run, setup, config, adapter)
+        verdicts = adapter.classify(run.data, records, rules)
+        generated[condition.name] = {
+            "condition": condition,
+            "responses": {r["id"]: r["response"] for r in records},
+            "good": {v.id: float(v.good) for v in verdicts},
+            "official": _official_metrics(benchmark, folder, out),
+            "n_features": len(by_direction.get(condition.direction, [])),
+        }
+    report = _report(generated, config, benchmark, len(items), control)
+    outputs.write_json(out / STEERING, report)
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_steering(report, plots / "steering.png")
+    return report
+
+
+@dataclass
+class Setup:
+    """How to generate one condition: the replacement model + interventions, or hooks."""
+
+    replacement: ReplacementModel | None
+    interventions: list[Intervention]
+    hooks: Callable[[], AbstractContextManager]
+    spec: dict
+
+
+def _setup(
+    condition: Condition,
+    run: Run,
+    replacement: ReplacementModel,
+    by_direction: dict[str, list[dict]],
+    control: dict[str, list[dict]],
+    neuron_map: list[dict] | None,
+) -> Setup | None:
+    kind, factor = condition.kind, condition.factor
+    features = by_direction.get(condition.direction, [])
+    spec: dict[str, Any] = {**asdict(condition)}
+    match kind:
+        case "baseline":
+            return Setup(None, [], nullcontext, spec)
+        case "features" | "control":
+            chosen = features if kind == "features" else control[condition.direction]
+            spec["features"] = [(f["hookpoint"], f["feature_idx"]) for f in chosen]
+            return Setup(replacement, interventions_for(chosen, factor), nullcontext, spec)
+        case "neurons":
+            if neuron_map is None:
+                return None
+            neurons = mapped_neurons(neuron_map, condition.direction)
+            spec["neurons"] = neurons
+            return Setup(None, [], lambda: scale_neurons(run.model, neurons, factor), spec)
+        case "clt_free":
+            steered = [SteeredFeature(f["hookpoint"], f["feature_idx"], factor) for f in features]
+            steerer = FeatureSteerer.from_coders(run.coders, steered)
+            spec["features"] = [(f.hookpoint, f.feature_idx) for f in steered]
+            return Setup(None, [], lambda: steerer.attach(run.model), spec)
+        case other:
+            raise ValueError(f"Unknown steering condition '{other}'")
+
+
+def _generate(
+    folder: Path, items: list, run: Run, setup: Setup, config: SteerConfig, adapter: Adapter
+) -> list[dict]:
+    """The condition's response records, generated unless its folder already holds them."""
+    spec = {**setup.spec, "ids": [item.id for item in items], "model": run.settings.get("model")}
+    done = folder / "condition.json"
+    if not config.force and done.exists() and json.loads(done.read_text()) == spec:
+        return outputs.read_jsonl(folder / outputs.RESPONSES)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    records = []
+    with setup.hooks():
+        for start in range(0, len(items), config.batch_size):
+            batch = items[start : start + config.batch_size]
+            prompts = [run.recipe.format_prompt(item.question, run.processor) for item in batch]
+            generations = generate_batch(
+                run.model,
+                run.processor,
+                [load_rgb(item.image) for item in batch],
+                prompts,
+                replacement=setup.replacement,
+                interventions=setup.interventions,
+                max_new_tokens=run.settings.get("max_new_tokens", 32),
+            )
+            for item, generation in zip(batch, generations, strict=True):
+                records.append({"id": item.id, "response": generation.response, **item.fields})
+    outputs.write_atomic(folder / outputs.RESPONSES, "".join(json.dumps(r) + "\n" for r in records))
+    adapter.write_official(records, folder / adapter.OFFICIAL_FILE)
+    outputs.write_json(done, spec)
+    return records
+
+
+def _official_metrics(benchmark: str, folder: Path, out: Path) -> dict | None:
+    """The benchmark's own `score --out` on the condition's folder (None if it cannot score)."""
+    shutil.copy(out / outputs.CAPTURE, folder / outputs.CAPTURE)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            stage_module(benchmark, "score").main(["--out", str(folder)], benchmark=benchmark)
+    except (SystemExit, ValueError, FileNotFoundError) as err:
+        return {"error": str(err)}
+    return json.loads((folder / outputs.METRICS).read_text())
+
+
+def _alive_latents(out: Path) -> np.ndarray | None:
+    """`[S, L]` latents that fired in some analysed sample (feature_stats.npz), if present."""
+    path = out / "feature_stats.npz"
+    if not path.exists():
+        return None
+    stats = np.load(path)
+    return (stats["good_freq"] > 0) | (stats["bad_freq"] > 0)
+
+
+def _read_neuron_map(out: Path, config: SteerConfig) -> list[dict] | None:
+    path = out / NEURON_MAP
+    if path.exists():
+        return json.loads(path.read_text())
+    if "neurons" in config.kinds:
+        print(f"steer: no {path}; skipping the neurons condition (run `map` first)")
+    return None
+
+
+def _report(
+    generated: dict[str, dict[str, Any]],
+    config: SteerConfig,
+    benchmark: str,
+    n_items: int,
+    control: dict[str, list[dict]],
+) -> dict:
+    base = generated["baseline"]
+    ids = list(base["good"])
+    base_scores = [base["good"][i] for i in ids]
+
+    def delta(scores: dict[str, float], reference: list[float]) -> dict:
+        treated = [scores[i] for i in ids]
+        return paired_bootstrap(
+            reference, treated, config.bootstrap, config.confidence, config.seed
+        ).to_json()
+
+    report: dict[str, Any] = {
+        "benchmark": benchmark,
+        "metric": "good_rate",
+        "metric_definition": "share of held-out samples GOOD under classification.json's rules",
+        "held_out_samples": n_items,
+        "factors": parse_factors(config.factors),
+        "bootstrap": {
+            "resamples": config.bootstrap,
+            "confidence": config.confidence,
+            "seed": config.seed,
+            "paired": True,
+        },  # fmt: skip
+        "baseline": {
+            "good_rate": float(np.mean(base_scores)) if ids else 0.0,
+            "n": len(ids),
+            "official": base["official"],
+        },  # fmt: skip
+        **{kind: [] for kind in KINDS},
+        "control_features": {
+            d: [
+                {"layer": f["layer"], "feature_idx": f["feature_idx"], "hookpoint": f["hookpoint"]}
+                for f in fs
+            ]  # fmt: skip
+            for d, fs in control.items()
+        },
+    }
+    for name, entry in generated.items():
+        condition: Condition = entry["condition"]
+        if condition.kind == "baseline":
+            continue
+        scores = entry["good"]
+        row: dict[str, Any] = {
+            "name": name,
+            "direction": condition.direction,
+            "factor": condition.factor,
+            "n_features": entry["n_features"],
+            "good_rate": float(np.mean([scores[i] for i in ids])) if ids else 0.0,
+            "delta_vs_baseline": delta(scores, base_scores),
+            "changed_responses": sum(entry["responses"][i] != base["responses"][i] for i in ids),
+            "official": entry["official"],
+        }
+        twin = f"{condition.direction}-control-x{condition.factor:g}"
+        if condition.kind == "features" and twin in generated:
+            control_scores = [generated[twin]["good"][i] for i in ids]
+            row["delta_vs_control"] = delta(scores, control_scores)
+        features = f"{condition.direction}-features-x{condition.factor:g}"
+        if condition.kind == "clt_free" and features in generated:
+            same = [entry["responses"][i] == generated[features]["responses"][i] for i in ids]
+            row["same_responses_as_features"] = float(np.mean(same)) if ids else 1.0
+        report[condition.kind].append(row)
+    return report
+
+
+def format_table(report: dict) -> str:
+    base = report["baseline"]
+    lines = [
+        f"steer {report['benchmark']}: {report['held_out_samples']} held-out samples, metric "
+        f"GOOD rate, baseline {base['good_rate']:.3f}; deltas with "
+        f"{report['bootstrap']['confidence']:.0%} paired bootstrap intervals",
+        f"{'condition':<26}{'factor':>7}{'rate':>8}{'delta':>9}  {'interval':<19}{'changed':>8}"
+        f"  {'vs control':<26}",
+    ]
+    for kind in KINDS:
+        for row in report[kind]:
+            d = row["delta_vs_baseline"]
+            interval = f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            lines.append(
+                f"{row['name']:<26}{row['factor']:>7g}{row['good_rate']:>8.3f}"
+                f"{d['delta']:>+9.3f}  {interval:<19}{row['changed_responses']:>8}"
+                f"  {_delta_text(row.get('delta_vs_control'))}"
+            )
+    return "\n".join(lines)
+
+
+def _delta_text(delta: dict | None) -> str:
+    if delta is None:
+        return ""
+    return f"{delta['delta']:+.3f} [{delta['ci_low']:+.3f}, {delta['ci_high']:+.3f}]"
+
+
+def plot_steering(report: dict, path: Path, dpi: int = 120) -> Path:
+    """GOOD-rate delta vs factor per direction: features, random control, neurons, CLT-free."""
+    present = {row["direction"] for kind in KINDS for row in report[kind]}
+    directions = [d for d in ("good", "bad") if d in present]
+    factors = sorted({*report["factors"], 1.0})
+    fig, axes = plt.subplots(
+        1, max(len(directions), 1), figsize=(6.5 * max(len(directions), 1), 4.5), squeeze=False
+    )
+    kinds = [k for k in KINDS if report[k]]
+    for ax, direction in zip(axes[0], directions, strict=False):
+        ax.axhline(0, color="black", lw=0.8)
+        for i, kind in enumerate(kinds):
+            rows = {r["factor"]: r for r in report[kind] if r["direction"] == direction}
+            xs, ys, low, high = [], [], [], []
+            for position, factor in enumerate(factors):
+                d = rows[factor]["delta_vs_baseline"] if factor in rows else None
+                if d is None and factor != 1.0:
+                    continue
+                xs.append(position + (i - (len(kinds) - 1) / 2) * 0.12)
+                ys.append(0.0 if d is None else d["delta"])
+                low.append(0.0 if d is None else d["delta"] - d["ci_low"])
+                high.append(0.0 if d is None else d["ci_high"] - d["delta"])
+            ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, color=COLORS[kind],
+                        ls="--" if kind == "clt_free" else "-", label=kind.replace("_", "-"))  # fmt: skip
+        ax.set_xticks(range(len(factors)), [f"x{f:g}" for f in factors])
+        ax.set_xlabel("scale factor (x1 = baseline)")
+        ax.set_ylabel("GOOD rate - baseline")
+        ax.set_title(f"steering {direction.upper()} features")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"{report['benchmark']}: {report['held_out_samples']} held-out samples, baseline GOOD "
+        f"rate {report['baseline']['good_rate']:.3f}, {report['bootstrap']['confidence']:.0%} CI"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,100 @@
+import json
+
+import pytest
+
+from benchmarks.easyvqa import score as easyvqa_score
+from benchmarks.easyvqa.items import Item, load_items, question_split
+from benchmarks.easyvqa.score import caption_metrics, mentioned_words, parse_open, score
+
+
+def _item(id: str, kind: str, answer: str, split: str, truth=("blue", "circle")) -> Item:
+    return Item(id, 0, "x.png", "q?", answer, kind, split, truth)
+
+
+def test_question_splits_follow_pope_spirit():
+    assert question_split("is there a red shape?", "no") == "color"
+    assert question_split("does the image contain a circle?", "yes") == "shape"
+    assert question_split("does the image not contain a gray shape?", "yes") == "negated"
+    assert question_split("is no triangle present?", "no") == "negated"
+    assert question_split("what color is the shape?", "teal") == "color"
+    assert question_split("what is the blue shape?", "circle") == "shape"
+
+
+def test_items_come_from_the_test_split_with_consistent_truth():
+    items = load_items()
+    assert {i.kind for i in items} == {"yes/no", "open", "caption"}
+    assert len([i for i in items if i.kind != "caption"]) == 9673
+    assert len({i.id for i in items}) == len(items)
+    assert all("/test/" in i.image for i in items)
+    captions = [i for i in items if i.kind == "caption"]
+    assert all(i.answer == f"a {i.truth[0]} {i.truth[1]}." for i in captions)
+    # An open answer is always the image's colour or shape.
+    assert all(i.answer in i.truth for i in items if i.kind == "open" and i.truth)
+
+
+def test_yes_no_scored_the_pope_way_per_split():
+    items = [
+        _item("a", "yes/no", "yes", "color"),
+        _item("b", "yes/no", "no", "color"),
+        _item("c", "yes/no", "no", "color"),
+        _item("d", "yes/no", "yes", "shape"),
+        _item("e", "yes/no", "yes", "negated"),
+    ]
+    # POPE parser: "No." and "It is not." are "no"; "Yes, it is." and "maybe" are "yes".
+    responses = {"a": "Yes, it is.", "b": "maybe", "c": "No.", "d": "It is not.", "e": "yes"}
+    results = score(items, responses)
+    overall = results["yes/no"]
+    # tp: a, e; fp: b; tn: c; fn: d
+    assert overall["accuracy"] == pytest.approx(3 / 5)
+    assert overall["precision"] == pytest.approx(2 / 3)
+    assert overall["recall"] == pytest.approx(2 / 3)
+    assert overall["f1"] == pytest.approx(2 / 3)
+    assert overall["yes_ratio"] == pytest.approx(3 / 5)
+    assert results["yes/no color"]["accuracy"] == pytest.approx(2 / 3)
+    assert results["yes/no shape"]["recall"] == 0.0
+    assert results["yes/no negated"]["n"] == 1
+
+
+def test_open_answers_match_on_the_first_word():
+    assert parse_open(" Blue.") == "blue"
+    items = [_item("a", "open", "blue", "color"), _item("b", "open", "circle", "shape")]
+    results = score(items, {"a": "Blue.", "b": "a circle"})
+    assert results["open"] == {"accuracy": 0.5, "n": 2}
+    assert results["open color"]["accuracy"] == 1.0
+    assert results["open shape"]["accuracy"] == 0.0
+
+
+def test_captions_scored_the_amber_way():
+    assert mentioned_words("Two grey circles and a Blue one.") == {"gray", "circle", "blue"}
+    truths = [("blue", "circle"), ("red", "triangle"), ("teal", "rectangle")]
+    responses = ["a blue circle.", "a red circle and a green triangle.", "a shape."]
+    metrics = caption_metrics(responses, truths)
+    # mentioned: 2 + 4 + 0 = 6; hallucinated: circle, green = 2; covered: 2 + 2 + 0 of 6.
+    assert metrics["chair"] == pytest.approx(2 / 6)
+    assert metrics["cover"] == pytest.approx(4 / 6)
+    assert metrics["hal"] == pytest.approx(1 / 3)
+
+
+def test_cli_scores_a_responses_file(tmp_path, capsys):
+    items = {i.id: i for i in load_items()}
+    first_yes_no = next(i for i in items.values() if i.kind == "yes/no")
+    first_caption = next(i for i in items.values() if i.kind == "caption")
+    path = tmp_path / "responses.jsonl"
+    lines = [
+        {"id": first_yes_no.id, "response": first_yes_no.answer},
+        {"id": first_caption.id, "response": "a black black shape."},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    easyvqa_score.main(["--responses", str(path), "--json"])
+    results = json.loads(capsys.readouterr().out)
+    assert results["yes/no"]["accuracy"] == 1.0
+    black_is_right = first_caption.truth[0] == "black"
+    assert results["caption"]["chair"] == (0.0 if black_is_right else 1.0)
+    assert set(results) == {"yes/no", f"yes/no {first_yes_no.split}", "caption"}
+
+
+def test_cli_rejects_unknown_ids(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    path.write_text(json.dumps({"id": "nope", "response": "yes"}) + "\n")
+    with pytest.raises(SystemExit, match="not easy-VQA items"):
+        easyvqa_score.main(["--responses", str(path)])

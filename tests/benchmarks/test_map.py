@@ -1,0 +1,102 @@
+"""Feature -> MLP neuron mapping: projection math with known answers, co-activation, the check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from benchmarks.neuron_map import (
+    CoactivationStats,
+    coactivation,
+    contribution,
+    direction_cosine,
+    output_change,
+    projection_weights,
+    random_neurons,
+    top_neurons,
+)
+
+# d = 2 dimensions, 3 neurons: columns e0, e1, e0 + e1
+DOWN = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+
+
+def test_cosine_projection_of_a_hand_built_decoder() -> None:
+    weights = projection_weights(torch.tensor([1.0, 1.0]), DOWN, "cosine")
+    assert torch.allclose(weights, torch.tensor([2**-0.5, 2**-0.5, 1.0]))
+    assert top_neurons(weights, 2) == [2, 0]  # ties broken by index
+
+
+def test_least_squares_projection_is_the_minimum_norm_solution() -> None:
+    # W W^T = [[2, 1], [1, 2]]; c = W^T (W W^T)^-1 [1, 1] = [1/3, 1/3, 2/3]
+    weights = projection_weights(torch.tensor([1.0, 1.0]), DOWN, "lstsq")
+    assert torch.allclose(weights, torch.tensor([1 / 3, 1 / 3, 2 / 3]), atol=1e-6)
+    assert torch.allclose(DOWN @ weights, torch.tensor([1.0, 1.0]), atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown projection"):
+        projection_weights(torch.ones(2), DOWN, "dot")  # type: ignore[arg-type]
+
+
+def test_coactivation_is_pearson_and_streams_exactly() -> None:
+    rng = np.random.default_rng(0)
+    feature = np.maximum(rng.normal(size=200), 0)
+    neurons = np.stack(
+        [feature * 2 + rng.normal(size=200) * 0.1, rng.normal(size=200), np.ones(200)], 1
+    )
+    corr = coactivation(torch.tensor(feature), torch.tensor(neurons))
+    assert corr[0] == pytest.approx(np.corrcoef(feature, neurons[:, 0])[0, 1], abs=1e-6)
+    assert corr[1] == pytest.approx(np.corrcoef(feature, neurons[:, 1])[0, 1], abs=1e-6)
+    assert corr[0] > 0.99 and corr[2] == 0.0  # a constant neuron has no correlation
+    stats = CoactivationStats.zeros(1, 3)
+    for chunk in np.array_split(np.arange(200), 7):
+        stats.add(torch.tensor(feature[chunk, None]), torch.tensor(neurons[chunk]))
+    assert torch.allclose(stats.correlation()[0], corr, atol=1e-6)
+    firing = feature > 0
+    assert stats.mean_when_firing()[0, 1] == pytest.approx(neurons[firing, 1].mean(), abs=1e-6)
+
+
+def test_contribution_is_mean_firing_activation_along_the_decoder() -> None:
+    # mean activations where the feature fires: [2, -1, 0.5]; unit decoder [1, 0]
+    got = contribution(torch.tensor([3.0, 0.0]), DOWN, torch.tensor([2.0, -1.0, 0.5]))
+    assert torch.allclose(got, torch.tensor([2.0, 0.0, 0.5]))
+
+
+def gated_mlp() -> LlamaMLP:
+    """d 4, 8 neurons; neuron 0 reads x0 through gate and up (positive for x0 > 0) and writes
+    along the decoder direction `[1, 1, 0, 0]`."""
+    torch.manual_seed(0)
+    mlp = LlamaMLP(
+        LlamaConfig(hidden_size=4, intermediate_size=8, num_attention_heads=1, hidden_act="silu")
+    )
+    with torch.no_grad():
+        mlp.gate_proj.weight[0] = torch.tensor([1.0, 0, 0, 0])
+        mlp.up_proj.weight[0] = torch.tensor([1.0, 0, 0, 0])
+        mlp.down_proj.weight[:, 0] = torch.tensor([1.0, 1.0, 0, 0])
+    return mlp
+
+
+def test_amplifying_the_mapped_neuron_moves_the_output_along_the_decoder() -> None:
+    mlp = gated_mlp()
+    x = torch.randn(32, 4)
+    x[:, 0] = x[:, 0].abs() + 1.0
+    decoder = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    top = output_change(mlp, x, [0], 4.0)
+    assert direction_cosine(top, decoder) == pytest.approx(1.0, abs=1e-5)
+    # scaling down moves it the other way
+    assert direction_cosine(output_change(mlp, x, [0], 0.5), decoder) == pytest.approx(
+        -1.0, abs=1e-5
+    )
+    randoms = [
+        direction_cosine(output_change(mlp, x, random_neurons(8, 1, [0], s), 4.0), decoder)
+        for s in range(5)
+    ]
+    assert max(randoms) < 0.99
+    assert torch.equal(output_change(mlp, x, [0], 1.0), torch.zeros(32, 4))
+
+
+def test_random_neurons_are_seeded_distinct_and_exclude() -> None:
+    picks = random_neurons(20, 5, [0, 1, 2], seed=3)
+    assert picks == random_neurons(20, 5, [0, 1, 2], seed=3)
+    assert len(set(picks)) == 5 and not set(picks) & {0, 1, 2}
+    assert picks != random_neurons(20, 5, [0, 1, 2], seed=4)

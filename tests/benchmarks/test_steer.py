@@ -1,0 +1,130 @@
+"""Steering: paired bootstrap intervals, the random-feature control, and a tiny run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sparsify import SparseCoderConfig
+
+from benchmarks.__main__ import run
+from benchmarks.bootstrap import paired_bootstrap
+from benchmarks.stages.steer import interventions_for, random_control
+from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.hookpoints import mlp_hookpoints
+from vlm_sparsify.training import build_coders
+
+
+def test_paired_bootstrap_covers_the_true_delta_with_the_normal_width() -> None:
+    rng = np.random.default_rng(0)
+    baseline = (rng.random(400) < 0.5).astype(float)
+    treated = baseline.copy()
+    zeros = np.flatnonzero(baseline == 0)
+    treated[zeros[: len(zeros) // 5]] = 1.0  # a fifth of the wrong answers become right
+    true_delta = (treated - baseline).mean()
+    result = paired_bootstrap(baseline, treated, n_resamples=2000, seed=1)
+    assert result.delta == pytest.approx(true_delta)
+    assert result.low < true_delta < result.high
+    normal_width = 2 * 1.96 * (treated - baseline).std() / np.sqrt(400)
+    assert 0.8 * normal_width < result.high - result.low < 1.2 * normal_width
+    assert result == paired_bootstrap(baseline, treated, n_resamples=2000, seed=1)
+    # pairing: identical conditions have a zero-width interval at 0
+    same = paired_bootstrap(baseline, baseline, n_resamples=200)
+    assert (same.delta, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="equal 1-D"):
+        paired_bootstrap([1.0, 0.0], [1.0])
+
+
+def test_random_control_keeps_count_and_layers_and_avoids_the_features() -> None:
+    features = [
+        {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 3, "direction": "good"},
+        {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 4, "direction": "good"},
+        {"layer": 2, "hookpoint": "h2", "source": 1, "feature_idx": 3, "direction": "good"},
+    ]
+    alive = np.zeros((2, 50), dtype=bool)
+    alive[0, [3, 4, 10, 11, 12]] = True
+    alive[1, 20:30] = True
+    control = random_control(features, 50, seed=0, alive=alive)
+    assert [c["hookpoint"] for c in control] == ["h0", "h0", "h2"]
+    assert [c["layer"] for c in control] == [0, 0, 2]
+    assert {control[0]["feature_idx"], control[1]["feature_idx"]} <= {10, 11, 12}
+    assert control[0]["feature_idx"] != control[1]["feature_idx"]
+    assert 20 <= control[2]["feature_idx"] < 30
+    assert control == random_control(features, 50, seed=0, alive=alive)
+    assert control != random_control(features, 50, seed=5, alive=alive)
+    without = random_control(features, 50, seed=0)
+    assert all(c["feature_idx"] not in (3, 4) for c in without[:2])
+    [first, second] = interventions_for(control, 2.0)
+    assert first.layers == "h0" and len(first.features) == 2 and first.value == 2.0
+
+
+GREEDY = ["--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32"]
+
+
+def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_dir, llava_recipe):
+    model, _ = tiny_llava
+    hookpoints = mlp_hookpoints(model, llava_recipe)
+    cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True)
+    coders = build_coders(hookpoints, model.config.text_config.hidden_size, cfg, cross_layer=2,
+                          device=torch.device("cpu"))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in coders.named_parameters():
+            param.copy_(
+                torch.randn(param.shape, generator=generator) * (0.5 if "encoder" in name else 0.3)
+            )
+    coders_dir = save_coders(coders, tmp_path / "coders")
+    out = tmp_path / "out"
+    run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+         str(coders_dir), "--kinds", "yesno", "--limit", "6", *GREEDY])  # fmt: skip
+    run(["easyvqa", "classify", "--out", str(out)])
+    ids = [json.loads(line)["id"] for line in (out / "responses.jsonl").read_text().splitlines()]
+    features = [
+        {"layer": 0, "feature_idx": 1, "hookpoint": hookpoints[0], "direction": "good"},
+        {"layer": 1, "feature_idx": 2, "hookpoint": hookpoints[1], "direction": "good"},
+        {"layer": 0, "feature_idx": 5, "hookpoint": hookpoints[0], "direction": "bad"},
+    ]
+    split = {"held_out_ids": ids[:4]}  # map uses the other 2 as train samples
+    (out / "features.json").write_text(json.dumps({"features": features, "split": split}))
+    run(
+        [
+            "easyvqa",
+            "map",
+            "--out",
+            str(out),
+            "--top-k",
+            "3",
+            "--random-sets",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
+    neuron_map = json.loads((out / "neuron_map.json").read_text())
+    assert len(neuron_map) == 3 and neuron_map[0]["amplification_factor"] == 4.0
+    # a CLT with cross_layer 2: source 0 writes into layers 0 and 1
+    assert [t["target_layer"] for t in neuron_map[0]["targets"]] == [0, 1]
+    assert len(neuron_map[0]["targets"][0]["top_mlp_neurons"]) == 3
+    assert -1 <= neuron_map[0]["targets"][0]["verification"]["cosine_top"] <= 1
+
+    run(["easyvqa", "steer", "--out", str(out), "--factors", "0,3", "--bootstrap", "50",
+         "--device", "cpu", "--batch-size", "4"])  # fmt: skip
+    report = json.loads((out / "steering.json").read_text())
+    assert report["baseline"]["n"] == 4 and report["held_out_samples"] == 4
+    names = {
+        row["name"]
+        for kind in ("features", "control", "neurons", "clt_free")
+        for row in report[kind]
+    }
+    assert {"good-features-x3", "good-control-x3", "bad-features-x0", "good-clt_free-x0"} <= names
+    assert len(report["control_features"]["good"]) == 2
+    for row in report["clt_free"]:  # the CLT-free module answers exactly as the replacement
+        assert row["same_responses_as_features"] == 1.0
+    for row in report["features"]:
+        d = row["delta_vs_baseline"]
+        assert d["ci_low"] <= d["delta"] <= d["ci_high"] and "delta_vs_control" in row
+    assert "yes/no" in report["baseline"]["official"]
+    assert (out / "plots" / "steering.png").stat().st_size > 10_000

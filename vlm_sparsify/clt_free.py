@@ -1,0 +1,246 @@
+"""CLT-free steering: a few coder features edited inside the original model, without the coders.
+
+`FeatureSteerer` keeps only what the selected features need and hooks the model's MLPs. At a
+source MLP p it computes the selected features' activations from the MLP input, edits them
+(scale / add / set / zero, as `vlm_sparsify.interventions`) and adds
+`(edited - activation) * W_dec[p->t][f]` to the output of every target MLP t the feature decodes
+into. That is exactly what the replacement model in `error` mode adds for the same edit on every
+token (the decoder bias and the untouched features cancel), so the steered model is the same.
+
+Which activation a feature has depends on TopK: it is its pre-activation only when that is among
+the k largest of the source's latents, which needs every latent's pre-activation. Two modes:
+
+- `exact` (default): keeps the full encoder of each source layer that has a selected feature (the
+  top-k needs it) plus the selected decoder rows; equal to the replacement model up to float
+  rounding. Size: L x d per source layer + m x d per (feature, target).
+- `threshold`: keeps only the selected encoder rows and a JumpReLU threshold per feature,
+  f = pre * (pre > threshold), fitted on calibration inputs as the circuit-tracer export does
+  (`vlm_sparsify.export.fit_thresholds`); an approximation (a feature fires where TopK would
+  mostly select it), with m x d per source instead of L x d.
+
+Edits apply to every token (no token regions). Saved as `steerer.safetensors` + `steerer.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from sparsify.fused_encoder import fused_encoder
+from torch import Tensor, nn
+
+from vlm_sparsify.coder_io import Coders
+from vlm_sparsify.export import source_weights
+from vlm_sparsify.interventions import Op
+
+SteerMode = Literal["exact", "threshold"]
+WEIGHTS_FILE = "steerer.safetensors"
+CONFIG_FILE = "steerer.json"
+_OP_CODES = {"scale": 0, "add": 1, "set": 2, "zero": 3}
+
+
+@dataclass(frozen=True)
+class SteeredFeature:
+    """One feature of one source hookpoint and its edit."""
+
+    hookpoint: str
+    """Source hookpoint (MLP module path from the root model)."""
+    feature_idx: int
+    """Latent index in that source."""
+    value: float = 1.0
+    """Factor (scale), amount (add) or new activation (set); ignored by zero."""
+    op: Op = "scale"
+    """scale, add, set or zero."""
+
+
+class FeatureSteerer(nn.Module):
+    """Selected features' weights and edits; `attach(model)` steers the original model."""
+
+    def __init__(
+        self,
+        features: Sequence[SteeredFeature],
+        hookpoints: Sequence[str],
+        targets: dict[str, list[str]],
+        tensors: dict[str, Tensor],
+        mode: SteerMode = "exact",
+        k: int = 0,
+        activation: str = "topk",
+    ):
+        super().__init__()
+        if mode not in ("exact", "threshold"):
+            raise ValueError(f"Unknown steering mode '{mode}'; use exact or threshold")
+        self.features = list(features)
+        self.hookpoints = list(hookpoints)
+        """Every hookpoint the steerer touches, in model order."""
+        self.targets = dict(targets)
+        """Per source hookpoint, the target hookpoints its decoders write into."""
+        self.mode, self.k, self.activation = mode, k, activation
+        for name, tensor in tensors.items():
+            self.register_buffer(name.replace(".", "/"), tensor)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._pending: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    @torch.no_grad()
+    def from_coders(
+        cls,
+        coders: Coders,
+        features: Sequence[SteeredFeature],
+        mode: SteerMode = "exact",
+        thresholds: Sequence[Tensor] | None = None,
+    ) -> FeatureSteerer:
+        """Copy the weights `features` need out of `coders`; `thresholds` (per source `[L]`, from
+        `export.fit_thresholds`) are required by mode `threshold`."""
+        if mode == "threshold" and thresholds is None:
+            raise ValueError(
+                "mode 'threshold' needs thresholds (vlm_sparsify.export.fit_thresholds)"
+            )
+        order = list(coders.hookpoints)
+        unknown = sorted({f.hookpoint for f in features} - set(order))
+        if unknown:
+            raise ValueError(f"no coder at hookpoints {unknown}; coders: {order}")
+        tensors: dict[str, Tensor] = {}
+        targets: dict[str, list[str]] = {}
+        ordered: list[SteeredFeature] = []
+        for p, hookpoint in enumerate(order):
+            chosen = [f for f in features if f.hookpoint == hookpoint]
+            if not chosen:
+                continue
+            ordered += chosen
+            index = torch.tensor([f.feature_idx for f in chosen])
+            if len(set(index.tolist())) != len(chosen):
+                raise ValueError(f"a feature of {hookpoint} is listed twice: {index.tolist()}")
+            W_enc, b_enc, W_decs, _ = source_weights(coders, p)
+            key = _key(hookpoint)
+            tensors[f"{key}.features"] = index
+            tensors[f"{key}.values"] = torch.tensor([f.value for f in chosen], dtype=torch.float64)
+            tensors[f"{key}.ops"] = torch.tensor([_OP_CODES[f.op] for f in chosen])
+            if mode == "exact":
+                tensors[f"{key}.encoder_weight"] = W_enc.detach().clone()
+                tensors[f"{key}.encoder_bias"] = b_enc.detach().clone()
+            else:
+                assert thresholds is not None
+                tensors[f"{key}.encoder_weight"] = W_enc[index].detach().clone()
+                tensors[f"{key}.encoder_bias"] = b_enc[index].detach().clone()
+                tensors[f"{key}.threshold"] = thresholds[p][index].detach().clone()
+            for i, W_dec in enumerate(W_decs):
+                tensors[f"{key}.decoder.{i}"] = W_dec[index].detach().float().clone()
+            targets[hookpoint] = order[p : p + len(W_decs)]
+        touched = {h for h in targets} | {t for ts in targets.values() for t in ts}
+        hookpoints = [h for h in order if h in touched]
+        k = coders.cfg.k
+        return cls(ordered, hookpoints, targets, tensors, mode, k, coders.cfg.activation)
+
+    # ------------------------------------------------------------------ saving
+    def save(self, folder: str | Path) -> Path:
+        """Write `steerer.safetensors` and `steerer.json` into `folder`."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {name.replace("/", "."): t.contiguous() for name, t in self.named_buffers()}
+        save_file(tensors, str(folder / WEIGHTS_FILE))
+        config = {
+            "mode": self.mode,
+            "k": self.k,
+            "activation": self.activation,
+            "hookpoints": self.hookpoints,
+            "targets": self.targets,
+            "features": [asdict(f) for f in self.features],
+        }
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> FeatureSteerer:
+        folder = Path(folder)
+        if not (folder / CONFIG_FILE).exists():
+            raise FileNotFoundError(
+                f"no {CONFIG_FILE} in {folder}; pass a folder FeatureSteerer.save wrote"
+            )
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        features = [SteeredFeature(**f) for f in config["features"]]
+        return cls(
+            features,
+            config["hookpoints"],
+            config["targets"],
+            tensors,
+            config["mode"],
+            config["k"],
+            config["activation"],
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def install(self, model: nn.Module) -> None:
+        if self._handles:
+            raise RuntimeError("this FeatureSteerer is already attached; remove() it first")
+        for position, hookpoint in enumerate(self.hookpoints):
+            module = model.get_submodule(hookpoint)
+            hook = partial(self._steer, position, hookpoint)
+            self._handles.append(module.register_forward_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @contextmanager
+    def attach(self, model: nn.Module) -> Iterator[FeatureSteerer]:
+        """Steer `model` until the block exits."""
+        self.install(model)
+        try:
+            yield self
+        finally:
+            self.remove()
+
+    def _buffer(self, hookpoint: str, name: str) -> Tensor:
+        return self.get_buffer(f"{_key(hookpoint)}/{name}".replace(".", "/"))
+
+    def feature_acts(self, hookpoint: str, x: Tensor) -> Tensor:
+        """Activations `[N, m]` of the source's selected features for MLP inputs `x` `[N, d]`."""
+        weight = self._buffer(hookpoint, "encoder_weight")
+        bias = self._buffer(hookpoint, "encoder_bias")
+        x = x.to(weight.dtype)
+        if self.mode == "threshold":
+            pre = x @ weight.T + bias
+            return pre * (pre > self._buffer(hookpoint, "threshold"))
+        top_acts, top_indices, _ = fused_encoder(x, weight, bias, self.k, self.activation)
+        match = top_indices[:, :, None] == self._buffer(hookpoint, "features")
+        return (top_acts[:, :, None] * match).sum(1)
+
+    def _edited(self, hookpoint: str, acts: Tensor) -> Tensor:
+        ops, values = self._buffer(hookpoint, "ops"), self._buffer(hookpoint, "values")
+        values = values.to(acts.dtype)
+        edited = torch.where(ops == _OP_CODES["scale"], acts * values, acts + values)
+        edited = torch.where(ops == _OP_CODES["set"], values.expand_as(acts), edited)
+        return torch.where(ops == _OP_CODES["zero"], torch.zeros_like(acts), edited)
+
+    def _steer(
+        self, position: int, hookpoint: str, module: nn.Module, args: tuple, output: Tensor
+    ) -> Tensor | None:
+        if position == 0:  # each forward starts afresh
+            self._pending = {}
+        if hookpoint in self.targets:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            acts = self.feature_acts(hookpoint, x)
+            delta = (self._edited(hookpoint, acts) - acts).float()
+            for i, target in enumerate(self.targets[hookpoint]):
+                part = delta @ self._buffer(hookpoint, f"decoder.{i}")
+                before = self._pending.get(target)
+                self._pending[target] = part if before is None else before + part
+        part = self._pending.pop(hookpoint, None)
+        if part is None:
+            return None
+        return output + part.view(output.shape).to(output.dtype)
+
+
+def _key(hookpoint: str) -> str:
+    """Buffer-name prefix of a hookpoint (module paths hold dots, buffer names cannot)."""
+    return hookpoint.replace(".", "_")
