@@ -1,4 +1,6 @@
 """Hallucination benchmarks (POPE, AMBER, easy-VQA) on top of vlm_sparsify."""
 
 BENCHMARKS = ("pope", "amber", "easyvqa")
-STAGES = ("capture", "score", "classify", "analyze", "plot", "map", "steer", "all")
+STAGES = (
+    "capture", "score", "classify", "attribute", "analyze", "plot", "map", "steer", "all",
+)  # fmt: skip

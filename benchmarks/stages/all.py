@@ -1,6 +1,6 @@
 """`python -m benchmarks BENCH all --out DIR [--coders RUN] [--limit N]`: every stage in order.
 
-capture -> score -> classify -> analyze -> plot -> map -> steer, all into DIR. Without --coders
+capture -> score -> classify -> attribute -> analyze -> plot -> map -> steer, all into DIR. Without --coders
 a small cross-layer transcoder is trained first on the model (`python -m vlm_sparsify` with the
 settings below) into `DIR/coders`. Each stage skips work already done (capture resumes by sample
 id, analyze / map when their output is up to date, steer per condition, training when
@@ -56,6 +56,9 @@ class AllConfig:
     """Targets per source of that CLT (>= layers: every later layer)."""
     target_features: int = 8
     """Features selected per direction (analyze)."""
+    rank_by: str = "goodness"
+    """analyze's ranking: goodness (the seed's frequency x activation score) or attribution
+    (activation x gradient of the answer's logit difference)."""
     factors: str = "0,0.5,2,4"
     """Steering factors (map uses the largest as its amplification factor)."""
     bootstrap: int = 1000
@@ -89,8 +92,9 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
                      "--max-new-tokens", str(config.max_new_tokens), *(extra_capture or [])]),
         ("score", []),
         ("classify", []),
+        ("attribute", ["--coders", coders, *device]),
         ("analyze", ["--target-features", str(config.target_features),
-                     "--split-seed", str(config.seed)]),
+                     "--split-seed", str(config.seed), "--rank-by", config.rank_by]),
         ("plot", []),
         ("map", ["--coders", coders, "--factor", str(max(factors)), *device,
                  "--seed", str(config.seed)]),

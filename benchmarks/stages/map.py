@@ -42,12 +42,11 @@ from benchmarks.neuron_map import (
     random_neurons,
     top_neurons,
 )
+from benchmarks.runs import load_run, read_features, teacher_forced_inputs
 from benchmarks.stages.analyze import layer_numbers
-from vlm_sparsify.coder_io import Coders, load_coders
+from vlm_sparsify.coder_io import Coders
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.export import source_weights
-from vlm_sparsify.loading import load_model_and_processor
-from vlm_sparsify.recipe import find_recipe
 
 NEURON_MAP = "neuron_map.json"
 INFO = "neuron_map_info.json"
@@ -109,57 +108,6 @@ def main(argv: list[str], benchmark: str) -> None:
         f"{summary['mean_cosine_random']:.3f}; {time.perf_counter() - start:.1f} s -> "
         f"{out / NEURON_MAP}"
     )
-
-
-@dataclass
-class Run:
-    """The model, processor and coders of a benchmark output folder."""
-
-    model: Any
-    processor: Any
-    coders: Coders
-    recipe: Any
-    settings: dict
-    data: Any
-
-
-def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) -> Run:
-    """Model and coders as `capture` used them (capture.json), `coders` overriding."""
-    info = outputs.capture_info(out)
-    settings = info["settings"]
-    coders = coders or settings.get("coders")
-    if not coders:
-        raise ValueError(f"{out} was captured without coders; pass --coders RUN")
-    recipe = (
-        find_recipe(settings["recipe"], model_id=settings["model"])
-        if settings.get("recipe")
-        else None
-    )
-    model, processor, recipe = load_model_and_processor(
-        settings["model"], recipe, dtype=settings.get("dtype", "auto"), device=device
-    )
-    coder_set = load_coders(coders, device=model.device)
-    data = get_adapter(benchmark).Data(**info["data"])
-    return Run(model, processor, coder_set, recipe, settings, data)
-
-
-def read_features(out: Path) -> dict:
-    path = out / "features.json"
-    if not path.exists():
-        raise FileNotFoundError(f"missing {path}: run `analyze` first")
-    return json.loads(path.read_text())
-
-
-def teacher_forced_inputs(run: Run, record: dict, image: Any) -> dict[str, Tensor]:
-    """Prompt + generated response tokens of one sample, as one unpadded model input."""
-    inputs = run.processor(images=[image], text=[record["prompt"]], return_tensors="pt")
-    response = torch.tensor([record.get("response_token_ids", [])], dtype=torch.long)
-    input_ids = torch.cat([inputs["input_ids"], response], dim=1)
-    return {
-        "input_ids": input_ids.to(run.model.device),
-        "attention_mask": torch.ones_like(input_ids).to(run.model.device),
-        "pixel_values": inputs["pixel_values"].to(run.model.device, run.model.dtype),
-    }
 
 
 class MLPTaps:

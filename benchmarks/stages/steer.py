@@ -46,7 +46,8 @@ from benchmarks.adapters import Adapter, Rules, get_adapter  # noqa: E402
 from benchmarks.bootstrap import paired_bootstrap  # noqa: E402
 from benchmarks.generation import generate_batch  # noqa: E402
 from benchmarks.neuron_map import scale_neurons  # noqa: E402
-from benchmarks.stages.map import NEURON_MAP, Run, load_run, read_features  # noqa: E402
+from benchmarks.runs import Run, load_run, read_features  # noqa: E402
+from benchmarks.stages.map import NEURON_MAP  # noqa: E402
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
 from vlm_sparsify.data import load_rgb  # noqa: E402
 from vlm_sparsify.interventions import Intervention  # noqa: E402

@@ -1,0 +1,70 @@
+"""The model, processor and coders a benchmark output folder was captured with, and teacher
+forcing of its samples (prompt + generated response) for the stages that re-run them
+(`map`, `steer`, `attribute`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from benchmarks import outputs
+from benchmarks.adapters import get_adapter
+from vlm_sparsify.coder_io import Coders, load_coders
+from vlm_sparsify.loading import load_model_and_processor
+from vlm_sparsify.recipe import find_recipe
+
+
+@dataclass
+class Run:
+    """The model, processor and coders of a benchmark output folder."""
+
+    model: Any
+    processor: Any
+    coders: Coders
+    recipe: Any
+    settings: dict
+    data: Any
+
+
+def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) -> Run:
+    """Model and coders as `capture` used them (capture.json), `coders` overriding."""
+    info = outputs.capture_info(out)
+    settings = info["settings"]
+    coders = coders or settings.get("coders")
+    if not coders:
+        raise ValueError(f"{out} was captured without coders; pass --coders RUN")
+    recipe = (
+        find_recipe(settings["recipe"], model_id=settings["model"])
+        if settings.get("recipe")
+        else None
+    )
+    model, processor, recipe = load_model_and_processor(
+        settings["model"], recipe, dtype=settings.get("dtype", "auto"), device=device
+    )
+    coder_set = load_coders(coders, device=model.device)
+    data = get_adapter(benchmark).Data(**info["data"])
+    return Run(model, processor, coder_set, recipe, settings, data)
+
+
+def read_features(out: Path) -> dict:
+    path = out / "features.json"
+    if not path.exists():
+        raise FileNotFoundError(f"missing {path}: run `analyze` first")
+    return json.loads(path.read_text())
+
+
+def teacher_forced_inputs(run: Run, record: dict, image: Any) -> dict[str, Tensor]:
+    """Prompt + generated response tokens of one sample, as one unpadded model input."""
+    inputs = run.processor(images=[image], text=[record["prompt"]], return_tensors="pt")
+    response = torch.tensor([record.get("response_token_ids", [])], dtype=torch.long)
+    input_ids = torch.cat([inputs["input_ids"], response], dim=1)
+    return {
+        "input_ids": input_ids.to(run.model.device),
+        "attention_mask": torch.ones_like(input_ids).to(run.model.device),
+        "pixel_values": inputs["pixel_values"].to(run.model.device, run.model.dtype),
+    }

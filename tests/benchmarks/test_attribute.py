@@ -1,0 +1,99 @@
+"""The attribute stage: activation x gradient of the answer's logit difference per feature."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from sparsify import SparseCoderConfig
+
+from benchmarks import outputs
+from benchmarks.__main__ import run
+from benchmarks.adapters import get_adapter
+from benchmarks.runs import load_run, teacher_forced_inputs
+from benchmarks.stages.attribute import answer_logit_difference
+from tests.benchmarks.test_capture_classify import GREEDY
+from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.data import load_rgb
+from vlm_sparsify.hookpoints import mlp_hookpoints
+from vlm_sparsify.interventions import Intervention
+from vlm_sparsify.replacement import ReplacementModel
+from vlm_sparsify.training import build_coders
+
+
+def test_answer_logit_difference_by_hand():
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 3.0, 2.0], [5.0, 1.0, 0.0], [9.0, 9.0, 9.0]]])
+    # prompt of 2 tokens; the response [1, 0] is predicted at rows 1 and 2
+    value = answer_logit_difference(logits, torch.tensor([1, 0]), prompt_length=2)
+    assert float(value) == (3.0 - 2.0) + (5.0 - 1.0)
+
+
+@pytest.fixture(scope="module")
+def coders_dir(tmp_path_factory, tiny_llava, llava_recipe) -> Path:
+    """A CLT with random encoders and decoders (decoders start at zero when trained)."""
+    model, _ = tiny_llava
+    hookpoints = mlp_hookpoints(model, llava_recipe)
+    d_in = model.config.text_config.hidden_size
+    cfg = SparseCoderConfig(num_latents=64, k=8)
+    coders = build_coders(hookpoints, d_in, cfg, cross_layer=2, device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for source in coders.sources:
+            for W in source.W_decs:
+                W.copy_(torch.randn(W.shape, generator=generator) * 0.5)
+    return save_coders(coders, tmp_path_factory.mktemp("coders") / "run")
+
+
+def read(path: Path) -> tuple[list[str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["ids"]), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def test_attributions_predict_the_effect_of_scaling_a_feature(
+    tmp_path,
+    tiny_llava_dir,
+    coders_dir,  # noqa: F811
+):
+    out = tmp_path / "out"
+    run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+         str(coders_dir), "--kinds", "yesno", "--limit", "3", *GREEDY])  # fmt: skip
+    run(["easyvqa", "attribute", "--out", str(out)])
+    ids, coo = read(out / "store" / "attributions.safetensors")
+    records = outputs.read_jsonl(out / outputs.RESPONSES)
+    assert ids == [r["id"] for r in records]
+    assert set(coo["sample"].tolist()) <= {0, 1, 2} and len(coo["value"]) > 0
+
+    # the largest attribution of sample 0, checked against a real scaled run of the model
+    first = coo["sample"] == 0
+    j = int(coo["value"][first].abs().argmax())
+    p, latent, value = (int(coo["layer"][first][j]), int(coo["latent"][first][j]),
+                        float(coo["value"][first][j]))  # fmt: skip
+    loaded = load_run(out, "easyvqa", None, "cpu")
+    item = {i.id: i for i in get_adapter("easyvqa").load_items(loaded.data, loaded.recipe)}
+    record = records[0]
+    inputs = teacher_forced_inputs(loaded, record, load_rgb(item[record["id"]].image))
+    response = torch.tensor(record["response_token_ids"])
+    prompt_length = inputs["input_ids"].shape[1] - len(response)
+
+    def objective(scale: float) -> float:
+        edit = Intervention("scale", features=latent, layers=p, value=scale)
+        rm = ReplacementModel(loaded.model, loaded.coders, mode="error", interventions=[edit])
+        with torch.no_grad():
+            logits = rm(**inputs).logits
+        return float(answer_logit_difference(logits, response, prompt_length))
+
+    eps = 1e-3
+    finite_difference = (objective(1 + eps) - objective(1 - eps)) / (2 * eps)
+    assert abs(value) > 1e-4
+    assert finite_difference == pytest.approx(value, rel=0.05, abs=1e-5)
+    # analyze reads them: a ranking by attribution runs end to end
+    run(["easyvqa", "score", "--out", str(out)])
+    run(["easyvqa", "classify", "--out", str(out)])
+    run(["easyvqa", "analyze", "--out", str(out), "--rank-by", "attribution",
+         "--held-out-fraction", "0"])  # fmt: skip
+    features = json.loads((out / "features.json").read_text())
+    assert features["parameters"]["rank_by"] == "attribution"
+    assert all("attribution" in f for f in features["features"])
