@@ -26,10 +26,9 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
+from benchmarks.stages.analyze import ATTRIBUTIONS
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.replacement import ReplacementModel
-
-from benchmarks.stages.analyze import ATTRIBUTIONS
 
 Region = Literal["all", "image", "prompt", "response"]
 
