@@ -415,6 +415,6 @@ def test_attribution_gradients_match_a_finite_difference(model: nn.Module) -> No
         moved = nudged(**inputs).logits[0, -1, 3]
     # scaling multiplies every token's activation of that feature; compare with the summed
     # attribution of that feature over all tokens
-    total = float((acts * acts.grad)[indices == feature].sum())
+    total = float((acts * acts.grad).detach()[indices == feature].sum())
     assert abs(total) > 1e-3  # a feature that matters
     assert float(moved - target.detach()) / eps == pytest.approx(total, rel=0.05)

@@ -37,6 +37,8 @@ from vlm_sparsify.training import Trainer, build_coders, build_optimizers, eval_
 
 @dataclass
 class RunConfig(TrainConfig):
+    """Train sparsify coders (SAEs, PLTs, CLTs) on a vision-language model."""
+
     model: str = field(default=DEFAULT_MODEL, positional=True)
     """Model id on the Hub or a local folder (default: the embedded tiny easy-VQA LLaVA)."""
 
@@ -283,5 +285,13 @@ def run(argv: list[str] | None = None) -> Trainer | None:
             dist.destroy_process_group()
 
 
+def main() -> None:
+    """Console entry point: bad input ends with one clear line, not a traceback."""
+    try:
+        run()
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
 if __name__ == "__main__":
-    run()
+    main()

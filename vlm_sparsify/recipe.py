@@ -192,8 +192,9 @@ def find_recipe(
         for candidate in known.values():
             if candidate.model_type == model_type:
                 return candidate
+    described = f"model_type '{model_type}'" if model_type else "no local config.json"
     raise ValueError(
-        f"no recipe matches model '{model_id}' (model_type '{model_type}'); known: "
+        f"no recipe matches model '{model_id}' ({described}); known: "
         f"{', '.join(known)}; pass --recipe NAME or --recipe PATH to a TOML file "
         "(see docs/recipes.md)"
     )
