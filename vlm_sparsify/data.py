@@ -348,6 +348,11 @@ class BatchStream(IterableDataset):
         return batch
 
 
+def single_threaded_worker(_: int) -> None:
+    """DataLoader `worker_init_fn`: preprocessing workers leave the cores to the model."""
+    torch.set_num_threads(1)
+
+
 def _chunks(items: Iterator[Example], size: int) -> Iterator[list[Example]]:
     while chunk := list(islice(items, size)):
         yield chunk

@@ -1,0 +1,231 @@
+"""Train the tiny easy-VQA LLaVA from scratch on the easy-VQA TRAIN split only.
+
+Steps are separate functions: examples -> token tensors (`encode_examples`), images -> pixel
+tensor (`load_pixels`), curriculum sampling (`sample_batch`), loss on answer tokens
+(`answer_loss`), and the loop (`train`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
+
+from vlm_sparsify.tiny.build import TinyShape, build_model, build_processor
+from vlm_sparsify.tiny.easyvqa_data import (
+    Example,
+    captions,
+    counterfactuals,
+    image_paths,
+    prompt_for,
+    questions,
+)
+
+IGNORE = -100
+
+
+@dataclass
+class TrainConfig:
+    """Training settings of `python -m vlm_sparsify.tiny`."""
+
+    out: str = "tiny_easyvqa_llava"
+    """Folder to save the model and processor to (`save_pretrained`)."""
+    seed: int = 0
+    """Seed of the weights' initialisation and of the batch sampling."""
+    steps: int = 3000
+    """Optimizer steps."""
+    batch_size: int = 64
+    """Examples per step."""
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    warmup: int = 100
+    """Warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    curriculum_steps: int = 600
+    """First steps train only on questions the image alone answers (colour, shape, captions)."""
+    counterfactual: bool = True
+    """Add each yes/no question with its colour/shape swapped and its answer flipped (balances
+    yes/no, so the "no" prior no longer pays)."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+
+
+@dataclass
+class EncodedExamples:
+    """Right-padded token tensors of examples; `labels` keep only the answer and `</s>`."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    image_index: Tensor
+    is_yes_no: Tensor
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerFast,
+    examples: list[Example],
+    image_ids: list[int],
+    num_image_tokens: int,
+) -> EncodedExamples:
+    """Tokenize `prompt answer</s>` exactly as the processor would (one token per patch)."""
+    expand = tokenizer.image_token * num_image_tokens
+    prompts = [prompt_for(e.question).replace(tokenizer.image_token, expand) for e in examples]
+    answers = [f" {e.answer}{tokenizer.eos_token}" for e in examples]
+    prompt_ids = tokenizer(prompts)["input_ids"]
+    full_ids = tokenizer([p + a for p, a in zip(prompts, answers, strict=True)])["input_ids"]
+    length = max(len(ids) for ids in full_ids)
+    input_ids = torch.full((len(examples), length), tokenizer.pad_token_id)
+    labels = torch.full((len(examples), length), IGNORE)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (prompt, full) in enumerate(zip(prompt_ids, full_ids, strict=True)):
+        input_ids[row, : len(full)] = torch.tensor(full)
+        attention_mask[row, : len(full)] = 1
+        labels[row, len(prompt) : len(full)] = torch.tensor(full[len(prompt) :])
+    position = {image_id: i for i, image_id in enumerate(image_ids)}
+    return EncodedExamples(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        image_index=torch.tensor([position[e.image_id] for e in examples]),
+        is_yes_no=torch.tensor([e.kind == "yes/no" for e in examples]),
+    )
+
+
+def load_pixels(processor: LlavaProcessor, paths: list[str], chunk: int = 500) -> Tensor:
+    """All images through the processor's image transform, once: [N, 3, H, W]."""
+    parts = []
+    for start in range(0, len(paths), chunk):
+        images = [Image.open(p).convert("RGB") for p in paths[start : start + chunk]]
+        parts.append(processor.image_processor(images, return_tensors="pt")["pixel_values"])
+    return torch.cat(parts)
+
+
+def training_examples(counterfactual: bool = True) -> tuple[list[Example], list[int]]:
+    """Train-split questions, captions (and flipped questions), and the train image ids."""
+    examples = list(questions("train")) + list(captions("train"))
+    if counterfactual:
+        examples += counterfactuals("train")
+    return examples, sorted(image_paths("train"))
+
+
+def sample_batch(
+    generator: torch.Generator, data: EncodedExamples, step: int, config: TrainConfig
+) -> Tensor:
+    """Row indices of one batch; during the curriculum only image-dependent open questions."""
+    pool = torch.arange(len(data.input_ids))
+    if step < config.curriculum_steps:
+        pool = pool[~data.is_yes_no]
+    return pool[torch.randint(len(pool), (config.batch_size,), generator=generator)]
+
+
+def answer_loss(
+    model: LlavaForConditionalGeneration, data: EncodedExamples, pixels: Tensor, rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Cross-entropy on the answer tokens, and whether each row's first answer token is right."""
+    mask = data.attention_mask[rows]
+    length = int(mask.sum(1).max())
+    input_ids, labels = data.input_ids[rows, :length], data.labels[rows, :length]
+    device = model.device
+    logits = model(
+        input_ids=input_ids.to(device),
+        attention_mask=mask[:, :length].to(device),
+        pixel_values=pixels[data.image_index[rows]].to(device),
+    ).logits
+    targets = labels[:, 1:].to(device)
+    predicted = logits[:, :-1]
+    loss = F.cross_entropy(predicted.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    first = (targets != IGNORE).int().argmax(1)
+    rows_range = torch.arange(len(rows), device=device)
+    correct = predicted[rows_range, first].argmax(-1) == targets[rows_range, first]
+    return loss, correct.cpu()
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(config: TrainConfig, shape: TinyShape = TinyShape()) -> LlavaForConditionalGeneration:
+    """Train from scratch and save model + processor to `config.out`."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    device = resolve_device(config.device)
+    processor = build_processor(shape)
+    model = build_model(shape).to(device)
+    examples, image_ids = training_examples(config.counterfactual)
+    paths = image_paths("train")
+    pixels = load_pixels(processor, [paths[i] for i in image_ids]).to(device)
+    data = encode_examples(processor.tokenizer, examples, image_ids, shape.num_image_tokens)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    generator = torch.Generator().manual_seed(config.seed)
+    model.train()
+    start = time.perf_counter()
+    yes_no_hits, other_hits = [], []
+    progress = tqdm(range(config.steps), desc="tiny llava", mininterval=5)
+    for step in progress:
+        rows = sample_batch(generator, data, step, config)
+        loss, correct = answer_loss(model, data, pixels, rows)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        yes_no = data.is_yes_no[rows]
+        yes_no_hits = (yes_no_hits + correct[yes_no].tolist())[-2000:]
+        other_hits = (other_hits + correct[~yes_no].tolist())[-2000:]
+        if step % 50 == 0 or step == config.steps - 1:
+            # First-answer-token accuracy over the last 2,000 yes/no and other (open, caption) rows.
+            progress.set_postfix(
+                loss=f"{loss.item():.3f}",
+                yes_no=f"{sum(yes_no_hits) / max(1, len(yes_no_hits)):.3f}",
+                other=f"{sum(other_hits) / max(1, len(other_hits)):.3f}",
+            )
+    seconds = time.perf_counter() - start
+    model.eval()
+    record = {"config": asdict(config), "shape": asdict(shape), "train_seconds": round(seconds)}
+    record["device"] = str(device)
+    save_atomically(model, processor, record, Path(config.out))
+    return model
+
+
+def save_atomically(
+    model: LlavaForConditionalGeneration,
+    processor: LlavaProcessor,
+    record: dict,
+    out: Path,
+) -> None:
+    """Write model, processor and `training.json` to a sibling folder, then swap it in."""
+    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
