@@ -52,6 +52,33 @@ def test_open_loop_with_random_coders_is_not(clt_run: Path, capsys) -> None:
     result = run_fidelity(clt_run, "open-loop", capsys)
     assert result["kl"] > 1e-3
     assert 0.0 <= result["top1_agreement"] < 1.0
+    # the replaced MLPs do not run in open loop: FVU still compares with their true outputs
+    assert all(fvu > 1e-3 for fvu in result["fvu"].values())
+
+
+def test_layer_fvu_is_against_the_true_mlp_on_the_replacement_stream(
+    clt_run: Path, tiny_llava, llava_recipe
+) -> None:
+    from PIL import Image
+
+    from vlm_sparsify.coder_io import load_coders
+    from vlm_sparsify.fidelity import _LayerRecorder, layer_predictions
+    from vlm_sparsify.replacement import ReplacementModel
+
+    model, processor = tiny_llava
+    coders = load_coders(clt_run)
+    image = Image.new("RGB", (28, 28), (200, 30, 30))
+    prompt = llava_recipe.format_prompt("is there a red circle?")
+    inputs = dict(processor(images=[image], text=[prompt], return_tensors="pt"))
+    recorder = _LayerRecorder(model, coders.hookpoints)
+    try:
+        ReplacementModel(model, coders, mode="open-loop")(**inputs)
+    finally:
+        recorder.remove()
+    mlp = model.get_submodule(coders.hookpoints[1])
+    torch.testing.assert_close(recorder.outputs[1], mlp(recorder.inputs[1]))
+    predictions = layer_predictions(coders, recorder.inputs)
+    assert not torch.allclose(predictions[1], recorder.outputs[1])
 
 
 def test_left_pad_moves_padding_to_the_left() -> None:

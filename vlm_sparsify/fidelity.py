@@ -65,7 +65,11 @@ class FidelityConfig:
 
 
 class _LayerRecorder:
-    """MLP inputs and true outputs at each hookpoint (hooked before the replacement's hooks)."""
+    """MLP inputs at each hookpoint of the replacement stream, and the true MLP outputs there.
+
+    In open-loop mode the replaced MLPs do not run, so the true output is computed here from
+    the class's own forward on the same input.
+    """
 
     def __init__(self, model: nn.Module, hookpoints: Sequence[str]):
         self.inputs: list[Tensor] = []
@@ -75,8 +79,9 @@ class _LayerRecorder:
         ]
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        true_output = type(module).forward(module, *args)
         self.inputs.append(args[0].detach().flatten(0, -2))
-        self.outputs.append(output.detach().flatten(0, -2))
+        self.outputs.append(true_output.detach().flatten(0, -2))
 
     def remove(self) -> None:
         for handle in self._handles:
