@@ -93,7 +93,11 @@ def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) 
     directions = _directions(result)
     rows = max(len(_top(result, d, top)) for d in directions)
     fig, axes = plt.subplots(
-        1, len(directions), figsize=(6 * len(directions), 1.2 + 0.28 * max(rows, 3)), squeeze=False
+        1,
+        len(directions),
+        figsize=(6 * len(directions), 1.2 + 0.28 * max(rows, 3)),
+        squeeze=False,
+        layout="constrained",
     )
     for ax, direction in zip(axes[0], directions, strict=True):
         features = _top(result, direction, top)[::-1]
@@ -137,7 +141,9 @@ def plot_activation_heatmap(result: dict, path: Path, title: str, top: int, dpi:
     act = np.array([[f["good_avg_activation"], f["bad_avg_activation"]] for f in features]).reshape(
         -1, 2
     )
-    fig, axes = plt.subplots(1, 2, figsize=(8, 1.5 + 0.3 * max(len(features), 3)))
+    fig, axes = plt.subplots(
+        1, 2, figsize=(8, 1.5 + 0.3 * max(len(features), 3)), layout="constrained"
+    )
     panels = (
         (freq, "firing frequency (share of samples)", "Blues", 0.0, 1.0),
         (act, "mean activation when firing", "Oranges", 0.0, max(act.max(initial=0.0), 1e-9)),
