@@ -214,8 +214,16 @@ class CrossLayerTranscoder(nn.Module):
 
     # bf16 autocast on CUDA, as sparsify's SparseCoder.forward
     @torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
-    def forward(self, inputs: list[Tensor], outputs: list[Tensor]) -> CoderSetOutput:
-        """Encode every source, decode into all its targets, FVU per target (loss = fvu.sum())."""
+    def forward(
+        self,
+        inputs: list[Tensor],
+        outputs: list[Tensor],
+        total_variances: list[Tensor] | None = None,
+    ) -> CoderSetOutput:
+        """Encode every source, decode into all its targets, FVU per target (loss = fvu.sum()).
+
+        `total_variances` are the FVU denominators per target (default: of these outputs).
+        """
         predictions: list[Tensor | None] = [None] * len(self.hookpoints)
         acts, indices = [], []
         for p, x in enumerate(inputs):
@@ -231,8 +239,10 @@ class CrossLayerTranscoder(nn.Module):
         preds = [pred for pred in predictions if pred is not None]
         fvu = torch.stack(
             [
-                fraction_of_variance_unexplained(y, y_hat)
-                for y, y_hat in zip(outputs, preds, strict=True)
+                fraction_of_variance_unexplained(y, y_hat, var)
+                for y, y_hat, var in zip(
+                    outputs, preds, total_variances or [None] * len(preds), strict=True
+                )
             ]
         )
         return CoderSetOutput(fvu, acts, indices, preds)

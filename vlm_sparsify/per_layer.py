@@ -32,9 +32,13 @@ class CoderSetOutput(NamedTuple):
     """Per target: the predicted module output, [N, d]."""
 
 
-def fraction_of_variance_unexplained(y: Tensor, y_hat: Tensor) -> Tensor:
-    """sparsify's FVU: ||y - y_hat||^2 / sum (y - mean y)^2."""
-    return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+def fraction_of_variance_unexplained(
+    y: Tensor, y_hat: Tensor, total_variance: Tensor | None = None
+) -> Tensor:
+    """sparsify's FVU: ||y - y_hat||^2 / sum (y - mean y)^2 (or the given denominator)."""
+    if total_variance is None:
+        total_variance = (y - y.mean(0)).pow(2).sum()
+    return (y - y_hat).pow(2).sum() / total_variance
 
 
 class PerLayerCoders(nn.Module):
@@ -100,15 +104,26 @@ class PerLayerCoders(nn.Module):
                 coder.encoder.bias.data = -mean @ coder.encoder.weight.data.T
             coder.b_dec.data = reduce_mean(y.mean(0)).to(coder.dtype)
 
-    def forward(self, inputs: list[Tensor], outputs: list[Tensor]) -> CoderSetOutput:
-        """Stock `SparseCoder.forward(x, y)` per hookpoint (an SAE reads and predicts y)."""
+    def forward(
+        self,
+        inputs: list[Tensor],
+        outputs: list[Tensor],
+        total_variances: list[Tensor] | None = None,
+    ) -> CoderSetOutput:
+        """Stock `SparseCoder.forward(x, y)` per hookpoint (an SAE reads and predicts y).
+
+        `total_variances` are the FVU denominators per target (default: of these outputs; the
+        trainer passes the whole batch's when it chunks or runs data parallel).
+        """
         fvus, acts, indices, predictions = [], [], [], []
-        for x, y, coder in zip(inputs, outputs, self.coders, strict=True):
+        for p, (x, y, coder) in enumerate(zip(inputs, outputs, self.coders, strict=True)):
             if not self.cfg.transcode:
                 x = y
                 if self.cfg.normalize_decoder:
                     coder.set_decoder_norm_to_unit_norm()
-            total_variance = (y - y.mean(0)).pow(2).sum()
+            total_variance = (
+                (y - y.mean(0)).pow(2).sum() if total_variances is None else total_variances[p]
+            )
             out = coder(x=x, y=y, dead_mask=None, total_variance=total_variance)
             fvus.append(out.fvu)
             acts.append(out.latent_acts)

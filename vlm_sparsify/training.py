@@ -227,14 +227,9 @@ def loss_per_target(
     n = inputs[0].shape[0]
     bounds = [round(i * n / micro_acc_steps) for i in range(micro_acc_steps + 1)]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        out = coders([x[lo:hi] for x in inputs], [y[lo:hi] for y in outputs])
-        parts = [
-            (y[lo:hi] - y_hat).pow(2).sum() / var
-            for y, y_hat, var in zip(outputs, out.predictions, variances, strict=True)
-        ]
-        loss = torch.stack(parts)
-        loss.sum().mul(scale).backward()
-        fvu += loss.detach().float().cpu()
+        out = coders([x[lo:hi] for x in inputs], [y[lo:hi] for y in outputs], variances)
+        out.fvu.sum().mul(scale).backward()
+        fvu += out.fvu.detach().float().cpu()
         for p, (acts, idx) in enumerate(zip(out.latent_acts, out.latent_indices, strict=True)):
             indices[p].append(idx.detach())
             active[p] += float((acts.detach() > 0).sum())
@@ -303,7 +298,8 @@ class Trainer:
             self.model, self.coders.hookpoints, model_inputs, mask
         )
         n_local = inputs[0].shape[0]
-        if _all_sum(torch.tensor(n_local, device=device)).item() == 0:
+        n_tokens = int(_all_sum(torch.tensor(n_local, device=device)).item())
+        if n_tokens == 0:
             return None
         self.coders.cfg.k = self.current_k()
         if state.global_step == 0 and not self.cfg.finetune:
@@ -328,7 +324,6 @@ class Trainer:
                 f"non-finite FVU at step {state.global_step} (batch {state.batches_seen - 1}) "
                 f"for {bad}; the last checkpoint is untouched. Try a lower --lr or float32."
             )
-        n_tokens = int(_all_sum(torch.tensor(n_local, device=device)).item())
         state.tokens_seen += n_tokens
         for counts, idx in zip(state.tokens_since_fired, indices, strict=True):
             fired = torch.zeros_like(counts, dtype=torch.bool)
