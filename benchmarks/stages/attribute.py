@@ -27,6 +27,7 @@ from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
 from benchmarks.stages.analyze import ATTRIBUTIONS
+from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.replacement import ReplacementModel
 
@@ -61,20 +62,13 @@ def answer_logit_difference(logits: Tensor, response: Tensor, prompt_length: int
 def region_rows(
     input_ids: Tensor, prompt_length: int, image_id: int | None, region: Region
 ) -> Tensor:
-    """Boolean [T] of the rows whose attributions count."""
-    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    is_image = input_ids[0] == image_id if image_id is not None else positions < 0
-    match region:
-        case "all":
-            return torch.ones_like(positions, dtype=torch.bool)
-        case "image":
-            return is_image & (positions < prompt_length)
-        case "prompt":
-            return ~is_image & (positions < prompt_length)
-        case "response":
-            return positions >= prompt_length
-        case other:
-            raise ValueError(f"unknown region '{other}'")
+    """Boolean [T] of the rows whose attributions count (regions as capture assigns them)."""
+    if region == "all":
+        return torch.ones(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+    codes = token_regions(
+        input_ids, None, tuple(input_ids.shape), 0, prompt_length, image_id, input_ids.device
+    )
+    return codes[0] == REGION_CODE[region]
 
 
 def sample_attributions(

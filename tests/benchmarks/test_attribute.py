@@ -97,3 +97,13 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     features = json.loads((out / "features.json").read_text())
     assert features["parameters"]["rank_by"] == "attribution"
     assert all("attribution" in f for f in features["features"])
+
+
+def test_region_rows_follow_capture_regions():
+    from benchmarks.stages.attribute import region_rows
+
+    ids = torch.tensor([[1, 9, 9, 4, 5, 6, 7]])  # 9 = image token; the response starts at row 5
+    assert region_rows(ids, 5, 9, "image").tolist() == [0, 1, 1, 0, 0, 0, 0]
+    assert region_rows(ids, 5, 9, "prompt").tolist() == [1, 0, 0, 1, 1, 0, 0]
+    assert region_rows(ids, 5, 9, "response").tolist() == [0, 0, 0, 0, 0, 1, 1]
+    assert region_rows(ids, 5, 9, "all").all()
