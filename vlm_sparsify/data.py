@@ -75,15 +75,12 @@ def load_rgb(image: Any) -> Image.Image:
 
 def easyvqa_examples(split: str = "train") -> list[Example]:
     """Every easy-VQA question of a split, as (image path, question, answer)."""
-    import easy_vqa
+    from vlm_sparsify.tiny.easyvqa_data import image_paths, questions
 
-    if split not in ("train", "test"):
-        raise ValueError(f"easy-VQA has splits 'train' and 'test', not '{split}'")
-    texts, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
-    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    paths = image_paths(split)  # type: ignore[arg-type]
     return [
-        Example(id=f"{split}-{i}", image=paths[image_id], question=text, answer=answer)
-        for i, (text, answer, image_id) in enumerate(zip(texts, answers, image_ids, strict=True))
+        Example(id=f"{split}-{i}", image=paths[q.image_id], question=q.question, answer=q.answer)
+        for i, q in enumerate(questions(split))  # type: ignore[arg-type]
     ]
 
 
