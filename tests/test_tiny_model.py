@@ -155,9 +155,10 @@ def test_shipped_model_reads_the_colour_off_the_image(shipped):
     assert real >= blank + 0.3
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3: the shipped model's yes/no is 0.51 on test")
 def test_shipped_model_meets_the_yes_no_band(shipped):
-    yes_no = [e for e in questions("test") if e.kind == "yes/no"][:96]
+    """Issue 3's band (0.90 <= acc < 0.99, 5 points above a blank image) on 512 test items;
+    the whole split (7,136) is measured in docs/tiny_model.md."""
+    yes_no = [e for e in questions("test") if e.kind == "yes/no"][:512]
     real, blank = _accuracy_real_and_blank(*shipped, yes_no)
-    assert 0.85 <= real < 1.0
+    assert 0.90 <= real < 0.99
     assert real >= blank + 0.05
