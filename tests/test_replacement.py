@@ -63,7 +63,9 @@ def make_coders(kind: str) -> nn.Module:
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
     if kind == "plt":
         return randomize(PerLayerCoders(HOOKPOINTS, D, cfg), seed=1)
-    return randomize(CrossLayerTranscoder(HOOKPOINTS, D, cfg, cross_layer=LAYERS), seed=2)
+    # clt3 reaches 3 of the 4 layers: source 0 does not write into the last one
+    cross_layer = 3 if kind == "clt3" else LAYERS
+    return randomize(CrossLayerTranscoder(HOOKPOINTS, D, cfg, cross_layer=cross_layer), seed=2)
 
 
 def batch() -> dict[str, Tensor]:
@@ -160,7 +162,7 @@ def test_error_mode_reproduces_the_model(model: nn.Module, kind: str) -> None:
     assert (open_loop - base_logits).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kind", ["plt", "clt"])
+@pytest.mark.parametrize("kind", ["plt", "clt", "clt3"])
 def test_open_loop_output_is_the_sum_of_decoder_contributions(model: nn.Module, kind: str) -> None:
     coders = make_coders(kind)
     with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop"):
@@ -245,8 +247,13 @@ def test_generate_with_kv_cache_equals_without(model: nn.Module, kind: str, mode
         assert a.regions == b.regions
         assert torch.equal(a.token_ids, b.token_ids)
         assert torch.equal(a.indices.sort(-1).values, b.indices.sort(-1).values)
+        # values are stored in bf16: float32 rounding that differs between the cached and the
+        # uncached matmul shapes may put one value a bf16 rounding step (2**-8 relative) apart
         torch.testing.assert_close(
-            a.values.float().sort(-1).values, b.values.float().sort(-1).values
+            a.values.float().sort(-1).values,
+            b.values.float().sort(-1).values,
+            rtol=2**-7,
+            atol=1e-5,
         )
 
 

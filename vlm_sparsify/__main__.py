@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 from simple_parsing import field, parse
 from sparsify.config import TrainConfig
-from torch.utils.data import DataLoader
 
 from vlm_sparsify.coder_io import save_coders
-from vlm_sparsify.data import BatchStream, TokenRegion, open_examples, single_threaded_worker
+from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examples
 from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
@@ -226,13 +225,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         rank=rank,
         world_size=world,
     )
-    loader = DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=args.num_workers,
-        worker_init_fn=single_threaded_worker,
-        persistent_workers=False,
-    )
+    loader = batch_loader(stream, args.num_workers, pin_memory=torch.device(device).type == "cuda")
     n_params = sum(p.numel() for p in coders.parameters())
     kind = (
         f"cross-layer transcoder (cross_layer {args.cross_layer})"

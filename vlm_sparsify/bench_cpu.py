@@ -21,7 +21,7 @@ from vlm_sparsify.bench_steps import (
     plugin_vs_stock_steps,
     train_config,
 )
-from vlm_sparsify.data import BatchStream, Example, easyvqa_examples, load_rgb
+from vlm_sparsify.data import BatchStream, Example, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import Recipe, find_recipe
@@ -224,7 +224,7 @@ def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
         stream = BatchStream(
             examples, processor, recipe, bs, max_positions=max_positions, max_examples=n_examples
         )
-        return DataLoader(stream, batch_size=None, num_workers=sizes.num_workers)
+        return batch_loader(stream, sizes.num_workers)
 
     stream = BatchStream(examples, processor, recipe, bs, max_positions=max_positions)
     start = time.perf_counter()

@@ -32,7 +32,7 @@ from vlm_sparsify.bench_steps import (
     sync,
     train_config,
 )
-from vlm_sparsify.data import BatchStream, easyvqa_examples, load_rgb
+from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.replacement import benchmark_generate
@@ -201,6 +201,12 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     ef = sizes.num_latents // sizes.hidden
     results: dict[str, Any] = {"model": "LLaVA-1.5-7B architecture, random bf16 weights"}
     details: dict[str, Any] = {}
+
+    def note(key: str, value: float) -> None:
+        """Record a figure and log it at once (a run cut short keeps what it measured)."""
+        results[key] = value
+        log(f"[gpu] {key} = {value:.4g}")
+
     n_batches = sizes.warmup + sizes.steps
     ids = torch.randint(
         0, 32000 if sizes.vocab > 32000 else sizes.vocab, (bs * n_batches, sizes.ctx)
@@ -212,10 +218,10 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
 
     log("[gpu] plugin vs stock PLT step ...")
     paired = plugin_vs_stock_steps(model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup)
-    results["plugin_vs_stock_plt_step"] = paired.ratio
+    note("plugin_vs_stock_plt_step", paired.ratio)
     details["plugin_vs_stock_plt_step"] = paired.summary()
 
-    results["plugin_plt_tok_per_s"] = tokens / statistics.median(paired.candidate)
+    note("plugin_plt_tok_per_s", tokens / statistics.median(paired.candidate))
 
     log("[gpu] stock PLT alone ...")
     reset_peak(device)
@@ -223,8 +229,8 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
         model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup, with_plugin=False
     )
     stock_tok_s = tokens / statistics.median(stock.reference)
-    results["stock_plt_tok_per_s"] = stock_tok_s
-    results["stock_plt_peak_gib"] = peak_gib(device)
+    note("stock_plt_tok_per_s", stock_tok_s)
+    note("stock_plt_peak_gib", peak_gib(device))
 
     log(f"[gpu] CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer} ...")
     reset_peak(device)
@@ -237,9 +243,9 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     )
     step = partial(clt.train_on_batch, text_batch)
     seconds = timed_steps(step, sizes.warmup, sizes.steps, device)
-    results["clt_tok_per_s"] = tokens / seconds
-    results["clt_peak_gib"] = peak_gib(device)
-    results["clt_vs_stock_plt_tok_per_s"] = results["clt_tok_per_s"] / stock_tok_s
+    note("clt_tok_per_s", tokens / seconds)
+    note("clt_peak_gib", peak_gib(device))
+    note("clt_vs_stock_plt_tok_per_s", results["clt_tok_per_s"] / stock_tok_s)
     coders = clt.coders
     del clt, step
     reset_peak(device)
@@ -258,7 +264,7 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
         ("replacement_error_vs_base_generate", "error"),
     ):
         timing = benchmark_generate(model, coders, inputs, mode=mode, **gen)
-        results[key] = timing["ratio"]
+        note(key, timing["ratio"])
         details[key] = timing
     del coders, inputs
     reset_peak(device)
@@ -282,12 +288,12 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
         return ModelDtypePixels(examples, processor, recipe, bs, max_examples=n_examples)
 
     def make_loader() -> DataLoader:
-        return DataLoader(stream(), batch_size=None, num_workers=sizes.num_workers, pin_memory=True)
+        return batch_loader(stream(), sizes.num_workers, pin_memory=True)
 
     pretokenized = list(islice(stream(), sizes.pipeline_batches))
     plt.train_on_batch(pretokenized[0])  # warm-up
     paired = pipeline_vs_pretokenized(plt, make_loader, pretokenized, sizes.pipeline_rounds, device)
-    results["pipeline_vs_pretokenized"] = paired.ratio
+    note("pipeline_vs_pretokenized", paired.ratio)
     details["pipeline_vs_pretokenized"] = {
         **paired.summary("tok_per_s"),
         "num_workers": sizes.num_workers,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_sparsify.recipe import Recipe
 
@@ -348,6 +348,19 @@ class BatchStream(IterableDataset):
 def single_threaded_worker(_: int) -> None:
     """DataLoader `worker_init_fn`: preprocessing workers leave the cores to the model."""
     torch.set_num_threads(1)
+
+
+def batch_loader(stream: BatchStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    """The DataLoader that feeds training: `stream` makes whole batches in `num_workers`
+    single-threaded worker processes (0: in the training process); `pin_memory` on a GPU."""
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        worker_init_fn=single_threaded_worker,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
 
 
 def _chunks(items: Iterator[Example], size: int) -> Iterator[list[Example]]:

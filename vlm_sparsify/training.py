@@ -292,8 +292,9 @@ class Trainer:
         if "inputs" not in batch:
             return None
         device = next(self.coders.parameters()).device
-        model_inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
-        mask = batch["token_mask"].to(device)
+        # asynchronous copies from pinned batches (batch_loader pins them on a GPU)
+        model_inputs = {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}
+        mask = batch["token_mask"].to(device, non_blocking=True)
         inputs, outputs = collect_activations(
             self.model, self.coders.hookpoints, model_inputs, mask
         )
