@@ -283,3 +283,12 @@ def test_gemma3_round_trips_through_from_pretrained(tmp_path):
     assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**loaded_batch).logits, model(**batch).logits)
+
+
+def test_qwen_tiny_processors_are_the_real_classes_without_a_video_slot():
+    import transformers
+
+    for name, cls in (("qwen2_vl", "Qwen2VLProcessor"), ("qwen2_5_vl", "Qwen2_5_VLProcessor")):
+        _, processor = _tiny(name)
+        assert isinstance(processor, getattr(transformers, cls))
+        assert type(processor).get_attributes() == ["image_processor", "tokenizer"]

@@ -143,7 +143,25 @@ def build_tiny_processor(recipe: Recipe) -> Any:
     if "chat_template" in tiny:
         processor_kwargs["chat_template"] = tiny["chat_template"]
     processor_class = transformers_class(tiny.get("processor_class", recipe.processor_class))
+    if tiny.get("image_only_processor"):
+        processor_class = without_video_slot(processor_class)
     return processor_class(image_processor=image_processor, tokenizer=tokenizer, **processor_kwargs)
+
+
+def without_video_slot(processor_class: type) -> type:
+    """`processor_class` with only its image processor and tokenizer as sub-processors.
+
+    transformers 5.x checks every sub-processor slot against its base class, and without
+    torchvision the video base class cannot be looked up, so `Qwen2VLProcessor(...,
+    video_processor=None)` raises. `ProcessorMixin` takes its slots from `__init__`'s signature:
+    this subclass's signature drops the video slot, and everything else (token expansion,
+    `__call__` on images and text) is the class's own code.
+    """
+
+    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any):
+        processor_class.__init__(self, image_processor, tokenizer, None, **kwargs)
+
+    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
 
 
 def _token_ids(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
