@@ -162,3 +162,39 @@ def test_shipped_model_meets_the_yes_no_band(shipped):
     real, blank = _accuracy_real_and_blank(*shipped, yes_no)
     assert 0.90 <= real < 0.99
     assert real >= blank + 0.05
+
+
+def test_training_saves_every_n_steps_and_records_the_steps_done(tmp_path, monkeypatch):
+    from vlm_sparsify.tiny import train as train_module
+
+    examples, _ = training_examples()
+    subset = [e for e in examples if e.image_id < 8]  # a few images: quick to load
+    monkeypatch.setattr(
+        train_module,
+        "training_examples",
+        lambda counterfactual: (subset, sorted({e.image_id for e in subset})),
+    )
+    saved = []
+    real_save = train_module.save_atomically
+    monkeypatch.setattr(
+        train_module,
+        "save_atomically",
+        lambda model, processor, record, out: (
+            saved.append(record["steps_done"]),
+            real_save(model, processor, record, out),
+        ),
+    )
+    config = TrainConfig(
+        out=str(tmp_path / "tiny"),
+        steps=5,
+        batch_size=4,
+        warmup=1,
+        curriculum_steps=1,
+        save_every=2,
+        device="cpu",
+    )
+    model = train_module.train(config)
+    assert saved == [2, 4, 5]
+    reloaded, _ = load_tiny(tmp_path / "tiny")
+    for a, b in zip(model.state_dict().values(), reloaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
