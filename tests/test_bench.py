@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vlm_sparsify.bench import GOALS
+from vlm_sparsify.bench import GOALS, GPU_GOALS, format_table
 
 FIGURES = (
     "plugin_vs_stock_plt_step",
@@ -59,3 +59,14 @@ def test_gpu_flag_fails_fast_without_cuda():
     assert done.returncode != 0
     assert "needs a CUDA device" in done.stderr
     assert done.stdout == ""
+
+
+def test_gpu_table_uses_the_gpu_goals():
+    results = {
+        "replacement_vs_base_generate": 1.2,
+        "clt_vs_stock_plt_tok_per_s": 0.9,
+        "machine": {"cpu": "x", "cores": 1, "torch": "t", "date": "d", "load_average_1min": 0.0},
+    }
+    table = format_table(results, GPU_GOALS)
+    assert "<= 1.1" in table and ">= 0.8" in table
+    assert table.count("MISS") == 1 and table.count("PASS") == 1
