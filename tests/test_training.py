@@ -30,9 +30,16 @@ def weights(run_dir):
     return {h: load_file(run_dir / h / "sae.safetensors") for h in HOOKS}
 
 
-@pytest.mark.parametrize("cross_layer", ["0", "3"], ids=["plt", "clt"])
-def test_checkpoints_load_and_resume_is_exact(tmp_path, tiny_llava_dir, monkeypatch, cross_layer):
-    extra = ("--transcode", "true", "--cross_layer", cross_layer, "--save_every", "3")
+@pytest.mark.parametrize(
+    ("cross_layer", "loss_fn"),
+    [("0", "fvu"), ("3", "fvu"), ("3", "kl")],
+    ids=["plt", "clt", "clt-kl"],
+)
+def test_checkpoints_load_and_resume_is_exact(
+    tmp_path, tiny_llava_dir, monkeypatch, cross_layer, loss_fn
+):
+    extra = ("--transcode", "true", "--cross_layer", cross_layer, "--save_every", "3",
+             "--loss_fn", loss_fn)  # fmt: skip
     run(cli(tiny_llava_dir, tmp_path, "whole", *extra))
     whole = tmp_path / "whole"
     assert (whole / "summary.json").is_file() and (whole / "config.json").is_file()

@@ -22,6 +22,7 @@ from sparsify.config import TrainConfig
 
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examples
+from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
@@ -109,10 +110,7 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
-        if self.loss_fn != "fvu":
-            raise ValueError(
-                f"--loss_fn {self.loss_fn} is not supported yet; vlm_sparsify trains with fvu"
-            )
+        check_end_to_end(self.loss_fn, self.micro_acc_steps)  # the trainer checks the coders
         if self.auxk_alpha or self.sae.multi_topk or self.distribute_modules:
             raise ValueError(
                 "--auxk_alpha, --multi_topk and --distribute_modules are not supported"
@@ -239,6 +237,11 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     trainer.fit(loader, total)
     if rank == 0:
         print_summary(trainer.summary())
+        if trainer.state.loss_history:
+            recent = trainer.state.loss_history[-20:]
+            print(
+                f"end-to-end {args.loss_fn} (last {len(recent)} steps): {sum(recent) / len(recent):.4f}"
+            )
         if trainer.state.skipped:
             shown = ", ".join(trainer.state.skipped[:5])
             print(

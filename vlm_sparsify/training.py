@@ -25,7 +25,9 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
 from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.replacement import ReplacementModel
 
 CoderSet = PerLayerCoders | CrossLayerTranscoder
 
@@ -106,6 +108,29 @@ def collect_activations(
     Every model input of the batch (pixel values, image sizes, attention mask) reaches the model;
     the forward stops after the last hookpoint.
     """
+    xs, ys, _ = _forward_with_capture(model, hookpoints, inputs, mask, stop_early=True)
+    return xs, ys
+
+
+@torch.no_grad()
+def collect_activations_and_logits(
+    model: nn.Module,
+    hookpoints: list[str],
+    inputs: dict[str, Tensor],
+    mask: Tensor,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """`collect_activations` from a whole forward, and its logits [batch, seq, vocab]."""
+    xs, ys, output = _forward_with_capture(model, hookpoints, inputs, mask, stop_early=False)
+    return xs, ys, output.logits
+
+
+def _forward_with_capture(
+    model: nn.Module,
+    hookpoints: list[str],
+    inputs: dict[str, Tensor],
+    mask: Tensor,
+    stop_early: bool,
+) -> tuple[list[Tensor], list[Tensor], Any]:
     flat_mask = mask.flatten()
     captured: dict[str, tuple[Tensor, Tensor]] = {}
     last = hookpoints[-1]
@@ -115,14 +140,15 @@ def collect_activations(
             x = args[0] if isinstance(args, tuple) else args
             y = output[0] if isinstance(output, tuple) else output
             captured[name] = (x.flatten(0, 1)[flat_mask], y.flatten(0, 1)[flat_mask])
-            if name == last:
+            if stop_early and name == last:
                 raise _StopForward
 
         return hook
 
     handles = [model.get_submodule(h).register_forward_hook(make_hook(h)) for h in hookpoints]
+    output = None
     try:
-        model(**inputs)
+        output = model(**inputs)
     except _StopForward:
         pass
     finally:
@@ -131,7 +157,7 @@ def collect_activations(
     missing = [h for h in hookpoints if h not in captured]
     if missing:
         raise RuntimeError(f"hookpoints {missing} did not run in the model's forward")
-    return [captured[h][0] for h in hookpoints], [captured[h][1] for h in hookpoints]
+    return [captured[h][0] for h in hookpoints], [captured[h][1] for h in hookpoints], output
 
 
 # -- data parallel ------------------------------------------------------------------------------
@@ -195,6 +221,8 @@ class TrainingState:
     tokens_since_fired: list[Tensor] = field(default_factory=list)
     fvu_history: list[list[float]] = field(default_factory=list)
     l0_history: list[list[float]] = field(default_factory=list)
+    loss_history: list[float] = field(default_factory=list)
+    """End-to-end loss (`--loss_fn kl` or `ce`) per step; empty with fvu."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -205,6 +233,7 @@ class TrainingState:
             "tokens_since_fired": self.tokens_since_fired,
             "fvu_history": self.fvu_history,
             "l0_history": self.l0_history,
+            "loss_history": self.loss_history,
         }
 
     @classmethod
@@ -219,16 +248,19 @@ def loss_per_target(
     variances: list[Tensor],
     micro_acc_steps: int = 1,
     scale: float = 1.0,
+    backward: bool = True,
 ) -> tuple[Tensor, list[Tensor], list[float]]:
-    """Forward + backward; per-target FVU [H], active indices and L0 per source."""
+    """Forward (+ backward); per-target FVU [H], active indices and L0 per source."""
     fvu = torch.zeros(len(outputs))
     active = torch.zeros(len(inputs))
     indices: list[list[Tensor]] = [[] for _ in inputs]
     n = inputs[0].shape[0]
     bounds = [round(i * n / micro_acc_steps) for i in range(micro_acc_steps + 1)]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        out = coders([x[lo:hi] for x in inputs], [y[lo:hi] for y in outputs], variances)
-        out.fvu.sum().mul(scale).backward()
+        with torch.set_grad_enabled(backward):
+            out = coders([x[lo:hi] for x in inputs], [y[lo:hi] for y in outputs], variances)
+        if backward:
+            out.fvu.sum().mul(scale).backward()
         fvu += out.fvu.detach().float().cpu()
         for p, (acts, idx) in enumerate(zip(out.latent_acts, out.latent_indices, strict=True)):
             indices[p].append(idx.detach())
@@ -266,8 +298,10 @@ class Trainer:
     state: TrainingState = field(default_factory=TrainingState)
     checkpoint: Any = None
     """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps and at the end."""
+    _replacement: ReplacementModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_end_to_end(self.cfg.loss_fn, self.cfg.micro_acc_steps, self.coders.transcode)
         if not self.state.tokens_since_fired:
             device = next(self.coders.parameters()).device
             latents = coder_modules(self.coders)[0].encoder.weight.shape[0]
@@ -295,9 +329,16 @@ class Trainer:
         # asynchronous copies from pinned batches (batch_loader pins them on a GPU)
         model_inputs = {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}
         mask = batch["token_mask"].to(device, non_blocking=True)
-        inputs, outputs = collect_activations(
-            self.model, self.coders.hookpoints, model_inputs, mask
-        )
+        loss_fn = self.cfg.loss_fn
+        clean_logits = None
+        if loss_fn == "kl":
+            inputs, outputs, clean_logits = collect_activations_and_logits(
+                self.model, self.coders.hookpoints, model_inputs, mask
+            )
+        else:
+            inputs, outputs = collect_activations(
+                self.model, self.coders.hookpoints, model_inputs, mask
+            )
         n_local = inputs[0].shape[0]
         n_tokens = int(_all_sum(torch.tensor(n_local, device=device)).item())
         if n_tokens == 0:
@@ -313,7 +354,11 @@ class Trainer:
             total_variances(outputs),
             self.cfg.micro_acc_steps,
             1 / acc_steps,
+            backward=loss_fn == "fvu",  # end to end: FVU is only reported
         )
+        metrics: dict[str, Any] = {}
+        if loss_fn != "fvu":
+            metrics[loss_fn] = self._end_to_end_step(model_inputs, mask, clean_logits, acc_steps)
         fvu = _all_sum(fvu)  # each rank holds its share of the global FVU
         if not torch.isfinite(fvu).all():
             bad = [
@@ -349,7 +394,33 @@ class Trainer:
             for scheduler in self.schedulers:
                 scheduler.step()
         state.global_step += 1
-        return {"fvu": fvu.sum().item()}
+        return {"fvu": fvu.sum().item(), **metrics}
+
+    def _end_to_end_step(
+        self,
+        model_inputs: dict[str, Tensor],
+        mask: Tensor,
+        clean_logits: Tensor | None,
+        acc_steps: int,
+    ) -> float:
+        """Backward of the end-to-end loss (docs: end_to_end.py); returns its global mean."""
+        if self._replacement is None:
+            self._replacement = ReplacementModel(self.model, self.coders, mode="open-loop")
+        total, count = end_to_end_sum(
+            self.cfg.loss_fn, self._replacement, model_inputs, mask, clean_logits
+        )
+        n = _all_sum(count.float())
+        loss = total / n.clamp_min(1)
+        value = float(_all_sum(loss.detach().clone()))
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"non-finite end-to-end {self.cfg.loss_fn} at step {self.state.global_step} "
+                f"(batch {self.state.batches_seen - 1}); the last checkpoint is untouched. "
+                "Try a lower --lr or float32."
+            )
+        loss.div(acc_steps).backward()
+        self.state.loss_history.append(value)
+        return value
 
     def fit(self, batches: Iterable[dict[str, Any]], total: int | None = None) -> None:
         rank_zero = not dist.is_initialized() or dist.get_rank() == 0
@@ -361,7 +432,7 @@ class Trainer:
             metrics = self.train_on_batch(batch)
             pbar.update()
             if metrics:
-                pbar.set_postfix(fvu=f"{metrics['fvu']:.3f}")
+                pbar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
             step = self.state.global_step
             if self.checkpoint and metrics and step % self.cfg.save_every == 0:
                 self.checkpoint(self)
