@@ -292,3 +292,9 @@ def test_qwen_tiny_processors_are_the_real_classes_without_a_video_slot():
         _, processor = _tiny(name)
         assert isinstance(processor, getattr(transformers, cls))
         assert type(processor).get_attributes() == ["image_processor", "tokenizer"]
+
+
+def test_a_model_type_several_recipes_share_warns_and_names_the_flag(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.warns(UserWarning, match="also 'llava': tiny_llava.*--recipe NAME"):
+        assert find_recipe(model_id=str(tmp_path)).name == "llava"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import warnings
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from importlib import resources
@@ -189,9 +190,18 @@ def find_recipe(
                 return candidate
         model_type = model_type or _model_type_of(model_id)
     if model_type:
-        for candidate in known.values():
-            if candidate.model_type == model_type:
-                return candidate
+        candidates = [c for c in known.values() if c.model_type == model_type]
+        if len(candidates) > 1:
+            others = ", ".join(c.name for c in candidates[1:])
+            warnings.warn(
+                f"model '{model_id}' is matched only by config.model_type '{model_type}': using "
+                f"recipe '{candidates[0].name}' (also '{model_type}': {others}); pass --recipe "
+                "NAME to choose, e.g. --recipe tiny_llava for a model retrained with "
+                "`python -m vlm_sparsify.tiny --out DIR`",
+                stacklevel=2,
+            )
+        if candidates:
+            return candidates[0]
     described = f"model_type '{model_type}'" if model_type else "no local config.json"
     raise ValueError(
         f"no recipe matches model '{model_id}' ({described}); known: "
