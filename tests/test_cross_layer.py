@@ -120,10 +120,12 @@ def test_init_biases_centres_encoders_and_splits_target_means() -> None:
     torch.testing.assert_close(clt.sources[0].b_decs[0], ys[0].mean(0))
 
 
-def test_cross_layer_1_equals_per_layer_transcoders() -> None:
-    """A CLT reaching one layer is sparsify's PLT: same init (seeded), FVU and gradients."""
+@pytest.mark.parametrize("local_terms", [False, True], ids=["fvu", "fvu-auxk-multi-topk"])
+def test_cross_layer_1_equals_per_layer_transcoders(local_terms: bool) -> None:
+    """A CLT reaching one layer is sparsify's PLT: same init (seeded), FVU and gradients, and
+    the same AuxK and multi-TopK terms."""
     xs, ys = random_acts(1, 3, 128, 16)
-    cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True)
+    cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True, multi_topk=local_terms)
     hooks = [f"l.{i}" for i in range(3)]
     plt, clt = PerLayerCoders(hooks, 16, cfg), CrossLayerTranscoder(hooks, 16, cfg, 1)
     for coders in (plt, clt):
@@ -132,11 +134,22 @@ def test_cross_layer_1_equals_per_layer_transcoders() -> None:
             for p in range(3):
                 W = coders.coders[p].W_dec if coders is plt else coders.sources[p].W_decs[0]
                 W.copy_(torch.linspace(-1, 1, W.numel()).view_as(W))
-    a, b = plt(xs, ys), clt(xs, ys)
+    dead = [torch.arange(64) % (p + 2) == 0 for p in range(3)] if local_terms else None
+    a, b = plt(xs, ys, dead_masks=dead), clt(xs, ys, dead_masks=dead)
     torch.testing.assert_close(a.fvu, b.fvu)
     assert a.fvu.min().item() > 0.1
-    a.fvu.sum().backward()
-    b.fvu.sum().backward()
+    losses = []
+    for out in (a, b):
+        loss = out.fvu.sum()
+        if local_terms:
+            assert out.auxk_loss.min() > 0 and out.multi_topk_fvu.min() > 0
+            loss = loss + out.auxk_loss.sum() / 32 + out.multi_topk_fvu.sum() / 8
+        losses.append(loss)
+    if local_terms:
+        torch.testing.assert_close(a.auxk_loss, b.auxk_loss)
+        torch.testing.assert_close(a.multi_topk_fvu, b.multi_topk_fvu)
+    for loss in losses:
+        loss.backward()
     for p in range(3):
         torch.testing.assert_close(plt.coders[p].W_dec.grad, clt.sources[p].W_decs[0].grad)
         torch.testing.assert_close(

@@ -110,6 +110,8 @@ def test_end_to_end_refuses_what_it_cannot_train(tmp_path, tiny_llava_dir, shipp
         run(cli(tiny_llava_dir, tmp_path, "m", "--loss_fn", "kl", "--micro_acc_steps", "2"))
     with pytest.raises(ValueError, match="sparse autoencoders train with --loss_fn fvu"):
         run(cli(tiny_llava_dir, tmp_path, "s", "--loss_fn", "kl", "--transcode", "false"))
+    with pytest.raises(ValueError, match="--auxk_alpha and --multi_topk add to the local"):
+        run(cli(tiny_llava_dir, tmp_path, "a", "--loss_fn", "kl", "--auxk_alpha", "0.1"))
     with pytest.raises(ValueError, match="unknown --loss_fn"):
         e2e_trainer(shipped, "mse", 0)
 

@@ -26,11 +26,19 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("transcode", [True, False], ids=["plt", "sae"])
-def test_plugin_matches_stock_trainer(tmp_path, transcode: bool):
+AUXK = dict(auxk_alpha=1 / 32, dead_feature_threshold=100)  # 64 tokens a step: dead after 2
+
+
+@pytest.mark.parametrize(
+    ("transcode", "extra"),
+    [(True, {}), (False, {}), (True, AUXK), (True, {"multi_topk": True}), (False, AUXK)],
+    ids=["plt", "sae", "plt-auxk", "plt-multi-topk", "sae-auxk"],
+)
+def test_plugin_matches_stock_trainer(tmp_path, transcode: bool, extra: dict):
     model = tiny_llama()
     ids = torch.randint(0, 100, (BATCH * STEPS, SEQ), generator=torch.Generator().manual_seed(1))
-    sae_cfg = dict(transcode=transcode, num_latents=64, k=4)
+    train_extra = {k: v for k, v in extra.items() if k != "multi_topk"}
+    sae_cfg = dict(transcode=transcode, num_latents=64, k=4, multi_topk="multi_topk" in extra)
 
     stock_cfg = TrainConfig(
         SparseCoderConfig(**sae_cfg),
@@ -40,11 +48,14 @@ def test_plugin_matches_stock_trainer(tmp_path, transcode: bool):
         save_dir=str(tmp_path),
         run_name="stock",
         save_every=10**6,
+        **train_extra,
     )
     dataset = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
     StockTrainer(stock_cfg, dataset, model).fit()
 
-    ours_cfg = TrainConfig(SparseCoderConfig(**sae_cfg), batch_size=BATCH, log_to_wandb=False)
+    ours_cfg = TrainConfig(
+        SparseCoderConfig(**sae_cfg), batch_size=BATCH, log_to_wandb=False, **train_extra
+    )
     hookpoints = [f"model.layers.{i}.mlp" for i in range(3)]
     coders = build_coders(hookpoints, 32, ours_cfg.sae, 0, torch.device("cpu"))
     initial = {h: {k: v.clone() for k, v in coders[h].state_dict().items()} for h in hookpoints}
@@ -55,6 +66,10 @@ def test_plugin_matches_stock_trainer(tmp_path, transcode: bool):
         for chunk in ids.split(BATCH)
     ]
     trainer.fit(batches)
+    if "auxk_alpha" in extra:  # latents were dead at the end: AuxK was part of the loss
+        assert any(
+            (c > extra["dead_feature_threshold"]).any() for c in trainer.state.tokens_since_fired
+        )
 
     with eval_weights(optimizers):
         for i, hookpoint in enumerate(hookpoints):

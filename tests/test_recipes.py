@@ -253,7 +253,7 @@ def test_two_image_text_examples_train_one_plt_step(name):
     cfg = SparseCoderConfig(transcode=True, num_latents=64, k=4)
     coders = build_coders(hookpoints, d_in, cfg, cross_layer=0, device=torch.device("cpu"))
     coders.init_biases(inputs, outputs)
-    fvu, indices, l0 = loss_per_target(coders, inputs, outputs, total_variances(outputs))
+    fvu, indices, l0, _ = loss_per_target(coders, inputs, outputs, total_variances(outputs))
     assert fvu.shape == (len(hookpoints),) and torch.isfinite(fvu).all() and (fvu > 0).all()
     assert l0 == [4.0] * len(hookpoints)
     for coder in coders.coders:

@@ -177,3 +177,20 @@ def test_export_calibrates_on_the_runs_own_model_and_data(tmp_path, tiny_llava_d
     clt = load_clt(str(tmp_path / "ct"), device="cpu", dtype=torch.float32, lazy_encoder=False)
     ours = load_coders(tmp_path / "clt")
     assert torch.equal(clt.W_enc[0], ours.sources[0].encoder.weight)
+
+
+def test_auxk_and_multi_topk_train_a_clt_from_the_cli(tmp_path, tiny_llava_dir, monkeypatch):
+    seen = []
+    original = training.Trainer.train_on_batch
+
+    def recording(self, batch):
+        metrics = original(self, batch)
+        seen.append(metrics)
+        return metrics
+
+    monkeypatch.setattr(training.Trainer, "train_on_batch", recording)
+    run(cli(tiny_llava_dir, tmp_path, "aux", "--transcode", "true", "--cross_layer", "3",
+            "--auxk_alpha", "0.03125", "--dead_feature_threshold", "40", "--multi_topk", "true"))  # fmt: skip
+    assert len(seen) == 6 and all("auxk" in m for m in seen)
+    assert seen[0]["auxk"] == 0 and max(m["auxk"] for m in seen) > 0  # latents died, AuxK began
+    assert load_coders(tmp_path / "aux").n_targets(0) == 3

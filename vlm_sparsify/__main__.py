@@ -110,10 +110,16 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
-        check_end_to_end(self.loss_fn, self.micro_acc_steps)  # the trainer checks the coders
-        if self.auxk_alpha or self.sae.multi_topk or self.distribute_modules:
+        # the trainer checks the coders (transcoders) once the recipe's defaults apply
+        check_end_to_end(
+            self.loss_fn,
+            self.micro_acc_steps,
+            local_terms=self.auxk_alpha > 0 or self.sae.multi_topk,
+        )
+        if self.distribute_modules:
             raise ValueError(
-                "--auxk_alpha, --multi_topk and --distribute_modules are not supported"
+                "--distribute_modules is not supported: every process holds all coders and "
+                "gradients are summed (data parallel)"
             )
 
 

@@ -219,17 +219,23 @@ class CrossLayerTranscoder(nn.Module):
         inputs: list[Tensor],
         outputs: list[Tensor],
         total_variances: list[Tensor] | None = None,
+        dead_masks: list[Tensor] | None = None,
     ) -> CoderSetOutput:
         """Encode every source, decode into all its targets, FVU per target (loss = fvu.sum()).
 
         `total_variances` are the FVU denominators per target (default: of these outputs).
+        `dead_masks` (per source, [latents] bool) add sparsify's AuxK loss per source, on its own
+        layer's residual (`auxk_loss`); `cfg.multi_topk` adds the FVU of decoding each source's
+        top 4k latents into all its targets (`multi_topk_fvu`). With cross_layer 1 both equal
+        stock sparsify's PLT terms.
         """
         predictions: list[Tensor | None] = [None] * len(self.hookpoints)
-        acts, indices = [], []
+        acts, indices, pre_acts = [], [], []
         for p, x in enumerate(inputs):
-            top_acts, top_indices, _ = self.encode(p, x)
+            top_acts, top_indices, pre = self.encode(p, x)
             acts.append(top_acts)
             indices.append(top_indices)
+            pre_acts.append(pre)
             parts = self.decode(p, top_acts, top_indices)
             for i, skip in enumerate(self.skip(p, x)):
                 parts[i] = parts[i] + skip
@@ -237,15 +243,59 @@ class CrossLayerTranscoder(nn.Module):
                 prev = predictions[p + i]
                 predictions[p + i] = part if prev is None else prev + part
         preds = [pred for pred in predictions if pred is not None]
+        variances = total_variances or [(y - y.mean(0)).pow(2).sum() for y in outputs]
         fvu = torch.stack(
             [
                 fraction_of_variance_unexplained(y, y_hat, var)
-                for y, y_hat, var in zip(
-                    outputs, preds, total_variances or [None] * len(preds), strict=True
-                )
+                for y, y_hat, var in zip(outputs, preds, variances, strict=True)
             ]
         )
-        return CoderSetOutput(fvu, acts, indices, preds)
+        auxk = None
+        if dead_masks is not None:
+            auxk = torch.stack(
+                [
+                    self._auxk_loss(p, pre_acts[p], outputs[p] - preds[p], variances[p], dead)
+                    for p, dead in enumerate(dead_masks)
+                ]
+            )
+        multi = None
+        if self.cfg.multi_topk:
+            multi = self._multi_topk_fvu(pre_acts, outputs, variances)
+        return CoderSetOutput(fvu, acts, indices, preds, auxk, multi)
+
+    def _auxk_loss(
+        self, p: int, pre_acts: Tensor, residual: Tensor, total_variance: Tensor, dead: Tensor
+    ) -> Tensor:
+        """sparsify's AuxK: source p's top dead latents (k_aux = d / 2) predict its layer's
+        residual through its own-layer decoder, scaled down when few latents are dead."""
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return residual.new_tensor(0.0)
+        k_aux = residual.shape[-1] // 2
+        scale = min(num_dead / k_aux, 1.0)
+        masked = torch.where(dead[None], pre_acts, -torch.inf)
+        aux_acts, aux_indices = masked.topk(min(k_aux, num_dead), sorted=False)
+        W_dec = self.sources[p].W_decs[0]
+        e_hat = decoder_impl(aux_indices, aux_acts.to(W_dec.dtype), W_dec.mT)
+        return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+
+    def _multi_topk_fvu(
+        self, pre_acts: list[Tensor], outputs: list[Tensor], variances: list[Tensor]
+    ) -> Tensor:
+        """FVU per target when every source decodes its top 4k latents (no skip, as sparsify)."""
+        totals: list[Tensor | None] = [None] * len(self.hookpoints)
+        for p, pre in enumerate(pre_acts):
+            top_acts, top_indices = pre.topk(4 * self.cfg.k, sorted=False)
+            for i, part in enumerate(self.decode(p, top_acts, top_indices)):
+                prev = totals[p + i]
+                totals[p + i] = part if prev is None else prev + part
+        return torch.stack(
+            [
+                fraction_of_variance_unexplained(y, y_hat, var)
+                for y, y_hat, var in zip(outputs, totals, variances, strict=True)
+                if y_hat is not None
+            ]
+        )
 
     def memory_bytes(self, optimizer: str = "signum") -> dict[str, int]:
         """Bytes of this CLT's weights, gradients and optimizer state while training."""

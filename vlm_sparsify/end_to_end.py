@@ -28,9 +28,14 @@ LossFn = Literal["fvu", "kl", "ce"]
 END_TO_END: tuple[LossFn, ...] = ("kl", "ce")
 
 
-def check_end_to_end(loss_fn: str, micro_acc_steps: int, transcode: bool | None = None) -> None:
+def check_end_to_end(
+    loss_fn: str,
+    micro_acc_steps: int,
+    transcode: bool | None = None,
+    local_terms: bool = False,
+) -> None:
     """Clear errors for settings the end-to-end losses do not support (transcode None: unknown
-    yet, e.g. before a recipe's defaults apply)."""
+    yet, e.g. before a recipe's defaults apply; local_terms: --auxk_alpha or --multi_topk)."""
     if loss_fn not in ("fvu", *END_TO_END):
         raise ValueError(f"unknown --loss_fn '{loss_fn}'; choose fvu, kl or ce")
     if loss_fn == "fvu":
@@ -39,6 +44,11 @@ def check_end_to_end(loss_fn: str, micro_acc_steps: int, transcode: bool | None 
         raise ValueError(
             f"--loss_fn {loss_fn} trains transcoders (per-layer or --cross_layer) through the "
             "replacement model; sparse autoencoders train with --loss_fn fvu here"
+        )
+    if local_terms:
+        raise ValueError(
+            f"--auxk_alpha and --multi_topk add to the local FVU loss; --loss_fn {loss_fn} "
+            "trains on the replacement model's output only"
         )
     if micro_acc_steps > 1:
         raise ValueError(

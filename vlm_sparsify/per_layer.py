@@ -31,6 +31,12 @@ class CoderSetOutput(NamedTuple):
     predictions: list[Tensor]
     """Per target: the predicted module output, [N, d]."""
 
+    auxk_loss: Tensor | None = None
+    """Per source: sparsify's AuxK loss of its dead latents, [H] (None without dead masks)."""
+
+    multi_topk_fvu: Tensor | None = None
+    """Per target: FVU when decoding the top 4k latents, [H] (None unless `cfg.multi_topk`)."""
+
 
 def fraction_of_variance_unexplained(
     y: Tensor, y_hat: Tensor, total_variance: Tensor | None = None
@@ -109,13 +115,16 @@ class PerLayerCoders(nn.Module):
         inputs: list[Tensor],
         outputs: list[Tensor],
         total_variances: list[Tensor] | None = None,
+        dead_masks: list[Tensor] | None = None,
     ) -> CoderSetOutput:
         """Stock `SparseCoder.forward(x, y)` per hookpoint (an SAE reads and predicts y).
 
         `total_variances` are the FVU denominators per target (default: of these outputs; the
-        trainer passes the whole batch's when it chunks or runs data parallel).
+        trainer passes the whole batch's when it chunks or runs data parallel). `dead_masks`
+        (per source, [latents] bool) turn on sparsify's AuxK loss. With `cfg.multi_topk` the
+        returned latents are the top 4k, as stock sparsify returns them.
         """
-        fvus, acts, indices, predictions = [], [], [], []
+        fvus, acts, indices, predictions, auxk, multi = [], [], [], [], [], []
         for p, (x, y, coder) in enumerate(zip(inputs, outputs, self.coders, strict=True)):
             if not self.cfg.transcode:
                 x = y
@@ -124,12 +133,22 @@ class PerLayerCoders(nn.Module):
             total_variance = (
                 (y - y.mean(0)).pow(2).sum() if total_variances is None else total_variances[p]
             )
-            out = coder(x=x, y=y, dead_mask=None, total_variance=total_variance)
+            dead_mask = dead_masks[p] if dead_masks is not None else None
+            out = coder(x=x, y=y, dead_mask=dead_mask, total_variance=total_variance)
             fvus.append(out.fvu)
             acts.append(out.latent_acts)
             indices.append(out.latent_indices)
             predictions.append(out.sae_out)
-        return CoderSetOutput(torch.stack(fvus), acts, indices, predictions)
+            auxk.append(out.auxk_loss)
+            multi.append(out.multi_topk_fvu)
+        return CoderSetOutput(
+            torch.stack(fvus),
+            acts,
+            indices,
+            predictions,
+            torch.stack(auxk) if dead_masks is not None else None,
+            torch.stack(multi) if self.cfg.multi_topk else None,
+        )
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

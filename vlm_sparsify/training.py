@@ -249,23 +249,37 @@ def loss_per_target(
     micro_acc_steps: int = 1,
     scale: float = 1.0,
     backward: bool = True,
-) -> tuple[Tensor, list[Tensor], list[float]]:
-    """Forward (+ backward); per-target FVU [H], active indices and L0 per source."""
+    dead_masks: list[Tensor] | None = None,
+    auxk_alpha: float = 0.0,
+) -> tuple[Tensor, list[Tensor], list[float], float]:
+    """Forward (+ backward); per-target FVU [H], active indices and L0 per source, summed AuxK.
+
+    The loss is sparsify's: fvu + auxk_alpha * auxk (with `dead_masks`) + multi_topk_fvu / 8.
+    """
     fvu = torch.zeros(len(outputs))
+    auxk = 0.0
     active = torch.zeros(len(inputs))
     indices: list[list[Tensor]] = [[] for _ in inputs]
     n = inputs[0].shape[0]
     bounds = [round(i * n / micro_acc_steps) for i in range(micro_acc_steps + 1)]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         with torch.set_grad_enabled(backward):
-            out = coders([x[lo:hi] for x in inputs], [y[lo:hi] for y in outputs], variances)
+            out = coders(
+                [x[lo:hi] for x in inputs], [y[lo:hi] for y in outputs], variances, dead_masks
+            )
+        loss = out.fvu.sum()
+        if out.auxk_loss is not None:
+            loss = loss + auxk_alpha * out.auxk_loss.sum()
+            auxk += float(out.auxk_loss.detach().sum())
+        if out.multi_topk_fvu is not None:
+            loss = loss + out.multi_topk_fvu.sum() / 8
         if backward:
-            out.fvu.sum().mul(scale).backward()
+            loss.mul(scale).backward()
         fvu += out.fvu.detach().float().cpu()
         for p, (acts, idx) in enumerate(zip(out.latent_acts, out.latent_indices, strict=True)):
             indices[p].append(idx.detach())
             active[p] += float((acts.detach() > 0).sum())
-    return fvu, [torch.cat(idx) for idx in indices], (active / max(n, 1)).tolist()
+    return fvu, [torch.cat(idx) for idx in indices], (active / max(n, 1)).tolist(), auxk
 
 
 @contextmanager
@@ -301,7 +315,12 @@ class Trainer:
     _replacement: ReplacementModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        check_end_to_end(self.cfg.loss_fn, self.cfg.micro_acc_steps, self.coders.transcode)
+        check_end_to_end(
+            self.cfg.loss_fn,
+            self.cfg.micro_acc_steps,
+            self.coders.transcode,
+            self.cfg.auxk_alpha > 0 or self.cfg.sae.multi_topk,
+        )
         if not self.state.tokens_since_fired:
             device = next(self.coders.parameters()).device
             latents = coder_modules(self.coders)[0].encoder.weight.shape[0]
@@ -347,7 +366,11 @@ class Trainer:
         if state.global_step == 0 and not self.cfg.finetune:
             self.coders.init_biases(inputs, outputs, global_mean_reducer(n_local, device))
         acc_steps = self.cfg.grad_acc_steps
-        fvu, indices, l0 = loss_per_target(
+        dead_masks = None
+        if self.cfg.auxk_alpha > 0:
+            threshold = self.cfg.dead_feature_threshold
+            dead_masks = [counts > threshold for counts in state.tokens_since_fired]
+        fvu, indices, l0, auxk = loss_per_target(
             self.coders,
             inputs,
             outputs,
@@ -355,8 +378,12 @@ class Trainer:
             self.cfg.micro_acc_steps,
             1 / acc_steps,
             backward=loss_fn == "fvu",  # end to end: FVU is only reported
+            dead_masks=dead_masks,
+            auxk_alpha=self.cfg.auxk_alpha,
         )
         metrics: dict[str, Any] = {}
+        if dead_masks is not None:
+            metrics["auxk"] = float(_all_sum(torch.tensor(auxk)))
         if loss_fn != "fvu":
             metrics[loss_fn] = self._end_to_end_step(model_inputs, mask, clean_logits, acc_steps)
         fvu = _all_sum(fvu)  # each rank holds its share of the global FVU
