@@ -6,7 +6,12 @@ from vlm_sparsify.tiny.train import TrainConfig, train
 
 
 def run() -> None:
-    train(parse(TrainConfig))
+    config = parse(TrainConfig)
+    train(config)
+    print(
+        f"Saved to {config.out}. Evaluate: python -m vlm_sparsify.tiny.evaluate {config.out}; "
+        f"use it elsewhere with --model {config.out} --recipe tiny_llava"
+    )
 
 
 if __name__ == "__main__":
