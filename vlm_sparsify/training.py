@@ -168,8 +168,15 @@ def _world() -> int:
 
 
 def _all_sum(x: Tensor) -> Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    """Sum over ranks, in place. NCCL reduces CUDA tensors only: CPU ones (the per-step FVU and
+    AuxK figures) go through the rank's GPU."""
+    if not dist.is_initialized():
+        return x
+    if x.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_gpu = x.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        return x.copy_(on_gpu)
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
 
