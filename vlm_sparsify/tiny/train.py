@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: int = 256
     """Examples per step."""
     lr: float = 3e-3
-    """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
+    """Peak AdamW learning rate (linear warm-up, cosine decay to a tenth of the peak)."""
     warmup: int = 100
     """Warm-up steps."""
     weight_decay: float = 0.01

@@ -1,0 +1,48 @@
+"""Every command's `--help` prints its flags and exits 0 (a stray `%` in a help text used to crash
+`python -m vlm_sparsify.tiny --help`)."""
+
+import runpy
+import sys
+
+import pytest
+
+from benchmarks import BENCHMARKS, STAGES
+from benchmarks.__main__ import run as run_benchmarks
+from vlm_sparsify.tiny.__main__ import parse_args
+
+MODULES = {
+    "vlm_sparsify": "--cross_layer",
+    "vlm_sparsify.tiny": "--patch_size",
+    "vlm_sparsify.tiny.evaluate": "--blank",
+    "vlm_sparsify.fidelity": "--mode",
+    "vlm_sparsify.bench": "--gpu",
+    "vlm_sparsify.export": "circuit-tracer",
+}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_module_help(module, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    for name in (module, f"{module}.__main__"):  # run it afresh as __main__
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    assert exit_.value.code in (0, None)
+    assert MODULES[module] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("benchmark", BENCHMARKS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_benchmark_stage_help(benchmark, stage, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_benchmarks([benchmark, stage, "--help"])
+    assert exit_.value.code in (0, None)
+    assert "--out" in capsys.readouterr().out
+
+
+def test_tiny_cli_takes_the_architecture_flags():
+    config, shape = parse_args(["--patch_size", "8", "--max_positions", "128", "--seed", "3"])
+    assert (shape.patch_size, shape.max_positions, shape.num_image_tokens) == (8, 128, 64)
+    assert config.seed == 3
+    default_config, default_shape = parse_args([])
+    assert default_shape.patch_size == 16 and default_config.steps == 9200
