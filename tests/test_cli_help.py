@@ -45,4 +45,4 @@ def test_tiny_cli_takes_the_architecture_flags():
     assert (shape.patch_size, shape.max_positions, shape.num_image_tokens) == (8, 128, 64)
     assert config.seed == 3
     default_config, default_shape = parse_args([])
-    assert default_shape.patch_size == 16 and default_config.steps == 9200
+    assert default_shape.patch_size == 8 and default_config.steps == 3000

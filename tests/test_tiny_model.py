@@ -66,7 +66,9 @@ def test_training_never_touches_the_test_split(monkeypatch):
 def test_training_rows_match_the_processor_and_supervise_only_the_answer():
     processor = build_processor()
     example = questions("train")[1]  # "what color is the shape?" -> "blue"
-    data = encode_examples(processor.tokenizer, [example], [example.image_id], 16)
+    data = encode_examples(
+        processor.tokenizer, [example], [example.image_id], TinyShape().num_image_tokens
+    )
     image = Image.new("RGB", (64, 64))
     prompt = easyvqa_data.prompt_for(example.question)
     expected = processor(images=image, text=prompt)["input_ids"][0]
@@ -82,7 +84,7 @@ def test_curriculum_draws_only_open_questions_first():
     processor = build_processor()
     examples = list(questions("train")[:40])
     image_ids = sorted({e.image_id for e in examples})
-    data = encode_examples(processor.tokenizer, examples, image_ids, 16)
+    data = encode_examples(processor.tokenizer, examples, image_ids, TinyShape().num_image_tokens)
     config = TrainConfig(batch_size=32, curriculum_steps=5)
     generator = torch.Generator().manual_seed(0)
     assert not data.is_yes_no[sample_batch(generator, data, 4, config)].any()

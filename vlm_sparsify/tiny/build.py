@@ -50,7 +50,9 @@ class TinyShape:
     """Sizes of the tiny LLaVA (defaults: the shipped model)."""
 
     image_size: int = 64
-    patch_size: int = 16
+    patch_size: int = 8
+    """8 px patches: 64 image tokens. At 16 px (16 tokens) shape learning was slow and varied
+    between runs (docs/tiny_model.md)."""
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 2
@@ -58,7 +60,7 @@ class TinyShape:
     text_layers: int = 4
     text_heads: int = 4
     text_intermediate: int = 256
-    max_positions: int = 64
+    max_positions: int = 128
     tie_embeddings: bool = True
     """Share the input embedding and the output head: a question's colour word and the colour the
     model would answer then live in one space, which makes yes/no matching easy to learn."""

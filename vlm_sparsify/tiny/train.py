@@ -43,7 +43,7 @@ class TrainConfig:
     """Folder to save the model and processor to (`save_pretrained`)."""
     seed: int = 0
     """Seed of the weights' initialisation and of the batch sampling."""
-    steps: int = 9200
+    steps: int = 3000
     """Optimizer steps."""
     batch_size: int = 256
     """Examples per step."""
@@ -53,7 +53,7 @@ class TrainConfig:
     """Warm-up steps."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
-    curriculum_steps: int = 600
+    curriculum_steps: int = 1000
     """First steps train only on questions the image alone answers (colour, shape, captions)."""
     counterfactual: bool = False
     """Add each yes/no question with its colour/shape swapped and its answer flipped (balances
