@@ -203,8 +203,9 @@ def test_training_saves_every_n_steps_and_records_the_steps_done(tmp_path, monke
 
 
 def test_cpu_training_is_repeatable_bit_for_bit(tmp_path, monkeypatch):
-    """The same command on the CPU gives the same weights (the shipped recipe's full-length CPU
-    rerun matched bit for bit too, docs/tiny_model.md); another seed gives others."""
+    """The same command on the CPU gives the same weights (the shipped recipe's CPU rerun matched
+    bit for bit at step 500, the previous recipe's over its full length: docs/tiny_model.md);
+    another seed gives others."""
     from vlm_sparsify.tiny import train as train_module
 
     examples, _ = training_examples()
