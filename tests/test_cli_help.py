@@ -1,14 +1,17 @@
 """Every command's `--help` prints its flags and exits 0 (a stray `%` in a help text used to crash
 `python -m vlm_sparsify.tiny --help`)."""
 
+import json
 import runpy
 import sys
+from dataclasses import asdict
 
 import pytest
 
 from benchmarks import BENCHMARKS, STAGES
 from benchmarks.__main__ import run as run_benchmarks
 from vlm_sparsify.tiny.__main__ import parse_args
+from vlm_sparsify.tiny.evaluate import SHIPPED
 
 MODULES = {
     "vlm_sparsify": "--cross_layer",
@@ -41,8 +44,14 @@ def test_benchmark_stage_help(benchmark, stage, capsys):
 
 
 def test_tiny_cli_takes_the_architecture_flags():
-    config, shape = parse_args(["--patch_size", "8", "--max_positions", "128", "--seed", "3"])
-    assert (shape.patch_size, shape.max_positions, shape.num_image_tokens) == (8, 128, 64)
+    config, shape = parse_args(["--patch_size", "16", "--max_positions", "64", "--seed", "3"])
+    assert (shape.patch_size, shape.max_positions, shape.num_image_tokens) == (16, 64, 16)
     assert config.seed == 3
-    default_config, default_shape = parse_args([])
-    assert default_shape.patch_size == 8 and default_config.steps == 3000
+
+
+def test_tiny_cli_defaults_are_the_shipped_recipe():
+    """docs/tiny_model.md: `--device cpu --threads 1 --save_every 500` + defaults made the model."""
+    record = json.loads((SHIPPED / "training.json").read_text())
+    config, shape = parse_args(["--device", "cpu", "--threads", "1", "--save_every", "500"])
+    assert asdict(shape) == record["shape"]
+    assert {**asdict(config), "out": record["config"]["out"]} == record["config"]

@@ -24,6 +24,21 @@ def shipped():
     return load_tiny(SHIPPED)
 
 
+@pytest.fixture
+def few_images(monkeypatch):
+    """The trainer module, with its training data cut to the questions on 8 train images."""
+    from vlm_sparsify.tiny import train as train_module
+
+    examples, _ = training_examples()
+    subset = [e for e in examples if e.image_id < 8]  # a few images: quick to load
+    monkeypatch.setattr(
+        train_module,
+        "training_examples",
+        lambda counterfactual: (subset, sorted({e.image_id for e in subset})),
+    )
+    return train_module
+
+
 def test_labels_are_read_off_the_questions():
     # Train image 0: "what is the blue shape?" -> "rectangle".
     assert image_labels("train")[0] == ImageLabel("blue", "rectangle")
@@ -166,16 +181,8 @@ def test_shipped_model_meets_the_yes_no_band(shipped):
     assert real >= blank + 0.05
 
 
-def test_training_saves_every_n_steps_and_records_the_steps_done(tmp_path, monkeypatch):
-    from vlm_sparsify.tiny import train as train_module
-
-    examples, _ = training_examples()
-    subset = [e for e in examples if e.image_id < 8]  # a few images: quick to load
-    monkeypatch.setattr(
-        train_module,
-        "training_examples",
-        lambda counterfactual: (subset, sorted({e.image_id for e in subset})),
-    )
+def test_training_saves_every_n_steps_and_records_the_steps_done(tmp_path, few_images, monkeypatch):
+    train_module = few_images
     saved = []
     real_save = train_module.save_atomically
     monkeypatch.setattr(
@@ -202,19 +209,11 @@ def test_training_saves_every_n_steps_and_records_the_steps_done(tmp_path, monke
         assert torch.equal(a, b)
 
 
-def test_cpu_training_is_repeatable_bit_for_bit(tmp_path, monkeypatch):
+def test_cpu_training_is_repeatable_bit_for_bit(tmp_path, few_images):
     """The same command on the CPU gives the same weights (the shipped recipe's CPU rerun matched
     bit for bit at step 500, the previous recipe's over its full length: docs/tiny_model.md);
     another seed gives others."""
-    from vlm_sparsify.tiny import train as train_module
-
-    examples, _ = training_examples()
-    subset = [e for e in examples if e.image_id < 8]
-    monkeypatch.setattr(
-        train_module,
-        "training_examples",
-        lambda counterfactual: (subset, sorted({e.image_id for e in subset})),
-    )
+    train_module = few_images
 
     def weights(name: str, seed: int) -> dict[str, torch.Tensor]:
         config = TrainConfig(out=str(tmp_path / name), seed=seed, steps=4, batch_size=8,
