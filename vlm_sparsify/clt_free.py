@@ -33,12 +33,12 @@ from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
-from sparsify.fused_encoder import fused_encoder
 from torch import Tensor, nn
 
 from vlm_sparsify.coder_io import Coders
 from vlm_sparsify.export import source_weights
 from vlm_sparsify.interventions import Op
+from vlm_sparsify.topk_encoder import encode_topk
 
 SteerMode = Literal["exact", "threshold"]
 WEIGHTS_FILE = "steerer.safetensors"
@@ -211,7 +211,7 @@ class FeatureSteerer(nn.Module):
         if self.mode == "threshold":
             pre = x @ weight.T + bias
             return pre * (pre > self._buffer(hookpoint, "threshold"))
-        top_acts, top_indices, _ = fused_encoder(x, weight, bias, self.k, self.activation)
+        top_acts, top_indices, _ = encode_topk(x, weight, bias, self.k, self.activation)
         match = top_indices[:, :, None] == self._buffer(hookpoint, "features")
         return (top_acts[:, :, None] * match).sum(1)
 

@@ -9,11 +9,12 @@ is EleutherAI/clt-training's untied layout.
 
 import torch
 from sparsify import SparseCoderConfig
-from sparsify.fused_encoder import EncoderOutput, fused_encoder
+from sparsify.fused_encoder import EncoderOutput
 from sparsify.utils import decoder_impl
 from torch import Tensor, nn
 
 from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
+from .topk_encoder import encode_topk
 
 
 def n_targets_per_source(num_hookpoints: int, cross_layer: int) -> list[int]:
@@ -184,7 +185,7 @@ class CrossLayerTranscoder(nn.Module):
     def encode(self, p: int, x: Tensor) -> EncoderOutput:
         """TopK features of source p (a transcoder: no decoder-bias subtraction)."""
         encoder = self.sources[p].encoder
-        return fused_encoder(x, encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation)
+        return encode_topk(x, encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation)
 
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
         """Contribution of source p to targets p .. p+n_targets(p)-1 (bias of p->t included)."""
