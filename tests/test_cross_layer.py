@@ -7,6 +7,7 @@ from sparsify import SparseCoderConfig
 from sparsify.sign_sgd import SignSGD
 
 from vlm_sparsify.cross_layer import (
+    CLTSource,
     CrossLayerTranscoder,
     n_sources_per_target,
     n_targets_per_source,
@@ -209,3 +210,24 @@ def test_llava_7b_decoder_size() -> None:
     """32 layers x 8192 latents x cross_layer 16 at d=4096: ~13 B decoder parameters."""
     mem = training_memory_bytes(32, 8192, 4096, 16, "signum", 4, 2)
     assert mem["decoder_weights"] // 2 == 392 * 8192 * 4096  # 13.15e9 parameters
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_source_decode_equals_decoding_each_target(grad: bool) -> None:
+    """CPU `decode` flattens the bags once for all targets: bit for bit `decode_target`'s."""
+    torch.manual_seed(0)
+    source = CLTSource(32, 256, n_targets=3)
+    source.add_post_encoder(scales=True)
+    for parameter in source.parameters():
+        parameter.data.normal_()
+    acts, indices = torch.rand(20, 8), torch.randint(0, 256, (20, 8))
+    with torch.set_grad_enabled(grad):
+        together = source.decode(acts, indices)
+        one_by_one = [source.decode_target(i, acts, indices) for i in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(together, one_by_one, strict=True))
+    if grad:
+        grads = [
+            torch.autograd.grad(sum(part.sum() for part in parts), list(source.W_decs))
+            for parts in (together, one_by_one)
+        ]
+        assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

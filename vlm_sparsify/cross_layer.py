@@ -106,7 +106,18 @@ class CLTSource(nn.Module):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
         """Contribution to each of the n_targets targets, decoder bias included."""
-        return [self.decode_target(i, top_acts, top_indices) for i in range(self.n_targets)]
+        if top_indices.device.type != "cpu":
+            return [self.decode_target(i, top_acts, top_indices) for i in range(self.n_targets)]
+        # sparsify's CPU decoder is embedding_bag over [N, k] bags: flatten them once for all targets
+        rows, k = top_indices.shape
+        indices = top_indices.reshape(-1)
+        offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
+        parts = []
+        for i, (W_dec, b_dec) in enumerate(zip(self.W_decs, self.b_decs, strict=True)):
+            acts = self.target_acts(i, top_acts, top_indices).to(W_dec.dtype).reshape(-1)
+            bags = torch.embedding_bag(W_dec, indices, offsets, False, 0, False, acts, False)
+            parts.append(bags[0].float() + b_dec)
+        return parts
 
 
 class CrossLayerTranscoder(nn.Module):

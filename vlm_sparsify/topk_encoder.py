@@ -22,7 +22,7 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, activation: str
     )
     if needs_grad or activation != "topk":
         return fused_encoder(x, weight, bias, k, activation)  # type: ignore[arg-type]
-    pre_acts = F.relu(F.linear(x, weight, bias))
+    pre_acts = F.linear(x, weight, bias).relu_()  # a fresh tensor: no copy for the ReLU
     top_acts, top_indices = topk_rows(pre_acts, k)
     return EncoderOutput(top_acts, top_indices, pre_acts)
 
