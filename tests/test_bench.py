@@ -15,6 +15,8 @@ FIGURES = (
     "replacement_vs_base_generate",
     "replacement_error_vs_base_generate",
     "capture_vs_base_generate",
+    "topk_pruned_vs_torch_prefill",
+    "topk_pruned_vs_torch_decode",
     "store_bytes_per_active",
     "analyze_7b_s",
     "analyze_tiny_s",

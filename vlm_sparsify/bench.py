@@ -8,6 +8,8 @@ process, interleaved, after warm-up, as a median:
 - `replacement_vs_base_generate`: greedy `generate` of the CLT replacement model over the base
   model's (open-loop; error mode beside it);
 - `capture_vs_base_generate`: generation with feature capture on vs off;
+- `topk_pruned_vs_torch_prefill` / `_decode`: the inference encoder's exact pruned top-k over
+  `torch.topk` at the generation prefill's and a decoding step's row counts;
 - `store_bytes_per_active`: bytes on disk per (index, value) pair of a real capture;
 - `analyze_7b_s` / `analyze_tiny_s`: the `analyze` stage on synthetic stores;
 - `pipeline_vs_pretokenized`: training tokens/s fed by the multimodal pipeline (BatchStream +
@@ -59,6 +61,11 @@ METHODS = {
         "model, one warm-up each, median"
     ),
     "capture_vs_base_generate": "benchmark_generate with mode=off and capture on (+ pop_samples)",
+    "topk_pruned_vs_torch_prefill": (
+        "topk_rows vs torch.topk(sorted=False) on ReLU'd Gaussian rows (16 inputs cycled), "
+        "alternating per call; rows = the generation prefill's tokens"
+    ),
+    "topk_pruned_vs_torch_decode": "as the prefill figure, rows = one decoding step's batch",
     "store_bytes_per_active": "FeatureStore.bytes_per_active_feature of a real capture",
     "analyze_7b_s": "benchmarks.bench_analyze: 1000 samples x 108 rows x 32 layers, k=32",
     "pipeline_vs_pretokenized": (

@@ -26,6 +26,7 @@ from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import Recipe, find_recipe
 from vlm_sparsify.replacement import ReplacementModel, benchmark_generate
+from vlm_sparsify.topk_encoder import topk_rows
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class CpuSizes:
     generate_batch: int = 4
     max_new_tokens: int = 16
     generate_repeats: int = 15
+    topk_pairs: int = 60
     store_samples: int = 32
     analyze_samples: int = 1000
     pipeline_rounds: int = 6
@@ -56,6 +58,7 @@ class CpuSizes:
             clt_steps=3,
             max_new_tokens=4,
             generate_repeats=2,
+            topk_pairs=4,
             store_samples=8,
             analyze_samples=16,
             pipeline_rounds=2,
@@ -103,6 +106,27 @@ def generation_inputs(
     images = [load_rgb(e.image) for e in examples]
     prompts = [recipe.format_prompt(e.question, processor) for e in examples]
     return dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+
+
+def pruned_vs_torch_topk(rows: int, latents: int, k: int, pairs: int) -> Paired:
+    """`topk_rows` vs `torch.topk(sorted=False)` on the same ReLU'd Gaussian rows, interleaved.
+
+    16 different inputs are cycled: on one input repeated, the branch predictor learns torch's
+    selection and flatters it.
+    """
+    generator = torch.Generator().manual_seed(rows)
+    inputs = [torch.randn(rows, latents, generator=generator).relu_() for _ in range(16)]
+    paired = Paired()
+    for i in range(pairs + 2):
+        x = inputs[i % len(inputs)]
+        start = time.perf_counter()
+        topk_rows(x, k)
+        middle = time.perf_counter()
+        x.topk(k, dim=-1, sorted=False)
+        if i >= 2:
+            paired.candidate.append(middle - start)
+            paired.reference.append(time.perf_counter() - middle)
+    return paired
 
 
 def store_bytes_per_active(
@@ -191,6 +215,16 @@ def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
         timing = benchmark_generate(model, clt.coders, inputs, mode=mode, capture=capture, **gen)
         results[key] = timing["ratio"]
         details[key] = timing
+
+    # (c') the encoder's top-k alone, at the prefill's and a decoding step's row counts
+    latents = clt.coders.num_latents
+    for key, rows in (
+        ("topk_pruned_vs_torch_prefill", inputs["input_ids"].numel()),
+        ("topk_pruned_vs_torch_decode", sizes.generate_batch),
+    ):
+        paired = pruned_vs_torch_topk(rows, latents, k, sizes.topk_pairs)
+        results[key] = paired.ratio
+        details[key] = {**paired.summary(), "rows": rows, "latents": latents, "k": k}
 
     # (e) bytes per stored active feature, from a real capture
     log("(e) feature store bytes ...")
