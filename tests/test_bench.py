@@ -72,3 +72,25 @@ def test_gpu_table_uses_the_gpu_goals():
     table = format_table(results, GPU_GOALS)
     assert "<= 1.1" in table and ">= 0.8" in table
     assert table.count("MISS") == 1 and table.count("PASS") == 1
+
+
+def test_gpu_measurements_run_at_toy_size_on_the_cpu():
+    """`--gpu`'s code path end to end at `GpuSizes.smoke()` (no CUDA kernels: the CPU's)."""
+    import torch
+
+    from vlm_sparsify.bench_gpu import GpuSizes, measure_at_size
+
+    results = measure_at_size(GpuSizes.smoke(), torch.device("cpu"), lambda message: None)
+    figures = [
+        "plugin_vs_stock_plt_step",
+        "clt_vs_stock_plt_tok_per_s",
+        "replacement_vs_base_generate",
+        "replacement_error_vs_base_generate",
+        "replacement_embedding_bag_vs_base_generate",
+        "pipeline_vs_pretokenized",
+    ]
+    for key in figures:
+        value = results[key]
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
+    assert set(GPU_GOALS) <= set(results)
+    assert results["details"]["replacement_embedding_bag_vs_base_generate"]["base_s"] > 0

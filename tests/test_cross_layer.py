@@ -231,3 +231,17 @@ def test_source_decode_equals_decoding_each_target(grad: bool) -> None:
             for parts in (together, one_by_one)
         ]
         assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_gpu_decoder_choice_leaves_cpu_decoding_alone_and_is_checked() -> None:
+    clt, inputs = hand_built_clt(cross_layer=3)
+    acts, indices, _ = clt.encode(0, inputs[0])
+    sparsify_parts = clt.decode(0, acts, indices)
+    clt.gpu_decoder = "embedding_bag"
+    assert all(
+        torch.equal(a, b) for a, b in zip(clt.decode(0, acts, indices), sparsify_parts, strict=True)
+    )
+    torch.testing.assert_close(sparsify_parts[2][0], 2 * row(0, 2, 0) + bias(0, 2))
+    clt.gpu_decoder = "triton"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="Unknown gpu_decoder 'triton'; use sparsify or"):
+        clt.decode(0, acts, indices)

@@ -60,6 +60,10 @@ METHODS = {
         "benchmark_generate: greedy generate of exactly max_new_tokens, interleaved with the base "
         "model, one warm-up each, median"
     ),
+    "replacement_embedding_bag_vs_base_generate": (
+        "--gpu: as replacement_vs_base_generate, the CLT decoding with torch's embedding_bag "
+        "instead of sparsify's Triton kernel (gpu_decoder='embedding_bag')"
+    ),
     "capture_vs_base_generate": "benchmark_generate with mode=off and capture on (+ pop_samples)",
     "topk_pruned_vs_torch_prefill": (
         "topk_rows vs torch.topk(sorted=False) on ReLU'd Gaussian rows (16 inputs cycled), "

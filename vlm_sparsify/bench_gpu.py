@@ -266,6 +266,10 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
         timing = benchmark_generate(model, coders, inputs, mode=mode, **gen)
         note(key, timing["ratio"])
         details[key] = timing
+    coders.gpu_decoder = "embedding_bag"  # the candidate for decoding steps' few rows
+    timing = benchmark_generate(model, coders, inputs, mode="open-loop", **gen)
+    note("replacement_embedding_bag_vs_base_generate", timing["ratio"])
+    details["replacement_embedding_bag_vs_base_generate"] = timing
     del coders, inputs
     reset_peak(device)
 

@@ -7,6 +7,8 @@ costs about what a per-layer transcoder step costs. Each source is a `CLTSource`
 is EleutherAI/clt-training's untied layout.
 """
 
+from typing import Literal
+
 import torch
 from sparsify import SparseCoderConfig
 from sparsify.fused_encoder import EncoderOutput
@@ -15,6 +17,8 @@ from torch import Tensor, nn
 
 from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
 from .topk_encoder import encode_topk
+
+GpuDecoder = Literal["sparsify", "embedding_bag"]
 
 
 def n_targets_per_source(num_hookpoints: int, cross_layer: int) -> list[int]:
@@ -104,11 +108,17 @@ class CLTSource(nn.Module):
         acts = self.target_acts(i, top_acts, top_indices).to(W_dec.dtype)
         return decoder_impl(top_indices, acts, W_dec.mT).float() + self.b_decs[i]
 
-    def decode(self, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
-        """Contribution to each of the n_targets targets, decoder bias included."""
-        if top_indices.device.type != "cpu":
+    def decode(
+        self, top_acts: Tensor, top_indices: Tensor, embedding_bag: bool = False
+    ) -> list[Tensor]:
+        """Contribution to each of the n_targets targets, decoder bias included.
+
+        On a GPU each target goes through sparsify's Triton decoder unless `embedding_bag`; on the
+        CPU sparsify's decoder is torch's embedding_bag, called here once per target with the
+        `[N, k]` bags flattened once for all of them (bit-identical to `decode_target`).
+        """
+        if top_indices.device.type != "cpu" and not embedding_bag:
             return [self.decode_target(i, top_acts, top_indices) for i in range(self.n_targets)]
-        # sparsify's CPU decoder is embedding_bag over [N, k] bags: flatten them once for all targets
         rows, k = top_indices.shape
         indices = top_indices.reshape(-1)
         offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
@@ -144,6 +154,10 @@ class CrossLayerTranscoder(nn.Module):
         self.d_in = d_in
         self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
         self.cross_layer = cross_layer
+        self.gpu_decoder: GpuDecoder = "sparsify"
+        """How sources decode on a GPU: sparsify's Triton kernel (one single-warp program per
+        token row: fast for training batches, few programs at a decoding step's handful of rows)
+        or torch's `embedding_bag` (splits the width across threads). `bench --gpu` times both."""
         sources = []
         for n in n_targets_per_source(len(self.hookpoints), cross_layer):
             # Seeded per source like sparsify.Trainer, so source p's encoder matches a PLT's
@@ -200,7 +214,12 @@ class CrossLayerTranscoder(nn.Module):
 
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
         """Contribution of source p to targets p .. p+n_targets(p)-1 (bias of p->t included)."""
-        return self.sources[p].decode(top_acts, top_indices)
+        match self.gpu_decoder:
+            case "sparsify" | "embedding_bag":
+                embedding_bag = self.gpu_decoder == "embedding_bag"
+            case other:
+                raise ValueError(f"Unknown gpu_decoder '{other}'; use sparsify or embedding_bag")
+        return self.sources[p].decode(top_acts, top_indices, embedding_bag)
 
     def skip(self, p: int, x: Tensor) -> list[Tensor]:
         """Skip-connection terms of source p into its targets (empty without skip_connection)."""
