@@ -87,6 +87,7 @@ def test_gpu_measurements_run_at_toy_size_on_the_cpu():
         "replacement_vs_base_generate",
         "replacement_error_vs_base_generate",
         "replacement_embedding_bag_vs_base_generate",
+        "clt_embedding_bag_vs_stock_plt_tok_per_s",
         "pipeline_vs_pretokenized",
     ]
     for key in figures:

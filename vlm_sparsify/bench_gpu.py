@@ -7,6 +7,8 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
   decoders) alone: tokens/s and `torch.cuda.max_memory_allocated` of each, one after the other
   (both together do not fit one GPU);
 - replacement-model (CLT) greedy generation vs the base model (576 image tokens + prompt);
+- the CLT's training step and its generation again with `gpu_decoder="embedding_bag"` (torch's
+  kernel instead of sparsify's Triton decoder);
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
   workers) vs the same batches pre-tokenized, feeding the plugin's PLT step.
 """
@@ -232,22 +234,28 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     note("stock_plt_tok_per_s", stock_tok_s)
     note("stock_plt_peak_gib", peak_gib(device))
 
-    log(f"[gpu] CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer} ...")
-    reset_peak(device)
-    clt = make_trainer(
-        model,
-        hookpoints,
-        train_config(bs, ef, sizes.k),
-        cross_layer=sizes.cross_layer,
-        decoder_dtype=torch.bfloat16,
-    )
-    step = partial(clt.train_on_batch, text_batch)
-    seconds = timed_steps(step, sizes.warmup, sizes.steps, device)
-    note("clt_tok_per_s", tokens / seconds)
+    def clt_tok_per_s(gpu_decoder: str) -> tuple[float, nn.Module]:
+        """Tokens/s of the CLT's training step with `gpu_decoder`, and its coders."""
+        log(f"[gpu] CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer}, "
+            f"{gpu_decoder} decoder ...")  # fmt: skip
+        reset_peak(device)
+        clt = make_trainer(
+            model,
+            hookpoints,
+            train_config(bs, ef, sizes.k),
+            cross_layer=sizes.cross_layer,
+            decoder_dtype=torch.bfloat16,
+        )
+        clt.coders.gpu_decoder = gpu_decoder
+        seconds = timed_steps(
+            partial(clt.train_on_batch, text_batch), sizes.warmup, sizes.steps, device
+        )
+        return tokens / seconds, clt.coders
+
+    clt_tok_s, coders = clt_tok_per_s("sparsify")
+    note("clt_tok_per_s", clt_tok_s)
     note("clt_peak_gib", peak_gib(device))
-    note("clt_vs_stock_plt_tok_per_s", results["clt_tok_per_s"] / stock_tok_s)
-    coders = clt.coders
-    del clt, step
+    note("clt_vs_stock_plt_tok_per_s", clt_tok_s / stock_tok_s)
     reset_peak(device)
 
     log("[gpu] replacement vs base generate ...")
@@ -271,6 +279,10 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     note("replacement_embedding_bag_vs_base_generate", timing["ratio"])
     details["replacement_embedding_bag_vs_base_generate"] = timing
     del coders, inputs
+    # the same CLT training step with torch's embedding_bag (its backward sorts the indices)
+    clt_tok_s = clt_tok_per_s("embedding_bag")[0]
+    note("clt_embedding_bag_vs_stock_plt_tok_per_s", clt_tok_s / stock_tok_s)
+    note("clt_embedding_bag_peak_gib", peak_gib(device))
     reset_peak(device)
 
     log("[gpu] multimodal pipeline vs pre-tokenized ...")
