@@ -11,7 +11,7 @@ from sparsify import SparseCoderConfig
 
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
-from vlm_sparsify.fidelity import left_pad, main
+from vlm_sparsify.fidelity import FidelityTotals, left_pad, main
 from vlm_sparsify.hookpoints import mlp_hookpoints
 
 
@@ -46,6 +46,29 @@ def test_error_mode_is_faithful(clt_run: Path, capsys) -> None:
     assert set(result["top1_agreement_by_region"]) == {"image", "prompt", "answer"}
     assert all(value is not None for value in result["top1_agreement_by_region"].values())
     assert all(fvu > 0 for fvu in result["fvu"].values())
+    assert set(result["fvu_by_region"]) == {"image", "prompt", "answer"}
+    for by_layer in result["fvu_by_region"].values():
+        assert list(by_layer) == list(result["fvu"]) and all(v > 0 for v in by_layer.values())
+
+
+def test_fvu_by_region_is_each_region_s_own_fraction() -> None:
+    y = torch.tensor([[1.0], [3.0], [10.0], [14.0], [0.0]])
+    y_hat = torch.tensor([[2.0], [3.0], [12.0], [14.0], [5.0]])
+    every = torch.tensor([True, True, True, True, False])  # row 4 is padding
+    masks = {
+        "all": every,
+        "image": torch.tensor([True, True, False, False, False]),
+        "prompt": torch.tensor([False, False, True, True, False]),
+        "answer": torch.zeros(5, dtype=torch.bool),
+    }
+    totals = FidelityTotals(num_layers=1)
+    totals.add_layers([y], [y_hat], masks)
+    result = totals.result(["mlp"])
+    # all: residual 1 + 4 = 5 over variance about 7: 36 + 16 + 9 + 49 = 110
+    assert result["fvu"]["mlp"] == pytest.approx(5 / 110)
+    assert result["fvu_by_region"]["image"]["mlp"] == pytest.approx(1 / 2)  # about 2: 1 + 1
+    assert result["fvu_by_region"]["prompt"]["mlp"] == pytest.approx(4 / 8)  # about 12: 4 + 4
+    assert result["fvu_by_region"]["answer"]["mlp"] is None  # no rows
 
 
 def test_open_loop_with_random_coders_is_not(clt_run: Path, capsys) -> None:

@@ -3,8 +3,9 @@
 On held-out examples of the run's dataset: teacher-forced top-1 next-token agreement between the
 replacement model and the original (overall and per token region: image / prompt / answer), the
 KL divergence of the replacement's next-token distribution from the original's, the FVU of each
-target layer's prediction in the replacement's own stream, and the share of free (greedy)
-generations that match the original's exactly.
+target layer's prediction in the replacement's own stream (overall and per token region: a
+position's region is that of the token it predicts, as for top-1), and the share of free
+(greedy) generations that match the original's exactly.
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class FidelityTotals:
         self.agree = dict.fromkeys(("all", *REGIONS), 0)
         self.count = dict.fromkeys(("all", *REGIONS), 0)
         self.kl = 0.0
-        self.residual = torch.zeros(num_layers, dtype=torch.float64)
-        self.variance = torch.zeros(num_layers, dtype=torch.float64)
+        self.residual = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
+        self.variance = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
         self.matches = 0
         self.generations = 0
 
@@ -139,21 +140,34 @@ class FidelityTotals:
             self.agree[name] += int(agree[mask].sum())
             self.count[name] += int(mask.sum())
 
-    def add_layers(self, targets: list[Tensor], predictions: list[Tensor], mask: Tensor) -> None:
+    def add_layers(
+        self, targets: list[Tensor], predictions: list[Tensor], masks: dict[str, Tensor]
+    ) -> None:
+        """True MLP outputs and predictions [N, d] per target; row masks [N] for "all" and regions
+        (each region's variance is about its own mean)."""
         for t, (y, y_hat) in enumerate(zip(targets, predictions, strict=True)):
-            y, y_hat = y[mask].double(), y_hat[mask].double()
-            self.residual[t] += (y - y_hat).pow(2).sum().item()
-            self.variance[t] += (y - y.mean(0)).pow(2).sum().item()
+            for name, mask in masks.items():
+                y_region, y_hat_region = y[mask].double(), y_hat[mask].double()
+                if len(y_region) == 0:
+                    continue
+                self.residual[name][t] += (y_region - y_hat_region).pow(2).sum().item()
+                self.variance[name][t] += (y_region - y_region.mean(0)).pow(2).sum().item()
 
     def result(self, hookpoints: Sequence[str]) -> dict[str, Any]:
         def share(name: str) -> float | None:
             return self.agree[name] / self.count[name] if self.count[name] else None
 
+        def fvu(name: str) -> dict[str, float | None]:
+            pairs = zip(self.residual[name].tolist(), self.variance[name].tolist(), strict=True)
+            values = [residual / variance if variance else None for residual, variance in pairs]
+            return dict(zip(hookpoints, values, strict=True))
+
         return {
             "top1_agreement": share("all"),
             "top1_agreement_by_region": {name: share(name) for name in REGIONS},
             "kl": self.kl / max(self.count["all"], 1),
-            "fvu": dict(zip(hookpoints, (self.residual / self.variance).tolist(), strict=True)),
+            "fvu": fvu("all"),
+            "fvu_by_region": {name: fvu(name) for name in REGIONS},
             "exact_match": self.matches / self.generations if self.generations else None,
             "positions": self.count["all"],
             "generations": self.generations,
@@ -205,8 +219,19 @@ def measure_fidelity(
             "answer": is_answer[scored],
         }
         totals.add_positions(base[:, :-1][scored], replaced[:, :-1][scored], regions)
+        # every real token's MLP rows, in the region of the token its position predicts
+        rows_image = ids == image_id
+        rows_answer = torch.arange(ids.shape[1], device=device) >= answer_start[:, None] - 1
+        row_masks = {
+            "all": mask,
+            "image": mask & rows_image,
+            "prompt": mask & ~rows_image & ~rows_answer,
+            "answer": mask & rows_answer,
+        }
         totals.add_layers(
-            recorder.outputs, layer_predictions(coders, recorder.inputs), mask.reshape(-1)
+            recorder.outputs,
+            layer_predictions(coders, recorder.inputs),
+            {name: rows.reshape(-1) for name, rows in row_masks.items()},
         )
         generation_inputs = {k: v.to(device) for k, v in left_pad(collate(prompts, pad_id)).items()}
         settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
@@ -276,9 +301,16 @@ def _print_table(result: dict[str, Any]) -> None:
         print(f"    {name:<15} {pct(value)}")
     print(f"  KL (nats/token)   {result['kl']:.4f}")
     print(f"  exact match       {pct(result['exact_match'])}")
-    print("  FVU per layer")
+
+    def number(value: float | None) -> str:
+        return "   n/a" if value is None else f"{value:6.3f}"
+
+    width = max(len(hookpoint) for hookpoint in result["fvu"])
+    columns = "  ".join(f"{name:>6}" for name in ("all", *REGIONS))
+    print(f"  {'FVU per layer':<{width + 2}}  {columns}")
     for hookpoint, fvu in result["fvu"].items():
-        print(f"    {hookpoint}  {fvu:.3f}")
+        by_region = [result["fvu_by_region"][name][hookpoint] for name in REGIONS]
+        print(f"    {hookpoint:<{width}}  {number(fvu)}  " + "  ".join(map(number, by_region)))
 
 
 if __name__ == "__main__":
