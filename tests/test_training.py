@@ -194,3 +194,17 @@ def test_auxk_and_multi_topk_train_a_clt_from_the_cli(tmp_path, tiny_llava_dir, 
     assert len(seen) == 6 and all("auxk" in m for m in seen)
     assert seen[0]["auxk"] == 0 and max(m["auxk"] for m in seen) > 0  # latents died, AuxK began
     assert load_coders(tmp_path / "aux").n_targets(0) == 3
+
+
+def test_summary_separates_recently_dead_from_never_fired(tmp_path, tiny_llava_dir, capsys):
+    run(cli(tiny_llava_dir, tmp_path, "dead", "--dead_feature_threshold", "8"))
+    assert "dead %  never %" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "dead" / "summary.json").read_text())
+    state = torch.load(tmp_path / "dead" / "state.pt", weights_only=True)
+    for row, counts in zip(rows, state["tokens_since_fired"], strict=True):
+        never = 100.0 * float((counts >= state["tokens_seen"]).float().mean())
+        recent = 100.0 * float((counts >= 8).float().mean())
+        assert row["never_fired_pct"] == pytest.approx(never)
+        assert row["dead_pct"] == pytest.approx(recent)
+    # latents fire in some batches and not in the last 8 tokens: the two counts differ
+    assert any(row["dead_pct"] > row["never_fired_pct"] for row in rows)

@@ -140,11 +140,11 @@ def run_config_dict(args: RunConfig) -> dict[str, Any]:
 
 def print_summary(rows: list[dict[str, Any]]) -> None:
     width = max(len(r["hookpoint"]) for r in rows)
-    print(f"{'hookpoint':<{width}}  targets     FVU     L0  dead %")
+    print(f"{'hookpoint':<{width}}  targets     FVU     L0  dead %  never %")
     for r in rows:
         print(
             f"{r['hookpoint']:<{width}}  {r['n_targets']:>7}  {r['fvu']:6.3f}  "
-            f"{r['l0']:5.1f}  {r['dead_pct']:6.1f}"
+            f"{r['l0']:5.1f}  {r['dead_pct']:6.1f}  {r['never_fired_pct']:7.1f}"
         )
 
 

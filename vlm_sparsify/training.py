@@ -475,7 +475,9 @@ class Trainer:
             self.checkpoint(self)
 
     def summary(self, window: int = 20) -> list[dict[str, Any]]:
-        """Per hookpoint: FVU and L0 averaged over the last `window` steps, and dead %."""
+        """Per hookpoint: FVU and L0 averaged over the last `window` steps; dead % (latents that
+        did not fire in the last `dead_feature_threshold` tokens, or the whole run if shorter)
+        and never-fired % (no firing in the whole run, comparable between thresholds)."""
         state = self.state
         recent_fvu = state.fvu_history[-window:]
         recent_l0 = state.l0_history[-window:]
@@ -490,6 +492,8 @@ class Trainer:
                     "fvu": sum(r[i] for r in recent_fvu) / max(len(recent_fvu), 1),
                     "l0": sum(r[i] for r in recent_l0) / max(len(recent_l0), 1),
                     "dead_pct": 100.0 * float((counts >= max(horizon, 1)).float().mean()),
+                    "never_fired_pct": 100.0
+                    * float((counts >= max(state.tokens_seen, 1)).float().mean()),
                 }
             )
         return rows
