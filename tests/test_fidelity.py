@@ -46,6 +46,7 @@ def test_error_mode_is_faithful(clt_run: Path, capsys) -> None:
     assert set(result["top1_agreement_by_region"]) == {"image", "prompt", "answer"}
     assert all(value is not None for value in result["top1_agreement_by_region"].values())
     assert all(fvu > 0 for fvu in result["fvu"].values())
+    assert all(kl == pytest.approx(0.0, abs=1e-6) for kl in result["kl_by_region"].values())
     assert set(result["fvu_by_region"]) == {"image", "prompt", "answer"}
     for by_layer in result["fvu_by_region"].values():
         assert list(by_layer) == list(result["fvu"]) and all(v > 0 for v in by_layer.values())
@@ -69,6 +70,23 @@ def test_fvu_by_region_is_each_region_s_own_fraction() -> None:
     assert result["fvu_by_region"]["image"]["mlp"] == pytest.approx(1 / 2)  # about 2: 1 + 1
     assert result["fvu_by_region"]["prompt"]["mlp"] == pytest.approx(4 / 8)  # about 12: 4 + 4
     assert result["fvu_by_region"]["answer"]["mlp"] is None  # no rows
+
+
+def test_kl_by_region_is_the_mean_over_each_region_s_positions() -> None:
+    generator = torch.Generator().manual_seed(0)
+    base, replaced = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    image = torch.tensor([True, True, True, False, False, False])
+    answer = torch.tensor([False, False, False, False, True, True])
+    regions = {"image": image, "prompt": ~image & ~answer, "answer": answer}
+    totals = FidelityTotals(num_layers=1)
+    totals.add_positions(base, replaced, regions)
+    result = totals.result(["mlp"])
+    p, q = base.softmax(-1), replaced.softmax(-1)
+    per_position = (p * (p.log() - q.log())).sum(-1)
+    assert result["kl"] == pytest.approx(float(per_position.mean()), rel=1e-5)
+    for name, mask in regions.items():
+        expected = float(per_position[mask].mean())
+        assert result["kl_by_region"][name] == pytest.approx(expected, rel=1e-5)
 
 
 def test_open_loop_with_random_coders_is_not(clt_run: Path, capsys) -> None:

@@ -1,11 +1,11 @@
 """`python -m vlm_sparsify.fidelity RUN`: how faithful is the replacement model?
 
 On held-out examples of the run's dataset: teacher-forced top-1 next-token agreement between the
-replacement model and the original (overall and per token region: image / prompt / answer), the
-KL divergence of the replacement's next-token distribution from the original's, the FVU of each
-target layer's prediction in the replacement's own stream (overall and per token region: a
-position's region is that of the token it predicts, as for top-1), and the share of free
-(greedy) generations that match the original's exactly.
+replacement model and the original, the KL divergence of the replacement's next-token
+distribution from the original's, and the FVU of each target layer's prediction in the
+replacement's own stream, each overall and per token region (image / prompt / answer: a
+position's region is that of the token it predicts); and the share of free (greedy)
+generations that match the original's exactly.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class FidelityTotals:
     def __init__(self, num_layers: int):
         self.agree = dict.fromkeys(("all", *REGIONS), 0)
         self.count = dict.fromkeys(("all", *REGIONS), 0)
-        self.kl = 0.0
+        self.kl = dict.fromkeys(self.agree, 0.0)
         self.residual = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
         self.variance = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
         self.matches = 0
@@ -135,10 +135,11 @@ class FidelityTotals:
         """`base` / `replaced` logits [M, V] at the scored positions; region masks [M]."""
         agree = base.argmax(-1) == replaced.argmax(-1)
         log_p, log_q = base.float().log_softmax(-1), replaced.float().log_softmax(-1)
-        self.kl += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
+        kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
         for name, mask in (("all", torch.ones_like(agree)), *regions.items()):
             self.agree[name] += int(agree[mask].sum())
             self.count[name] += int(mask.sum())
+            self.kl[name] += float(kl[mask].sum())
 
     def add_layers(
         self, targets: list[Tensor], predictions: list[Tensor], masks: dict[str, Tensor]
@@ -165,7 +166,11 @@ class FidelityTotals:
         return {
             "top1_agreement": share("all"),
             "top1_agreement_by_region": {name: share(name) for name in REGIONS},
-            "kl": self.kl / max(self.count["all"], 1),
+            "kl": self.kl["all"] / max(self.count["all"], 1),
+            "kl_by_region": {
+                name: self.kl[name] / self.count[name] if self.count[name] else None
+                for name in REGIONS
+            },
             "fvu": fvu("all"),
             "fvu_by_region": {name: fvu(name) for name in REGIONS},
             "exact_match": self.matches / self.generations if self.generations else None,
@@ -300,6 +305,8 @@ def _print_table(result: dict[str, Any]) -> None:
     for name, value in result["top1_agreement_by_region"].items():
         print(f"    {name:<15} {pct(value)}")
     print(f"  KL (nats/token)   {result['kl']:.4f}")
+    for name, value in result["kl_by_region"].items():
+        print(f"    {name:<15} " + ("   n/a" if value is None else f"{value:.4f}"))
     print(f"  exact match       {pct(result['exact_match'])}")
 
     def number(value: float | None) -> str:
