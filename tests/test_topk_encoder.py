@@ -59,3 +59,28 @@ def test_encode_topk_is_the_fused_encoder():
     with torch.no_grad():
         groups = encode_topk(x, weight, bias, 16, "groupmax")
     assert torch.equal(groups.top_indices, fused_encoder(x, weight, bias, 16, "groupmax")[1])
+
+
+@pytest.mark.parametrize("transcode", [False, True])
+def test_per_layer_encode_is_stock_sparse_coder_encode(transcode):
+    from sparsify import SparseCoderConfig
+
+    from vlm_sparsify.per_layer import PerLayerCoders
+
+    coders = PerLayerCoders(["a", "b"], 32, SparseCoderConfig(num_latents=256, k=8,
+                            transcode=transcode))  # fmt: skip
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in coders.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+        x = torch.randn(40, 32, generator=generator)
+        for p, stock in enumerate(coders.coders):
+            ours, theirs = coders.encode(p, x), stock.encode(x)
+            order, stock_order = ours.top_indices.argsort(-1), theirs.top_indices.argsort(-1)
+            assert torch.equal(ours.pre_acts, theirs.pre_acts)
+            assert torch.equal(
+                ours.top_indices.gather(1, order), theirs.top_indices.gather(1, stock_order)
+            )
+            assert torch.equal(
+                ours.top_acts.gather(1, order), theirs.top_acts.gather(1, stock_order)
+            )

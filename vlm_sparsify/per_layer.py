@@ -162,11 +162,10 @@ class PerLayerCoders(nn.Module):
     def encode(self, p: int, x: Tensor) -> EncoderOutput:
         """Stock `SparseCoder.encode`, with the exact faster top-k outside autograd."""
         coder = self.coders[p]
-        if not self.cfg.transcode:
+        cfg = coder.cfg
+        if not cfg.transcode:
             x = x - coder.b_dec
-        return encode_topk(
-            x, coder.encoder.weight, coder.encoder.bias, self.cfg.k, self.cfg.activation
-        )
+        return encode_topk(x, coder.encoder.weight, coder.encoder.bias, cfg.k, cfg.activation)
 
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
         return [self.coders[p].decode(top_acts, top_indices)]  # type: ignore[operator]
