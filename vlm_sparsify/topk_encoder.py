@@ -30,11 +30,12 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, activation: str
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest values of each row of `x` `[N, M]` and their indices, in no order.
 
-    On the CPU: split each row into M/4 blocks of 4 strided members (j, j + M/4,
-    j + M/2, j + 3M/4), keep the k blocks with the largest maxima, take the top k of their 4k members.
-    Exact: every value above the k-th largest block maximum lies in a kept block, and the kept
-    blocks' maxima are k values at least that large, so the selected values equal torch.topk's
-    (indices may differ only among tied values). Elsewhere it is `torch.topk(sorted=False)`.
+    On the CPU, when M is a multiple of 4 and M/4 >= 2k: split each row into M/4 blocks of 4
+    strided members (j, j + M/4, j + M/2, j + 3M/4), keep the k blocks with the largest maxima and
+    take the top k of their 4k members. Exact: every value above the k-th largest block maximum
+    lies in a kept block, and the kept blocks' maxima are k values at least that large, so the
+    selected values equal torch.topk's (indices may differ only among tied values). Otherwise it
+    is `torch.topk(sorted=False)`.
     """
     n, m = x.shape
     width = m // BLOCK_SIZE
