@@ -34,6 +34,7 @@ from vlm_sparsify.bench_steps import (
     sync,
     train_config,
 )
+from vlm_sparsify.cross_layer import GpuDecoder
 from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
@@ -234,7 +235,7 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     note("stock_plt_tok_per_s", stock_tok_s)
     note("stock_plt_peak_gib", peak_gib(device))
 
-    def clt_tok_per_s(gpu_decoder: str) -> tuple[float, nn.Module]:
+    def clt_tok_per_s(gpu_decoder: GpuDecoder) -> tuple[float, nn.Module]:
         """Tokens/s of the CLT's training step with `gpu_decoder`, and its coders."""
         log(f"[gpu] CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer}, "
             f"{gpu_decoder} decoder ...")  # fmt: skip
