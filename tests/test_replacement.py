@@ -141,8 +141,8 @@ def reaches(coders: nn.Module, p: int, t: int) -> bool:
     return p <= t < p + coders.n_targets(p)
 
 
-@pytest.mark.parametrize("kind", ["plt", "clt"])
-def test_error_mode_reproduces_the_model(model: nn.Module, kind: str) -> None:
+@pytest.mark.parametrize("kind,fused", [("plt", True), ("clt", True), ("clt", False)])
+def test_error_mode_reproduces_the_model(model: nn.Module, kind: str, fused: bool) -> None:
     coders = make_coders(kind)
     inputs = batch()
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_error_mode_reproduces_the_model(model: nn.Module, kind: str) -> None:
         base_tokens = model.generate(**inputs, **GREEDY)
         # A no-op intervention forces the edited-minus-clean path through every source
         noop = [Intervention("scale", features=tuple(range(LATENTS)), value=1.0)]
-        replacement = ReplacementModel(model, coders, mode="error", interventions=noop)
+        replacement = ReplacementModel(model, coders, mode="error", interventions=noop, fused=fused)
         with replacement.capture() as capture:
             logits = replacement(**inputs).logits
         tokens = replacement.generate(**inputs, **GREEDY)
@@ -162,10 +162,14 @@ def test_error_mode_reproduces_the_model(model: nn.Module, kind: str) -> None:
     assert (open_loop - base_logits).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kind", ["plt", "clt", "clt3"])
-def test_open_loop_output_is_the_sum_of_decoder_contributions(model: nn.Module, kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind,fused", [("plt", True), ("clt", True), ("clt", False), ("clt3", True), ("clt3", False)]
+)
+def test_open_loop_output_is_the_sum_of_decoder_contributions(
+    model: nn.Module, kind: str, fused: bool
+) -> None:
     coders = make_coders(kind)
-    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop"):
+    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop", fused=fused):
         recorder = MLPRecorder(model)
         model(**batch())
         recorder.remove()
@@ -229,12 +233,21 @@ def test_zeroing_a_feature_in_error_mode_changes_its_layer_by_its_contribution(
 
 
 @pytest.mark.parametrize(
-    "kind,mode", [("clt", "open-loop"), ("clt", "error"), ("clt", "off"), ("plt", "open-loop")]
+    "kind,mode,fused",
+    [
+        ("clt", "open-loop", True),
+        ("clt", "open-loop", False),
+        ("clt", "error", True),
+        ("clt", "off", True),
+        ("plt", "open-loop", True),
+    ],
 )
-def test_generate_with_kv_cache_equals_without(model: nn.Module, kind: str, mode: str) -> None:
+def test_generate_with_kv_cache_equals_without(
+    model: nn.Module, kind: str, mode: str, fused: bool
+) -> None:
     coders = make_coders(kind)
     edit = [Intervention("add", features=(3, 9), layers=(0, 2), region="response", value=2.0)]
-    replacement = ReplacementModel(model, coders, mode=mode, interventions=edit)
+    replacement = ReplacementModel(model, coders, mode=mode, interventions=edit, fused=fused)
     runs = []
     with torch.no_grad():
         for use_cache in (True, False):
@@ -391,19 +404,38 @@ def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
         ReplacementModel(model, make_coders("clt"), interventions=[Intervention("zero", LATENTS)])
 
 
+def test_fused_and_per_target_decoding_agree_and_follow_weight_changes(model: nn.Module) -> None:
+    coders = make_coders("clt3")
+    inputs = batch()
+    fused = ReplacementModel(model, coders, mode="open-loop")
+    per_target = ReplacementModel(model, coders, mode="open-loop", fused=False)
+    with torch.no_grad():
+        logits = fused(**inputs).logits
+        assert fused.fused_nbytes > 0 and per_target.fused_nbytes == 0
+        torch.testing.assert_close(logits, per_target(**inputs).logits, atol=1e-5, rtol=1e-5)
+        coders.sources[1].W_decs[1].mul_(-3.0)  # as a training step would, in place
+        changed = fused(**inputs).logits
+        torch.testing.assert_close(changed, per_target(**inputs).logits, atol=1e-5, rtol=1e-5)
+    assert (changed - logits).abs().max() > 1e-3
+
+
 def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
     result = benchmark_generate(model, make_coders("clt"), batch(), max_new_tokens=2, repeats=1)
     assert result["base_s"] > 0 and result["replacement_s"] > 0
     assert result["ratio"] == pytest.approx(result["replacement_s"] / result["base_s"])
 
 
-def test_attribution_gradients_match_a_finite_difference(model: nn.Module) -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_attribution_gradients_match_a_finite_difference(model: nn.Module, fused: bool) -> None:
     """activation x gradient of a logit equals the first-order effect of scaling the feature."""
     inputs = batch()
     coders = make_coders("clt")
-    rm = ReplacementModel(model, coders, mode="error")
+    # weights that need no gradient: the fused copies serve (else the CLT's own weights do)
+    coders.requires_grad_(not fused)
+    rm = ReplacementModel(model, coders, mode="error", fused=fused)
     with rm.attribution() as leaves:
         logits = rm(**inputs).logits
+    assert (rm.fused_nbytes > 0) == fused
     assert torch.equal(logits, model(**inputs).logits)  # the leaves do not change the values
     target = logits[0, -1, 3]
     target.backward()

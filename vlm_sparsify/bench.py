@@ -58,11 +58,11 @@ METHODS = {
     "clt_vs_plt_step": "train_on_batch on one multimodal batch, CLT and PLT alternating per step",
     "replacement_vs_base_generate": (
         "benchmark_generate: greedy generate of exactly max_new_tokens, interleaved with the base "
-        "model, one warm-up each, median"
+        "model, one warm-up each, median; CLT with fused inference decoders (CLTInference)"
     ),
-    "replacement_embedding_bag_vs_base_generate": (
-        "--gpu: as replacement_vs_base_generate, the CLT decoding with torch's embedding_bag "
-        "instead of sparsify's Triton kernel (gpu_decoder='embedding_bag')"
+    "replacement_per_target_vs_base_generate": (
+        "--gpu: as replacement_vs_base_generate with fused=False: each CLT source decodes target "
+        "by target through sparsify's Triton kernel (the path before the fused decoders)"
     ),
     "clt_embedding_bag_vs_stock_plt_tok_per_s": (
         "--gpu: CLT training tokens/s with gpu_decoder='embedding_bag' over stock sparsify's PLT"

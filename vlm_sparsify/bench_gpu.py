@@ -5,10 +5,12 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
 - the plugin's PLT step vs stock sparsify's, alternating step by step (8,192 latents, k=32);
 - stock sparsify's PLT alone and our CLT (32 layers x 8,192 latents x cross_layer 16, bf16
   decoders) alone: tokens/s and `torch.cuda.max_memory_allocated` of each, one after the other
-  (both together do not fit one GPU);
-- replacement-model (CLT) greedy generation vs the base model (576 image tokens + prompt);
-- the CLT's training step and its generation again with `gpu_decoder="embedding_bag"` (torch's
-  kernel instead of sparsify's Triton decoder);
+  (both together do not fit one GPU; on a GPU with less than ~115 GiB, e.g. an H100, every coder
+  is 4,096 latents wide: `fit_to_memory`);
+- replacement-model (CLT) greedy generation vs the base model (576 image tokens + prompt), with
+  the fused inference decoders (default) and target by target through sparsify's kernel;
+- the CLT's training step again with `gpu_decoder="embedding_bag"` (torch's kernel instead of
+  sparsify's Triton decoder);
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
   workers) vs the same batches pre-tokenized, feeding the plugin's PLT step.
 """
@@ -18,7 +20,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
 from typing import Any
@@ -34,7 +36,7 @@ from vlm_sparsify.bench_steps import (
     sync,
     train_config,
 )
-from vlm_sparsify.cross_layer import GpuDecoder
+from vlm_sparsify.cross_layer import GpuDecoder, training_memory_bytes
 from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
@@ -102,6 +104,45 @@ class GpuSizes:
             pipeline_batches=2,
             num_workers=1,
         )
+
+
+ACTIVATION_BYTES = 16
+"""Peak bytes of a CLT training step beyond weights, gradients and optimizer state, per token x
+layer x hidden unit: 16 GiB measured on the H200 (113.8 GiB peak at 8 x 1,024 tokens, 32 x
+4,096) less the model and `training_memory_bytes`."""
+
+
+def model_bytes(sizes: GpuSizes) -> int:
+    """bf16 bytes of the LLaVA of `sizes` (attention, MLPs, embeddings and LM head; no norms)."""
+    h, v = sizes.hidden, sizes.vision_hidden
+    text = sizes.layers * (4 * h * h + 3 * h * sizes.intermediate) + 2 * sizes.vocab * h
+    vision = sizes.vision_layers * (4 * v * v + 2 * v * sizes.vision_intermediate)
+    return 2 * (text + vision)
+
+
+def training_peak_bytes(sizes: GpuSizes) -> int:
+    """Estimated peak GPU memory of the CLT training figure at `sizes` (signum, bf16 decoders)."""
+    coders = training_memory_bytes(
+        sizes.layers, sizes.num_latents, sizes.hidden, sizes.cross_layer, "signum", 4, 2
+    )["total"]
+    tokens = sizes.batch_size * sizes.ctx
+    return model_bytes(sizes) + coders + ACTIVATION_BYTES * tokens * sizes.layers * sizes.hidden
+
+
+def fit_to_memory(sizes: GpuSizes, memory_bytes: int) -> GpuSizes:
+    """`sizes` with the widest of num_latents, /2, /4 whose CLT training fits `memory_bytes`.
+
+    The CLT-16 at 8,192 latents peaks at ~114 GiB: it fits an H200, not an H100 (80 GB), where
+    every coder of the run (stock PLT, plugin PLT, CLT) is 4,096 latents wide instead.
+    """
+    for divisor in (1, 2, 4):
+        fitted = replace(sizes, num_latents=sizes.num_latents // divisor)
+        if training_peak_bytes(fitted) <= memory_bytes:
+            return fitted
+    raise SystemExit(
+        f"the CLT training figure needs ~{training_peak_bytes(fitted) / 2**30:.0f} GiB even at "
+        f"{fitted.num_latents} latents; this GPU has {memory_bytes / 2**30:.0f} GiB"
+    )
 
 
 def build_llava(sizes: GpuSizes, device: torch.device) -> tuple[nn.Module, Any]:
@@ -268,17 +309,16 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     inputs = {k: v.to(device) for k, v in inputs.items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
-    for key, mode in (
-        ("replacement_vs_base_generate", "open-loop"),
-        ("replacement_error_vs_base_generate", "error"),
+    for key, mode, fused in (
+        ("replacement_vs_base_generate", "open-loop", True),
+        ("replacement_error_vs_base_generate", "error", True),
+        # the 2026-11-26 H200 figure's path: 392 decodes per step through sparsify's kernel
+        ("replacement_per_target_vs_base_generate", "open-loop", False),
     ):
-        timing = benchmark_generate(model, coders, inputs, mode=mode, **gen)
+        timing = benchmark_generate(model, coders, inputs, mode=mode, fused=fused, **gen)
         note(key, timing["ratio"])
         details[key] = timing
-    coders.gpu_decoder = "embedding_bag"  # the candidate for decoding steps' few rows
-    timing = benchmark_generate(model, coders, inputs, mode="open-loop", **gen)
-    note("replacement_embedding_bag_vs_base_generate", timing["ratio"])
-    details["replacement_embedding_bag_vs_base_generate"] = timing
+    note("replacement_peak_gib", peak_gib(device))
     del coders, inputs
     # the same CLT training step with torch's embedding_bag (its backward sorts the indices)
     clt_tok_s = clt_tok_per_s("embedding_bag")[0]
@@ -324,4 +364,9 @@ def run_gpu(quick: bool, log: Any) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise SystemExit(NO_CUDA)
     sizes = GpuSizes.quick() if quick else GpuSizes()
-    return measure_at_size(sizes, torch.device("cuda"), log)
+    memory = torch.cuda.get_device_properties(0).total_memory
+    fitted = fit_to_memory(sizes, memory)
+    if fitted != sizes:
+        log(f"[gpu] {memory / 2**30:.0f} GiB: every coder at {fitted.num_latents} latents "
+            f"(the CLT at {sizes.num_latents} needs ~{training_peak_bytes(sizes) / 2**30:.0f} GiB)")  # fmt: skip
+    return measure_at_size(fitted, torch.device("cuda"), log)

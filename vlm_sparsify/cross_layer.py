@@ -155,9 +155,11 @@ class CrossLayerTranscoder(nn.Module):
         self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
         self.cross_layer = cross_layer
         self.gpu_decoder: GpuDecoder = "sparsify"
-        """How sources decode on a GPU: sparsify's Triton kernel (one single-warp program per
-        token row: fast for training batches, few programs at a decoding step's handful of rows)
-        or torch's `embedding_bag` (splits the width across threads). `bench --gpu` times both."""
+        """How sources decode on a GPU here (training; the replacement model decodes through
+        `CLTInference` unless fused=False): sparsify's Triton kernel (one single-warp program per
+        token row; its weight gradient walks each latent's rows serially) or torch's
+        `embedding_bag` (splits the width across threads; its backward sorts the indices).
+        `bench --gpu` times the training step with both."""
         sources = []
         for n in n_targets_per_source(len(self.hookpoints), cross_layer):
             # Seeded per source like sparsify.Trainer, so source p's encoder matches a PLT's

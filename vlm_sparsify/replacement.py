@@ -2,9 +2,12 @@
 
 Forward hooks on the coders' MLP hookpoints. At source p the MLP input x_p is encoded into
 sparse features f_p, interventions edit f_p, and f_p is decoded into every target it reaches
-(p .. p + n_targets(p) - 1); the decoded parts wait in a per-forward buffer until the target's
-MLP runs. The buffer starts empty at the first hookpoint of every forward, so with a KV cache
-each step decodes only the new positions. A pre-hook on the root model reads each forward's
+(p .. p + n_targets(p) - 1); the decoded parts are summed in a per-forward ring of
+max n_targets slots (target t in slot t mod window) until the target's MLP runs. The ring starts
+empty at the first hookpoint of every forward, so with a KV cache each step decodes only the new
+positions. A CLT decodes through `CLTInference` unless `fused=False`: one wide copy of each
+source's decoders, so a source decodes into all its targets in one call (and on CUDA its encoder
+runs in bf16, as in training). A pre-hook on the root model reads each forward's
 tokens for their regions (image / prompt / response). Modes:
 
 - `open-loop`: MLP output at t := sum of the decoded parts of every source reaching t.
@@ -28,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from vlm_sparsify.capture import FeatureCapture, token_regions
+from vlm_sparsify.clt_inference import CLTInference
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.interventions import Intervention, apply_interventions
 
 Mode = Literal["open-loop", "error", "off"]
@@ -38,6 +43,11 @@ class ReplacementModel:
 
     Use as a context manager (`with ReplacementModel(vlm, coders) as rm:` hooks `vlm` until exit)
     or call `rm(...)` / `rm.forward(...)` / `rm.generate(...)`, which hook it for the call.
+    `fused` (CLTs): when no gradient must reach the coders' weights, decode through
+    `CLTInference`'s wide copies of the decoders, taken at the first such forward and kept while
+    the CLT's weights do not change (`fused_nbytes`: the memory they take); False decodes target
+    by target with the CLT's own weights. Forwards that train the coders (grad enabled, weights
+    requiring grad: end-to-end training) always use the CLT's own weights.
     """
 
     def __init__(
@@ -47,6 +57,7 @@ class ReplacementModel:
         mode: Mode = "open-loop",
         interventions: Sequence[Intervention] = (),
         image_token_id: int | None = None,
+        fused: bool = True,
     ):
         self._installs = 0
         self.mode = mode
@@ -68,12 +79,18 @@ class ReplacementModel:
         self.num_latents = max(source.encoder.out_features for _, source in coders.items())
         self._dtype = next(coders.parameters()).dtype
         self._skip = getattr(coders, "skip", None)
+        self.fused = fused and isinstance(coders, CrossLayerTranscoder)
+        self._inference: CLTInference | None = None
+        self._use_fused = False  # this forward decodes through self._inference
+        self._fused_checked = False  # self._inference checked against the weights this install
+        self._weights_train = False  # some coder weight requires grad (checked at install)
+        self._window = max(coders.n_targets(p) for p in range(len(self.hookpoints)))
         self.interventions = list(interventions)
         self._capture: FeatureCapture | None = None
         self._leaves: list[tuple[int, Tensor, Tensor]] | None = None
         self._handles: list[Any] = []
-        # Per-forward state
-        self._pending: list[Tensor | None] = [None] * len(self.hookpoints)
+        # Per-forward state: pending predictions [N, window, d] (target t in slot t % window)
+        self._ring: Tensor | None = None
         self._regions: Tensor | None = None
         # Sequence state: prompt length fixed by generate(), else by a forward with no past
         self._generate_prompt_length: int | None = None
@@ -153,10 +170,17 @@ class ReplacementModel:
         finally:
             self._leaves = outer
 
+    @property
+    def fused_nbytes(self) -> int:
+        """Bytes of the fused inference copies (0 before the first hooked call or unfused)."""
+        return self._inference.nbytes if self._inference is not None else 0
+
     # ------------------------------------------------------------------ hooks
     def install(self) -> None:
         """Hook the model (nested calls count; `remove()` undoes one)."""
         if self._installs == 0:
+            self._fused_checked = False
+            self._weights_train = any(param.requires_grad for param in self.coders.parameters())
             self._handles.append(
                 self.model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
             )
@@ -240,14 +264,17 @@ class ReplacementModel:
         self, p: int, module: nn.Module | None, args: tuple, output: Tensor
     ) -> Tensor | None:
         if p == 0:  # each forward starts afresh (even one of the language model alone)
-            self._pending = [None] * len(self.hookpoints)
+            self._ring = None
+            self._use_fused = self.fused and not (torch.is_grad_enabled() and self._weights_train)
+            if self._use_fused and not self._fused_checked:
+                self._take_inference_copies()
         mode = self.mode
         if self._leaves is not None:
             return self._attribution_step(p, args[0], output)
         edits = self._per_source[p] if mode != "off" else ()
         if mode == "open-loop" or edits or self._capture is not None:
-            x = args[0].reshape(-1, args[0].shape[-1]).to(self._dtype)
-            top_acts, top_indices, _ = self.coders.encode(p, x)
+            x = args[0].reshape(-1, args[0].shape[-1])
+            top_acts, top_indices, _ = self._encode(p, x)
             if self._capture is not None:
                 self._capture.record(p, top_acts, top_indices)
             if mode == "open-loop":
@@ -255,43 +282,81 @@ class ReplacementModel:
                     top_acts, top_indices = apply_interventions(
                         edits, top_acts, top_indices, self._regions
                     )
-                parts = self.coders.decode(p, top_acts, top_indices)
-                skips = self._skip(p, x) if self._skip is not None else []
+                parts = self._decode(p, top_acts, top_indices)
+                skips = self._skip(p, x.to(self._dtype)) if self._skip is not None else []
                 if skips:
-                    parts = [part + skip for part, skip in zip(parts, skips, strict=True)]
+                    parts = parts + torch.stack(skips, 1)
                 self._accumulate(p, parts)
             elif edits:
-                edited = self.coders.decode(
+                edited = self._decode(
                     p, *apply_interventions(edits, top_acts, top_indices, self._regions)
                 )
-                clean = self.coders.decode(p, top_acts, top_indices)
-                self._accumulate(p, [a - b for a, b in zip(edited, clean, strict=True)])
-        prediction, self._pending[p] = self._pending[p], None
+                self._accumulate(p, edited - self._decode(p, top_acts, top_indices))
+        prediction = self._take(p, output.dtype)
         if mode == "open-loop":
             assert prediction is not None
-            return prediction.view(output.shape).to(output.dtype)
+            return prediction.view(output.shape)
         if prediction is not None:
-            return output + prediction.view(output.shape).to(output.dtype)
+            return output + prediction.view(output.shape)
         return None
 
     def _attribution_step(self, p: int, x: Tensor, output: Tensor) -> Tensor:
         assert self._leaves is not None
-        flat = x.detach().reshape(-1, x.shape[-1]).to(self._dtype)
+        flat = x.detach().reshape(-1, x.shape[-1])
         with torch.no_grad():
-            top_acts, top_indices, _ = self.coders.encode(p, flat)
+            top_acts, top_indices, _ = self._encode(p, flat)
         leaf = top_acts.detach().requires_grad_(True)
         self._leaves.append((p, leaf, top_indices))
-        live = self.coders.decode(p, leaf, top_indices)
-        frozen = self.coders.decode(p, leaf.detach(), top_indices)
-        self._accumulate(p, [a - b for a, b in zip(live, frozen, strict=True)])
-        prediction, self._pending[p] = self._pending[p], None
+        live = self._decode(p, leaf, top_indices)
+        self._accumulate(p, live - self._decode(p, leaf.detach(), top_indices))
+        prediction = self._take(p, output.dtype)
         assert prediction is not None
-        return output + prediction.view(output.shape).to(output.dtype)
+        return output + prediction.view(output.shape)
 
-    def _accumulate(self, p: int, parts: list[Tensor]) -> None:
-        pending = self._pending
-        for t, part in enumerate(parts, start=p):
-            pending[t] = part if pending[t] is None else pending[t] + part
+    def _take_inference_copies(self) -> None:
+        """(Re)take the fused copies unless they still match the CLT's weights."""
+        if self._inference is None or not self._inference.current():
+            self._inference = None  # free the stale copies before taking new ones
+            assert isinstance(self.coders, CrossLayerTranscoder)
+            self._inference = CLTInference(self.coders)
+        self._fused_checked = True
+
+    def _encode(self, p: int, x: Tensor) -> Any:
+        """Source p's top-k features of the MLP input rows x `[N, d]`."""
+        if self._use_fused:
+            assert self._inference is not None
+            return self._inference.encode(p, x)
+        return self.coders.encode(p, x.to(self._dtype))
+
+    def _decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """Source p's contributions to its targets, stacked: `[N, n_targets(p), d]`."""
+        if self._use_fused:
+            assert self._inference is not None
+            return self._inference.decode(p, top_acts, top_indices)
+        parts = self.coders.decode(p, top_acts, top_indices)
+        return parts[0].unsqueeze(1) if len(parts) == 1 else torch.stack(parts, 1)
+
+    def _accumulate(self, p: int, parts: Tensor) -> None:
+        """Add source p's stacked contributions to the pending sums of targets p, p + 1, ..."""
+        rows, n, d = parts.shape
+        window = self._window
+        if self._ring is None:
+            dtype = torch.promote_types(parts.dtype, torch.float32)
+            self._ring = parts.new_zeros(rows, window, d, dtype=dtype)
+        start = p % window
+        first = min(n, window - start)  # slots up to the ring's end, then from its start
+        self._ring[:, start : start + first] += parts[:, :first]
+        if first < n:
+            self._ring[:, : n - first] += parts[:, first:]
+
+    def _take(self, p: int, dtype: torch.dtype) -> Tensor | None:
+        """Target p's pending sum as a new `[N, d]` tensor of `dtype`; its slot is emptied."""
+        if self._ring is None:
+            return None
+        slot = self._ring[:, p % self._window]
+        prediction = slot.to(dtype, memory_format=torch.contiguous_format, copy=True)
+        slot.zero_()
+        return prediction
 
     # ------------------------------------------------------------------ running
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -361,12 +426,13 @@ def benchmark_generate(
     max_new_tokens: int = 16,
     repeats: int = 5,
     capture: bool = False,
+    fused: bool = True,
 ) -> dict[str, float]:
     """Median greedy `generate` time of the replacement model over the base model's (same run).
 
     Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved.
     """
-    replacement = ReplacementModel(model, coders, mode=mode)
+    replacement = ReplacementModel(model, coders, mode=mode, fused=fused)
     settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
 
     def timed(run: Any) -> float:

@@ -1,0 +1,96 @@
+"""CLTInference: the wide decoder copies decode exactly as the CLT, and notice weight changes."""
+
+import pytest
+import torch
+from sparsify import SparseCoderConfig
+
+from vlm_sparsify.clt_inference import CLTInference
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+
+HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(4)]
+D, LATENTS, K = 16, 64, 4
+
+
+def random_clt(cross_layer: int = 3, seed: int = 0) -> CrossLayerTranscoder:
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    clt = CrossLayerTranscoder(HOOKS, D, cfg, cross_layer)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in clt.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return clt
+
+
+@pytest.mark.parametrize("cross_layer", [1, 3, 4])
+def test_encode_and_decode_equal_the_clts(cross_layer: int) -> None:
+    clt = random_clt(cross_layer)
+    fused = CLTInference(clt)
+    x = torch.randn(37, D, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for p in range(len(HOOKS)):
+            expected = clt.encode(p, x)
+            got = fused.encode(p, x)
+            assert torch.equal(got.top_acts, expected.top_acts)
+            assert torch.equal(got.top_indices, expected.top_indices)
+            parts = clt.decode(p, expected.top_acts, expected.top_indices)
+            stacked = fused.decode(p, expected.top_acts, expected.top_indices)
+            assert stacked.shape == (37, clt.n_targets(p), D) and stacked.dtype == torch.float32
+            # the same embedding_bag sums, one wide call instead of one per target: bit-equal
+            assert torch.equal(stacked, torch.stack(parts, 1))
+
+
+def test_acts_get_gradients_through_the_wide_decoders() -> None:
+    clt = random_clt()
+    fused = CLTInference(clt)
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        acts, indices, _ = clt.encode(0, x)
+    grads = []
+    for decode in (
+        lambda a: fused.decode(0, a, indices),
+        lambda a: torch.stack(clt.decode(0, a, indices), 1),
+    ):
+        leaf = acts.clone().requires_grad_(True)
+        (decode(leaf) * torch.linspace(-1, 1, D)).sum().backward()
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_post_encoder_sources_decode_target_by_target() -> None:
+    clt = random_clt()
+    clt.sources[1].add_post_encoder(scales=True)
+    with torch.no_grad():
+        clt.sources[1].post_encs[0].fill_(0.5)  # type: ignore[index]
+        for scale in clt.sources[1].post_enc_scales:  # type: ignore[union-attr]
+            scale.fill_(2.0)
+    fused = CLTInference(clt)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        for p in (0, 1):
+            acts, indices, _ = clt.encode(p, x)
+            expected = torch.stack(clt.decode(p, acts, indices), 1)
+            torch.testing.assert_close(fused.decode(p, acts, indices), expected)
+    assert fused.decoders[1] is None and fused.decoders[0] is not None
+
+
+def test_current_notices_every_kind_of_weight_change() -> None:
+    clt = random_clt()
+    fused = CLTInference(clt)
+    assert fused.current() and fused.nbytes == 0  # nothing decoded yet
+    x = torch.randn(3, D)
+    with torch.no_grad():
+        for p in range(len(HOOKS)):
+            fused.decode(p, *fused.encode(p, x)[:2])
+    # the copies: the wide decoders (the encoders are the CLT's own on the CPU)
+    decoder_bytes = sum(W.nbytes for s in clt.sources for W in s.W_decs)
+    bias_bytes = sum(b.numel() * 4 for s in clt.sources for b in s.b_decs)
+    assert fused.nbytes == decoder_bytes + bias_bytes
+    with torch.no_grad():
+        clt.sources[2].W_decs[1].mul_(2)  # an optimizer step is in place
+    assert not fused.current()
+    fused = CLTInference(clt)
+    clt.load_state_dict(random_clt(seed=5).state_dict())  # copies into the same storage
+    assert not fused.current()
+    fused = CLTInference(clt)
+    clt.double()  # new storage
+    assert not fused.current()

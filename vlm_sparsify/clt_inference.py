@@ -1,0 +1,99 @@
+"""A CLT's weights laid out for inference: each source decodes into all its targets in one call.
+
+During training a CLT source keeps one decoder per target (clt-training's layout, sparsify's
+kernels, one gradient each). Outside training, source p's n decoders are one sparse product with
+the `[M, n * d]` matrix of its decoders side by side, so torch's `embedding_bag` decodes all its
+targets in one launch instead of n. On a GPU a decoding step is launch-bound: a CLT-16 over 32
+layers has 392 decoders, each several small kernels per generated token. The wide copies cost the
+decoders' memory once more (`nbytes`); each is taken at its source's first decode, so capturing
+features alone (no decoding) takes none.
+
+On CUDA the encoders are copied in bf16, the dtype the training step computes them in (autocast,
+as sparsify's `SparseCoder.forward`): half the bytes a decoding step reads, and tensor-core
+matmuls in the prefill. On the CPU the encoders are the CLT's own (no copy).
+
+The copies are taken once; `current()` says whether the CLT's weights have changed since (a
+training step, `load_state_dict`, `.to()`), so the user of the copies can take them again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from sparsify.fused_encoder import EncoderOutput
+from torch import Tensor
+
+from .cross_layer import CrossLayerTranscoder
+from .topk_encoder import encode_topk
+
+
+def _weights_key(clt: CrossLayerTranscoder) -> tuple[tuple[int, int], ...]:
+    """Storage address and in-place version of every weight: changes when any weight changes."""
+    return tuple((param.data_ptr(), param._version) for param in clt.parameters())
+
+
+class CLTInference:
+    """Inference copies of `clt`'s weights: `encode(p, x)` and `decode(p, ...)` -> `[N, n, d]`."""
+
+    def __init__(self, clt: CrossLayerTranscoder):
+        self.clt = clt
+        self._key = _weights_key(clt)
+        weight = clt.sources[0].encoder.weight
+        bf16 = weight.is_cuda and torch.cuda.is_bf16_supported()
+        self.encoder_dtype = torch.bfloat16 if bf16 else weight.dtype
+        self.encoders = [
+            (
+                source.encoder.weight.detach().to(self.encoder_dtype),
+                source.encoder.bias.detach().to(self.encoder_dtype),
+            )
+            for source in clt.sources
+        ]
+        self.decoders: dict[int, tuple[Tensor, Tensor] | None] = {}
+        """Per source, once it has decoded: (wide decoders [M, n * d], biases [n * d] float32),
+        or None for a source with clt-training's per-target activation offsets (each target
+        decodes its own activations, so it decodes target by target)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes these copies hold beyond the CLT's own weights."""
+        total = sum(w.nbytes + b.nbytes for w, b in filter(None, self.decoders.values()))
+        if self.encoder_dtype != self.clt.sources[0].encoder.weight.dtype:
+            total += sum(w.nbytes + b.nbytes for w, b in self.encoders)
+        return total
+
+    def current(self) -> bool:
+        """Whether the CLT's weights are still the ones copied."""
+        return _weights_key(self.clt) == self._key
+
+    def encode(self, p: int, x: Tensor) -> EncoderOutput:
+        """Source p's TopK features of x `[N, d]` (the CLT's `encode`, in the encoder dtype)."""
+        weight, bias = self.encoders[p]
+        cfg = self.clt.cfg
+        return encode_topk(x.to(weight.dtype), weight, bias, cfg.k, cfg.activation)
+
+    def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> Tensor:
+        """Source p's contributions to its n targets, biases included: `[N, n, d]` float32.
+
+        Equals `torch.stack(clt.decode(p, top_acts, top_indices), 1)`.
+        """
+        source = self.clt.sources[p]
+        if p not in self.decoders:
+            self.decoders[p] = self._wide(p)
+        decoders = self.decoders[p]
+        if decoders is None:
+            return torch.stack(source.decode(top_acts, top_indices, embedding_bag=True), 1)
+        wide, bias = decoders
+        rows = top_indices.shape[0]
+        out = F.embedding_bag(
+            top_indices, wide, per_sample_weights=top_acts.to(wide.dtype), mode="sum"
+        )
+        # one kernel for the cast to float32 and the bias (type promotion)
+        return torch.add(out, bias).view(rows, source.n_targets, self.clt.d_in)
+
+    @torch.no_grad()
+    def _wide(self, p: int) -> tuple[Tensor, Tensor] | None:
+        source = self.clt.sources[p]
+        if source.post_encs is not None:
+            return None
+        wide = torch.cat([W.detach() for W in source.W_decs], dim=1)
+        return wide, torch.cat([b.detach() for b in source.b_decs]).float()
