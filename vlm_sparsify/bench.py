@@ -58,7 +58,9 @@ METHODS = {
     "clt_vs_plt_step": "train_on_batch on one multimodal batch, CLT and PLT alternating per step",
     "replacement_vs_base_generate": (
         "benchmark_generate: greedy generate of exactly max_new_tokens, interleaved with the base "
-        "model, one warm-up each, median; CLT with fused inference decoders (CLTInference)"
+        "model, one warm-up each, median; CLT with fused inference decoders (CLTInference); "
+        "each repeat also times a one-token generate of both: details give prefill_ratio and "
+        "per_token_ratio (the later tokens)"
     ),
     "replacement_per_target_vs_base_generate": (
         "--gpu: as replacement_vs_base_generate with fused=False: each CLT source decodes target "

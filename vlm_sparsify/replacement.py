@@ -430,14 +430,15 @@ def benchmark_generate(
 ) -> dict[str, float]:
     """Median greedy `generate` time of the replacement model over the base model's (same run).
 
-    Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved.
+    Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved. Each
+    repeat also times a one-token generation (the prefill) of both, so the result splits the
+    ratio into the prefill's and the later tokens' (`prefill_ratio`, `per_token_ratio`).
     """
     replacement = ReplacementModel(model, coders, mode=mode, fused=fused)
-    settings = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False)
 
-    def timed(run: Any) -> float:
+    def timed(run: Any, new_tokens: int) -> float:
         start = time.perf_counter()
-        run(**inputs, **settings)
+        run(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -450,12 +451,24 @@ def benchmark_generate(
             features.pop_samples()
         return output
 
-    base_times, replacement_times = [], []
+    times: dict[str, list[float]] = {}
     with torch.inference_mode():
-        timed(model.generate)
-        timed(replaced)
+        timed(model.generate, max_new_tokens)
+        timed(replaced, max_new_tokens)
         for _ in range(repeats):
-            base_times.append(timed(model.generate))
-            replacement_times.append(timed(replaced))
-    base, replaced_s = statistics.median(base_times), statistics.median(replacement_times)
-    return {"base_s": base, "replacement_s": replaced_s, "ratio": replaced_s / base}
+            for key, run, new_tokens in (
+                ("base_s", model.generate, max_new_tokens),
+                ("replacement_s", replaced, max_new_tokens),
+                ("base_prefill_s", model.generate, 1),
+                ("replacement_prefill_s", replaced, 1),
+            ):
+                times.setdefault(key, []).append(timed(run, new_tokens))
+    result = {key: statistics.median(values) for key, values in times.items()}
+    later = result["replacement_s"] - result["replacement_prefill_s"]
+    base_later = result["base_s"] - result["base_prefill_s"]
+    return {
+        **result,
+        "ratio": result["replacement_s"] / result["base_s"],
+        "prefill_ratio": result["replacement_prefill_s"] / result["base_prefill_s"],
+        "per_token_ratio": later / base_later if base_later > 0 else float("nan"),
+    }
