@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install demo test lint bench
+.PHONY: install demo test lint bench gpu-wheels
 
 install: $(VENV)/.installed
 
@@ -27,3 +27,13 @@ lint: install
 
 bench: install
 	$(PY) -m vlm_sparsify.bench $(ARGS)
+
+# Wheels for `scripts/gpu_bench.sh` on a GPU machine without network (torch comes with the
+# machine): this package and the pure-Python dependencies it lacks, at the venv's versions.
+GPU_WHEEL_DEPS := eai-sparsify transformers easy-vqa datasets dill multiprocess schedulefree \
+	simple-parsing docstring-parser natsort
+gpu-wheels: install
+	rm -f .whl/*.whl
+	$(PY) -m pip wheel -q --no-deps -w .whl .
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+		$$($(PY) -m pip freeze | grep -iE '^($(shell echo $(GPU_WHEEL_DEPS) | tr ' ' '|' | sed 's/-/[-_]/g'))==')

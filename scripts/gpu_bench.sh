@@ -1,0 +1,19 @@
+#!/bin/bash
+# `bench --gpu` on a GPU machine without network, from the wheels `make gpu-wheels` put in .whl/
+# (torch comes with the machine). Writes bench.json and bench.log to $OUT (default: ./gpu-out).
+# Usage: bash scripts/gpu_bench.sh [SECONDS]   (the bench's time limit, default 420)
+set -u
+T0=$(date +%s)
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+ls .whl/vlm_sparsify-*.whl > /dev/null || { echo "no .whl/vlm_sparsify-*.whl: run make gpu-wheels"; exit 1; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+echo "installed t=$(( $(date +%s) - T0 ))s"
+# -P: import vlm_sparsify from the installed wheel, not from this folder
+timeout "${1:-420}" python3 -P -m vlm_sparsify.bench --gpu --json > "$OUT/bench.json" 2> "$OUT/bench.log"
+echo "bench rc=$? t=$(( $(date +%s) - T0 ))s"
+grep "\[gpu\]" "$OUT/bench.log"
+tail -3 "$OUT/bench.log"
