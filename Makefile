@@ -35,5 +35,6 @@ GPU_WHEEL_DEPS := eai-sparsify transformers easy-vqa datasets dill multiprocess 
 gpu-wheels: install
 	rm -f .whl/*.whl
 	$(PY) -m pip wheel -q --no-deps -w .whl .
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-		$$($(PY) -m pip freeze | grep -iE '^($(shell echo $(GPU_WHEEL_DEPS) | tr ' ' '|' | sed 's/-/[-_]/g'))==')
+	for v in 3.11 3.12 3.13; do $(PY) -m pip download -q --no-deps --only-binary=:all: \
+		--python-version $$v -d .whl $$($(PY) -m pip freeze \
+		| grep -iE '^($(shell echo $(GPU_WHEEL_DEPS) | tr ' ' '|' | sed 's/-/[-_]/g'))=='); done

@@ -7,8 +7,9 @@ T0=$(date +%s)
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 ls .whl/vlm_sparsify-*.whl > /dev/null || { echo "no .whl/vlm_sparsify-*.whl: run make gpu-wheels"; exit 1; }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+# by name from .whl/: pip picks the wheel that fits this Python (multiprocess has one per version)
+python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site $(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | sort -u) || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "installed t=$(( $(date +%s) - T0 ))s"
