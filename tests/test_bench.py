@@ -94,6 +94,7 @@ def test_gpu_measurements_run_at_toy_size_on_the_cpu():
         value = results[key]
         assert isinstance(value, float) and math.isfinite(value) and value > 0, (key, value)
     assert set(GPU_GOALS) <= set(results)
+    assert "errors" not in results
     assert results["details"]["replacement_per_target_vs_base_generate"]["base_s"] > 0
 
 
@@ -107,3 +108,37 @@ def test_gpu_sizes_fit_the_card():
     assert fit_to_memory(sizes, 85_000_000_000).num_latents == 4096  # H100 80 GB: 79 GiB
     with pytest.raises(SystemExit, match="needs ~.* GiB even at 2048 latents"):
         fit_to_memory(sizes, 30 * 2**30)
+
+
+@pytest.mark.parametrize(
+    "patched,failed,measured",
+    [
+        ("benchmark_generate", ["replacement vs base generate"], "clt_vs_stock_plt_tok_per_s"),
+        # both CLT training parts fail: generation falls back to an untrained CLT of that shape
+        (
+            "timed_steps",
+            [
+                "CLT 4 x 128 x cross_layer 2, sparsify decoder",
+                "CLT 4 x 128 x cross_layer 2, embedding_bag decoder",
+            ],
+            "replacement_vs_base_generate",
+        ),
+    ],
+)
+def test_a_failing_gpu_part_is_reported_and_the_others_still_run(
+    monkeypatch, patched, failed, measured
+):
+    import torch
+
+    from vlm_sparsify import bench_gpu
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bench_gpu, patched, out_of_memory)
+    results = bench_gpu.measure_at_size(
+        bench_gpu.GpuSizes.smoke(), torch.device("cpu"), lambda message: None
+    )
+    error = "OutOfMemoryError: CUDA out of memory (simulated)"
+    assert results["errors"] == dict.fromkeys(failed, error)
+    assert results[measured] > 0 and results["pipeline_vs_pretokenized"] > 0

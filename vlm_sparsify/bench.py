@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["command"] = "python -m vlm_sparsify.bench " + " ".join(argv or sys.argv[1:])
     check_finite(results)
     print(json.dumps(results, indent=1) if args.json else format_table(results, goals))
+    if results.get("errors"):
+        raise SystemExit(f"parts of the benchmark failed: {results['errors']}")
     return results
 
 

@@ -13,6 +13,9 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
   sparsify's Triton decoder);
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
   workers) vs the same batches pre-tokenized, feeding the plugin's PLT step.
+
+Each part runs on its own: one that fails (out of memory, say) is reported under `errors` (and
+`bench` exits non-zero after printing the rest), and the next parts still measure.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.replacement import benchmark_generate
+from vlm_sparsify.training import build_coders
 
 NO_CUDA = (
     "--gpu needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
@@ -260,27 +264,35 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
         "token_mask": torch.ones(bs, sizes.ctx, dtype=torch.bool, device=device),
     }
 
-    log("[gpu] plugin vs stock PLT step ...")
-    paired = plugin_vs_stock_steps(model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup)
-    note("plugin_vs_stock_plt_step", paired.ratio)
-    details["plugin_vs_stock_plt_step"] = paired.summary()
+    errors: dict[str, str] = {}
+    state: dict[str, Any] = {}  # what one part hands to the next: stock_tok_s, coders
 
-    note("plugin_plt_tok_per_s", tokens / statistics.median(paired.candidate))
-
-    log("[gpu] stock PLT alone ...")
-    reset_peak(device)
-    stock = plugin_vs_stock_steps(
-        model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup, with_plugin=False
-    )
-    stock_tok_s = tokens / statistics.median(stock.reference)
-    note("stock_plt_tok_per_s", stock_tok_s)
-    note("stock_plt_peak_gib", peak_gib(device))
-
-    def clt_tok_per_s(gpu_decoder: GpuDecoder) -> tuple[float, nn.Module]:
-        """Tokens/s of the CLT's training step with `gpu_decoder`, and its coders."""
-        log(f"[gpu] CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer}, "
-            f"{gpu_decoder} decoder ...")  # fmt: skip
+    def part(name: str, run: Any) -> None:
+        """Run one part of the benchmark; if it fails (say, out of memory) record why, go on."""
+        log(f"[gpu] {name} ...")
+        try:
+            run()
+        except Exception as error:  # the other parts still measure; `errors` reports this one
+            errors[name] = f"{type(error).__name__}: {error}"
+            log(f"[gpu] {name} FAILED: {errors[name]}")
         reset_peak(device)
+
+    def plugin_vs_stock() -> None:
+        paired = plugin_vs_stock_steps(model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup)
+        note("plugin_vs_stock_plt_step", paired.ratio)
+        details["plugin_vs_stock_plt_step"] = paired.summary()
+        note("plugin_plt_tok_per_s", tokens / statistics.median(paired.candidate))
+
+    def stock_alone() -> None:
+        stock = plugin_vs_stock_steps(
+            model, hookpoints, ids, bs, ef, sizes.k, sizes.warmup, with_plugin=False
+        )
+        state["stock_tok_s"] = tokens / statistics.median(stock.reference)
+        note("stock_plt_tok_per_s", state["stock_tok_s"])
+        note("stock_plt_peak_gib", peak_gib(device))
+
+    def clt_training(gpu_decoder: GpuDecoder, prefix: str) -> None:
+        """Tokens/s and peak memory of the CLT's training step with `gpu_decoder`."""
         clt = make_trainer(
             model,
             hookpoints,
@@ -289,74 +301,86 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
             decoder_dtype=torch.bfloat16,
         )
         clt.coders.gpu_decoder = gpu_decoder
-        seconds = timed_steps(
-            partial(clt.train_on_batch, text_batch), sizes.warmup, sizes.steps, device
+        step = partial(clt.train_on_batch, text_batch)
+        tok_s = tokens / timed_steps(step, sizes.warmup, sizes.steps, device)
+        note(f"{prefix}_peak_gib", peak_gib(device))
+        if prefix == "clt":
+            note("clt_tok_per_s", tok_s)
+            state["coders"] = clt.coders  # trained a few steps: the replacement model's CLT
+        if "stock_tok_s" in state:
+            note(f"{prefix}_vs_stock_plt_tok_per_s", tok_s / state["stock_tok_s"])
+
+    def generation() -> None:
+        coders = state.pop("coders", None)
+        if coders is None:  # the CLT training part failed: the same CLT, untrained
+            coders = build_coders(
+                hookpoints, sizes.hidden, train_config(bs, ef, sizes.k).sae, sizes.cross_layer,
+                device, decoder_dtype=torch.bfloat16,
+            )  # fmt: skip
+        gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
+        for key, mode, fused in (
+            ("replacement_vs_base_generate", "open-loop", True),
+            ("replacement_error_vs_base_generate", "error", True),
+            # the 2026-11-26 H200 figure's path: 392 decodes per step through sparsify's kernel
+            ("replacement_per_target_vs_base_generate", "open-loop", False),
+        ):
+            timing = benchmark_generate(model, coders, gen_inputs, mode=mode, fused=fused, **gen)
+            note(key, timing["ratio"])
+            details[key] = timing
+        note("replacement_peak_gib", peak_gib(device))
+
+    def pipeline() -> None:
+        plt = make_trainer(model, hookpoints, train_config(bs, ef, sizes.k))
+        n_examples = bs * sizes.pipeline_batches
+        dtype = model.dtype
+
+        class ModelDtypePixels(BatchStream):
+            """Pixel values cast to the model's dtype in the worker, as a user's collate would."""
+
+            def make_batch(self, index: int, chunk: list) -> dict[str, Any]:
+                batch = super().make_batch(index, chunk)
+                if "inputs" in batch:
+                    batch["inputs"]["pixel_values"] = batch["inputs"]["pixel_values"].to(dtype)
+                return batch
+
+        def stream() -> ModelDtypePixels:
+            return ModelDtypePixels(examples, processor, recipe, bs, max_examples=n_examples)
+
+        def make_loader() -> DataLoader:
+            return batch_loader(stream(), sizes.num_workers, pin_memory=True)
+
+        pretokenized = list(islice(stream(), sizes.pipeline_batches))
+        plt.train_on_batch(pretokenized[0])  # warm-up
+        paired = pipeline_vs_pretokenized(
+            plt, make_loader, pretokenized, sizes.pipeline_rounds, device
         )
-        return tokens / seconds, clt.coders
+        note("pipeline_vs_pretokenized", paired.ratio)
+        details["pipeline_vs_pretokenized"] = {
+            **paired.summary("tok_per_s"),
+            "num_workers": sizes.num_workers,
+        }
 
-    clt_tok_s, coders = clt_tok_per_s("sparsify")
-    note("clt_tok_per_s", clt_tok_s)
-    note("clt_peak_gib", peak_gib(device))
-    note("clt_vs_stock_plt_tok_per_s", clt_tok_s / stock_tok_s)
-    reset_peak(device)
-
-    log("[gpu] replacement vs base generate ...")
     examples = easyvqa_examples("train")[: bs * max(sizes.pipeline_batches, 1)]
     recipe = find_recipe("tiny_llava")  # its prompt format is LLaVA-1.5's
     prompts = [recipe.format_prompt(e.question, processor) for e in examples[:bs]]
     images = [load_rgb(e.image) for e in examples[:bs]]
-    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
-    for key, mode, fused in (
-        ("replacement_vs_base_generate", "open-loop", True),
-        ("replacement_error_vs_base_generate", "error", True),
-        # the 2026-11-26 H200 figure's path: 392 decodes per step through sparsify's kernel
-        ("replacement_per_target_vs_base_generate", "open-loop", False),
-    ):
-        timing = benchmark_generate(model, coders, inputs, mode=mode, fused=fused, **gen)
-        note(key, timing["ratio"])
-        details[key] = timing
-    note("replacement_peak_gib", peak_gib(device))
-    del coders, inputs
-    # the same CLT training step with torch's embedding_bag (its backward sorts the indices)
-    clt_tok_s = clt_tok_per_s("embedding_bag")[0]
-    note("clt_embedding_bag_vs_stock_plt_tok_per_s", clt_tok_s / stock_tok_s)
-    note("clt_embedding_bag_peak_gib", peak_gib(device))
+    gen_inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    gen_inputs = {k: v.to(device) for k, v in gen_inputs.items()}
+    gen_inputs["pixel_values"] = gen_inputs["pixel_values"].to(model.dtype)
+
+    clt_name = f"CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer}"
     reset_peak(device)
-
-    log("[gpu] multimodal pipeline vs pre-tokenized ...")
-    plt = make_trainer(model, hookpoints, train_config(bs, ef, sizes.k))
-    n_examples = bs * sizes.pipeline_batches
-
-    dtype = model.dtype
-
-    class ModelDtypePixels(BatchStream):
-        """Pixel values cast to the model's dtype in the worker, as a user's collate would."""
-
-        def make_batch(self, index: int, chunk: list) -> dict[str, Any]:
-            batch = super().make_batch(index, chunk)
-            if "inputs" in batch:
-                batch["inputs"]["pixel_values"] = batch["inputs"]["pixel_values"].to(dtype)
-            return batch
-
-    def stream() -> ModelDtypePixels:
-        return ModelDtypePixels(examples, processor, recipe, bs, max_examples=n_examples)
-
-    def make_loader() -> DataLoader:
-        return batch_loader(stream(), sizes.num_workers, pin_memory=True)
-
-    pretokenized = list(islice(stream(), sizes.pipeline_batches))
-    plt.train_on_batch(pretokenized[0])  # warm-up
-    paired = pipeline_vs_pretokenized(plt, make_loader, pretokenized, sizes.pipeline_rounds, device)
-    note("pipeline_vs_pretokenized", paired.ratio)
-    details["pipeline_vs_pretokenized"] = {
-        **paired.summary("tok_per_s"),
-        "num_workers": sizes.num_workers,
-    }
+    part("plugin vs stock PLT step", plugin_vs_stock)
+    part("stock PLT alone", stock_alone)
+    part(f"{clt_name}, sparsify decoder", partial(clt_training, "sparsify", "clt"))
+    part("replacement vs base generate", generation)
+    part("multimodal pipeline vs pre-tokenized", pipeline)
+    # the candidate last: the CLT step with torch's embedding_bag (its backward sorts indices)
+    part(f"{clt_name}, embedding_bag decoder", partial(clt_training, "embedding_bag", "clt_embedding_bag"))  # fmt: skip
     results["details"] = details
     results["settings"] = asdict(sizes)
+    if errors:
+        results["errors"] = errors
     return results
 
 
