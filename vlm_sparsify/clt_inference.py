@@ -19,7 +19,6 @@ training step, `load_state_dict`, `.to()`), so the user of the copies can take t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor
 
@@ -48,6 +47,10 @@ class CLTInference:
             )
             for source in clt.sources
         ]
+        self._offset_cache: dict[tuple, Tensor] = {}
+        # read once: module attribute lookups cost more than a decoding step's tensor work
+        self._n_targets = [source.n_targets for source in clt.sources]
+        self._k, self._activation = clt.cfg.k, clt.cfg.activation
         self.decoders: dict[int, tuple[Tensor, Tensor] | None] = {}
         """Per source, once it has decoded: (wide decoders [M, n * d], biases [n * d] float32),
         or None for a source with clt-training's per-target activation offsets (each target
@@ -68,27 +71,44 @@ class CLTInference:
     def encode(self, p: int, x: Tensor) -> EncoderOutput:
         """Source p's TopK features of x `[N, d]` (the CLT's `encode`, in the encoder dtype)."""
         weight, bias = self.encoders[p]
-        cfg = self.clt.cfg
-        return encode_topk(x.to(weight.dtype), weight, bias, cfg.k, cfg.activation)
+        return encode_topk(x.to(weight.dtype), weight, bias, self._k, self._activation)
 
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """Source p's contributions to its n targets, biases included: `[N, n, d]` float32.
 
         Equals `torch.stack(clt.decode(p, top_acts, top_indices), 1)`.
         """
-        source = self.clt.sources[p]
         if p not in self.decoders:
             self.decoders[p] = self._wide(p)
         decoders = self.decoders[p]
         if decoders is None:
+            source = self.clt.sources[p]
             return torch.stack(source.decode(top_acts, top_indices, embedding_bag=True), 1)
         wide, bias = decoders
-        rows = top_indices.shape[0]
-        out = F.embedding_bag(
-            top_indices, wide, per_sample_weights=top_acts.to(wide.dtype), mode="sum"
-        )
+        rows, k = top_indices.shape
+        acts = top_acts.to(wide.dtype).reshape(-1)
+        # torch.embedding_bag directly (F.embedding_bag's checks and offsets cost more than
+        # the decode itself at a decoding step's few rows); mode 0 = sum
+        bags = torch.embedding_bag(
+            wide,
+            top_indices.reshape(-1),
+            self._offsets(rows, k, top_indices),
+            False,
+            0,
+            False,
+            acts,
+        )[0]
         # one kernel for the cast to float32 and the bias (type promotion)
-        return torch.add(out, bias).view(rows, source.n_targets, self.clt.d_in)
+        return torch.add(bags, bias).view(rows, self._n_targets[p], -1)
+
+    def _offsets(self, rows: int, k: int, like: Tensor) -> Tensor:
+        """Start of each row's bag in the flattened `[rows * k]` indices (kept per shape)."""
+        key = (rows, k, like.dtype, like.device)
+        offsets = self._offset_cache.get(key)
+        if offsets is None:
+            offsets = torch.arange(0, rows * k, k, dtype=like.dtype, device=like.device)
+            self._offset_cache = {key: offsets}  # one shape at a time: the last one
+        return offsets
 
     @torch.no_grad()
     def _wide(self, p: int) -> tuple[Tensor, Tensor] | None:
