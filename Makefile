@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: install demo test lint bench gpu-wheels
+.PHONY: install demo test lint bench gpu-wheels test-triton
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,17 @@ lint: install
 
 bench: install
 	$(PY) -m vlm_sparsify.bench $(ARGS)
+
+# The Triton CLT decoder's tests on the CPU, through Triton's interpreter, in a venv of their own
+# (with triton installed, sparsify would pick its Triton kernels for CPU tensors; the suite above
+# skips these tests without a GPU).
+TRITON_VENV ?= .venv-triton
+test-triton:
+	test -x $(TRITON_VENV)/bin/python || (python3 -m venv $(TRITON_VENV) \
+		&& $(TRITON_VENV)/bin/pip install -q torch==2.13.0 triton \
+		&& $(TRITON_VENV)/bin/pip install -q -e ".[test]")
+	TRITON_INTERPRET=1 SPARSIFY_DISABLE_TRITON=1 $(TRITON_VENV)/bin/python -m pytest -q \
+		tests/test_triton_decode.py tests/test_replacement.py -k triton $(ARGS)
 
 # Wheels for `scripts/gpu_bench.sh` on a GPU machine without network (torch comes with the
 # machine): this package and the pure-Python dependencies it lacks, at the venv's versions.

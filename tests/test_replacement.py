@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from sparsify import SparseCoderConfig
@@ -84,6 +87,19 @@ def batch() -> dict[str, Tensor]:
     }
 
 
+def triton_runs() -> bool:
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+NEEDS_TRITON = pytest.mark.skipif(
+    not triton_runs(),
+    reason="the triton decoder needs triton and a CUDA GPU, or TRITON_INTERPRET=1 (CPU)",
+)
+TRITON = pytest.param("triton", marks=NEEDS_TRITON)
+"""The Triton decoder (vlm_sparsify/triton_decode.py) as a test parameter."""
+
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
 
 
@@ -122,7 +138,7 @@ def dense_features(encoder: nn.Linear, x: Tensor) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, indices, values)
 
 
-def decoder(coders: nn.Module, p: int, t: int) -> tuple[Tensor, Tensor]:
+def decoder_of(coders: nn.Module, p: int, t: int) -> tuple[Tensor, Tensor]:
     """(W_dec [L, d], b_dec [d]) from source p into target t, read from the coder weights."""
     if isinstance(coders, CrossLayerTranscoder):
         source = coders.sources[p]
@@ -141,8 +157,16 @@ def reaches(coders: nn.Module, p: int, t: int) -> bool:
     return p <= t < p + coders.n_targets(p)
 
 
-@pytest.mark.parametrize("kind,fused", [("plt", True), ("clt", True), ("clt", False)])
-def test_error_mode_reproduces_the_model(model: nn.Module, kind: str, fused: bool) -> None:
+@pytest.mark.parametrize(
+    "kind,decoder",
+    [
+        ("plt", "fused"),
+        ("clt", "fused"),
+        ("clt", "per-target"),
+        pytest.param("clt", "triton", marks=NEEDS_TRITON),
+    ],
+)
+def test_error_mode_reproduces_the_model(model: nn.Module, kind: str, decoder: str) -> None:
     coders = make_coders(kind)
     inputs = batch()
     with torch.no_grad():
@@ -150,7 +174,9 @@ def test_error_mode_reproduces_the_model(model: nn.Module, kind: str, fused: boo
         base_tokens = model.generate(**inputs, **GREEDY)
         # A no-op intervention forces the edited-minus-clean path through every source
         noop = [Intervention("scale", features=tuple(range(LATENTS)), value=1.0)]
-        replacement = ReplacementModel(model, coders, mode="error", interventions=noop, fused=fused)
+        replacement = ReplacementModel(
+            model, coders, mode="error", interventions=noop, decoder=decoder
+        )
         with replacement.capture() as capture:
             logits = replacement(**inputs).logits
         tokens = replacement.generate(**inputs, **GREEDY)
@@ -163,13 +189,19 @@ def test_error_mode_reproduces_the_model(model: nn.Module, kind: str, fused: boo
 
 
 @pytest.mark.parametrize(
-    "kind,fused", [("plt", True), ("clt", True), ("clt", False), ("clt3", True), ("clt3", False)]
+    "kind,decoder",
+    [
+        ("plt", "fused"),
+        *((kind, decoder) for kind in ("clt", "clt3") for decoder in ("fused", "per-target")),
+        pytest.param("clt", "triton", marks=NEEDS_TRITON),
+        pytest.param("clt3", "triton", marks=NEEDS_TRITON),
+    ],
 )
 def test_open_loop_output_is_the_sum_of_decoder_contributions(
-    model: nn.Module, kind: str, fused: bool
+    model: nn.Module, kind: str, decoder: str
 ) -> None:
     coders = make_coders(kind)
-    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop", fused=fused):
+    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop", decoder=decoder):
         recorder = MLPRecorder(model)
         model(**batch())
         recorder.remove()
@@ -178,14 +210,15 @@ def test_open_loop_output_is_the_sum_of_decoder_contributions(
             expected = torch.zeros_like(recorder.outputs[t])
             for p in range(t + 1):
                 if reaches(coders, p, t):
-                    W_dec, b_dec = decoder(coders, p, t)
+                    W_dec, b_dec = decoder_of(coders, p, t)
                     f_p = dense_features(encoder(coders, p), recorder.inputs[p])
                     expected += f_p @ W_dec + b_dec
             torch.testing.assert_close(recorder.outputs[t], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decoder", ["fused", "per-target", TRITON])
 def test_zeroing_a_feature_moves_every_target_by_its_decoder_contributions(
-    model: nn.Module,
+    model: nn.Module, decoder: str
 ) -> None:
     coders = make_coders("clt")
     # Later sources read nothing (zero encoder, fixed distinct biases): their features are the same
@@ -195,7 +228,10 @@ def test_zeroing_a_feature_moves_every_target_by_its_decoder_contributions(
             coders.sources[p].encoder.weight.zero_()
             coders.sources[p].encoder.bias.copy_(torch.linspace(0.1, 1.0, LATENTS))
     inputs = batch()
-    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop") as replacement:
+    with (
+        torch.no_grad(),
+        ReplacementModel(model, coders, mode="open-loop", decoder=decoder) as replacement,
+    ):
         recorder = MLPRecorder(model)
         model(**inputs)
         clean = list(recorder.outputs)
@@ -206,17 +242,21 @@ def test_zeroing_a_feature_moves_every_target_by_its_decoder_contributions(
         recorder.remove()
     assert (f_0[:, feature] > 0).sum() >= 1
     for t in range(LAYERS):
-        W_dec, _ = decoder(coders, 0, t)
+        W_dec, _ = decoder_of(coders, 0, t)
         expected = -f_0[:, feature, None] * W_dec[feature]
         torch.testing.assert_close(recorder.outputs[t] - clean[t], expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decoder", ["fused", "per-target", TRITON])
 def test_zeroing_a_feature_in_error_mode_changes_its_layer_by_its_contribution(
-    model: nn.Module,
+    model: nn.Module, decoder: str
 ) -> None:
     coders = make_coders("clt")
     inputs = batch()
-    with torch.no_grad(), ReplacementModel(model, coders, mode="error") as replacement:
+    with (
+        torch.no_grad(),
+        ReplacementModel(model, coders, mode="error", decoder=decoder) as replacement,
+    ):
         recorder = MLPRecorder(model)
         model(**inputs)
         clean, x_1 = recorder.outputs[1], recorder.inputs[1]
@@ -225,7 +265,7 @@ def test_zeroing_a_feature_in_error_mode_changes_its_layer_by_its_contribution(
         with replacement.intervene([Intervention("zero", features=feature, layers=1)]):
             model(**inputs)
         recorder.remove()
-    W_dec, _ = decoder(coders, 1, 1)
+    W_dec, _ = decoder_of(coders, 1, 1)
     expected = -f_1[:, feature, None] * W_dec[feature]
     assert expected.abs().max() > 1e-3
     torch.testing.assert_close(recorder.inputs[1], x_1)
@@ -233,21 +273,23 @@ def test_zeroing_a_feature_in_error_mode_changes_its_layer_by_its_contribution(
 
 
 @pytest.mark.parametrize(
-    "kind,mode,fused",
+    "kind,mode,decoder",
     [
-        ("clt", "open-loop", True),
-        ("clt", "open-loop", False),
-        ("clt", "error", True),
-        ("clt", "off", True),
-        ("plt", "open-loop", True),
+        ("clt", "open-loop", "fused"),
+        ("clt", "open-loop", "per-target"),
+        pytest.param("clt", "open-loop", "triton", marks=NEEDS_TRITON),
+        ("clt", "error", "fused"),
+        pytest.param("clt", "error", "triton", marks=NEEDS_TRITON),
+        ("clt", "off", "fused"),
+        ("plt", "open-loop", "fused"),
     ],
 )
 def test_generate_with_kv_cache_equals_without(
-    model: nn.Module, kind: str, mode: str, fused: bool
+    model: nn.Module, kind: str, mode: str, decoder: str
 ) -> None:
     coders = make_coders(kind)
     edit = [Intervention("add", features=(3, 9), layers=(0, 2), region="response", value=2.0)]
-    replacement = ReplacementModel(model, coders, mode=mode, interventions=edit, fused=fused)
+    replacement = ReplacementModel(model, coders, mode=mode, interventions=edit, decoder=decoder)
     runs = []
     with torch.no_grad():
         for use_cache in (True, False):
@@ -343,7 +385,7 @@ def test_region_intervention_touches_only_that_region(model: nn.Module) -> None:
         with replacement.intervene([add]):
             model(**inputs)
         recorder.remove()
-    W_dec, _ = decoder(coders, 0, 0)
+    W_dec, _ = decoder_of(coders, 0, 0)
     delta = recorder.outputs[0] - clean
     assert torch.equal(delta[~image], torch.zeros_like(delta[~image]))
     torch.testing.assert_close(delta[image], (5.0 * W_dec[feature]).expand(int(image.sum()), D))
@@ -396,6 +438,8 @@ def test_layers_without_coders_are_left_alone(model: nn.Module) -> None:
 def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="Unknown replacement mode 'closed'"):
         ReplacementModel(model, make_coders("plt"), mode="closed")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="Unknown decoder 'wide'; use fused, triton or per-target"):
+        ReplacementModel(model, make_coders("clt"), decoder="wide")  # type: ignore[arg-type]
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
     stale = PerLayerCoders(["language_model.model.layers.0.mlp"], D, cfg)
     with pytest.raises(ValueError, match="not modules of LlavaForConditionalGeneration"):
@@ -408,7 +452,7 @@ def test_fused_and_per_target_decoding_agree_and_follow_weight_changes(model: nn
     coders = make_coders("clt3")
     inputs = batch()
     fused = ReplacementModel(model, coders, mode="open-loop")
-    per_target = ReplacementModel(model, coders, mode="open-loop", fused=False)
+    per_target = ReplacementModel(model, coders, mode="open-loop", decoder="per-target")
     with torch.no_grad():
         logits = fused(**inputs).logits
         assert fused.fused_nbytes > 0 and per_target.fused_nbytes == 0
@@ -425,14 +469,15 @@ def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
     assert result["ratio"] == pytest.approx(result["replacement_s"] / result["base_s"])
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_attribution_gradients_match_a_finite_difference(model: nn.Module, fused: bool) -> None:
+@pytest.mark.parametrize("decoder", ["fused", "per-target"])
+def test_attribution_gradients_match_a_finite_difference(model: nn.Module, decoder: str) -> None:
     """activation x gradient of a logit equals the first-order effect of scaling the feature."""
     inputs = batch()
     coders = make_coders("clt")
     # weights that need no gradient: the fused copies serve (else the CLT's own weights do)
+    fused = decoder == "fused"
     coders.requires_grad_(not fused)
-    rm = ReplacementModel(model, coders, mode="error", fused=fused)
+    rm = ReplacementModel(model, coders, mode="error", decoder=decoder)
     with rm.attribution() as leaves:
         logits = rm(**inputs).logits
     assert (rm.fused_nbytes > 0) == fused
@@ -457,3 +502,10 @@ def test_attribution_gradients_match_a_finite_difference(model: nn.Module, fused
     total = float((acts * acts.grad).detach()[indices == feature].sum())
     assert abs(total) > 1e-3  # a feature that matters
     assert float(moved - target.detach()) / eps == pytest.approx(total, rel=0.05)
+
+
+@pytest.mark.skipif(triton_runs(), reason="triton can run here")
+def test_the_triton_decoder_says_what_it_needs(model: nn.Module) -> None:
+    needs = "the triton CLT decoder (needs the triton package|runs on a CUDA GPU)"
+    with pytest.raises(RuntimeError, match=needs):
+        ReplacementModel(model, make_coders("clt"), decoder="triton")

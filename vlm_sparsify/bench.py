@@ -63,8 +63,13 @@ METHODS = {
         "per_token_ratio (the later tokens)"
     ),
     "replacement_per_target_vs_base_generate": (
-        "--gpu: as replacement_vs_base_generate with fused=False: each CLT source decodes target "
-        "by target through sparsify's Triton kernel (the path before the fused decoders)"
+        "--gpu: as replacement_vs_base_generate with decoder='per-target': each CLT source "
+        "decodes target by target through sparsify's Triton kernel (the path before the fused "
+        "decoders)"
+    ),
+    "replacement_triton_vs_base_generate": (
+        "--gpu: as replacement_vs_base_generate with decoder='triton': each source decoded "
+        "straight into the pending sums by vlm_sparsify.triton_decode"
     ),
     "clt_embedding_bag_vs_stock_plt_tok_per_s": (
         "--gpu: CLT training tokens/s with gpu_decoder='embedding_bag' over stock sparsify's PLT"

@@ -8,7 +8,8 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
   (both together do not fit one GPU; on a GPU with less than ~115 GiB, e.g. an H100, every coder
   is 4,096 latents wide: `fit_to_memory`);
 - replacement-model (CLT) greedy generation vs the base model (576 image tokens + prompt), with
-  the fused inference decoders (default) and target by target through sparsify's kernel;
+  the fused inference decoders (default), the Triton decoder and target by target through
+  sparsify's kernel (each split into the prefill's ratio and the later tokens');
 - the CLT's training step again with `gpu_decoder="embedding_bag"` (torch's kernel instead of
   sparsify's Triton decoder);
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
@@ -43,7 +44,7 @@ from vlm_sparsify.cross_layer import GpuDecoder, training_memory_bytes
 from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
-from vlm_sparsify.replacement import benchmark_generate
+from vlm_sparsify.replacement import Decoder, Mode, benchmark_generate
 from vlm_sparsify.training import build_coders
 
 NO_CUDA = (
@@ -318,13 +319,18 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
                 device, decoder_dtype=torch.bfloat16,
             )  # fmt: skip
         gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
-        for key, mode, fused in (
-            ("replacement_vs_base_generate", "open-loop", True),
-            ("replacement_error_vs_base_generate", "error", True),
+        variants: list[tuple[str, Mode, Decoder]] = [
+            ("replacement_vs_base_generate", "open-loop", "fused"),
+            ("replacement_error_vs_base_generate", "error", "fused"),
             # the 2026-11-26 H200 figure's path: 392 decodes per step through sparsify's kernel
-            ("replacement_per_target_vs_base_generate", "open-loop", False),
-        ):
-            timing = benchmark_generate(model, coders, gen_inputs, mode=mode, fused=fused, **gen)
+            ("replacement_per_target_vs_base_generate", "open-loop", "per-target"),
+        ]
+        if device.type == "cuda":  # the Triton kernel (on a CPU only through its interpreter)
+            variants.append(("replacement_triton_vs_base_generate", "open-loop", "triton"))
+        for key, mode, decoder in variants:
+            timing = benchmark_generate(
+                model, coders, gen_inputs, mode=mode, decoder=decoder, **gen
+            )
             note(key, timing["ratio"])
             details[key] = timing
         note("replacement_peak_gib", peak_gib(device))

@@ -8,6 +8,11 @@ layers has 392 decoders, each several small kernels per generated token. The wid
 decoders' memory once more (`nbytes`); each is taken at its source's first decode, so capturing
 features alone (no decoding) takes none.
 
+With `kernel="triton"` a source decodes straight into its targets' pending sums
+(`decode_into`, `vlm_sparsify.triton_decode`: decode, bias and accumulation in one launch that
+keeps a column block of the wide matrix in L2 while every row reads it); it needs Triton and a
+GPU (or `TRITON_INTERPRET=1`).
+
 On CUDA the encoders are copied in bf16, the dtype the training step computes them in (autocast,
 as sparsify's `SparseCoder.forward`): half the bytes a decoding step reads, and tensor-core
 matmuls in the prefill. On the CPU the encoders are the CLT's own (no copy).
@@ -18,12 +23,16 @@ training step, `load_state_dict`, `.to()`), so the user of the copies can take t
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor
 
 from .cross_layer import CrossLayerTranscoder
 from .topk_encoder import encode_topk
+
+Kernel = Literal["embedding_bag", "triton"]
 
 
 def _weights_key(clt: CrossLayerTranscoder) -> tuple[tuple[int, int], ...]:
@@ -34,7 +43,19 @@ def _weights_key(clt: CrossLayerTranscoder) -> tuple[tuple[int, int], ...]:
 class CLTInference:
     """Inference copies of `clt`'s weights: `encode(p, x)` and `decode(p, ...)` -> `[N, n, d]`."""
 
-    def __init__(self, clt: CrossLayerTranscoder):
+    def __init__(self, clt: CrossLayerTranscoder, kernel: Kernel = "embedding_bag"):
+        match kernel:
+            case "embedding_bag":
+                pass
+            case "triton":
+                from .triton_decode import check_available
+
+                check_available(clt.sources[0].encoder.weight.device)
+            case other:
+                raise ValueError(
+                    f"Unknown CLT inference kernel '{other}'; use embedding_bag or triton"
+                )
+        self.kernel: Kernel = kernel
         self.clt = clt
         self._key = _weights_key(clt)
         weight = clt.sources[0].encoder.weight
@@ -100,6 +121,36 @@ class CLTInference:
         )[0]
         # one kernel for the cast to float32 and the bias (type promotion)
         return torch.add(bags, bias).view(rows, self._n_targets[p], -1)
+
+    def direct(self, p: int) -> bool:
+        """Whether source p decodes with `decode_into` (the Triton kernel; not with per-target
+        activation offsets, which make the decode non-linear in the activations)."""
+        return self.kernel == "triton" and self.clt.sources[p].post_encs is None
+
+    def decode_into(
+        self,
+        p: int,
+        top_acts: Tensor,
+        top_indices: Tensor,
+        out: Tensor,
+        first: int,
+        count: int,
+        bias: bool = True,
+    ) -> None:
+        """Add source p's contributions to its targets first .. first + count - 1 (counted from
+        p), with their biases if `bias`, to `out` `[N, count * d]` float32 (in place)."""
+        from .triton_decode import decode_accumulate
+
+        if p not in self.decoders:
+            self.decoders[p] = self._wide(p)
+        decoders = self.decoders[p]
+        assert decoders is not None, "decode_into needs direct(p)"
+        wide, biases = decoders
+        d = self.clt.d_in
+        columns = slice(first * d, (first + count) * d)
+        decode_accumulate(
+            out, top_indices, top_acts, wide[:, columns], biases[columns] if bias else None
+        )
 
     def _offsets(self, rows: int, k: int, like: Tensor) -> Tensor:
         """Start of each row's bag in the flattened `[rows * k]` indices (kept per shape)."""

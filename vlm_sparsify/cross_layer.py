@@ -156,7 +156,7 @@ class CrossLayerTranscoder(nn.Module):
         self.cross_layer = cross_layer
         self.gpu_decoder: GpuDecoder = "sparsify"
         """How sources decode on a GPU here (training; the replacement model decodes through
-        `CLTInference` unless fused=False): sparsify's Triton kernel (one single-warp program per
+        `CLTInference` unless decoder="per-target"): sparsify's Triton kernel (one single-warp program per
         token row; its weight gradient walks each latent's rows serially) or torch's
         `embedding_bag` (splits the width across threads; its backward sorts the indices).
         `bench --gpu` times the training step with both."""

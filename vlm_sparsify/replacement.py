@@ -5,9 +5,9 @@ sparse features f_p, interventions edit f_p, and f_p is decoded into every targe
 (p .. p + n_targets(p) - 1); the decoded parts are summed in a per-forward ring of
 max n_targets slots (target t in slot t mod window) until the target's MLP runs. The ring starts
 empty at the first hookpoint of every forward, so with a KV cache each step decodes only the new
-positions. A CLT decodes through `CLTInference` unless `fused=False`: one wide copy of each
-source's decoders, so a source decodes into all its targets in one call (and on CUDA its encoder
-runs in bf16, as in training). A pre-hook on the root model reads each forward's
+positions. A CLT decodes through `CLTInference` unless `decoder="per-target"`: one wide copy of
+each source's decoders, so a source decodes into all its targets in one call (and on CUDA its
+encoder runs in bf16, as in training); with `decoder="triton"` straight into the ring. A pre-hook on the root model reads each forward's
 tokens for their regions (image / prompt / response). Modes:
 
 - `open-loop`: MLP output at t := sum of the decoded parts of every source reaching t.
@@ -31,11 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from vlm_sparsify.capture import FeatureCapture, token_regions
-from vlm_sparsify.clt_inference import CLTInference
+from vlm_sparsify.clt_inference import CLTInference, Kernel
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.interventions import Intervention, apply_interventions
 
 Mode = Literal["open-loop", "error", "off"]
+Decoder = Literal["fused", "triton", "per-target"]
 
 
 class ReplacementModel:
@@ -43,11 +44,13 @@ class ReplacementModel:
 
     Use as a context manager (`with ReplacementModel(vlm, coders) as rm:` hooks `vlm` until exit)
     or call `rm(...)` / `rm.forward(...)` / `rm.generate(...)`, which hook it for the call.
-    `fused` (CLTs): when no gradient must reach the coders' weights, decode through
-    `CLTInference`'s wide copies of the decoders, taken at the first such forward and kept while
-    the CLT's weights do not change (`fused_nbytes`: the memory they take); False decodes target
-    by target with the CLT's own weights. Forwards that train the coders (grad enabled, weights
-    requiring grad: end-to-end training) always use the CLT's own weights.
+    `decoder` (CLTs): `fused` (default): when no gradient must reach the coders' weights, decode
+    through `CLTInference`'s wide copies of the decoders (one `embedding_bag` per source), taken
+    at the first such forward and kept while the CLT's weights do not change (`fused_nbytes`: the
+    memory they take); `triton`: the same copies, each source decoded straight into the pending
+    sums by `vlm_sparsify.triton_decode` (CUDA); `per-target`: target by target with the CLT's
+    own weights. Forwards that train the coders (grad enabled, weights requiring grad:
+    end-to-end training) always use the CLT's own weights.
     """
 
     def __init__(
@@ -57,7 +60,7 @@ class ReplacementModel:
         mode: Mode = "open-loop",
         interventions: Sequence[Intervention] = (),
         image_token_id: int | None = None,
-        fused: bool = True,
+        decoder: Decoder = "fused",
     ):
         self._installs = 0
         self.mode = mode
@@ -79,7 +82,18 @@ class ReplacementModel:
         self.num_latents = max(source.encoder.out_features for _, source in coders.items())
         self._dtype = next(coders.parameters()).dtype
         self._skip = getattr(coders, "skip", None)
-        self.fused = fused and isinstance(coders, CrossLayerTranscoder)
+        match decoder:
+            case "fused" | "triton" | "per-target":
+                self.decoder: Decoder = decoder
+            case other:
+                raise ValueError(f"Unknown decoder '{other}'; use fused, triton or per-target")
+        is_clt = isinstance(coders, CrossLayerTranscoder)
+        self.fused = decoder != "per-target" and is_clt
+        self._kernel: Kernel = "triton" if decoder == "triton" else "embedding_bag"
+        if self.fused and decoder == "triton":
+            from vlm_sparsify.triton_decode import check_available
+
+            check_available(next(coders.parameters()).device)
         self._inference: CLTInference | None = None
         self._use_fused = False  # this forward decodes through self._inference
         self._fused_checked = False  # self._inference checked against the weights this install
@@ -277,21 +291,28 @@ class ReplacementModel:
             top_acts, top_indices, _ = self._encode(p, x)
             if self._capture is not None:
                 self._capture.record(p, top_acts, top_indices)
+            direct = self._use_fused and self._inference.direct(p)  # type: ignore[union-attr]
             if mode == "open-loop":
                 if edits:
                     top_acts, top_indices = apply_interventions(
                         edits, top_acts, top_indices, self._regions
                     )
-                parts = self._decode(p, top_acts, top_indices)
                 skips = self._skip(p, x.to(self._dtype)) if self._skip is not None else []
-                if skips:
-                    parts = parts + torch.stack(skips, 1)
-                self._accumulate(p, parts)
+                if direct:
+                    self._decode_into_ring(p, top_acts, top_indices, bias=True)
+                    if skips:
+                        self._accumulate(p, torch.stack(skips, 1))
+                else:
+                    parts = self._decode(p, top_acts, top_indices)
+                    self._accumulate(p, parts + torch.stack(skips, 1) if skips else parts)
             elif edits:
-                edited = self._decode(
-                    p, *apply_interventions(edits, top_acts, top_indices, self._regions)
-                )
-                self._accumulate(p, edited - self._decode(p, top_acts, top_indices))
+                edited = apply_interventions(edits, top_acts, top_indices, self._regions)
+                if direct:  # decode(edited) - decode(clean) = decode(edited) + decode(-clean)
+                    self._decode_into_ring(p, *edited, bias=False)
+                    self._decode_into_ring(p, -top_acts, top_indices, bias=False)
+                else:
+                    clean = self._decode(p, top_acts, top_indices)
+                    self._accumulate(p, self._decode(p, *edited) - clean)
         prediction = self._take(p, output.dtype)
         if mode == "open-loop":
             assert prediction is not None
@@ -318,7 +339,7 @@ class ReplacementModel:
         if self._inference is None or not self._inference.current():
             self._inference = None  # free the stale copies before taking new ones
             assert isinstance(self.coders, CrossLayerTranscoder)
-            self._inference = CLTInference(self.coders)
+            self._inference = CLTInference(self.coders, self._kernel)
         self._fused_checked = True
 
     def _encode(self, p: int, x: Tensor) -> Any:
@@ -336,18 +357,35 @@ class ReplacementModel:
         parts = self.coders.decode(p, top_acts, top_indices)
         return parts[0].unsqueeze(1) if len(parts) == 1 else torch.stack(parts, 1)
 
-    def _accumulate(self, p: int, parts: Tensor) -> None:
-        """Add source p's stacked contributions to the pending sums of targets p, p + 1, ..."""
-        rows, n, d = parts.shape
+    def _ring_slots(self, p: int, n: int, like: Tensor, d: int) -> list[tuple[Tensor, int, int]]:
+        """The ring's slots of targets p .. p + n - 1 as (view [N, count, d], first, count): one
+        run of slots, or two when they wrap past the ring's end (allocated at first use)."""
         window = self._window
         if self._ring is None:
-            dtype = torch.promote_types(parts.dtype, torch.float32)
-            self._ring = parts.new_zeros(rows, window, d, dtype=dtype)
+            dtype = torch.promote_types(like.dtype, torch.float32)
+            self._ring = like.new_zeros(like.shape[0], window, d, dtype=dtype)
         start = p % window
         first = min(n, window - start)  # slots up to the ring's end, then from its start
-        self._ring[:, start : start + first] += parts[:, :first]
+        runs = [(self._ring[:, start : start + first], 0, first)]
         if first < n:
-            self._ring[:, : n - first] += parts[:, first:]
+            runs.append((self._ring[:, : n - first], first, n - first))
+        return runs
+
+    def _accumulate(self, p: int, parts: Tensor) -> None:
+        """Add source p's stacked contributions to the pending sums of targets p, p + 1, ..."""
+        _, n, d = parts.shape
+        for slots, first, count in self._ring_slots(p, n, parts, d):
+            slots += parts[:, first : first + count]
+
+    def _decode_into_ring(self, p: int, top_acts: Tensor, top_indices: Tensor, bias: bool) -> None:
+        """Decode source p straight into its targets' slots (the Triton kernel)."""
+        inference = self._inference
+        assert inference is not None
+        d = inference.clt.d_in
+        n = inference.clt.n_targets(p)
+        for slots, first, count in self._ring_slots(p, n, top_acts, d):
+            out = slots.view(slots.shape[0], count * d)
+            inference.decode_into(p, top_acts, top_indices, out, first, count, bias)
 
     def _take(self, p: int, dtype: torch.dtype) -> Tensor | None:
         """Target p's pending sum as a new `[N, d]` tensor of `dtype`; its slot is emptied."""
@@ -426,7 +464,7 @@ def benchmark_generate(
     max_new_tokens: int = 16,
     repeats: int = 5,
     capture: bool = False,
-    fused: bool = True,
+    decoder: Decoder = "fused",
 ) -> dict[str, float]:
     """Median greedy `generate` time of the replacement model over the base model's (same run).
 
@@ -434,7 +472,7 @@ def benchmark_generate(
     repeat also times a one-token generation (the prefill) of both, so the result splits the
     ratio into the prefill's and the later tokens' (`prefill_ratio`, `per_token_ratio`).
     """
-    replacement = ReplacementModel(model, coders, mode=mode, fused=fused)
+    replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)
 
     def timed(run: Any, new_tokens: int) -> float:
         start = time.perf_counter()
