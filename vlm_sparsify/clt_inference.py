@@ -70,8 +70,10 @@ class CLTInference:
         ]
         self._offset_cache: dict[tuple, Tensor] = {}
         # read once: module attribute lookups cost more than a decoding step's tensor work
-        self._n_targets = [source.n_targets for source in clt.sources]
+        self.n_targets = [source.n_targets for source in clt.sources]
         self._k, self._activation = clt.cfg.k, clt.cfg.activation
+        # per-target activation offsets make a source's decode non-linear in its activations
+        self._direct = [kernel == "triton" and s.post_encs is None for s in clt.sources]
         self.decoders: dict[int, tuple[Tensor, Tensor] | None] = {}
         """Per source, once it has decoded: (wide decoders [M, n * d], biases [n * d] float32),
         or None for a source with clt-training's per-target activation offsets (each target
@@ -120,12 +122,12 @@ class CLTInference:
             acts,
         )[0]
         # one kernel for the cast to float32 and the bias (type promotion)
-        return torch.add(bags, bias).view(rows, self._n_targets[p], -1)
+        return torch.add(bags, bias).view(rows, self.n_targets[p], -1)
 
     def direct(self, p: int) -> bool:
         """Whether source p decodes with `decode_into` (the Triton kernel; not with per-target
         activation offsets, which make the decode non-linear in the activations)."""
-        return self.kernel == "triton" and self.clt.sources[p].post_encs is None
+        return self._direct[p]
 
     def decode_into(
         self,

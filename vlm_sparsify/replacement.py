@@ -7,8 +7,9 @@ max n_targets slots (target t in slot t mod window) until the target's MLP runs.
 empty at the first hookpoint of every forward, so with a KV cache each step decodes only the new
 positions. A CLT decodes through `CLTInference` unless `decoder="per-target"`: one wide copy of
 each source's decoders, so a source decodes into all its targets in one call (and on CUDA its
-encoder runs in bf16, as in training); with `decoder="triton"` straight into the ring. A pre-hook on the root model reads each forward's
-tokens for their regions (image / prompt / response). Modes:
+encoder runs in bf16, as in training); with `decoder="triton"` straight into the ring. A
+pre-hook on the root model reads each forward's tokens for their regions (image / prompt /
+response). Modes:
 
 - `open-loop`: MLP output at t := sum of the decoded parts of every source reaching t.
 - `error`: MLP output := true output + (prediction with interventions - prediction without), i.e.
@@ -88,9 +89,9 @@ class ReplacementModel:
             case other:
                 raise ValueError(f"Unknown decoder '{other}'; use fused, triton or per-target")
         is_clt = isinstance(coders, CrossLayerTranscoder)
-        self.fused = decoder != "per-target" and is_clt
+        self._fused = decoder != "per-target" and is_clt
         self._kernel: Kernel = "triton" if decoder == "triton" else "embedding_bag"
-        if self.fused and decoder == "triton":
+        if self._fused and decoder == "triton":
             from vlm_sparsify.triton_decode import check_available
 
             check_available(next(coders.parameters()).device)
@@ -279,7 +280,7 @@ class ReplacementModel:
     ) -> Tensor | None:
         if p == 0:  # each forward starts afresh (even one of the language model alone)
             self._ring = None
-            self._use_fused = self.fused and not (torch.is_grad_enabled() and self._weights_train)
+            self._use_fused = self._fused and not (torch.is_grad_enabled() and self._weights_train)
             if self._use_fused and not self._fused_checked:
                 self._take_inference_copies()
         mode = self.mode
@@ -382,8 +383,7 @@ class ReplacementModel:
         inference = self._inference
         assert inference is not None
         d = inference.clt.d_in
-        n = inference.clt.n_targets(p)
-        for slots, first, count in self._ring_slots(p, n, top_acts, d):
+        for slots, first, count in self._ring_slots(p, inference.n_targets[p], top_acts, d):
             out = slots.view(slots.shape[0], count * d)
             inference.decode_into(p, top_acts, top_indices, out, first, count, bias)
 
