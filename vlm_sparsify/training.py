@@ -439,7 +439,10 @@ class Trainer:
     ) -> float:
         """Backward of the end-to-end loss (docs: end_to_end.py); returns its global mean."""
         if self._replacement is None:
-            self._replacement = ReplacementModel(self.model, self.coders, mode="open-loop")
+            # training sends gradients into the coders' own weights: no inference copies
+            self._replacement = ReplacementModel(
+                self.model, self.coders, mode="open-loop", decoder="per-target"
+            )
         total, count = end_to_end_sum(
             self.cfg.loss_fn, self._replacement, model_inputs, mask, clean_logits
         )
