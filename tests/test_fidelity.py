@@ -50,6 +50,8 @@ def test_error_mode_is_faithful(clt_run: Path, capsys) -> None:
     assert set(result["fvu_by_region"]) == {"image", "prompt", "answer"}
     for by_layer in result["fvu_by_region"].values():
         assert list(by_layer) == list(result["fvu"]) and all(v > 0 for v in by_layer.values())
+    assert list(result["fvu_cumulative"]) == list(result["fvu"])
+    assert all(v > 0 for v in result["error_coherence"].values())
 
 
 def test_fvu_by_region_is_each_region_s_own_fraction() -> None:
@@ -70,6 +72,33 @@ def test_fvu_by_region_is_each_region_s_own_fraction() -> None:
     assert result["fvu_by_region"]["image"]["mlp"] == pytest.approx(1 / 2)  # about 2: 1 + 1
     assert result["fvu_by_region"]["prompt"]["mlp"] == pytest.approx(4 / 8)  # about 12: 4 + 4
     assert result["fvu_by_region"]["answer"]["mlp"] is None  # no rows
+
+
+def test_cumulative_fvu_and_coherence_sum_the_layers_errors_before_squaring() -> None:
+    # two rows of d=2, two layers; layer 1's error repeats layer 0's (coherent) on row 0 and
+    # reverses it (cancelling) on row 1
+    y0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    y1 = torch.tensor([[3.0, 1.0], [1.0, 0.0]])
+    e0 = torch.tensor([[0.5, 0.0], [0.0, 1.0]])
+    e1 = torch.tensor([[0.5, 0.0], [0.0, -1.0]])
+    rows = torch.ones(2, dtype=torch.bool)
+    none = torch.zeros(2, dtype=torch.bool)
+    masks = {"all": rows, "image": torch.tensor([True, False]), "prompt": none, "answer": none}
+    totals = FidelityTotals(num_layers=2)
+    totals.add_layers([y0, y1], [y0 - e0, y1 - e1], masks)
+    result = totals.result(["l0", "l1"])
+
+    def variance(y: torch.Tensor) -> float:
+        return float((y - y.mean(0)).pow(2).sum())
+
+    assert result["fvu_cumulative"]["l0"] == pytest.approx(result["fvu"]["l0"])
+    assert result["fvu_cumulative"]["l1"] == pytest.approx(1.0 / variance(y0 + y1))
+    assert result["error_coherence"]["l0"] == pytest.approx(1.0)
+    # ||e0 + e1||^2 = ||[[1, 0], [0, 0]]||^2 = 1 against ||e0||^2 + ||e1||^2 = 1.25 + 1.25
+    assert result["error_coherence"]["l1"] == pytest.approx(1.0 / 2.5)
+    # the image row alone: errors aligned, 1 against 0.25 + 0.25
+    assert result["error_coherence_by_region"]["image"]["l1"] == pytest.approx(2.0)
+    assert result["fvu_cumulative_by_region"]["answer"]["l1"] is None
 
 
 def test_kl_by_region_is_the_mean_over_each_region_s_positions() -> None:

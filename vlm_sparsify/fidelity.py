@@ -6,6 +6,13 @@ distribution from the original's, and the FVU of each target layer's prediction 
 replacement's own stream, each overall and per token region (image / prompt / answer: a
 position's region is that of the token it predicts); and the share of free (greedy)
 generations that match the original's exactly.
+
+How the layers' errors add up in the residual stream, which per-layer FVU does not show:
+`fvu_cumulative` at layer T is the FVU of the sum of the MLP outputs of layers 0..T (the errors
+e_t = y_t - y_hat_t summed before squaring), and `error_coherence` at T is
+||sum_t e_t||^2 / sum_t ||e_t||^2 over t <= T: 1 when the layers' errors are uncorrelated, above 1
+when they point the same way (as a CLT's can: one feature writes to many layers), below 1 when
+they cancel.
 """
 
 from __future__ import annotations
@@ -128,6 +135,8 @@ class FidelityTotals:
         self.kl = dict.fromkeys(self.agree, 0.0)
         self.residual = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
         self.variance = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
+        self.cum_residual = {name: torch.zeros_like(v) for name, v in self.variance.items()}
+        self.cum_variance = {name: torch.zeros_like(v) for name, v in self.variance.items()}
         self.matches = 0
         self.generations = 0
 
@@ -146,22 +155,39 @@ class FidelityTotals:
     ) -> None:
         """True MLP outputs and predictions [N, d] per target; row masks [N] for "all" and regions
         (each region's variance is about its own mean)."""
+        sums: dict[str, tuple[Tensor, Tensor]] = {}  # per region: sum of y_t, of e_t so far
         for t, (y, y_hat) in enumerate(zip(targets, predictions, strict=True)):
             for name, mask in masks.items():
                 y_region, y_hat_region = y[mask].double(), y_hat[mask].double()
                 if len(y_region) == 0:
                     continue
-                self.residual[name][t] += (y_region - y_hat_region).pow(2).sum().item()
+                error = y_region - y_hat_region
+                self.residual[name][t] += error.pow(2).sum().item()
                 self.variance[name][t] += (y_region - y_region.mean(0)).pow(2).sum().item()
+                if name in sums:
+                    y_sum, error_sum = sums[name]
+                    y_region, error = y_sum + y_region, error_sum + error
+                sums[name] = (y_region, error)
+                self.cum_residual[name][t] += error.pow(2).sum().item()
+                self.cum_variance[name][t] += (y_region - y_region.mean(0)).pow(2).sum().item()
 
     def result(self, hookpoints: Sequence[str]) -> dict[str, Any]:
         def share(name: str) -> float | None:
             return self.agree[name] / self.count[name] if self.count[name] else None
 
-        def fvu(name: str) -> dict[str, float | None]:
-            pairs = zip(self.residual[name].tolist(), self.variance[name].tolist(), strict=True)
-            values = [residual / variance if variance else None for residual, variance in pairs]
+        def ratio(numerators: Tensor, denominators: Tensor) -> dict[str, float | None]:
+            pairs = zip(numerators.tolist(), denominators.tolist(), strict=True)
+            values = [a / b if b else None for a, b in pairs]
             return dict(zip(hookpoints, values, strict=True))
+
+        def fvu(name: str) -> dict[str, float | None]:
+            return ratio(self.residual[name], self.variance[name])
+
+        def fvu_cumulative(name: str) -> dict[str, float | None]:
+            return ratio(self.cum_residual[name], self.cum_variance[name])
+
+        def coherence(name: str) -> dict[str, float | None]:
+            return ratio(self.cum_residual[name], self.residual[name].cumsum(0))
 
         return {
             "top1_agreement": share("all"),
@@ -173,6 +199,10 @@ class FidelityTotals:
             },
             "fvu": fvu("all"),
             "fvu_by_region": {name: fvu(name) for name in REGIONS},
+            "fvu_cumulative": fvu_cumulative("all"),
+            "fvu_cumulative_by_region": {name: fvu_cumulative(name) for name in REGIONS},
+            "error_coherence": coherence("all"),
+            "error_coherence_by_region": {name: coherence(name) for name in REGIONS},
             "exact_match": self.matches / self.generations if self.generations else None,
             "positions": self.count["all"],
             "generations": self.generations,
@@ -314,10 +344,17 @@ def _print_table(result: dict[str, Any]) -> None:
 
     width = max(len(hookpoint) for hookpoint in result["fvu"])
     columns = "  ".join(f"{name:>6}" for name in ("all", *REGIONS))
-    print(f"  {'FVU per layer':<{width + 2}}  {columns}")
-    for hookpoint, fvu in result["fvu"].items():
-        by_region = [result["fvu_by_region"][name][hookpoint] for name in REGIONS]
-        print(f"    {hookpoint:<{width}}  {number(fvu)}  " + "  ".join(map(number, by_region)))
+    for title, key in (
+        ("FVU per layer", "fvu"),
+        ("FVU of layers 0..T summed", "fvu_cumulative"),
+        ("error coherence 0..T", "error_coherence"),
+    ):
+        print(f"  {title:<{width + 2}}  {columns}")
+        for hookpoint, value in result[key].items():
+            by_region = [result[f"{key}_by_region"][name][hookpoint] for name in REGIONS]
+            print(
+                f"    {hookpoint:<{width}}  {number(value)}  " + "  ".join(map(number, by_region))
+            )
 
 
 if __name__ == "__main__":
