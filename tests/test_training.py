@@ -208,3 +208,23 @@ def test_summary_separates_recently_dead_from_never_fired(tmp_path, tiny_llava_d
         assert row["dead_pct"] == pytest.approx(recent)
     # latents fire in some batches and not in the last 8 tokens: the two counts differ
     assert any(row["dead_pct"] > row["never_fired_pct"] for row in rows)
+
+
+def test_gpu_decoder_reaches_the_clt_and_bad_values_are_named(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    seen = []
+    original = training.Trainer.train_on_batch
+
+    def recording(self, batch):
+        seen.append(self.coders.gpu_decoder)
+        return original(self, batch)
+
+    monkeypatch.setattr(training.Trainer, "train_on_batch", recording)
+    run(cli(tiny_llava_dir, tmp_path, "ebag", "--cross_layer", "3", "--max_examples", "16",
+            "--gpu_decoder", "embedding_bag"))  # fmt: skip
+    assert seen == ["embedding_bag", "embedding_bag"]
+    with pytest.raises(ValueError, match="--gpu_decoder must be one of sparsify, embedding_bag"):
+        run(cli(tiny_llava_dir, tmp_path, "bad", "--cross_layer", "3", "--gpu_decoder", "cuda"))
+    with pytest.raises(ValueError, match="--gpu_decoder applies to a cross-layer transcoder"):
+        run(cli(tiny_llava_dir, tmp_path, "plt", "--gpu_decoder", "embedding_bag"))

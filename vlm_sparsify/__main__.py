@@ -13,7 +13,7 @@ from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from simple_parsing import field, parse
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.cross_layer import CrossLayerTranscoder, GpuDecoder
 from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examples
 from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.hookpoints import select_hookpoints
@@ -90,6 +91,10 @@ class RunConfig(TrainConfig):
     decoder_dtype: str = "float32"
     """Dtype of cross-layer decoder weights (bfloat16 halves their memory, see docs/memory.md)."""
 
+    gpu_decoder: str = "sparsify"
+    """How a cross-layer transcoder's sparse decoders run on a GPU: sparsify (its Triton kernels)
+    or embedding_bag (torch's; its backward sorts the indices). `bench --gpu` times both."""
+
     device: str = ""
     """Device (default: cuda when available)."""
 
@@ -110,6 +115,13 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
+        if self.gpu_decoder not in get_args(GpuDecoder):
+            raise ValueError(
+                f"--gpu_decoder must be one of {', '.join(get_args(GpuDecoder))}, "
+                f"got '{self.gpu_decoder}'"
+            )
+        if self.gpu_decoder != "sparsify" and not self.cross_layer:
+            raise ValueError("--gpu_decoder applies to a cross-layer transcoder (--cross_layer N)")
         # the trainer checks the coders (transcoders) once the recipe's defaults apply
         check_end_to_end(
             self.loss_fn,
@@ -179,6 +191,8 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         init_seed=args.init_seeds[0],
         decoder_dtype=decoder_dtype,
     )
+    if isinstance(coders, CrossLayerTranscoder):
+        coders.gpu_decoder = args.gpu_decoder  # type: ignore[assignment]
     examples = open_examples(
         args.dataset or recipe.dataset.path,
         recipe,
