@@ -41,7 +41,7 @@ from vlm_sparsify.data import (
 )
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import Recipe, find_recipe
-from vlm_sparsify.replacement import ReplacementModel
+from vlm_sparsify.replacement import Decoder, ReplacementModel
 
 REGIONS = ("image", "prompt", "answer")
 
@@ -60,6 +60,9 @@ class FidelityConfig:
     """Recipe name or TOML path (default: the run's, else matched from the model)."""
     mode: Literal["open-loop", "error"] = "open-loop"
     """Replacement mode."""
+    decoder: Literal["fused", "triton", "per-target"] = "fused"
+    """How a CLT decodes (docs/replacement.md): fused (a wide copy of its decoders, one call per
+    source), triton (the same into the pending sums; CUDA) or per-target (no extra memory)."""
     limit: int = 64
     """Number of held-out examples."""
     batch_size: int = 8
@@ -220,9 +223,10 @@ def measure_fidelity(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     ctx_len: int = 2048,
+    decoder: Decoder = "fused",
 ) -> dict[str, Any]:
     """Fidelity of `ReplacementModel(model, coders, mode)` on `examples` (see module doc)."""
-    replacement = ReplacementModel(model, coders, mode=mode)  # type: ignore[arg-type]
+    replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)  # type: ignore[arg-type]
     image_id = image_token_id(processor, recipe)
     pad_id = processor.tokenizer.pad_token_id or 0
     device = next(model.parameters()).device
@@ -316,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.batch_size,
         args.max_new_tokens,
         args.ctx_len,
+        args.decoder,
     )
     result.update(run=str(run), model=model_id, dataset=dataset, split=split)
     if args.json:
