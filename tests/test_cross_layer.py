@@ -237,11 +237,11 @@ def test_gpu_decoder_choice_leaves_cpu_decoding_alone_and_is_checked() -> None:
     clt, inputs = hand_built_clt(cross_layer=3)
     acts, indices, _ = clt.encode(0, inputs[0])
     sparsify_parts = clt.decode(0, acts, indices)
-    clt.gpu_decoder = "embedding_bag"
-    assert all(
-        torch.equal(a, b) for a, b in zip(clt.decode(0, acts, indices), sparsify_parts, strict=True)
-    )
+    for kernel in ("embedding_bag", "triton"):  # triton too: outside its interpreter, on a CPU
+        clt.gpu_decoder = kernel  # type: ignore[assignment]
+        parts = clt.decode(0, acts, indices)
+        assert all(torch.equal(a, b) for a, b in zip(parts, sparsify_parts, strict=True))
     torch.testing.assert_close(sparsify_parts[2][0], 2 * row(0, 2, 0) + bias(0, 2))
-    clt.gpu_decoder = "triton"  # type: ignore[assignment]
-    with pytest.raises(ValueError, match="Unknown gpu_decoder 'triton'; use sparsify or"):
+    clt.gpu_decoder = "cuda"  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="Unknown gpu_decoder 'cuda'; use sparsify, embedding_bag"):
         clt.decode(0, acts, indices)

@@ -74,6 +74,10 @@ METHODS = {
     "clt_embedding_bag_vs_stock_plt_tok_per_s": (
         "--gpu: CLT training tokens/s with gpu_decoder='embedding_bag' over stock sparsify's PLT"
     ),
+    "clt_triton_vs_stock_plt_tok_per_s": (
+        "--gpu: CLT training tokens/s with gpu_decoder='triton' (vlm_sparsify.triton_train) over "
+        "stock sparsify's PLT"
+    ),
     "capture_vs_base_generate": "benchmark_generate with mode=off and capture on (+ pop_samples)",
     "topk_pruned_vs_torch_prefill": (
         "topk_rows vs torch.topk(sorted=False) on ReLU'd Gaussian rows (16 inputs cycled), "

@@ -11,7 +11,7 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
   the fused inference decoders (default), the Triton decoder and target by target through
   sparsify's kernel (each split into the prefill's ratio and the later tokens');
 - the CLT's training step again with `gpu_decoder="embedding_bag"` (torch's kernel instead of
-  sparsify's Triton decoder);
+  sparsify's Triton decoder) and with `gpu_decoder="triton"` (`vlm_sparsify.triton_train`);
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
   workers) vs the same batches pre-tokenized, feeding the plugin's PLT step.
 
@@ -383,6 +383,8 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     part("multimodal pipeline vs pre-tokenized", pipeline)
     # the candidate last: the CLT step with torch's embedding_bag (its backward sorts indices)
     part(f"{clt_name}, embedding_bag decoder", partial(clt_training, "embedding_bag", "clt_embedding_bag"))  # fmt: skip
+    if device.type == "cuda":  # our Triton kernels (on a CPU only through Triton's interpreter)
+        part(f"{clt_name}, triton decoder", partial(clt_training, "triton", "clt_triton"))
     results["details"] = details
     results["settings"] = asdict(sizes)
     if errors:

@@ -7,6 +7,7 @@ costs about what a per-layer transcoder step costs. Each source is a `CLTSource`
 is EleutherAI/clt-training's untied layout.
 """
 
+import os
 from typing import Literal
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
 from .topk_encoder import encode_topk
 
-GpuDecoder = Literal["sparsify", "embedding_bag"]
+GpuDecoder = Literal["sparsify", "embedding_bag", "triton"]
 
 
 def n_targets_per_source(num_hookpoints: int, cross_layer: int) -> list[int]:
@@ -36,6 +37,11 @@ def n_sources_per_target(num_hookpoints: int, cross_layer: int) -> list[int]:
         for t in range(p, p + n):
             counts[t] += 1
     return counts
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter is on (its kernels then run on CPU tensors: tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class CLTSource(nn.Module):
@@ -109,15 +115,23 @@ class CLTSource(nn.Module):
         return decoder_impl(top_indices, acts, W_dec.mT).float() + self.b_decs[i]
 
     def decode(
-        self, top_acts: Tensor, top_indices: Tensor, embedding_bag: bool = False
+        self, top_acts: Tensor, top_indices: Tensor, kernel: GpuDecoder = "sparsify"
     ) -> list[Tensor]:
         """Contribution to each of the n_targets targets, decoder bias included.
 
-        On a GPU each target goes through sparsify's Triton decoder unless `embedding_bag`; on the
-        CPU sparsify's decoder is torch's embedding_bag, called here once per target with the
-        `[N, k]` bags flattened once for all of them (bit-identical to `decode_target`).
+        On a GPU each target goes through sparsify's Triton decoder, torch's embedding_bag or,
+        with `kernel="triton"`, all targets through `triton_train.source_decode` (not with
+        per-target activation offsets); on the CPU sparsify's decoder is torch's embedding_bag,
+        called here once per target with the `[N, k]` bags flattened once for all of them
+        (bit-identical to `decode_target`).
         """
-        if top_indices.device.type != "cpu" and not embedding_bag:
+        on_gpu = top_indices.device.type != "cpu"
+        if kernel == "triton" and self.post_encs is None and (on_gpu or _interpreting()):
+            from .triton_train import source_decode
+
+            parts = source_decode(top_acts, top_indices, list(self.W_decs))
+            return [part + b_dec for part, b_dec in zip(parts, self.b_decs, strict=True)]
+        if on_gpu and kernel == "sparsify":
             return [self.decode_target(i, top_acts, top_indices) for i in range(self.n_targets)]
         rows, k = top_indices.shape
         indices = top_indices.reshape(-1)
@@ -156,10 +170,12 @@ class CrossLayerTranscoder(nn.Module):
         self.cross_layer = cross_layer
         self.gpu_decoder: GpuDecoder = "sparsify"
         """How sources decode on a GPU here (training; the replacement model decodes through
-        `CLTInference` unless decoder="per-target"): sparsify's Triton kernel (one single-warp program per
-        token row; its weight gradient walks each latent's rows serially) or torch's
-        `embedding_bag` (splits the width across threads; its backward sorts the indices).
-        `bench --gpu` times the training step with both."""
+        `CLTInference` unless decoder="per-target"): sparsify's Triton kernel (one single-warp
+        program per token row; its weight gradient walks each latent's rows serially), torch's
+        `embedding_bag` (splits the width across threads; its backward sorts the indices) or
+        `triton` (`triton_train.source_decode`: all a source's targets in one autograd node,
+        column-blocked kernels, one sort per source). `bench --gpu` times the training step with
+        each."""
         sources = []
         for n in n_targets_per_source(len(self.hookpoints), cross_layer):
             # Seeded per source like sparsify.Trainer, so source p's encoder matches a PLT's
@@ -217,11 +233,13 @@ class CrossLayerTranscoder(nn.Module):
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
         """Contribution of source p to targets p .. p+n_targets(p)-1 (bias of p->t included)."""
         match self.gpu_decoder:
-            case "sparsify" | "embedding_bag":
-                embedding_bag = self.gpu_decoder == "embedding_bag"
+            case "sparsify" | "embedding_bag" | "triton":
+                kernel: GpuDecoder = self.gpu_decoder
             case other:
-                raise ValueError(f"Unknown gpu_decoder '{other}'; use sparsify or embedding_bag")
-        return self.sources[p].decode(top_acts, top_indices, embedding_bag)
+                raise ValueError(
+                    f"Unknown gpu_decoder '{other}'; use sparsify, embedding_bag or triton"
+                )
+        return self.sources[p].decode(top_acts, top_indices, kernel)
 
     def skip(self, p: int, x: Tensor) -> list[Tensor]:
         """Skip-connection terms of source p into its targets (empty without skip_connection)."""
