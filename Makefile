@@ -42,7 +42,7 @@ test-triton:
 # Wheels for `scripts/gpu_bench.sh` on a GPU machine without network (torch comes with the
 # machine): this package and the pure-Python dependencies it lacks, at the venv's versions.
 GPU_WHEEL_DEPS := eai-sparsify transformers easy-vqa datasets dill multiprocess schedulefree \
-	simple-parsing docstring-parser natsort
+	simple-parsing docstring-parser natsort pytest pluggy iniconfig
 gpu-wheels: install
 	rm -f .whl/*.whl
 	$(PY) -m pip wheel -q --no-deps -w .whl .

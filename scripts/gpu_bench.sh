@@ -1,6 +1,7 @@
 #!/bin/bash
-# `bench --gpu` on a GPU machine without network, from the wheels `make gpu-wheels` put in .whl/
-# (torch comes with the machine). Writes bench.json and bench.log to $OUT (default: ./gpu-out).
+# The Triton kernels' tests, then `bench --gpu`, on a GPU machine without network, from the wheels
+# `make gpu-wheels` put in .whl/ (torch comes with the machine). Writes triton_tests.log,
+# bench.json and bench.log to $OUT (default: ./gpu-out).
 # Usage: bash scripts/gpu_bench.sh [SECONDS]   (the bench's time limit, default 420)
 set -u
 T0=$(date +%s)
@@ -13,6 +14,10 @@ python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "installed t=$(( $(date +%s) - T0 ))s"
+# the Triton kernels against torch on this GPU first (tested on CPUs only through the interpreter)
+timeout 240 python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    tests/test_replacement.py -k triton 2>&1 | tail -15 | tee "$OUT/triton_tests.log"
+echo "triton tests t=$(( $(date +%s) - T0 ))s"
 # -P: import vlm_sparsify from the installed wheel, not from this folder
 timeout "${1:-420}" python3 -P -m vlm_sparsify.bench --gpu --json > "$OUT/bench.json" 2> "$OUT/bench.log"
 echo "bench rc=$? t=$(( $(date +%s) - T0 ))s"
