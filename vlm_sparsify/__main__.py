@@ -193,6 +193,10 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     )
     if isinstance(coders, CrossLayerTranscoder):
         coders.gpu_decoder = args.gpu_decoder  # type: ignore[assignment]
+        if args.gpu_decoder == "triton" and torch.device(device).type == "cuda":
+            from vlm_sparsify.triton_decode import check_available
+
+            check_available(torch.device(device))  # says so now if triton is missing
     examples = open_examples(
         args.dataset or recipe.dataset.path,
         recipe,
