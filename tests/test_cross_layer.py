@@ -245,3 +245,16 @@ def test_gpu_decoder_choice_leaves_cpu_decoding_alone_and_is_checked() -> None:
     clt.gpu_decoder = "cuda"  # type: ignore[assignment]
     with pytest.raises(ValueError, match="Unknown gpu_decoder 'cuda'; use sparsify, embedding_bag"):
         clt.decode(0, acts, indices)
+
+
+def test_training_that_cannot_fit_stops_before_allocating() -> None:
+    from vlm_sparsify.cross_layer import check_training_fits
+
+    # LLaVA-7B's CLT-16 at 8,192 latents, bf16 decoders, signum: 91.8 GB (docs/memory.md)
+    needed = training_memory_bytes(32, 8192, 4096, 16, "signum", 4, 2)
+    assert needed["total"] == pytest.approx(91.8e9, rel=0.01)
+    with pytest.raises(SystemExit, match="needs ~85.5 GiB .* 66.0 GiB free .* --decoder_dtype"):
+        check_training_fits(needed, 66 * 2**30, "signum")  # an 80 GB card with the model loaded
+    with pytest.warns(UserWarning, match="little room is left for activations"):
+        check_training_fits(needed, 90 * 2**30, "signum")
+    check_training_fits(needed, 120 * 2**30, "signum")  # an H200: silent

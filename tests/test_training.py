@@ -228,3 +228,12 @@ def test_gpu_decoder_reaches_the_clt_and_bad_values_are_named(
         run(cli(tiny_llava_dir, tmp_path, "bad", "--cross_layer", "3", "--gpu_decoder", "cuda"))
     with pytest.raises(ValueError, match="--gpu_decoder applies to a cross-layer transcoder"):
         run(cli(tiny_llava_dir, tmp_path, "plt", "--gpu_decoder", "embedding_bag"))
+
+
+def test_a_clt_too_big_for_the_gpu_stops_before_training(tmp_path, tiny_llava_dir, monkeypatch):
+    import vlm_sparsify.__main__ as cli_module
+
+    monkeypatch.setattr(cli_module, "free_gpu_bytes", lambda device: 100_000)  # 98 KiB free
+    with pytest.raises(SystemExit, match="this CLT needs ~0.0 GiB .* it cannot fit"):
+        run(cli(tiny_llava_dir, tmp_path, "big", "--cross_layer", "3"))
+    assert not (tmp_path / "big").exists()

@@ -21,7 +21,12 @@ from simple_parsing import field, parse
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.coder_io import save_coders
-from vlm_sparsify.cross_layer import CrossLayerTranscoder, GpuDecoder
+from vlm_sparsify.cross_layer import (
+    CrossLayerTranscoder,
+    GpuDecoder,
+    check_training_fits,
+    training_memory_bytes,
+)
 from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examples
 from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.hookpoints import select_hookpoints
@@ -160,6 +165,11 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def free_gpu_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (None elsewhere: nothing to check)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
 def train(args: RunConfig, argv: list[str]) -> Trainer:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -182,6 +192,17 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     args.hookpoints = hookpoints
     d_in = model.config.get_text_config().hidden_size
     decoder_dtype = getattr(torch, args.decoder_dtype)
+    free = free_gpu_bytes(torch.device(device))
+    if args.cross_layer and free is not None and args.optimizer != "muon":
+        needed = training_memory_bytes(
+            len(hookpoints),
+            args.sae.num_latents or d_in * args.sae.expansion_factor,
+            d_in,
+            args.cross_layer,
+            args.optimizer,
+            decoder_dtype_bytes=decoder_dtype.itemsize,
+        )
+        check_training_fits(needed, free, args.optimizer)  # before allocating any of it
     coders = build_coders(
         hookpoints,
         d_in,

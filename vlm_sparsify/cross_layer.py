@@ -8,6 +8,7 @@ is EleutherAI/clt-training's untied layout.
 """
 
 import os
+import warnings
 from typing import Literal
 
 import torch
@@ -389,3 +390,26 @@ def training_memory_bytes(
         "optimizer": OPTIMIZER_STATE_COPIES[optimizer] * weights,
         "total": (2 + OPTIMIZER_STATE_COPIES[optimizer]) * weights,
     }
+
+
+def check_training_fits(needed: dict[str, int], free_bytes: int, optimizer: str) -> None:
+    """Stop before building a CLT whose weights, gradients and optimizer state (`needed`, from
+    `training_memory_bytes`) exceed `free_bytes`; warn when they leave under 10% of it for the
+    activations."""
+    total = needed["total"]
+    if total <= 0.9 * free_bytes:
+        return
+    gib = 2**30
+    message = (
+        f"this CLT needs ~{total / gib:.1f} GiB for its weights, gradients and {optimizer} state "
+        f"(decoders {needed['decoder_weights'] / gib:.1f} GiB of weights) and the GPU has "
+        f"{free_bytes / gib:.1f} GiB free with the model loaded"
+    )
+    advice = (
+        "--decoder_dtype bfloat16 halves the decoders, a smaller --cross_layer or fewer latents "
+        "(--expansion_factor / --num_latents) shrink them; every process holds all coders, so more "
+        "GPUs do not help (docs/memory.md)"
+    )
+    if total > free_bytes:
+        raise SystemExit(f"{message}: it cannot fit. {advice}")
+    warnings.warn(f"{message}: little room is left for activations. {advice}", stacklevel=2)
