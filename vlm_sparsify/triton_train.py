@@ -14,7 +14,9 @@ the gradients of the activations and of every W_t. Against sparsify's kernels, o
   time);
 - backward, activation gradient: programs over (row block, column block) dot the gradient tile
   with each gathered W_t tile and add the partial sums atomically into one float32 `[N, k]`
-  buffer shared by all the source's targets.
+  buffer shared by all the source's targets. Float atomics add in no fixed order, so this
+  gradient (and training with it) is not bit-reproducible between runs on a GPU; sparsify's
+  kernels and torch's `embedding_bag` paths are the ones to use when that matters.
 
 `CrossLayerTranscoder.gpu_decoder = "triton"` (CLI `--gpu_decoder triton`) trains with it;
 `bench --gpu` times it against stock sparsify's PLT. Runs on CUDA, or on the CPU through Triton's
