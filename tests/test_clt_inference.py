@@ -84,7 +84,7 @@ def test_current_notices_every_kind_of_weight_change() -> None:
     # the copies: the wide decoders (the encoders are the CLT's own on the CPU)
     decoder_bytes = sum(W.nbytes for s in clt.sources for W in s.W_decs)
     bias_bytes = sum(b.numel() * 4 for s in clt.sources for b in s.b_decs)
-    assert fused.nbytes == decoder_bytes + bias_bytes
+    assert fused.nbytes == decoder_bytes + bias_bytes == CLTInference.copy_nbytes(clt)
     with torch.no_grad():
         clt.sources[2].W_decs[1].mul_(2)  # an optimizer step is in place
     assert not fused.current()

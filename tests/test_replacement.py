@@ -465,6 +465,23 @@ def test_fused_and_per_target_decoding_agree_and_follow_weight_changes(model: nn
     assert (changed - logits).abs().max() > 1e-3
 
 
+def test_fused_copies_that_would_crowd_the_gpu_give_way_to_per_target(
+    model: nn.Module, monkeypatch
+) -> None:
+    import vlm_sparsify.replacement as replacement_module
+
+    coders = make_coders("clt")
+    inputs = batch()
+    with torch.no_grad():
+        expected = ReplacementModel(model, coders, decoder="per-target")(**inputs).logits
+        monkeypatch.setattr(replacement_module, "free_gpu_bytes", lambda device: 1000)
+        rm = ReplacementModel(model, coders)
+        with pytest.warns(UserWarning, match="decoding target by target instead"):
+            logits = rm(**inputs).logits
+    assert rm.fused_nbytes == 0
+    torch.testing.assert_close(logits, expected)
+
+
 def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
     result = benchmark_generate(model, make_coders("clt"), batch(), max_new_tokens=2, repeats=1)
     assert result["base_s"] > 0 and result["replacement_s"] > 0

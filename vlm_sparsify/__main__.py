@@ -33,6 +33,7 @@ from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.replacement import free_gpu_bytes
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -163,11 +164,6 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
             f"{r['hookpoint']:<{width}}  {r['n_targets']:>7}  {r['fvu']:6.3f}  "
             f"{r['l0']:5.1f}  {r['dead_pct']:6.1f}  {r['never_fired_pct']:7.1f}"
         )
-
-
-def free_gpu_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device (None elsewhere: nothing to check)."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 def train(args: RunConfig, argv: list[str]) -> Trainer:

@@ -87,6 +87,21 @@ class CLTInference:
             total += sum(w.nbytes + b.nbytes for w, b in self.encoders)
         return total
 
+    @staticmethod
+    def copy_nbytes(clt: CrossLayerTranscoder) -> int:
+        """What the copies of `clt` take once every source has decoded (`nbytes` then)."""
+        decoders = sum(
+            W.nbytes + b.numel() * 4
+            for s in clt.sources
+            for W, b in zip(s.W_decs, s.b_decs, strict=True)
+        )
+        weight = clt.sources[0].encoder.weight
+        if weight.is_cuda and torch.cuda.is_bf16_supported() and weight.dtype != torch.bfloat16:
+            decoders += (
+                sum(s.encoder.weight.numel() + s.encoder.bias.numel() for s in clt.sources) * 2
+            )
+        return decoders
+
     def current(self) -> bool:
         """Whether the CLT's weights are still the ones copied."""
         return _weights_key(self.clt) == self._key

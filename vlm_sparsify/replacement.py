@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -336,12 +337,26 @@ class ReplacementModel:
         return output + prediction.view(output.shape)
 
     def _take_inference_copies(self) -> None:
-        """(Re)take the fused copies unless they still match the CLT's weights."""
-        if self._inference is None or not self._inference.current():
-            self._inference = None  # free the stale copies before taking new ones
-            assert isinstance(self.coders, CrossLayerTranscoder)
-            self._inference = CLTInference(self.coders, self._kernel)
+        """(Re)take the fused copies unless they still match the CLT's weights; decode with the
+        CLT's own weights instead when the copies would take over half the GPU's free memory."""
         self._fused_checked = True
+        if self._inference is not None and self._inference.current():
+            return
+        self._inference = None  # free the stale copies before taking new ones
+        clt = self.coders
+        assert isinstance(clt, CrossLayerTranscoder)
+        free = free_gpu_bytes(next(clt.parameters()).device)
+        needed = CLTInference.copy_nbytes(clt)
+        if free is not None and needed > free / 2:
+            warnings.warn(
+                f"the fused CLT decoders would copy {needed / 2**30:.1f} GiB with "
+                f"{free / 2**30:.1f} GiB free on the GPU: decoding target by target instead "
+                "(decoder='per-target'; docs/replacement.md)",
+                stacklevel=2,
+            )
+            self._fused = self._use_fused = False
+            return
+        self._inference = CLTInference(clt, self._kernel)
 
     def _encode(self, p: int, x: Tensor) -> Any:
         """Source p's top-k features of the MLP input rows x `[N, d]`."""
@@ -435,6 +450,11 @@ class ReplacementModel:
         is_eos = torch.isin(response.cpu(), eos)
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), response.shape[1])
         return (first + prompt_length).tolist()
+
+
+def free_gpu_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (None elsewhere: no limit is checked)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
 
 
 class _ForwardOverride:
