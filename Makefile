@@ -37,7 +37,7 @@ test-triton:
 		&& $(TRITON_VENV)/bin/pip install -q torch==2.13.0 triton \
 		&& $(TRITON_VENV)/bin/pip install -q -e ".[test]")
 	TRITON_INTERPRET=1 SPARSIFY_DISABLE_TRITON=1 $(TRITON_VENV)/bin/python -m pytest -q \
-		tests/test_triton_kernels.py tests/test_replacement.py -k triton $(ARGS)
+		tests/test_triton_kernels.py tests/test_replacement.py tests/test_bench.py -k triton $(ARGS)
 
 # Wheels for `scripts/gpu_bench.sh` on a GPU machine without network (torch comes with the
 # machine): this package and the pure-Python dependencies it lacks, at the venv's versions.

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -142,3 +143,18 @@ def test_a_failing_gpu_part_is_reported_and_the_others_still_run(
     error = "OutOfMemoryError: CUDA out of memory (simulated)"
     assert results["errors"] == dict.fromkeys(failed, error)
     assert results[measured] > 0 and results["pipeline_vs_pretokenized"] > 0
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the triton parts on a CPU need triton and TRITON_INTERPRET=1 (make test-triton)",
+)
+def test_gpu_measurements_time_the_triton_decoders_too():
+    import torch
+
+    from vlm_sparsify.bench_gpu import GpuSizes, measure_at_size
+
+    results = measure_at_size(GpuSizes.smoke(), torch.device("cpu"), lambda message: None)
+    assert "errors" not in results
+    for key in ("clt_triton_vs_stock_plt_tok_per_s", "replacement_triton_vs_base_generate"):
+        assert results[key] > 0

@@ -325,7 +325,7 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
             # the 2026-11-26 H200 figure's path: 392 decodes per step through sparsify's kernel
             ("replacement_per_target_vs_base_generate", "open-loop", "per-target"),
         ]
-        if device.type == "cuda":  # the Triton kernel (on a CPU only through its interpreter)
+        if triton_runs:
             variants.append(("replacement_triton_vs_base_generate", "open-loop", "triton"))
         for key, mode, decoder in variants:
             timing = benchmark_generate(
@@ -374,6 +374,8 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     gen_inputs = {k: v.to(device) for k, v in gen_inputs.items()}
     gen_inputs["pixel_values"] = gen_inputs["pixel_values"].to(model.dtype)
 
+    # our Triton kernels: on a GPU, or on a CPU through Triton's interpreter (make test-triton)
+    triton_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     clt_name = f"CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer}"
     reset_peak(device)
     part("plugin vs stock PLT step", plugin_vs_stock)
@@ -383,7 +385,7 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     part("multimodal pipeline vs pre-tokenized", pipeline)
     # the candidate last: the CLT step with torch's embedding_bag (its backward sorts indices)
     part(f"{clt_name}, embedding_bag decoder", partial(clt_training, "embedding_bag", "clt_embedding_bag"))  # fmt: skip
-    if device.type == "cuda":  # our Triton kernels (on a CPU only through Triton's interpreter)
+    if triton_runs:
         part(f"{clt_name}, triton decoder", partial(clt_training, "triton", "clt_triton"))
     results["details"] = details
     results["settings"] = asdict(sizes)
