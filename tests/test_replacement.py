@@ -474,7 +474,7 @@ def test_fused_copies_that_would_crowd_the_gpu_give_way_to_per_target(
     inputs = batch()
     with torch.no_grad():
         expected = ReplacementModel(model, coders, decoder="per-target")(**inputs).logits
-        monkeypatch.setattr(replacement_module, "free_gpu_bytes", lambda device: 1000)
+        monkeypatch.setattr(replacement_module, "free_memory_bytes", lambda device: 1000)
         rm = ReplacementModel(model, coders)
         with pytest.warns(UserWarning, match="decoding target by target instead"):
             logits = rm(**inputs).logits

@@ -233,7 +233,7 @@ def test_gpu_decoder_reaches_the_clt_and_bad_values_are_named(
 def test_a_clt_too_big_for_the_gpu_stops_before_training(tmp_path, tiny_llava_dir, monkeypatch):
     import vlm_sparsify.__main__ as cli_module
 
-    monkeypatch.setattr(cli_module, "free_gpu_bytes", lambda device: 100_000)  # 98 KiB free
+    monkeypatch.setattr(cli_module, "free_memory_bytes", lambda device: 100_000)  # 98 KiB free
     with pytest.raises(SystemExit, match="this CLT needs ~0.0 GiB .* it cannot fit"):
         run(cli(tiny_llava_dir, tmp_path, "big", "--cross_layer", "3"))
     assert not (tmp_path / "big").exists()

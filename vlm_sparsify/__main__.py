@@ -33,7 +33,7 @@ from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
-from vlm_sparsify.replacement import free_gpu_bytes
+from vlm_sparsify.replacement import free_memory_bytes
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -188,7 +188,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     args.hookpoints = hookpoints
     d_in = model.config.get_text_config().hidden_size
     decoder_dtype = getattr(torch, args.decoder_dtype)
-    free = free_gpu_bytes(torch.device(device))
+    free = free_memory_bytes(torch.device(device))
     if args.cross_layer and free is not None and args.optimizer != "muon":
         needed = training_memory_bytes(
             len(hookpoints),

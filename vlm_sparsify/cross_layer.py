@@ -402,7 +402,7 @@ def check_training_fits(needed: dict[str, int], free_bytes: int, optimizer: str)
     gib = 2**30
     message = (
         f"this CLT needs ~{total / gib:.1f} GiB for its weights, gradients and {optimizer} state "
-        f"(decoders {needed['decoder_weights'] / gib:.1f} GiB of weights) and the GPU has "
+        f"(decoders {needed['decoder_weights'] / gib:.1f} GiB of weights) and the device has "
         f"{free_bytes / gib:.1f} GiB free with the model loaded"
     )
     advice = (

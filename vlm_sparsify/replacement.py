@@ -21,6 +21,7 @@ Layers without a coder are left alone.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -338,19 +339,20 @@ class ReplacementModel:
 
     def _take_inference_copies(self) -> None:
         """(Re)take the fused copies unless they still match the CLT's weights; decode with the
-        CLT's own weights instead when the copies would take over half the GPU's free memory."""
+        CLT's own weights instead when the copies would take over half the free memory."""
         self._fused_checked = True
         if self._inference is not None and self._inference.current():
             return
         self._inference = None  # free the stale copies before taking new ones
         clt = self.coders
         assert isinstance(clt, CrossLayerTranscoder)
-        free = free_gpu_bytes(next(clt.parameters()).device)
+        device = next(clt.parameters()).device
+        free = free_memory_bytes(device)
         needed = CLTInference.copy_nbytes(clt)
         if free is not None and needed > free / 2:
             warnings.warn(
                 f"the fused CLT decoders would copy {needed / 2**30:.1f} GiB with "
-                f"{free / 2**30:.1f} GiB free on the GPU: decoding target by target instead "
+                f"{free / 2**30:.1f} GiB free on {device}: decoding target by target instead "
                 "(decoder='per-target'; docs/replacement.md)",
                 stacklevel=2,
             )
@@ -452,9 +454,17 @@ class ReplacementModel:
         return (first + prompt_length).tolist()
 
 
-def free_gpu_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device (None elsewhere: no limit is checked)."""
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, or the memory Linux reports available for a CPU one (None
+    where neither is known: no limit is checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
 
 
 class _ForwardOverride:
