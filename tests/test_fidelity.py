@@ -51,6 +51,7 @@ def test_error_mode_is_faithful(clt_run: Path, capsys) -> None:
     for by_layer in result["fvu_by_region"].values():
         assert list(by_layer) == list(result["fvu"]) and all(v > 0 for v in by_layer.values())
     assert list(result["fvu_cumulative"]) == list(result["fvu"])
+    assert result["logit_fvu"] > 0
     assert all(v > 0 for v in result["error_coherence"].values())
 
 
@@ -99,6 +100,31 @@ def test_cumulative_fvu_and_coherence_sum_the_layers_errors_before_squaring() ->
     # the image row alone: errors aligned, 1 against 0.25 + 0.25
     assert result["error_coherence_by_region"]["image"]["l1"] == pytest.approx(2.0)
     assert result["fvu_cumulative_by_region"]["answer"]["l1"] is None
+
+
+def test_logit_fvu_reads_the_summed_errors_through_the_unembedding() -> None:
+    # d = 2, vocabulary of 3 that reads only the first coordinate (twice) and the sum
+    unembedding = torch.tensor([[1.0, 0.0], [2.0, 0.0], [1.0, 1.0]])
+    y0 = torch.tensor([[1.0, 5.0], [3.0, -5.0]])
+    y1 = torch.tensor([[0.0, 1.0], [2.0, 1.0]])
+    e0 = torch.tensor([[0.0, 3.0], [0.0, -3.0]])  # errors along the second coordinate only ...
+    e1 = torch.tensor([[0.5, 0.0], [0.0, 0.0]])  # ... except this one
+    rows = torch.ones(2, dtype=torch.bool)
+    none = torch.zeros(2, dtype=torch.bool)
+    masks = {"all": rows, "image": none, "prompt": none, "answer": none}
+    totals = FidelityTotals(num_layers=2)
+    totals.add_layers([y0, y1], [y0 - e0, y1 - e1], masks, unembedding)
+    result = totals.result(["l0", "l1"])
+    logits_error = (e0 + e1) @ unembedding.T
+    y = y0 + y1
+    logits_centred = (y - y.mean(0)) @ unembedding.T
+    expected = float(logits_error.pow(2).sum() / logits_centred.pow(2).sum())
+    assert result["logit_fvu"] == pytest.approx(expected)
+    assert result["logit_fvu_by_region"]["answer"] is None
+    # without an unembedding there is no logit figure
+    plain = FidelityTotals(num_layers=2)
+    plain.add_layers([y0, y1], [y0 - e0, y1 - e1], masks)
+    assert plain.result(["l0", "l1"])["logit_fvu"] is None
 
 
 def test_kl_by_region_is_the_mean_over_each_region_s_positions() -> None:

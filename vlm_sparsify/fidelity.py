@@ -12,7 +12,9 @@ How the layers' errors add up in the residual stream, which per-layer FVU does n
 e_t = y_t - y_hat_t summed before squaring), and `error_coherence` at T is
 ||sum_t e_t||^2 / sum_t ||e_t||^2 over t <= T: 1 when the layers' errors are uncorrelated, above 1
 when they point the same way (as a CLT's can: one feature writes to many layers), below 1 when
-they cancel.
+they cancel. `logit_fvu` looks at the same sum over all coder layers through the unembedding
+(the direct path to the logits, before the final norm): the FVU of W_U sum_t y_t, i.e. how much
+of what the MLPs write that the logits read the errors carry.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class FidelityTotals:
         self.variance = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
         self.cum_residual = {name: torch.zeros_like(v) for name, v in self.variance.items()}
         self.cum_variance = {name: torch.zeros_like(v) for name, v in self.variance.items()}
+        self.logit_residual = dict.fromkeys(self.agree, 0.0)
+        self.logit_variance = dict.fromkeys(self.agree, 0.0)
         self.matches = 0
         self.generations = 0
 
@@ -154,10 +158,14 @@ class FidelityTotals:
             self.kl[name] += float(kl[mask].sum())
 
     def add_layers(
-        self, targets: list[Tensor], predictions: list[Tensor], masks: dict[str, Tensor]
+        self,
+        targets: list[Tensor],
+        predictions: list[Tensor],
+        masks: dict[str, Tensor],
+        unembedding: Tensor | None = None,
     ) -> None:
         """True MLP outputs and predictions [N, d] per target; row masks [N] for "all" and regions
-        (each region's variance is about its own mean)."""
+        (each region's variance is about its own mean); `unembedding` [V, d] for `logit_fvu`."""
         sums: dict[str, tuple[Tensor, Tensor]] = {}  # per region: sum of y_t, of e_t so far
         for t, (y, y_hat) in enumerate(zip(targets, predictions, strict=True)):
             for name, mask in masks.items():
@@ -173,6 +181,14 @@ class FidelityTotals:
                 sums[name] = (y_region, error)
                 self.cum_residual[name][t] += error.pow(2).sum().item()
                 self.cum_variance[name][t] += (y_region - y_region.mean(0)).pow(2).sum().item()
+        if unembedding is None:
+            return
+        W_U = unembedding.float()  # [N, V] products in float32, their squares summed in float64
+        for name, (y_sum, error_sum) in sums.items():
+            error_logits = error_sum.float() @ W_U.T
+            self.logit_residual[name] += error_logits.pow(2).sum(dtype=torch.float64).item()
+            centred = (y_sum - y_sum.mean(0)).float() @ W_U.T
+            self.logit_variance[name] += centred.pow(2).sum(dtype=torch.float64).item()
 
     def result(self, hookpoints: Sequence[str]) -> dict[str, Any]:
         def share(name: str) -> float | None:
@@ -192,6 +208,10 @@ class FidelityTotals:
         def coherence(name: str) -> dict[str, float | None]:
             return ratio(self.cum_residual[name], self.residual[name].cumsum(0))
 
+        def logit_fvu(name: str) -> float | None:
+            variance = self.logit_variance[name]
+            return self.logit_residual[name] / variance if variance else None
+
         return {
             "top1_agreement": share("all"),
             "top1_agreement_by_region": {name: share(name) for name in REGIONS},
@@ -206,6 +226,8 @@ class FidelityTotals:
             "fvu_cumulative_by_region": {name: fvu_cumulative(name) for name in REGIONS},
             "error_coherence": coherence("all"),
             "error_coherence_by_region": {name: coherence(name) for name in REGIONS},
+            "logit_fvu": logit_fvu("all"),
+            "logit_fvu_by_region": {name: logit_fvu(name) for name in REGIONS},
             "exact_match": self.matches / self.generations if self.generations else None,
             "positions": self.count["all"],
             "generations": self.generations,
@@ -231,6 +253,8 @@ def measure_fidelity(
     pad_id = processor.tokenizer.pad_token_id or 0
     device = next(model.parameters()).device
     totals = FidelityTotals(len(coders.hookpoints))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    unembedding = head.weight.detach() if head is not None else None
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         full = [encode_example(e, processor, recipe, ctx_len) for e in chunk]
@@ -271,6 +295,7 @@ def measure_fidelity(
             recorder.outputs,
             layer_predictions(coders, recorder.inputs),
             {name: rows.reshape(-1) for name, rows in row_masks.items()},
+            unembedding,
         )
         generation_inputs = {k: v.to(device) for k, v in left_pad(collate(prompts, pad_id)).items()}
         settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
@@ -343,6 +368,14 @@ def _print_table(result: dict[str, Any]) -> None:
     for name, value in result["kl_by_region"].items():
         print(f"    {name:<15} " + ("   n/a" if value is None else f"{value:.4f}"))
     print(f"  exact match       {pct(result['exact_match'])}")
+    if result["logit_fvu"] is not None:
+        by_region = "  ".join(
+            f"{name} {value:.4f}" if value is not None else f"{name} n/a"
+            for name, value in result["logit_fvu_by_region"].items()
+        )
+        print(
+            f"  logit FVU (summed MLP errors through W_U)  {result['logit_fvu']:.4f}  {by_region}"
+        )
 
     def number(value: float | None) -> str:
         return "   n/a" if value is None else f"{value:6.3f}"
