@@ -67,6 +67,10 @@ METHODS = {
         "decodes target by target through sparsify's Triton kernel (the path before the fused "
         "decoders)"
     ),
+    "replacement_hybrid_estimate_vs_base_generate": (
+        "--gpu: an estimate, not a run: the triton variant's prefill time plus the fused "
+        "variant's later tokens, over the fused run's base time (would a hybrid pay?)"
+    ),
     "replacement_triton_vs_base_generate": (
         "--gpu: as replacement_vs_base_generate with decoder='triton': each source decoded "
         "straight into the pending sums by vlm_sparsify.triton_decode"

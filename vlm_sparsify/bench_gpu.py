@@ -334,6 +334,14 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
             note(key, timing["ratio"])
             details[key] = timing
         note("replacement_peak_gib", peak_gib(device))
+        if "replacement_triton_vs_base_generate" in details:
+            # a hybrid not built yet: Triton for the prefill, the fused decoders for the steps
+            fused, triton = (
+                details[f"replacement{name}_vs_base_generate"] for name in ("", "_triton")
+            )
+            steps = fused["replacement_s"] - fused["replacement_prefill_s"]
+            hybrid = (triton["replacement_prefill_s"] + steps) / fused["base_s"]
+            note("replacement_hybrid_estimate_vs_base_generate", hybrid)
 
     def pipeline() -> None:
         plt = make_trainer(model, hookpoints, train_config(bs, ef, sizes.k))
