@@ -46,6 +46,7 @@ from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.replacement import Decoder, Mode, benchmark_generate
 from vlm_sparsify.training import build_coders
+from vlm_sparsify.triton_decode import runs_on as triton_runs_on
 
 NO_CUDA = (
     "--gpu needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
@@ -383,7 +384,7 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     gen_inputs["pixel_values"] = gen_inputs["pixel_values"].to(model.dtype)
 
     # our Triton kernels: on a GPU, or on a CPU through Triton's interpreter (make test-triton)
-    triton_runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    triton_runs = triton_runs_on(device)
     clt_name = f"CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer}"
     reset_peak(device)
     part("plugin vs stock PLT step", plugin_vs_stock)

@@ -7,7 +7,6 @@ costs about what a per-layer transcoder step costs. Each source is a `CLTSource`
 is EleutherAI/clt-training's untied layout.
 """
 
-import os
 import warnings
 from typing import Literal
 
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
 from .topk_encoder import encode_topk
+from .triton_decode import runs_on as triton_runs_on
 
 GpuDecoder = Literal["sparsify", "embedding_bag", "triton"]
 
@@ -38,11 +38,6 @@ def n_sources_per_target(num_hookpoints: int, cross_layer: int) -> list[int]:
         for t in range(p, p + n):
             counts[t] += 1
     return counts
-
-
-def _interpreting() -> bool:
-    """Triton's interpreter is on (its kernels then run on CPU tensors: tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class CLTSource(nn.Module):
@@ -127,7 +122,7 @@ class CLTSource(nn.Module):
         (bit-identical to `decode_target`).
         """
         on_gpu = top_indices.device.type != "cpu"
-        if kernel == "triton" and self.post_encs is None and (on_gpu or _interpreting()):
+        if kernel == "triton" and self.post_encs is None and triton_runs_on(top_indices.device):
             from .triton_train import source_decode
 
             parts = source_decode(top_acts, top_indices, list(self.W_decs))

@@ -74,6 +74,12 @@ def _kernel() -> Any:
     return decode_accumulate_kernel
 
 
+def runs_on(device: torch.device) -> bool:
+    """Whether Triton kernels run on `device`'s tensors: CUDA, or the CPU under Triton's
+    interpreter (`TRITON_INTERPRET=1`: tests). Does not check that triton is installed."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def check_available(device: torch.device) -> None:
     """Raise a clear error unless the kernel can run on `device` (CUDA, or the interpreter)."""
     try:
@@ -83,7 +89,7 @@ def check_available(device: torch.device) -> None:
             "the triton CLT decoder needs the triton package (it comes with CUDA builds of "
             "torch); use decoder='fused' on this machine"
         ) from error
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not runs_on(device):
         raise RuntimeError(
             f"the triton CLT decoder runs on a CUDA GPU (the coders are on {device}); "
             "use decoder='fused' here, or set TRITON_INTERPRET=1 to run the kernel on the CPU"
