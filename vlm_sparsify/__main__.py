@@ -25,6 +25,7 @@ from vlm_sparsify.cross_layer import (
     CrossLayerTranscoder,
     GpuDecoder,
     check_training_fits,
+    free_memory_bytes,
     training_memory_bytes,
 )
 from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examples
@@ -33,7 +34,6 @@ from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
-from vlm_sparsify.replacement import free_memory_bytes
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,

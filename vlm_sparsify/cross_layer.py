@@ -7,6 +7,7 @@ costs about what a per-layer transcoder step costs. Each source is a `CLTSource`
 is EleutherAI/clt-training's untied layout.
 """
 
+import contextlib
 import warnings
 from typing import Literal
 
@@ -385,6 +386,19 @@ def training_memory_bytes(
         "optimizer": OPTIMIZER_STATE_COPIES[optimizer] * weights,
         "total": (2 + OPTIMIZER_STATE_COPIES[optimizer]) * weights,
     }
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of a CUDA device, or the memory Linux reports available for a CPU one (None
+    where neither is known: no limit is checked)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
 
 
 def check_training_fits(needed: dict[str, int], free_bytes: int, optimizer: str) -> None:

@@ -21,7 +21,6 @@ Layers without a coder are left alone.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 import warnings
@@ -35,7 +34,7 @@ from torch import Tensor, nn
 
 from vlm_sparsify.capture import FeatureCapture, token_regions
 from vlm_sparsify.clt_inference import CLTInference, Kernel
-from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.cross_layer import CrossLayerTranscoder, free_memory_bytes
 from vlm_sparsify.interventions import Intervention, apply_interventions
 
 Mode = Literal["open-loop", "error", "off"]
@@ -452,19 +451,6 @@ class ReplacementModel:
         is_eos = torch.isin(response.cpu(), eos)
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), response.shape[1])
         return (first + prompt_length).tolist()
-
-
-def free_memory_bytes(device: torch.device) -> int | None:
-    """Free memory of a CUDA device, or the memory Linux reports available for a CPU one (None
-    where neither is known: no limit is checked)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type == "cpu":
-        with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    return None
 
 
 class _ForwardOverride:
