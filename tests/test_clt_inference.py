@@ -66,11 +66,12 @@ def test_post_encoder_sources_decode_target_by_target() -> None:
     fused = CLTInference(clt)
     x = torch.randn(6, D, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        for p in (0, 1):
+        for p in range(len(HOOKS)):
             acts, indices, _ = clt.encode(p, x)
             expected = torch.stack(clt.decode(p, acts, indices), 1)
             torch.testing.assert_close(fused.decode(p, acts, indices), expected)
     assert fused.decoders[1] is None and fused.decoders[0] is not None
+    assert fused.nbytes == CLTInference.copy_nbytes(clt)  # source 1 is not copied
 
 
 def test_current_notices_every_kind_of_weight_change() -> None:

@@ -40,6 +40,12 @@ def _weights_key(clt: CrossLayerTranscoder) -> tuple[tuple[int, int], ...]:
     return tuple((param.data_ptr(), param._version) for param in clt.parameters())
 
 
+def _encoder_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype the copies hold the encoders in: bf16 on CUDA (training's autocast dtype), else
+    the encoder's own (no copy)."""
+    return torch.bfloat16 if weight.is_cuda and torch.cuda.is_bf16_supported() else weight.dtype
+
+
 class CLTInference:
     """Inference copies of `clt`'s weights: `encode(p, x)` and `decode(p, ...)` -> `[N, n, d]`."""
 
@@ -58,9 +64,7 @@ class CLTInference:
         self.kernel: Kernel = kernel
         self.clt = clt
         self._key = _weights_key(clt)
-        weight = clt.sources[0].encoder.weight
-        bf16 = weight.is_cuda and torch.cuda.is_bf16_supported()
-        self.encoder_dtype = torch.bfloat16 if bf16 else weight.dtype
+        self.encoder_dtype = _encoder_dtype(clt.sources[0].encoder.weight)
         self.encoders = [
             (
                 source.encoder.weight.detach().to(self.encoder_dtype),
@@ -90,17 +94,18 @@ class CLTInference:
     @staticmethod
     def copy_nbytes(clt: CrossLayerTranscoder) -> int:
         """What the copies of `clt` take once every source has decoded (`nbytes` then)."""
-        decoders = sum(
-            W.nbytes + b.numel() * 4
+        total = sum(
+            W.nbytes + b.numel() * 4  # biases are copied in float32
             for s in clt.sources
+            if s.post_encs is None  # decoded target by target: not copied
             for W, b in zip(s.W_decs, s.b_decs, strict=True)
         )
         weight = clt.sources[0].encoder.weight
-        if weight.is_cuda and torch.cuda.is_bf16_supported() and weight.dtype != torch.bfloat16:
-            decoders += (
-                sum(s.encoder.weight.numel() + s.encoder.bias.numel() for s in clt.sources) * 2
-            )
-        return decoders
+        dtype = _encoder_dtype(weight)
+        if dtype != weight.dtype:
+            encoders = sum(s.encoder.weight.numel() + s.encoder.bias.numel() for s in clt.sources)
+            total += encoders * dtype.itemsize
+        return total
 
     def current(self) -> bool:
         """Whether the CLT's weights are still the ones copied."""
