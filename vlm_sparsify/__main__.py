@@ -98,8 +98,9 @@ class RunConfig(TrainConfig):
     """Dtype of cross-layer decoder weights (bfloat16 halves their memory, see docs/memory.md)."""
 
     gpu_decoder: str = "sparsify"
-    """How a cross-layer transcoder's sparse decoders run on a GPU: sparsify (its Triton kernels)
-    or embedding_bag (torch's; its backward sorts the indices). `bench --gpu` times both."""
+    """How a cross-layer transcoder's sparse decoders train on a GPU: sparsify (its Triton
+    kernels), embedding_bag (torch's; its backward sorts the indices) or triton (ours: a source's
+    targets in one autograd node). `bench --gpu` times each."""
 
     device: str = ""
     """Device (default: cuda when available)."""
