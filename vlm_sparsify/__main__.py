@@ -34,6 +34,8 @@ from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.sharded_checkpoint import read_sharded_training_state, write_sharded_checkpoint
+from vlm_sparsify.sharded_clt import ShardedCLT, layer_parameters, shard_layers
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -136,10 +138,25 @@ class RunConfig(TrainConfig):
             local_terms=self.auxk_alpha > 0 or self.sae.multi_topk,
         )
         if self.distribute_modules:
-            raise ValueError(
-                "--distribute_modules is not supported: every process holds all coders and "
-                "gradients are summed (data parallel)"
-            )
+            check_distributable(self)
+
+
+def check_distributable(args: RunConfig) -> None:
+    """What `--distribute_modules` (a CLT sharded over the processes by layer) works with."""
+    if not args.cross_layer:
+        raise ValueError(
+            "--distribute_modules shards a cross-layer transcoder (--cross_layer N); "
+            "per-layer coders fit one GPU (docs/memory.md)"
+        )
+    # sparsify's TrainConfig already refuses it with --loss_fn kl / ce
+    unsupported = {
+        "--gpu_decoder triton": args.gpu_decoder == "triton",
+        "--finetune": bool(args.finetune),
+        "--skip_connection": args.sae.skip_connection,
+    }
+    named = [flag for flag, used in unsupported.items() if used]
+    if named:
+        raise ValueError(f"--distribute_modules does not support {', '.join(named)}")
 
 
 def apply_recipe_defaults(args: RunConfig, defaults: dict[str, Any], argv: list[str]) -> None:
@@ -190,15 +207,21 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     d_in = model.config.get_text_config().hidden_size
     decoder_dtype = getattr(torch, args.decoder_dtype)
     free = free_memory_bytes(torch.device(device))
+    num_latents = args.sae.num_latents or d_in * args.sae.expansion_factor
     if args.cross_layer and free is not None and args.optimizer != "muon":
         needed = training_memory_bytes(
             len(hookpoints),
-            args.sae.num_latents or d_in * args.sae.expansion_factor,
+            num_latents,
             d_in,
             args.cross_layer,
             args.optimizer,
             decoder_dtype_bytes=decoder_dtype.itemsize,
         )
+        if args.distribute_modules:  # this process's share of the layers
+            weights = layer_parameters(len(hookpoints), args.cross_layer, num_latents, d_in)
+            owners = shard_layers(weights, world)
+            share = sum(w for w, r in zip(weights, owners, strict=True) if r == rank)
+            needed = {k: v * share // sum(weights) for k, v in needed.items()}
         check_training_fits(needed, free, args.optimizer)  # before allocating any of it
     coders = build_coders(
         hookpoints,
@@ -208,8 +231,9 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         torch.device(device),
         init_seed=args.init_seeds[0],
         decoder_dtype=decoder_dtype,
+        distribute=args.distribute_modules,
     )
-    if isinstance(coders, CrossLayerTranscoder):
+    if isinstance(coders, CrossLayerTranscoder | ShardedCLT):
         coders.gpu_decoder = args.gpu_decoder  # type: ignore[assignment]
         if args.gpu_decoder == "triton" and torch.device(device).type == "cuda":
             from vlm_sparsify.triton_decode import check_available
@@ -227,7 +251,10 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     optimizers, schedulers = build_optimizers(args, coders, total or 10**6)
     trainer = Trainer(model, coders, args, optimizers, schedulers)
     run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
-    if args.resume:
+    if args.resume and isinstance(coders, ShardedCLT):
+        read_sharded_training_state(run_dir, trainer)
+        print(f"Resuming {run_dir} at step {trainer.state.global_step}")
+    elif args.resume:
         read_training_state(run_dir, trainer)
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
     elif args.finetune:
@@ -236,6 +263,9 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         coders.load_state_dict(load_coders(args.finetune, device=device).state_dict())
 
     def checkpoint(t: Trainer) -> None:
+        if isinstance(t.coders, ShardedCLT):
+            write_sharded_checkpoint(t, run_dir, run_config_dict(args))
+            return
         if rank == 0:
             params = live_parameters(t)
             summary = t.summary()
@@ -272,9 +302,13 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         if args.cross_layer
         else ("per-layer transcoders" if args.sae.transcode else "sparse autoencoders")
     )
+    if isinstance(coders, ShardedCLT):
+        spread = f"{world} process(es), each holding its layers (rank 0: {n_params:_} parameters)"
+    else:
+        spread = f"{n_params:_} coder parameters, {world} process(es)"
     print(
         f"Training {kind} on {len(hookpoints)} hookpoints of {args.model} ({recipe.name} "
-        f"recipe), {n_params:_} coder parameters, {world} process(es)"
+        f"recipe), {spread}"
     )
     trainer.fit(loader, total)
     if rank == 0:

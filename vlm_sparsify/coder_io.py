@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .cross_layer import CLTSource, CrossLayerTranscoder, n_sources_per_target, n_targets_per_source
 from .per_layer import PerLayerCoders
+from .sharded_clt import ShardedCLT
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -91,7 +92,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def clt_source_cfg(clt: CrossLayerTranscoder, p: int) -> dict[str, Any]:
+def clt_source_cfg(clt: CrossLayerTranscoder | ShardedCLT, p: int) -> dict[str, Any]:
     """cfg.json of CLT source p: clt-training's fields plus what `load_coders` needs."""
     return {
         **clt.cfg.to_dict(),
@@ -101,7 +102,7 @@ def clt_source_cfg(clt: CrossLayerTranscoder, p: int) -> dict[str, Any]:
         "n_targets": clt.n_targets(p),
         "n_sources": n_sources_per_target(len(clt.hookpoints), clt.cross_layer)[p],
         "coalesce_topk": "none",
-        "post_encoder_scale": clt.sources[p].post_enc_scales is not None,
+        "post_encoder_scale": clt.has_post_encoder_scale(p),
         "cross_layer": clt.cross_layer,
         "hookpoints": clt.hookpoints,
         "source_index": p,
@@ -110,12 +111,16 @@ def clt_source_cfg(clt: CrossLayerTranscoder, p: int) -> dict[str, Any]:
 
 def _write_clt(clt: CrossLayerTranscoder, folder: Path) -> None:
     for p, (hookpoint, source) in enumerate(clt.items()):
-        out = folder / hookpoint
-        out.mkdir(parents=True)
         # .contiguous() copies only views; each parameter has its own storage
         tensors = {k: v.detach().cpu().contiguous() for k, v in source.state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-        (out / CFG_FILE).write_text(json.dumps(clt_source_cfg(clt, p)))
+        write_clt_source(folder / hookpoint, tensors, clt_source_cfg(clt, p))
+
+
+def write_clt_source(out: Path, tensors: dict[str, Tensor], cfg: dict[str, Any]) -> None:
+    """One source's folder: `sae.safetensors` (clt-training's keys) and `cfg.json`."""
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / CFG_FILE).write_text(json.dumps(cfg))
 
 
 def load_coders(

@@ -200,6 +200,9 @@ class CrossLayerTranscoder(nn.Module):
     def sources_reaching(self, t: int) -> list[int]:
         return [p for p in range(t + 1) if p + self.n_targets(p) > t]
 
+    def has_post_encoder_scale(self, p: int) -> bool:
+        return self.sources[p].post_enc_scales is not None
+
     @torch.no_grad()
     def init_biases(
         self,
@@ -416,8 +419,8 @@ def check_training_fits(needed: dict[str, int], free_bytes: int, optimizer: str)
     )
     advice = (
         "--decoder_dtype bfloat16 halves the decoders, a smaller --cross_layer or fewer latents "
-        "(--expansion_factor / --num_latents) shrink them; every process holds all coders, so more "
-        "GPUs do not help (docs/memory.md)"
+        "(--expansion_factor / --num_latents) shrink them, and torchrun with --distribute_modules "
+        "shares the CLT's layers out over the GPUs (docs/memory.md)"
     )
     if total > free_bytes:
         raise SystemExit(f"{message}: it cannot fit. {advice}")

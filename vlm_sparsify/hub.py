@@ -7,7 +7,13 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
-TRAINING_ONLY = ["state.pt", "optimizer_*.pt", "lr_scheduler_*.pt", "train_params.safetensors"]
+TRAINING_ONLY = [
+    "state.pt",
+    "optimizer_*.pt",
+    "lr_scheduler_*.pt",
+    "train_params.safetensors",
+    "rank*/*",  # a sharded run's per-rank resume files
+]
 """Resume-only files a shared copy leaves out (optimizer state is large and private)."""
 
 

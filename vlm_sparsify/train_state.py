@@ -28,23 +28,35 @@ def live_parameters(trainer: Trainer) -> dict[str, torch.Tensor]:
 def write_training_state(
     folder: Path, trainer: Trainer, params: dict[str, torch.Tensor], summary: list[dict]
 ) -> None:
+    write_step_state(folder, trainer, summary)
+    write_resume_files(folder, trainer, params)
+
+
+def write_step_state(folder: Path, trainer: Trainer, summary: list[dict]) -> None:
+    """The step, counters and histories (`state.pt`) and the summary table."""
     torch.save(trainer.state.to_dict(), folder / STATE_FILE)
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+
+
+def write_resume_files(folder: Path, trainer: Trainer, params: dict[str, torch.Tensor]) -> None:
+    """Optimizer and scheduler state and the live parameters (a sharded run: this rank's)."""
     for i, opt in enumerate(trainer.optimizers):
         torch.save(opt.state_dict(), folder / f"optimizer_{i}.pt")
     for i, scheduler in enumerate(trainer.schedulers):
         torch.save(scheduler.state_dict(), folder / f"lr_scheduler_{i}.pt")
     save_file(params, str(folder / PARAMS_FILE))
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
 
 
-def read_training_state(run_dir: Path, trainer: Trainer) -> None:
-    """Restore `trainer` from `run_dir` so that it continues exactly where it stopped."""
+def read_training_state(run_dir: Path, trainer: Trainer, resume_dir: Path | None = None) -> None:
+    """Restore `trainer` from `run_dir` so that it continues exactly where it stopped
+    (`resume_dir`: where the parameters and optimizer state are, if not in `run_dir`)."""
     if not (run_dir / STATE_FILE).is_file():
         raise FileNotFoundError(
             f"cannot resume: {run_dir} has no {STATE_FILE}; run without --resume to start anew"
         )
+    resume_dir = resume_dir or run_dir
     device = next(trainer.coders.parameters()).device
-    params = load_file(str(run_dir / PARAMS_FILE), device=str(device))
+    params = load_file(str(resume_dir / PARAMS_FILE), device=str(device))
     expected = trainer.coders.state_dict()
     mismatched = sorted(
         k
@@ -61,9 +73,9 @@ def read_training_state(run_dir: Path, trainer: Trainer) -> None:
     trainer.state = TrainingState.from_dict(state)
     for i, opt in enumerate(trainer.optimizers):
         opt.load_state_dict(
-            torch.load(run_dir / f"optimizer_{i}.pt", map_location=device, weights_only=True)
+            torch.load(resume_dir / f"optimizer_{i}.pt", map_location=device, weights_only=True)
         )
     for i, scheduler in enumerate(trainer.schedulers):
         scheduler.load_state_dict(
-            torch.load(run_dir / f"lr_scheduler_{i}.pt", map_location=device, weights_only=True)
+            torch.load(resume_dir / f"lr_scheduler_{i}.pt", map_location=device, weights_only=True)
         )

@@ -28,8 +28,9 @@ from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.replacement import ReplacementModel
+from vlm_sparsify.sharded_clt import ShardedCLT
 
-CoderSet = PerLayerCoders | CrossLayerTranscoder
+CoderSet = PerLayerCoders | CrossLayerTranscoder | ShardedCLT
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -48,18 +49,32 @@ def build_coders(
     device: torch.device,
     init_seed: int = 0,
     decoder_dtype: torch.dtype | None = None,
+    distribute: bool = False,
 ) -> CoderSet:
-    """Per-layer coders for `cross_layer == 0`, else a cross-layer transcoder."""
+    """Per-layer coders for `cross_layer == 0`, else a cross-layer transcoder (with `distribute`,
+    only this process's layers of it: `ShardedCLT`)."""
     if cross_layer == 0:
+        if distribute:
+            raise ValueError(
+                "--distribute_modules shards a cross-layer transcoder (--cross_layer N); "
+                "per-layer coders fit one GPU (32 PLTs at 8,192 latents: 25.8 GB, docs/memory.md)"
+            )
         return PerLayerCoders(hookpoints, d_in, cfg, device, init_seed=init_seed)
     cfg.transcode = True
+    if distribute:
+        return ShardedCLT(
+            hookpoints, d_in, cfg, cross_layer, device, decoder_dtype=decoder_dtype,
+            init_seed=init_seed,
+        )  # fmt: skip
     return CrossLayerTranscoder(
         hookpoints, d_in, cfg, cross_layer, device, decoder_dtype=decoder_dtype, init_seed=init_seed
     )
 
 
 def coder_modules(coders: CoderSet) -> list[nn.Module]:
-    """One module per source: its parameters form one optimizer parameter group."""
+    """One module per source (per owned layer when sharded): one optimizer parameter group."""
+    if isinstance(coders, ShardedCLT):
+        return list(coders.layers.values())
     return list(coders.coders if isinstance(coders, PerLayerCoders) else coders.sources)
 
 
@@ -83,7 +98,9 @@ def build_optimizers(
         case "muon":
             params = {p for m in modules for p in m.parameters()}
             matrices = {p for p in params if p.ndim >= 2}
-            muon = Muon(list(matrices), lr=cfg.lr or 2e-3, ddp=dist.is_initialized())
+            # Muon's ddp mode splits identical parameters over ranks; sharded ones are not
+            ddp = dist.is_initialized() and not isinstance(coders, ShardedCLT)
+            muon = Muon(list(matrices), lr=cfg.lr or 2e-3, ddp=ddp)
             adam = torch.optim.Adam(list(params - matrices), lr=cfg.lr or 2e-3)
             return [muon, adam], [
                 get_linear_schedule_with_warmup(muon, 0, num_batches),
@@ -206,8 +223,9 @@ def global_mean_reducer(n_local: int, device: torch.device):
 
 
 def sum_gradients(coders: CoderSet) -> None:
-    """Data parallel: every rank's loss is its share of the global loss, so gradients add up."""
-    if not dist.is_initialized():
+    """Data parallel: every rank's loss is its share of the global loss, so gradients add up.
+    (A sharded CLT's parameters each live on one rank and saw the whole batch: nothing to add.)"""
+    if not dist.is_initialized() or isinstance(coders, ShardedCLT):
         return
     for p in coders.parameters():
         if p.grad is not None:
@@ -282,6 +300,8 @@ def loss_per_target(
             loss = loss + out.multi_topk_fvu.sum() / 8
         if backward:
             loss.mul(scale).backward()
+            if isinstance(coders, ShardedCLT):
+                coders.finish_backward()  # the encoders' share, through the processes
         fvu += out.fvu.detach().float().cpu()
         for p, (acts, idx) in enumerate(zip(out.latent_acts, out.latent_indices, strict=True)):
             indices[p].append(idx.detach())

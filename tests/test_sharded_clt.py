@@ -1,0 +1,284 @@
+"""The sharded CLT (`--distribute_modules`): layer ownership, and on one process the same step as
+the data-parallel CLT, bit for bit on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from sparsify import SparseCoderConfig
+
+from vlm_sparsify.__main__ import run
+from vlm_sparsify.coder_io import load_coders
+from vlm_sparsify.cross_layer import CrossLayerTranscoder, n_sources_per_target
+from vlm_sparsify.sharded_clt import ShardedCLT, layer_parameters, shard_layers
+from vlm_sparsify.training import build_coders, loss_per_target
+
+HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(5)]
+
+
+def test_layers_go_to_contiguous_balanced_blocks() -> None:
+    weights = layer_parameters(32, 16, 8192, 4096)
+    assert shard_layers(weights, 1) == [0] * 32
+    for world in (2, 3, 4, 8):
+        owners = shard_layers(weights, world)
+        assert owners == sorted(owners) and set(owners) == set(range(world))
+        shares = [sum(w for w, r in zip(weights, owners, strict=True) if r == k) for k in range(world)]  # fmt: skip
+        assert max(shares) < 1.35 * sum(weights) / world  # a late layer holds 16 decoders
+    # one layer per rank when there are as many ranks as layers, whatever the weights
+    assert shard_layers([100, 1, 1], 3) == [0, 1, 2]
+    assert shard_layers([1, 1, 100], 3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="at most one process per hookpoint"):
+        shard_layers([1, 1], 3)
+
+
+def test_layer_parameters_count_every_decoder_once() -> None:
+    per_layer = layer_parameters(5, 3, 8, 4)
+    sources = n_sources_per_target(5, 3)
+    assert per_layer == [8 * 4 + 8 + s * (8 * 4 + 4) for s in sources]
+    clt = CrossLayerTranscoder(HOOKS, 4, SparseCoderConfig(num_latents=8, k=2, transcode=True), 3)
+    assert sum(per_layer) == sum(p.numel() for p in clt.parameters())
+
+
+def pair(cross_layer: int, **cfg_kwargs) -> tuple[CrossLayerTranscoder, ShardedCLT]:
+    cfg = SparseCoderConfig(num_latents=32, k=4, transcode=True, **cfg_kwargs)
+    whole = CrossLayerTranscoder(HOOKS, 8, cfg, cross_layer, init_seed=3)
+    sharded = ShardedCLT(HOOKS, 8, cfg, cross_layer, init_seed=3)
+    return whole, sharded
+
+
+def same_parameters(whole: CrossLayerTranscoder, sharded: ShardedCLT, grads: bool) -> None:
+    """Every tensor of `whole` against the sharded layer that holds it."""
+    for p, source in enumerate(whole.sources):
+        layer = sharded.layer(p)
+        for a, b in ((source.encoder.weight, layer.encoder.weight), (source.encoder.bias, layer.encoder.bias)):  # fmt: skip
+            check(a, b, grads)
+        for i in range(source.n_targets):
+            W, b_dec = sharded.decoder(p, p + i)
+            check(source.W_decs[i], W, grads)
+            check(source.b_decs[i], b_dec, grads)
+
+
+def check(a: torch.Tensor, b: torch.Tensor, grads: bool) -> None:
+    if not grads:
+        assert torch.equal(a, b)
+        return
+    assert (a.grad is None) == (b.grad is None)
+    if a.grad is not None:
+        # the encoder's gradient adds its targets' terms in another order: rounding apart
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("auxk", [False, True], ids=["fvu", "fvu+auxk+multi_topk"])
+def test_one_process_takes_the_data_parallel_clts_step(auxk: bool) -> None:
+    whole, sharded = pair(3, multi_topk=auxk)
+    same_parameters(whole, sharded, grads=False)
+    torch.manual_seed(0)
+    inputs = [torch.randn(40, 8) for _ in HOOKS]
+    outputs = [torch.randn(40, 8) + i for i, _ in enumerate(HOOKS)]
+    whole.init_biases(inputs, outputs)
+    sharded.init_biases(inputs, outputs)
+    same_parameters(whole, sharded, grads=False)
+    with torch.no_grad():  # decoders away from zero, so features get gradients
+        for p, source in enumerate(whole.sources):
+            for i, W in enumerate(source.W_decs):
+                W.normal_()
+                sharded.decoder(p, p + i)[0].copy_(W)
+    variances = [(y - y.mean(0)).pow(2).sum() for y in outputs]
+    dead = [torch.arange(32) % (p + 2) == 0 for p in range(len(HOOKS))] if auxk else None
+    results = [
+        loss_per_target(
+            coders,
+            inputs,
+            outputs,
+            variances,
+            micro_acc_steps=2,
+            dead_masks=dead,
+            auxk_alpha=1 / 32,
+        )  # fmt: skip
+        for coders in (whole, sharded)
+    ]
+    (fvu_a, idx_a, l0_a, aux_a), (fvu_b, idx_b, l0_b, aux_b) = results
+    assert torch.equal(fvu_a, fvu_b)
+    assert all(torch.equal(a, b) for a, b in zip(idx_a, idx_b, strict=True))
+    assert l0_a == l0_b and aux_a == aux_b
+    assert (aux_a > 0) == auxk
+    same_parameters(whole, sharded, grads=True)
+    moved = [p.grad.abs().max() for p in sharded.parameters() if p.grad is not None]
+    assert len(moved) == len(list(sharded.parameters())) and min(moved) > 0
+
+
+def test_build_coders_shards_only_a_clt() -> None:
+    cfg = SparseCoderConfig(num_latents=16, k=2)
+    sharded = build_coders(HOOKS, 8, cfg, 2, torch.device("cpu"), distribute=True)
+    assert isinstance(sharded, ShardedCLT) and sharded.owned == list(range(5))
+    with pytest.raises(ValueError, match="shards a cross-layer transcoder"):
+        build_coders(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2), 0, "cpu", distribute=True)
+    with pytest.raises(ValueError, match="skip connections"):
+        ShardedCLT(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2, transcode=True, skip_connection=True), 2)  # fmt: skip
+
+
+def torchrun(folder, save_dir, run_name: str, *extra: str, port: int) -> None:
+    from tests.test_training import cli
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(port), "-m", "vlm_sparsify",
+        *cli(folder, save_dir, run_name, *extra),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def worker(rank: int, init_file: str, out: str) -> None:
+    """One of two gloo processes: a sharded CLT's step on its half of the batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        whole, sharded = pair(3, multi_topk=True)
+        inputs, outputs, variances, dead = step_data(whole, sharded)
+        half = slice(0, 24) if rank == 0 else slice(24, 40)  # ranks hold unequal token counts
+        fvu, indices, l0, auxk = loss_per_target(
+            sharded, [x[half] for x in inputs], [y[half] for y in outputs], variances,
+            dead_masks=dead, auxk_alpha=1 / 32,
+        )  # fmt: skip
+        grads = {k: p.grad for k, p in sharded.named_parameters()}
+        torch.save(
+            {"fvu": fvu, "auxk": auxk, "indices": indices, "grads": grads}, f"{out}/{rank}.pt"
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def step_data(whole: CrossLayerTranscoder, sharded: ShardedCLT):
+    """A batch of 40 tokens, biases initialised on it, decoders away from zero (in both CLTs)."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(40, 8) for _ in HOOKS]
+    outputs = [torch.randn(40, 8) + i for i, _ in enumerate(HOOKS)]
+    whole.init_biases(inputs, outputs)
+    with torch.no_grad():  # decoders away from zero, so features get gradients
+        for p, source in enumerate(whole.sources):
+            for i, W in enumerate(source.W_decs):
+                W.normal_()
+                if p + i in sharded.owned:
+                    sharded.decoder(p, p + i)[0].copy_(W)
+                    sharded.decoder(p, p + i)[1].copy_(source.b_decs[i])
+            if p in sharded.owned:
+                sharded.layer(p).encoder.bias.copy_(source.encoder.bias)
+    variances = [(y - y.mean(0)).pow(2).sum() for y in outputs]
+    dead = [torch.arange(32) % (p + 2) == 0 for p in range(len(HOOKS))]
+    return inputs, outputs, variances, dead
+
+
+def test_two_gloo_processes_compute_the_whole_batchs_gradients(tmp_path) -> None:
+    """Features broadcast, target FVUs on the gathered batch, feature gradients summed back at
+    the source's owner: each parameter's gradient is the one-process CLT's on the whole batch."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    whole, sharded = pair(3, multi_topk=True)
+    inputs, outputs, variances, dead = step_data(whole, sharded)
+    fvu, indices, _, auxk = loss_per_target(
+        whole, inputs, outputs, variances, dead_masks=dead, auxk_alpha=1 / 32
+    )
+    torch.testing.assert_close(results[0]["fvu"] + results[1]["fvu"], fvu)
+    assert results[0]["auxk"] + results[1]["auxk"] == pytest.approx(auxk, rel=1e-6)
+    for p, idx in enumerate(indices):  # each rank reports its own tokens' features
+        assert torch.equal(torch.cat([results[0]["indices"][p], results[1]["indices"][p]]), idx)
+    owners = shard_layers(layer_parameters(len(HOOKS), 3, 32, 8), 2)
+    assert owners == [0, 0, 0, 1, 1]
+    checked = 0
+    for p, source in enumerate(whole.sources):
+        grads = results[owners[p]]["grads"]
+        for name in ("weight", "bias"):
+            expected = getattr(source.encoder, name).grad
+            assert expected.abs().max() > 0
+            torch.testing.assert_close(grads[f"layers.{p}.encoder.{name}"], expected)
+            checked += 1
+        for i in range(source.n_targets):
+            t = p + i
+            j = p - whole.sources_reaching(t)[0]
+            grads = results[owners[t]]["grads"]
+            torch.testing.assert_close(grads[f"layers.{t}.W_decs.{j}"], source.W_decs[i].grad)
+            torch.testing.assert_close(grads[f"layers.{t}.b_decs.{j}"], source.b_decs[i].grad)
+            checked += 2
+    assert checked == 2 * len(HOOKS) + 2 * sum(whole.n_targets(p) for p in range(len(HOOKS)))
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_sharing_the_layers_train_what_one_process_trains(
+    tmp_path, tiny_llava_dir
+):
+    """Through the CLI: one step on the same global batch (the gradients themselves are
+    compared above); the checkpoint is the usual CLT run."""
+    from tests.test_training import HOOKS, cli, weights
+
+    extra = ("--transcode", "true", "--cross_layer", "2", "--max_examples", "8")
+    run(cli(tiny_llava_dir, tmp_path, "one", *extra))
+    torchrun(tiny_llava_dir, tmp_path, "two", *extra, "--distribute_modules", "true", port=29541)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert json.loads((two / "rank1" / "shard.json").read_text())["owners"] == [0, 0, 1]
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (one, two)]
+    for a, b in zip(*summaries, strict=True):
+        assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5)
+    moved = 0.0
+    for hook in HOOKS:
+        reference, sharded = weights(one)[hook], weights(two)[hook]
+        assert sorted(reference) == sorted(sharded)
+        for key, value in sharded.items():
+            # at initialisation the decoder biases' gradient is zero up to rounding, and
+            # SignSGD steps by lr * its sign: they may differ by 2 * lr
+            atol = 2e-3 + 1e-6 if key.startswith("b_decs") else 1e-5
+            torch.testing.assert_close(value, reference[key], atol=atol, rtol=0)
+            if key.startswith("W_decs"):
+                moved = max(moved, float(reference[key].abs().max()))
+    assert moved > 5e-4
+    loaded = load_coders(two)  # the usual CLT layout
+    assert isinstance(loaded, CrossLayerTranscoder) and loaded.hookpoints == HOOKS
+
+
+@pytest.mark.slow
+def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir):
+    from tests.test_training import HOOKS, cli, weights
+
+    extra = ("--transcode", "true", "--cross_layer", "3", "--distribute_modules", "true",
+             "--save_every", "1")  # fmt: skip
+    torchrun(tiny_llava_dir, tmp_path, "whole", *extra, "--max_examples", "32", port=29542)
+    torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "16", port=29543)
+    state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
+    assert state["global_step"] == 2
+    torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "32", "--resume",
+             "true", port=29544)  # fmt: skip
+    whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    for hook in HOOKS:
+        for key, value in whole[hook].items():
+            assert torch.equal(value, split[hook][key]), (hook, key)
+    for r in (0, 1):
+        a = load_file(tmp_path / "whole" / f"rank{r}" / "train_params.safetensors")
+        b = load_file(tmp_path / "split" / f"rank{r}" / "train_params.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the layers' owners depend on the number of processes: one process cannot resume two's run
+    with pytest.raises(ValueError, match="sharded over 2 processes and this run has 1"):
+        run(cli(tiny_llava_dir, tmp_path, "split", *extra, "--resume", "true"))
+
+
+def test_the_cli_says_what_distribute_modules_works_with(tmp_path, tiny_llava_dir):
+    from tests.test_training import cli
+
+    for flags, message in [
+        ((), "shards a cross-layer transcoder"),
+        (("--cross_layer", "2", "--loss_fn", "kl"), "not compatible with the cross-entropy or KL"),
+        (
+            ("--cross_layer", "2", "--gpu_decoder", "triton"),
+            "does not support --gpu_decoder triton",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(cli(tiny_llava_dir, tmp_path, "x", "--distribute_modules", "true", *flags))
+    assert not (tmp_path / "x").exists()

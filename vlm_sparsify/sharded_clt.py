@@ -1,0 +1,422 @@
+"""A cross-layer transcoder sharded over processes (`--distribute_modules`).
+
+A CLT-16 at 8,192 latents on LLaVA-7B needs ~92 GB for its weights, gradients and optimizer
+state (docs/memory.md): more than an 80 GB GPU holds next to the model. Sharded, each process
+holds a contiguous block of layers, and for each of its layers l:
+
+- source l's encoder, and
+- every decoder INTO target l: W_dec[p->l] and b_dec[p->l] for each source p reaching l.
+
+Decoders live with their target, not their source, because what crosses between processes is
+then sparse. One training step, on every process in the same order:
+
+1. each layer's MLP inputs and outputs from every process's batch are gathered to its owner
+   (the world batch, rank 0's tokens first);
+2. owners encode their sources; each source's k (value, index) pairs per token are broadcast;
+3. each process decodes into its targets, takes the FVU on the world batch and backpropagates
+   into its decoders and into the broadcast values (phase one, `loss.backward()`);
+4. the values' gradients are summed at each source's owner, which backpropagates them through
+   its encoder (phase two, `finish_backward`).
+
+Every parameter lives on one process and sees the whole world batch, so no gradient is
+all-reduced. The result equals the data-parallel CLT's up to the order of float sums (one
+process: bit for bit on the CPU, tested). Checkpoints are assembled on rank 0 in the usual CLT
+layout (`sharded_checkpoint.py`).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right, insort
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from sparsify import SparseCoderConfig
+from sparsify.fused_encoder import EncoderOutput
+from sparsify.utils import decoder_impl
+from torch import Tensor, nn
+
+from .cross_layer import GpuDecoder, n_sources_per_target, n_targets_per_source
+from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
+from .topk_encoder import encode_topk
+
+
+def shard_layers(weights: list[int], world: int) -> list[int]:
+    """Owner rank of each layer: contiguous blocks, at least one layer per rank, with the
+    heaviest block (total `weights`: parameters per layer) as light as contiguous blocks allow."""
+    n = len(weights)
+    if world > n:
+        raise ValueError(
+            f"--distribute_modules shards whole layers: {world} processes for {n} hookpoints; "
+            "use at most one process per hookpoint"
+        )
+
+    def greedy_starts(capacity: int) -> list[int]:
+        starts, load = [0], 0
+        for layer, weight in enumerate(weights):
+            if load + weight > capacity:
+                starts.append(layer)
+                load = 0
+            load += weight
+        return starts
+
+    low, high = max(weights), sum(weights)  # binary search on the heaviest block
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(greedy_starts(mid)) <= world else (mid + 1, high)
+    starts = greedy_starts(low)
+    for layer in range(1, n):  # fewer blocks than ranks: splitting one never makes it heavier
+        if len(starts) == world:
+            break
+        if layer not in starts:
+            insort(starts, layer)
+    return [bisect_right(starts, layer) - 1 for layer in range(n)]
+
+
+def layer_parameters(n_layers: int, cross_layer: int, num_latents: int, d_in: int) -> list[int]:
+    """Parameters each layer's owner holds: an encoder and one decoder per source reaching it."""
+    return [
+        num_latents * d_in + num_latents + s * (num_latents * d_in + d_in)
+        for s in n_sources_per_target(n_layers, cross_layer)
+    ]
+
+
+class CLTLayer(nn.Module):
+    """Layer l of a sharded CLT: source l's encoder; `W_decs[j]`, `b_decs[j]` decode source
+    `first_source + j` into target l."""
+
+    def __init__(
+        self,
+        d_in: int,
+        num_latents: int,
+        n_sources: int,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        decoder_dtype: torch.dtype,
+    ):
+        super().__init__()
+        # built in CLTSource's order, so the same seed gives the same encoder
+        self.encoder = nn.Linear(d_in, num_latents, device=device, dtype=dtype)
+        self.encoder.bias.data.zero_()
+
+        def zeros(*shape: int, dtype: torch.dtype = dtype) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
+
+        self.W_decs = nn.ParameterList(
+            [zeros(num_latents, d_in, dtype=decoder_dtype) for _ in range(n_sources)]
+        )
+        self.b_decs = nn.ParameterList([zeros(d_in) for _ in range(n_sources)])
+
+
+@dataclass
+class _Features:
+    """A source's k (value, index) pairs for the world batch, as every process holds them."""
+
+    values: Tensor
+    """[N_world, k] float32; a leaf that collects this process's decoders' gradients."""
+    indices: Tensor
+    """[N_world, k] int64."""
+
+
+class ShardedCLT(nn.Module):
+    """The layers of a CLT this process owns, with the coder-set interface of docs/internals.md.
+
+    `forward` takes this process's own tokens at every hookpoint (as the data-parallel CLT does)
+    and returns the FVU of the targets it owns (zero elsewhere: the trainer sums over processes),
+    and every source's features for its own tokens.
+    """
+
+    sharded = True
+
+    def __init__(
+        self,
+        hookpoints: list[str],
+        d_in: int,
+        cfg: SparseCoderConfig,
+        cross_layer: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        decoder_dtype: torch.dtype | None = None,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        if not cfg.transcode:
+            raise ValueError("a cross-layer coder is a transcoder: set cfg.transcode=True")
+        if cross_layer < 1:
+            raise ValueError(f"--distribute_modules shards a CLT: cross_layer must be >= 1, got {cross_layer}")  # fmt: skip
+        if cfg.skip_connection:
+            raise ValueError("--distribute_modules does not support skip connections")
+        self.hookpoints = list(hookpoints)
+        self.cfg = cfg
+        self.d_in = d_in
+        self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
+        self.cross_layer = cross_layer
+        self.gpu_decoder: GpuDecoder = "sparsify"
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.decoder_dtype = decoder_dtype or dtype
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        n = len(self.hookpoints)
+        self._targets = n_targets_per_source(n, cross_layer)
+        self.owners = shard_layers(
+            layer_parameters(n, cross_layer, self.num_latents, d_in), self.world
+        )
+        self.owned = [layer for layer, r in enumerate(self.owners) if r == self.rank]
+        layers = {}
+        for t in self.owned:
+            torch.manual_seed(init_seed)  # per source, as CrossLayerTranscoder and sparsify
+            n_sources = len(self.sources_reaching(t))
+            layers[str(t)] = CLTLayer(
+                d_in, self.num_latents, n_sources, device, dtype, self.decoder_dtype
+            )
+        self.layers = nn.ModuleDict(layers)
+        self._leaves: list[Tensor] = []
+        self._encoded_acts: dict[int, Tensor] = {}
+
+    @property
+    def transcode(self) -> bool:
+        return True
+
+    def n_targets(self, p: int) -> int:
+        return self._targets[p]
+
+    def sources_reaching(self, t: int) -> list[int]:
+        return [p for p in range(t + 1) if p + self._targets[p] > t]
+
+    def layer(self, t: int) -> CLTLayer:
+        return self.layers[str(t)]  # type: ignore[return-value]
+
+    def decoder(self, p: int, t: int) -> tuple[nn.Parameter, nn.Parameter]:
+        """W_dec[p->t], b_dec[p->t] (target t owned here)."""
+        j = p - self.sources_reaching(t)[0]
+        layer = self.layer(t)
+        return layer.W_decs[j], layer.b_decs[j]  # type: ignore[return-value]
+
+    def has_post_encoder_scale(self, p: int) -> bool:
+        return False
+
+    def before_optimizer_step(self) -> None:
+        """Nothing to do (transcoder decoders are not kept unit-norm)."""
+
+    @torch.no_grad()
+    def init_biases(
+        self,
+        inputs: list[Tensor],
+        outputs: list[Tensor],
+        reduce_mean: MeanReducer | None = None,
+    ) -> None:
+        """As CrossLayerTranscoder.init_biases: every process reduces every layer's mean (a
+        collective), the owners keep theirs."""
+        reduce_mean = reduce_mean or (lambda t: t)
+        for p, x in enumerate(inputs):
+            mean = reduce_mean(x.mean(0))
+            if p in self.owned:
+                encoder = self.layer(p).encoder
+                encoder.bias.data = -mean.to(encoder.weight.dtype) @ encoder.weight.data.T
+        for t, y in enumerate(outputs):
+            reaching = self.sources_reaching(t)
+            mean = reduce_mean(y.mean(0)) / len(reaching)
+            if t in self.owned:
+                for p in reaching:
+                    b_dec = self.decoder(p, t)[1]
+                    b_dec.data = mean.to(b_dec.dtype).clone()
+
+    # bf16 autocast on CUDA, as CrossLayerTranscoder.forward
+    @torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_bf16_supported())
+    def forward(
+        self,
+        inputs: list[Tensor],
+        outputs: list[Tensor],
+        total_variances: list[Tensor] | None = None,
+        dead_masks: list[Tensor] | None = None,
+    ) -> CoderSetOutput:
+        """Steps 1-3 of the module docstring; `finish_backward()` after `loss.backward()`."""
+        counts = _token_counts(inputs[0].shape[0], inputs[0].device)
+        lo = sum(counts[: self.rank])
+        hi = lo + counts[self.rank]
+        world_x = {p: _gather_rows(x, counts, self.owners[p]) for p, x in enumerate(inputs)}
+        world_y = {t: _gather_rows(y, counts, self.owners[t]) for t, y in enumerate(outputs)}
+        encoded: dict[int, EncoderOutput] = {}
+        for p in self.owned:
+            encoder = self.layer(p).encoder
+            encoded[p] = encode_topk(
+                world_x[p], encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation
+            )
+        n_world, k = sum(counts), self.cfg.k
+        device = inputs[0].device
+        features = [
+            self._share(p, encoded.get(p), n_world, k, device, leaf=True)
+            for p in range(len(self.hookpoints))
+        ]
+        self._leaves = [f.values for f in features]
+        self._encoded_acts = {p: out.top_acts for p, out in encoded.items()}
+
+        if total_variances is None:
+            total_variances = [(y - y.mean(0)).pow(2).sum() for y in world_y.values()]
+        zero = torch.zeros((), device=device)
+        fvu, preds = [], []
+        for t, y in world_y.items():
+            if y is None:
+                fvu.append(zero)
+                preds.append(outputs[t].new_empty(0, self.d_in))
+                continue
+            pred = self._predict(t, features)
+            preds.append(pred)
+            fvu.append(fraction_of_variance_unexplained(y, pred, total_variances[t]))
+
+        auxk = None
+        if dead_masks is not None:
+            auxk = torch.stack(
+                [
+                    self._auxk_loss(
+                        p, encoded[p].pre_acts, world_y[p] - preds[p], total_variances[p], dead
+                    )  # fmt: skip
+                    if p in encoded
+                    else zero
+                    for p, dead in enumerate(dead_masks)
+                ]
+            )
+        multi = None
+        if self.cfg.multi_topk:
+            wide = [
+                self._share(p, self._top_4k(encoded.get(p)), n_world, 4 * k, device, leaf=False)
+                for p in range(len(self.hookpoints))
+            ]
+            multi = torch.stack(
+                [
+                    zero
+                    if y is None
+                    else fraction_of_variance_unexplained(
+                        y, self._predict(t, wide), total_variances[t]
+                    )
+                    for t, y in world_y.items()
+                ]
+            )
+        return CoderSetOutput(
+            torch.stack(fvu),
+            [f.values.detach()[lo:hi] for f in features],
+            [f.indices[lo:hi] for f in features],
+            preds,
+            auxk,
+            multi,
+        )
+
+    def finish_backward(self) -> None:
+        """Phase two: the broadcast values' gradients, summed at each source's owner, go back
+        through its encoder (every process calls this, in the same order)."""
+        leaves, encoded_acts = self._leaves, self._encoded_acts
+        self._leaves, self._encoded_acts = [], {}
+        for p, leaf in enumerate(leaves):
+            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            grad = _sum_at(grad, self.owners[p])
+            acts = encoded_acts.get(p)
+            if acts is not None:
+                acts.backward(grad.to(acts.dtype))
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _share(
+        self,
+        p: int,
+        encoded: EncoderOutput | tuple[Tensor, Tensor] | None,
+        n_world: int,
+        k: int,
+        device: torch.device,
+        leaf: bool,
+    ) -> _Features:
+        """Source p's features from its owner to every process."""
+        # indices travel as int32 (a third less to send), then back to int64 for the kernels
+        if encoded is not None:
+            values = encoded[0].detach().float().contiguous()
+            indices = encoded[1].to(torch.int32).contiguous()
+        else:
+            values = torch.empty(n_world, k, device=device)
+            indices = torch.empty(n_world, k, dtype=torch.int32, device=device)
+        if dist.is_initialized():
+            dist.broadcast(values, src=self.owners[p])
+            dist.broadcast(indices, src=self.owners[p])
+        indices = indices.long()
+        if leaf:
+            values.requires_grad_(torch.is_grad_enabled())
+        return _Features(values, indices)
+
+    def _top_4k(self, encoded: EncoderOutput | None) -> tuple[Tensor, Tensor] | None:
+        """sparsify's multi-TopK latents (their gradient does not reach the fused encoder)."""
+        if encoded is None:
+            return None
+        return encoded.pre_acts.detach().topk(4 * self.cfg.k, sorted=False)
+
+    def _predict(self, t: int, features: list[_Features]) -> Tensor:
+        total = None
+        for p in self.sources_reaching(t):
+            W_dec, b_dec = self.decoder(p, t)
+            part = sparse_decode(W_dec, features[p].values, features[p].indices, self.gpu_decoder)
+            part = part + b_dec
+            total = part if total is None else total + part
+        assert total is not None
+        return total
+
+    def _auxk_loss(
+        self, p: int, pre_acts: Tensor, residual: Tensor, total_variance: Tensor, dead: Tensor
+    ) -> Tensor:
+        """sparsify's AuxK on source p's own layer (CrossLayerTranscoder._auxk_loss)."""
+        num_dead = int(dead.sum())
+        if num_dead == 0:
+            return residual.new_tensor(0.0)
+        k_aux = residual.shape[-1] // 2
+        scale = min(num_dead / k_aux, 1.0)
+        masked = torch.where(dead[None], pre_acts.detach(), -torch.inf)
+        aux_acts, aux_indices = masked.topk(min(k_aux, num_dead), sorted=False)
+        W_dec = self.decoder(p, p)[0]
+        e_hat = decoder_impl(aux_indices, aux_acts.to(W_dec.dtype), W_dec.mT)
+        return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
+
+
+def sparse_decode(W_dec: Tensor, values: Tensor, indices: Tensor, kernel: GpuDecoder) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]] as float32: sparsify's Triton decoder on a GPU
+    (`kernel="sparsify"`), else torch's embedding_bag (what sparsify uses on the CPU)."""
+    acts = values.to(W_dec.dtype)
+    if indices.device.type != "cpu" and kernel == "sparsify":
+        return decoder_impl(indices, acts, W_dec.mT).float()
+    rows, k = indices.shape
+    offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
+    bags = torch.embedding_bag(
+        W_dec, indices.reshape(-1), offsets, False, 0, False, acts.reshape(-1), False
+    )
+    return bags[0].float()
+
+
+# -- collectives (no-ops on one process) ------------------------------------------------------
+
+
+def _token_counts(n_local: int, device: torch.device) -> list[int]:
+    if not dist.is_initialized():
+        return [n_local]
+    mine = torch.tensor([n_local], device=device)
+    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, mine)
+    return [int(c) for c in counts]
+
+
+def _gather_rows(x: Tensor, counts: list[int], dst: int) -> Tensor | None:
+    """Every process's rows of x, concatenated in rank order, at `dst` (None elsewhere)."""
+    if not dist.is_initialized():
+        return x
+    width = max(counts)
+    padded = x.new_zeros(width, *x.shape[1:])
+    padded[: x.shape[0]] = x
+    rank = dist.get_rank()
+    parts = [torch.empty_like(padded) for _ in counts] if rank == dst else None
+    dist.gather(padded, parts, dst=dst)
+    if parts is None:
+        return None
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+def _sum_at(x: Tensor, dst: int) -> Tensor:
+    """x summed over processes, valid at `dst`."""
+    if dist.is_initialized():
+        x = x.contiguous()
+        dist.reduce(x, dst=dst, op=dist.ReduceOp.SUM)
+    return x
