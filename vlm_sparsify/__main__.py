@@ -35,7 +35,7 @@ from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.sharded_checkpoint import read_sharded_training_state, write_sharded_checkpoint
-from vlm_sparsify.sharded_clt import ShardedCLT, layer_parameters, shard_layers
+from vlm_sparsify.sharded_clt import NOT_SHARDED, ShardedCLT, layer_parameters, shard_layers
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -144,10 +144,7 @@ class RunConfig(TrainConfig):
 def check_distributable(args: RunConfig) -> None:
     """What `--distribute_modules` (a CLT sharded over the processes by layer) works with."""
     if not args.cross_layer:
-        raise ValueError(
-            "--distribute_modules shards a cross-layer transcoder (--cross_layer N); "
-            "per-layer coders fit one GPU (docs/memory.md)"
-        )
+        raise ValueError(NOT_SHARDED)
     # sparsify's TrainConfig already refuses it with --loss_fn kl / ce
     unsupported = {
         "--gpu_decoder triton": args.gpu_decoder == "triton",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,22 +34,18 @@ def rank_dir(run_dir: Path, rank: int) -> Path:
 
 def gather_source(clt: ShardedCLT, p: int, dst: int = 0) -> dict[str, Tensor] | None:
     """Source p's tensors under clt-training's keys, on the CPU of rank `dst` (None elsewhere)."""
-    L, d = clt.num_latents, clt.d_in
-    pieces: list[tuple[str, int, Callable[[], Tensor], tuple[int, ...], torch.dtype]] = [
-        ("encoder.weight", p, lambda: clt.layer(p).encoder.weight, (L, d), clt.dtype),
-        ("encoder.bias", p, lambda: clt.layer(p).encoder.bias, (L,), clt.dtype),
-    ]
-    for i in range(clt.n_targets(p)):
-        pieces.append((f"W_decs.{i}", p + i, lambda t=p + i: clt.decoder(p, t)[0], (L, d), clt.decoder_dtype))  # fmt: skip
-    for i in range(clt.n_targets(p)):
-        pieces.append((f"b_decs.{i}", p + i, lambda t=p + i: clt.decoder(p, t)[1], (d,), clt.dtype))  # fmt: skip
+    L, d, n = clt.num_latents, clt.d_in, clt.n_targets(p)
+    # (key, the layer whose owner holds it, shape, dtype)
+    pieces = [("encoder.weight", p, (L, d), clt.dtype), ("encoder.bias", p, (L,), clt.dtype)]
+    pieces += [(f"W_decs.{i}", p + i, (L, d), clt.decoder_dtype) for i in range(n)]
+    pieces += [(f"b_decs.{i}", p + i, (d,), clt.dtype) for i in range(n)]
     out = {}
-    for key, layer, get, shape, dtype in pieces:
+    for key, layer, shape, dtype in pieces:
         owner = clt.owners[layer]
         if clt.rank == owner == dst:
-            out[key] = get().detach().cpu().clone()
+            out[key] = clt.source_tensor(p, key).detach().cpu().clone()
         elif clt.rank == owner:
-            dist.send(get().detach().contiguous(), dst=dst)
+            dist.send(clt.source_tensor(p, key).detach().contiguous(), dst=dst)
         elif clt.rank == dst:
             buffer = torch.empty(shape, dtype=dtype, device=clt.device)
             dist.recv(buffer, src=owner)

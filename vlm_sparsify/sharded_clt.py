@@ -40,6 +40,11 @@ from .cross_layer import GpuDecoder, n_sources_per_target, n_targets_per_source
 from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
 from .topk_encoder import encode_topk
 
+NOT_SHARDED = (
+    "--distribute_modules shards a cross-layer transcoder (--cross_layer N); per-layer coders "
+    "fit one GPU (32 PLTs at 8,192 latents on LLaVA-7B: 25.8 GB, docs/memory.md)"
+)
+
 
 def shard_layers(weights: list[int], world: int) -> list[int]:
     """Owner rank of each layer: contiguous blocks, at least one layer per rank, with the
@@ -143,7 +148,9 @@ class ShardedCLT(nn.Module):
         if not cfg.transcode:
             raise ValueError("a cross-layer coder is a transcoder: set cfg.transcode=True")
         if cross_layer < 1:
-            raise ValueError(f"--distribute_modules shards a CLT: cross_layer must be >= 1, got {cross_layer}")  # fmt: skip
+            raise ValueError(
+                f"--distribute_modules shards a CLT: cross_layer must be >= 1, got {cross_layer}"
+            )
         if cfg.skip_connection:
             raise ValueError("--distribute_modules does not support skip connections")
         self.hookpoints = list(hookpoints)
@@ -192,6 +199,15 @@ class ShardedCLT(nn.Module):
         j = p - self.sources_reaching(t)[0]
         layer = self.layer(t)
         return layer.W_decs[j], layer.b_decs[j]  # type: ignore[return-value]
+
+    def source_tensor(self, p: int, key: str) -> Tensor:
+        """Source p's tensor under clt-training's key (`encoder.weight`, `W_decs.{i}`, ...),
+        held by this process."""
+        kind, name = key.split(".")
+        if kind == "encoder":
+            return getattr(self.layer(p).encoder, name)
+        W_dec, b_dec = self.decoder(p, p + int(name))
+        return W_dec if kind == "W_decs" else b_dec
 
     def has_post_encoder_scale(self, p: int) -> bool:
         return False
@@ -252,9 +268,11 @@ class ShardedCLT(nn.Module):
         self._leaves = [f.values for f in features]
         self._encoded_acts = {p: out.top_acts for p, out in encoded.items()}
 
-        if total_variances is None:
-            total_variances = [(y - y.mean(0)).pow(2).sum() for y in world_y.values()]
         zero = torch.zeros((), device=device)
+        if total_variances is None:
+            total_variances = [
+                zero if y is None else (y - y.mean(0)).pow(2).sum() for y in world_y.values()
+            ]
         fvu, preds = [], []
         for t, y in world_y.items():
             if y is None:
@@ -271,7 +289,7 @@ class ShardedCLT(nn.Module):
                 [
                     self._auxk_loss(
                         p, encoded[p].pre_acts, world_y[p] - preds[p], total_variances[p], dead
-                    )  # fmt: skip
+                    )
                     if p in encoded
                     else zero
                     for p, dead in enumerate(dead_masks)

@@ -28,7 +28,7 @@ from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.replacement import ReplacementModel
-from vlm_sparsify.sharded_clt import ShardedCLT
+from vlm_sparsify.sharded_clt import NOT_SHARDED, ShardedCLT
 
 CoderSet = PerLayerCoders | CrossLayerTranscoder | ShardedCLT
 
@@ -55,17 +55,19 @@ def build_coders(
     only this process's layers of it: `ShardedCLT`)."""
     if cross_layer == 0:
         if distribute:
-            raise ValueError(
-                "--distribute_modules shards a cross-layer transcoder (--cross_layer N); "
-                "per-layer coders fit one GPU (32 PLTs at 8,192 latents: 25.8 GB, docs/memory.md)"
-            )
+            raise ValueError(NOT_SHARDED)
         return PerLayerCoders(hookpoints, d_in, cfg, device, init_seed=init_seed)
     cfg.transcode = True
     if distribute:
         return ShardedCLT(
-            hookpoints, d_in, cfg, cross_layer, device, decoder_dtype=decoder_dtype,
+            hookpoints,
+            d_in,
+            cfg,
+            cross_layer,
+            device,
+            decoder_dtype=decoder_dtype,
             init_seed=init_seed,
-        )  # fmt: skip
+        )
     return CrossLayerTranscoder(
         hookpoints, d_in, cfg, cross_layer, device, decoder_dtype=decoder_dtype, init_seed=init_seed
     )
@@ -217,7 +219,9 @@ def global_mean_reducer(n_local: int, device: torch.device):
     n_total = _all_sum(torch.tensor(float(n_local), device=device))
 
     def reduce(local_mean: Tensor) -> Tensor:
-        return _all_sum(local_mean * n_local) / n_total
+        # a rank without tokens has a NaN mean of nothing; it adds nothing
+        local_sum = local_mean * n_local if n_local else torch.zeros_like(local_mean)
+        return _all_sum(local_sum) / n_total
 
     return reduce
 
@@ -227,8 +231,14 @@ def sum_gradients(coders: CoderSet) -> None:
     (A sharded CLT's parameters each live on one rank and saw the whole batch: nothing to add.)"""
     if not dist.is_initialized() or isinstance(coders, ShardedCLT):
         return
-    for p in coders.parameters():
-        if p.grad is not None:
+    params = list(coders.parameters())
+    # every rank reduces the same tensors: one that had no tokens this step may hold no gradient
+    has_grad = torch.tensor([p.grad is not None for p in params], device=params[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    for p, needed in zip(params, has_grad.tolist(), strict=True):
+        if needed:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
 
@@ -369,19 +379,26 @@ class Trainer:
         state = self.state
         state.batches_seen += 1
         state.skipped.extend(batch.get("skipped", []))
-        if "inputs" not in batch:
+        if "inputs" not in batch and not dist.is_initialized():
             return None
         device = next(self.coders.parameters()).device
-        # asynchronous copies from pinned batches (batch_loader pins them on a GPU)
-        model_inputs = {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}
-        mask = batch["token_mask"].to(device, non_blocking=True)
         loss_fn = self.cfg.loss_fn
-        clean_logits = None
-        if loss_fn == "kl":
+        model_inputs, mask, clean_logits = None, None, None
+        if "inputs" not in batch:
+            # no examples for this rank (a run's last, short batch, or all its images
+            # unreadable): the other ranks' collectives still need it, with no tokens
+            d = self.model.config.get_text_config().hidden_size
+            inputs = [torch.empty(0, d, device=device, dtype=self.model.dtype)] * len(
+                self.coders.hookpoints
+            )
+            outputs = inputs
+        elif loss_fn == "kl":
+            model_inputs, mask = self._to_device(batch, device)
             inputs, outputs, clean_logits = collect_activations_and_logits(
                 self.model, self.coders.hookpoints, model_inputs, mask
             )
         else:
+            model_inputs, mask = self._to_device(batch, device)
             inputs, outputs = collect_activations(
                 self.model, self.coders.hookpoints, model_inputs, mask
             )
@@ -450,22 +467,34 @@ class Trainer:
         state.global_step += 1
         return {"fvu": fvu.sum().item(), **metrics}
 
+    @staticmethod
+    def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
+        """Model inputs and token mask, copied asynchronously from pinned batches (batch_loader
+        pins them on a GPU)."""
+        model_inputs = {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}
+        return model_inputs, batch["token_mask"].to(device, non_blocking=True)
+
     def _end_to_end_step(
         self,
-        model_inputs: dict[str, Tensor],
-        mask: Tensor,
+        model_inputs: dict[str, Tensor] | None,
+        mask: Tensor | None,
         clean_logits: Tensor | None,
         acc_steps: int,
     ) -> float:
-        """Backward of the end-to-end loss (docs: end_to_end.py); returns its global mean."""
+        """Backward of the end-to-end loss (docs: end_to_end.py); returns its global mean
+        (`model_inputs` None: this rank has no examples this step and only joins the sums)."""
         if self._replacement is None:
             # training sends gradients into the coders' own weights: no inference copies
             self._replacement = ReplacementModel(
                 self.model, self.coders, mode="open-loop", decoder="per-target"
             )
-        total, count = end_to_end_sum(
-            self.cfg.loss_fn, self._replacement, model_inputs, mask, clean_logits
-        )
+        if model_inputs is None or mask is None:
+            device = next(self.coders.parameters()).device
+            total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+        else:
+            total, count = end_to_end_sum(
+                self.cfg.loss_fn, self._replacement, model_inputs, mask, clean_logits
+            )
         n = _all_sum(count.float())
         loss = total / n.clamp_min(1)
         value = float(_all_sum(loss.detach().clone()))
@@ -475,7 +504,8 @@ class Trainer:
                 f"(batch {self.state.batches_seen - 1}); the last checkpoint is untouched. "
                 "Try a lower --lr or float32."
             )
-        loss.div(acc_steps).backward()
+        if loss.requires_grad:
+            loss.div(acc_steps).backward()
         self.state.loss_history.append(value)
         return value
 
