@@ -284,3 +284,37 @@ def test_the_cli_says_what_distribute_modules_works_with(tmp_path, tiny_llava_di
         with pytest.raises(ValueError, match=message):
             run(cli(tiny_llava_dir, tmp_path, "x", "--distribute_modules", "true", *flags))
     assert not (tmp_path / "x").exists()
+
+
+def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeypatch) -> None:
+    import vlm_sparsify.sharded_clt as sharded_clt
+    from vlm_sparsify.coder_io import CheckpointError, save_coders
+    from vlm_sparsify.sharded_checkpoint import load_owned_tensors
+
+    cfg = SparseCoderConfig(num_latents=32, k=4, transcode=True)
+    saved = CrossLayerTranscoder(HOOKS, 8, cfg, 3)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.normal_()
+    save_coders(saved, tmp_path / "run")
+    # rank 1 of 2 holds layers 3 and 4: their encoders, and the decoders into them
+    monkeypatch.setattr(sharded_clt.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sharded_clt.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(sharded_clt.dist, "get_world_size", lambda: 2)
+    clt = ShardedCLT(HOOKS, 8, cfg, 3)
+    assert clt.owned == [3, 4]
+    load_owned_tensors(clt, tmp_path / "run")
+    loaded = 0
+    for t in clt.owned:
+        assert torch.equal(clt.layer(t).encoder.weight, saved.sources[t].encoder.weight)
+        for p in clt.sources_reaching(t):
+            W, b = clt.decoder(p, t)
+            assert torch.equal(W, saved.sources[p].W_decs[t - p])
+            assert torch.equal(b, saved.sources[p].b_decs[t - p])
+            loaded += 1
+    assert loaded == 3 + 3  # sources 1, 2, 3 reach layer 3; 2, 3, 4 reach layer 4
+    with pytest.raises(CheckpointError, match="cross_layer 3, not 2"):
+        load_owned_tensors(ShardedCLT(HOOKS, 8, cfg, 2), tmp_path / "run")
+    wider = SparseCoderConfig(num_latents=64, k=4, transcode=True)
+    with pytest.raises(CheckpointError, match="pass the checkpoint's --num_latents"):
+        load_owned_tensors(ShardedCLT(HOOKS, 8, wider, 3), tmp_path / "run")

@@ -34,7 +34,11 @@ from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
-from vlm_sparsify.sharded_checkpoint import read_sharded_training_state, write_sharded_checkpoint
+from vlm_sparsify.sharded_checkpoint import (
+    load_owned_tensors,
+    read_sharded_training_state,
+    write_sharded_checkpoint,
+)
 from vlm_sparsify.sharded_clt import NOT_SHARDED, ShardedCLT, layer_parameters, shard_layers
 from vlm_sparsify.train_state import (
     live_parameters,
@@ -148,7 +152,6 @@ def check_distributable(args: RunConfig) -> None:
     # sparsify's TrainConfig already refuses it with --loss_fn kl / ce
     unsupported = {
         "--gpu_decoder triton": args.gpu_decoder == "triton",
-        "--finetune": bool(args.finetune),
         "--skip_connection": args.sae.skip_connection,
     }
     named = [flag for flag, used in unsupported.items() if used]
@@ -254,6 +257,8 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     elif args.resume:
         read_training_state(run_dir, trainer)
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
+    elif args.finetune and isinstance(coders, ShardedCLT):
+        load_owned_tensors(coders, args.finetune)
     elif args.finetune:
         from vlm_sparsify.coder_io import load_coders
 

@@ -138,6 +138,16 @@ def load_coders(
     decoders. `hookpoints` / `d_in`, when given, must match the checkpoint.
     """
     run_dir = Path(run_dir)
+    order, cfgs = _read_cfgs(run_dir, hookpoints, d_in)
+    if any(cfg.get("n_targets", 0) > 0 for cfg in cfgs.values()):
+        return _load_clt(run_dir, order, cfgs, device, dtype, decoder_dtype or dtype)
+    return _load_per_layer(run_dir, order, device, dtype)
+
+
+def _read_cfgs(
+    run_dir: Path, hookpoints: list[str] | None, d_in: int | None
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The run's hookpoints in order and their cfg.json, checked against what was asked for."""
     if not run_dir.is_dir():
         raise FileNotFoundError(
             f"no checkpoint folder {run_dir}; pass the RUN folder that holds <hookpoint>/cfg.json"
@@ -167,9 +177,43 @@ def load_coders(
             f"{run_dir} has d_in {widths} but the model's MLP width is {d_in}; "
             "these coders were trained on another model"
         )
-    if any(cfg.get("n_targets", 0) > 0 for cfg in cfgs.values()):
-        return _load_clt(run_dir, order, cfgs, device, dtype, decoder_dtype or dtype)
-    return _load_per_layer(run_dir, order, device, dtype)
+    return order, cfgs
+
+
+def read_clt_tensors(
+    run_dir: str | Path,
+    hookpoints: list[str],
+    d_in: int,
+    cross_layer: int,
+    wanted: dict[int, list[str]],
+    device: str | torch.device = "cpu",
+) -> dict[int, dict[str, Tensor]]:
+    """Only the `wanted` tensors (source index -> clt-training keys) of a CLT run, after
+    `load_coders`' checks: what each process of a sharded run reads of a checkpoint."""
+    run_dir = Path(run_dir)
+    order, cfgs = _read_cfgs(run_dir, hookpoints, d_in)
+    if not any(cfg.get("n_targets", 0) > 0 for cfg in cfgs.values()):
+        raise CheckpointError(f"{run_dir} holds per-layer coders, not a cross-layer transcoder")
+    saved = _check_clt_cfg(run_dir, order, cfgs)
+    if saved != cross_layer:
+        raise CheckpointError(
+            f"{run_dir} is a CLT with cross_layer {saved}, not {cross_layer}; pass --cross_layer {saved}"
+        )
+    out = {}
+    for p, keys in wanted.items():
+        path = run_dir / order[p] / WEIGHTS_FILE
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            offsets = [k for k in f.keys() if k.startswith("post_enc")]  # noqa: SIM118
+            if any(f.get_tensor(k).any() for k in offsets):
+                raise CheckpointError(
+                    f"{path} has clt-training's per-target activation offsets, which a sharded "
+                    "CLT does not hold; fine-tune it without --distribute_modules"
+                )
+            missing = sorted(set(keys) - set(f.keys()))
+            if missing:
+                raise CheckpointError(f"{path}: missing tensors {missing}; re-save the checkpoint")
+            out[p] = {key: f.get_tensor(key) for key in keys}
+    return out
 
 
 def _hookpoint_order(run_dir: Path, cfgs: dict[str, dict[str, Any]]) -> list[str]:

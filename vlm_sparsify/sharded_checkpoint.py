@@ -20,7 +20,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from vlm_sparsify.coder_io import RUN_CONFIG_FILE, clt_source_cfg, replace_dir, write_clt_source
+from vlm_sparsify.coder_io import (
+    RUN_CONFIG_FILE,
+    CheckpointError,
+    clt_source_cfg,
+    read_clt_tensors,
+    replace_dir,
+    write_clt_source,
+)
 from vlm_sparsify.sharded_clt import ShardedCLT
 from vlm_sparsify.train_state import read_training_state, write_resume_files, write_step_state
 from vlm_sparsify.training import Trainer, eval_weights
@@ -100,6 +107,29 @@ def read_sharded_training_state(run_dir: Path, trainer: Trainer) -> None:
             f"this run has {clt.world}; resume with the same number of processes"
         )
     read_training_state(run_dir, trainer, resume_dir=mine)
+
+
+@torch.no_grad()
+def load_owned_tensors(clt: ShardedCLT, run_dir: str | Path) -> None:
+    """`--finetune RUN`: this process's tensors of a CLT run (any CLT run, sharded or not, of the
+    same hookpoints, width and cross_layer), read one by one from its source files."""
+    wanted: dict[int, list[str]] = {}
+    for t in clt.owned:
+        wanted.setdefault(t, []).extend(["encoder.weight", "encoder.bias"])
+        for p in clt.sources_reaching(t):
+            wanted.setdefault(p, []).extend([f"W_decs.{t - p}", f"b_decs.{t - p}"])
+    tensors = read_clt_tensors(
+        run_dir, clt.hookpoints, clt.d_in, clt.cross_layer, wanted, clt.device
+    )
+    for p, state in tensors.items():
+        for key, value in state.items():
+            target = clt.source_tensor(p, key)
+            if value.shape != target.shape:
+                raise CheckpointError(
+                    f"{run_dir}: {clt.hookpoints[p]} {key} has shape {list(value.shape)}, this "
+                    f"run's is {list(target.shape)}; pass the checkpoint's --num_latents"
+                )
+            target.copy_(value)
 
 
 def _barrier() -> None:
