@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -440,7 +441,7 @@ def test_layers_without_coders_are_left_alone(model: nn.Module) -> None:
 def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="Unknown replacement mode 'closed'"):
         ReplacementModel(model, make_coders("plt"), mode="closed")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="Unknown decoder 'wide'; use fused, triton or per-target"):
+    with pytest.raises(ValueError, match="Unknown decoder 'wide'; use fused, triton, hybrid or per-target"):
         ReplacementModel(model, make_coders("clt"), decoder="wide")  # type: ignore[arg-type]
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
     stale = PerLayerCoders(["language_model.model.layers.0.mlp"], D, cfg)
@@ -528,3 +529,33 @@ def test_the_triton_decoder_says_what_it_needs(model: nn.Module) -> None:
     needs = "the triton CLT decoder (needs the triton package|runs on a CUDA GPU)"
     with pytest.raises(RuntimeError, match=needs):
         ReplacementModel(model, make_coders("clt"), decoder="triton")
+
+
+@NEEDS_TRITON
+def test_hybrid_decodes_the_prefill_with_triton_and_the_steps_with_embedding_bag(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vlm_sparsify.clt_inference import CLTInference
+
+    coders = make_coders("clt3")
+    with torch.no_grad():
+        reference = ReplacementModel(model, coders, decoder="fused").generate(**batch(), **GREEDY)
+    rows: dict[str, list[int]] = {"triton": [], "embedding_bag": []}
+    decode_into, decode = CLTInference.decode_into, CLTInference.decode
+
+    def spy(kernel: str, method: Any) -> Any:
+        def wrapper(self: CLTInference, p: int, top_acts: Tensor, *args: Any, **kwargs: Any):
+            rows[kernel].append(top_acts.shape[0])
+            return method(self, p, top_acts, *args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(CLTInference, "decode_into", spy("triton", decode_into))
+    monkeypatch.setattr(CLTInference, "decode", spy("embedding_bag", decode))
+    hybrid = ReplacementModel(model, coders, decoder="hybrid")
+    hybrid.hybrid_min_rows = 16  # the test prompts' prefill: 2 sequences of more than 8 tokens
+    with torch.no_grad():
+        tokens = hybrid.generate(**batch(), **GREEDY)
+    assert torch.equal(tokens, reference)
+    assert rows["triton"] and min(rows["triton"]) >= 16
+    assert rows["embedding_bag"] and set(rows["embedding_bag"]) == {2}  # one row per sequence

@@ -67,9 +67,10 @@ METHODS = {
         "decodes target by target through sparsify's Triton kernel (the path before the fused "
         "decoders)"
     ),
-    "replacement_hybrid_estimate_vs_base_generate": (
-        "--gpu: an estimate, not a run: the triton variant's prefill time plus the fused "
-        "variant's later tokens, over the fused run's base time (would a hybrid pay?)"
+    "replacement_hybrid_vs_base_generate": (
+        "--gpu: as replacement_vs_base_generate with decoder='hybrid': the triton kernel in "
+        "forwards of at least ReplacementModel.hybrid_min_rows positions (the prefill), the "
+        "fused embedding_bag at the decoding steps"
     ),
     "replacement_triton_vs_base_generate": (
         "--gpu: as replacement_vs_base_generate with decoder='triton': each source decoded "

@@ -62,9 +62,10 @@ class FidelityConfig:
     """Recipe name or TOML path (default: the run's, else matched from the model)."""
     mode: Literal["open-loop", "error"] = "open-loop"
     """Replacement mode."""
-    decoder: Literal["fused", "triton", "per-target"] = "fused"
+    decoder: Decoder = "fused"
     """How a CLT decodes (docs/replacement.md): fused (a wide copy of its decoders, one call per
-    source), triton (the same into the pending sums; CUDA) or per-target (no extra memory)."""
+    source), triton (the same into the pending sums; CUDA), hybrid (triton in the prefill,
+    fused at decoding steps) or per-target (no extra memory)."""
     limit: int = 64
     """Number of held-out examples."""
     batch_size: int = 8

@@ -7,7 +7,8 @@ max n_targets slots (target t in slot t mod window) until the target's MLP runs.
 empty at the first hookpoint of every forward, so with a KV cache each step decodes only the new
 positions. A CLT decodes through `CLTInference` unless `decoder="per-target"`: one wide copy of
 each source's decoders, so a source decodes into all its targets in one call (and on CUDA its
-encoder runs in bf16, as in training); with `decoder="triton"` straight into the ring. A
+encoder runs in bf16, as in training); with `decoder="triton"` straight into the ring, and with
+`decoder="hybrid"` straight into the ring in a prefill and by `embedding_bag` at decoding steps. A
 pre-hook on the root model reads each forward's tokens for their regions (image / prompt /
 response). Modes:
 
@@ -38,7 +39,7 @@ from vlm_sparsify.cross_layer import CrossLayerTranscoder, free_memory_bytes
 from vlm_sparsify.interventions import Intervention, apply_interventions
 
 Mode = Literal["open-loop", "error", "off"]
-Decoder = Literal["fused", "triton", "per-target"]
+Decoder = Literal["fused", "triton", "hybrid", "per-target"]
 
 
 class ReplacementModel:
@@ -50,10 +51,17 @@ class ReplacementModel:
     through `CLTInference`'s wide copies of the decoders (one `embedding_bag` per source), taken
     at the first such forward and kept while the CLT's weights do not change (`fused_nbytes`: the
     memory they take); `triton`: the same copies, each source decoded straight into the pending
-    sums by `vlm_sparsify.triton_decode` (CUDA); `per-target`: target by target with the CLT's
+    sums by `vlm_sparsify.triton_decode` (CUDA); `hybrid`: Triton in forwards of at least
+    `hybrid_min_rows` positions (a prefill), the fused `embedding_bag` below (a decoding step's
+    one row per sequence, where a Triton launch's overhead can cost more than the decode);
+    `per-target`: target by target with the CLT's
     own weights. Forwards that train the coders (grad enabled, weights requiring grad:
     end-to-end training) always use the CLT's own weights.
     """
+
+    hybrid_min_rows = 128
+    """`decoder="hybrid"`: forwards with at least this many positions (all sequences together)
+    decode with the Triton kernel. A guess until `bench --gpu` times it on a GPU."""
 
     def __init__(
         self,
@@ -85,14 +93,16 @@ class ReplacementModel:
         self._dtype = next(coders.parameters()).dtype
         self._skip = getattr(coders, "skip", None)
         match decoder:
-            case "fused" | "triton" | "per-target":
+            case "fused" | "triton" | "hybrid" | "per-target":
                 self.decoder: Decoder = decoder
             case other:
-                raise ValueError(f"Unknown decoder '{other}'; use fused, triton or per-target")
+                raise ValueError(
+                    f"Unknown decoder '{other}'; use fused, triton, hybrid or per-target"
+                )
         is_clt = isinstance(coders, CrossLayerTranscoder)
         self._fused = decoder != "per-target" and is_clt
-        self._kernel: Kernel = "triton" if decoder == "triton" else "embedding_bag"
-        if self._fused and decoder == "triton":
+        self._kernel: Kernel = "triton" if decoder in ("triton", "hybrid") else "embedding_bag"
+        if self._fused and self._kernel == "triton":
             from vlm_sparsify.triton_decode import check_available
 
             check_available(next(coders.parameters()).device)
@@ -294,6 +304,8 @@ class ReplacementModel:
             if self._capture is not None:
                 self._capture.record(p, top_acts, top_indices)
             direct = self._use_fused and self._inference.direct(p)  # type: ignore[union-attr]
+            if direct and self.decoder == "hybrid":
+                direct = x.shape[0] >= self.hybrid_min_rows
             if mode == "open-loop":
                 if edits:
                     top_acts, top_indices = apply_interventions(
