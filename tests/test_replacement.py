@@ -441,7 +441,9 @@ def test_layers_without_coders_are_left_alone(model: nn.Module) -> None:
 def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="Unknown replacement mode 'closed'"):
         ReplacementModel(model, make_coders("plt"), mode="closed")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="Unknown decoder 'wide'; use fused, triton, hybrid or per-target"):
+    with pytest.raises(
+        ValueError, match="Unknown decoder 'wide'; use fused, triton, hybrid or per-target"
+    ):
         ReplacementModel(model, make_coders("clt"), decoder="wide")  # type: ignore[arg-type]
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
     stale = PerLayerCoders(["language_model.model.layers.0.mlp"], D, cfg)

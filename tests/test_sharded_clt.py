@@ -248,7 +248,7 @@ def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir):
     from tests.test_training import HOOKS, cli, weights
 
     extra = ("--transcode", "true", "--cross_layer", "3", "--distribute_modules", "true",
-             "--save_every", "1")  # fmt: skip
+             "--save_every", "1", "--save_best", "true")  # fmt: skip
     # 28 examples: the last batch of 8 leaves rank 1 without any (it steps with no tokens)
     torchrun(tiny_llava_dir, tmp_path, "whole", *extra, "--max_examples", "28", port=29542)
     torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "16", port=29543)
@@ -261,6 +261,10 @@ def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir):
     for hook in HOOKS:
         for key, value in whole[hook].items():
             assert torch.equal(value, split[hook][key]), (hook, key)
+    # --save_best: the best-so-far is part of the state, so the resumed run keeps the same best
+    best_whole, best_split = weights(tmp_path / "whole-best"), weights(tmp_path / "split-best")
+    assert all(torch.equal(v, best_split[h][k]) for h in HOOKS for k, v in best_whole[h].items())
+    assert not (tmp_path / "whole-best" / "rank0").exists()  # coders only
     for r in (0, 1):
         a = load_file(tmp_path / "whole" / f"rank{r}" / "train_params.safetensors")
         b = load_file(tmp_path / "split" / f"rank{r}" / "train_params.safetensors")

@@ -259,3 +259,86 @@ def test_a_clt_too_big_for_the_gpu_stops_before_training(tmp_path, tiny_llava_di
     with pytest.raises(SystemExit, match="this CLT needs ~0.0 GiB .* it cannot fit"):
         run(cli(tiny_llava_dir, tmp_path, "big", "--cross_layer", "3"))
     assert not (tmp_path / "big").exists()
+
+
+def test_wandb_logs_sparsifys_figures_every_n_steps_without_the_token(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys
+):
+    import types
+
+    inits, logged = [], []
+
+    class FakeRun:
+        def log(self, info, step):
+            logged.append((step, info))
+
+        def finish(self):
+            logged.append(("finished", {}))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "clts")
+    extra = ("--cross_layer", "2", "--auxk_alpha", "0.03", "--log_to_wandb", "true",
+             "--wandb_log_frequency", "2", "--hf_token", "hf_SECRET")  # fmt: skip
+    trainer = run(cli(tiny_llava_dir, tmp_path, "logged", *extra))
+    assert [kw["name"] for kw in inits] == ["logged"] and inits[0]["project"] == "clts"
+    assert "hf_SECRET" not in json.dumps(inits[0]["config"], default=str)
+    assert [step for step, _ in logged] == [2, 4, 6, "finished"]
+    history = trainer.state.fvu_history
+    for step, info in logged[:-1]:
+        assert info["k"] == 4 and info["auxk"] >= 0
+        for i, hook in enumerate(HOOKS):
+            mean = (history[step - 2][i] + history[step - 1][i]) / 2
+            assert info[f"fvu/{hook}"] == pytest.approx(mean)
+            assert 0 <= info[f"dead_pct/{hook}"] <= 1 and info[f"l0/{hook}"] > 0
+    # without wandb the run says so and goes on
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    run(cli(tiny_llava_dir, tmp_path, "unlogged", "--log_to_wandb", "true"))
+    assert "Weights & Biases not available" in capsys.readouterr().out
+    assert (tmp_path / "unlogged" / "summary.json").is_file()
+
+
+def test_save_best_replaces_only_the_hookpoints_that_improved(tmp_path, tiny_llava_dir):
+    """PLTs keep one best per hookpoint: the mean FVU since the last checkpoint against the
+    lowest so far; an improved hookpoint's folder gets the (averaged) weights of now."""
+    from vlm_sparsify.best_checkpoint import save_best
+    from vlm_sparsify.coder_io import save_coders
+
+    trainer = run(cli(tiny_llava_dir, tmp_path, "plt", "--transcode", "true", "--max_examples", "16"))  # fmt: skip
+    run_dir = tmp_path / "plt"
+
+    def snapshot(name):
+        with training.eval_weights(trainer.optimizers):
+            save_coders(trainer.coders, tmp_path / name)
+        return weights(tmp_path / name)
+
+    state = trainer.state
+    state.best_loss, state.best_checked_step = {}, 0
+    state.global_step, state.fvu_history = 2, [[1.0, 1.0, 1.0], [0.5, 0.9, 0.7]]
+    assert save_best(trainer, run_dir, {"run": "plt"}) == HOOKS  # all beat infinity
+    first = snapshot("first")
+    with torch.no_grad():
+        for p in trainer.coders.parameters():
+            p.add_(0.01)
+    second = snapshot("second")
+    state.global_step, state.fvu_history = 3, [*state.fvu_history, [0.4, 0.95, 0.7]]
+    assert save_best(trainer, run_dir, {"run": "plt"}) == [HOOKS[0], HOOKS[2]]
+    assert state.best_loss == {HOOKS[0]: 0.4, HOOKS[1]: 0.95, HOOKS[2]: 0.7}
+    assert save_best(trainer, run_dir, {}) == []  # no step since: nothing to compare
+    best = weights(tmp_path / "plt-best")
+    for hook, expected in ((HOOKS[0], second), (HOOKS[1], first), (HOOKS[2], second)):
+        assert all(torch.equal(best[hook][k], v) for k, v in expected[hook].items()), hook
+    assert not all(torch.equal(first[HOOKS[1]][k], v) for k, v in second[HOOKS[1]].items())
+    assert isinstance(load_coders(tmp_path / "plt-best"), training.PerLayerCoders)
+    assert json.loads((tmp_path / "plt-best" / "config.json").read_text()) == {"run": "plt"}
+
+
+def test_save_best_keeps_a_clt_whole(tmp_path, tiny_llava_dir):
+    extra = ("--cross_layer", "2", "--save_best", "true", "--save_every", "3")
+    trainer = run(cli(tiny_llava_dir, tmp_path, "clt", *extra))
+    history = trainer.state.fvu_history
+    means = [sum(map(sum, history[s - 3 : s])) / 3 for s in (3, 6)]
+    assert trainer.state.best_loss == {"": pytest.approx(min(means))}
+    best = load_coders(tmp_path / "clt-best")
+    assert best.hookpoints == HOOKS and best.cross_layer == 2

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from simple_parsing import field, parse
 from sparsify.config import TrainConfig
 
+from vlm_sparsify.best_checkpoint import save_best
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.cross_layer import (
     CrossLayerTranscoder,
@@ -46,6 +47,7 @@ from vlm_sparsify.train_state import (
     write_training_state,
 )
 from vlm_sparsify.training import Trainer, build_coders, build_optimizers, eval_weights
+from vlm_sparsify.wandb_log import WandbLog
 
 
 @dataclass
@@ -265,6 +267,8 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         coders.load_state_dict(load_coders(args.finetune, device=device).state_dict())
 
     def checkpoint(t: Trainer) -> None:
+        if args.save_best:  # first: the comparison is part of the state saved below
+            save_best(t, run_dir, run_config_dict(args))
         if isinstance(t.coders, ShardedCLT):
             write_sharded_checkpoint(t, run_dir, run_config_dict(args))
             return
@@ -282,6 +286,10 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
             dist.barrier()
 
     trainer.checkpoint = checkpoint
+    wandb_log = None
+    if args.log_to_wandb and rank == 0:
+        wandb_log = WandbLog.start(run_dir.name, run_config_dict(args), args.wandb_log_frequency)
+        trainer.on_step = wandb_log
     stream = BatchStream(
         examples,
         processor,
@@ -313,6 +321,8 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         f"recipe), {spread}"
     )
     trainer.fit(loader, total)
+    if wandb_log is not None:
+        wandb_log.finish()
     if rank == 0:
         print_summary(trainer.summary())
         if trainer.state.loss_history:

@@ -60,8 +60,11 @@ def gather_source(clt: ShardedCLT, p: int, dst: int = 0) -> dict[str, Tensor] | 
     return out if clt.rank == dst else None
 
 
-def write_sharded_checkpoint(trainer: Trainer, run_dir: Path, config: dict[str, Any]) -> None:
-    """Every rank calls this at the same step; the checkpoint appears at `run_dir` at once."""
+def write_sharded_checkpoint(
+    trainer: Trainer, run_dir: Path, config: dict[str, Any], resume_files: bool = True
+) -> None:
+    """Every rank calls this at the same step; the checkpoint appears at `run_dir` at once
+    (without `resume_files`: the coders and config alone, as `--save_best` keeps them)."""
     clt = trainer.coders
     assert isinstance(clt, ShardedCLT)
     tmp = run_dir.parent / f".{run_dir.name}.tmp-sharded"
@@ -76,13 +79,15 @@ def write_sharded_checkpoint(trainer: Trainer, run_dir: Path, config: dict[str, 
             tensors = gather_source(clt, p)
             if tensors is not None:
                 write_clt_source(tmp / hookpoint, tensors, clt_source_cfg(clt, p))
-    mine = rank_dir(tmp, clt.rank)
-    mine.mkdir()
-    write_resume_files(mine, trainer, live)
-    (mine / SHARD_FILE).write_text(json.dumps({"world_size": clt.world, "owners": clt.owners}))
+    if resume_files:
+        mine = rank_dir(tmp, clt.rank)
+        mine.mkdir()
+        write_resume_files(mine, trainer, live)
+        (mine / SHARD_FILE).write_text(json.dumps({"world_size": clt.world, "owners": clt.owners}))
     if clt.rank == 0:
         (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        write_step_state(tmp, trainer, summary)
+        if resume_files:
+            write_step_state(tmp, trainer, summary)
     _barrier()
     if clt.rank == 0:
         replace_dir(tmp, run_dir)

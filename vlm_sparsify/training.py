@@ -258,6 +258,10 @@ class TrainingState:
     l0_history: list[list[float]] = field(default_factory=list)
     loss_history: list[float] = field(default_factory=list)
     """End-to-end loss (`--loss_fn kl` or `ce`) per step; empty with fvu."""
+    best_loss: dict[str, float] = field(default_factory=dict)
+    """`--save_best`: the lowest loss so far per hookpoint, or "" for the whole coder set."""
+    best_checked_step: int = 0
+    """`--save_best`: the step of the last comparison."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -269,6 +273,8 @@ class TrainingState:
             "fvu_history": self.fvu_history,
             "l0_history": self.l0_history,
             "loss_history": self.loss_history,
+            "best_loss": self.best_loss,
+            "best_checked_step": self.best_checked_step,
         }
 
     @classmethod
@@ -349,6 +355,8 @@ class Trainer:
     state: TrainingState = field(default_factory=TrainingState)
     checkpoint: Any = None
     """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps and at the end."""
+    on_step: Any = None
+    """`on_step(trainer, metrics)` after every step that trained (W&B logging)."""
     _replacement: ReplacementModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -521,6 +529,8 @@ class Trainer:
             if metrics:
                 pbar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
             step = self.state.global_step
+            if self.on_step and metrics:
+                self.on_step(self, metrics)
             if self.checkpoint and metrics and step % self.cfg.save_every == 0:
                 self.checkpoint(self)
         pbar.close()
