@@ -250,6 +250,8 @@ def test_gpu_decoder_reaches_the_clt_and_bad_values_are_named(
         run(cli(tiny_llava_dir, tmp_path, "bad", "--cross_layer", "3", "--gpu_decoder", "cuda"))
     with pytest.raises(ValueError, match="--gpu_decoder applies to a cross-layer transcoder"):
         run(cli(tiny_llava_dir, tmp_path, "plt", "--gpu_decoder", "embedding_bag"))
+    with pytest.raises(ValueError, match="one run per seed"):
+        run(cli(tiny_llava_dir, tmp_path, "seeds", "--init_seeds", "0", "1"))
 
 
 def test_a_clt_too_big_for_the_gpu_stops_before_training(tmp_path, tiny_llava_dir, monkeypatch):

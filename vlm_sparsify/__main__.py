@@ -145,6 +145,12 @@ class RunConfig(TrainConfig):
         )
         if self.distribute_modules:
             check_distributable(self)
+        if len(self.init_seeds) > 1:
+            raise ValueError(
+                f"--init_seeds {' '.join(map(str, self.init_seeds))}: sparsify trains one set of "
+                "coders per seed in one run; here train one run per seed (--init_seeds N with "
+                "its own --run_name)"
+            )
 
 
 def check_distributable(args: RunConfig) -> None:
