@@ -105,6 +105,11 @@ class RunConfig(TrainConfig):
     decoder_dtype: str = "float32"
     """Dtype of cross-layer decoder weights (bfloat16 halves their memory, see docs/memory.md)."""
 
+    distribute_modules: bool = False
+    """Shard a cross-layer transcoder over the processes (torchrun): each holds a block of
+    layers, their encoders and the decoders into them, instead of the whole CLT
+    (docs/memory.md)."""
+
     gpu_decoder: str = "sparsify"
     """How a cross-layer transcoder's sparse decoders train on a GPU: sparsify (its Triton
     kernels), embedding_bag (torch's; its backward sorts the indices) or triton (ours: a source's
