@@ -118,27 +118,49 @@ class CLTSource(nn.Module):
 
         On a GPU each target goes through sparsify's Triton decoder, torch's embedding_bag or,
         with `kernel="triton"`, all targets through `triton_train.source_decode` (not with
-        per-target activation offsets); on the CPU sparsify's decoder is torch's embedding_bag,
-        called here once per target with the `[N, k]` bags flattened once for all of them
-        (bit-identical to `decode_target`).
+        per-target activation offsets); on the CPU sparsify's decoder is torch's embedding_bag
+        (`sparse_decode`, bit-identical to `decode_target`).
         """
-        on_gpu = top_indices.device.type != "cpu"
         if kernel == "triton" and self.post_encs is None and triton_runs_on(top_indices.device):
             from .triton_train import source_decode
 
             parts = source_decode(top_acts, top_indices, list(self.W_decs))
             return [part + b_dec for part, b_dec in zip(parts, self.b_decs, strict=True)]
-        if on_gpu and kernel == "sparsify":
-            return [self.decode_target(i, top_acts, top_indices) for i in range(self.n_targets)]
-        rows, k = top_indices.shape
-        indices = top_indices.reshape(-1)
-        offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
-        parts = []
-        for i, (W_dec, b_dec) in enumerate(zip(self.W_decs, self.b_decs, strict=True)):
-            acts = self.target_acts(i, top_acts, top_indices).to(W_dec.dtype).reshape(-1)
-            bags = torch.embedding_bag(W_dec, indices, offsets, False, 0, False, acts, False)
-            parts.append(bags[0].float() + b_dec)
-        return parts
+        return [
+            sparse_decode(W_dec, self.target_acts(i, top_acts, top_indices), top_indices, kernel)
+            + b_dec
+            for i, (W_dec, b_dec) in enumerate(zip(self.W_decs, self.b_decs, strict=True))
+        ]
+
+
+def sparse_decode(W_dec: Tensor, values: Tensor, indices: Tensor, kernel: GpuDecoder) -> Tensor:
+    """sum_j values[:, j] * W_dec[indices[:, j]] as float32: sparsify's Triton decoder on a GPU
+    (`kernel="sparsify"`), else torch's embedding_bag (what sparsify uses on the CPU)."""
+    acts = values.to(W_dec.dtype)
+    if indices.device.type != "cpu" and kernel == "sparsify":
+        return decoder_impl(indices, acts, W_dec.mT).float()
+    rows, k = indices.shape
+    offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
+    bags = torch.embedding_bag(
+        W_dec, indices.reshape(-1), offsets, False, 0, False, acts.reshape(-1), False
+    )
+    return bags[0].float()
+
+
+def auxk_loss(
+    W_dec: Tensor, pre_acts: Tensor, residual: Tensor, total_variance: Tensor, dead: Tensor
+) -> Tensor:
+    """sparsify's AuxK for a source: its top dead latents (k_aux = d / 2) predict its layer's
+    residual through its own-layer decoder `W_dec`, scaled down when few latents are dead."""
+    num_dead = int(dead.sum())
+    if num_dead == 0:
+        return residual.new_tensor(0.0)
+    k_aux = residual.shape[-1] // 2
+    scale = min(num_dead / k_aux, 1.0)
+    masked = torch.where(dead[None], pre_acts, -torch.inf)
+    aux_acts, aux_indices = masked.topk(min(k_aux, num_dead), sorted=False)
+    e_hat = decoder_impl(aux_indices, aux_acts.to(W_dec.dtype), W_dec.mT)
+    return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -305,7 +327,13 @@ class CrossLayerTranscoder(nn.Module):
         if dead_masks is not None:
             auxk = torch.stack(
                 [
-                    self._auxk_loss(p, pre_acts[p], outputs[p] - preds[p], variances[p], dead)
+                    auxk_loss(
+                        self.sources[p].W_decs[0],
+                        pre_acts[p],
+                        outputs[p] - preds[p],
+                        variances[p],
+                        dead,
+                    )
                     for p, dead in enumerate(dead_masks)
                 ]
             )
@@ -313,22 +341,6 @@ class CrossLayerTranscoder(nn.Module):
         if self.cfg.multi_topk:
             multi = self._multi_topk_fvu(pre_acts, outputs, variances)
         return CoderSetOutput(fvu, acts, indices, preds, auxk, multi)
-
-    def _auxk_loss(
-        self, p: int, pre_acts: Tensor, residual: Tensor, total_variance: Tensor, dead: Tensor
-    ) -> Tensor:
-        """sparsify's AuxK: source p's top dead latents (k_aux = d / 2) predict its layer's
-        residual through its own-layer decoder, scaled down when few latents are dead."""
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return residual.new_tensor(0.0)
-        k_aux = residual.shape[-1] // 2
-        scale = min(num_dead / k_aux, 1.0)
-        masked = torch.where(dead[None], pre_acts, -torch.inf)
-        aux_acts, aux_indices = masked.topk(min(k_aux, num_dead), sorted=False)
-        W_dec = self.sources[p].W_decs[0]
-        e_hat = decoder_impl(aux_indices, aux_acts.to(W_dec.dtype), W_dec.mT)
-        return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
 
     def _multi_topk_fvu(
         self, pre_acts: list[Tensor], outputs: list[Tensor], variances: list[Tensor]

@@ -33,10 +33,15 @@ import torch
 import torch.distributed as dist
 from sparsify import SparseCoderConfig
 from sparsify.fused_encoder import EncoderOutput
-from sparsify.utils import decoder_impl
 from torch import Tensor, nn
 
-from .cross_layer import GpuDecoder, n_sources_per_target, n_targets_per_source
+from .cross_layer import (
+    GpuDecoder,
+    auxk_loss,
+    n_sources_per_target,
+    n_targets_per_source,
+    sparse_decode,
+)
 from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
 from .topk_encoder import encode_topk
 
@@ -287,8 +292,12 @@ class ShardedCLT(nn.Module):
         if dead_masks is not None:
             auxk = torch.stack(
                 [
-                    self._auxk_loss(
-                        p, encoded[p].pre_acts, world_y[p] - preds[p], total_variances[p], dead
+                    auxk_loss(
+                        self.decoder(p, p)[0],
+                        encoded[p].pre_acts.detach(),  # the fused encoder ignores its gradient
+                        world_y[p] - preds[p],
+                        total_variances[p],
+                        dead,
                     )
                     if p in encoded
                     else zero
@@ -374,35 +383,6 @@ class ShardedCLT(nn.Module):
             total = part if total is None else total + part
         assert total is not None
         return total
-
-    def _auxk_loss(
-        self, p: int, pre_acts: Tensor, residual: Tensor, total_variance: Tensor, dead: Tensor
-    ) -> Tensor:
-        """sparsify's AuxK on source p's own layer (CrossLayerTranscoder._auxk_loss)."""
-        num_dead = int(dead.sum())
-        if num_dead == 0:
-            return residual.new_tensor(0.0)
-        k_aux = residual.shape[-1] // 2
-        scale = min(num_dead / k_aux, 1.0)
-        masked = torch.where(dead[None], pre_acts.detach(), -torch.inf)
-        aux_acts, aux_indices = masked.topk(min(k_aux, num_dead), sorted=False)
-        W_dec = self.decoder(p, p)[0]
-        e_hat = decoder_impl(aux_indices, aux_acts.to(W_dec.dtype), W_dec.mT)
-        return scale * (e_hat - residual.detach()).pow(2).sum() / total_variance
-
-
-def sparse_decode(W_dec: Tensor, values: Tensor, indices: Tensor, kernel: GpuDecoder) -> Tensor:
-    """sum_j values[:, j] * W_dec[indices[:, j]] as float32: sparsify's Triton decoder on a GPU
-    (`kernel="sparsify"`), else torch's embedding_bag (what sparsify uses on the CPU)."""
-    acts = values.to(W_dec.dtype)
-    if indices.device.type != "cpu" and kernel == "sparsify":
-        return decoder_impl(indices, acts, W_dec.mT).float()
-    rows, k = indices.shape
-    offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
-    bags = torch.embedding_bag(
-        W_dec, indices.reshape(-1), offsets, False, 0, False, acts.reshape(-1), False
-    )
-    return bags[0].float()
 
 
 # -- collectives (no-ops on one process) ------------------------------------------------------
