@@ -13,6 +13,7 @@ from vlm_sparsify.bench import GOALS, GPU_GOALS, format_table
 FIGURES = (
     "plugin_vs_stock_plt_step",
     "clt_vs_plt_step",
+    "clt_sharded_vs_data_parallel_step",
     "replacement_vs_base_generate",
     "replacement_error_vs_base_generate",
     "capture_vs_base_generate",

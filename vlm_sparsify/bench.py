@@ -5,6 +5,8 @@ process, interleaved, after warm-up, as a median:
 
 - `plugin_vs_stock_plt_step`: our PLT training step over stock `sparsify.Trainer`'s;
 - `clt_vs_plt_step`: a CLT over every layer vs a PLT of equal width and k (full training step);
+- `clt_sharded_vs_data_parallel_step`: that CLT's step over two gloo processes, sharded by layer
+  (`--distribute_modules`) vs data parallel (no goal: the cost of the extra collectives);
 - `replacement_vs_base_generate`: greedy `generate` of the CLT replacement model over the base
   model's (open-loop; error mode beside it);
 - `capture_vs_base_generate`: generation with feature capture on vs off;
@@ -56,6 +58,11 @@ METHODS = {
         "batches; first 2 steps of each round dropped; median of per-step ratios"
     ),
     "clt_vs_plt_step": "train_on_batch on one multimodal batch, CLT and PLT alternating per step",
+    "clt_sharded_vs_data_parallel_step": (
+        "a CLT over every layer (all targets, the bench's width and k, 512 random tokens per "
+        "process): forward, backward and gradient sum on two gloo processes, sharded "
+        "(--distribute_modules) vs data parallel, alternating per step; rank 0's times"
+    ),
     "replacement_vs_base_generate": (
         "benchmark_generate: greedy generate of exactly max_new_tokens, interleaved with the base "
         "model, one warm-up each, median; CLT with fused inference decoders (CLTInference); "

@@ -19,6 +19,7 @@ from vlm_sparsify.bench_steps import (
     make_trainer,
     pipeline_vs_pretokenized,
     plugin_vs_stock_steps,
+    sharded_vs_data_parallel,
     train_config,
 )
 from vlm_sparsify.data import BatchStream, Example, batch_loader, easyvqa_examples, load_rgb
@@ -49,6 +50,7 @@ class CpuSizes:
     pipeline_rounds: int = 6
     pipeline_batches: int = 10
     num_workers: int = 1
+    sharded_steps: int = 12
 
     @classmethod
     def quick(cls) -> CpuSizes:
@@ -63,6 +65,7 @@ class CpuSizes:
             analyze_samples=16,
             pipeline_rounds=2,
             pipeline_batches=3,
+            sharded_steps=2,
         )
 
 
@@ -201,6 +204,14 @@ def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
     )
     results["clt_vs_plt_step"] = paired.ratio
     details["clt_vs_plt_step"] = {**paired.summary(), "tokens": int(batch["token_mask"].sum())}
+
+    # (b2) the same kind of CLT sharded over two processes vs data parallel over two
+    log("(b2) CLT step sharded over 2 gloo processes vs data parallel ...")
+    d_in = model.config.get_text_config().hidden_size
+    shard = dict(layers=len(hookpoints), d=d_in, latents=ef * d_in, k=k, tokens=512)
+    paired = sharded_vs_data_parallel(**shard, steps=sizes.sharded_steps)
+    results["clt_sharded_vs_data_parallel_step"] = paired.ratio
+    details["clt_sharded_vs_data_parallel_step"] = {**paired.summary(), **shard}
 
     # (c, d) generation: replacement (CLT) vs base; capture on vs off
     log("(c) replacement vs base generate ...")

@@ -263,3 +263,59 @@ def pipeline_vs_pretokenized(
             tokens, seconds = tokens_per_second(trainer, source, device)
             (paired.candidate if live else paired.reference).append(tokens / seconds)
     return paired
+
+
+def sharded_vs_data_parallel(
+    layers: int, d: int, latents: int, k: int, tokens: int, steps: int, warmup: int = 2
+) -> Paired:
+    """A CLT step (forward, backward, gradient sum) over two gloo processes with
+    `--distribute_modules` (candidate) vs data parallel (reference): all targets, the same
+    random activations, alternating step by step on both processes; rank 0's timings."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = (layers, d, latents, k, tokens, steps, warmup)
+        mp.spawn(_sharded_worker, args=(tmp, *sizes), nprocs=2)
+        timings = torch.load(f"{tmp}/timings.pt", weights_only=True)
+    return Paired(timings["sharded"], timings["data_parallel"])
+
+
+def _sharded_worker(
+    rank: int, tmp: str, layers: int, d: int, latents: int, k: int, tokens: int, steps: int,
+    warmup: int,
+) -> None:  # fmt: skip
+    import torch.distributed as dist
+
+    from vlm_sparsify.training import loss_per_target, sum_gradients, total_variances
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    try:
+        hookpoints = [f"layers.{i}.mlp" for i in range(layers)]
+        generator = torch.Generator().manual_seed(rank)
+        xs = [torch.randn(tokens, d, generator=generator) for _ in hookpoints]
+        ys = [torch.randn(tokens, d, generator=generator) for _ in hookpoints]
+        variances = total_variances(ys)
+        coders = {
+            name: build_coders(
+                hookpoints, d, SparseCoderConfig(num_latents=latents, k=k), layers,
+                torch.device("cpu"), distribute=name == "sharded",
+            )
+            for name in ("sharded", "data_parallel")
+        }  # fmt: skip
+        timings: dict[str, list[float]] = {name: [] for name in coders}
+        for i in range(warmup + steps):
+            for name, coder_set in coders.items():
+                dist.barrier()
+                start = time.perf_counter()
+                loss_per_target(coder_set, xs, ys, variances)
+                sum_gradients(coder_set)
+                dist.barrier()
+                if i >= warmup:
+                    timings[name].append(time.perf_counter() - start)
+        if rank == 0:
+            torch.save(timings, f"{tmp}/timings.pt")
+    finally:
+        dist.destroy_process_group()
