@@ -322,3 +322,16 @@ def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeyp
     wider = SparseCoderConfig(num_latents=64, k=4, transcode=True)
     with pytest.raises(CheckpointError, match="pass the checkpoint's --num_latents"):
         load_owned_tensors(ShardedCLT(HOOKS, 8, wider, 3), tmp_path / "run")
+
+
+def test_a_hub_copy_leaves_the_ranks_resume_files_out(tmp_path) -> None:
+    from vlm_sparsify.hub import hub_files
+
+    for name in ("config.json", "summary.json", "state.pt", "l.0.mlp/cfg.json",
+                 "l.0.mlp/sae.safetensors", "rank0/shard.json", "rank0/optimizer_0.pt",
+                 "rank1/train_params.safetensors"):  # fmt: skip
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert hub_files(tmp_path) == [
+        "config.json", "l.0.mlp/cfg.json", "l.0.mlp/sae.safetensors", "summary.json"
+    ]  # fmt: skip
