@@ -92,8 +92,8 @@ def layer_parameters(n_layers: int, cross_layer: int, num_latents: int, d_in: in
 
 
 class CLTLayer(nn.Module):
-    """Layer l of a sharded CLT: source l's encoder; `W_decs[j]`, `b_decs[j]` decode source
-    `first_source + j` into target l."""
+    """Layer l of a sharded CLT: source l's encoder; `W_decs[j]`, `b_decs[j]` decode the j-th
+    source reaching l (`ShardedCLT.sources_reaching(l)[j]`) into target l."""
 
     def __init__(
         self,
@@ -135,8 +135,6 @@ class ShardedCLT(nn.Module):
     and returns the FVU of the targets it owns (zero elsewhere: the trainer sums over processes),
     and every source's features for its own tokens.
     """
-
-    sharded = True
 
     def __init__(
         self,
