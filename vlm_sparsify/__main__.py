@@ -36,7 +36,9 @@ from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.sharded_checkpoint import (
+    SHARD_FILE,
     load_owned_tensors,
+    rank_dir,
     read_sharded_training_state,
     write_sharded_checkpoint,
 )
@@ -268,6 +270,11 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         read_sharded_training_state(run_dir, trainer)
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
     elif args.resume:
+        if (rank_dir(run_dir, 0) / SHARD_FILE).is_file():
+            raise ValueError(
+                f"{run_dir} was trained with --distribute_modules; resume it with "
+                "--distribute_modules and the same number of processes"
+            )
         read_training_state(run_dir, trainer)
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
     elif args.finetune and isinstance(coders, ShardedCLT):
