@@ -43,6 +43,7 @@ def test_checkpoints_load_and_resume_is_exact(
     run(cli(tiny_llava_dir, tmp_path, "whole", *extra))
     whole = tmp_path / "whole"
     assert (whole / "summary.json").is_file() and (whole / "config.json").is_file()
+    assert (whole / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     original = training.Trainer.train_on_batch
     calls = {"n": 0}
@@ -344,3 +345,14 @@ def test_save_best_keeps_a_clt_whole(tmp_path, tiny_llava_dir):
     assert trainer.state.best_loss == {"": pytest.approx(min(means))}
     best = load_coders(tmp_path / "clt-best")
     assert best.hookpoints == HOOKS and best.cross_layer == 2
+
+
+def test_training_curves_are_trailing_moving_averages():
+    import numpy as np
+
+    from vlm_sparsify.training_plot import smooth
+
+    values = np.array([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0], [7.0, 70.0]])
+    np.testing.assert_allclose(smooth(values, 2), [[1, 10], [2, 20], [4, 40], [6, 60]])
+    np.testing.assert_allclose(smooth(values, 1), values)
+    np.testing.assert_allclose(smooth(values[:, 0], 3), [1, 2, 3, 5])

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlm_sparsify.training import Trainer, TrainingState
+from vlm_sparsify.training_plot import plot_trainer
 
 STATE_FILE = "state.pt"
 PARAMS_FILE = "train_params.safetensors"
@@ -33,9 +34,10 @@ def write_training_state(
 
 
 def write_step_state(folder: Path, trainer: Trainer, summary: list[dict]) -> None:
-    """The step, counters and histories (`state.pt`) and the summary table."""
+    """The step, counters and histories (`state.pt`), the summary table and `training.png`."""
     torch.save(trainer.state.to_dict(), folder / STATE_FILE)
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    plot_trainer(trainer, folder, summary)
 
 
 def write_resume_files(folder: Path, trainer: Trainer, params: dict[str, torch.Tensor]) -> None:
