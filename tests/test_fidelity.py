@@ -37,8 +37,9 @@ def run_fidelity(run: Path, mode: str, capsys, *extra: str) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def test_error_mode_is_faithful(clt_run: Path, capsys) -> None:
-    result = run_fidelity(clt_run, "error", capsys)
+def test_error_mode_is_faithful(clt_run: Path, capsys, tmp_path: Path) -> None:
+    result = run_fidelity(clt_run, "error", capsys, "--plot", str(tmp_path / "fidelity.png"))
+    assert (tmp_path / "fidelity.png").read_bytes()[:4] == b"\x89PNG"
     assert result["top1_agreement"] == 1.0
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)
     assert result["exact_match"] == 1.0

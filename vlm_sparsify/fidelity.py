@@ -76,6 +76,9 @@ class FidelityConfig:
     dtype: str = "auto"
     json: bool = False
     """Print one JSON object instead of a table."""
+    plot: str = ""
+    """Also draw the report as a PNG at this path (per-layer FVU by region, errors in the
+    stream, agreement and KL by region)."""
 
 
 class _LayerRecorder:
@@ -349,6 +352,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.decoder,
     )
     result.update(run=str(run), model=model_id, dataset=dataset, split=split)
+    if args.plot:
+        from vlm_sparsify.fidelity_plot import plot_fidelity
+
+        plot_fidelity(result, Path(args.plot))
     if args.json:
         print(json.dumps(result))
     else:
