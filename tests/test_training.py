@@ -356,3 +356,31 @@ def test_training_curves_are_trailing_moving_averages():
     np.testing.assert_allclose(smooth(values, 2), [[1, 10], [2, 20], [4, 40], [6, 60]])
     np.testing.assert_allclose(smooth(values, 1), values)
     np.testing.assert_allclose(smooth(values[:, 0], 3), [1, 2, 3, 5])
+
+
+def test_recipe_defaults_yield_to_the_flags_passed():
+    from simple_parsing import parse
+
+    from vlm_sparsify.__main__ import RunConfig, apply_recipe_defaults
+    from vlm_sparsify.recipe import find_recipe
+
+    defaults = find_recipe("llava").train_defaults  # sized for LLaVA-1.5-7B
+    args = parse(RunConfig, args=["--cross_layer", "16"])
+    apply_recipe_defaults(args, defaults, ["--cross_layer", "16"])
+    assert (args.sae.num_latents, args.sae.k, args.batch_size) == (8192, 32, 8)
+    argv = ["--expansion_factor", "4", "--k", "64"]  # the width given the other way wins too
+    args = parse(RunConfig, args=argv)
+    apply_recipe_defaults(args, defaults, argv)
+    assert (args.sae.num_latents, args.sae.expansion_factor, args.sae.k) == (0, 4, 64)
+    with pytest.raises(ValueError, match="'num_latent', which is not a flag"):
+        apply_recipe_defaults(parse(RunConfig, args=[]), {"num_latent": 8}, [])
+
+
+def test_decoder_dtype_auto_is_bf16_on_a_gpu_only():
+    from vlm_sparsify.__main__ import resolve_decoder_dtype
+
+    assert resolve_decoder_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_decoder_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_decoder_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="--decoder_dtype must be auto, float32"):
+        run(["--decoder_dtype", "bf16"])

@@ -104,8 +104,9 @@ class RunConfig(TrainConfig):
     dtype: str = "auto"
     """Model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16."""
 
-    decoder_dtype: str = "float32"
-    """Dtype of cross-layer decoder weights (bfloat16 halves their memory, see docs/memory.md)."""
+    decoder_dtype: str = "auto"
+    """Dtype of cross-layer decoder weights: auto (bfloat16 on a GPU: half the memory of the
+    7B-scale CLT, docs/memory.md; float32 on CPU), float32 or bfloat16."""
 
     distribute_modules: bool = False
     """Shard a cross-layer transcoder over the processes (torchrun): each holds a block of
@@ -137,6 +138,11 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
+        if self.decoder_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(
+                "--decoder_dtype must be auto, float32, bfloat16 or float16, "
+                f"got '{self.decoder_dtype}'"
+            )
         if self.gpu_decoder not in get_args(GpuDecoder):
             raise ValueError(
                 f"--gpu_decoder must be one of {', '.join(get_args(GpuDecoder))}, "
@@ -160,6 +166,13 @@ class RunConfig(TrainConfig):
             )
 
 
+def resolve_decoder_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`--decoder_dtype`: auto is bfloat16 on a GPU and float32 elsewhere (as `--dtype auto`)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
 def check_distributable(args: RunConfig) -> None:
     """What `--distribute_modules` (a CLT sharded over the processes by layer) works with."""
     if not args.cross_layer:
@@ -174,12 +187,22 @@ def check_distributable(args: RunConfig) -> None:
         raise ValueError(f"--distribute_modules does not support {', '.join(named)}")
 
 
+WIDTH_FLAGS = ("num_latents", "expansion_factor")
+"""Two ways to say the coders' width: passing either overrides a recipe default of both."""
+
+
 def apply_recipe_defaults(args: RunConfig, defaults: dict[str, Any], argv: list[str]) -> None:
-    """The recipe's [train] defaults, for flags the user did not pass (the tiny default run)."""
+    """The recipe's [train] defaults, for flags the user did not pass."""
+
+    def passed(key: str) -> bool:
+        return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
+
     for key, value in defaults.items():
-        if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
-            continue
         target = args.sae if hasattr(args.sae, key) else args
+        if not hasattr(target, key):
+            raise ValueError(f"the recipe's [train] table sets '{key}', which is not a flag")
+        if passed(key) or (key in WIDTH_FLAGS and any(map(passed, WIDTH_FLAGS))):
+            continue
         setattr(target, key, value)
 
 
@@ -220,7 +243,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     )
     args.hookpoints = hookpoints
     d_in = model.config.get_text_config().hidden_size
-    decoder_dtype = getattr(torch, args.decoder_dtype)
+    decoder_dtype = resolve_decoder_dtype(args.decoder_dtype, torch.device(device))
     free = free_memory_bytes(torch.device(device))
     num_latents = args.sae.num_latents or d_in * args.sae.expansion_factor
     if args.cross_layer and free is not None and args.optimizer != "muon":
