@@ -115,6 +115,7 @@ def test_build_coders_shards_only_a_clt() -> None:
     cfg = SparseCoderConfig(num_latents=16, k=2)
     sharded = build_coders(HOOKS, 8, cfg, 2, torch.device("cpu"), distribute=True)
     assert isinstance(sharded, ShardedCLT) and sharded.owned == list(range(5))
+    assert sharded.plan() == "layers 0-4 on rank 0"
     with pytest.raises(ValueError, match="shards a cross-layer transcoder"):
         build_coders(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2), 0, "cpu", distribute=True)
     with pytest.raises(ValueError, match="skip connections"):
@@ -308,7 +309,7 @@ def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeyp
     monkeypatch.setattr(sharded_clt.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(sharded_clt.dist, "get_world_size", lambda: 2)
     clt = ShardedCLT(HOOKS, 8, cfg, 3)
-    assert clt.owned == [3, 4]
+    assert clt.owned == [3, 4] and clt.plan() == "layers 0-2 on rank 0, 3-4 on rank 1"
     load_owned_tensors(clt, tmp_path / "run")
     loaded = 0
     for t in clt.owned:

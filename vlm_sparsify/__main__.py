@@ -354,7 +354,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         else ("per-layer transcoders" if args.sae.transcode else "sparse autoencoders")
     )
     if isinstance(coders, ShardedCLT):
-        spread = f"{world} process(es), each holding its layers (rank 0: {n_params:_} parameters)"
+        spread = f"sharded over {world} process(es): {coders.plan()}"
     else:
         spread = f"{n_params:_} coder parameters, {world} process(es)"
     print(

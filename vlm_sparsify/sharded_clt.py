@@ -194,6 +194,15 @@ class ShardedCLT(nn.Module):
     def sources_reaching(self, t: int) -> list[int]:
         return [p for p in range(t + 1) if p + self._targets[p] > t]
 
+    def plan(self) -> str:
+        """Which layers each process holds, e.g. `layers 0-12 on rank 0, 13-19 on rank 1`."""
+        blocks = []
+        for rank in range(self.world):
+            layers = [t for t, r in enumerate(self.owners) if r == rank]
+            span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"{layers[0]}"
+            blocks.append(f"{span} on rank {rank}")
+        return "layers " + ", ".join(blocks)
+
     def layer(self, t: int) -> CLTLayer:
         return self.layers[str(t)]  # type: ignore[return-value]
 
