@@ -338,3 +338,16 @@ def test_a_hub_copy_leaves_the_ranks_resume_files_out(tmp_path) -> None:
     assert hub_files(tmp_path) == [
         "config.json", "l.0.mlp/cfg.json", "l.0.mlp/sae.safetensors", "summary.json"
     ]  # fmt: skip
+
+
+def test_each_process_is_told_its_own_share_of_the_memory() -> None:
+    from vlm_sparsify.cross_layer import training_memory_bytes
+    from vlm_sparsify.sharded_clt import shard_memory_bytes
+
+    size = (32, 8192, 4096, 16)  # LLaVA-7B, CLT-16, bf16 decoders, signum (docs/memory.md)
+    whole = training_memory_bytes(*size, "signum", 4, 2)
+    shares = [shard_memory_bytes(*size, 4, r, "signum", 4, 2) for r in range(4)]
+    for key, value in whole.items():
+        assert sum(share[key] for share in shares) == value
+    assert [round(share["total"] / 1e9, 1) for share in shares] == [23.6, 24.8, 21.7, 21.7]
+    assert shard_memory_bytes(*size, 1, 0, "adam", 4, 2) == training_memory_bytes(*size, "adam", 4, 2)  # fmt: skip

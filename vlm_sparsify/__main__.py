@@ -42,7 +42,7 @@ from vlm_sparsify.sharded_checkpoint import (
     read_sharded_training_state,
     write_sharded_checkpoint,
 )
-from vlm_sparsify.sharded_clt import NOT_SHARDED, ShardedCLT, layer_parameters, shard_layers
+from vlm_sparsify.sharded_clt import NOT_SHARDED, ShardedCLT, shard_memory_bytes
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -247,19 +247,16 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     free = free_memory_bytes(torch.device(device))
     num_latents = args.sae.num_latents or d_in * args.sae.expansion_factor
     if args.cross_layer and free is not None and args.optimizer != "muon":
-        needed = training_memory_bytes(
-            len(hookpoints),
-            num_latents,
-            d_in,
-            args.cross_layer,
-            args.optimizer,
-            decoder_dtype_bytes=decoder_dtype.itemsize,
+        size = (len(hookpoints), num_latents, d_in, args.cross_layer)
+        needed = (
+            shard_memory_bytes(
+                *size, world, rank, args.optimizer, decoder_dtype_bytes=decoder_dtype.itemsize
+            )
+            if args.distribute_modules  # this process's layers
+            else training_memory_bytes(
+                *size, args.optimizer, decoder_dtype_bytes=decoder_dtype.itemsize
+            )
         )
-        if args.distribute_modules:  # this process's share of the layers
-            weights = layer_parameters(len(hookpoints), args.cross_layer, num_latents, d_in)
-            owners = shard_layers(weights, world)
-            share = sum(w for w, r in zip(weights, owners, strict=True) if r == rank)
-            needed = {k: v * share // sum(weights) for k, v in needed.items()}
         check_training_fits(needed, free, args.optimizer)  # before allocating any of it
     coders = build_coders(
         hookpoints,

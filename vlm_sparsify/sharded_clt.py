@@ -36,6 +36,7 @@ from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
 from .cross_layer import (
+    OPTIMIZER_STATE_COPIES,
     GpuDecoder,
     auxk_loss,
     n_sources_per_target,
@@ -89,6 +90,37 @@ def layer_parameters(n_layers: int, cross_layer: int, num_latents: int, d_in: in
         num_latents * d_in + num_latents + s * (num_latents * d_in + d_in)
         for s in n_sources_per_target(n_layers, cross_layer)
     ]
+
+
+def shard_memory_bytes(
+    n_layers: int,
+    num_latents: int,
+    d_in: int,
+    cross_layer: int,
+    world: int,
+    rank: int,
+    optimizer: str = "signum",
+    dtype_bytes: int = 4,
+    decoder_dtype_bytes: int = 4,
+) -> dict[str, int]:
+    """`training_memory_bytes` of the layers process `rank` of `world` holds."""
+    if optimizer not in OPTIMIZER_STATE_COPIES:
+        raise ValueError(f"Unknown optimizer '{optimizer}'; known: {list(OPTIMIZER_STATE_COPIES)}")
+    owners = shard_layers(layer_parameters(n_layers, cross_layer, num_latents, d_in), world)
+    sources = n_sources_per_target(n_layers, cross_layer)
+    mine = [t for t, r in enumerate(owners) if r == rank]
+    decoders = sum(sources[t] for t in mine)
+    decoder_weights = decoders * num_latents * d_in * decoder_dtype_bytes
+    rest = (len(mine) * (num_latents * d_in + num_latents) + decoders * d_in) * dtype_bytes
+    weights = decoder_weights + rest
+    copies = OPTIMIZER_STATE_COPIES[optimizer]
+    return {
+        "decoder_weights": decoder_weights,
+        "weights": weights,
+        "gradients": weights,
+        "optimizer": copies * weights,
+        "total": (2 + copies) * weights,
+    }
 
 
 class CLTLayer(nn.Module):
