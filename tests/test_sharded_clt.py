@@ -294,7 +294,7 @@ def test_the_cli_says_what_distribute_modules_works_with(tmp_path, tiny_llava_di
 
 
 def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeypatch) -> None:
-    import vlm_sparsify.sharded_clt as sharded_clt
+    import vlm_sparsify.sharding as sharding
     from vlm_sparsify.coder_io import CheckpointError, save_coders
     from vlm_sparsify.sharded_checkpoint import load_owned_tensors
 
@@ -305,9 +305,9 @@ def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeyp
             p.normal_()
     save_coders(saved, tmp_path / "run")
     # rank 1 of 2 holds layers 3 and 4: their encoders, and the decoders into them
-    monkeypatch.setattr(sharded_clt.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(sharded_clt.dist, "get_rank", lambda: 1)
-    monkeypatch.setattr(sharded_clt.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(sharding.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(sharding.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(sharding.dist, "get_world_size", lambda: 2)
     clt = ShardedCLT(HOOKS, 8, cfg, 3)
     assert clt.owned == [3, 4] and clt.plan() == "layers 0-2 on rank 0, 3-4 on rank 1"
     load_owned_tensors(clt, tmp_path / "run")

@@ -26,11 +26,7 @@ layout (`sharded_checkpoint.py`).
 
 from __future__ import annotations
 
-from bisect import bisect_right, insort
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
 from sparsify import SparseCoderConfig
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
@@ -44,44 +40,21 @@ from .cross_layer import (
     sparse_decode,
 )
 from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
+from .sharding import (
+    Features,
+    ShardedCoders,
+    gather_rows,
+    shard_layers,
+    share_features,
+    sum_at,
+    token_counts,
+)
 from .topk_encoder import encode_topk
 
 NOT_SHARDED = (
     "--distribute_modules shards a cross-layer transcoder (--cross_layer N); per-layer coders "
     "fit one GPU (32 PLTs at 8,192 latents on LLaVA-7B: 25.8 GB, docs/memory.md)"
 )
-
-
-def shard_layers(weights: list[int], world: int) -> list[int]:
-    """Owner rank of each layer: contiguous blocks, at least one layer per rank, with the
-    heaviest block (total `weights`: parameters per layer) as light as contiguous blocks allow."""
-    n = len(weights)
-    if world > n:
-        raise ValueError(
-            f"--distribute_modules shards whole layers: {world} processes for {n} hookpoints; "
-            "use at most one process per hookpoint"
-        )
-
-    def greedy_starts(capacity: int) -> list[int]:
-        starts, load = [0], 0
-        for layer, weight in enumerate(weights):
-            if load + weight > capacity:
-                starts.append(layer)
-                load = 0
-            load += weight
-        return starts
-
-    low, high = max(weights), sum(weights)  # binary search on the heaviest block
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if len(greedy_starts(mid)) <= world else (mid + 1, high)
-    starts = greedy_starts(low)
-    for layer in range(1, n):  # fewer blocks than ranks: splitting one never makes it heavier
-        if len(starts) == world:
-            break
-        if layer not in starts:
-            insort(starts, layer)
-    return [bisect_right(starts, layer) - 1 for layer in range(n)]
 
 
 def layer_parameters(n_layers: int, cross_layer: int, num_latents: int, d_in: int) -> list[int]:
@@ -150,17 +123,7 @@ class CLTLayer(nn.Module):
         self.b_decs = nn.ParameterList([zeros(d_in) for _ in range(n_sources)])
 
 
-@dataclass
-class _Features:
-    """A source's k (value, index) pairs for the world batch, as every process holds them."""
-
-    values: Tensor
-    """[N_world, k] float32; a leaf that collects this process's decoders' gradients."""
-    indices: Tensor
-    """[N_world, k] int64."""
-
-
-class ShardedCLT(nn.Module):
+class ShardedCLT(ShardedCoders):
     """The layers of a CLT this process owns, with the coder-set interface of docs/internals.md.
 
     `forward` takes this process's own tokens at every hookpoint (as the data-parallel CLT does)
@@ -179,7 +142,6 @@ class ShardedCLT(nn.Module):
         decoder_dtype: torch.dtype | None = None,
         init_seed: int = 0,
     ):
-        super().__init__()
         if not cfg.transcode:
             raise ValueError("a cross-layer coder is a transcoder: set cfg.transcode=True")
         if cross_layer < 1:
@@ -187,24 +149,19 @@ class ShardedCLT(nn.Module):
                 f"--distribute_modules shards a CLT: cross_layer must be >= 1, got {cross_layer}"
             )
         if cfg.skip_connection:
-            raise ValueError("--distribute_modules does not support skip connections")
-        self.hookpoints = list(hookpoints)
+            raise ValueError("--distribute_modules does not support a CLT's skip connections")
+        num_latents = cfg.num_latents or d_in * cfg.expansion_factor
+        n = len(hookpoints)
+        super().__init__(hookpoints, layer_parameters(n, cross_layer, num_latents, d_in))
         self.cfg = cfg
         self.d_in = d_in
-        self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
+        self.num_latents = num_latents
         self.cross_layer = cross_layer
         self.gpu_decoder: GpuDecoder = "sparsify"
         self.device = torch.device(device)
         self.dtype = dtype
         self.decoder_dtype = decoder_dtype or dtype
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        n = len(self.hookpoints)
         self._targets = n_targets_per_source(n, cross_layer)
-        self.owners = shard_layers(
-            layer_parameters(n, cross_layer, self.num_latents, d_in), self.world
-        )
-        self.owned = [layer for layer, r in enumerate(self.owners) if r == self.rank]
         layers = {}
         for t in self.owned:
             torch.manual_seed(init_seed)  # per source, as CrossLayerTranscoder and sparsify
@@ -225,15 +182,6 @@ class ShardedCLT(nn.Module):
 
     def sources_reaching(self, t: int) -> list[int]:
         return [p for p in range(t + 1) if p + self._targets[p] > t]
-
-    def plan(self) -> str:
-        """Which layers each process holds, e.g. `layers 0-12 on rank 0, 13-19 on rank 1`."""
-        blocks = []
-        for rank in range(self.world):
-            layers = [t for t, r in enumerate(self.owners) if r == rank]
-            span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else f"{layers[0]}"
-            blocks.append(f"{span} on rank {rank}")
-        return "layers " + ", ".join(blocks)
 
     def layer(self, t: int) -> CLTLayer:
         return self.layers[str(t)]  # type: ignore[return-value]
@@ -292,11 +240,11 @@ class ShardedCLT(nn.Module):
         dead_masks: list[Tensor] | None = None,
     ) -> CoderSetOutput:
         """Steps 1-3 of the module docstring; `finish_backward()` after `loss.backward()`."""
-        counts = _token_counts(inputs[0].shape[0], inputs[0].device)
+        counts = token_counts(inputs[0].shape[0], inputs[0].device)
         lo = sum(counts[: self.rank])
         hi = lo + counts[self.rank]
-        world_x = {p: _gather_rows(x, counts, self.owners[p]) for p, x in enumerate(inputs)}
-        world_y = {t: _gather_rows(y, counts, self.owners[t]) for t, y in enumerate(outputs)}
+        world_x = {p: gather_rows(x, counts, self.owners[p]) for p, x in enumerate(inputs)}
+        world_y = {t: gather_rows(y, counts, self.owners[t]) for t, y in enumerate(outputs)}
         encoded: dict[int, EncoderOutput] = {}
         for p in self.owned:
             encoder = self.layer(p).encoder
@@ -306,7 +254,7 @@ class ShardedCLT(nn.Module):
         n_world, k = sum(counts), self.cfg.k
         device = inputs[0].device
         features = [
-            self._share(p, encoded.get(p), n_world, k, device, leaf=True)
+            share_features(encoded.get(p), self.owners[p], n_world, k, device, leaf=True)
             for p in range(len(self.hookpoints))
         ]
         self._leaves = [f.values for f in features]
@@ -346,7 +294,9 @@ class ShardedCLT(nn.Module):
         multi = None
         if self.cfg.multi_topk:
             wide = [
-                self._share(p, self._top_4k(encoded.get(p)), n_world, 4 * k, device, leaf=False)
+                share_features(
+                    self._top_4k(encoded.get(p)), self.owners[p], n_world, 4 * k, device, False
+                )
                 for p in range(len(self.hookpoints))
             ]
             multi = torch.stack(
@@ -375,37 +325,12 @@ class ShardedCLT(nn.Module):
         self._leaves, self._encoded_acts = [], {}
         for p, leaf in enumerate(leaves):
             grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            grad = _sum_at(grad, self.owners[p])
+            grad = sum_at(grad, self.owners[p])
             acts = encoded_acts.get(p)
             if acts is not None:
                 acts.backward(grad.to(acts.dtype))
 
     # -- internals --------------------------------------------------------------------------
-
-    def _share(
-        self,
-        p: int,
-        encoded: EncoderOutput | tuple[Tensor, Tensor] | None,
-        n_world: int,
-        k: int,
-        device: torch.device,
-        leaf: bool,
-    ) -> _Features:
-        """Source p's features from its owner to every process."""
-        # indices travel as int32 (a third less to send), then back to int64 for the kernels
-        if encoded is not None:
-            values = encoded[0].detach().float().contiguous()
-            indices = encoded[1].to(torch.int32).contiguous()
-        else:
-            values = torch.empty(n_world, k, device=device)
-            indices = torch.empty(n_world, k, dtype=torch.int32, device=device)
-        if dist.is_initialized():
-            dist.broadcast(values, src=self.owners[p])
-            dist.broadcast(indices, src=self.owners[p])
-        indices = indices.long()
-        if leaf:
-            values.requires_grad_(torch.is_grad_enabled())
-        return _Features(values, indices)
 
     def _top_4k(self, encoded: EncoderOutput | None) -> tuple[Tensor, Tensor] | None:
         """sparsify's multi-TopK latents (their gradient does not reach the fused encoder)."""
@@ -413,7 +338,7 @@ class ShardedCLT(nn.Module):
             return None
         return encoded.pre_acts.detach().topk(4 * self.cfg.k, sorted=False)
 
-    def _predict(self, t: int, features: list[_Features]) -> Tensor:
+    def _predict(self, t: int, features: list[Features]) -> Tensor:
         total = None
         for p in self.sources_reaching(t):
             W_dec, b_dec = self.decoder(p, t)
@@ -422,38 +347,3 @@ class ShardedCLT(nn.Module):
             total = part if total is None else total + part
         assert total is not None
         return total
-
-
-# -- collectives (no-ops on one process) ------------------------------------------------------
-
-
-def _token_counts(n_local: int, device: torch.device) -> list[int]:
-    if not dist.is_initialized():
-        return [n_local]
-    mine = torch.tensor([n_local], device=device)
-    counts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, mine)
-    return [int(c) for c in counts]
-
-
-def _gather_rows(x: Tensor, counts: list[int], dst: int) -> Tensor | None:
-    """Every process's rows of x, concatenated in rank order, at `dst` (None elsewhere)."""
-    if not dist.is_initialized():
-        return x
-    width = max(counts)
-    padded = x.new_zeros(width, *x.shape[1:])
-    padded[: x.shape[0]] = x
-    rank = dist.get_rank()
-    parts = [torch.empty_like(padded) for _ in counts] if rank == dst else None
-    dist.gather(padded, parts, dst=dst)
-    if parts is None:
-        return None
-    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
-
-
-def _sum_at(x: Tensor, dst: int) -> Tensor:
-    """x summed over processes, valid at `dst`."""
-    if dist.is_initialized():
-        x = x.contiguous()
-        dist.reduce(x, dst=dst, op=dist.ReduceOp.SUM)
-    return x
