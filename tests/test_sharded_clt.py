@@ -111,14 +111,16 @@ def test_one_process_takes_the_data_parallel_clts_step(auxk: bool) -> None:
     assert len(moved) == len(list(sharded.parameters())) and min(moved) > 0
 
 
-def test_build_coders_shards_only_a_clt() -> None:
+def test_build_coders_shards_clts_and_per_layer_coders() -> None:
+    from vlm_sparsify.sharded_per_layer import ShardedPerLayer
+
     cfg = SparseCoderConfig(num_latents=16, k=2)
     sharded = build_coders(HOOKS, 8, cfg, 2, torch.device("cpu"), distribute=True)
     assert isinstance(sharded, ShardedCLT) and sharded.owned == list(range(5))
     assert sharded.plan() == "layers 0-4 on rank 0"
-    with pytest.raises(ValueError, match="shards a cross-layer transcoder"):
-        build_coders(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2), 0, "cpu", distribute=True)
-    with pytest.raises(ValueError, match="skip connections"):
+    per_layer = build_coders(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2), 0, "cpu", distribute=True)  # fmt: skip
+    assert isinstance(per_layer, ShardedPerLayer) and per_layer.local.hookpoints == HOOKS
+    with pytest.raises(ValueError, match="a CLT's skip connections"):
         ShardedCLT(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2, transcode=True, skip_connection=True), 2)  # fmt: skip
 
 
@@ -224,7 +226,7 @@ def test_two_gloo_processes_sharing_the_layers_train_what_one_process_trains(
     run(cli(tiny_llava_dir, tmp_path, "one", *extra))
     torchrun(tiny_llava_dir, tmp_path, "two", *extra, "--distribute_modules", "true", port=29541)
     one, two = tmp_path / "one", tmp_path / "two"
-    assert json.loads((two / "rank1" / "shard.json").read_text())["owners"] == [0, 0, 1]
+    assert json.loads((two / "rank1-shard.json").read_text())["owners"] == [0, 0, 1]
     summaries = [json.loads((r / "summary.json").read_text()) for r in (one, two)]
     for a, b in zip(*summaries, strict=True):
         assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5)
@@ -245,18 +247,20 @@ def test_two_gloo_processes_sharing_the_layers_train_what_one_process_trains(
 
 
 @pytest.mark.slow
-def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir):
+@pytest.mark.parametrize("cross_layer", ["3", "0"], ids=["clt", "plt"])
+def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir, cross_layer):
     from tests.test_training import HOOKS, cli, weights
 
-    extra = ("--transcode", "true", "--cross_layer", "3", "--distribute_modules", "true",
-             "--save_every", "1", "--save_best", "true")  # fmt: skip
+    extra = ("--transcode", "true", "--cross_layer", cross_layer, "--distribute_modules",
+             "true", "--save_every", "1", "--save_best", "true")  # fmt: skip
+    port = 29542 if cross_layer == "3" else 29552
     # 28 examples: the last batch of 8 leaves rank 1 without any (it steps with no tokens)
-    torchrun(tiny_llava_dir, tmp_path, "whole", *extra, "--max_examples", "28", port=29542)
-    torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "16", port=29543)
+    torchrun(tiny_llava_dir, tmp_path, "whole", *extra, "--max_examples", "28", port=port)
+    torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "16", port=port + 1)
     state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
     assert state["global_step"] == 2
     torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "28", "--resume",
-             "true", port=29544)  # fmt: skip
+             "true", port=port + 2)  # fmt: skip
     assert torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["global_step"] == 4
     whole, split = weights(tmp_path / "whole"), weights(tmp_path / "split")
     for hook in HOOKS:
@@ -265,23 +269,22 @@ def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir):
     # --save_best: the best-so-far is part of the state, so the resumed run keeps the same best
     best_whole, best_split = weights(tmp_path / "whole-best"), weights(tmp_path / "split-best")
     assert all(torch.equal(v, best_split[h][k]) for h in HOOKS for k, v in best_whole[h].items())
-    assert not (tmp_path / "whole-best" / "rank0").exists()  # coders only
+    assert not list((tmp_path / "whole-best").glob("rank*"))  # coders only
     for r in (0, 1):
-        a = load_file(tmp_path / "whole" / f"rank{r}" / "train_params.safetensors")
-        b = load_file(tmp_path / "split" / f"rank{r}" / "train_params.safetensors")
+        a = load_file(tmp_path / "whole" / f"rank{r}-train_params.safetensors")
+        b = load_file(tmp_path / "split" / f"rank{r}-train_params.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a)
     # the layers' owners depend on the number of processes: one process cannot resume two's run
     with pytest.raises(ValueError, match="sharded over 2 processes and this run has 1"):
         run(cli(tiny_llava_dir, tmp_path, "split", *extra, "--resume", "true"))
     with pytest.raises(ValueError, match="resume it with --distribute_modules"):
-        run(cli(tiny_llava_dir, tmp_path, "split", "--cross_layer", "3", "--resume", "true"))
+        run(cli(tiny_llava_dir, tmp_path, "split", "--cross_layer", cross_layer, "--resume", "true"))  # fmt: skip
 
 
 def test_the_cli_says_what_distribute_modules_works_with(tmp_path, tiny_llava_dir):
     from tests.test_training import cli
 
     for flags, message in [
-        ((), "shards a cross-layer transcoder"),
         (("--cross_layer", "2", "--loss_fn", "kl"), "not compatible with the cross-entropy or KL"),
         (
             ("--cross_layer", "2", "--gpu_decoder", "triton"),
@@ -327,12 +330,12 @@ def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeyp
         load_owned_tensors(ShardedCLT(HOOKS, 8, wider, 3), tmp_path / "run")
 
 
-def test_a_hub_copy_leaves_the_ranks_resume_files_out(tmp_path) -> None:
+def test_a_hub_copy_leaves_the_processes_resume_files_out(tmp_path) -> None:
     from vlm_sparsify.hub import hub_files
 
     for name in ("config.json", "summary.json", "state.pt", "l.0.mlp/cfg.json",
-                 "l.0.mlp/sae.safetensors", "rank0/shard.json", "rank0/optimizer_0.pt",
-                 "rank1/train_params.safetensors"):  # fmt: skip
+                 "l.0.mlp/sae.safetensors", "rank0-shard.json", "rank0-optimizer_0.pt",
+                 "rank1-train_params.safetensors"):  # fmt: skip
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     assert hub_files(tmp_path) == [

@@ -36,13 +36,13 @@ from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.sharded_checkpoint import (
-    SHARD_FILE,
     load_owned_tensors,
-    rank_dir,
     read_sharded_training_state,
+    shard_file,
     write_sharded_checkpoint,
 )
-from vlm_sparsify.sharded_clt import NOT_SHARDED, ShardedCLT, shard_memory_bytes
+from vlm_sparsify.sharded_clt import ShardedCLT, shard_memory_bytes
+from vlm_sparsify.sharding import ShardedCoders
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -109,9 +109,8 @@ class RunConfig(TrainConfig):
     7B-scale CLT, docs/memory.md; float32 on CPU), float32 or bfloat16."""
 
     distribute_modules: bool = False
-    """Shard a cross-layer transcoder over the processes (torchrun): each holds a block of
-    layers, their encoders and the decoders into them, instead of the whole CLT
-    (docs/memory.md)."""
+    """Shard the coders over the processes (torchrun): each holds those of a block of layers
+    (for a CLT: their encoders and the decoders into them) instead of all (docs/memory.md)."""
 
     gpu_decoder: str = "sparsify"
     """How a cross-layer transcoder's sparse decoders train on a GPU: sparsify (its Triton
@@ -175,12 +174,10 @@ def resolve_decoder_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def check_distributable(args: RunConfig) -> None:
     """What `--distribute_modules` (a CLT sharded over the processes by layer) works with."""
-    if not args.cross_layer:
-        raise ValueError(NOT_SHARDED)
     # sparsify's TrainConfig already refuses it with --loss_fn kl / ce
     unsupported = {
         "--gpu_decoder triton": args.gpu_decoder == "triton",
-        "--skip_connection": args.sae.skip_connection,
+        "--skip_connection with --cross_layer": args.sae.skip_connection and args.cross_layer > 0,
     }
     named = [flag for flag, used in unsupported.items() if used]
     if named:
@@ -286,18 +283,18 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     optimizers, schedulers = build_optimizers(args, coders, total or 10**6)
     trainer = Trainer(model, coders, args, optimizers, schedulers)
     run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
-    if args.resume and isinstance(coders, ShardedCLT):
+    if args.resume and isinstance(coders, ShardedCoders):
         read_sharded_training_state(run_dir, trainer)
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
     elif args.resume:
-        if (rank_dir(run_dir, 0) / SHARD_FILE).is_file():
+        if shard_file(run_dir, 0).is_file():
             raise ValueError(
                 f"{run_dir} was trained with --distribute_modules; resume it with "
                 "--distribute_modules and the same number of processes"
             )
         read_training_state(run_dir, trainer)
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
-    elif args.finetune and isinstance(coders, ShardedCLT):
+    elif args.finetune and isinstance(coders, ShardedCoders):
         load_owned_tensors(coders, args.finetune)
     elif args.finetune:
         from vlm_sparsify.coder_io import load_coders
@@ -307,7 +304,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     def checkpoint(t: Trainer) -> None:
         if args.save_best:  # first: the comparison is part of the state saved below
             save_best(t, run_dir, run_config_dict(args))
-        if isinstance(t.coders, ShardedCLT):
+        if isinstance(t.coders, ShardedCoders):
             write_sharded_checkpoint(t, run_dir, run_config_dict(args))
             return
         if rank == 0:
@@ -350,7 +347,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         if args.cross_layer
         else ("per-layer transcoders" if args.sae.transcode else "sparse autoencoders")
     )
-    if isinstance(coders, ShardedCLT):
+    if isinstance(coders, ShardedCoders):
         spread = f"sharded over {world} process(es): {coders.plan()}"
     else:
         spread = f"{n_params:_} coder parameters, {world} process(es)"

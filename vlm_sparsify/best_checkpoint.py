@@ -22,6 +22,7 @@ from vlm_sparsify.coder_io import RUN_CONFIG_FILE, replace_dir, save_coders
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.sharded_checkpoint import write_sharded_checkpoint
 from vlm_sparsify.sharded_clt import ShardedCLT
+from vlm_sparsify.sharded_per_layer import ShardedPerLayer
 from vlm_sparsify.training import Trainer, eval_weights
 
 
@@ -39,7 +40,7 @@ def recent_losses(trainer: Trainer) -> dict[str, float]:
         window = state.loss_history[-n:]
         return {"": sum(window) / len(window)}
     fvu = state.fvu_history[-n:]
-    if isinstance(trainer.coders, PerLayerCoders):
+    if isinstance(trainer.coders, PerLayerCoders | ShardedPerLayer):
         hookpoints = trainer.coders.hookpoints
         return {h: sum(step[i] for step in fvu) / n for i, h in enumerate(hookpoints)}
     return {"": sum(sum(step) for step in fvu) / n}
@@ -59,6 +60,14 @@ def save_best(trainer: Trainer, run_dir: Path, config: dict[str, Any]) -> list[s
         write_sharded_checkpoint(trainer, out, config, resume_files=False)
         return improved
     rank_zero = not dist.is_initialized() or dist.get_rank() == 0
+    if isinstance(trainer.coders, ShardedPerLayer):  # each coder written by its process
+        coders = trainer.coders
+        mine = [h for h in improved if coders.hookpoints.index(h) in coders.owned]
+        with eval_weights(trainer.optimizers):
+            _replace_coders(coders.local, out, mine, config if rank_zero else None)
+        if dist.is_initialized():
+            dist.barrier()
+        return improved
     if rank_zero:
         with eval_weights(trainer.optimizers):  # the averaged weights users load
             if improved == [""]:
@@ -71,7 +80,7 @@ def save_best(trainer: Trainer, run_dir: Path, config: dict[str, Any]) -> list[s
 
 
 def _replace_coders(
-    coders: PerLayerCoders, out: Path, hookpoints: list[str], config: dict[str, Any]
+    coders: PerLayerCoders, out: Path, hookpoints: list[str], config: dict[str, Any] | None
 ) -> None:
     """Each improved hookpoint's folder replaced on its own (written beside, then renamed)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +89,7 @@ def _replace_coders(
         shutil.rmtree(tmp, ignore_errors=True)
         coders[hookpoint].save_to_disk(tmp)
         replace_dir(tmp, out / hookpoint)
-    tmp_config = out / f".{RUN_CONFIG_FILE}.tmp"
-    tmp_config.write_text(json.dumps(config, indent=2, default=str))
-    os.replace(tmp_config, out / RUN_CONFIG_FILE)
+    if config is not None:
+        tmp_config = out / f".{RUN_CONFIG_FILE}.tmp"
+        tmp_config.write_text(json.dumps(config, indent=2, default=str))
+        os.replace(tmp_config, out / RUN_CONFIG_FILE)

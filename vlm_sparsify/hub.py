@@ -12,7 +12,7 @@ TRAINING_ONLY = [
     "optimizer_*.pt",
     "lr_scheduler_*.pt",
     "train_params.safetensors",
-    "rank*/*",  # a sharded run's per-rank resume files
+    "rank*-*",  # a sharded run's per-process resume files
 ]
 """Resume-only files a shared copy leaves out (optimizer state is large and private)."""
 

@@ -1,9 +1,10 @@
-"""Checkpoints of a sharded CLT (`--distribute_modules`): the usual CLT run for users, and each
-rank's resume files beside it.
+"""Checkpoints of sharded coders (`--distribute_modules`): the usual run folder for users, and
+each rank's resume files beside it.
 
-Rank 0 assembles every source's folder in the CLT layout (`encoder.*` from the source's owner,
-`W_decs.{i}` / `b_decs.{i}` from the owner of target p+i, sent one tensor at a time), so the run
-loads, exports and shares like any other. Every rank writes its live parameters and optimizer
+Rank 0 assembles every hookpoint's folder, receiving the tensors other processes hold one at a
+time: a CLT source's in the CLT layout (`encoder.*` from the source's owner, `W_decs.{i}` /
+`b_decs.{i}` from the owner of target p+i), a per-layer coder as stock sparsify saves it. So the
+run loads, exports and shares like any other. Every rank writes its live parameters and optimizer
 and scheduler state to `rank{r}/` of the same temporary folder, which rank 0 renames into place
 once all have written: `--save_dir` must be on a filesystem every process sees, as with
 sparsify's own `--distribute_modules`.
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from sparsify import SparseCoder
 from torch import Tensor
 
 from vlm_sparsify.coder_io import (
@@ -29,35 +33,84 @@ from vlm_sparsify.coder_io import (
     write_clt_source,
 )
 from vlm_sparsify.sharded_clt import ShardedCLT
+from vlm_sparsify.sharded_per_layer import ShardedPerLayer
+from vlm_sparsify.sharding import ShardedCoders
 from vlm_sparsify.train_state import read_training_state, write_resume_files, write_step_state
 from vlm_sparsify.training import Trainer, eval_weights
 
-SHARD_FILE = "shard.json"
+
+def rank_prefix(rank: int) -> str:
+    """Of a process's resume files beside the coder folders: `rank3-optimizer_0.pt`, ..."""
+    return f"rank{rank}-"
 
 
-def rank_dir(run_dir: Path, rank: int) -> Path:
-    return run_dir / f"rank{rank}"
+def shard_file(run_dir: Path, rank: int) -> Path:
+    """Which layers process `rank` held (`world_size`, `owners`)."""
+    return run_dir / f"{rank_prefix(rank)}shard.json"
 
 
-def gather_source(clt: ShardedCLT, p: int, dst: int = 0) -> dict[str, Tensor] | None:
-    """Source p's tensors under clt-training's keys, on the CPU of rank `dst` (None elsewhere)."""
-    L, d, n = clt.num_latents, clt.d_in, clt.n_targets(p)
-    # (key, the layer whose owner holds it, shape, dtype)
-    pieces = [("encoder.weight", p, (L, d), clt.dtype), ("encoder.bias", p, (L,), clt.dtype)]
-    pieces += [(f"W_decs.{i}", p + i, (L, d), clt.decoder_dtype) for i in range(n)]
-    pieces += [(f"b_decs.{i}", p + i, (d,), clt.dtype) for i in range(n)]
+Piece = tuple[str, int, Callable[[], Tensor], torch.Size, torch.dtype]
+"""(key, rank holding it, how that rank gets it, shape, dtype)."""
+
+
+def gather_pieces(coders: ShardedCoders, pieces: list[Piece], dst: int = 0) -> dict[str, Tensor]:
+    """The tensors, on the CPU of rank `dst` (an empty dict elsewhere)."""
     out = {}
-    for key, layer, shape, dtype in pieces:
-        owner = clt.owners[layer]
-        if clt.rank == owner == dst:
-            out[key] = clt.source_tensor(p, key).detach().cpu().clone()
-        elif clt.rank == owner:
-            dist.send(clt.source_tensor(p, key).detach().contiguous(), dst=dst)
-        elif clt.rank == dst:
-            buffer = torch.empty(shape, dtype=dtype, device=clt.device)
+    for key, owner, get, shape, dtype in pieces:
+        if coders.rank == owner == dst:
+            out[key] = get().detach().cpu().clone()
+        elif coders.rank == owner:
+            dist.send(get().detach().contiguous(), dst=dst)
+        elif coders.rank == dst:
+            buffer = torch.empty(shape, dtype=dtype, device=coders.device)
             dist.recv(buffer, src=owner)
             out[key] = buffer.cpu()
-    return out if clt.rank == dst else None
+    return out
+
+
+def source_pieces(clt: ShardedCLT, p: int) -> list[Piece]:
+    """CLT source p's tensors under clt-training's keys."""
+    L, d, n = clt.num_latents, clt.d_in, clt.n_targets(p)
+    shapes = {"encoder.weight": (L, d), "encoder.bias": (L,)}
+    shapes |= {f"W_decs.{i}": (L, d) for i in range(n)} | {f"b_decs.{i}": (d,) for i in range(n)}
+    pieces: list[Piece] = []
+    for key, shape in shapes.items():
+        layer = p + int(key.split(".")[1]) if key.startswith(("W_decs", "b_decs")) else p
+        dtype = clt.decoder_dtype if key.startswith("W_decs") else clt.dtype
+        get = partial(clt.source_tensor, p, key)
+        pieces.append((key, clt.owners[layer], get, torch.Size(shape), dtype))
+    return pieces
+
+
+def coder_pieces(coders: ShardedPerLayer, p: int) -> list[Piece]:
+    """Hookpoint p's stock `SparseCoder` tensors, under its own keys."""
+    with torch.device("meta"):
+        template = SparseCoder(coders.d_in, coders.cfg, dtype=coders.dtype)
+    owner = coders.owners[p]
+
+    def get(key: str) -> Tensor:
+        return coders.coder(p).state_dict()[key]
+
+    return [
+        (key, owner, partial(get, key), value.shape, value.dtype)
+        for key, value in template.state_dict().items()
+    ]
+
+
+def write_coders(coders: ShardedCoders, folder: Path) -> None:
+    """Every hookpoint's folder, written by rank 0 (the tensors gathered to it)."""
+    for p, hookpoint in enumerate(coders.hookpoints):
+        if isinstance(coders, ShardedCLT):
+            tensors = gather_pieces(coders, source_pieces(coders, p))
+            if coders.rank == 0:
+                write_clt_source(folder / hookpoint, tensors, clt_source_cfg(coders, p))
+        else:
+            assert isinstance(coders, ShardedPerLayer)
+            tensors = gather_pieces(coders, coder_pieces(coders, p))
+            if coders.rank == 0:
+                coder = SparseCoder(coders.d_in, coders.cfg, device="cpu", dtype=coders.dtype)
+                coder.load_state_dict(tensors)
+                coder.save_to_disk(folder / hookpoint)
 
 
 def write_sharded_checkpoint(
@@ -66,7 +119,7 @@ def write_sharded_checkpoint(
     """Every rank calls this at the same step; the checkpoint appears at `run_dir` at once
     (without `resume_files`: the coders and config alone, as `--save_best` keeps them)."""
     clt = trainer.coders
-    assert isinstance(clt, ShardedCLT)
+    assert isinstance(clt, ShardedCoders)
     tmp = run_dir.parent / f".{run_dir.name}.tmp-sharded"
     if clt.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,15 +128,11 @@ def write_sharded_checkpoint(
     live = {k: v.detach().cpu().clone() for k, v in clt.state_dict().items()}
     summary = trainer.summary()
     with eval_weights(trainer.optimizers):  # users load schedule-free's averaged point
-        for p, hookpoint in enumerate(clt.hookpoints):
-            tensors = gather_source(clt, p)
-            if tensors is not None:
-                write_clt_source(tmp / hookpoint, tensors, clt_source_cfg(clt, p))
+        write_coders(clt, tmp)
     if resume_files:
-        mine = rank_dir(tmp, clt.rank)
-        mine.mkdir()
-        write_resume_files(mine, trainer, live)
-        (mine / SHARD_FILE).write_text(json.dumps({"world_size": clt.world, "owners": clt.owners}))
+        write_resume_files(tmp, trainer, live, rank_prefix(clt.rank))
+        shard = {"world_size": clt.world, "owners": clt.owners}
+        shard_file(tmp, clt.rank).write_text(json.dumps(shard))
     if clt.rank == 0:
         (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
         if resume_files:
@@ -97,12 +146,11 @@ def write_sharded_checkpoint(
 def read_sharded_training_state(run_dir: Path, trainer: Trainer) -> None:
     """Restore this rank's share of a sharded run; the same number of processes must resume it."""
     clt = trainer.coders
-    assert isinstance(clt, ShardedCLT)
-    mine = rank_dir(run_dir, clt.rank)
-    shard = mine / SHARD_FILE
+    assert isinstance(clt, ShardedCoders)
+    shard = shard_file(run_dir, clt.rank)
     if not shard.is_file():
         raise FileNotFoundError(
-            f"cannot resume: {run_dir} has no {mine.name}/{SHARD_FILE}: it was not written by a "
+            f"cannot resume: {run_dir} has no {shard.name}: it was not written by a "
             f"--distribute_modules run of at least {clt.rank + 1} processes"
         )
     saved = json.loads(shard.read_text())
@@ -111,13 +159,28 @@ def read_sharded_training_state(run_dir: Path, trainer: Trainer) -> None:
             f"cannot resume {run_dir}: it was sharded over {saved['world_size']} processes and "
             f"this run has {clt.world}; resume with the same number of processes"
         )
-    read_training_state(run_dir, trainer, resume_dir=mine)
+    read_training_state(run_dir, trainer, rank_prefix(clt.rank))
 
 
 @torch.no_grad()
-def load_owned_tensors(clt: ShardedCLT, run_dir: str | Path) -> None:
-    """`--finetune RUN`: this process's tensors of a CLT run (any CLT run, sharded or not, of the
-    same hookpoints, width and cross_layer), read one by one from its source files."""
+def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
+    """`--finetune RUN`: this process's tensors of a run of the same hookpoints and width: a
+    CLT's (of the same cross_layer) read one by one from its source files, or the stock coders
+    of this process's hookpoints."""
+    if isinstance(coders, ShardedPerLayer):
+        for p in coders.owned:
+            hookpoint = coders.hookpoints[p]
+            try:
+                saved = SparseCoder.load_from_disk(Path(run_dir) / hookpoint, device="cpu")
+                coders.coder(p).load_state_dict(saved.state_dict())
+            except (FileNotFoundError, RuntimeError, KeyError) as err:
+                raise CheckpointError(
+                    f"{run_dir}: cannot fine-tune {hookpoint} from it ({err}); pass a run of "
+                    "per-layer coders of these hookpoints and width"
+                ) from err
+        return
+    clt = coders
+    assert isinstance(clt, ShardedCLT)
     wanted: dict[int, list[str]] = {}
     for t in clt.owned:
         wanted.setdefault(t, []).extend(["encoder.weight", "encoder.bias"])

@@ -51,11 +51,6 @@ from .sharding import (
 )
 from .topk_encoder import encode_topk
 
-NOT_SHARDED = (
-    "--distribute_modules shards a cross-layer transcoder (--cross_layer N); per-layer coders "
-    "fit one GPU (32 PLTs at 8,192 latents on LLaVA-7B: 25.8 GB, docs/memory.md)"
-)
-
 
 def layer_parameters(n_layers: int, cross_layer: int, num_latents: int, d_in: int) -> list[int]:
     """Parameters each layer's owner holds: an encoder and one decoder per source reaching it."""

@@ -40,25 +40,27 @@ def write_step_state(folder: Path, trainer: Trainer, summary: list[dict]) -> Non
     plot_trainer(trainer, folder, summary)
 
 
-def write_resume_files(folder: Path, trainer: Trainer, params: dict[str, torch.Tensor]) -> None:
-    """Optimizer and scheduler state and the live parameters (a sharded run: this rank's)."""
+def write_resume_files(
+    folder: Path, trainer: Trainer, params: dict[str, torch.Tensor], prefix: str = ""
+) -> None:
+    """Optimizer and scheduler state and the live parameters (a sharded run: this rank's, its
+    files named `rank{r}-...`: flat, so stock sparsify's `load_many` sees only coder folders)."""
     for i, opt in enumerate(trainer.optimizers):
-        torch.save(opt.state_dict(), folder / f"optimizer_{i}.pt")
+        torch.save(opt.state_dict(), folder / f"{prefix}optimizer_{i}.pt")
     for i, scheduler in enumerate(trainer.schedulers):
-        torch.save(scheduler.state_dict(), folder / f"lr_scheduler_{i}.pt")
-    save_file(params, str(folder / PARAMS_FILE))
+        torch.save(scheduler.state_dict(), folder / f"{prefix}lr_scheduler_{i}.pt")
+    save_file(params, str(folder / f"{prefix}{PARAMS_FILE}"))
 
 
-def read_training_state(run_dir: Path, trainer: Trainer, resume_dir: Path | None = None) -> None:
-    """Restore `trainer` from `run_dir` so that it continues exactly where it stopped
-    (`resume_dir`: where the parameters and optimizer state are, if not in `run_dir`)."""
+def read_training_state(run_dir: Path, trainer: Trainer, prefix: str = "") -> None:
+    """Restore `trainer` from `run_dir` so that it continues exactly where it stopped (`prefix`:
+    of this process's parameter and optimizer files in a sharded run)."""
     if not (run_dir / STATE_FILE).is_file():
         raise FileNotFoundError(
             f"cannot resume: {run_dir} has no {STATE_FILE}; run without --resume to start anew"
         )
-    resume_dir = resume_dir or run_dir
     device = next(trainer.coders.parameters()).device
-    params = load_file(str(resume_dir / PARAMS_FILE), device=str(device))
+    params = load_file(str(run_dir / f"{prefix}{PARAMS_FILE}"), device=str(device))
     expected = trainer.coders.state_dict()
     mismatched = sorted(
         k
@@ -75,9 +77,13 @@ def read_training_state(run_dir: Path, trainer: Trainer, resume_dir: Path | None
     trainer.state = TrainingState.from_dict(state)
     for i, opt in enumerate(trainer.optimizers):
         opt.load_state_dict(
-            torch.load(resume_dir / f"optimizer_{i}.pt", map_location=device, weights_only=True)
+            torch.load(
+                run_dir / f"{prefix}optimizer_{i}.pt", map_location=device, weights_only=True
+            )
         )
     for i, scheduler in enumerate(trainer.schedulers):
         scheduler.load_state_dict(
-            torch.load(resume_dir / f"lr_scheduler_{i}.pt", map_location=device, weights_only=True)
+            torch.load(
+                run_dir / f"{prefix}lr_scheduler_{i}.pt", map_location=device, weights_only=True
+            )
         )

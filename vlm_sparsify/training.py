@@ -28,9 +28,11 @@ from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.replacement import ReplacementModel
-from vlm_sparsify.sharded_clt import NOT_SHARDED, ShardedCLT
+from vlm_sparsify.sharded_clt import ShardedCLT
+from vlm_sparsify.sharded_per_layer import ShardedPerLayer
+from vlm_sparsify.sharding import ShardedCoders
 
-CoderSet = PerLayerCoders | CrossLayerTranscoder | ShardedCLT
+CoderSet = PerLayerCoders | CrossLayerTranscoder | ShardedCLT | ShardedPerLayer
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,10 +54,10 @@ def build_coders(
     distribute: bool = False,
 ) -> CoderSet:
     """Per-layer coders for `cross_layer == 0`, else a cross-layer transcoder (with `distribute`,
-    only this process's layers of it: `ShardedCLT`)."""
+    only this process's layers of them: `ShardedPerLayer` / `ShardedCLT`)."""
     if cross_layer == 0:
         if distribute:
-            raise ValueError(NOT_SHARDED)
+            return ShardedPerLayer(hookpoints, d_in, cfg, device, init_seed=init_seed)
         return PerLayerCoders(hookpoints, d_in, cfg, device, init_seed=init_seed)
     cfg.transcode = True
     if distribute:
@@ -77,6 +79,8 @@ def coder_modules(coders: CoderSet) -> list[nn.Module]:
     """One module per source (per owned layer when sharded): one optimizer parameter group."""
     if isinstance(coders, ShardedCLT):
         return list(coders.layers.values())
+    if isinstance(coders, ShardedPerLayer):
+        return list(coders.local.coders)
     return list(coders.coders if isinstance(coders, PerLayerCoders) else coders.sources)
 
 
@@ -101,7 +105,7 @@ def build_optimizers(
             params = {p for m in modules for p in m.parameters()}
             matrices = {p for p in params if p.ndim >= 2}
             # Muon's ddp mode splits identical parameters over ranks; sharded ones are not
-            ddp = dist.is_initialized() and not isinstance(coders, ShardedCLT)
+            ddp = dist.is_initialized() and not isinstance(coders, ShardedCoders)
             muon = Muon(list(matrices), lr=cfg.lr or 2e-3, ddp=ddp)
             adam = torch.optim.Adam(list(params - matrices), lr=cfg.lr or 2e-3)
             return [muon, adam], [
@@ -228,8 +232,8 @@ def global_mean_reducer(n_local: int, device: torch.device):
 
 def sum_gradients(coders: CoderSet) -> None:
     """Data parallel: every rank's loss is its share of the global loss, so gradients add up.
-    (A sharded CLT's parameters each live on one rank and saw the whole batch: nothing to add.)"""
-    if not dist.is_initialized() or isinstance(coders, ShardedCLT):
+    (Sharded coders' parameters each live on one rank and saw the whole batch: nothing to add.)"""
+    if not dist.is_initialized() or isinstance(coders, ShardedCoders):
         return
     params = list(coders.parameters())
     # every rank reduces the same tensors: one that had no tokens this step may hold no gradient

@@ -1,0 +1,113 @@
+"""Per-layer coders sharded over processes (`--distribute_modules` with `--cross_layer 0`): the
+same step as data parallel, and a checkpoint stock sparsify loads."""
+
+import json
+
+import pytest
+import torch
+from sparsify import SparseCoder, SparseCoderConfig
+
+from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.sharded_per_layer import ShardedPerLayer
+from vlm_sparsify.training import loss_per_target
+
+HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(3)]
+
+
+def pair(transcode: bool) -> tuple[PerLayerCoders, ShardedPerLayer]:
+    cfg = SparseCoderConfig(num_latents=32, k=4, transcode=transcode, multi_topk=True)
+    return PerLayerCoders(HOOKS, 8, cfg, init_seed=3), ShardedPerLayer(HOOKS, 8, cfg, init_seed=3)
+
+
+def step_data(whole: PerLayerCoders, sharded: ShardedPerLayer):
+    """40 tokens, biases initialised on them in both sets, dead masks for AuxK."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(40, 8) for _ in HOOKS]
+    outputs = [torch.randn(40, 8) + i for i, _ in enumerate(HOOKS)]
+    whole.init_biases(inputs, outputs)
+    with torch.no_grad():
+        for p in sharded.owned:
+            sharded.coder(p).load_state_dict(whole.coders[p].state_dict())
+    variances = [(y - y.mean(0)).pow(2).sum() for y in outputs]
+    dead = [torch.arange(32) % (p + 2) == 0 for p in range(len(HOOKS))]
+    return inputs, outputs, variances, dead
+
+
+@pytest.mark.parametrize("transcode", [True, False], ids=["plt", "sae"])
+def test_one_process_takes_the_per_layer_step_bit_for_bit(transcode: bool) -> None:
+    whole, sharded = pair(transcode)
+    inputs, outputs, variances, dead = step_data(whole, sharded)
+    for p in range(len(HOOKS)):  # the same init, as sparsify seeds it
+        assert torch.equal(sharded.coder(p).encoder.weight, whole.coders[p].encoder.weight)
+    results = [
+        loss_per_target(c, inputs, outputs, variances, 2, dead_masks=dead, auxk_alpha=1 / 32)
+        for c in (whole, sharded)
+    ]
+    (fvu_a, idx_a, l0_a, aux_a), (fvu_b, idx_b, l0_b, aux_b) = results
+    assert torch.equal(fvu_a, fvu_b) and l0_a == l0_b and aux_a == aux_b
+    assert all(torch.equal(a, b) for a, b in zip(idx_a, idx_b, strict=True))
+    for p in range(len(HOOKS)):
+        for (name, a), b in zip(whole.coders[p].named_parameters(), sharded.coder(p).parameters(), strict=True):  # fmt: skip
+            assert torch.equal(a.grad, b.grad), (p, name)
+
+
+def worker(rank: int, init_file: str, out: str, transcode: bool) -> None:
+    """One of two gloo processes: the sharded per-layer step on its share of the batch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        whole, sharded = pair(transcode)
+        inputs, outputs, variances, dead = step_data(whole, sharded)
+        half = slice(0, 24) if rank == 0 else slice(24, 40)  # unequal token counts
+        fvu, indices, _, auxk = loss_per_target(
+            sharded, [x[half] for x in inputs], [y[half] for y in outputs], variances,
+            dead_masks=dead, auxk_alpha=1 / 32,
+        )  # fmt: skip
+        grads = {p: [q.grad for q in sharded.coder(p).parameters()] for p in sharded.owned}
+        torch.save({"fvu": fvu, "auxk": auxk, "indices": indices, "grads": grads}, f"{out}/{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("transcode", [True, False], ids=["plt", "sae"])
+def test_two_gloo_processes_compute_the_whole_batchs_gradients(tmp_path, transcode: bool) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path), transcode), nprocs=2)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    whole, sharded = pair(transcode)
+    inputs, outputs, variances, dead = step_data(whole, sharded)
+    fvu, indices, _, auxk = loss_per_target(
+        whole, inputs, outputs, variances, dead_masks=dead, auxk_alpha=1 / 32
+    )
+    torch.testing.assert_close(results[0]["fvu"] + results[1]["fvu"], fvu)
+    assert results[0]["auxk"] + results[1]["auxk"] == pytest.approx(auxk, rel=1e-6)
+    for p, idx in enumerate(indices):  # each process reports its own tokens' features
+        assert torch.equal(torch.cat([results[0]["indices"][p], results[1]["indices"][p]]), idx)
+    owners = {0: 0, 1: 0, 2: 1}
+    for p, coder in enumerate(whole.coders):
+        grads = results[owners[p]]["grads"][p]
+        for expected, got in zip(coder.parameters(), grads, strict=True):
+            torch.testing.assert_close(got, expected.grad)
+
+
+@pytest.mark.slow
+def test_a_sharded_plt_run_loads_with_stock_sparsify(tmp_path, tiny_llava_dir):
+    from tests.test_sharded_clt import torchrun
+    from tests.test_training import cli, weights
+    from vlm_sparsify.__main__ import run
+
+    extra = ("--transcode", "true", "--max_examples", "8")
+    run(cli(tiny_llava_dir, tmp_path, "one", *extra))
+    torchrun(tiny_llava_dir, tmp_path, "two", *extra, "--distribute_modules", "true", port=29545)
+    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two")]
+    for a, b in zip(*summaries, strict=True):
+        assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5)
+    loaded = SparseCoder.load_many(str(tmp_path / "two"), local=True)
+    assert sorted(loaded) == sorted(HOOKS)
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for hook in HOOKS:
+        for key, value in two[hook].items():
+            atol = 2e-3 + 1e-6 if key == "b_dec" else 1e-5  # as the data-parallel test
+            torch.testing.assert_close(value, one[hook][key], atol=atol, rtol=0)
