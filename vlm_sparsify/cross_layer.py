@@ -388,11 +388,27 @@ def training_memory_bytes(
     decoder_dtype_bytes: int = 4,
 ) -> dict[str, int]:
     """Bytes of CLT weights, gradients and optimizer state (docs/memory.md has the model)."""
+    pairs = sum(n_targets_per_source(n_layers, cross_layer))
+    return coder_memory_bytes(
+        n_layers, pairs, num_latents, d_in, optimizer, dtype_bytes, decoder_dtype_bytes
+    )
+
+
+def coder_memory_bytes(
+    encoders: int,
+    decoders: int,
+    num_latents: int,
+    d_in: int,
+    optimizer: str = "signum",
+    dtype_bytes: int = 4,
+    decoder_dtype_bytes: int = 4,
+) -> dict[str, int]:
+    """Bytes of `encoders` encoders and `decoders` decoders (with their biases) while
+    training: weights, gradients (same dtypes) and optimizer state."""
     if optimizer not in OPTIMIZER_STATE_COPIES:
         raise ValueError(f"Unknown optimizer '{optimizer}'; known: {list(OPTIMIZER_STATE_COPIES)}")
-    pairs = sum(n_targets_per_source(n_layers, cross_layer))
-    decoder_weights = pairs * num_latents * d_in * decoder_dtype_bytes
-    rest = (n_layers * (num_latents * d_in + num_latents) + pairs * d_in) * dtype_bytes
+    decoder_weights = decoders * num_latents * d_in * decoder_dtype_bytes
+    rest = (encoders * (num_latents * d_in + num_latents) + decoders * d_in) * dtype_bytes
     weights = decoder_weights + rest
     return {
         "decoder_weights": decoder_weights,

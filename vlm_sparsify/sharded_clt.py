@@ -32,9 +32,9 @@ from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
 from .cross_layer import (
-    OPTIMIZER_STATE_COPIES,
     GpuDecoder,
     auxk_loss,
+    coder_memory_bytes,
     n_sources_per_target,
     n_targets_per_source,
     sparse_decode,
@@ -72,23 +72,13 @@ def shard_memory_bytes(
     decoder_dtype_bytes: int = 4,
 ) -> dict[str, int]:
     """`training_memory_bytes` of the layers process `rank` of `world` holds."""
-    if optimizer not in OPTIMIZER_STATE_COPIES:
-        raise ValueError(f"Unknown optimizer '{optimizer}'; known: {list(OPTIMIZER_STATE_COPIES)}")
     owners = shard_layers(layer_parameters(n_layers, cross_layer, num_latents, d_in), world)
     sources = n_sources_per_target(n_layers, cross_layer)
     mine = [t for t, r in enumerate(owners) if r == rank]
     decoders = sum(sources[t] for t in mine)
-    decoder_weights = decoders * num_latents * d_in * decoder_dtype_bytes
-    rest = (len(mine) * (num_latents * d_in + num_latents) + decoders * d_in) * dtype_bytes
-    weights = decoder_weights + rest
-    copies = OPTIMIZER_STATE_COPIES[optimizer]
-    return {
-        "decoder_weights": decoder_weights,
-        "weights": weights,
-        "gradients": weights,
-        "optimizer": copies * weights,
-        "total": (2 + copies) * weights,
-    }
+    return coder_memory_bytes(
+        len(mine), decoders, num_latents, d_in, optimizer, dtype_bytes, decoder_dtype_bytes
+    )
 
 
 class CLTLayer(nn.Module):
