@@ -32,6 +32,7 @@ from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
 from .cross_layer import (
+    CLTSource,
     GpuDecoder,
     auxk_loss,
     coder_memory_bytes,
@@ -81,33 +82,6 @@ def shard_memory_bytes(
     )
 
 
-class CLTLayer(nn.Module):
-    """Layer l of a sharded CLT: source l's encoder; `W_decs[j]`, `b_decs[j]` decode the j-th
-    source reaching l (`ShardedCLT.sources_reaching(l)[j]`) into target l."""
-
-    def __init__(
-        self,
-        d_in: int,
-        num_latents: int,
-        n_sources: int,
-        device: str | torch.device,
-        dtype: torch.dtype,
-        decoder_dtype: torch.dtype,
-    ):
-        super().__init__()
-        # built in CLTSource's order, so the same seed gives the same encoder
-        self.encoder = nn.Linear(d_in, num_latents, device=device, dtype=dtype)
-        self.encoder.bias.data.zero_()
-
-        def zeros(*shape: int, dtype: torch.dtype = dtype) -> nn.Parameter:
-            return nn.Parameter(torch.zeros(*shape, device=device, dtype=dtype))
-
-        self.W_decs = nn.ParameterList(
-            [zeros(num_latents, d_in, dtype=decoder_dtype) for _ in range(n_sources)]
-        )
-        self.b_decs = nn.ParameterList([zeros(d_in) for _ in range(n_sources)])
-
-
 class ShardedCLT(ShardedCoders):
     """The layers of a CLT this process owns, with the coder-set interface of docs/internals.md.
 
@@ -151,8 +125,9 @@ class ShardedCLT(ShardedCoders):
         for t in self.owned:
             torch.manual_seed(init_seed)  # per source, as CrossLayerTranscoder and sparsify
             n_sources = len(self.sources_reaching(t))
-            layers[str(t)] = CLTLayer(
-                d_in, self.num_latents, n_sources, device, dtype, self.decoder_dtype
+            # a CLTSource's shape (an encoder, n decoders), holding the decoders INTO layer t
+            layers[str(t)] = CLTSource(
+                d_in, self.num_latents, n_sources, False, device, dtype, self.decoder_dtype
             )
         self.layers = nn.ModuleDict(layers)
         self._leaves: list[Tensor] = []
@@ -168,7 +143,9 @@ class ShardedCLT(ShardedCoders):
     def sources_reaching(self, t: int) -> list[int]:
         return [p for p in range(t + 1) if p + self._targets[p] > t]
 
-    def layer(self, t: int) -> CLTLayer:
+    def layer(self, t: int) -> CLTSource:
+        """Layer t's module: source t's `encoder`; `W_decs[j]`, `b_decs[j]` decode the j-th
+        source reaching t (`sources_reaching(t)[j]`) into target t."""
         return self.layers[str(t)]  # type: ignore[return-value]
 
     def decoder(self, p: int, t: int) -> tuple[nn.Parameter, nn.Parameter]:
