@@ -84,8 +84,7 @@ def source_pieces(clt: ShardedCLT, p: int) -> list[Piece]:
 
 def coder_pieces(coders: ShardedPerLayer, p: int) -> list[Piece]:
     """Hookpoint p's stock `SparseCoder` tensors, under its own keys."""
-    with torch.device("meta"):
-        template = SparseCoder(coders.d_in, coders.cfg, dtype=coders.dtype)
+    template = SparseCoder(coders.d_in, coders.cfg, device="meta", dtype=coders.dtype)
     owner = coders.owners[p]
 
     def get(key: str) -> Tensor:
