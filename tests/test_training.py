@@ -384,3 +384,16 @@ def test_decoder_dtype_auto_is_bf16_on_a_gpu_only():
     assert resolve_decoder_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="--decoder_dtype must be auto, float32"):
         run(["--decoder_dtype", "bf16"])
+
+
+def test_each_process_takes_its_nodes_gpu(monkeypatch):
+    from vlm_sparsify.__main__ import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # e.g. global rank 11 on a second node of 8 GPUs
+    monkeypatch.setenv("RANK", "11")
+    assert default_device() == "cuda:3"
+    monkeypatch.delenv("LOCAL_RANK")
+    assert default_device() == "cuda:0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == "cpu"

@@ -165,6 +165,14 @@ class RunConfig(TrainConfig):
             )
 
 
+def default_device() -> str:
+    """This process's GPU (torchrun's LOCAL_RANK: the global rank is not a device index on a
+    second node), or the CPU without one."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+
 def resolve_decoder_dtype(name: str, device: torch.device) -> torch.dtype:
     """`--decoder_dtype`: auto is bfloat16 on a GPU and float32 elsewhere (as `--dtype auto`)."""
     if name == "auto":
@@ -225,7 +233,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     token = args.hf_token or os.environ.get("HF_TOKEN")
     recipe = find_recipe(args.recipe or None, model_id=args.model)
     apply_recipe_defaults(args, recipe.train_defaults, argv)
-    device = args.device or (f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     model, processor, recipe = load_model_and_processor(
         args.model,
         recipe,
