@@ -237,7 +237,9 @@ def sum_gradients(coders: CoderSet) -> None:
         return
     params = list(coders.parameters())
     # every rank reduces the same tensors: one that had no tokens this step may hold no gradient
-    has_grad = torch.tensor([p.grad is not None for p in params], device=params[0].device)
+    has_grad = torch.tensor(  # int32: every backend reduces it (not all reduce bools)
+        [int(p.grad is not None) for p in params], dtype=torch.int32, device=params[0].device
+    )
     dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
     for p, needed in zip(params, has_grad.tolist(), strict=True):
         if needed:
