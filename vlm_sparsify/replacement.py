@@ -109,6 +109,8 @@ class ReplacementModel:
         self._inference: CLTInference | None = None
         self._use_fused = False  # this forward decodes through self._inference
         self._fused_checked = False  # self._inference checked against the weights this install
+        self._copies_refused = False  # this install: too little free memory for the copies
+        self._warned_memory = False
         self._weights_train = False  # some coder weight requires grad (checked at install)
         self._window = max(coders.n_targets(p) for p in range(len(self.hookpoints)))
         self.interventions = list(interventions)
@@ -206,6 +208,7 @@ class ReplacementModel:
         """Hook the model (nested calls count; `remove()` undoes one)."""
         if self._installs == 0:
             self._fused_checked = False
+            self._copies_refused = False  # memory may have been freed since: ask again
             self._weights_train = any(param.requires_grad for param in self.coders.parameters())
             self._handles.append(
                 self.model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
@@ -291,7 +294,11 @@ class ReplacementModel:
     ) -> Tensor | None:
         if p == 0:  # each forward starts afresh (even one of the language model alone)
             self._ring = None
-            self._use_fused = self._fused and not (torch.is_grad_enabled() and self._weights_train)
+            self._use_fused = (
+                self._fused
+                and not self._copies_refused
+                and not (torch.is_grad_enabled() and self._weights_train)
+            )
             if self._use_fused and not self._fused_checked:
                 self._take_inference_copies()
         mode = self.mode
@@ -350,7 +357,8 @@ class ReplacementModel:
 
     def _take_inference_copies(self) -> None:
         """(Re)take the fused copies unless they still match the CLT's weights; decode with the
-        CLT's own weights instead when the copies would take over half the free memory."""
+        CLT's own weights instead when the copies would take over half the free memory (asked
+        again at the next install: `with rm:` or a call)."""
         self._fused_checked = True
         if self._inference is not None and self._inference.current():
             return
@@ -361,13 +369,16 @@ class ReplacementModel:
         free = free_memory_bytes(device)
         needed = CLTInference.copy_nbytes(clt)
         if free is not None and needed > free / 2:
-            warnings.warn(
-                f"the fused CLT decoders would copy {needed / 2**30:.1f} GiB with "
-                f"{free / 2**30:.1f} GiB free on {device}: decoding target by target instead "
-                "(decoder='per-target'; docs/replacement.md)",
-                stacklevel=2,
-            )
-            self._fused = self._use_fused = False
+            if not self._warned_memory:
+                warnings.warn(
+                    f"the fused CLT decoders would copy {needed / 2**30:.1f} GiB with "
+                    f"{free / 2**30:.1f} GiB free on {device}: decoding target by target instead "
+                    "while memory is short (decoder='per-target'; docs/replacement.md)",
+                    stacklevel=2,
+                )
+                self._warned_memory = True
+            self._copies_refused = True
+            self._use_fused = False
             return
         self._inference = CLTInference(clt, self._kernel)
 
