@@ -304,37 +304,43 @@ def test_wandb_logs_sparsifys_figures_every_n_steps_without_the_token(
 
 def test_save_best_replaces_only_the_hookpoints_that_improved(tmp_path, tiny_llava_dir):
     """PLTs keep one best per hookpoint: the mean FVU since the last checkpoint against the
-    lowest so far; an improved hookpoint's folder gets the (averaged) weights of now."""
-    from vlm_sparsify.best_checkpoint import save_best
+    lowest so far; an improved hookpoint's folder is copied from the checkpoint just written."""
+    from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
     from vlm_sparsify.coder_io import save_coders
 
     trainer = run(cli(tiny_llava_dir, tmp_path, "plt", "--transcode", "true", "--max_examples", "16"))  # fmt: skip
     run_dir = tmp_path / "plt"
 
-    def snapshot(name):
+    def checkpoint(config):
+        """The run's checkpoint now (the averaged weights, as the CLI writes them)."""
         with training.eval_weights(trainer.optimizers):
-            save_coders(trainer.coders, tmp_path / name)
-        return weights(tmp_path / name)
+            save_coders(trainer.coders, run_dir, config=config)
+        return weights(run_dir)
 
     state = trainer.state
     state.best_loss, state.best_checked_step = {}, 0
     state.global_step, state.fvu_history = 2, [[1.0, 1.0, 1.0], [0.5, 0.9, 0.7]]
-    assert save_best(trainer, run_dir, {"run": "plt"}) == HOOKS  # all beat infinity
-    first = snapshot("first")
+    improved = improved_since_last_check(trainer)
+    assert improved == HOOKS  # all beat infinity
+    first = checkpoint({"run": "first"})
+    keep_best(run_dir, HOOKS, improved)
     with torch.no_grad():
         for p in trainer.coders.parameters():
             p.add_(0.01)
-    second = snapshot("second")
     state.global_step, state.fvu_history = 3, [*state.fvu_history, [0.4, 0.95, 0.7]]
-    assert save_best(trainer, run_dir, {"run": "plt"}) == [HOOKS[0], HOOKS[2]]
+    improved = improved_since_last_check(trainer)
+    assert improved == [HOOKS[0], HOOKS[2]]
     assert state.best_loss == {HOOKS[0]: 0.4, HOOKS[1]: 0.95, HOOKS[2]: 0.7}
-    assert save_best(trainer, run_dir, {}) == []  # no step since: nothing to compare
+    second = checkpoint({"run": "second"})
+    keep_best(run_dir, HOOKS, improved)
+    assert improved_since_last_check(trainer) == []  # no step since: nothing to compare
     best = weights(tmp_path / "plt-best")
     for hook, expected in ((HOOKS[0], second), (HOOKS[1], first), (HOOKS[2], second)):
         assert all(torch.equal(best[hook][k], v) for k, v in expected[hook].items()), hook
     assert not all(torch.equal(first[HOOKS[1]][k], v) for k, v in second[HOOKS[1]].items())
     assert isinstance(load_coders(tmp_path / "plt-best"), training.PerLayerCoders)
-    assert json.loads((tmp_path / "plt-best" / "config.json").read_text()) == {"run": "plt"}
+    assert json.loads((tmp_path / "plt-best" / "config.json").read_text()) == {"run": "second"}
+    assert not (tmp_path / "plt-best" / "state.pt").exists()  # coders and config only
 
 
 def test_save_best_keeps_a_clt_whole(tmp_path, tiny_llava_dir):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from simple_parsing import field, parse
 from sparsify.config import TrainConfig
 
-from vlm_sparsify.best_checkpoint import save_best
+from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.cross_layer import (
     CrossLayerTranscoder,
@@ -310,8 +310,15 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         coders.load_state_dict(load_coders(args.finetune, device=device).state_dict())
 
     def checkpoint(t: Trainer) -> None:
-        if args.save_best:  # first: the comparison is part of the state saved below
-            save_best(t, run_dir, run_config_dict(args))
+        # compared first: the best losses are part of the state the checkpoint saves
+        improved = improved_since_last_check(t) if args.save_best else []
+        write_checkpoint(t)
+        if improved and rank == 0:  # copied from the checkpoint just written
+            keep_best(run_dir, t.coders.hookpoints, improved)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def write_checkpoint(t: Trainer) -> None:
         if isinstance(t.coders, ShardedCoders):
             write_sharded_checkpoint(t, run_dir, run_config_dict(args))
             return
@@ -325,8 +332,6 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
                     config=run_config_dict(args),
                     write_extra=lambda folder: write_training_state(folder, t, params, summary),
                 )
-        if dist.is_initialized():
-            dist.barrier()
 
     trainer.checkpoint = checkpoint
     wandb_log = None

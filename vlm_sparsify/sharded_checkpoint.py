@@ -112,11 +112,8 @@ def write_coders(coders: ShardedCoders, folder: Path) -> None:
                 coder.save_to_disk(folder / hookpoint)
 
 
-def write_sharded_checkpoint(
-    trainer: Trainer, run_dir: Path, config: dict[str, Any], resume_files: bool = True
-) -> None:
-    """Every rank calls this at the same step; the checkpoint appears at `run_dir` at once
-    (without `resume_files`: the coders and config alone, as `--save_best` keeps them)."""
+def write_sharded_checkpoint(trainer: Trainer, run_dir: Path, config: dict[str, Any]) -> None:
+    """Every rank calls this at the same step; the checkpoint appears at `run_dir` at once."""
     clt = trainer.coders
     assert isinstance(clt, ShardedCoders)
     tmp = run_dir.parent / f".{run_dir.name}.tmp-sharded"
@@ -128,14 +125,12 @@ def write_sharded_checkpoint(
     summary = trainer.summary()
     with eval_weights(trainer.optimizers):  # users load schedule-free's averaged point
         write_coders(clt, tmp)
-    if resume_files:
-        write_resume_files(tmp, trainer, live, rank_prefix(clt.rank))
-        shard = {"world_size": clt.world, "owners": clt.owners}
-        shard_file(tmp, clt.rank).write_text(json.dumps(shard))
+    write_resume_files(tmp, trainer, live, rank_prefix(clt.rank))
+    shard = {"world_size": clt.world, "owners": clt.owners}
+    shard_file(tmp, clt.rank).write_text(json.dumps(shard))
     if clt.rank == 0:
         (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        if resume_files:
-            write_step_state(tmp, trainer, summary)
+        write_step_state(tmp, trainer, summary)
     _barrier()
     if clt.rank == 0:
         replace_dir(tmp, run_dir)
