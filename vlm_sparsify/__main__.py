@@ -181,7 +181,7 @@ def resolve_decoder_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def check_distributable(args: RunConfig) -> None:
-    """What `--distribute_modules` (a CLT sharded over the processes by layer) works with."""
+    """What `--distribute_modules` (coders sharded over the processes by layer) works with."""
     # sparsify's TrainConfig already refuses it with --loss_fn kl / ce
     unsupported = {
         "--gpu_decoder triton": args.gpu_decoder == "triton",
