@@ -178,8 +178,23 @@ def test_layer_fvu_is_against_the_true_mlp_on_the_replacement_stream(
         recorder.remove()
     mlp = model.get_submodule(coders.hookpoints[1])
     torch.testing.assert_close(recorder.outputs[1], mlp(recorder.inputs[1]))
-    predictions = layer_predictions(coders, recorder.inputs)
+    predictions = layer_predictions(coders, recorder.inputs, recorder.outputs)
     assert not torch.allclose(predictions[1], recorder.outputs[1])
+
+
+def test_an_sae_s_layer_prediction_reconstructs_the_mlp_output() -> None:
+    from sparsify import SparseCoderConfig
+
+    from vlm_sparsify.fidelity import layer_predictions
+    from vlm_sparsify.per_layer import PerLayerCoders
+
+    torch.manual_seed(0)
+    cfg = SparseCoderConfig(num_latents=32, k=4, transcode=False)
+    saes = PerLayerCoders(["a", "b"], 8, cfg)
+    inputs, outputs = [torch.randn(5, 8) for _ in "ab"], [torch.randn(5, 8) for _ in "ab"]
+    predictions = layer_predictions(saes, inputs, outputs)
+    for coder, y, prediction in zip(saes.coders, outputs, predictions, strict=True):
+        torch.testing.assert_close(prediction, coder(y).sae_out)
 
 
 def test_left_pad_moves_padding_to_the_left() -> None:

@@ -449,8 +449,75 @@ def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
     stale = PerLayerCoders(["language_model.model.layers.0.mlp"], D, cfg)
     with pytest.raises(ValueError, match="not modules of LlavaForConditionalGeneration"):
         ReplacementModel(model, stale)
-    with pytest.raises(ValueError, match=f"edits feature {LATENTS} but the coders have {LATENTS}"):
+    with pytest.raises(
+        ValueError, match=f"edits feature {LATENTS} but the coder at .* has {LATENTS}"
+    ):
         ReplacementModel(model, make_coders("clt"), interventions=[Intervention("zero", LATENTS)])
+
+
+def test_each_coder_is_checked_against_its_own_width_and_its_model(model: nn.Module) -> None:
+    narrow = PerLayerCoders(HOOKPOINTS[1:2], D, SparseCoderConfig(num_latents=8, k=K))
+    coders = PerLayerCoders(HOOKPOINTS[:1], D, SparseCoderConfig(num_latents=LATENTS, k=K))
+    coders.hookpoints, coders.coders = (
+        HOOKPOINTS[:2],
+        nn.ModuleList([*coders.coders, *narrow.coders]),
+    )
+    replacement = ReplacementModel(model, coders)
+    replacement.interventions = Intervention("zero", features=20, layers=0)  # one is a list too
+    with pytest.raises(ValueError, match=f"feature 20 but the coder at {HOOKPOINTS[1]} has 8"):
+        replacement.interventions = [Intervention("zero", features=20, layers=1)]
+    wide = PerLayerCoders(HOOKPOINTS, 2 * D, SparseCoderConfig(num_latents=LATENTS, k=K))
+    with pytest.raises(
+        ValueError, match=f"reads {2 * D}-dimensional .* width {D}: .*another model"
+    ):
+        ReplacementModel(model, wide)
+
+
+def make_saes() -> PerLayerCoders:
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=False)
+    saes = randomize(PerLayerCoders(HOOKPOINTS, D, cfg), seed=6)
+    assert isinstance(saes, PerLayerCoders)
+    return saes
+
+
+def test_saes_read_and_rebuild_the_mlp_output(model: nn.Module) -> None:
+    saes = make_saes()
+    inputs = batch()
+    with torch.no_grad():
+        true = MLPRecorder(model)  # hooked first: each MLP's own output on the replaced stream
+        with ReplacementModel(model, saes, mode="open-loop") as replacement:
+            replaced = MLPRecorder(model)
+            with replacement.capture() as capture:
+                model(**inputs)
+            replaced.remove()
+        true.remove()
+        sample = capture.pop_samples()[1]  # the unpadded row
+        for p, coder in enumerate(saes.coders):
+            torch.testing.assert_close(replaced.outputs[p], coder(true.outputs[p]).sae_out)
+            expected = coder.encode(true.outputs[p]).top_indices.view(2, -1, K)[1]
+            assert torch.equal(
+                sample.indices[:, p].long().sort(-1).values, expected.sort(-1).values
+            )
+
+
+def test_one_replacement_model_hooks_a_model_at_a_time(model: nn.Module) -> None:
+    inputs = batch()
+    clt = ReplacementModel(model, make_coders("clt"), mode="open-loop")
+    plt = ReplacementModel(model, make_coders("plt"), mode="open-loop")
+    with torch.no_grad():
+        alone = clt(**inputs).logits
+        with clt:
+            with pytest.raises(RuntimeError, match="another ReplacementModel already hooks"):
+                plt.install()
+            assert torch.equal(model(**inputs).logits, alone)  # the CLT still replaces
+        assert torch.equal(clt(**inputs).logits, alone)
+        assert not torch.equal(plt(**inputs).logits, alone)
+
+
+def test_capture_refuses_beam_search(model: nn.Module) -> None:
+    replacement = ReplacementModel(model, make_coders("plt"), mode="off")
+    with replacement.capture(), pytest.raises(ValueError, match="num_beams=1"):
+        replacement.generate(**batch(), **{**GREEDY, "num_beams": 2})
 
 
 def test_fused_and_per_target_decoding_agree_and_follow_weight_changes(model: nn.Module) -> None:

@@ -111,9 +111,12 @@ class FeatureCapture:
         self._sequences: list[_Sequence] = []
 
     def start_sequence(self) -> None:
+        """A new batch of sequences begins (a forward without past, or a `generate`)."""
         self._sequences.append(_Sequence())
 
     def start_forward(self, past: int, token_ids: Tensor | None, regions: Tensor) -> None:
+        """A forward of the current sequences begins: `past` positions already seen, these
+        tokens (None with inputs_embeds) and their region codes `[B, n]`."""
         if not self._sequences:
             self.start_sequence()
         none: list[Tensor | None] = [None] * self.num_sources

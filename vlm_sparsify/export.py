@@ -39,7 +39,8 @@ def source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor]
     coder = coders.coders[p]
     if not coder.cfg.transcode:
         raise ValueError(
-            "circuit-tracer exports transcoders; this run holds SAEs (transcode=False)"
+            "this run holds SAEs (transcode=False), which read and rebuild the MLP output; "
+            "the circuit-tracer export and CLT-free steering take transcoders (PLT or CLT)"
         )
     return coder.encoder.weight, coder.encoder.bias, [coder.W_dec], [coder.b_dec]
 

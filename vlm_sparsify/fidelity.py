@@ -106,12 +106,16 @@ class _LayerRecorder:
 
 
 @torch.no_grad()
-def layer_predictions(coders: nn.Module, inputs: list[Tensor]) -> list[Tensor]:
-    """Each target's prediction from the recorded MLP inputs of every source reaching it."""
+def layer_predictions(
+    coders: nn.Module, inputs: list[Tensor], outputs: list[Tensor]
+) -> list[Tensor]:
+    """Each target's prediction from the recorded rows of every source reaching it: the MLP
+    inputs for transcoders, the MLP outputs for SAEs."""
     dtype = next(coders.parameters()).dtype
     skip = getattr(coders, "skip", None)
-    predictions: list[Tensor | None] = [None] * len(inputs)
-    for p, x in enumerate(inputs):
+    reads = inputs if getattr(coders, "transcode", True) else outputs
+    predictions: list[Tensor | None] = [None] * len(reads)
+    for p, x in enumerate(reads):
         x = x.to(dtype)
         top_acts, top_indices, _ = coders.encode(p, x)
         parts = coders.decode(p, top_acts, top_indices)
@@ -297,7 +301,7 @@ def measure_fidelity(
         }
         totals.add_layers(
             recorder.outputs,
-            layer_predictions(coders, recorder.inputs),
+            layer_predictions(coders, recorder.inputs, recorder.outputs),
             {name: rows.reshape(-1) for name, rows in row_masks.items()},
             unembedding,
         )

@@ -7,11 +7,12 @@ in the top-k can be added or set: they are appended as extra (index, value) colu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,38 +23,57 @@ Op = Literal["scale", "add", "set", "zero"]
 
 @dataclass(frozen=True)
 class Intervention:
-    """One edit of some features of some source layers on some token regions."""
+    """One edit of some features of some source layers on some token regions.
+
+    Indices and values may be Python, NumPy or 0-d / 1-d torch numbers (e.g. from `topk`).
+    """
 
     op: Op
     """`scale` (f *= value), `add` (f += value), `set` (f = value) or `zero` (f = 0)."""
 
-    features: int | tuple[int, ...]
-    """Latent index or indices to edit."""
+    features: int | Sequence[int]
+    """Latent index or indices to edit (distinct, >= 0)."""
 
-    layers: int | str | tuple[int | str, ...] | None = None
+    layers: int | str | Sequence[int | str] | None = None
     """Source hookpoints: positions among the coder set's hookpoints or hookpoint names; None = all."""
 
-    region: str | tuple[str, ...] = "all"
+    region: str | Sequence[str] = "all"
     """Token region(s) edited: `image`, `prompt`, `response`, or `all`."""
 
-    value: float | tuple[float, ...] = 0.0
-    """Factor (scale), amount (add) or new activation (set); one per feature, or one for all."""
+    value: float | Sequence[float] | None = None
+    """Factor (scale), amount (add) or new activation (set), one per feature or one for all;
+    required by those three, not given for `zero`."""
 
     def __post_init__(self) -> None:
         if self.op not in ("scale", "add", "set", "zero"):
             raise ValueError(f"Unknown intervention op '{self.op}'; use scale, add, set or zero")
-        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        features = tuple(_index(f, "feature") for f in _items(self.features))
         if len(set(features)) != len(features) or not features:
             raise ValueError(f"features must be distinct and non-empty, got {features}")
         object.__setattr__(self, "features", features)
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))
-        regions = (self.region,) if isinstance(self.region, str) else tuple(self.region)
-        unknown = [r for r in regions if r != "all" and r not in REGION_CODE]
+        if self.layers is not None:
+            layers = tuple(
+                layer if isinstance(layer, str) else _index(layer, "source layer")
+                for layer in _items(self.layers, strings=True)
+            )
+            if not layers:
+                raise ValueError("layers is empty: give source layers, or None for all of them")
+            object.__setattr__(self, "layers", layers[0] if len(layers) == 1 else layers)
+        regions = tuple(_items(self.region, strings=True))
+        unknown = [r for r in regions if r not in ("image", "prompt", "response", "all")]
+        if not regions:
+            raise ValueError("region is empty: give image, prompt, response or all")
         if unknown:
             raise ValueError(f"Unknown token region(s) {unknown}; use image, prompt, response, all")
         object.__setattr__(self, "region", regions[0] if len(regions) == 1 else regions)
-        values = (self.value,) if isinstance(self.value, (int, float)) else tuple(self.value)
+        if self.op == "zero":
+            if self.value is not None:
+                raise ValueError(f"a zero intervention takes no value, got {self.value!r}")
+            object.__setattr__(self, "value", 0.0)
+            return
+        if self.value is None:
+            raise ValueError(f"a {self.op} intervention needs a value")
+        values = tuple(_number(v) for v in _items(self.value))
         if len(values) not in (1, len(features)):
             raise ValueError(f"give one value or one per feature ({len(features)}), got {values}")
         object.__setattr__(self, "value", values[0] if len(values) == 1 else values)
@@ -81,6 +101,31 @@ class Intervention:
         if "all" in regions:
             return None
         return tuple(REGION_CODE[r] for r in regions)
+
+
+def _items(x: Any, strings: bool = False) -> list[Any]:
+    """A scalar (a string too, with `strings`) as a one-item list; a sequence or tensor as a list."""
+    if isinstance(x, Tensor | np.ndarray):
+        return x.reshape(-1).tolist()
+    if (strings and isinstance(x, str)) or isinstance(x, int | float | np.number):
+        return [x]
+    if isinstance(x, Iterable) and not isinstance(x, str):
+        return list(x)
+    return [x]
+
+
+def _index(x: Any, what: str) -> int:
+    if isinstance(x, bool | np.bool_) or not isinstance(x, int | np.integer):
+        raise ValueError(f"{what} indices are integers, got {x!r}")
+    if x < 0:
+        raise ValueError(f"{what} indices are >= 0, got {x}")
+    return int(x)
+
+
+def _number(x: Any) -> float:
+    if isinstance(x, bool | np.bool_) or not isinstance(x, int | float | np.number):
+        raise ValueError(f"intervention values are numbers, got {x!r}")
+    return float(x)
 
 
 @lru_cache(maxsize=1024)

@@ -17,7 +17,9 @@ response). Modes:
   reconstruction + error term; without interventions the original model, bit for bit.
 - `off`: the original model (features are still captured inside `capture()`).
 
-Layers without a coder are left alone.
+Layers without a coder are left alone. SAEs (per-layer coders with `transcode` off) read the
+MLP's output instead of its input: open-loop replaces the output by its reconstruction.
+Only one replacement model may hook a model at a time.
 """
 
 from __future__ import annotations
@@ -89,7 +91,13 @@ class ReplacementModel:
             self.image_token_id = getattr(config, "image_token_id", None)
             if self.image_token_id is None:
                 self.image_token_id = getattr(config, "image_token_index", None)
-        self.num_latents = max(source.encoder.out_features for _, source in coders.items())
+        sources = [source for _, source in coders.items()]
+        self._widths = [source.encoder.out_features for source in sources]
+        self.num_latents = max(self._widths)
+        # an SAE reads and predicts the MLP's output; transcoders (PLT, CLT) read its input
+        self._reads_output = not getattr(coders, "transcode", True)
+        for hookpoint, source in zip(self.hookpoints, sources, strict=True):
+            _check_width(model.get_submodule(hookpoint), hookpoint, source, self._reads_output)
         self._dtype = next(coders.parameters()).dtype
         self._skip = getattr(coders, "skip", None)
         match decoder:
@@ -128,6 +136,7 @@ class ReplacementModel:
     # ------------------------------------------------------------------ configuration
     @property
     def mode(self) -> Mode:
+        """`open-loop`, `error` or `off` (set it outside `with rm:`)."""
         return self._mode
 
     @mode.setter
@@ -142,28 +151,33 @@ class ReplacementModel:
 
     @property
     def interventions(self) -> list[Intervention]:
+        """The standing interventions, applied in every forward (a list; one is a list too)."""
         return list(self._interventions)
 
     @interventions.setter
-    def interventions(self, interventions: Sequence[Intervention]) -> None:
+    def interventions(self, interventions: Intervention | Sequence[Intervention]) -> None:
+        interventions = _as_list(interventions)
         per_source: list[list[Intervention]] = [[] for _ in self.hookpoints]
         for intervention in interventions:
-            if max(intervention.features) >= self.num_latents:
-                raise ValueError(
-                    f"{intervention} edits feature {max(intervention.features)} but the coders "
-                    f"have {self.num_latents} latents"
-                )
+            highest = max(intervention.features)  # type: ignore[type-var]
             for p in intervention.source_positions(self.hookpoints):
+                if highest >= self._widths[p]:
+                    raise ValueError(
+                        f"{intervention} edits feature {highest} but the coder at "
+                        f"{self.hookpoints[p]} has {self._widths[p]} latents"
+                    )
                 per_source[p].append(intervention)
         self._interventions = list(interventions)
         self._per_source = per_source
         self._regional = any(i.region_codes() is not None for i in interventions)
 
     @contextmanager
-    def intervene(self, interventions: Sequence[Intervention]) -> Iterator[ReplacementModel]:
+    def intervene(
+        self, interventions: Intervention | Sequence[Intervention]
+    ) -> Iterator[ReplacementModel]:
         """Add `interventions` to the standing ones until the block exits."""
         standing = self._interventions
-        self.interventions = [*standing, *interventions]
+        self.interventions = [*standing, *_as_list(interventions)]
         try:
             yield self
         finally:
@@ -207,6 +221,13 @@ class ReplacementModel:
     def install(self) -> None:
         """Hook the model (nested calls count; `remove()` undoes one)."""
         if self._installs == 0:
+            holder = getattr(self.model, _HOLDER, None)
+            if holder is not None and holder is not self:
+                raise RuntimeError(
+                    "another ReplacementModel already hooks this model: leave its `with` block "
+                    "(or let its call end) first; one replacement at a time"
+                )
+            setattr(self.model, _HOLDER, self)
             self._fused_checked = False
             self._copies_refused = False  # memory may have been freed since: ask again
             self._weights_train = any(param.requires_grad for param in self.coders.parameters())
@@ -215,7 +236,7 @@ class ReplacementModel:
             )
             for p, hookpoint in enumerate(self.hookpoints):
                 module = self.model.get_submodule(hookpoint)
-                if self.mode == "open-loop":
+                if self.mode == "open-loop" and not self._reads_output:
                     # the MLP's own output is not needed: do not compute it
                     self._handles.append(_ForwardOverride(module, partial(self._open_loop, p)))
                 else:
@@ -223,11 +244,15 @@ class ReplacementModel:
         self._installs += 1
 
     def remove(self) -> None:
+        """Undo one `install()`; the last one unhooks the model."""
+        if self._installs == 0:
+            return
         self._installs -= 1
         if self._installs == 0:
-            for handle in self._handles:
+            handles, self._handles = self._handles, []
+            delattr(self.model, _HOLDER)
+            for handle in handles:
                 handle.remove()
-            self._handles = []
 
     def __enter__(self) -> ReplacementModel:
         self.install()
@@ -306,7 +331,8 @@ class ReplacementModel:
             return self._attribution_step(p, args[0], output)
         edits = self._per_source[p] if mode != "off" else ()
         if mode == "open-loop" or edits or self._capture is not None:
-            x = args[0].reshape(-1, args[0].shape[-1])
+            read = output if self._reads_output else args[0]
+            x = read.reshape(-1, read.shape[-1])
             top_acts, top_indices, _ = self._encode(p, x)
             if self._capture is not None:
                 self._capture.record(p, top_acts, top_indices)
@@ -344,6 +370,7 @@ class ReplacementModel:
 
     def _attribution_step(self, p: int, x: Tensor, output: Tensor) -> Tensor:
         assert self._leaves is not None
+        x = output if self._reads_output else x
         flat = x.detach().reshape(-1, x.shape[-1])
         with torch.no_grad():
             top_acts, top_indices, _ = self._encode(p, flat)
@@ -437,21 +464,33 @@ class ReplacementModel:
 
     # ------------------------------------------------------------------ running
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward through the replacement (same arguments and outputs)."""
         with self._hooked():
             return self.model(*args, **kwargs)
 
     __call__ = forward
 
     def generate(
-        self, *args: Any, interventions: Sequence[Intervention] = (), **kwargs: Any
+        self,
+        *args: Any,
+        interventions: Intervention | Sequence[Intervention] = (),
+        **kwargs: Any,
     ) -> Any:
         """`model.generate` through the replacement; `interventions` add to the standing ones.
 
-        Captured response rows stop before each row's first EOS token.
+        Captured response rows stop before each row's first EOS token (which `model.generate`
+        under `with rm:` does not know: use this method to capture responses).
         """
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             raise ValueError("ReplacementModel.generate needs input_ids (token regions)")
+        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        if self._capture is not None and beams > 1:
+            raise ValueError(
+                "capture follows each row's own tokens; beam search reorders rows between "
+                "steps: capture with num_beams=1 (greedy or sampling)"
+            )
         prompt_length = tokens.shape[1]
         with self._hooked(), self.intervene(interventions):
             self._generate_prompt_length, self._generate_started = prompt_length, False
@@ -474,6 +513,34 @@ class ReplacementModel:
         is_eos = torch.isin(response.cpu(), eos)
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), response.shape[1])
         return (first + prompt_length).tolist()
+
+
+_HOLDER = "_vlm_sparsify_replacement"
+"""Attribute marking the model a ReplacementModel hooks (one at a time)."""
+
+
+def _as_list(interventions: Intervention | Sequence[Intervention]) -> list[Intervention]:
+    if isinstance(interventions, Intervention):
+        return [interventions]
+    interventions = list(interventions)
+    wrong = [i for i in interventions if not isinstance(i, Intervention)]
+    if wrong:
+        raise TypeError(f"interventions are Intervention objects, got {wrong[0]!r}")
+    return interventions
+
+
+def _check_width(module: nn.Module, hookpoint: str, source: nn.Module, reads_output: bool) -> None:
+    """Clear error when a coder's width is not its MLP's (coders of another model)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return
+    d_model = linears[-1].out_features if reads_output else linears[0].in_features
+    d_in = source.encoder.in_features
+    if d_in != d_model:
+        raise ValueError(
+            f"the coder at {hookpoint} reads {d_in}-dimensional activations but the model's "
+            f"MLP there has width {d_model}: these coders were trained on another model"
+        )
 
 
 class _ForwardOverride:
