@@ -1,5 +1,7 @@
 """Export to circuit-tracer: loads with its own load_clt, holds our weights, fidelity measured."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +104,22 @@ def test_export_refuses_saes(tmp_path: Path) -> None:
     sae = PerLayerCoders(HOOKS, 8, SparseCoderConfig(num_latents=8, k=2))
     with pytest.raises(ValueError, match="transcode=False"):
         export_circuit_tracer(sae, tmp_path / "ct", [torch.zeros(8)] * 4)
+    # the command says so in one line, before it would run the model for calibration
+    save_coders(sae, tmp_path / "sae")
+    command = [sys.executable, "-m", "vlm_sparsify.export", "circuit-tracer"]
+    done = subprocess.run(
+        [*command, str(tmp_path / "sae"), str(tmp_path / "ct")], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: this run holds SAEs")
+    assert "Traceback" not in done.stderr
+
+
+def test_export_warns_that_skip_connections_stay_behind(tmp_path: Path) -> None:
+    cfg = SparseCoderConfig(num_latents=8, k=2, transcode=True, skip_connection=True)
+    save_coders(CrossLayerTranscoder(HOOKS, 8, cfg, 2), tmp_path / "run")
+    tensors = {f"inputs.{h}": torch.randn(64, 8) for h in HOOKS}
+    save_file(tensors, str(tmp_path / "calib.safetensors"))
+    with pytest.warns(UserWarning, match="skip connections .* not exported"):
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"),
+              "--calibration", str(tmp_path / "calib.safetensors")])  # fmt: skip

@@ -206,3 +206,18 @@ def test_left_pad_moves_padding_to_the_left() -> None:
     padded = left_pad(inputs)
     assert padded["input_ids"].tolist() == [[0, 0, 7, 8], [1, 2, 3, 4]]
     assert padded["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+
+
+def test_bad_input_ends_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "vlm_sparsify.fidelity"]
+    for args, message in (
+        ([str(tmp_path / "nothing")], "error: no checkpoint folder"),
+        ([str(tmp_path), "--limit", "0"], "error: --limit must be at least 1, got 0"),
+        ([str(tmp_path), "--plot", str(tmp_path / "no" / "x.png")], "error: --plot"),
+    ):
+        done = subprocess.run([*command, *args], capture_output=True, text=True)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(message)

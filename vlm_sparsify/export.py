@@ -1,6 +1,6 @@
 """Export a transcoder run to circuit-tracer's cross-layer transcoder format.
 
-    python -m vlm_sparsify.export circuit-tracer RUN OUT_DIR --calibration ACTS.safetensors
+    python -m vlm_sparsify.export circuit-tracer RUN OUT_DIR [--calibration ACTS.safetensors]
 
 circuit-tracer reads per layer i `W_enc_{i}.safetensors` (`W_enc_{i}` [d_tc, d_model], `b_enc_{i}`,
 `b_dec_{i}`, `threshold_{i}`) and `W_dec_{i}.safetensors` (`W_dec_{i}` [d_tc, n_layers - i,
@@ -11,6 +11,7 @@ docs/checkpoints.md) and the fidelity lost is measured on held-out calibration t
 
 import argparse
 import shutil
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .cli import run_cli
 from .coder_io import Coders, load_coders, replace_dir
 from .cross_layer import CrossLayerTranscoder
 from .per_layer import fraction_of_variance_unexplained
@@ -241,6 +243,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     args = parser.parse_args(argv)
 
     coders = load_coders(args.run)
+    for p in range(len(coders.hookpoints)):
+        source_weights(coders, p)  # refuses what circuit-tracer cannot hold, before calibrating
+    if coders.cfg.skip_connection:
+        warnings.warn(
+            "the run's skip connections (W_skip) are not exported: circuit-tracer's CLT files "
+            "hold none; the fidelity printed below is the export's without them",
+            stacklevel=1,
+        )
     if args.calibration is None:
         from vlm_sparsify.run_activations import run_activations
 
@@ -261,10 +271,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     )
     held_out = None if outputs is None else [y[half:] for y in outputs]
     fidelity = export_fidelity(coders, thresholds, [x[half:] for x in inputs], held_out)
+    print(
+        f"wrote {args.out_dir}: circuit-tracer CLT, {len(coders.hookpoints)} layers, JumpReLU "
+        f"thresholds per {args.threshold}; per layer, on {inputs[0].shape[0] - half} held-out "
+        "calibration tokens:"
+    )
     for name, values in fidelity.items():
         print(f"{name}: " + " ".join(f"{v:.4f}" for v in values))
     return fidelity
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from simple_parsing import field, parse
 from torch import Tensor, nn
 
+from vlm_sparsify.cli import run_cli
 from vlm_sparsify.coder_io import RUN_CONFIG_FILE, load_coders
 from vlm_sparsify.data import (
     EASYVQA,
@@ -325,12 +326,21 @@ def _response(tokens: Tensor, prompt_length: int, pad_id: int) -> Tensor:
 
 
 def _run_config(run: Path) -> dict[str, Any]:
+    if not run.is_dir():  # before the model loads
+        raise FileNotFoundError(
+            f"no checkpoint folder {run}; pass the RUN folder that holds <hookpoint>/cfg.json"
+        )
     path = run / RUN_CONFIG_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(FidelityConfig, args=sys.argv[1:] if argv is None else argv)
+    for name in ("limit", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.plot and not Path(args.plot).parent.is_dir():
+        raise FileNotFoundError(f"--plot {args.plot}: no folder {Path(args.plot).parent}")
     run = Path(args.run)
     trained = _run_config(run)
     model_id = args.model or trained.get("model") or DEFAULT_MODEL
@@ -343,6 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dataset = args.dataset or trained.get("dataset") or recipe.dataset.path
     split = args.split or ("test" if dataset.lower() in EASYVQA else recipe.dataset.split)
     examples = list(islice(open_examples(dataset, recipe, split=split), args.limit))
+    if not examples:
+        raise ValueError(f"no examples in {dataset} ({split})")
     result = measure_fidelity(
         model,
         processor,
@@ -356,14 +368,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.decoder,
     )
     result.update(run=str(run), model=model_id, dataset=dataset, split=split)
-    if args.plot:
-        from vlm_sparsify.fidelity_plot import plot_fidelity
-
-        plot_fidelity(result, Path(args.plot))
     if args.json:
         print(json.dumps(result))
     else:
         _print_table(result)
+    if args.plot:
+        from vlm_sparsify.fidelity_plot import plot_fidelity
+
+        plot_fidelity(result, Path(args.plot))
     return result
 
 
@@ -408,4 +420,4 @@ def _print_table(result: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
