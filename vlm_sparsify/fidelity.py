@@ -335,6 +335,8 @@ def _run_config(run: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`python -m vlm_sparsify.fidelity RUN ...` (FidelityConfig): measure, print the table (or
+    one JSON object), draw `--plot`; returns the measurements."""
     args = parse(FidelityConfig, args=sys.argv[1:] if argv is None else argv)
     for name in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
