@@ -12,7 +12,7 @@ from sparsify import SparseCoder
 
 import vlm_sparsify.training as training
 from vlm_sparsify.__main__ import run
-from vlm_sparsify.coder_io import load_coders
+from vlm_sparsify.coder_io import CheckpointError, load_coders
 
 HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(3)]
 
@@ -82,6 +82,27 @@ def test_resume_refuses_a_different_coder_shape(tmp_path, tiny_llava_dir):
     args[args.index("--num_latents") + 1] = "128"
     with pytest.raises(ValueError, match="differ from this run's settings"):
         run(args)
+
+
+def test_finetune_loads_by_hookpoint_name_and_names_what_differs(tmp_path, tiny_llava_dir):
+    layers02 = ("--transcode", "true", "--layers", "0", "2", "--max_examples", "8")
+    run(cli(tiny_llava_dir, tmp_path, "src", *layers02))
+    src = str(tmp_path / "src")
+    with pytest.raises(CheckpointError, match=r"holds coders for .*0.mlp.*2.mlp'\] but .*1.mlp"):
+        run(cli(tiny_llava_dir, tmp_path, "ft", "--transcode", "true", "--layers", "1", "2",
+                "--finetune", src))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"it holds num_latents 64 \(this run: 128\);"):
+        run(cli(tiny_llava_dir, tmp_path, "ft", *layers02, "--finetune", src, "--num_latents", "128"))  # fmt: skip
+    with pytest.raises(CheckpointError, match="kind 'per-layer transcoders' .this run: 'a cross"):
+        run(cli(tiny_llava_dir, tmp_path, "ft", *layers02, "--finetune", src, "--cross_layer", "2"))  # fmt: skip
+    assert not (tmp_path / "ft").exists()
+    # the same hookpoints load (another init seed: the coders start from src's, not their own)
+    trainer = run(cli(tiny_llava_dir, tmp_path, "ft", *layers02, "--finetune", src,
+                      "--init_seeds", "1", "--lr", "1e-6"))  # fmt: skip
+    source = load_coders(src)
+    for hook in (HOOKS[0], HOOKS[2]):
+        moved = trainer.coders[hook].encoder.weight.detach() - source[hook].encoder.weight
+        assert float(moved.abs().max()) < 1e-4, hook
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_llava_dir, monkeypatch):

@@ -21,7 +21,7 @@ from simple_parsing import field, parse
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
-from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.coder_io import load_for_finetune, save_coders
 from vlm_sparsify.cross_layer import (
     CrossLayerTranscoder,
     GpuDecoder,
@@ -305,9 +305,7 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     elif args.finetune and isinstance(coders, ShardedCoders):
         load_owned_tensors(coders, args.finetune)
     elif args.finetune:
-        from vlm_sparsify.coder_io import load_coders
-
-        coders.load_state_dict(load_coders(args.finetune, device=device).state_dict())
+        load_for_finetune(coders, args.finetune, device)
 
     def checkpoint(t: Trainer) -> None:
         # compared first: the best losses are part of the state the checkpoint saves

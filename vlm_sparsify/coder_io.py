@@ -144,6 +144,47 @@ def load_coders(
     return _load_per_layer(run_dir, order, device, dtype)
 
 
+def _first_source(coders: Coders) -> torch.nn.Module:
+    return coders.sources[0] if isinstance(coders, CrossLayerTranscoder) else coders.coders[0]
+
+
+def coder_shape(coders: Coders) -> dict[str, Any]:
+    """What a fine-tune must share with its checkpoint besides hookpoints and d_in."""
+    if isinstance(coders, CrossLayerTranscoder):
+        kind = "a cross-layer transcoder"
+    else:
+        kind = "per-layer transcoders" if coders.transcode else "sparse autoencoders"
+    return {
+        "kind": kind,
+        "cross_layer": getattr(coders, "cross_layer", 0),
+        "num_latents": int(_first_source(coders).encoder.weight.shape[0]),
+        "skip_connection": bool(coders.cfg.skip_connection),
+    }
+
+
+def load_for_finetune(coders: Coders, run_dir: str | Path, device: str | torch.device) -> None:
+    """`--finetune RUN`: copy RUN's coders into `coders` by hookpoint name (RUN must hold the
+    same hookpoints, in the same order); any difference is one CheckpointError naming it."""
+    d_in = int(_first_source(coders).encoder.weight.shape[1])
+    saved = load_coders(run_dir, device=device, hookpoints=coders.hookpoints, d_in=d_in)
+    ours, theirs = coder_shape(coders), coder_shape(saved)
+    differing = [
+        f"{key} {theirs[key]!r} (this run: {ours[key]!r})"
+        for key in ours
+        if ours[key] != theirs[key]
+    ]
+    if differing:
+        raise CheckpointError(
+            f"cannot fine-tune from {run_dir}: it holds {'; '.join(differing)}; pass the flags "
+            "it was trained with (--cross_layer, --transcode, --num_latents, --skip_connection)"
+        )
+    try:
+        coders.load_state_dict(saved.state_dict())
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"cannot fine-tune from {run_dir}: {first_line}") from None
+
+
 def _read_cfgs(
     run_dir: Path, hookpoints: list[str] | None, d_in: int | None
 ) -> tuple[list[str], dict[str, dict[str, Any]]]:
