@@ -277,8 +277,9 @@ def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir, cross_layer
     # the layers' owners depend on the number of processes: one process cannot resume two's run
     with pytest.raises(ValueError, match="sharded over 2 processes and this run has 1"):
         run(cli(tiny_llava_dir, tmp_path, "split", *extra, "--resume", "true"))
-    with pytest.raises(ValueError, match="resume it with --distribute_modules"):
-        run(cli(tiny_llava_dir, tmp_path, "split", "--cross_layer", cross_layer, "--resume", "true"))  # fmt: skip
+    with pytest.raises(ValueError, match=r"--distribute_modules false \(saved: true\)"):
+        run(cli(tiny_llava_dir, tmp_path, "split", "--cross_layer", cross_layer, "--resume", "true",
+                "--distribute_modules", "false"))  # fmt: skip
 
 
 def test_the_cli_says_what_distribute_modules_works_with(tmp_path, tiny_llava_dir):

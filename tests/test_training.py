@@ -76,14 +76,6 @@ def test_checkpoints_load_and_resume_is_exact(
         assert [ours.n_targets(p) for p in range(3)] == [3, 2, 1]
 
 
-def test_resume_refuses_a_different_coder_shape(tmp_path, tiny_llava_dir):
-    run(cli(tiny_llava_dir, tmp_path, "r", "--transcode", "true"))
-    args = cli(tiny_llava_dir, tmp_path, "r", "--transcode", "true", "--resume", "true")
-    args[args.index("--num_latents") + 1] = "128"
-    with pytest.raises(ValueError, match="differ from this run's settings"):
-        run(args)
-
-
 def test_finetune_loads_by_hookpoint_name_and_names_what_differs(tmp_path, tiny_llava_dir):
     layers02 = ("--transcode", "true", "--layers", "0", "2", "--max_examples", "8")
     run(cli(tiny_llava_dir, tmp_path, "src", *layers02))
@@ -386,21 +378,62 @@ def test_training_curves_are_trailing_moving_averages():
 
 
 def test_recipe_defaults_yield_to_the_flags_passed():
-    from simple_parsing import parse
-
-    from vlm_sparsify.__main__ import RunConfig, apply_recipe_defaults
+    from vlm_sparsify.__main__ import apply_recipe_defaults, parse_run_config
     from vlm_sparsify.recipe import find_recipe
 
     defaults = find_recipe("llava").train_defaults  # sized for LLaVA-1.5-7B
-    args = parse(RunConfig, args=["--cross_layer", "16"])
-    apply_recipe_defaults(args, defaults, ["--cross_layer", "16"])
+    args, given = parse_run_config(["--cross_layer", "16"])
+    apply_recipe_defaults(args, defaults, given)
     assert (args.sae.num_latents, args.sae.k, args.batch_size) == (8192, 32, 8)
-    argv = ["--expansion_factor", "4", "--k", "64"]  # the width given the other way wins too
-    args = parse(RunConfig, args=argv)
-    apply_recipe_defaults(args, defaults, argv)
+    # the width given the other way wins too; -k is --k
+    args, given = parse_run_config(["--expansion_factor", "4", "-k", "64"])
+    apply_recipe_defaults(args, defaults, given)
     assert (args.sae.num_latents, args.sae.expansion_factor, args.sae.k) == (0, 4, 64)
+    args, given = parse_run_config(["--k=64", "--batch_size=2"])
+    apply_recipe_defaults(args, defaults, given)
+    assert (args.sae.k, args.batch_size) == (64, 2)
     with pytest.raises(ValueError, match="'num_latent', which is not a flag"):
-        apply_recipe_defaults(parse(RunConfig, args=[]), {"num_latent": 8}, [])
+        apply_recipe_defaults(parse_run_config([])[0], {"num_latent": 8}, set())
+
+
+def test_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path, tiny_llava_dir):
+    run(cli(tiny_llava_dir, tmp_path, "r", "--cross_layer", "2", "--max_examples", "16"))
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    # only the run's name: the model, --cross_layer, --k, ... come from its config.json;
+    # --max_examples may grow (and --num_workers, --log_to_wandb, ... may change)
+    resume = ["--save_dir", str(tmp_path), "--run_name", "r", "--resume", "true"]
+    trainer = run([*resume, "--max_examples", "24", "--num_workers", "0", "--save_every", "5"])
+    assert trainer.state.global_step == 3 and trainer.coders.cross_layer == 2
+    resumed = json.loads((tmp_path / "r" / "config.json").read_text())
+    changed = {k for k in config if config[k] != resumed[k]}
+    assert changed == {"max_examples", "resume", "save_every"}
+    with pytest.raises(
+        ValueError, match=r"other settings: --batch_size 4 \(saved: 8\); --k 8 \(saved: 4\); leave"
+    ):
+        run([*resume, "-k", "8", "--batch_size=4"])
+    with pytest.raises(ValueError, match=r"--tokens text \(saved: all\)"):
+        run([*resume, "--tokens", "text"])
+    with pytest.raises(ValueError, match=r"--lr 0.01 \(saved: 0.001\)"):
+        run([*resume, "--lr", "0.01"])
+    with pytest.raises(ValueError, match=r"--layers select .*0.mlp.*1.mlp'\] but"):
+        run([*resume, "--layers", "0", "1"])
+    run([*resume, "--layers", "0", "1", "2", "--max_examples", "24"])  # the same hookpoints
+    with pytest.raises(ValueError, match=r"MODEL .*other_model \(saved: .*tiny_llava"):
+        run([str(tmp_path / "other_model"), *resume])
+    with pytest.raises(FileNotFoundError, match="cannot resume: .*none/config.json does not"):
+        run(["--save_dir", str(tmp_path), "--run_name", "none", "--resume", "true"])
+
+
+def test_default_names_the_embedded_model_and_a_dataset_in_its_place_is_named(tmp_path):
+    from vlm_sparsify.__main__ import parse_run_config
+    from vlm_sparsify.loading import DEFAULT_MODEL
+
+    assert parse_run_config(["default", "easyvqa"])[0].model == DEFAULT_MODEL
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+    with pytest.raises(
+        ValueError, match=f"MODEL '{tmp_path}' looks like a dataset .* default {tmp_path}`"
+    ):
+        run([str(tmp_path)])
 
 
 def test_decoder_dtype_auto_is_bf16_on_a_gpu_only():

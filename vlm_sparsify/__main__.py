@@ -7,6 +7,7 @@ embedded offline default: the tiny easy-VQA LLaVA shipped with the package, on e
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import nullcontext, redirect_stdout
@@ -17,11 +18,11 @@ from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
-from simple_parsing import field, parse
+from simple_parsing import ArgumentParser, field
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
-from vlm_sparsify.coder_io import load_for_finetune, save_coders
+from vlm_sparsify.coder_io import RUN_CONFIG_FILE, load_for_finetune, save_coders
 from vlm_sparsify.cross_layer import (
     CrossLayerTranscoder,
     GpuDecoder,
@@ -33,7 +34,7 @@ from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examp
 from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
-from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
+from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.sharded_checkpoint import (
     load_owned_tensors,
@@ -56,10 +57,10 @@ from vlm_sparsify.wandb_log import WandbLog
 class RunConfig(TrainConfig):
     """Train sparsify coders (SAEs, PLTs, CLTs) on a vision-language model."""
 
-    model: str = field(default=DEFAULT_MODEL, positional=True)
-    """Model id on the Hub or a local folder (default: the embedded tiny easy-VQA LLaVA)."""
+    model: str = field(default="default", positional=True, metavar="MODEL")
+    """Model id on the Hub, a local folder, or `default`: the embedded tiny easy-VQA LLaVA."""
 
-    dataset: str = field(default="", positional=True)
+    dataset: str = field(default="", positional=True, metavar="DATASET")
     """`easyvqa`, a local folder of images + metadata.jsonl/csv, or a Hugging Face dataset id
     (default: the recipe's dataset)."""
 
@@ -135,6 +136,7 @@ class RunConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.model = resolve_model(self.model)
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
         if self.decoder_dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -196,19 +198,76 @@ WIDTH_FLAGS = ("num_latents", "expansion_factor")
 """Two ways to say the coders' width: passing either overrides a recipe default of both."""
 
 
-def apply_recipe_defaults(args: RunConfig, defaults: dict[str, Any], argv: list[str]) -> None:
-    """The recipe's [train] defaults, for flags the user did not pass."""
-
-    def passed(key: str) -> bool:
-        return any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv)
-
+def apply_recipe_defaults(args: RunConfig, defaults: dict[str, Any], given: set[str]) -> None:
+    """The recipe's [train] defaults, for flags the user did not pass (`given`: flag names)."""
     for key, value in defaults.items():
         target = args.sae if hasattr(args.sae, key) else args
         if not hasattr(target, key):
             raise ValueError(f"the recipe's [train] table sets '{key}', which is not a flag")
-        if passed(key) or (key in WIDTH_FLAGS and any(map(passed, WIDTH_FLAGS))):
+        if key in given or (key in WIDTH_FLAGS and given & set(WIDTH_FLAGS)):
             continue
         setattr(target, key, value)
+
+
+RESUME_MAY_CHANGE = (
+    "max_examples", "save_every", "save_best", "save_dir", "run_name", "log_to_wandb",
+    "wandb_log_frequency", "num_workers", "strict", "device", "gpu_decoder", "push_to_hub",
+    "trust_remote_code",
+)  # fmt: skip
+"""Flags a resumed run may pass with another value than its config.json (docs/checkpoints.md)."""
+
+POSITIONALS = ("model", "dataset")
+
+HOOKPOINT_FLAGS = ("hookpoints", "layers", "layer_stride")
+"""Compared by the hookpoints they select, not one by one."""
+
+
+def resume_hookpoints(args: RunConfig, saved: dict[str, Any], given: set[str]) -> list[str] | None:
+    """A resumed run's saved hookpoints (and the flags that chose them) when no flag selects
+    them; None: select them from the flags given, then compare."""
+    if given & set(HOOKPOINT_FLAGS):
+        return None
+    args.layers, args.layer_stride = saved.get("layers", []), saved.get("layer_stride", 1)
+    return list(saved["hookpoints"])
+
+
+def _shown(value: Any) -> str:
+    """A flag's value as typed on the command line."""
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def _as_saved(value: Any) -> Any:
+    """A value as config.json holds it."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dict[str, Any]:
+    """`--resume`: flags not given take the run's saved values; a given flag that contradicts
+    its saved value is an error (but those of RESUME_MAY_CHANGE). Returns the saved config."""
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"cannot resume: {path} does not exist; run without --resume to start anew"
+        )
+    saved = json.loads(path.read_text())
+    flat = {**{k: v for k, v in saved.items() if k != "sae"}, **saved.get("sae", {})}
+    conflicts = []
+    for key, value in flat.items():
+        target = args.sae if hasattr(args.sae, key) else args
+        if key in ("resume", "overwrite", *HOOKPOINT_FLAGS) or not hasattr(target, key):
+            continue
+        current = getattr(target, key)
+        if key not in given:
+            setattr(target, key, value)
+        elif key not in RESUME_MAY_CHANGE and _as_saved(current) != value:
+            flag = key.upper() if key in POSITIONALS else f"--{key}"
+            conflicts.append(f"{flag} {_shown(current)} (saved: {_shown(value)})")
+    if conflicts:
+        raise ValueError(
+            f"--resume: {path} was saved with other settings: {'; '.join(conflicts)}; leave those "
+            "flags out to continue with the saved values, or start a new --run_name"
+        )
+    return saved
 
 
 def run_config_dict(args: RunConfig) -> dict[str, Any]:
@@ -227,12 +286,16 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
         )
 
 
-def train(args: RunConfig, argv: list[str]) -> Trainer:
+def train(args: RunConfig, given: set[str]) -> Trainer:
+    """Train as `args` say (`given`: the names of the flags passed on the command line)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     token = args.hf_token or os.environ.get("HF_TOKEN")
+    run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
+    saved = apply_saved_settings(args, run_dir, given) if args.resume else None
     recipe = find_recipe(args.recipe or None, model_id=args.model)
-    apply_recipe_defaults(args, recipe.train_defaults, argv)
+    if saved is None:  # a resumed run's config.json holds the defaults it started with
+        apply_recipe_defaults(args, recipe.train_defaults, given)
     device = args.device or default_device()
     model, processor, recipe = load_model_and_processor(
         args.model,
@@ -243,9 +306,17 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
         token=token,
         trust_remote_code=args.trust_remote_code,
     )
-    hookpoints = select_hookpoints(
-        model, recipe, args.hookpoints or None, args.layers or None, args.layer_stride
-    )
+    hookpoints = resume_hookpoints(args, saved, given) if saved else None
+    if hookpoints is None:
+        hookpoints = select_hookpoints(
+            model, recipe, args.hookpoints or None, args.layers or None, args.layer_stride
+        )
+    if saved and hookpoints != saved["hookpoints"]:
+        raise ValueError(
+            f"--resume: {', '.join(f'--{k}' for k in HOOKPOINT_FLAGS if k in given)} select "
+            f"{hookpoints} but {run_dir} trained {saved['hookpoints']}; leave them out to "
+            "continue with the saved hookpoints"
+        )
     args.hookpoints = hookpoints
     d_in = model.config.get_text_config().hidden_size
     decoder_dtype = resolve_decoder_dtype(args.decoder_dtype, torch.device(device))
@@ -290,7 +361,6 @@ def train(args: RunConfig, argv: list[str]) -> Trainer:
     total = _num_batches(examples, args)
     optimizers, schedulers = build_optimizers(args, coders, total or 10**6)
     trainer = Trainer(model, coders, args, optimizers, schedulers)
-    run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
     if args.resume and isinstance(coders, ShardedCoders):
         read_sharded_training_state(run_dir, trainer)
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
@@ -403,6 +473,28 @@ def _num_batches(examples: Any, args: RunConfig) -> int | None:
     return -(-n // args.batch_size)
 
 
+def parse_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
+    """The run's settings and the names of those given on the command line (a positional counts
+    when it is not its default)."""
+    parser = ArgumentParser(prog="python -m vlm_sparsify", allow_abbrev=False)
+    parser.add_arguments(RunConfig, dest="config")
+    args: RunConfig = parser.parse_args(argv).config
+
+    def given(option: str) -> bool:
+        if option.startswith("--"):
+            return any(a == option or a.startswith(f"{option}=") for a in argv)
+        return any(a.startswith(option) and not a.startswith("--") for a in argv)
+
+    names = {
+        action.dest.rsplit(".", 1)[-1]
+        for action in parser._actions
+        if any(map(given, action.option_strings))
+    }
+    names |= {"model"} if args.model != DEFAULT_MODEL else set()
+    names |= {"dataset"} if args.dataset else set()
+    return args, names
+
+
 def run(argv: list[str] | None = None) -> Trainer | None:
     argv = sys.argv[1:] if argv is None else argv
     local_rank = os.environ.get("LOCAL_RANK")
@@ -411,11 +503,11 @@ def run(argv: list[str] | None = None) -> Trainer | None:
         if backend == "nccl":
             torch.cuda.set_device(int(local_rank))
         dist.init_process_group(backend, timeout=timedelta(hours=2))
-    args = parse(RunConfig, args=argv)
+    args, given = parse_run_config(argv)
     rank_zero = not dist.is_initialized() or dist.get_rank() == 0
     try:
         with nullcontext() if rank_zero else redirect_stdout(None):
-            return train(args, argv)
+            return train(args, given)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -15,7 +15,24 @@ from vlm_sparsify.recipe import Recipe, find_recipe
 DEFAULT_MODEL = str(resources.files("vlm_sparsify") / "tiny" / "easyvqa_llava")
 """The embedded offline default: a tiny LLaVA trained on easy-VQA, shipped with the package."""
 
+MODEL_ALIASES = {"default": DEFAULT_MODEL}
+"""Short names for MODEL: `default` is the embedded tiny easy-VQA LLaVA."""
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model(model: str) -> str:
+    """MODEL as given, or the folder an alias names; a folder of images (no config.json) is
+    refused with the usual mistake named: the dataset given in MODEL's place."""
+    model = MODEL_ALIASES.get(model, model)
+    folder = Path(model)
+    has_metadata = any((folder / name).is_file() for name in ("metadata.jsonl", "metadata.csv"))
+    if has_metadata and not (folder / "config.json").is_file():
+        raise ValueError(
+            f"MODEL '{model}' looks like a dataset (images + metadata, no config.json); give the "
+            f"model first, e.g. `python -m vlm_sparsify default {model}`"
+        )
+    return model
 
 
 def pick_device(device: str | None = None) -> torch.device:
