@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from sparsify import SparseCoder
 
 import vlm_sparsify.training as training
-from vlm_sparsify.__main__ import run
+from tests.conftest import REPO
+from vlm_sparsify.__main__ import main, run
 from vlm_sparsify.coder_io import CheckpointError, load_coders
 
 HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(3)]
@@ -36,7 +37,7 @@ def weights(run_dir):
     ids=["plt", "clt", "clt-kl"],
 )
 def test_checkpoints_load_and_resume_is_exact(
-    tmp_path, tiny_llava_dir, monkeypatch, cross_layer, loss_fn
+    tmp_path, tiny_llava_dir, monkeypatch, capsys, cross_layer, loss_fn
 ):
     extra = ("--transcode", "true", "--cross_layer", cross_layer, "--save_every", "3",
              "--loss_fn", loss_fn)  # fmt: skip
@@ -55,8 +56,12 @@ def test_checkpoints_load_and_resume_is_exact(
         return original(self, batch)
 
     monkeypatch.setattr(training.Trainer, "train_on_batch", interrupted)
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         run(cli(tiny_llava_dir, tmp_path, "split", *extra))
+    note = capsys.readouterr().err
+    assert f"interrupted at step 4: the checkpoint of step 3 is in {tmp_path / 'split'}" in note
+    assert "--run_name split --resume" in note
     monkeypatch.setattr(training.Trainer, "train_on_batch", original)
     state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
     assert state["global_step"] == 3  # the checkpoint of step 3 survived the interruption
@@ -97,24 +102,105 @@ def test_finetune_loads_by_hookpoint_name_and_names_what_differs(tmp_path, tiny_
         assert float(moved.abs().max()) < 1e-4, hook
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, tiny_llava_dir, monkeypatch):
+@pytest.mark.parametrize("bad_call", [3, 1])
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(
+    tmp_path, tiny_llava_dir, monkeypatch, bad_call
+):
     real = training.collect_activations
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
         inputs, outputs = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == bad_call:
             outputs[1] = outputs[1] * float("nan")
         return inputs, outputs
 
     monkeypatch.setattr(training, "collect_activations", poisoned)
-    with pytest.raises(training.NonFiniteLossError, match="model.language_model.layers.1.mlp"):
-        run(cli(tiny_llava_dir, tmp_path, "nan", "--transcode", "true", "--save_every", "2"))
+    argv = cli(tiny_llava_dir, tmp_path, "nan", "--transcode", "true", "--save_every", "2")
+    monkeypatch.setattr(sys, "argv", ["vlm_sparsify", *argv])
+    note = "the checkpoint of step 2 is untouched" if bad_call == 3 else "no checkpoint was"
+    with pytest.raises(SystemExit, match=f"error: non-finite FVU .*layers.1.mlp.*; {note}"):
+        main()  # one line, no traceback
+    if bad_call == 1:
+        assert not (tmp_path / "nan").exists()
+        return
     state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
     assert state["global_step"] == 2
     for tensors in weights(tmp_path / "nan").values():
         assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
+    for flags, message in [
+        (["--k", "0"], "--k must be >= 1, got 0"),
+        (["-k", "-3"], "--k must be >= 1, got -3"),
+        (["--expansion_factor", "0", "--num_latents", "0"], "--expansion_factor must be >= 1"),
+        (["--num_latents", "-4"], "--num_latents must be >= 0, got -4"),
+        (["--batch_size", "0"], "--batch_size must be >= 1"),
+        (["--save_every", "0"], "--save_every must be >= 1"),
+        (["--grad_acc_steps", "0"], "--grad_acc_steps must be >= 1"),
+        (["--micro_acc_steps", "0"], "--micro_acc_steps must be >= 1"),
+        (["--lr", "-1"], "--lr must be > 0, got -1"),
+        (["--max_examples", "-5"], "--max_examples must be >= 1, got -5"),
+        (["--max_examples", "0"], "--max_examples must be >= 1, got 0"),
+        (["--ctx_len", "0"], "--ctx_len must be >= 1"),
+        (["--device", "cuda:99"], "--device cuda:99: torch .* sees \\d+ CUDA GPU"),
+        (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+        (["--k", "5000"], "--k 5000 exceeds the coders' 64 latents"),
+        (["--hookpoints", "model.vision_tower.*.layers.0.mlp"], "outside the language model's"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(cli(tiny_llava_dir, tmp_path, "bad", *flags))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_broken_recipe_is_named(tmp_path, tiny_llava_dir):
+    text = (REPO / "recipes" / "llava.toml").read_text()
+    for old, new, message in [
+        ('mlp = "mlp"', 'mlp = "mlpx"', "mlp = 'mlpx' is not a module of .*layers.0 .*self_attn"),
+        ("k = 32", 'k = "four"', "\\[train\\] k = 'four' is not a valid --k .expected int"),
+        ("batch_size = 8", "batch_size = 0", "--batch_size must be >= 1, got 0"),
+    ]:
+        assert old in text
+        (tmp_path / "r.toml").write_text(text.replace(old, new))
+        args = cli(tiny_llava_dir, tmp_path, "bad", "--recipe", str(tmp_path / "r.toml"))
+        for flag in ("--k", "--batch_size"):  # leave the recipe's values in force
+            i = args.index(flag)
+            del args[i : i + 2]
+        with pytest.raises(ValueError, match=message):
+            run(args)
+
+
+def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
+    attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
+    trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",
+                      "--hookpoints", attention, "--max_examples", "16"))  # fmt: skip
+    assert trainer.coders.hookpoints == [attention] and trainer.state.global_step == 2
+    with pytest.raises(training.HookpointError, match=r"layers.0.mlp.down_proj: its input is \["):
+        run(cli(tiny_llava_dir, tmp_path, "proj", "--hookpoints", "*.layers.0.mlp.down_proj"))
+
+
+def test_no_training_position_is_an_error_not_an_untrained_run(
+    tmp_path, tiny_llava_dir, tiny_llava
+):
+    from tests.conftest import make_image
+
+    image_id = tiny_llava[1].tokenizer.convert_tokens_to_ids("<image>")
+    with pytest.raises(training.NoTrainingDataError, match="batch 0 has examples but no training"):
+        run(cli(tiny_llava_dir, tmp_path, "none", "--tokens", "image", "--exclude_tokens",
+                str(image_id)))  # fmt: skip
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"not a png")
+    make_image(images / "b.png")
+    rows = [{"file_name": "a.png", "text": "x"}, {"file_name": "gone.png", "text": "y"}]
+    (images / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    args = cli(tiny_llava_dir, tmp_path, "none", "--strict", "false")
+    args[1] = str(images)
+    with pytest.raises(training.NoTrainingDataError, match="1 batches, 2 examples skipped"):
+        run(args)
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow

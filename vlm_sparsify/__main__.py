@@ -14,7 +14,8 @@ from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,13 @@ from vlm_sparsify.train_state import (
     read_training_state,
     write_training_state,
 )
-from vlm_sparsify.training import Trainer, build_coders, build_optimizers, eval_weights
+from vlm_sparsify.training import (
+    NonFiniteLossError,
+    Trainer,
+    build_coders,
+    build_optimizers,
+    eval_weights,
+)
 from vlm_sparsify.wandb_log import WandbLog
 
 
@@ -159,12 +166,90 @@ class RunConfig(TrainConfig):
         )
         if self.distribute_modules:
             check_distributable(self)
+        check_values(self)
+        if self.device:
+            check_device(self.device)
         if len(self.init_seeds) > 1:
             raise ValueError(
                 f"--init_seeds {' '.join(map(str, self.init_seeds))}: sparsify trains one set of "
                 "coders per seed in one run; here train one run per seed (--init_seeds N with "
                 "its own --run_name)"
             )
+
+
+def check_values(args: RunConfig) -> None:
+    """Flag values that cannot work, named before anything loads (checked again once the
+    recipe's or a resumed run's values apply)."""
+    minimum = {
+        "--batch_size": (args.batch_size, 1),
+        "--grad_acc_steps": (args.grad_acc_steps, 1),
+        "--micro_acc_steps": (args.micro_acc_steps, 1),
+        "--save_every": (args.save_every, 1),
+        "--k": (args.sae.k, 1),
+        "--num_latents": (args.sae.num_latents, 0),
+        "--ctx_len": (args.ctx_len, 1),
+        "--num_workers": (args.num_workers, 0),
+        "--layer_stride": (args.layer_stride, 1),
+        "--wandb_log_frequency": (args.wandb_log_frequency, 1),
+        "--dead_feature_threshold": (args.dead_feature_threshold, 1),
+        "--lr_warmup_steps": (args.lr_warmup_steps, 0),
+        "--k_decay_steps": (args.k_decay_steps, 0),
+        "--auxk_alpha": (args.auxk_alpha, 0),
+        "--cross_layer": (args.cross_layer, 0),
+    }
+    if not args.sae.num_latents:
+        minimum["--expansion_factor"] = (args.sae.expansion_factor, 1)
+    if args.max_examples is not None:  # None: the whole dataset
+        minimum["--max_examples"] = (args.max_examples, 1)
+    for flag, (value, least) in minimum.items():
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}, got {value}")
+    if args.lr is not None and not 0 < args.lr < float("inf"):
+        raise ValueError(f"--lr must be > 0, got {args.lr} (leave it out for sparsify's default)")
+
+
+def check_device(name: str) -> None:
+    """`--device`: a device torch knows and this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device '{name}' is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+            raise ValueError(
+                f"--device {name}: torch ({torch.__version__}, built {build}) sees {count} CUDA "
+                "GPU(s); leave --device out to use the CPU"
+            )
+
+
+def check_recipe_value(recipe: str, key: str, value: Any, target: Any) -> None:
+    """A recipe's [train] value has the flag's type (k = "four" is refused here, not in
+    training)."""
+    hint = get_type_hints(type(target)).get(key)
+    if hint is not None and not _fits(value, hint):
+        raise ValueError(
+            f"recipe '{recipe}': [train] {key} = {value!r} is not a valid --{key} "
+            f"(expected {getattr(hint, '__name__', hint)})"
+        )
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
+        return any(_fits(value, option) for option in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
 
 
 def default_device() -> str:
@@ -198,15 +283,19 @@ WIDTH_FLAGS = ("num_latents", "expansion_factor")
 """Two ways to say the coders' width: passing either overrides a recipe default of both."""
 
 
-def apply_recipe_defaults(args: RunConfig, defaults: dict[str, Any], given: set[str]) -> None:
+def apply_recipe_defaults(
+    args: RunConfig, defaults: dict[str, Any], given: set[str], recipe: str = ""
+) -> None:
     """The recipe's [train] defaults, for flags the user did not pass (`given`: flag names)."""
     for key, value in defaults.items():
         target = args.sae if hasattr(args.sae, key) else args
         if not hasattr(target, key):
             raise ValueError(f"the recipe's [train] table sets '{key}', which is not a flag")
+        check_recipe_value(recipe, key, value, target)
         if key in given or (key in WIDTH_FLAGS and given & set(WIDTH_FLAGS)):
             continue
         setattr(target, key, value)
+    check_values(args)
 
 
 RESUME_MAY_CHANGE = (
@@ -295,7 +384,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     saved = apply_saved_settings(args, run_dir, given) if args.resume else None
     recipe = find_recipe(args.recipe or None, model_id=args.model)
     if saved is None:  # a resumed run's config.json holds the defaults it started with
-        apply_recipe_defaults(args, recipe.train_defaults, given)
+        apply_recipe_defaults(args, recipe.train_defaults, given, recipe.name)
     device = args.device or default_device()
     model, processor, recipe = load_model_and_processor(
         args.model,
@@ -322,6 +411,11 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     decoder_dtype = resolve_decoder_dtype(args.decoder_dtype, torch.device(device))
     free = free_memory_bytes(torch.device(device))
     num_latents = args.sae.num_latents or d_in * args.sae.expansion_factor
+    if args.sae.k > num_latents:
+        raise ValueError(
+            f"--k {args.sae.k} exceeds the coders' {num_latents} latents (--num_latents, or "
+            f"--expansion_factor x the model's width {d_in})"
+        )
     if args.cross_layer and free is not None and args.optimizer != "muon":
         size = (len(hookpoints), num_latents, d_in, args.cross_layer)
         needed = (
@@ -363,6 +457,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     trainer = Trainer(model, coders, args, optimizers, schedulers)
     if args.resume and isinstance(coders, ShardedCoders):
         read_sharded_training_state(run_dir, trainer)
+        trainer.saved_step = trainer.state.global_step
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
     elif args.resume:
         if shard_file(run_dir, 0).is_file():
@@ -371,6 +466,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
                 "--distribute_modules and the same number of processes"
             )
         read_training_state(run_dir, trainer)
+        trainer.saved_step = trainer.state.global_step
         print(f"Resuming {run_dir} at step {trainer.state.global_step}")
     elif args.finetune and isinstance(coders, ShardedCoders):
         load_owned_tensors(coders, args.finetune)
@@ -436,7 +532,13 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         f"Training {kind} on {len(hookpoints)} hookpoints of {args.model} ({recipe.name} "
         f"recipe), {spread}"
     )
-    trainer.fit(loader, total)
+    try:
+        trainer.fit(loader, total)
+    except KeyboardInterrupt:
+        if rank == 0:
+            print(f"\ninterrupted at step {trainer.state.global_step}: {saved_note(trainer, run_dir)}",
+                  file=sys.stderr)  # fmt: skip
+        raise
     if wandb_log is not None:
         wandb_log.finish()
     if rank == 0:
@@ -456,6 +558,16 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         if args.push_to_hub:
             print(f"Uploaded {run_dir} to {push_to_hub(run_dir, args.push_to_hub, token)}")
     return trainer
+
+
+def saved_note(trainer: Trainer, run_dir: Path) -> str:
+    """Where an interrupted run's work is, and how to continue it."""
+    if trainer.saved_step is None:
+        return "nothing was saved yet"
+    return (
+        f"the checkpoint of step {trainer.saved_step} is in {run_dir}; continue it with "
+        f"`python -m vlm_sparsify --save_dir {run_dir.parent} --run_name {run_dir.name} --resume`"
+    )
 
 
 def _parse_data_args(text: str) -> dict[str, Any]:
@@ -514,11 +626,14 @@ def run(argv: list[str] | None = None) -> Trainer | None:
 
 
 def main() -> None:
-    """Console entry point: bad input ends with one clear line, not a traceback."""
+    """Console entry point: bad input (or a NaN loss) ends with one clear line, Ctrl-C with
+    where the last checkpoint is; no traceback."""
     try:
         run()
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, NonFiniteLossError) as err:
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

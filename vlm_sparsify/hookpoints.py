@@ -40,6 +40,15 @@ def mlp_hookpoints(model: nn.Module, recipe: Recipe) -> list[str]:
     expected = num_text_layers(model)
     if count != expected:
         raise ValueError(f"{layers} holds {count} layers but the text config says {expected}")
+    first = model.get_submodule(f"{layers}.0")
+    try:
+        first.get_submodule(recipe.mlp)
+    except AttributeError:
+        children = ", ".join(name for name, _ in first.named_children())
+        raise ValueError(
+            f"recipe '{recipe.name}': [layers] mlp = '{recipe.mlp}' is not a module of "
+            f"{layers}.0 (its modules: {children}); fix the recipe"
+        ) from None
     return [f"{layers}.{i}.{recipe.mlp}" for i in range(count)]
 
 
@@ -63,11 +72,20 @@ def select_hookpoints(
     if hookpoints:
         names = [name for name, _ in model.named_modules()]
         found = natsorted(n for n in names if any(fnmatchcase(n, p) for p in hookpoints))
+        example = mlp_hookpoints(model, recipe)[0]
         if not found:
-            example = mlp_hookpoints(model, recipe)[0]
             raise ValueError(
                 f"no module matches --hookpoints {hookpoints}; paths start at the root model, "
                 f"e.g. '{example}'"
+            )
+        # coders train on the language model's token positions, inside its decoder layers
+        layers = decoder_layers_path(model, recipe)
+        outside = [name for name in found if not name.startswith(f"{layers}.")]
+        if outside:
+            raise ValueError(
+                f"--hookpoints {hookpoints} match {outside[:3]}, outside the language model's "
+                f"decoder layers ({layers}); coders train on modules of those layers, e.g. "
+                f"'{example}'"
             )
         return found[::layer_stride]
     all_mlps = mlp_hookpoints(model, recipe)

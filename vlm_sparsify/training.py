@@ -39,6 +39,14 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the last checkpoint on disk is left as it was."""
 
 
+class HookpointError(ValueError):
+    """A hookpoint whose input or output is not the residual stream's [batch, seq, d]."""
+
+
+class NoTrainingDataError(ValueError):
+    """The run found nothing to train on: no readable example, or no training position."""
+
+
 class _StopForward(Exception):
     """Raised by the last hook: the rest of the model is not needed for training."""
 
@@ -155,20 +163,34 @@ def _forward_with_capture(
     stop_early: bool,
 ) -> tuple[list[Tensor], list[Tensor], Any]:
     flat_mask = mask.flatten()
+    width = model.config.get_text_config().hidden_size
     captured: dict[str, tuple[Tensor, Tensor]] = {}
     last = hookpoints[-1]
 
     def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0] if isinstance(args, tuple) else args
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            # decoder layers pass attention its hidden states by keyword
+            x = args[0] if args else kwargs.get("hidden_states")
             y = output[0] if isinstance(output, tuple) else output
+            expected = (*mask.shape, width)
+            for what, t in (("input", x), ("output", y)):
+                if not isinstance(t, Tensor) or tuple(t.shape) != expected:
+                    shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                    raise HookpointError(
+                        f"hookpoint {name}: its {what} is {shape}, not [batch, seq, "
+                        f"{width}]; coders train on modules that read and write the residual "
+                        "stream, such as the MLPs"
+                    )
             captured[name] = (x.flatten(0, 1)[flat_mask], y.flatten(0, 1)[flat_mask])
             if stop_early and name == last:
                 raise _StopForward
 
         return hook
 
-    handles = [model.get_submodule(h).register_forward_hook(make_hook(h)) for h in hookpoints]
+    handles = [
+        model.get_submodule(h).register_forward_hook(make_hook(h), with_kwargs=True)
+        for h in hookpoints
+    ]
     output = None
     try:
         output = model(**inputs)
@@ -363,6 +385,8 @@ class Trainer:
     """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps and at the end."""
     on_step: Any = None
     """`on_step(trainer, metrics)` after every step that trained (W&B logging)."""
+    saved_step: int | None = None
+    """The step of the last checkpoint on disk (None: none yet); set by `fit` and on resume."""
     _replacement: ReplacementModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -379,6 +403,21 @@ class Trainer:
                 torch.zeros(latents, dtype=torch.long, device=device)
                 for _ in self.coders.hookpoints
             ]
+
+    def _checkpoint_note(self) -> str:
+        if self.saved_step is None:
+            return "no checkpoint was written yet"
+        return f"the checkpoint of step {self.saved_step} is untouched (--resume continues it)"
+
+    def _positions_hint(self) -> str:
+        """Which flags choose the training positions, with their values."""
+        cfg = self.cfg
+        tokens, ctx_len = getattr(cfg, "tokens", "all"), getattr(cfg, "ctx_len", None)
+        return (
+            f"--tokens {tokens} (image: the positions of the recipe's image token; text: the "
+            f"--ctx_len {ctx_len} text tokens kept per example) less --exclude_tokens "
+            f"{list(cfg.exclude_tokens)} leave none"
+        )
 
     def current_k(self) -> int:
         cfg = self.cfg
@@ -419,6 +458,11 @@ class Trainer:
         n_local = inputs[0].shape[0]
         n_tokens = int(_all_sum(torch.tensor(n_local, device=device)).item())
         if n_tokens == 0:
+            if "inputs" in batch and state.global_step == 0:
+                raise NoTrainingDataError(
+                    f"batch {state.batches_seen - 1} has examples but no training positions: "
+                    f"{self._positions_hint()}"
+                )
             return None
         self.coders.cfg.k = self.current_k()
         if state.global_step == 0 and not self.cfg.finetune:
@@ -453,7 +497,7 @@ class Trainer:
             ]
             raise NonFiniteLossError(
                 f"non-finite FVU at step {state.global_step} (batch {state.batches_seen - 1}) "
-                f"for {bad}; the last checkpoint is untouched. Try a lower --lr or float32."
+                f"for {bad}; {self._checkpoint_note()}. Try a lower --lr or float32."
             )
         state.tokens_seen += n_tokens
         for counts, idx in zip(state.tokens_since_fired, indices, strict=True):
@@ -515,8 +559,8 @@ class Trainer:
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"non-finite end-to-end {self.cfg.loss_fn} at step {self.state.global_step} "
-                f"(batch {self.state.batches_seen - 1}); the last checkpoint is untouched. "
-                "Try a lower --lr or float32."
+                f"(batch {self.state.batches_seen - 1}); {self._checkpoint_note()}. Try a lower "
+                "--lr or float32."
             )
         if loss.requires_grad:
             loss.div(acc_steps).backward()
@@ -539,9 +583,22 @@ class Trainer:
                 self.on_step(self, metrics)
             if self.checkpoint and metrics and step % self.cfg.save_every == 0:
                 self.checkpoint(self)
+                self.saved_step = step
         pbar.close()
+        if self.state.global_step == 0:
+            skipped = len(self.state.skipped)
+            raise NoTrainingDataError(
+                f"nothing to train on: {self.state.batches_seen} batches"
+                + (
+                    f", {skipped} examples skipped (missing or unreadable images)"
+                    if skipped
+                    else ""
+                )
+                + "; check DATASET, --max_examples and --tokens"
+            )
         if self.checkpoint:
             self.checkpoint(self)
+            self.saved_step = self.state.global_step
 
     def summary(self, window: int = 20) -> list[dict[str, Any]]:
         """Per hookpoint: FVU and L0 averaged over the last `window` steps; dead % (latents that
