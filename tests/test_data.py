@@ -1,6 +1,7 @@
 """The multimodal pipeline: prompts, image-token-safe truncation, masks, bad images, order."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -92,7 +93,7 @@ def test_bad_images_are_skipped_and_counted(tmp_path, llava_recipe, tiny_llava):
     examples = write_folder(tmp_path)
     batches = list(BatchStream(examples, processor, llava_recipe, batch_size=4))
     assert len(batches) == 1
-    assert sorted(batches[0]["skipped"]) == ["1", "2"]
+    assert sorted(batches[0]["skipped"]) == ["corrupt.jpg", "missing.png"]  # named by file
     inputs = batches[0]["inputs"]
     assert inputs["pixel_values"].shape[0] == 2  # grayscale and RGBA both train
     out = model(**inputs)
@@ -102,8 +103,28 @@ def test_bad_images_are_skipped_and_counted(tmp_path, llava_recipe, tiny_llava):
 def test_strict_stops_on_a_bad_image(tmp_path, llava_recipe, tiny_llava):
     _, processor = tiny_llava
     examples = write_folder(tmp_path)
-    with pytest.raises(BadImageError, match="example 1"):
+    with pytest.raises(BadImageError, match="example corrupt.jpg"):
         list(BatchStream(examples, processor, llava_recipe, batch_size=4, strict=True))
+
+
+def test_a_worker_error_is_raised_as_it_was_and_skips_are_named(tmp_path, tiny_llava_dir, capsys):
+    from tests.test_training import cli
+    from vlm_sparsify.__main__ import run
+
+    (tmp_path / "images").mkdir()
+    write_folder(tmp_path / "images")
+    args = cli(tiny_llava_dir, tmp_path, "strict", "--strict", "true", "--num_workers", "1")
+    args[1] = str(tmp_path / "images")
+    with pytest.raises(BadImageError) as err:
+        run(args)  # in a DataLoader worker process
+    # not torch's 30-line "Caught BadImageError in DataLoader worker process 0. Original ..."
+    assert re.fullmatch(r"example (corrupt.jpg|missing.png): [^\n]+", str(err.value))
+    args[args.index("--strict") + 1] = "false"
+    args[args.index("--run_name") + 1] = "skip"
+    run(args)
+    assert (
+        "Skipped 2 examples with missing or unreadable images (first: " in capsys.readouterr().out
+    )
 
 
 def test_token_mask_regions_and_padding(llava_recipe, tiny_llava):

@@ -101,7 +101,7 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
             raise ValueError(f"{folder}: metadata row {i} has no 'file_name'")
         examples.append(
             Example(
-                id=str(row.get("id", i)),
+                id=str(row.get("id") or row["file_name"]),
                 image=str(folder / row["file_name"]),
                 question=row.get("question") or question,
                 answer=row.get("answer") or row.get("text") or "",
@@ -314,9 +314,16 @@ class BatchStream(IterableDataset):
         examples = iter(self.examples)
         if self.max_examples is not None:
             examples = islice(examples, self.max_examples)
-        for index, chunk in enumerate(_chunks(examples, self.batch_size)):
-            if index >= self.start_batch and index % num_workers == worker_id:
-                yield self.make_batch(index, chunk)
+        try:
+            for index, chunk in enumerate(_chunks(examples, self.batch_size)):
+                if index >= self.start_batch and index % num_workers == worker_id:
+                    yield self.make_batch(index, chunk)
+        except (ValueError, OSError) as err:
+            if worker is None:
+                raise
+            # torch would re-raise it in a 30-line "Caught ... in DataLoader worker" message:
+            # the training loop raises it as it was (Trainer.train_on_batch)
+            yield {"error": err}
 
     def make_batch(self, index: int, chunk: list[Example]) -> dict[str, Any]:
         per_rank = self.batch_size // self.world_size

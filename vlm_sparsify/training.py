@@ -429,6 +429,8 @@ class Trainer:
         return round(initial * (1 - progress) + cfg.sae.k * progress)
 
     def train_on_batch(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        if "error" in batch:  # a user error in a DataLoader worker (BatchStream), as raised
+            raise batch["error"]
         state = self.state
         state.batches_seen += 1
         state.skipped.extend(batch.get("skipped", []))
