@@ -55,3 +55,18 @@ def test_tiny_cli_defaults_are_the_shipped_recipe():
     config, shape = parse_args(["--device", "cpu", "--threads", "1", "--save_every", "500"])
     assert asdict(shape) == record["shape"]
     assert {**asdict(config), "out": record["config"]["out"]} == record["config"]
+
+
+def test_training_help_names_the_program_and_the_recipes_defaults(capsys):
+    from vlm_sparsify.__main__ import run
+
+    with pytest.raises(SystemExit) as exit_:
+        run(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith("usage: python -m vlm_sparsify [-h]") and "[MODEL] [DATASET]" in text
+    assert (
+        "Batch size measured in sequences. (default: the recipe's [train] value, else 32)" in text
+    )
+    assert "(default: the recipe's dataset). --recipe" in text  # its default said once
+    assert "train a sparse coder for each seed" not in text and " str str" not in text

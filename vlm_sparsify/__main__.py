@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from argparse import Action
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -20,6 +21,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import torch
 import torch.distributed as dist
 from simple_parsing import ArgumentParser, field
+from simple_parsing.help_formatter import SimpleHelpFormatter
+from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
@@ -36,7 +39,7 @@ from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
-from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.recipe import find_recipe, shipped_recipes
 from vlm_sparsify.sharded_checkpoint import (
     load_owned_tensors,
     read_sharded_training_state,
@@ -62,7 +65,13 @@ from vlm_sparsify.wandb_log import WandbLog
 
 @dataclass
 class RunConfig(TrainConfig):
-    """Train sparsify coders (SAEs, PLTs, CLTs) on a vision-language model."""
+    """Train sparsify coders (SAEs, PLTs, CLTs) on a vision-language model. The recipe's [train]
+    table (docs/recipes.md) replaces the defaults of the flags it names; --resume takes every
+    flag left out from the run's config.json."""
+
+    init_seeds: list[int] = list_field(0)
+    """Random seed of the coders' initialisation: one per run (for several seeds, one run
+    each, with its own --run_name)."""
 
     model: str = field(default="default", positional=True, metavar="MODEL")
     """Model id on the Hub, a local folder, or `default`: the embedded tiny easy-VQA LLaVA."""
@@ -107,7 +116,9 @@ class RunConfig(TrainConfig):
     """Stop on a missing or unreadable image instead of skipping and counting it."""
 
     resume: bool = False
-    """Continue the run in `save_dir/run_name` exactly where it stopped."""
+    """Continue the run in `save_dir/run_name` exactly where it stopped; flags left out take the
+    values saved in its config.json, and one that contradicts them is an error
+    (docs/checkpoints.md)."""
 
     dtype: str = "auto"
     """Model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16."""
@@ -585,10 +596,34 @@ def _num_batches(examples: Any, args: RunConfig) -> int | None:
     return -(-n // args.batch_size)
 
 
+RECIPE_FLAGS = frozenset(key for r in shipped_recipes().values() for key in r.train_defaults)
+"""Flags whose default a shipped recipe's [train] table replaces."""
+
+
+class HelpFormatter(SimpleHelpFormatter):
+    """simple-parsing's help, saying which defaults the recipe replaces; a help text that gives
+    its own default keeps it alone."""
+
+    def _get_help_string(self, action: Action) -> str | None:
+        text = action.help or ""
+        if "(default:" in text:
+            return text
+        if action.dest.rsplit(".", 1)[-1] in RECIPE_FLAGS:
+            return f"{text} (default: the recipe's [train] value, else %(default)s)"
+        return super()._get_help_string(action)
+
+    def _format_args(self, action: Action, default_metavar: str) -> str:
+        if not action.option_strings and action.nargs == "?":  # MODEL, DATASET
+            return f"[{action.metavar}]"
+        return super()._format_args(action, default_metavar)
+
+
 def parse_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
     """The run's settings and the names of those given on the command line (a positional counts
     when it is not its default)."""
-    parser = ArgumentParser(prog="python -m vlm_sparsify", allow_abbrev=False)
+    parser = ArgumentParser(
+        prog="python -m vlm_sparsify", allow_abbrev=False, formatter_class=HelpFormatter
+    )
     parser.add_arguments(RunConfig, dest="config")
     args: RunConfig = parser.parse_args(argv).config
 
