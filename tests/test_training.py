@@ -311,9 +311,12 @@ def test_auxk_and_multi_topk_train_a_clt_from_the_cli(tmp_path, tiny_llava_dir, 
         return metrics
 
     monkeypatch.setattr(training.Trainer, "train_on_batch", recording)
-    run(cli(tiny_llava_dir, tmp_path, "aux", "--transcode", "true", "--cross_layer", "3",
-            "--auxk_alpha", "0.03125", "--dead_feature_threshold", "40", "--multi_topk", "true"))  # fmt: skip
+    trainer = run(cli(tiny_llava_dir, tmp_path, "aux", "--transcode", "true", "--cross_layer", "3",
+                      "--auxk_alpha", "0.03125", "--dead_feature_threshold", "40",
+                      "--multi_topk", "true"))  # fmt: skip
     assert len(seen) == 6 and all("auxk" in m for m in seen)
+    for metrics, fvu in zip(seen, trainer.state.fvu_history, strict=True):  # the progress bar's
+        assert metrics["mean_fvu"] == pytest.approx(sum(fvu) / 3)
     assert seen[0]["auxk"] == 0 and max(m["auxk"] for m in seen) > 0  # latents died, AuxK began
     assert load_coders(tmp_path / "aux").n_targets(0) == 3
 
