@@ -16,8 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps circuit-tracer==0.5.0
 	touch $@
 
+# a rerun replaces the previous demo run (--overwrite); pass ARGS="--run_name NAME" to keep it
 demo: install
-	$(PY) -m vlm_sparsify $(ARGS)
+	$(PY) -m vlm_sparsify --run_name demo --overwrite true $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(ARGS)

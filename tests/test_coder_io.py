@@ -1,6 +1,7 @@
 """Checkpoints: CLT round trip in clt-training's layout, clt-training folders, stock PLT, atomicity."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,30 @@ def test_shape_mismatch_is_named(tmp_path: Path) -> None:
         CheckpointError, match=r"W_decs\.0 has shape \[32, 10\], expected \[32, 8\]"
     ):
         load_coders(tmp_path / "run")
+
+
+def test_folders_of_a_killed_save_are_cleaned_or_put_back(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from vlm_sparsify.coder_io import clean_stale_folders
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    run_dir = tmp_path / "run"
+    for name in (f".run.tmp-{dead}", f".run.old-{dead}", ".run.tmp-sharded", ".other.tmp-1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / f".run.old-{dead}" / "config.json").write_text("{}")
+    live = tmp_path / f".run.tmp-{os.getpid()}"  # a process still writing
+    live.mkdir()
+    notes = clean_stale_folders(run_dir)
+    # RUN was missing: the kill came between the renames, the .old folder is the checkpoint
+    assert (run_dir / "config.json").is_file() and len(notes) == 2
+    assert notes[0].startswith(f"restored {run_dir} from .run.old-{dead}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".other.tmp-1", ".run.tmp-sharded", live.name, "run"]
+    )
+    (tmp_path / f".run.old-{dead}").mkdir()  # beside an existing RUN: removed
+    assert clean_stale_folders(run_dir) == [
+        f"removed {tmp_path / f'.run.old-{dead}'} (left by process {dead}, killed while saving)"
+    ]

@@ -513,6 +513,21 @@ def test_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path, ti
         run(["--save_dir", str(tmp_path), "--run_name", "none", "--resume", "true"])
 
 
+def test_a_new_run_does_not_replace_an_existing_one_unless_told(tmp_path, tiny_llava_dir, capsys):
+    short = ("--max_examples", "8")
+    run(cli(tiny_llava_dir, tmp_path, "r", "--max_examples", "16"))
+    with pytest.raises(ValueError, match=r"r already holds a run: pass --resume .* --overwrite"):
+        run(cli(tiny_llava_dir, tmp_path, "r", *short))
+    with pytest.raises(ValueError, match="pass one"):
+        run(cli(tiny_llava_dir, tmp_path, "r", "--resume", "true", "--overwrite", "true"))
+    stale = tmp_path / ".r.tmp-999999999"  # no such process: a save killed midway
+    stale.mkdir()
+    run(cli(tiny_llava_dir, tmp_path, "r", *short, "--overwrite", "true"))
+    assert f"removed {stale} (left by process 999999999" in capsys.readouterr().out
+    assert not stale.exists()
+    assert torch.load(tmp_path / "r" / "state.pt", weights_only=True)["global_step"] == 1
+
+
 def test_default_names_the_embedded_model_and_a_dataset_in_its_place_is_named(tmp_path):
     from vlm_sparsify.__main__ import parse_run_config
     from vlm_sparsify.loading import DEFAULT_MODEL

@@ -26,7 +26,12 @@ from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
-from vlm_sparsify.coder_io import RUN_CONFIG_FILE, load_for_finetune, save_coders
+from vlm_sparsify.coder_io import (
+    RUN_CONFIG_FILE,
+    clean_stale_folders,
+    load_for_finetune,
+    save_coders,
+)
 from vlm_sparsify.cross_layer import (
     CrossLayerTranscoder,
     GpuDecoder,
@@ -114,6 +119,10 @@ class RunConfig(TrainConfig):
 
     strict: bool = False
     """Stop on a missing or unreadable image instead of skipping and counting it."""
+
+    overwrite: bool = False
+    """Replace the existing run folder `save_dir/run_name` (without it, a new run there stops
+    before training)."""
 
     resume: bool = False
     """Continue the run in `save_dir/run_name` exactly where it stopped; flags left out take the
@@ -392,6 +401,10 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     world = dist.get_world_size() if dist.is_initialized() else 1
     token = args.hf_token or os.environ.get("HF_TOKEN")
     run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
+    if rank == 0:
+        for note in clean_stale_folders(run_dir):
+            print(note)
+    check_run_folder(args, run_dir)
     saved = apply_saved_settings(args, run_dir, given) if args.resume else None
     recipe = find_recipe(args.recipe or None, model_id=args.model)
     if saved is None:  # a resumed run's config.json holds the defaults it started with
@@ -569,6 +582,19 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         if args.push_to_hub:
             print(f"Uploaded {run_dir} to {push_to_hub(run_dir, args.push_to_hub, token)}")
     return trainer
+
+
+def check_run_folder(args: RunConfig, run_dir: Path) -> None:
+    """A new run does not replace an existing run folder unless told to (--overwrite)."""
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run and --overwrite replaces it: pass one")
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    finetunes_itself = args.finetune and Path(args.finetune).resolve() == run_dir.resolve()
+    if exists and not (args.resume or args.overwrite or finetunes_itself):
+        raise ValueError(
+            f"{run_dir} already holds a run: pass --resume to continue it, --overwrite true to "
+            "replace it, or another --run_name"
+        )
 
 
 def saved_note(trainer: Trainer, run_dir: Path) -> str:

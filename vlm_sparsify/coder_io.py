@@ -92,6 +92,34 @@ def replace_dir(src: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_folders(run_dir: Path) -> list[str]:
+    """Folders that a killed `save_coders` left beside `run_dir` (`.RUN.tmp-<pid>`,
+    `.RUN.old-<pid>` of a process no longer alive): removed, but an `.old` one is put back as
+    RUN when RUN is missing (the kill came between the two renames). Returns what was done."""
+    done = []
+    for folder in sorted(run_dir.parent.glob(f".{run_dir.name}.*-*")):
+        kind, _, pid = folder.name.removeprefix(f".{run_dir.name}.").partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not run_dir.exists():
+            os.replace(folder, run_dir)
+            done.append(f"restored {run_dir} from {folder.name} (a checkpoint write was killed)")
+        else:
+            shutil.rmtree(folder)
+            done.append(f"removed {folder} (left by process {pid}, killed while saving)")
+    return done
+
+
 def clt_source_cfg(clt: CrossLayerTranscoder | ShardedCLT, p: int) -> dict[str, Any]:
     """cfg.json of CLT source p: clt-training's fields plus what `load_coders` needs."""
     return {
