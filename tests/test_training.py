@@ -361,8 +361,12 @@ def test_a_clt_too_big_for_the_gpu_stops_before_training(tmp_path, tiny_llava_di
     import vlm_sparsify.__main__ as cli_module
 
     monkeypatch.setattr(cli_module, "free_memory_bytes", lambda device: 100_000)  # 98 KiB free
-    with pytest.raises(SystemExit, match="this CLT needs ~0.0 GiB .* it cannot fit"):
+    with pytest.raises(
+        SystemExit, match="^error: this CLT needs ~0.0 GiB .* cannot fit. --decoder_"
+    ):
         run(cli(tiny_llava_dir, tmp_path, "big", "--cross_layer", "3"))
+    with pytest.raises(SystemExit, match="it cannot fit. a smaller --cross_layer"):  # bf16 already
+        run(cli(tiny_llava_dir, tmp_path, "big", "--cross_layer", "3", "--decoder_dtype", "bfloat16"))  # fmt: skip
     assert not (tmp_path / "big").exists()
 
 

@@ -451,7 +451,8 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
                 *size, args.optimizer, decoder_dtype_bytes=decoder_dtype.itemsize
             )
         )
-        check_training_fits(needed, free, args.optimizer)  # before allocating any of it
+        # before allocating any of it
+        check_training_fits(needed, free, args.optimizer, decoder_dtype.itemsize)
     coders = build_coders(
         hookpoints,
         d_in,

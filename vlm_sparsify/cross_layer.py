@@ -432,7 +432,9 @@ def free_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
-def check_training_fits(needed: dict[str, int], free_bytes: int, optimizer: str) -> None:
+def check_training_fits(
+    needed: dict[str, int], free_bytes: int, optimizer: str, decoder_dtype_bytes: int = 4
+) -> None:
     """Stop before building a CLT whose weights, gradients and optimizer state (`needed`, from
     `training_memory_bytes`) exceed `free_bytes`; warn when they leave under 10% of it for the
     activations."""
@@ -445,11 +447,12 @@ def check_training_fits(needed: dict[str, int], free_bytes: int, optimizer: str)
         f"(decoders {needed['decoder_weights'] / gib:.1f} GiB of weights) and the device has "
         f"{free_bytes / gib:.1f} GiB free with the model loaded"
     )
+    halve = "--decoder_dtype bfloat16 halves the decoders, " if decoder_dtype_bytes > 2 else ""
     advice = (
-        "--decoder_dtype bfloat16 halves the decoders, a smaller --cross_layer or fewer latents "
-        "(--expansion_factor / --num_latents) shrink them, and torchrun with --distribute_modules "
-        "shares the CLT's layers out over the GPUs (docs/memory.md)"
+        f"{halve}a smaller --cross_layer or fewer latents (--expansion_factor / --num_latents) "
+        "shrink them, and torchrun with --distribute_modules shares the CLT's layers out over "
+        "the GPUs (docs/memory.md)"
     )
     if total > free_bytes:
-        raise SystemExit(f"{message}: it cannot fit. {advice}")
+        raise SystemExit(f"error: {message}: it cannot fit. {advice}")
     warnings.warn(f"{message}: little room is left for activations. {advice}", stacklevel=2)
