@@ -177,3 +177,14 @@ def test_batches_are_the_same_for_any_worker_count_and_resume_point(llava_recipe
 
     for (_, full), (_, a), (_, b) in zip(single, rank0, rank1, strict=True):
         assert unpadded(a) + unpadded(b) == unpadded(full)
+
+
+def test_hub_only_flags_are_refused_for_local_data(tmp_path, llava_recipe):
+    from vlm_sparsify.data import open_examples
+
+    write_folder(tmp_path)
+    with pytest.raises(ValueError, match="--split applies to Hugging Face datasets, not to"):
+        open_examples(str(tmp_path), llava_recipe, split="test")
+    with pytest.raises(ValueError, match="--data_args applies to .* 'easyvqa'; leave it out"):
+        open_examples("easyvqa", llava_recipe, name="x")
+    assert len(open_examples(str(tmp_path), llava_recipe)) == 4

@@ -149,6 +149,8 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--device", "gpu"], "--device 'gpu' is not a torch device"),
         (["--k", "5000"], "--k 5000 exceeds the coders' 64 latents"),
         (["--hookpoints", "model.vision_tower.*.layers.0.mlp"], "outside the language model's"),
+        (["--data_args", "foo"], "--data_args 'foo': 'foo' is not arg=value"),
+        (["--data_args", "name=x", "--streaming", "true"], "--data_args, --streaming apply to"),
     ]:
         with pytest.raises(ValueError, match=message):
             run(cli(tiny_llava_dir, tmp_path, "bad", *flags))

@@ -609,8 +609,11 @@ def saved_note(trainer: Trainer, run_dir: Path) -> str:
 
 
 def _parse_data_args(text: str) -> dict[str, Any]:
+    """`--data_args 'arg1=val1,arg2=val2'` as sparsify reads it, refusing a part without '='."""
     from sparsify.utils import simple_parse_args_string
 
+    if bad := [part for part in text.split(",") if part.strip() and "=" not in part]:
+        raise ValueError(f"--data_args '{text}': {bad[0]!r} is not arg=value (arg1=val1,arg2=val2)")
     return simple_parse_args_string(text)
 
 

@@ -158,6 +158,15 @@ def open_examples(
     **kwargs: Any,
 ) -> Iterable[Example]:
     """Examples of `dataset`: `easyvqa`, a local folder, or a Hugging Face dataset id."""
+    local = dataset.lower() in EASYVQA or Path(dataset).is_dir()
+    hub_only = {"--data_args": bool(kwargs), "--streaming": streaming}
+    if Path(dataset).is_dir():
+        hub_only["--split"] = bool(split)  # a folder has one split
+    if local and (unused := [flag for flag, given in hub_only.items() if given]):
+        raise ValueError(
+            f"{', '.join(unused)} {'applies' if len(unused) == 1 else 'apply'} to Hugging Face "
+            f"datasets, not to '{dataset}'; leave {'it' if len(unused) == 1 else 'them'} out"
+        )
     if not split:
         split = recipe.dataset.split if dataset == recipe.dataset.path else "train"
     if dataset.lower() in EASYVQA:
