@@ -26,6 +26,7 @@ from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
+from vlm_sparsify.cli import run_cli
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
     clean_stale_folders,
@@ -693,12 +694,7 @@ def run(argv: list[str] | None = None) -> Trainer | None:
 def main() -> None:
     """Console entry point: bad input (or a NaN loss) ends with one clear line, Ctrl-C with
     where the last checkpoint is; no traceback."""
-    try:
-        run()
-    except (ValueError, OSError, NonFiniteLossError) as err:
-        raise SystemExit(f"error: {err}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    run_cli(run, NonFiniteLossError)
 
 
 if __name__ == "__main__":
