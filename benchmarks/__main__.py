@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from benchmarks import BENCHMARKS, STAGES
+from vlm_sparsify.cli import USER_ERRORS
 
 
 def stage_module(benchmark: str, stage: str):
@@ -32,7 +33,13 @@ def run(argv: list[str] | None = None) -> None:
         )
     if stage not in STAGES:
         raise SystemExit(f"unknown stage '{stage}'; known: {', '.join(STAGES)}\n{usage}")
-    stage_module(benchmark, stage).main(rest, benchmark=benchmark)
+    module = stage_module(benchmark, stage)
+    try:
+        module.main(rest, benchmark=benchmark)
+    except USER_ERRORS as err:  # bad input or a missing earlier stage: one line, no traceback
+        raise SystemExit(f"{benchmark} {stage}: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -67,6 +67,11 @@ def official_responses(out: str | Path) -> Path:
         path = Path(out) / name
         if path.is_file():
             return path
+    if (Path(out) / RESPONSES).is_file():
+        raise FileNotFoundError(
+            f"no {' or '.join(OFFICIAL_RESPONSES)} in {out}: its capture did not finish; rerun "
+            "the same capture command (it resumes where it stopped)"
+        )
     raise FileNotFoundError(
         f"no {' or '.join(OFFICIAL_RESPONSES)} in {out}: run `capture --out {out}` first"
     )

@@ -17,11 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.outputs import METRICS, capture_info, official_responses, write_json
+from benchmarks.outputs import (
+    METRICS,
+    RESPONSES,
+    capture_info,
+    official_responses,
+    read_jsonl,
+    write_json,
+)
 from benchmarks.pope.items import SPLITS, PopeItem, load_question_file, load_questions_dir
 from benchmarks.responses import load_records, require_fields
 
 NO_WORDS = ("No", "not", "no")
+LLAVA_ID_BLOCK = 10_000_000
 
 
 def parse_answer(text: str) -> str:
@@ -138,6 +146,12 @@ def score(items: Sequence[PopeItem], responses: Sequence[dict[str, Any]]) -> dic
     """`{split: {accuracy, precision, recall, f1, yes_ratio, n}, ..., "mean_f1"}` (fractions)."""
     result: dict[str, Any] = {}
     for split, pairs in pair_by_id(items, responses).items():
+        unlabelled = [item.question_id for item, _ in pairs if item.label is None]
+        if unlabelled:
+            raise ValueError(
+                f"{len(unlabelled)} {split} questions have no label (e.g. question "
+                f"{unlabelled[0]}): score against the label files, --questions-dir DIR"
+            )
         metrics = confusion(
             [parse_answer(response) for _, response in pairs],
             [item.label for item, _ in pairs],
@@ -196,6 +210,12 @@ def main(argv: list[str], benchmark: str = "pope") -> None:
     print(json.dumps(result, indent=2) if args.json else format_table(result))
 
 
+def label_file_id(question_id: int) -> int:
+    """A question's id in the label files: LLaVA's question file numbers random from 10,000,001
+    and popular from 20,000,001 (adversarial from 1), each label file from 1."""
+    return question_id % LLAVA_ID_BLOCK
+
+
 def _score_capture(out: str, questions_dir: str | None) -> dict[str, Any]:
     """Score a capture folder's answers, only the questions it answered (e.g. with --limit)."""
     data = capture_info(out)["data"]
@@ -206,6 +226,21 @@ def _score_capture(out: str, questions_dir: str | None) -> dict[str, Any]:
     else:
         items = load_question_file(data["questions"])
     responses = load_records(official_responses(out))
+    if data.get("questions") and questions_dir:  # a question file scored against label files
+        captured = {
+            (r["split"], int(r["question_id"])): r["image"]
+            for r in read_jsonl(Path(out) / RESPONSES)
+        }
+        labelled = {(i.split, i.question_id): i.image for i in items}
+        for (split, question_id), image in captured.items():
+            label_image = labelled.get((split, label_file_id(question_id)))
+            if label_image is not None and label_image != image:
+                raise ValueError(
+                    f"{split} question {question_id} asked about {image}, but question "
+                    f"{label_file_id(question_id)} of the label files is about {label_image}: "
+                    "these label files are not the ones the question file was made from"
+                )
+        responses = [{**r, "question_id": label_file_id(int(r["question_id"]))} for r in responses]
     answered = {(r["split"], int(r["question_id"])) for r in responses}
     result = score([i for i in items if (i.split, i.question_id) in answered], responses)
     write_json(Path(out) / METRICS, result)

@@ -225,6 +225,44 @@ def test_pope_capture_score_classify_with_the_base_model(tmp_path, tiny_llava_di
         assert verdicts[record["question_id"]] == ("GOOD" if right else "BAD")
 
 
+def test_pope_llava_question_file_scores_against_the_label_files(tmp_path, tiny_llava_dir):
+    questions, images = tmp_path / "questions", tmp_path / "images"
+    questions.mkdir()
+    images.mkdir()
+    labels = [("dog", "yes"), ("cat", "no"), ("car", "no")]
+    rows = [
+        {"question_id": i, "image": f"COCO_{i}.jpg", "text": f"Is there a {w} in the image?",
+         "label": label}
+        for i, (w, label) in enumerate(labels, start=1)
+    ]  # fmt: skip
+    (questions / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    llava = [  # LLaVA-1.5's file: no labels, random numbered from 10,000,001
+        {"question_id": 10_000_000 + r["question_id"], "image": r["image"], "text": r["text"],
+         "category": "random"}
+        for r in rows
+    ]  # fmt: skip
+    (tmp_path / "llava_pope_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in llava))
+    for r in rows:
+        make_image(images / r["image"], seed=r["question_id"])
+    out = tmp_path / "out"
+    run(["pope", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--questions",
+         str(tmp_path / "llava_pope_test.jsonl"), "--images", str(images), *GREEDY])  # fmt: skip
+    with pytest.raises(SystemExit, match="3 random questions have no label .* --questions-dir"):
+        run(["pope", "score", "--out", str(out)])
+    assert not (out / "metrics.json").exists()
+    run(["pope", "score", "--out", str(out), "--questions-dir", str(questions)])
+    metrics = json.loads((out / "metrics.json").read_text())
+    official = [json.loads(line) for line in (out / "responses_official.jsonl").open()]
+    answers = [parse_answer(r["response"]) for r in official]
+    right = sum(a == label for a, (_, label) in zip(answers, labels, strict=True))
+    assert metrics["random"]["n"] == 3 and metrics["random"]["accuracy"] == right / 3
+    (questions / "coco_pope_random.json").write_text(
+        "".join(json.dumps({**r, "image": "other.jpg"}) + "\n" for r in rows)
+    )
+    with pytest.raises(SystemExit, match="not the ones the question file was made from"):
+        run(["pope", "score", "--out", str(out), "--questions-dir", str(questions)])
+
+
 def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     out = tmp_path / "out"
     run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir),
