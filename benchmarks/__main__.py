@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from benchmarks import BENCHMARKS, STAGES
-from vlm_sparsify.cli import USER_ERRORS
+from vlm_sparsify.cli import USER_ERRORS, run_cli
 
 
 def stage_module(benchmark: str, stage: str):
@@ -38,9 +38,7 @@ def run(argv: list[str] | None = None) -> None:
         module.main(rest, benchmark=benchmark)
     except USER_ERRORS as err:  # bad input or a missing earlier stage: one line, no traceback
         raise SystemExit(f"{benchmark} {stage}: {err}") from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":
-    run()
+    run_cli(run)  # Ctrl-C: no traceback (a stage's work so far is kept; rerun it to resume)

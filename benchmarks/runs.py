@@ -14,6 +14,7 @@ from torch import Tensor
 
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
+from benchmarks.store import StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import Coders, load_coders
 from vlm_sparsify.loading import load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
@@ -35,9 +36,14 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
     """Model and coders as `capture` used them (capture.json), `coders` overriding."""
     info = outputs.capture_info(out)
     settings = info["settings"]
+    meta_path = Path(out) / outputs.STORE / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{out} holds no feature store (captured without coders): capture again with "
+            "--coders RUN; this stage reads the features of the coders capture ran"
+        )
+    meta = StoreMeta.from_json(json.loads(meta_path.read_text()))
     coders = coders or settings.get("coders")
-    if not coders:
-        raise ValueError(f"{out} was captured without coders; pass --coders RUN")
     recipe = (
         find_recipe(settings["recipe"], model_id=settings["model"])
         if settings.get("recipe")
@@ -47,8 +53,25 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
         settings["model"], recipe, dtype=settings.get("dtype", "auto"), device=device
     )
     coder_set = load_coders(coders, device=model.device)
+    _check_coders(coder_set, coders, meta)
     data = get_adapter(benchmark).Data(**info["data"])
     return Run(model, processor, coder_set, recipe, settings, data)
+
+
+def _check_coders(coders: Coders, where: str, meta: StoreMeta) -> None:
+    """The coders must be those the store was captured with (its feature indices are theirs)."""
+    shape = (
+        list(coders.hookpoints),
+        coders.cfg.k,
+        max(s.encoder.out_features for _, s in coders.items()),
+    )
+    differs = shape != (meta.hookpoints, meta.k, meta.num_latents)
+    if differs or (meta.fingerprint and coder_fingerprint(coders) != meta.fingerprint):
+        raise ValueError(
+            f"--coders {where} are not the coders the feature store was captured with "
+            f"({meta.coders}): its feature indices would name other features; leave --coders "
+            "out, or capture again with these coders"
+        )
 
 
 def read_features(out: Path) -> dict:

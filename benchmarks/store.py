@@ -2,7 +2,8 @@
 
 Layout of a store folder (see `docs/internals.md`, "Feature store"):
 
-    meta.json                  hookpoints, k, num_latents, value_dtype, index_dtype, coders
+    meta.json                  hookpoints, k, num_latents, value_dtype, index_dtype, coders,
+                               fingerprint
     shards/NNNNN.safetensors   `indices` and `values`, both [T, S, k] (T rows of the shard)
     index.jsonl                one line per sample: id, shard, start, stop, regions
 
@@ -14,12 +15,13 @@ One writer per store at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +44,8 @@ class StoreMeta:
     """Stored activation dtype: bfloat16, float16 or float32."""
     coders: str | None = None
     """Where the coders came from (run folder or Hub id), for the record."""
+    fingerprint: str | None = None
+    """`coder_fingerprint` of the coders that wrote the store (None in stores older than it)."""
     index_dtype: str = field(init=False)
     """int16 (reinterpreted as uint16) when num_latents <= 65536, else int32."""
 
@@ -59,6 +63,17 @@ class StoreMeta:
     def from_json(cls, data: dict) -> StoreMeta:
         data = {key: value for key, value in data.items() if key != "index_dtype"}
         return cls(**data)
+
+
+def coder_fingerprint(coders: Any) -> str:
+    """A short digest of a coder set: its hookpoints, encoder shapes and encoder biases (cheap
+    at any size, and distinct for any two trainings)."""
+    digest = hashlib.sha256()
+    for hookpoint, source in coders.items():
+        bias = source.encoder.bias.detach().float().cpu().contiguous()
+        digest.update(f"{hookpoint}:{tuple(source.encoder.weight.shape)}".encode())
+        digest.update(bias.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, BenchItem, get_adapter
 from benchmarks.generation import generate_batch
-from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta
+from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError, load_rgb
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
@@ -140,6 +140,7 @@ def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) 
                 num_latents=replacement.num_latents,
                 value_dtype=config.value_dtype,
                 coders=str(config.coders),
+                fingerprint=coder_fingerprint(replacement.coders),
             )
             store = FeatureStore(out / outputs.STORE, meta)
         done = _completed_ids(out, store)

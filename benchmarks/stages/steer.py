@@ -284,6 +284,7 @@ def _generate(
 ) -> list[dict]:
     """The condition's response records, generated unless its folder already holds them."""
     spec = {**setup.spec, "ids": [item.id for item in items], "model": run.settings.get("model")}
+    spec = json.loads(json.dumps(spec))  # as condition.json reads back (tuples become lists)
     done = folder / "condition.json"
     if not config.force and done.exists() and json.loads(done.read_text()) == spec:
         return outputs.read_jsonl(folder / outputs.RESPONSES)

@@ -128,3 +128,15 @@ def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_d
         assert d["ci_low"] <= d["delta"] <= d["ci_high"] and "delta_vs_control" in row
     assert "yes/no" in report["baseline"]["official"]
     assert (out / "plots" / "steering.png").stat().st_size > 10_000
+
+    # a rerun generates no condition again
+    written = {p: p.stat().st_mtime_ns for p in (out / "steer").glob("*/responses.jsonl")}
+    run(["easyvqa", "steer", "--out", str(out), "--factors", "0,3", "--bootstrap", "50",
+         "--device", "cpu", "--batch-size", "4"])  # fmt: skip
+    assert written and {p: p.stat().st_mtime_ns for p in written} == written
+    # coders other than the store's are refused: its feature indices are not theirs
+    with torch.no_grad():
+        coders.sources[0].encoder.bias.add_(0.01)
+    other = save_coders(coders, tmp_path / "other")
+    with pytest.raises(SystemExit, match="not the coders the feature store was captured with"):
+        run(["easyvqa", "map", "--out", str(out), "--coders", str(other), "--device", "cpu"])
