@@ -182,7 +182,9 @@ class FeatureStore:
                 )
             self.meta = stored
         elif meta is None:
-            raise FileNotFoundError(f"no feature store at {self.path} (missing meta.json)")
+            raise FileNotFoundError(
+                f"no feature store at {self.path} (missing meta.json): capture with --coders RUN"
+            )
         else:
             (self.path / "shards").mkdir(parents=True, exist_ok=True)
             _write_atomic(meta_path, json.dumps(meta.to_json(), indent=2).encode())

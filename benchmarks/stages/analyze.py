@@ -108,6 +108,12 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         )
     split = split_ids(labelled, config.held_out_fraction, config.split_seed)
     train_group = {sample_id: groups[sample_id] for sample_id in split.train}
+    n_bad = sum(group == BAD for group in train_group.values())
+    if not n_bad or n_bad == len(train_group):
+        raise SystemExit(
+            f"the train split holds {len(train_group) - n_bad} GOOD and {n_bad} BAD samples: "
+            "separating the two needs both; capture more items or change the classify rules"
+        )
     counts = firing_counts(store, train_group, config.region)
     stats = feature_scores(counts, config.eps)
     stats["p_value"] = fisher_exact(

@@ -90,6 +90,11 @@ def main(argv: list[str], benchmark: str) -> None:
             dist.destroy_process_group()
     if counts is not None:
         print(json.dumps(counts))
+        if counts["items"] and not counts["responses"]:
+            raise SystemExit(
+                f"{benchmark} capture: no item had a readable image ({counts['skipped_image']} "
+                "skipped); check --images"
+            )
 
 
 def _distributed(device: str | None) -> tuple[int, int, str | None]:
@@ -122,6 +127,12 @@ def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) 
     items = adapter.load_items(data, recipe)[: config.limit]
     if len({item.id for item in items}) != len(items):
         raise ValueError("duplicate item ids in the benchmark data; check the question files")
+    first = [item.image for item in items[:20]]
+    if first and not any(Path(image).is_file() for image in first):
+        raise FileNotFoundError(
+            f"none of the first {len(first)} images exists, e.g. {first[0]}: check --images "
+            "(the folder that holds the benchmark's images)"
+        )
     out = Path(config.out)
     replacement = store = None
     if config.coders:
@@ -166,6 +177,11 @@ def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) 
             if store is not None and samples:
                 store.append(samples)
             _append_responses(out / outputs.RESPONSES, records)
+            if missing and not skipped:
+                tqdm.write(
+                    f"{benchmark} capture: skipping items whose image is missing or unreadable "
+                    f"(first: {missing[0]}; all in capture.json, skipped_ids; --strict stops)"
+                )
             skipped += missing
             progress.update(len(records) + len(missing))
     progress.close()

@@ -62,7 +62,9 @@ def main(argv: list[str], benchmark: str) -> None:
         result = classification(adapter.classify(data, records, rules), rules)
     except (ValueError, OSError, RuntimeError) as err:
         raise SystemExit(f"{benchmark} classify: {err}") from err
-    outputs.write_json(out / outputs.CLASSIFICATION, result)
+    path = out / outputs.CLASSIFICATION
+    if not path.is_file() or json.loads(path.read_text()) != json.loads(json.dumps(result)):
+        outputs.write_json(path, result)  # unchanged: left alone, so later stages stay current
     counts = result["counts"]
     groups = ", ".join(f"{g} {c['GOOD']}/{c['BAD']}" for g, c in counts["groups"].items())
     print(f"GOOD {counts['GOOD']}  BAD {counts['BAD']}  of {counts['total']}  (GOOD/BAD: {groups})")

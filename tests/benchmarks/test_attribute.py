@@ -97,6 +97,13 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     features = json.loads((out / "features.json").read_text())
     assert features["parameters"]["rank_by"] == "attribution"
     assert all("attribution" in f for f in features["features"])
+    # one group alone separates nothing: analyze says so instead of ranking against nobody
+    classification = json.loads((out / "classification.json").read_text())
+    classification = {**classification, "GOOD": classification["GOOD"] + classification["BAD"],
+                      "BAD": []}  # fmt: skip
+    (out / "classification.json").write_text(json.dumps(classification))
+    with pytest.raises(SystemExit, match="holds 3 GOOD and 0 BAD samples"):
+        run(["easyvqa", "analyze", "--out", str(out), "--held-out-fraction", "0"])
 
 
 def test_region_rows_follow_capture_regions():

@@ -201,6 +201,10 @@ def test_pope_capture_score_classify_with_the_base_model(tmp_path, tiny_llava_di
             "--questions-dir", str(questions), "--images", str(images), *GREEDY]  # fmt: skip
     with pytest.raises(SystemExit, match="COCO_0.jpg"):
         run([*argv, "--strict"])
+    elsewhere = ["pope", "capture", "--out", str(tmp_path / "elsewhere"), "--model",
+                 str(tiny_llava_dir), "--questions-dir", str(questions), *GREEDY]  # fmt: skip
+    with pytest.raises(SystemExit, match="none of the first 4 images exists.*check --images"):
+        run(elsewhere)  # --images defaults to the working directory
     run(argv)
     info = json.loads((out / "capture.json").read_text())
     assert info["counts"]["skipped_image"] == 1 and info["skipped_ids"] == ["random-3"]
@@ -272,6 +276,9 @@ def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
     result = json.loads((out / "classification.json").read_text())
     assert result["counts"]["total"] == 3 and result["rules"]["caption_rule"] == "no-hallucination"
+    written = (out / "classification.json").stat().st_mtime_ns
+    run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
+    assert (out / "classification.json").stat().st_mtime_ns == written  # analyze stays current
 
 
 def test_ranks_get_interleaved_items_and_the_same_number_of_batches():
