@@ -2,23 +2,31 @@
 
 capture -> score -> classify -> attribute -> analyze -> plot -> map -> steer, all into DIR. Without --coders
 a small cross-layer transcoder is trained first on the model (`python -m vlm_sparsify` with the
-settings below) into `DIR/coders`. Each stage skips work already done (capture resumes by sample
-id, analyze / map when their output is up to date, steer per condition, training when
-`DIR/coders` loads), so rerunning the command after an interruption continues it.
+settings below) into `DIR/coders`. The benchmark's data flags (`--questions-dir`, `--images`,
+`--data-dir`, ...) go to capture, checked before anything trains. Each stage skips work already
+done (capture resumes by sample id, analyze / map when their output is up to date, steer per
+condition, training when `DIR/coders` holds the finished CLT; an interrupted one resumes), so
+rerunning the command after an interruption continues it.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
 from simple_parsing import ArgumentParser, DashVariant
 
 from benchmarks.__main__ import stage_module
+from benchmarks.adapters import get_adapter
 from vlm_sparsify.__main__ import run as train
 from vlm_sparsify.coder_io import CheckpointError, load_coders
 from vlm_sparsify.loading import DEFAULT_MODEL
+from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.train_state import STATE_FILE
 
 
 @dataclass
@@ -73,8 +81,34 @@ def main(argv: list[str], benchmark: str) -> None:
         add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
     )
     parser.add_arguments(AllConfig, dest="config")
-    config: AllConfig = parser.parse_args(argv).config
-    run_all(config, benchmark)
+    adapter = get_adapter(benchmark)
+    parser.add_arguments(adapter.Data, dest="data")
+    args = parser.parse_args(argv)
+    config: AllConfig = args.config
+    check_items(adapter, args.data, config)  # before hours of training, not after
+    run_all(config, benchmark, data_flags(args.data))
+
+
+def data_flags(data: Any) -> list[str]:
+    """The benchmark's data flags (`--questions-dir DIR`, ...) for capture."""
+    flags = []
+    for name, value in asdict(data).items():
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags
+
+
+def check_items(adapter: Any, data: Any, config: AllConfig) -> None:
+    """The items capture will read, and their first images, exist."""
+    recipe = find_recipe(config.recipe, model_id=config.model)
+    items = adapter.load_items(data, recipe)[: config.limit]
+    if not items:
+        raise ValueError("the benchmark data holds no items; check its flags (--help)")
+    first = [item.image for item in items[:20]]
+    if not any(Path(image).is_file() for image in first):
+        raise FileNotFoundError(
+            f"none of the first {len(first)} images exists, e.g. {first[0]}: check --images"
+        )
 
 
 def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None = None) -> None:
@@ -109,24 +143,33 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
         print(f"== {stage}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
+TRAIN_BATCH = 16
+
+
 def train_coders(config: AllConfig, run_dir: Path) -> Path:
-    """A small CLT on the model's own dataset, unless `run_dir` already holds coders."""
+    """A small CLT on the model's own dataset, unless `run_dir` already holds it trained; an
+    interrupted training resumes."""
+    resume = False
     try:
         load_coders(run_dir)
-        print(f"== coders: {run_dir} exists, not retrained")
-        return run_dir
+        state = torch.load(run_dir / STATE_FILE, weights_only=True)
+        if state["global_step"] >= math.ceil(config.train_examples / TRAIN_BATCH):
+            print(f"== coders: {run_dir} exists, not retrained")
+            return run_dir
+        resume = True
     except (FileNotFoundError, CheckpointError):
         pass
     start = time.perf_counter()
-    print(f"== training a CLT into {run_dir}", flush=True)
+    print(f"== {'resuming' if resume else 'training'} a CLT in {run_dir}", flush=True)
     argv = [
         config.model, *([config.train_dataset] if config.train_dataset else []), "--save_dir", str(run_dir.parent), "--run_name", run_dir.name,
         "--transcode", "true", "--cross_layer", str(config.cross_layer),
         "--num_latents", str(config.num_latents), "--k", str(config.k),
-        "--max_examples", str(config.train_examples), "--batch_size", "16",
+        "--max_examples", str(config.train_examples), "--batch_size", str(TRAIN_BATCH),
         "--num_workers", "0", "--log_to_wandb", "false", "--lr", "2e-3",
         *(["--recipe", config.recipe] if config.recipe else []),
         *(["--device", config.device] if config.device else []),
+        *(["--resume", "true"] if resume else []),
     ]  # fmt: skip
     train(argv)
     print(f"== training: {time.perf_counter() - start:.1f} s", flush=True)

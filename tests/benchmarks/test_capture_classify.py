@@ -16,6 +16,7 @@ from sparsify import SparseCoderConfig
 from transformers import LlavaForConditionalGeneration
 
 from benchmarks.__main__ import run
+from benchmarks.adapters import get_adapter
 from benchmarks.pope.score import parse_answer
 from benchmarks.stages.capture import rank_batches
 from benchmarks.store import FeatureStore
@@ -345,3 +346,22 @@ def test_torchrun_shards_over_two_ranks_and_matches_one_process(
     for sample_id in one.ids():
         a, b = one.load(sample_id), two.load(sample_id)
         assert torch.equal(a.indices, b.indices) and torch.equal(a.values, b.values)
+
+
+def test_all_passes_the_data_flags_to_capture_and_checks_them_before_training(tmp_path):
+    from benchmarks.pope.adapter import Data
+    from benchmarks.stages.all import data_flags
+    from benchmarks.stages.capture import parse_args
+
+    data = Data(questions_dir="labels", images="coco", splits="random")
+    _, parsed = parse_args(["--out", "x", *data_flags(data)], get_adapter("pope"), "pope")
+    assert parsed == data
+    questions = tmp_path / "questions"
+    questions.mkdir()
+    row = {"question_id": 1, "image": "COCO_1.jpg", "text": "Is there a dog?", "label": "yes"}
+    (questions / "coco_pope_random.json").write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="none of the first 1 images exists"):
+        run(["pope", "all", "--out", str(out), "--questions-dir", str(questions),
+             "--images", str(tmp_path)])  # fmt: skip
+    assert not (out / "coders").exists()  # refused before training a CLT
