@@ -239,3 +239,22 @@ def test_folders_of_a_killed_save_are_cleaned_or_put_back(tmp_path: Path) -> Non
     assert clean_stale_folders(run_dir) == [
         f"removed {tmp_path / f'.run.old-{dead}'} (left by process {dead}, killed while saving)"
     ]
+
+
+@pytest.mark.parametrize("kind", ["clt", "plt"])
+def test_checkpoint_files_get_the_umask_s_permissions(tmp_path: Path, kind: str) -> None:
+    """safetensors writes 0600 files; colleagues sharing a cluster must read the coders."""
+    cfg = SparseCoderConfig(num_latents=8, k=2, transcode=True)
+    hookpoints = ["a.mlp", "b.mlp"]
+    coders = (
+        CrossLayerTranscoder(hookpoints, 4, cfg, 2)
+        if kind == "clt"
+        else PerLayerCoders(hookpoints, 4, cfg)
+    )
+    mask = os.umask(0o022)
+    try:
+        run = save_coders(coders, tmp_path / "run", config={"k": 2})
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
+    assert "sae.safetensors" in modes and set(modes.values()) == {0o644}, modes

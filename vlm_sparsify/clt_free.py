@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vlm_sparsify.coder_io import Coders
+from vlm_sparsify.coder_io import Coders, usual_permissions
 from vlm_sparsify.export import source_weights
 from vlm_sparsify.interventions import Op
 from vlm_sparsify.topk_encoder import encode_topk
@@ -146,6 +146,7 @@ class FeatureSteerer(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name.replace("/", "."): t.contiguous() for name, t in self.named_buffers()}
         save_file(tensors, str(folder / WEIGHTS_FILE))
+        usual_permissions(folder / WEIGHTS_FILE)
         config = {
             "mode": self.mode,
             "k": self.k,

@@ -77,11 +77,23 @@ def save_coders(
     return run_dir
 
 
+def usual_permissions(path: Path) -> None:
+    """Give `path` (a file, or every file under a folder) the permissions a new file gets from
+    the umask: safetensors writes its files readable by their owner only (0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        os.chmod(file, 0o666 & ~mask)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`; an existing `dst` is moved aside first and removed after.
+    """Move folder `src` to `dst` (its files with the usual permissions); an existing `dst` is
+    moved aside first and removed after.
 
     A crash between the two renames leaves the old folder at `.<name>.old-<pid>` beside it.
     """
+    usual_permissions(src)
     if not dst.exists():
         os.replace(src, dst)
         return

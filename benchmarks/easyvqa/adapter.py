@@ -24,6 +24,9 @@ class Data:
     kinds: str = ",".join(KINDS)
     """Comma-separated question kinds: yesno, open, caption."""
 
+    def __post_init__(self) -> None:
+        csv_choices(self.kinds, tuple(KINDS), "--kinds")  # a typo fails before the model loads
+
 
 def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
     """Questions + the recipe's short-answer suffix; captions ask the recipe's caption question."""

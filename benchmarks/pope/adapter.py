@@ -34,6 +34,9 @@ class Data:
     splits: str = ",".join(SPLITS)
     """Comma-separated splits to run."""
 
+    def __post_init__(self) -> None:
+        csv_choices(self.splits, SPLITS, "--splits")  # a typo fails before the model loads
+
 
 def pope_items(data: Data) -> list[PopeItem]:
     """The official items of the chosen splits, split by split."""

@@ -68,9 +68,9 @@ class AnalyzeConfig:
     """Recompute even when features.json is up to date."""
 
 
-def parse_config(argv: list[str]) -> AnalyzeConfig:
+def parse_config(argv: list[str], benchmark: str = "BENCH") -> AnalyzeConfig:
     parser = ArgumentParser(
-        prog="python -m benchmarks BENCH analyze",
+        prog=f"python -m benchmarks {benchmark} analyze",
         add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
     )
     parser.add_arguments(AnalyzeConfig, dest="config")
@@ -78,7 +78,7 @@ def parse_config(argv: list[str]) -> AnalyzeConfig:
 
 
 def main(argv: list[str], benchmark: str) -> None:
-    config = parse_config(argv)
+    config = parse_config(argv, benchmark)
     out = Path(config.out)
     target = out / "features.json"
     if not config.force and _up_to_date(target, config, out):

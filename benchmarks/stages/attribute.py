@@ -28,6 +28,7 @@ from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
 from benchmarks.stages.analyze import ATTRIBUTIONS
 from vlm_sparsify.capture import REGION_CODE, token_regions
+from vlm_sparsify.coder_io import usual_permissions
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.replacement import ReplacementModel
 
@@ -36,6 +37,8 @@ Region = Literal["all", "image", "prompt", "response"]
 
 @dataclass
 class AttributeConfig:
+    """Activation x gradient attribution of every stored feature, per sample."""
+
     out: str
     """Benchmark output folder (after `capture` with coders)."""
     coders: str | None = None
@@ -45,6 +48,7 @@ class AttributeConfig:
     limit: int | None = None
     """Only the first N captured samples."""
     device: str | None = None
+    """Device (default: cuda if available)."""
     force: bool = False
     """Recompute even when the attributions file is newer than the responses."""
 
@@ -112,6 +116,7 @@ def write_attributions(path: Path, ids: list[str], per_sample: list[dict]) -> No
     }
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids)})
+    usual_permissions(tmp)
     os.replace(tmp, path)
 
 

@@ -22,6 +22,8 @@ from benchmarks.adapters import Rules, Verdict, get_adapter
 
 @dataclass
 class ClassifyConfig:
+    """GOOD / BAD per captured sample (the benchmark's rules below)."""
+
     out: str
     """Output folder of `capture` (holds responses.jsonl and capture.json)."""
 

@@ -38,7 +38,7 @@ class PlotConfig:
 
 def main(argv: list[str], benchmark: str) -> None:
     parser = ArgumentParser(
-        prog="python -m benchmarks BENCH plot",
+        prog=f"python -m benchmarks {benchmark} plot",
         add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
     )
     parser.add_arguments(PlotConfig, dest="config")
