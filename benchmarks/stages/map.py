@@ -154,6 +154,11 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
         raise ValueError(f"{out / 'features.json'} selects no features")
     run = load_run(out, benchmark, config.coders, config.device)
     coders, hookpoints = run.coders, list(run.coders.hookpoints)
+    if not getattr(coders, "transcode", True):
+        raise ValueError(
+            "map relates transcoder features (read from the MLP input) to the MLP's neurons; "
+            "these coders are SAEs, which read the MLP output: train with --transcode"
+        )
     layers = layer_numbers(hookpoints)
     sources = [hookpoints.index(f["hookpoint"]) for f in features]
     reach = [list(range(p, p + coders.n_targets(p))) for p in sources]

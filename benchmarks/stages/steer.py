@@ -192,6 +192,11 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         )
     run = load_run(out, benchmark, config.coders, config.device)
     hookpoints = list(run.coders.hookpoints)
+    if "clt_free" in config.kinds and not getattr(run.coders, "transcode", True):
+        raise ValueError(
+            "the clt_free condition steers with transcoder weights; these coders are SAEs: "
+            "leave it out, e.g. --kinds features,control"
+        )
     directions = [d.strip() for d in config.directions.split(",") if d.strip()]
     by_direction = {
         d: [
