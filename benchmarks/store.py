@@ -87,9 +87,16 @@ class SampleRecord:
     regions: Regions
 
     def rows(self, region: str = "all") -> np.ndarray:
-        """Row offsets (relative to the sample's first row) of `region`, or of every row."""
+        """Row offsets (relative to the sample's first row) of `region`, or of every row.
+
+        `decision`: the rows whose next-token prediction is a response token, i.e. the last
+        prompt row and every stored response row (the last generated token is never stored)."""
         if region == "all":
             return np.arange(self.stop - self.start)
+        if region == "decision":
+            response = self.rows("response")
+            first = int(response[0]) if len(response) else self.stop - self.start
+            return np.concatenate([np.arange(max(first - 1, 0), first), response])
         spans = self.regions.get(region, [])
         if not spans:
             return np.zeros(0, dtype=np.int64)

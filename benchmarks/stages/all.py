@@ -62,6 +62,9 @@ class AllConfig:
     """Active latents per token of that CLT."""
     cross_layer: int = 4
     """Targets per source of that CLT (>= layers: every later layer)."""
+    region: str = "decision"
+    """Token region of attribute and analyze (`decision`: the positions that predict the
+    response tokens; see `analyze --region`)."""
     target_features: int = 8
     """Features selected per direction (analyze)."""
     rank_by: str = "goodness"
@@ -126,8 +129,8 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
                      "--max-new-tokens", str(config.max_new_tokens), *(extra_capture or [])]),
         ("score", []),
         ("classify", []),
-        ("attribute", ["--coders", coders, *device]),
-        ("analyze", ["--target-features", str(config.target_features),
+        ("attribute", ["--coders", coders, "--region", config.region, *device]),
+        ("analyze", ["--region", config.region, "--target-features", str(config.target_features),
                      "--split-seed", str(config.seed), "--rank-by", config.rank_by]),
         ("plot", []),
         ("map", ["--coders", coders, "--factor", str(max(factors)), *device,

@@ -44,8 +44,9 @@ class AnalyzeConfig:
 
     out: str
     """Output folder of the benchmark run (holds store/ and classification.json)."""
-    region: Literal["response", "prompt", "image", "all"] = "response"
-    """Token region whose features are analysed."""
+    region: Literal["decision", "response", "prompt", "image", "all"] = "decision"
+    """Token region whose features are analysed; `decision`: the positions that predict the
+    response tokens (the last prompt token and every response token but the last)."""
     target_features: int = 50
     """Features to select per direction."""
     min_per_layer: int = 1
@@ -124,7 +125,14 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     )
     stats["q_value"] = benjamini_hochberg(stats["p_value"])
     attributions = out / "store" / ATTRIBUTIONS
+    attribution_region = None
     if attributions.exists():
+        attribution_region = read_attribution_region(attributions)
+        if config.rank_by == "attribution" and attribution_region != config.region:
+            raise SystemExit(
+                f"--rank-by attribution with --region {config.region}, but {attributions} sums "
+                f"region {attribution_region}; run `attribute --region {config.region} --force`"
+            )
         stats.update(attribution_stats(attributions, train_group, counts.fired.shape[1:]))
     elif config.rank_by == "attribution":
         raise SystemExit(f"--rank-by attribution needs {attributions}; see docs/benchmarks.md")
@@ -149,6 +157,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         "features": features,
         "split": _split_json(split, groups),
         "parameters": _parameters(config),
+        "attribution_region": attribution_region,
     }
 
 
@@ -166,6 +175,13 @@ def firing_counts(store: FeatureStore, sample_group: dict[str, int], region: str
             groups = np.array([sample_group[record.id] for record in records])
             counts.add(shard.indices(rows), shard.values(rows), row_sample, groups)
     return counts
+
+
+def read_attribution_region(path: Path) -> str:
+    """The region an attributions file sums over (`all` in files written before it was recorded,
+    when `all` was attribute's only default)."""
+    with safe_open(path, framework="numpy") as file:
+        return file.metadata().get("region", "all")
 
 
 def attribution_stats(

@@ -5,7 +5,8 @@ response through the replacement model in error mode (outputs exactly the model'
 coders' feature activations as gradient leaves (`ReplacementModel.attribution`). The objective is
 the answer's logit difference: summed over response positions, the logit of the generated token
 minus the best other token's. A feature's attribution in a sample is activation x gradient,
-summed over the tokens of `--region`. Written to `DIR/store/attributions.safetensors` in the
+summed over the tokens of `--region` (default `decision`: the positions whose prediction is a
+response token, the last prompt token .. the second-to-last response token). Written to `DIR/store/attributions.safetensors` in the
 sparse format `analyze --rank-by attribution` reads (see docs/benchmarks.md).
 """
 
@@ -26,13 +27,13 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
-from benchmarks.stages.analyze import ATTRIBUTIONS
+from benchmarks.stages.analyze import ATTRIBUTIONS, read_attribution_region
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.replacement import ReplacementModel
 
-Region = Literal["all", "image", "prompt", "response"]
+Region = Literal["decision", "all", "image", "prompt", "response"]
 
 
 @dataclass
@@ -43,8 +44,9 @@ class AttributeConfig:
     """Benchmark output folder (after `capture` with coders)."""
     coders: str | None = None
     """Coder run (default: the one capture used)."""
-    region: Region = "all"
-    """Tokens whose feature attributions are summed per sample."""
+    region: Region = "decision"
+    """Tokens whose feature attributions are summed per sample (`decision`: the last prompt
+    token and every response token but the last, the positions that predict the response)."""
     limit: int | None = None
     """Only the first N captured samples."""
     device: str | None = None
@@ -66,9 +68,13 @@ def answer_logit_difference(logits: Tensor, response: Tensor, prompt_length: int
 def region_rows(
     input_ids: Tensor, prompt_length: int, image_id: int | None, region: Region
 ) -> Tensor:
-    """Boolean [T] of the rows whose attributions count (regions as capture assigns them)."""
+    """Boolean [T] of the rows whose attributions count (regions as capture assigns them;
+    `decision`: rows prompt_length - 1 .. T - 2, whose next-token logits the objective reads)."""
     if region == "all":
         return torch.ones(input_ids.shape[1], dtype=torch.bool, device=input_ids.device)
+    if region == "decision":
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (positions >= prompt_length - 1) & (positions < input_ids.shape[1] - 1)
     codes = token_regions(
         input_ids, None, tuple(input_ids.shape), 0, prompt_length, image_id, input_ids.device
     )
@@ -99,8 +105,8 @@ def sample_attributions(
     return result
 
 
-def write_attributions(path: Path, ids: list[str], per_sample: list[dict]) -> None:
-    """The sparse COO file `analyze` reads, written atomically."""
+def write_attributions(path: Path, ids: list[str], per_sample: list[dict], region: str) -> None:
+    """The sparse COO file `analyze` reads, written atomically; `region` goes to its metadata."""
     sample, layer, latent, value = [], [], [], []
     for row, entries in enumerate(per_sample):
         for (p, f), v in entries.items():
@@ -115,7 +121,7 @@ def write_attributions(path: Path, ids: list[str], per_sample: list[dict]) -> No
         "value": torch.tensor(value, dtype=torch.float32),
     }
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids)})
+    save_file(tensors, str(tmp), metadata={"ids": json.dumps(ids), "region": region})
     usual_permissions(tmp)
     os.replace(tmp, path)
 
@@ -123,7 +129,12 @@ def write_attributions(path: Path, ids: list[str], per_sample: list[dict]) -> No
 def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
     path = out / outputs.STORE / ATTRIBUTIONS
     responses = out / outputs.RESPONSES
-    if path.exists() and not config.force and path.stat().st_mtime >= responses.stat().st_mtime:
+    if (
+        path.exists()
+        and not config.force
+        and path.stat().st_mtime >= responses.stat().st_mtime
+        and read_attribution_region(path) == config.region
+    ):
         print(f"attribute: {path} is up to date (--force recomputes)")
         return path
     run: Run = load_run(out, benchmark, config.coders, config.device)
@@ -137,7 +148,7 @@ def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
         response = torch.tensor(record.get("response_token_ids", []), device=run.model.device)
         ids.append(record["id"])
         per_sample.append(sample_attributions(rm, inputs, response, config.region))
-    write_attributions(path, ids, per_sample)
+    write_attributions(path, ids, per_sample, config.region)
     print(f"attribute: {len(ids)} samples, region {config.region} -> {path}")
     return path
 

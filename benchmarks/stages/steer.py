@@ -13,8 +13,10 @@ of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
 - `clt_free`: the original model with a `FeatureSteerer` (exact mode) for the same features and
   factor: it should answer as `features` does, without the coders;
 
-against the `baseline` (the original model). Each condition is scored with the benchmark's
-official scorer (`score --out` on its own folder) and per sample GOOD / BAD with the rules of
+against the `baseline` (the original model). Every condition edits all token positions
+(`STEER_REGION`), whichever region `analyze` selected the features on: `FeatureSteerer` and the
+neuron hooks have no token regions, and `Intervention` has none for the decision positions.
+Each condition is scored with the benchmark's official scorer (`score --out` on its own folder) and per sample GOOD / BAD with the rules of
 `DIR/classification.json`; the reported metric is the GOOD rate, whose delta to the baseline (and,
 for `features`, to the `control` at the same factor) gets a paired bootstrap interval over samples.
 Writes `DIR/steer/<condition>/` (responses, official file, metrics), `DIR/steering.json` and
@@ -54,6 +56,9 @@ from vlm_sparsify.interventions import Intervention  # noqa: E402
 from vlm_sparsify.replacement import ReplacementModel  # noqa: E402
 
 STEERING = "steering.json"
+STEER_REGION = "all"
+"""Token region edited in every condition: `all` is a superset of the `decision` positions that
+analyze selects on, and the only region the CLT-free module and the neuron hooks support."""
 KINDS = ("features", "control", "neurons", "clt_free")
 COLORS = {"features": "#2a9d8f", "control": "#8d99ae", "neurons": "#e9c46a", "clt_free": "#264653"}
 
@@ -151,7 +156,7 @@ def interventions_for(features: Sequence[dict], factor: float) -> list[Intervent
     for feature in features:
         by_source.setdefault(feature["hookpoint"], []).append(feature["feature_idx"])
     return [
-        Intervention("scale", tuple(latents), layers=hookpoint, value=factor)
+        Intervention("scale", tuple(latents), layers=hookpoint, region=STEER_REGION, value=factor)
         for hookpoint, latents in by_source.items()
     ]
 
@@ -234,6 +239,8 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "n_features": len(by_direction.get(condition.direction, [])),
         }
     report = _report(generated, config, benchmark, len(items), control)
+    report["feature_region"] = result.get("parameters", {}).get("region")
+    report["steer_region"] = STEER_REGION
     outputs.write_json(out / STEERING, report)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)

@@ -60,7 +60,8 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     out = tmp_path / "out"
     run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
          str(coders_dir), "--kinds", "yesno", "--limit", "3", *GREEDY])  # fmt: skip
-    run(["easyvqa", "attribute", "--out", str(out)])
+    # region all: what a scale intervention on every token changes
+    run(["easyvqa", "attribute", "--out", str(out), "--region", "all"])
     ids, coo = read(out / "store" / "attributions.safetensors")
     records = outputs.read_jsonl(out / outputs.RESPONSES)
     assert ids == [r["id"] for r in records]
@@ -89,6 +90,12 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     finite_difference = (objective(1 + eps) - objective(1 - eps)) / (2 * eps)
     assert abs(value) > 1e-4
     assert finite_difference == pytest.approx(value, rel=0.05, abs=1e-5)
+    # the default region (decision) is recomputed, recorded, and leaves out the image rows
+    run(["easyvqa", "attribute", "--out", str(out)])
+    with safe_open(str(out / "store" / "attributions.safetensors"), "pt") as f:
+        assert f.metadata()["region"] == "decision"
+    _, decision = read(out / "store" / "attributions.safetensors")
+    assert 0 < len(decision["value"]) < len(coo["value"])
     # analyze reads them: a ranking by attribution runs end to end
     run(["easyvqa", "score", "--out", str(out)])
     run(["easyvqa", "classify", "--out", str(out)])
@@ -96,6 +103,7 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
          "--held-out-fraction", "0"])  # fmt: skip
     features = json.loads((out / "features.json").read_text())
     assert features["parameters"]["rank_by"] == "attribution"
+    assert features["parameters"]["region"] == features["attribution_region"] == "decision"
     assert all("attribution" in f for f in features["features"])
     # one group alone separates nothing: analyze says so instead of ranking against nobody
     classification = json.loads((out / "classification.json").read_text())
@@ -114,3 +122,5 @@ def test_region_rows_follow_capture_regions():
     assert region_rows(ids, 5, 9, "prompt").tolist() == [1, 0, 0, 1, 1, 0, 0]
     assert region_rows(ids, 5, 9, "response").tolist() == [0, 0, 0, 0, 0, 1, 1]
     assert region_rows(ids, 5, 9, "all").all()
+    # rows 4 and 5 predict the response tokens 5 and 6; row 6's prediction is never read
+    assert region_rows(ids, 5, 9, "decision").tolist() == [0, 0, 0, 0, 1, 1, 0]

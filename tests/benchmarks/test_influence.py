@@ -21,7 +21,7 @@ from benchmarks.influence import (
 )
 from benchmarks.splits import split_ids
 from benchmarks.stages import analyze
-from benchmarks.store import FeatureStore, StoreMeta
+from benchmarks.store import FeatureStore, SampleRecord, StoreMeta
 
 # Hand-made store: 2 layers, 4 latents, k = 2. Per sample: rows of (layer 0, layer 1) pairs of
 # (latents, values); the first row (or rows) is the prompt, the rest the response.
@@ -72,7 +72,8 @@ def write_hand_store(out):
 
 
 def run_analyze(out, *flags):
-    argv = ["--out", str(out), "--held-out-fraction", "0", "--eps", str(EPS), *flags]
+    argv = ["--out", str(out), "--held-out-fraction", "0", "--eps", str(EPS), "--region",
+            "response", *flags]  # fmt: skip
     analyze.main(argv, benchmark="hand")
     return json.loads((out / "features.json").read_text())
 
@@ -119,6 +120,26 @@ def test_region_changes_the_rows_analysed(tmp_path):
     assert stats["bad_avg_activation"][0, 0] == pytest.approx(1.0)
 
 
+def test_decision_region_is_the_last_prompt_row_and_the_response_rows(tmp_path):
+    record = SampleRecord("s", 0, 10, 17, {"prompt": [(0, 1), (3, 5)], "image": [(1, 3)],
+                                            "response": [(5, 7)]})  # fmt: skip
+    assert record.rows("decision").tolist() == [4, 5, 6]
+    # a response of one token (EOS) stores no response row: only the last prompt row decides
+    assert SampleRecord("s", 0, 0, 3, {"prompt": [(0, 3)]}).rows("decision").tolist() == [2]
+    # analyze's default: on the hand store (one prompt row) decision covers every row
+    write_hand_store(tmp_path)
+    argv = ["--out", str(tmp_path), "--held-out-fraction", "0", "--eps", str(EPS)]
+    analyze.main(argv, benchmark="hand")
+    decision = dict(np.load(tmp_path / "feature_stats.npz"))
+    assert (
+        json.loads((tmp_path / "features.json").read_text())["parameters"]["region"] == "decision"
+    )
+    run_analyze(tmp_path, "--region", "all")
+    everything = np.load(tmp_path / "feature_stats.npz")
+    np.testing.assert_allclose(decision["good_avg_activation"], everything["good_avg_activation"])
+    assert decision["good_freq"][0, 0] != HAND["good_freq"][0][0]  # not the response rows alone
+
+
 def test_up_to_date_output_is_not_recomputed(tmp_path):
     write_hand_store(tmp_path)
     run_analyze(tmp_path)
@@ -142,9 +163,12 @@ def test_attribution_ranking(tmp_path):
             "value": np.array([0.4, 0.2, -0.6, -1.0, 0.1], dtype=np.float32),
         },
         str(tmp_path / "store" / "attributions.safetensors"),
-        metadata={"ids": json.dumps(["g1", "g2", "b1", "b2"])},
+        metadata={"ids": json.dumps(["g1", "g2", "b1", "b2"]), "region": "response"},
     )
     result = run_analyze(tmp_path, "--rank-by", "attribution", "--target-features", "1")
+    assert result["attribution_region"] == "response"
+    with pytest.raises(SystemExit, match="attribute --region decision --force"):
+        run_analyze(tmp_path, "--rank-by", "attribution", "--region", "decision")
     picked = {(f["direction"], f["layer"], f["feature_idx"]): f for f in result["features"]}
     assert set(picked) == {("good", 4, 1), ("good", 7, 2), ("bad", 4, 3), ("bad", 7, 0)}
     assert picked[("good", 7, 2)]["attribution"] == pytest.approx((0.4 + 0.2) / 4)
