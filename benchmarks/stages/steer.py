@@ -10,6 +10,8 @@ of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
   drawn (seeded) among the latents that fired in the analysed samples, scaled the same way;
 - `neurons`: the original model with the direction's mapped MLP neurons (`DIR/neuron_map.json`)
   scaled at the `down_proj` input;
+- `neurons_control`: as many random neurons per target MLP as `neurons` scales there, drawn
+  (seeded) among the others, scaled the same way;
 - `clt_free`: the original model with a `FeatureSteerer` (exact mode) for the same features and
   factor: it should answer as `features` does, without the coders;
 
@@ -18,7 +20,7 @@ against the `baseline` (the original model). Every condition edits all token pos
 neuron hooks have no token regions, and `Intervention` has none for the decision positions.
 Each condition is scored with the benchmark's official scorer (`score --out` on its own folder) and per sample GOOD / BAD with the rules of
 `DIR/classification.json`; the reported metric is the GOOD rate, whose delta to the baseline (and,
-for `features`, to the `control` at the same factor) gets a paired bootstrap interval over samples.
+for `features` / `neurons`, to its random control at the same factor) gets a paired bootstrap interval over samples.
 Writes `DIR/steer/<condition>/` (responses, official file, metrics), `DIR/steering.json` and
 `DIR/plots/steering.png`; a condition whose folder is complete is not generated again.
 """
@@ -47,7 +49,7 @@ from benchmarks.__main__ import stage_module  # noqa: E402
 from benchmarks.adapters import Adapter, Rules, get_adapter  # noqa: E402
 from benchmarks.bootstrap import paired_bootstrap  # noqa: E402
 from benchmarks.generation import generate_batch  # noqa: E402
-from benchmarks.neuron_map import scale_neurons  # noqa: E402
+from benchmarks.neuron_map import random_neurons, scale_neurons  # noqa: E402
 from benchmarks.runs import Run, load_run, read_features  # noqa: E402
 from benchmarks.stages.map import NEURON_MAP  # noqa: E402
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
@@ -59,8 +61,11 @@ STEERING = "steering.json"
 STEER_REGION = "all"
 """Token region edited in every condition: `all` is a superset of the `decision` positions that
 analyze selects on, and the only region the CLT-free module and the neuron hooks support."""
-KINDS = ("features", "control", "neurons", "clt_free")
-COLORS = {"features": "#2a9d8f", "control": "#8d99ae", "neurons": "#e9c46a", "clt_free": "#264653"}
+KINDS = ("features", "control", "neurons", "neurons_control", "clt_free")
+CONTROL_OF = {"features": "control", "neurons": "neurons_control"}
+"""The random control each steered kind is compared with at the same factor."""
+COLORS = {"features": "#2a9d8f", "control": "#8d99ae", "neurons": "#e9c46a",
+          "neurons_control": "#a68a64", "clt_free": "#264653"}  # fmt: skip
 
 
 @dataclass
@@ -74,7 +79,8 @@ class SteerConfig:
     factors: str = "0,0.5,2,4"
     """Comma-separated scale factors."""
     kinds: str = ",".join(KINDS)
-    """Comma-separated conditions besides the baseline: features, control, neurons, clt_free."""
+    """Comma-separated conditions besides the baseline: features, control, neurons,
+    neurons_control, clt_free."""
     directions: str = "good,bad"
     """Which feature lists to steer."""
     bootstrap: int = 1000
@@ -173,6 +179,19 @@ def mapped_neurons(neuron_map: Sequence[dict], direction: str) -> dict[str, list
     return {hookpoint: sorted(n) for hookpoint, n in neurons.items()}
 
 
+def random_neuron_control(
+    neurons: dict[str, list[int]], sizes: dict[str, int], seed: int
+) -> dict[str, list[int]]:
+    """As many random neurons per target MLP as `neurons` lists there (`sizes`: neurons per MLP),
+    never one of them; each MLP's draw has its own seed, derived from `seed`."""
+    ordered = sorted(neurons.items())
+    seeds = np.random.default_rng(seed).integers(2**31, size=len(ordered)).tolist()
+    return {
+        hookpoint: sorted(random_neurons(sizes[hookpoint], len(chosen), chosen, mlp_seed))
+        for (hookpoint, chosen), mlp_seed in zip(ordered, seeds, strict=True)
+    }
+
+
 def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list[Condition]:
     kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
@@ -218,6 +237,16 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         for i, (d, fs) in enumerate(by_direction.items())
     }
     neuron_map = _read_neuron_map(out, config)
+    neurons = {d: mapped_neurons(neuron_map or [], d) for d in by_direction}
+    sizes = {
+        hookpoint: run.model.get_submodule(hookpoint).get_submodule("down_proj").in_features
+        for chosen in neurons.values()
+        for hookpoint in chosen
+    }
+    neuron_control = {
+        d: random_neuron_control(chosen, sizes, config.seed + i)
+        for i, (d, chosen) in enumerate(neurons.items())
+    }
     adapter = get_adapter(benchmark)
     wanted = set(held_out)
     items = [item for item in adapter.load_items(run.data, run.recipe) if item.id in wanted]
@@ -225,7 +254,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     rules = Rules(**json.loads((out / outputs.CLASSIFICATION).read_text())["rules"])
     generated: dict[str, dict[str, Any]] = {}
     for condition in conditions(config, by_direction):
-        setup = _setup(condition, run, replacement, by_direction, control, neuron_map)
+        setup = _setup(condition, run, replacement, by_direction, control, neurons, neuron_control)
         if setup is None:
             continue
         folder = out / "steer" / condition.name
@@ -239,6 +268,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "n_features": len(by_direction.get(condition.direction, [])),
         }
     report = _report(generated, config, benchmark, len(items), control)
+    report["control_neurons"] = neuron_control
     report["feature_region"] = result.get("parameters", {}).get("region")
     report["steer_region"] = STEER_REGION
     outputs.write_json(out / STEERING, report)
@@ -264,7 +294,8 @@ def _setup(
     replacement: ReplacementModel,
     by_direction: dict[str, list[dict]],
     control: dict[str, list[dict]],
-    neuron_map: list[dict] | None,
+    neurons: dict[str, dict[str, list[int]]],
+    neuron_control: dict[str, dict[str, list[int]]],
 ) -> Setup | None:
     kind, factor = condition.kind, condition.factor
     features = by_direction.get(condition.direction, [])
@@ -276,12 +307,12 @@ def _setup(
             chosen = features if kind == "features" else control[condition.direction]
             spec["features"] = [(f["hookpoint"], f["feature_idx"]) for f in chosen]
             return Setup(replacement, interventions_for(chosen, factor), nullcontext, spec)
-        case "neurons":
-            if neuron_map is None:
+        case "neurons" | "neurons_control":
+            chosen = (neurons if kind == "neurons" else neuron_control)[condition.direction]
+            if not chosen:
                 return None
-            neurons = mapped_neurons(neuron_map, condition.direction)
-            spec["neurons"] = neurons
-            return Setup(None, [], lambda: scale_neurons(run.model, neurons, factor), spec)
+            spec["neurons"] = chosen
+            return Setup(None, [], lambda: scale_neurons(run.model, chosen, factor), spec)
         case "clt_free":
             steered = [SteeredFeature(f["hookpoint"], f["feature_idx"], factor) for f in features]
             steerer = FeatureSteerer.from_coders(run.coders, steered)
@@ -411,8 +442,8 @@ def _report(
             "changed_responses": sum(entry["responses"][i] != base["responses"][i] for i in ids),
             "official": entry["official"],
         }
-        twin = f"{condition.direction}-control-x{condition.factor:g}"
-        if condition.kind == "features" and twin in generated:
+        twin = f"{condition.direction}-{CONTROL_OF.get(condition.kind)}-x{condition.factor:g}"
+        if condition.kind in CONTROL_OF and twin in generated:
             control_scores = [generated[twin]["good"][i] for i in ids]
             row["delta_vs_control"] = delta(scores, control_scores)
         features = f"{condition.direction}-features-x{condition.factor:g}"

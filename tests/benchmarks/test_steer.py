@@ -12,7 +12,12 @@ from sparsify import SparseCoderConfig
 
 from benchmarks.__main__ import run
 from benchmarks.bootstrap import paired_bootstrap
-from benchmarks.stages.steer import interventions_for, random_control
+from benchmarks.stages.steer import (
+    interventions_for,
+    mapped_neurons,
+    random_control,
+    random_neuron_control,
+)
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.training import build_coders
@@ -59,6 +64,18 @@ def test_random_control_keeps_count_and_layers_and_avoids_the_features() -> None
     assert all(c["feature_idx"] not in (3, 4) for c in without[:2])
     [first, second] = interventions_for(control, 2.0)
     assert first.layers == "h0" and len(first.features) == 2 and first.value == 2.0
+
+
+def test_random_neuron_control_matches_counts_per_mlp_and_avoids_the_mapped() -> None:
+    mapped = {"mlp.0": [1, 2, 3], "mlp.1": [7]}
+    sizes = {"mlp.0": 6, "mlp.1": 40}
+    control = random_neuron_control(mapped, sizes, seed=0)
+    assert {h: len(n) for h, n in control.items()} == {"mlp.0": 3, "mlp.1": 1}
+    assert control["mlp.0"] == [0, 4, 5]  # the only 3 of 6 neurons left
+    assert 7 not in control["mlp.1"]
+    assert control == random_neuron_control(mapped, sizes, seed=0)
+    draws = {tuple(random_neuron_control(mapped, sizes, seed)["mlp.1"]) for seed in range(10)}
+    assert len(draws) > 5
 
 
 GREEDY = ["--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32"]
@@ -116,10 +133,18 @@ def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_d
     assert report["baseline"]["n"] == 4 and report["held_out_samples"] == 4
     names = {
         row["name"]
-        for kind in ("features", "control", "neurons", "clt_free")
+        for kind in ("features", "control", "neurons", "neurons_control", "clt_free")
         for row in report[kind]
     }
-    assert {"good-features-x3", "good-control-x3", "bad-features-x0", "good-clt_free-x0"} <= names
+    assert {"good-features-x3", "good-control-x3", "bad-features-x0", "good-clt_free-x0",
+            "good-neurons-x0", "good-neurons_control-x0"} <= names  # fmt: skip
+    for direction in ("good", "bad"):  # the same number of random neurons, none of the mapped
+        mapped = mapped_neurons(neuron_map, direction)
+        control = report["control_neurons"][direction]
+        assert {h: len(n) for h, n in control.items()} == {h: len(n) for h, n in mapped.items()}
+        assert all(not set(control[h]) & set(mapped[h]) for h in mapped)
+    assert all("delta_vs_control" in row for row in report["neurons"])
+    assert report["feature_region"] is None and report["steer_region"] == "all"
     assert len(report["control_features"]["good"]) == 2
     for row in report["clt_free"]:  # the CLT-free module answers exactly as the replacement
         assert row["same_responses_as_features"] == 1.0
