@@ -50,7 +50,7 @@ def main(argv: list[str], benchmark: str) -> None:
     result = json.loads(source.read_text())
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    title = f"{result.get('dataset', benchmark)}"
+    title = plot_title(result, benchmark)
     written = [
         plot_top_features(result, plots / "top_features.png", title, config.top, config.dpi),
         plot_features_per_layer(result, plots / "features_per_layer.png", title, config.dpi),
@@ -69,8 +69,22 @@ def main(argv: list[str], benchmark: str) -> None:
     print(f"plot: {len(written)} charts -> {plots}")
 
 
+def plot_title(result: dict, benchmark: str) -> str:
+    """Dataset, analysed region and the GOOD / BAD train samples behind every statistic."""
+    region = result.get("parameters", {}).get("region", "?")
+    good, bad = result["total_good_samples"], result["total_bad_samples"]
+    return f"{result.get('dataset', benchmark)} [region {region}, {good} GOOD / {bad} BAD]"
+
+
 def feature_label(feature: dict) -> str:
     return f"L{feature['layer']}/F{feature['feature_idx']}"
+
+
+def bar_style(feature: dict, direction: str) -> dict:
+    """The direction's colour always; significance as a black edge and no hatch, else hatched."""
+    if feature.get("significant"):
+        return {"color": COLORS[direction], "edgecolor": "black", "hatch": ""}
+    return {"color": COLORS[direction], "edgecolor": "white", "hatch": "///"}
 
 
 def _top(result: dict, direction: str, n: int) -> list[dict]:
@@ -101,11 +115,20 @@ def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) 
     )
     for ax, direction in zip(axes[0], directions, strict=True):
         features = _top(result, direction, top)[::-1]
-        scores = [f[SCORE[direction]] for f in features]
-        colors = [COLORS[direction] if f.get("significant") else "#b0b0b0" for f in features]
-        ax.barh([feature_label(f) for f in features], scores, color=colors)
+        labels = [feature_label(f) + (" *" if f.get("significant") else "") for f in features]
+        bars = ax.barh(labels, [f[SCORE[direction]] for f in features])
+        for bar, feature in zip(bars, features, strict=True):
+            style = bar_style(feature, direction)
+            bar.set_color(style["color"])
+            bar.set_edgecolor(style["edgecolor"])
+            bar.set_hatch(style["hatch"])
         ax.set_xlabel(f"{SCORE[direction].replace('_', ' ')}")
-        ax.set_title(f"top {len(features)} {direction.upper()} features (grey: not significant)")
+        significant = sum(bool(f.get("significant")) for f in features)
+        ax.set_title(
+            f"top {len(features)} {direction.upper()} features, {significant} significant\n"
+            "(* and solid: significant at the FDR; hatched: not)",
+            fontsize=10,
+        )
         ax.tick_params(axis="y", labelsize=8)
     fig.suptitle(f"{title}: features ranked by score")
     return _save(fig, path, dpi)

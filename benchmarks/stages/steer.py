@@ -481,39 +481,52 @@ def _delta_text(delta: dict | None) -> str:
     return f"{delta['delta']:+.3f} [{delta['ci_low']:+.3f}, {delta['ci_high']:+.3f}]"
 
 
+def measured_points(
+    rows: Sequence[dict], factors: Sequence[float]
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(x position, delta, lower error, upper error) of the rows' factors among `factors`."""
+    by_factor = {row["factor"]: row["delta_vs_baseline"] for row in rows}
+    points = [(x, by_factor[f]) for x, f in enumerate(factors) if f in by_factor]
+    return (
+        [float(x) for x, _ in points],
+        [d["delta"] for _, d in points],
+        [d["delta"] - d["ci_low"] for _, d in points],
+        [d["ci_high"] - d["delta"] for _, d in points],
+    )
+
+
 def plot_steering(report: dict, path: Path, dpi: int = 120) -> Path:
-    """GOOD-rate delta vs factor per direction: features, random control, neurons, CLT-free."""
+    """GOOD-rate delta vs factor per direction, for each condition and its random control.
+    Only measured factors get points; the baseline (x1, zero by definition) is the line at 0."""
     present = {row["direction"] for kind in KINDS for row in report[kind]}
     directions = [d for d in ("good", "bad") if d in present]
-    factors = sorted({*report["factors"], 1.0})
+    factors = sorted(report["factors"])
     fig, axes = plt.subplots(
         1, max(len(directions), 1), figsize=(6.5 * max(len(directions), 1), 4.5), squeeze=False
     )
     kinds = [k for k in KINDS if report[k]]
     for ax, direction in zip(axes[0], directions, strict=False):
-        ax.axhline(0, color="black", lw=0.8)
+        ax.axhline(0, color="black", lw=0.8, label="baseline (x1, reference)")
         for i, kind in enumerate(kinds):
-            rows = {r["factor"]: r for r in report[kind] if r["direction"] == direction}
-            xs, ys, low, high = [], [], [], []
-            for position, factor in enumerate(factors):
-                d = rows[factor]["delta_vs_baseline"] if factor in rows else None
-                if d is None and factor != 1.0:
-                    continue
-                xs.append(position + (i - (len(kinds) - 1) / 2) * 0.12)
-                ys.append(0.0 if d is None else d["delta"])
-                low.append(0.0 if d is None else d["delta"] - d["ci_low"])
-                high.append(0.0 if d is None else d["ci_high"] - d["delta"])
+            rows = [r for r in report[kind] if r["direction"] == direction]
+            xs, ys, low, high = measured_points(rows, factors)
+            xs = [x + (i - (len(kinds) - 1) / 2) * 0.1 for x in xs]
             ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, color=COLORS[kind],
-                        ls="--" if kind == "clt_free" else "-", label=kind.replace("_", "-"))  # fmt: skip
+                        ls="--" if kind in ("clt_free", *CONTROL_OF.values()) else "-",
+                        label=kind.replace("_", " "))  # fmt: skip
         ax.set_xticks(range(len(factors)), [f"x{f:g}" for f in factors])
-        ax.set_xlabel("scale factor (x1 = baseline)")
+        ax.set_xlabel("scale factor")
         ax.set_ylabel("GOOD rate - baseline")
         ax.set_title(f"steering {direction.upper()} features")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
+    base = report["baseline"]
+    good = round(base["good_rate"] * base["n"])
     fig.suptitle(
-        f"{report['benchmark']}: {report['held_out_samples']} held-out samples, baseline GOOD "
-        f"rate {report['baseline']['good_rate']:.3f}, {report['bootstrap']['confidence']:.0%} CI"
+        f"{report['benchmark']}: {report['held_out_samples']} held-out samples ({good} GOOD / "
+        f"{base['n'] - good} BAD at baseline)\nfeatures from region "
+        f"{report.get('feature_region')}, steered at {report.get('steer_region', 'all')} tokens, "
+        f"{report['bootstrap']['confidence']:.0%} CI"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=dpi, bbox_inches="tight")

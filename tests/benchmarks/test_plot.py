@@ -63,3 +63,23 @@ def test_plots_are_valid_images(tmp_path):
             assert 400 <= width <= 3000 and 300 <= height <= 3000, (name, image.size)
             # not a blank canvas
             assert np.asarray(image.convert("L")).std() > 10
+
+
+def colour_share(path, hex_colour: str) -> float:
+    """Share of the image's pixels within a few levels of `hex_colour`."""
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    return float((np.abs(pixels - rgb).max(axis=-1) <= 8).mean())
+
+
+def test_top_features_keep_direction_colours_when_nothing_is_significant(tmp_path):
+    write_planted_store(tmp_path, samples=40)
+    analyze.main(["--out", str(tmp_path), "--target-features", "4"], benchmark="easyvqa")
+    result = json.loads((tmp_path / "features.json").read_text())
+    for feature in result["features"]:
+        feature["significant"] = False
+    path = plot.plot_top_features(result, tmp_path / "top.png", "t", top=4, dpi=60)
+    assert colour_share(path, plot.COLORS["good"]) > 0.01
+    assert colour_share(path, plot.COLORS["bad"]) > 0.01
+    assert plot.plot_title(result, "x") == "easyvqa [region decision, 16 GOOD / 17 BAD]"

@@ -15,6 +15,7 @@ from benchmarks.bootstrap import paired_bootstrap
 from benchmarks.stages.steer import (
     interventions_for,
     mapped_neurons,
+    measured_points,
     random_control,
     random_neuron_control,
 )
@@ -64,6 +65,16 @@ def test_random_control_keeps_count_and_layers_and_avoids_the_features() -> None
     assert all(c["feature_idx"] not in (3, 4) for c in without[:2])
     [first, second] = interventions_for(control, 2.0)
     assert first.layers == "h0" and len(first.features) == 2 and first.value == 2.0
+
+
+def test_steering_plot_points_are_measured_factors_only() -> None:
+    def row(factor: float, delta: float) -> dict:
+        return {"factor": factor, "delta_vs_baseline":
+                {"delta": delta, "ci_low": delta - 0.1, "ci_high": delta + 0.2}}  # fmt: skip
+
+    xs, ys, low, high = measured_points([row(0.0, -0.3), row(4.0, 0.1)], [0.0, 2.0, 4.0])
+    assert xs == [0.0, 2.0] and ys == [-0.3, 0.1]  # no point at the unmeasured x2, none at x1
+    assert low == pytest.approx([0.1, 0.1]) and high == pytest.approx([0.2, 0.2])
 
 
 def test_random_neuron_control_matches_counts_per_mlp_and_avoids_the_mapped() -> None:
