@@ -66,7 +66,9 @@ def question_split(question: str, answer: str) -> str:
 
 
 def load_items(kinds: tuple[Kind, ...] = ("yes/no", "open", "caption")) -> list[Item]:
-    """Items of the test split, questions first (package order), then captions by image id."""
+    """Items of the test split, the kinds interleaved (`interleave_kinds`) so that the first N
+    items (`--limit`) hold every kind in its share; within a kind, questions in package order,
+    captions by image id."""
     paths, labels = image_paths(SPLIT), image_labels(SPLIT)
     items = []
     for index, example in enumerate(questions(SPLIT)):
@@ -99,4 +101,19 @@ def load_items(kinds: tuple[Kind, ...] = ("yes/no", "open", "caption")) -> list[
                     truth=(label.color, label.shape),
                 )
             )
-    return items
+    return interleave_kinds(items)
+
+
+def interleave_kinds(items: list[Item]) -> list[Item]:
+    """Each kind spread evenly over the list: the i-th of a kind's n items goes to position
+    (i + 0.5) / n (ties: kinds in order of first appearance), so every prefix keeps the shares."""
+    by_kind: dict[str, list[Item]] = {}
+    for item in items:
+        by_kind.setdefault(item.kind, []).append(item)
+    keyed = [
+        ((i + 0.5) / len(group), rank, i)
+        for rank, group in enumerate(by_kind.values())
+        for i in range(len(group))
+    ]
+    groups = list(by_kind.values())
+    return [groups[rank][i] for _, rank, i in sorted(keyed)]

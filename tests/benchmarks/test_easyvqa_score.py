@@ -98,3 +98,14 @@ def test_cli_rejects_unknown_ids(tmp_path):
     path.write_text(json.dumps({"id": "nope", "response": "yes"}) + "\n")
     with pytest.raises(SystemExit, match="not easy-VQA items"):
         easyvqa_score.main(["--responses", str(path)])
+
+
+def test_kinds_are_interleaved_so_a_limit_holds_every_kind():
+    items = load_items()
+    counts = {kind: sum(i.kind == kind for i in items) for kind in ("yes/no", "open", "caption")}
+    first = items[:600]
+    for kind, n in counts.items():  # each kind's share of any prefix, within one item
+        assert abs(sum(i.kind == kind for i in first) - 600 * n / len(items)) <= 1, kind
+    captions = [i.image_id for i in items if i.kind == "caption"]
+    assert captions == sorted(captions)  # within a kind the order is kept
+    assert [i.id for i in load_items()] == [i.id for i in items]
