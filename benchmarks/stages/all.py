@@ -50,8 +50,8 @@ class AllConfig:
     """Model dtype for capture."""
     batch_size: int = 16
     """Items per generate call."""
-    max_new_tokens: int = 16
-    """Greedy decoding length."""
+    max_new_tokens: int = 32
+    """Greedy decoding length (capture's default, so capture run alone resumes the same run)."""
     train_dataset: str = ""
     """Dataset of that CLT (default: the recipe's; easy-VQA for the tiny model)."""
     train_examples: int = 2000

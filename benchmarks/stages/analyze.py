@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -70,12 +70,39 @@ class AnalyzeConfig:
 
 
 def parse_config(argv: list[str], benchmark: str = "BENCH") -> AnalyzeConfig:
+    """The flags given; those not given as recorded in OUT/features.json's `parameters` (so analyze
+    alone after `all` keeps all's settings), else the defaults above."""
+    config = _parser(None, benchmark).parse_args(argv).config
+    recorded = recorded_parameters(Path(config.out) / "features.json")
+    if not recorded:
+        return config
+    recorded_config = replace(AnalyzeConfig(out=config.out), **recorded)
+    config = _parser(recorded_config, benchmark).parse_args(argv).config
+    default = AnalyzeConfig(out=config.out)
+    kept = [
+        f"{k}={v}" for k, v in recorded.items() if getattr(default, k) != v == getattr(config, k)
+    ]
+    if kept:
+        print(f"analyze: as recorded in {config.out}/features.json: {', '.join(kept)}")
+    return config
+
+
+def _parser(default: AnalyzeConfig | None, benchmark: str) -> ArgumentParser:
     parser = ArgumentParser(
         prog=f"python -m benchmarks {benchmark} analyze",
         add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
     )
-    parser.add_arguments(AnalyzeConfig, dest="config")
-    return parser.parse_args(argv).config
+    parser.add_arguments(AnalyzeConfig, dest="config", default=default)
+    return parser
+
+
+def recorded_parameters(path: Path) -> dict:
+    """The `parameters` of an earlier features.json that are still AnalyzeConfig fields."""
+    if not path.exists():
+        return {}
+    recorded = json.loads(path.read_text()).get("parameters", {})
+    names = {f.name for f in fields(AnalyzeConfig)} - {"out", "force"}
+    return {key: value for key, value in recorded.items() if key in names}
 
 
 def main(argv: list[str], benchmark: str) -> None:

@@ -152,6 +152,20 @@ def test_up_to_date_output_is_not_recomputed(tmp_path):
     assert json.loads(target.read_text())["parameters"]["target_features"] == 1
 
 
+def test_flags_not_given_keep_the_recorded_parameters(tmp_path, capsys):
+    write_hand_store(tmp_path)
+    run_analyze(tmp_path, "--target-features", "1", "--eps", "0.5")  # as `all` would
+    target = tmp_path / "features.json"
+    os.utime(target, (1e10, 1e10))
+    analyze.main(["--out", str(tmp_path)], benchmark="hand")  # alone: the same settings
+    assert target.stat().st_mtime == 1e10
+    assert "target_features=1" in capsys.readouterr().out
+    analyze.main(["--out", str(tmp_path), "--target-features", "2"], benchmark="hand")
+    parameters = json.loads(target.read_text())["parameters"]
+    assert (parameters["target_features"], parameters["eps"]) == (2, 0.5)
+    assert parameters["region"] == "response" and parameters["held_out_fraction"] == 0
+
+
 def test_attribution_ranking(tmp_path):
     write_hand_store(tmp_path)
     # activation x gradient per (sample, layer position, latent); absent entries are 0
