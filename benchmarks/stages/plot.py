@@ -119,9 +119,9 @@ def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) 
         bars = ax.barh(labels, [f[SCORE[direction]] for f in features])
         for bar, feature in zip(bars, features, strict=True):
             style = bar_style(feature, direction)
-            bar.set_color(style["color"])
-            bar.set_edgecolor(style["edgecolor"])
+            bar.set_facecolor(style["color"])
             bar.set_hatch(style["hatch"])
+            bar.set_edgecolor(style["edgecolor"])
         ax.set_xlabel(f"{SCORE[direction].replace('_', ' ')}")
         significant = sum(bool(f.get("significant")) for f in features)
         ax.set_title(
