@@ -160,6 +160,12 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
                 f"--rank-by attribution with --region {config.region}, but {attributions} sums "
                 f"region {attribution_region}; run `attribute --region {config.region} --force`"
             )
+        missing = set(train_group) - set(read_attribution_ids(attributions))
+        if config.rank_by == "attribution" and missing:
+            raise SystemExit(
+                f"{attributions} lacks {len(missing)} of the {len(train_group)} train samples "
+                f"(e.g. {sorted(missing)[0]}; attribute ran with --limit?): run attribute again"
+            )
         stats.update(attribution_stats(attributions, train_group, counts.fired.shape[1:]))
     elif config.rank_by == "attribution":
         raise SystemExit(f"--rank-by attribution needs {attributions}; see docs/benchmarks.md")
@@ -209,6 +215,12 @@ def read_attribution_region(path: Path) -> str:
     when `all` was attribute's only default)."""
     with safe_open(path, framework="numpy") as file:
         return file.metadata().get("region", "all")
+
+
+def read_attribution_ids(path: Path) -> list[str]:
+    """The samples an attributions file covers, in its order."""
+    with safe_open(path, framework="numpy") as file:
+        return [str(sample_id) for sample_id in json.loads(file.metadata()["ids"])]
 
 
 def attribution_stats(

@@ -27,7 +27,11 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
-from benchmarks.stages.analyze import ATTRIBUTIONS, read_attribution_region
+from benchmarks.stages.analyze import (
+    ATTRIBUTIONS,
+    read_attribution_ids,
+    read_attribution_region,
+)
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
 from vlm_sparsify.data import load_rgb
@@ -129,16 +133,17 @@ def write_attributions(path: Path, ids: list[str], per_sample: list[dict], regio
 def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
     path = out / outputs.STORE / ATTRIBUTIONS
     responses = out / outputs.RESPONSES
+    records = outputs.read_jsonl(responses)[: config.limit]
     if (
         path.exists()
         and not config.force
         and path.stat().st_mtime >= responses.stat().st_mtime
         and read_attribution_region(path) == config.region
+        and read_attribution_ids(path) == [str(r["id"]) for r in records]
     ):
         print(f"attribute: {path} is up to date (--force recomputes)")
         return path
     run: Run = load_run(out, benchmark, config.coders, config.device)
-    records = outputs.read_jsonl(responses)[: config.limit]
     items = {item.id: item for item in get_adapter(benchmark).load_items(run.data, run.recipe)}
     run.coders.requires_grad_(False)
     rm = ReplacementModel(run.model, run.coders, mode="error")

@@ -105,6 +105,13 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     assert features["parameters"]["rank_by"] == "attribution"
     assert features["parameters"]["region"] == features["attribution_region"] == "decision"
     assert all("attribution" in f for f in features["features"])
+    # attributions of fewer samples are redone on request, and never ranked as if complete
+    run(["easyvqa", "attribute", "--out", str(out), "--limit", "2"])
+    assert len(read(out / "store" / "attributions.safetensors")[0]) == 2
+    with pytest.raises(SystemExit, match="lacks 1 of the 3 train samples"):
+        run(["easyvqa", "analyze", "--out", str(out), "--force"])
+    run(["easyvqa", "attribute", "--out", str(out)])
+    assert len(read(out / "store" / "attributions.safetensors")[0]) == 3
     # one group alone separates nothing: analyze says so instead of ranking against nobody
     classification = json.loads((out / "classification.json").read_text())
     classification = {**classification, "GOOD": classification["GOOD"] + classification["BAD"],
