@@ -182,11 +182,16 @@ class FeatureStore:
         meta_path = self.path / "meta.json"
         if meta_path.exists():
             stored = StoreMeta.from_json(json.loads(meta_path.read_text()))
+            old = meta is not None and stored.fingerprint is None  # older than fingerprints
+            if old:
+                stored.fingerprint = meta.fingerprint  # type: ignore[union-attr]
             if meta is not None and meta != stored:
                 raise ValueError(
                     f"feature store {self.path} was written with {stored}, not {meta}; "
                     "use a new folder or the same coders and settings"
                 )
+            if old:  # it resumes with the same settings: it gets their fingerprint
+                _write_atomic(meta_path, json.dumps(stored.to_json(), indent=2).encode())
             self.meta = stored
         elif meta is None:
             raise FileNotFoundError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -127,3 +128,13 @@ def test_mismatched_meta_and_shapes_are_refused(tmp_path):
         store.append([(sample_id, indices, values, {"response": [(3, 9)]})])
     with pytest.raises(FileNotFoundError, match="meta.json"):
         FeatureStore(tmp_path / "elsewhere")
+
+
+def test_a_store_older_than_fingerprints_resumes_and_takes_one(tmp_path):
+    make_store(tmp_path / "store")  # no fingerprint, as written before they were recorded
+    fingerprinted = StoreMeta(HOOKPOINTS, 4, 65536, "bfloat16", fingerprint="abc")
+    with pytest.raises(ValueError, match="use a new folder"):
+        FeatureStore(tmp_path / "store", replace(fingerprinted, k=8))
+    assert FeatureStore(tmp_path / "store").meta.fingerprint is None  # a refusal writes nothing
+    assert FeatureStore(tmp_path / "store", fingerprinted).meta == fingerprinted
+    assert FeatureStore(tmp_path / "store").meta.fingerprint == "abc"
