@@ -46,7 +46,7 @@ from simple_parsing import ArgumentParser, DashVariant  # noqa: E402
 
 from benchmarks import outputs  # noqa: E402
 from benchmarks.__main__ import stage_module  # noqa: E402
-from benchmarks.adapters import Adapter, Rules, get_adapter  # noqa: E402
+from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter  # noqa: E402
 from benchmarks.bootstrap import paired_bootstrap  # noqa: E402
 from benchmarks.generation import generate_batch  # noqa: E402
 from benchmarks.neuron_map import random_neurons, scale_neurons  # noqa: E402
@@ -122,7 +122,10 @@ def main(argv: list[str], benchmark: str) -> None:
 
 
 def parse_factors(text: str) -> list[float]:
-    factors = [float(word) for word in text.split(",") if word.strip()]
+    try:
+        factors = [float(word) for word in text.split(",") if word.strip()]
+    except ValueError:
+        factors = []
     if not factors or any(f < 0 for f in factors):
         raise ValueError(f"--factors {text!r}: give non-negative numbers, e.g. 0,0.5,2,4")
     return factors
@@ -193,10 +196,7 @@ def random_neuron_control(
 
 
 def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list[Condition]:
-    kinds = [k.strip() for k in config.kinds.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise ValueError(f"--kinds: unknown {unknown}; choose from {', '.join(KINDS)}")
+    kinds = csv_choices(config.kinds, KINDS, "--kinds")
     result = [Condition("baseline", "baseline", "", 1.0)]
     for direction, features in by_direction.items():
         if not features:
@@ -208,6 +208,9 @@ def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list
 
 
 def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
+    csv_choices(config.kinds, KINDS, "--kinds")  # bad flags fail before the model loads
+    csv_choices(config.directions, ("good", "bad"), "--directions")
+    parse_factors(config.factors)
     result = read_features(out)
     held_out = result.get("split", {}).get("held_out_ids", [])
     if not held_out:
@@ -221,7 +224,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "the clt_free condition steers with transcoder weights; these coders are SAEs: "
             "leave it out, e.g. --kinds features,control"
         )
-    directions = [d.strip() for d in config.directions.split(",") if d.strip()]
+    directions = csv_choices(config.directions, ("good", "bad"), "--directions")
     by_direction = {
         d: [
             {**f, "source": hookpoints.index(f["hookpoint"])}

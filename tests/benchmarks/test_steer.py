@@ -176,3 +176,9 @@ def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_d
     other = save_coders(coders, tmp_path / "other")
     with pytest.raises(SystemExit, match="not the coders the feature store was captured with"):
         run(["easyvqa", "map", "--out", str(out), "--coders", str(other), "--device", "cpu"])
+
+
+def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
+    for flag, value in (("--kinds", "feature"), ("--directions", "up"), ("--factors", "2,x")):
+        with pytest.raises(SystemExit, match=f"{flag} '{value}'"):
+            run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), flag, value])
