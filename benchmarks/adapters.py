@@ -32,6 +32,16 @@ class BenchItem:
     """Benchmark fields copied into the sample's responses.jsonl record."""
 
 
+def check_images(items: Sequence[BenchItem], first: int = 20) -> None:
+    """Stop when none of the first items' images exists: --images names the wrong folder."""
+    images = [item.image for item in items[:first]]
+    if images and not any(Path(image).is_file() for image in images):
+        raise FileNotFoundError(
+            f"none of the first {len(images)} images exists, e.g. {images[0]}: check --images "
+            "(the folder that holds the benchmark's images)"
+        )
+
+
 @dataclass
 class Rules:
     """What makes a sample GOOD (docs/benchmarks.md, "Capture and classify")."""

@@ -21,7 +21,7 @@ import torch
 from simple_parsing import ArgumentParser, DashVariant
 
 from benchmarks.__main__ import stage_module
-from benchmarks.adapters import get_adapter
+from benchmarks.adapters import check_images, get_adapter
 from vlm_sparsify.__main__ import run as train
 from vlm_sparsify.coder_io import CheckpointError, load_coders
 from vlm_sparsify.loading import DEFAULT_MODEL
@@ -107,11 +107,7 @@ def check_items(adapter: Any, data: Any, config: AllConfig) -> None:
     items = adapter.load_items(data, recipe)[: config.limit]
     if not items:
         raise ValueError("the benchmark data holds no items; check its flags (--help)")
-    first = [item.image for item in items[:20]]
-    if not any(Path(image).is_file() for image in first):
-        raise FileNotFoundError(
-            f"none of the first {len(first)} images exists, e.g. {first[0]}: check --images"
-        )
+    check_images(items)
 
 
 def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None = None) -> None:

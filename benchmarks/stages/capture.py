@@ -24,7 +24,7 @@ from simple_parsing import ArgumentParser, DashVariant
 from tqdm import tqdm
 
 from benchmarks import outputs
-from benchmarks.adapters import Adapter, BenchItem, get_adapter
+from benchmarks.adapters import Adapter, BenchItem, check_images, get_adapter
 from benchmarks.generation import generate_batch
 from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
@@ -127,12 +127,7 @@ def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) 
     items = adapter.load_items(data, recipe)[: config.limit]
     if len({item.id for item in items}) != len(items):
         raise ValueError("duplicate item ids in the benchmark data; check the question files")
-    first = [item.image for item in items[:20]]
-    if first and not any(Path(image).is_file() for image in first):
-        raise FileNotFoundError(
-            f"none of the first {len(first)} images exists, e.g. {first[0]}: check --images "
-            "(the folder that holds the benchmark's images)"
-        )
+    check_images(items)
     out = Path(config.out)
     replacement = store = None
     if config.coders:
