@@ -14,7 +14,7 @@ from torch import Tensor
 
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
-from benchmarks.store import StoreMeta, coder_fingerprint
+from benchmarks.store import FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import Coders, load_coders
 from vlm_sparsify.loading import load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
@@ -36,13 +36,7 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
     """Model and coders as `capture` used them (capture.json), `coders` overriding."""
     info = outputs.capture_info(out)
     settings = info["settings"]
-    meta_path = Path(out) / outputs.STORE / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{out} holds no feature store (captured without coders): capture again with "
-            "--coders RUN; this stage reads the features of the coders capture ran"
-        )
-    meta = StoreMeta.from_json(json.loads(meta_path.read_text()))
+    meta = FeatureStore(Path(out) / outputs.STORE).meta  # none: captured without coders
     coders = coders or settings.get("coders")
     recipe = (
         find_recipe(settings["recipe"], model_id=settings["model"])

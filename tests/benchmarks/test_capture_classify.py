@@ -280,6 +280,8 @@ def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     written = (out / "classification.json").stat().st_mtime_ns
     run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
     assert (out / "classification.json").stat().st_mtime_ns == written  # analyze stays current
+    with pytest.raises(SystemExit, match="no feature store .* capture with --coders"):
+        run(["easyvqa", "attribute", "--out", str(out)])  # captured without coders
 
 
 def test_ranks_get_interleaved_items_and_the_same_number_of_batches():
