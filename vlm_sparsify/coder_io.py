@@ -225,14 +225,19 @@ def load_for_finetune(coders: Coders, run_dir: str | Path, device: str | torch.d
         raise CheckpointError(f"cannot fine-tune from {run_dir}: {first_line}") from None
 
 
-def _read_cfgs(
-    run_dir: Path, hookpoints: list[str] | None, d_in: int | None
-) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """The run's hookpoints in order and their cfg.json, checked against what was asked for."""
+def check_run_dir(run_dir: Path) -> None:
+    """A clear error when the RUN folder does not exist."""
     if not run_dir.is_dir():
         raise FileNotFoundError(
             f"no checkpoint folder {run_dir}; pass the RUN folder that holds <hookpoint>/cfg.json"
         )
+
+
+def _read_cfgs(
+    run_dir: Path, hookpoints: list[str] | None, d_in: int | None
+) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The run's hookpoints in order and their cfg.json, checked against what was asked for."""
+    check_run_dir(run_dir)
     folders = [f for f in run_dir.iterdir() if f.is_dir() and (f / CFG_FILE).exists()]
     if not folders:
         raise CheckpointError(

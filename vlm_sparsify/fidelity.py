@@ -33,7 +33,7 @@ from simple_parsing import field, parse
 from torch import Tensor, nn
 
 from vlm_sparsify.cli import run_cli
-from vlm_sparsify.coder_io import RUN_CONFIG_FILE, load_coders
+from vlm_sparsify.coder_io import RUN_CONFIG_FILE, check_run_dir, load_coders
 from vlm_sparsify.data import (
     EASYVQA,
     Example,
@@ -326,10 +326,7 @@ def _response(tokens: Tensor, prompt_length: int, pad_id: int) -> Tensor:
 
 
 def _run_config(run: Path) -> dict[str, Any]:
-    if not run.is_dir():  # before the model loads
-        raise FileNotFoundError(
-            f"no checkpoint folder {run}; pass the RUN folder that holds <hookpoint>/cfg.json"
-        )
+    check_run_dir(run)  # before the model loads
     path = run / RUN_CONFIG_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
