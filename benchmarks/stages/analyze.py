@@ -154,13 +154,13 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     attributions = out / "store" / ATTRIBUTIONS
     attribution_region = None
     if attributions.exists():
-        attribution_region = read_attribution_region(attributions)
+        attribution_region, attributed = read_attribution_meta(attributions)
         if config.rank_by == "attribution" and attribution_region != config.region:
             raise SystemExit(
                 f"--rank-by attribution with --region {config.region}, but {attributions} sums "
                 f"region {attribution_region}; run `attribute --region {config.region} --force`"
             )
-        missing = set(train_group) - set(read_attribution_ids(attributions))
+        missing = set(train_group) - set(attributed)
         if config.rank_by == "attribution" and missing:
             raise SystemExit(
                 f"{attributions} lacks {len(missing)} of the {len(train_group)} train samples "
@@ -210,17 +210,12 @@ def firing_counts(store: FeatureStore, sample_group: dict[str, int], region: str
     return counts
 
 
-def read_attribution_region(path: Path) -> str:
+def read_attribution_meta(path: Path) -> tuple[str, list[str]]:
     """The region an attributions file sums over (`all` in files written before it was recorded,
-    when `all` was attribute's only default)."""
+    when `all` was attribute's only default) and the samples it covers, in its order."""
     with safe_open(path, framework="numpy") as file:
-        return file.metadata().get("region", "all")
-
-
-def read_attribution_ids(path: Path) -> list[str]:
-    """The samples an attributions file covers, in its order."""
-    with safe_open(path, framework="numpy") as file:
-        return [str(sample_id) for sample_id in json.loads(file.metadata()["ids"])]
+        meta = file.metadata()
+    return meta.get("region", "all"), [str(sample_id) for sample_id in json.loads(meta["ids"])]
 
 
 def attribution_stats(

@@ -6,8 +6,9 @@ coders' feature activations as gradient leaves (`ReplacementModel.attribution`).
 the answer's logit difference: summed over response positions, the logit of the generated token
 minus the best other token's. A feature's attribution in a sample is activation x gradient,
 summed over the tokens of `--region` (default `decision`: the positions whose prediction is a
-response token, the last prompt token .. the second-to-last response token). Written to `DIR/store/attributions.safetensors` in the
-sparse format `analyze --rank-by attribution` reads (see docs/benchmarks.md).
+response token, the last prompt token .. the second-to-last response token). Written to
+`DIR/store/attributions.safetensors` in the sparse format `analyze --rank-by attribution` reads
+(see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,11 +28,7 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
-from benchmarks.stages.analyze import (
-    ATTRIBUTIONS,
-    read_attribution_ids,
-    read_attribution_region,
-)
+from benchmarks.stages.analyze import ATTRIBUTIONS, read_attribution_meta
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
 from vlm_sparsify.data import load_rgb
@@ -138,8 +135,7 @@ def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
         path.exists()
         and not config.force
         and path.stat().st_mtime >= responses.stat().st_mtime
-        and read_attribution_region(path) == config.region
-        and read_attribution_ids(path) == [str(r["id"]) for r in records]
+        and read_attribution_meta(path) == (config.region, [str(r["id"]) for r in records])
     ):
         print(f"attribute: {path} is up to date (--force recomputes)")
         return path
