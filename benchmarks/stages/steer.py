@@ -18,9 +18,10 @@ of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
 against the `baseline` (the original model). Every condition edits all token positions
 (`STEER_REGION`), whichever region `analyze` selected the features on: `FeatureSteerer` and the
 neuron hooks have no token regions, and `Intervention` has none for the decision positions.
-Each condition is scored with the benchmark's official scorer (`score --out` on its own folder) and per sample GOOD / BAD with the rules of
-`DIR/classification.json`; the reported metric is the GOOD rate, whose delta to the baseline (and,
-for `features` / `neurons`, to its random control at the same factor) gets a paired bootstrap interval over samples.
+Each condition is scored with the benchmark's official scorer (`score --out` on its own folder)
+and per sample GOOD / BAD with the rules of `DIR/classification.json`; the reported metric is the
+GOOD rate, whose delta to the baseline (and, for `features` / `neurons`, to its random control at
+the same factor) gets a paired bootstrap interval over samples.
 Writes `DIR/steer/<condition>/` (responses, official file, metrics), `DIR/steering.json` and
 `DIR/plots/steering.png`; a condition whose folder is complete is not generated again.
 """
