@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
+
 Projection = Literal["cosine", "lstsq"]
 RankBy = Literal["contribution", "projection", "coactivation"]
 
@@ -133,10 +135,14 @@ def direction_cosine(delta: Tensor, direction: Tensor) -> float:
     return float(total @ direction.double() / denominator) if denominator > 0 else 0.0
 
 
-def _scaling_hook(index: Tensor, factor: float):
+def _scaling_hook(index: Tensor, factor: float, positions: SequencePositions | None):
     def hook(module: nn.Module, args: tuple) -> tuple:
         acts = args[0].clone()
-        acts[..., index] = acts[..., index] * factor
+        scale: Tensor | float = factor
+        if positions is not None:  # factor at the decision positions, 1 elsewhere
+            rows = decision_rows(positions, acts[..., 0].numel())
+            scale = (1 + (factor - 1) * rows).view(*acts.shape[:-1], 1).to(acts.dtype)
+        acts[..., index] = acts[..., index] * scale
         return (acts, *args[1:])
 
     return hook
@@ -144,21 +150,29 @@ def _scaling_hook(index: Tensor, factor: float):
 
 @contextmanager
 def scale_neurons(
-    model: nn.Module, neurons: Mapping[str, Sequence[int]], factor: float
+    model: nn.Module, neurons: Mapping[str, Sequence[int]], factor: float, region: str = "all"
 ) -> Iterator[None]:
     """Multiply the listed neuron activations (the input of `<mlp>.down_proj`) by `factor` while
-    the block runs; `neurons` maps MLP module paths ("" = `model` itself) to neuron indices."""
-    handles = []
-    for path, indices in neurons.items():
-        if not indices:
-            continue
-        down = model.get_submodule(path).get_submodule("down_proj")
-        index = torch.tensor(sorted(set(indices)), device=down.weight.device)
-        handles.append(down.register_forward_pre_hook(_scaling_hook(index, factor)))
+    the block runs, at every token (`all`) or at the decision positions of `model`'s forwards
+    (`decision`: the last prompt token and every response token); `neurons` maps MLP module
+    paths ("" = `model` itself) to neuron indices."""
+    handles: list = []
+    positions = None
     try:
+        if check_steer_region(region) == "decision":
+            positions = SequencePositions()
+            positions.install(model)
+            handles.append(positions)
+        for path, indices in neurons.items():
+            if not indices:
+                continue
+            down = model.get_submodule(path).get_submodule("down_proj")
+            index = torch.tensor(sorted(set(indices)), device=down.weight.device)
+            hook = _scaling_hook(index, factor, positions)
+            handles.append(down.register_forward_pre_hook(hook))
         yield
     finally:
-        for handle in handles:
+        for handle in reversed(handles):
             handle.remove()
 
 

@@ -80,6 +80,18 @@ def test_region_limits_the_edit_to_its_tokens() -> None:
         torch.testing.assert_close(change, expected)
 
 
+def test_decision_region_follows_the_decision_mask_and_joins_other_regions() -> None:
+    acts, indices = sparse_features()
+    decision = torch.tensor([False, True, True])  # the last prompt token and a response token
+    for region, rows in (("decision", [1, 2]), (("image", "decision"), [0, 1, 2])):
+        edit = Intervention("add", features=4, region=region, value=10.0)
+        new_acts, new_indices = apply_interventions([edit], acts, indices, REGIONS, decision)
+        change = dense(new_acts, new_indices) - dense(acts, indices)
+        assert change[:, 4].tolist() == [10.0 if row in rows else 0.0 for row in range(3)]
+    with pytest.raises(ValueError, match="needs the decision positions"):
+        apply_interventions([Intervention("zero", 4, region="decision")], acts, indices, REGIONS)
+
+
 def test_edits_compose_in_order() -> None:
     acts, indices = sparse_features()
     edits = [

@@ -18,7 +18,9 @@ the k largest of the source's latents, which needs every latent's pre-activation
   (`vlm_sparsify.export.fit_thresholds`); an approximation (a feature fires where TopK would
   mostly select it), with m x d per source instead of L x d.
 
-Edits apply to every token (no token regions). Saved as `steerer.safetensors` + `steerer.json`.
+Edits apply to every token, or with `attach(model, region="decision")` to the decision positions
+only (the last prompt token and every response token, `vlm_sparsify.positions`), as an
+`Intervention` with that region. Saved as `steerer.safetensors` + `steerer.json`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 from vlm_sparsify.coder_io import Coders, usual_permissions
 from vlm_sparsify.export import source_weights
 from vlm_sparsify.interventions import Op
+from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
 from vlm_sparsify.topk_encoder import encode_topk
 
 SteerMode = Literal["exact", "threshold"]
@@ -84,8 +87,9 @@ class FeatureSteerer(nn.Module):
         self.mode, self.k, self.activation = mode, k, activation
         for name, tensor in tensors.items():
             self.register_buffer(name.replace(".", "/"), tensor)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[Any] = []
         self._pending: dict[str, Tensor] = {}
+        self._positions: SequencePositions | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -179,23 +183,33 @@ class FeatureSteerer(nn.Module):
         )
 
     # ------------------------------------------------------------------ hooks
-    def install(self, model: nn.Module) -> None:
+    def install(self, model: nn.Module, region: str = "all") -> None:
+        """Steer `model` at every token (`all`) or at the decision positions (`decision`)."""
         if self._handles:
             raise RuntimeError("this FeatureSteerer is already attached; remove() it first")
-        for position, hookpoint in enumerate(self.hookpoints):
-            module = model.get_submodule(hookpoint)
-            hook = partial(self._steer, position, hookpoint)
-            self._handles.append(module.register_forward_hook(hook))
+        self._positions = None
+        try:
+            if check_steer_region(region) == "decision":
+                self._positions = SequencePositions()
+                self._positions.install(model)
+                self._handles.append(self._positions)
+            for position, hookpoint in enumerate(self.hookpoints):
+                module = model.get_submodule(hookpoint)
+                hook = partial(self._steer, position, hookpoint)
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in reversed(self._handles):
             handle.remove()
         self._handles = []
 
     @contextmanager
-    def attach(self, model: nn.Module) -> Iterator[FeatureSteerer]:
-        """Steer `model` until the block exits."""
-        self.install(model)
+    def attach(self, model: nn.Module, region: str = "all") -> Iterator[FeatureSteerer]:
+        """Steer `model` until the block exits, at every token or at the decision positions."""
+        self.install(model, region)
         try:
             yield self
         finally:
@@ -232,6 +246,8 @@ class FeatureSteerer(nn.Module):
             x = args[0].reshape(-1, args[0].shape[-1])
             acts = self.feature_acts(hookpoint, x)
             delta = (self._edited(hookpoint, acts) - acts).float()
+            if self._positions is not None:
+                delta = delta * decision_rows(self._positions, len(delta))
             for i, target in enumerate(self.targets[hookpoint]):
                 part = delta @ self._buffer(hookpoint, f"decoder.{i}")
                 before = self._pending.get(target)

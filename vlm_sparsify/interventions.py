@@ -19,6 +19,7 @@ from torch import Tensor
 from vlm_sparsify.capture import REGION_CODE
 
 Op = Literal["scale", "add", "set", "zero"]
+EDIT_REGIONS = ("image", "prompt", "response", "decision", "all")
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ class Intervention:
     """Source hookpoints: positions among the coder set's hookpoints or hookpoint names; None = all."""
 
     region: str | Sequence[str] = "all"
-    """Token region(s) edited: `image`, `prompt`, `response`, or `all`."""
+    """Token region(s) edited: `image`, `prompt`, `response`, `decision` (the last prompt token
+    and every response token: the positions that predict the response), or `all`."""
 
     value: float | Sequence[float] | None = None
     """Factor (scale), amount (add) or new activation (set), one per feature or one for all;
@@ -60,11 +62,11 @@ class Intervention:
                 raise ValueError("layers is empty: give source layers, or None for all of them")
             object.__setattr__(self, "layers", layers[0] if len(layers) == 1 else layers)
         regions = tuple(_items(self.region, strings=True))
-        unknown = [r for r in regions if r not in ("image", "prompt", "response", "all")]
+        unknown = [r for r in regions if r not in EDIT_REGIONS]
         if not regions:
-            raise ValueError("region is empty: give image, prompt, response or all")
+            raise ValueError(f"region is empty: give {', '.join(EDIT_REGIONS)}")
         if unknown:
-            raise ValueError(f"Unknown token region(s) {unknown}; use image, prompt, response, all")
+            raise ValueError(f"Unknown token region(s) {unknown}; use {', '.join(EDIT_REGIONS)}")
         object.__setattr__(self, "region", regions[0] if len(regions) == 1 else regions)
         if self.op == "zero":
             if self.value is not None:
@@ -95,12 +97,23 @@ class Intervention:
                 raise ValueError(f"source layer {layer} out of range 0..{len(hookpoints) - 1}")
         return sorted(set(positions))
 
-    def region_codes(self) -> tuple[int, ...] | None:
-        """Region codes edited, or None for every token."""
+    @property
+    def regional(self) -> bool:
+        """Whether the intervention edits some tokens only (it needs their regions)."""
         regions = (self.region,) if isinstance(self.region, str) else self.region
-        if "all" in regions:
+        return "all" not in regions
+
+    def region_codes(self) -> tuple[int, ...] | None:
+        """Region codes edited (`decision` aside), or None for every token."""
+        if not self.regional:
             return None
-        return tuple(REGION_CODE[r] for r in regions)
+        regions = (self.region,) if isinstance(self.region, str) else self.region
+        return tuple(REGION_CODE[r] for r in regions if r != "decision")
+
+    @property
+    def at_decision(self) -> bool:
+        """Whether the decision positions are among the tokens edited (besides region_codes)."""
+        return self.regional and "decision" in _items(self.region, strings=True)
 
 
 def _items(x: Any, strings: bool = False) -> list[Any]:
@@ -146,17 +159,24 @@ def apply_interventions(
     top_acts: Tensor,
     top_indices: Tensor,
     token_regions: Tensor | None,
+    decision: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Edit sparse features `[N, k]`; returns `[N, k + extra]` when features were added or set.
 
-    `token_regions` `[N]` holds each token's region code (`capture.REGION_CODE`); None means all tokens
-    match every region.
+    `token_regions` `[N]` holds each token's region code (`capture.REGION_CODE`) and `decision`
+    `[N]` whether it is a decision position (`positions.SequencePositions`); None means all
+    tokens match every region.
     """
     for intervention in interventions:
         features, value, codes = _as_tensors(intervention, top_acts.device, top_acts.dtype)
         rows = None
         if codes is not None and token_regions is not None:
-            rows = torch.isin(token_regions, codes)[:, None]
+            rows = torch.isin(token_regions, codes)
+            if intervention.at_decision:
+                if decision is None:
+                    raise ValueError(f"{intervention} needs the decision positions; none given")
+                rows = rows | decision
+            rows = rows[:, None]
         # [N, k, m]: which of the k active slots holds which edited feature
         match = top_indices[:, :, None] == features
         if intervention.op in ("scale", "zero"):

@@ -35,10 +35,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vlm_sparsify.capture import FeatureCapture, token_regions
+from vlm_sparsify.capture import FeatureCapture
 from vlm_sparsify.clt_inference import CLTInference, Kernel
 from vlm_sparsify.cross_layer import CrossLayerTranscoder, free_memory_bytes
 from vlm_sparsify.interventions import Intervention, apply_interventions
+from vlm_sparsify.positions import SequencePositions
 
 Mode = Literal["open-loop", "error", "off"]
 Decoder = Literal["fused", "triton", "hybrid", "per-target"]
@@ -127,11 +128,10 @@ class ReplacementModel:
         self._handles: list[Any] = []
         # Per-forward state: pending predictions [N, window, d] (target t in slot t % window)
         self._ring: Tensor | None = None
+        # where each forward's tokens sit: regions, decision positions, generate's prompt length
+        self._positions = SequencePositions(self.image_token_id)
         self._regions: Tensor | None = None
-        # Sequence state: prompt length fixed by generate(), else by a forward with no past
-        self._generate_prompt_length: int | None = None
-        self._generate_started = False
-        self._prompt_length = 0
+        self._decision: Tensor | None = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -169,7 +169,7 @@ class ReplacementModel:
                 per_source[p].append(intervention)
         self._interventions = list(interventions)
         self._per_source = per_source
-        self._regional = any(i.region_codes() is not None for i in interventions)
+        self._regional = any(i.regional for i in interventions)
 
     @contextmanager
     def intervene(
@@ -231,6 +231,8 @@ class ReplacementModel:
             self._fused_checked = False
             self._copies_refused = False  # memory may have been freed since: ask again
             self._weights_train = any(param.requires_grad for param in self.coders.parameters())
+            self._positions.install(self.model)
+            self._handles.append(self._positions)
             self._handles.append(
                 self.model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
             )
@@ -270,43 +272,21 @@ class ReplacementModel:
             self.remove()
 
     def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self._regions = None
-        tokens = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        reference = tokens if tokens is not None else embeds
-        if reference is None:
+        """After `SequencePositions.observe`: the regions the capture and interventions need."""
+        positions = self._positions
+        self._regions = self._decision = None
+        regions = positions.regions if self._capture is not None or self._regional else None
+        if regions is None:
             return
-        batch, n = reference.shape[:2]
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim == 2:
-            past = mask.shape[1] - n
-        else:
-            cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = cache.get_seq_length() if cache is not None else 0
-        # generate() without a KV cache re-runs the whole sequence: still the same sequence
-        if self._generate_prompt_length is not None:
-            new_sequence = not self._generate_started
-            self._generate_started = True
-        else:
-            new_sequence = past == 0
-        if new_sequence:
-            self._prompt_length = self._generate_prompt_length or n
-            if self._capture is not None:
-                self._capture.start_sequence()
-        if self._capture is None and not self._regional:
-            return
-        regions = token_regions(
-            tokens,
-            mask,
-            (batch, n),
-            past,
-            self._prompt_length,
-            self.image_token_id,
-            reference.device,
-        )
-        self._regions = regions.reshape(-1)
         if self._capture is not None:
-            self._capture.start_forward(past, tokens, regions)
+            if positions.new_sequence:
+                self._capture.start_sequence()
+            self._capture.start_forward(positions.past, positions.tokens, regions)
+        if self._regional:
+            self._regions = regions.reshape(-1)
+            decision = positions.decision
+            assert decision is not None
+            self._decision = decision.reshape(-1)
 
     def _open_loop(self, p: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Stands in for MLP p's forward in open-loop mode: the coders' prediction from x."""
@@ -342,7 +322,7 @@ class ReplacementModel:
             if mode == "open-loop":
                 if edits:
                     top_acts, top_indices = apply_interventions(
-                        edits, top_acts, top_indices, self._regions
+                        edits, top_acts, top_indices, self._regions, self._decision
                     )
                 skips = self._skip(p, x.to(self._dtype)) if self._skip is not None else []
                 if direct:
@@ -353,7 +333,9 @@ class ReplacementModel:
                     parts = self._decode(p, top_acts, top_indices)
                     self._accumulate(p, parts + torch.stack(skips, 1) if skips else parts)
             elif edits:
-                edited = apply_interventions(edits, top_acts, top_indices, self._regions)
+                edited = apply_interventions(
+                    edits, top_acts, top_indices, self._regions, self._decision
+                )
                 if direct:  # decode(edited) - decode(clean) = decode(edited) + decode(-clean)
                     self._decode_into_ring(p, *edited, bias=False)
                     self._decode_into_ring(p, -top_acts, top_indices, bias=False)
@@ -493,11 +475,7 @@ class ReplacementModel:
             )
         prompt_length = tokens.shape[1]
         with self._hooked(), self.intervene(interventions):
-            self._generate_prompt_length, self._generate_started = prompt_length, False
-            try:
-                output = self.model.generate(*args, **kwargs)
-            finally:
-                self._generate_prompt_length = None
+            output = self.model.generate(*args, **kwargs)  # the prompt length: SequencePositions
         if self._capture is not None:
             sequences = output if isinstance(output, Tensor) else output.sequences
             self._capture.end_sequence(self._response_stops(sequences, prompt_length, kwargs))

@@ -64,7 +64,8 @@ class AllConfig:
     """Targets per source of that CLT (>= layers: every later layer)."""
     region: str = "decision"
     """Token region of attribute and analyze (`decision`: the positions that predict the
-    response tokens; see `analyze --region`)."""
+    response tokens; see `analyze --region`); steer edits the decision positions with
+    `decision`, every token otherwise."""
     target_features: int = 8
     """Features selected per direction (analyze)."""
     rank_by: str = "goodness"
@@ -119,6 +120,7 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
     recipe = ["--recipe", config.recipe] if config.recipe else []
     limit = ["--limit", str(config.limit)] if config.limit else []
     factors = [float(f) for f in config.factors.split(",") if f.strip()]
+    steer_region = "decision" if config.region == "decision" else "all"  # steer's two regions
     stages = [
         ("capture", ["--model", config.model, *recipe, "--coders", coders, *limit, *device,
                      "--dtype", config.dtype, "--batch-size", str(config.batch_size),
@@ -133,7 +135,7 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
                  "--seed", str(config.seed)]),
         ("steer", ["--coders", coders, "--factors", config.factors, *device,
                    "--bootstrap", str(config.bootstrap), "--seed", str(config.seed),
-                   "--batch-size", str(config.batch_size)]),
+                   "--batch-size", str(config.batch_size), "--region", steer_region]),
     ]  # fmt: skip
     for stage, argv in stages:
         start = time.perf_counter()

@@ -15,9 +15,9 @@ of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
 - `clt_free`: the original model with a `FeatureSteerer` (exact mode) for the same features and
   factor: it should answer as `features` does, without the coders;
 
-against the `baseline` (the original model). Every condition edits all token positions
-(`STEER_REGION`), whichever region `analyze` selected the features on: `FeatureSteerer` and the
-neuron hooks have no token regions, and `Intervention` has none for the decision positions.
+against the `baseline` (the original model). Every condition edits the token positions of
+`--region`: `decision` (default; the last prompt token and every response token, the positions
+`analyze` selects features on by default) or `all`.
 Each condition is scored with the benchmark's official scorer (`score --out` on its own folder)
 and per sample GOOD / BAD with the rules of `DIR/classification.json`; the reported metric is the
 GOOD rate, whose delta to the baseline (and, for `features` / `neurons`, to its random control at
@@ -56,12 +56,10 @@ from benchmarks.stages.map import NEURON_MAP  # noqa: E402
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
 from vlm_sparsify.data import load_rgb  # noqa: E402
 from vlm_sparsify.interventions import Intervention  # noqa: E402
+from vlm_sparsify.positions import check_steer_region  # noqa: E402
 from vlm_sparsify.replacement import ReplacementModel  # noqa: E402
 
 STEERING = "steering.json"
-STEER_REGION = "all"
-"""Token region edited in every condition: `all` is a superset of the `decision` positions that
-analyze selects on, and the only region the CLT-free module and the neuron hooks support."""
 KINDS = ("features", "control", "neurons", "neurons_control", "clt_free")
 CONTROL_OF = {"features": "control", "neurons": "neurons_control"}
 """The random control each steered kind is compared with at the same factor."""
@@ -79,6 +77,9 @@ class SteerConfig:
     """Coder run folder (default: the one capture used)."""
     factors: str = "0,0.5,2,4"
     """Comma-separated scale factors."""
+    region: str = "decision"
+    """Token positions steered in every condition: decision (the last prompt token and every
+    response token) or all."""
     kinds: str = ",".join(KINDS)
     """Comma-separated conditions besides the baseline: features, control, neurons,
     neurons_control, clt_free."""
@@ -160,13 +161,15 @@ def random_control(
     return control
 
 
-def interventions_for(features: Sequence[dict], factor: float) -> list[Intervention]:
-    """One scale intervention per source hookpoint."""
+def interventions_for(
+    features: Sequence[dict], factor: float, region: str = "decision"
+) -> list[Intervention]:
+    """One scale intervention per source hookpoint, on the tokens of `region`."""
     by_source: dict[str, list[int]] = {}
     for feature in features:
         by_source.setdefault(feature["hookpoint"], []).append(feature["feature_idx"])
     return [
-        Intervention("scale", tuple(latents), layers=hookpoint, region=STEER_REGION, value=factor)
+        Intervention("scale", tuple(latents), layers=hookpoint, region=region, value=factor)
         for hookpoint, latents in by_source.items()
     ]
 
@@ -212,6 +215,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     csv_choices(config.kinds, KINDS, "--kinds")  # bad flags fail before the model loads
     csv_choices(config.directions, ("good", "bad"), "--directions")
     parse_factors(config.factors)
+    check_steer_region(config.region)
     result = read_features(out)
     held_out = result.get("split", {}).get("held_out_ids", [])
     if not held_out:
@@ -258,7 +262,10 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     rules = Rules(**json.loads((out / outputs.CLASSIFICATION).read_text())["rules"])
     generated: dict[str, dict[str, Any]] = {}
     for condition in conditions(config, by_direction):
-        setup = _setup(condition, run, replacement, by_direction, control, neurons, neuron_control)
+        setup = _setup(
+            condition, run, replacement, by_direction, control, neurons, neuron_control,
+            config.region,
+        )  # fmt: skip
         if setup is None:
             continue
         folder = out / "steer" / condition.name
@@ -274,7 +281,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     report = _report(generated, config, benchmark, len(items), control)
     report["control_neurons"] = neuron_control
     report["feature_region"] = result.get("parameters", {}).get("region")
-    report["steer_region"] = STEER_REGION
+    report["steer_region"] = config.region
     outputs.write_json(out / STEERING, report)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
@@ -300,28 +307,31 @@ def _setup(
     control: dict[str, list[dict]],
     neurons: dict[str, dict[str, list[int]]],
     neuron_control: dict[str, dict[str, list[int]]],
+    region: str,
 ) -> Setup | None:
     kind, factor = condition.kind, condition.factor
     features = by_direction.get(condition.direction, [])
     spec: dict[str, Any] = {**asdict(condition)}
+    if kind == "baseline":
+        return Setup(None, [], nullcontext, spec)
+    spec["region"] = region  # steered tokens
     match kind:
-        case "baseline":
-            return Setup(None, [], nullcontext, spec)
         case "features" | "control":
             chosen = features if kind == "features" else control[condition.direction]
             spec["features"] = [(f["hookpoint"], f["feature_idx"]) for f in chosen]
-            return Setup(replacement, interventions_for(chosen, factor), nullcontext, spec)
+            edits = interventions_for(chosen, factor, region)
+            return Setup(replacement, edits, nullcontext, spec)
         case "neurons" | "neurons_control":
             chosen = (neurons if kind == "neurons" else neuron_control)[condition.direction]
             if not chosen:
                 return None
             spec["neurons"] = chosen
-            return Setup(None, [], lambda: scale_neurons(run.model, chosen, factor), spec)
+            return Setup(None, [], lambda: scale_neurons(run.model, chosen, factor, region), spec)
         case "clt_free":
             steered = [SteeredFeature(f["hookpoint"], f["feature_idx"], factor) for f in features]
             steerer = FeatureSteerer.from_coders(run.coders, steered)
             spec["features"] = [(f.hookpoint, f.feature_idx) for f in steered]
-            return Setup(None, [], lambda: steerer.attach(run.model), spec)
+            return Setup(None, [], lambda: steerer.attach(run.model, region), spec)
         case other:
             raise ValueError(f"Unknown steering condition '{other}'")
 

@@ -155,7 +155,7 @@ def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_d
         assert {h: len(n) for h, n in control.items()} == {h: len(n) for h, n in mapped.items()}
         assert all(not set(control[h]) & set(mapped[h]) for h in mapped)
     assert all("delta_vs_control" in row for row in report["neurons"])
-    assert report["feature_region"] is None and report["steer_region"] == "all"
+    assert report["feature_region"] is None and report["steer_region"] == "decision"
     assert len(report["control_features"]["good"]) == 2
     for row in report["clt_free"]:  # the CLT-free module answers exactly as the replacement
         assert row["same_responses_as_features"] == 1.0
@@ -170,6 +170,15 @@ def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_d
     run(["easyvqa", "steer", "--out", str(out), "--factors", "0,3", "--bootstrap", "50",
          "--device", "cpu", "--batch-size", "4"])  # fmt: skip
     assert written and {p: p.stat().st_mtime_ns for p in written} == written
+    # steering every token instead: the steered conditions again, the baseline kept
+    run(["easyvqa", "steer", "--out", str(out), "--factors", "3", "--bootstrap", "50",
+         "--device", "cpu", "--batch-size", "4", "--region", "all", "--kinds", "features",
+         "--directions", "good"])  # fmt: skip
+    baseline = out / "steer" / "baseline" / "responses.jsonl"
+    steered = out / "steer" / "good-features-x3" / "responses.jsonl"
+    assert baseline.stat().st_mtime_ns == written[baseline]
+    assert steered.stat().st_mtime_ns != written[steered]
+    assert json.loads((out / "steering.json").read_text())["steer_region"] == "all"
     # coders other than the store's are refused: its feature indices are not theirs
     with torch.no_grad():
         coders.sources[0].encoder.bias.add_(0.01)
@@ -182,3 +191,5 @@ def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
     for flag, value in (("--kinds", "feature"), ("--directions", "up"), ("--factors", "2,x")):
         with pytest.raises(SystemExit, match=f"{flag} '{value}'"):
             run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), flag, value])
+    with pytest.raises(SystemExit, match="Unknown steering region 'response'"):
+        run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--region", "response"])
