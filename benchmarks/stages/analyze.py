@@ -4,7 +4,8 @@ Reads `DIR/store/` (feature store), `DIR/classification.json` (`{"GOOD": [{"id",
 "BAD": [...]}`) and, when present, `DIR/store/attributions.safetensors`; writes
 `DIR/features.json` (selected features, seed's keys plus direction, significance and split) and
 `DIR/feature_stats.npz` (every statistic for every (layer, latent), for plots).
-Only the train split of the samples is used; the held-out ids are listed for `steer`.
+Only the train split of the samples is used; the held-out ids are listed for `steer`. The split
+is by image (each sample's image from `DIR/responses.jsonl`), so no image is on both sides.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 from simple_parsing import ArgumentParser, DashVariant
 
+from benchmarks import outputs
 from benchmarks.influence import (
     BAD,
     GOOD,
@@ -30,10 +32,13 @@ from benchmarks.influence import (
     group_means,
     round_robin,
 )
-from benchmarks.splits import Split, split_ids
+from benchmarks.splits import Split, sample_images, split_ids
 from benchmarks.store import FeatureStore
 
 ATTRIBUTIONS = "attributions.safetensors"
+ANALYSIS_VERSION = 2
+"""Recorded in features.json; raised whenever the split or the statistics change (2: split by
+image), so that an older features.json is recomputed rather than taken as up to date."""
 CHUNK_BINS = 1 << 17
 """Samples per accumulation chunk: about this many / num_latents (bins that fit in cache)."""
 
@@ -64,7 +69,8 @@ class AnalyzeConfig:
     held_out_fraction: float = 0.2
     """Share of samples held out for steering (never used for selection)."""
     split_seed: int = 0
-    """Seed of the hash-based train / held-out split."""
+    """Seed of the hash-based train / held-out split (by image: all samples of an image land on
+    the same side)."""
     force: bool = False
     """Recompute even when features.json is up to date."""
 
@@ -134,7 +140,13 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
             f"no sample of {out / 'classification.json'} is in the feature store {store.path}; "
             "run capture and classify on the same --out"
         )
-    split = split_ids(labelled, config.held_out_fraction, config.split_seed)
+    images = sample_images(outputs.read_jsonl(out / outputs.RESPONSES))
+    split = split_ids(labelled, config.held_out_fraction, config.split_seed, images)
+    if split.group_by != "image" and config.held_out_fraction > 0:
+        print(
+            f"analyze: {sum(s not in images for s in labelled)} samples name no image in "
+            f"{out / outputs.RESPONSES}: each is split on its own (group_by {split.group_by})"
+        )
     train_group = {sample_id: groups[sample_id] for sample_id in split.train}
     n_bad = sum(group == BAD for group in train_group.values())
     if not n_bad or n_bad == len(train_group):
@@ -191,6 +203,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         "split": _split_json(split, groups),
         "parameters": _parameters(config),
         "attribution_region": attribution_region,
+        "analysis_version": ANALYSIS_VERSION,
     }
 
 
@@ -326,13 +339,18 @@ def _up_to_date(target: Path, config: AnalyzeConfig, out: Path) -> bool:
         return False
     inputs = [
         out / "classification.json",
+        out / outputs.RESPONSES,
         out / "store" / "index.jsonl",
         out / "store" / ATTRIBUTIONS,
     ]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     if target.stat().st_mtime <= newest:
         return False
-    return json.loads(target.read_text()).get("parameters") == _parameters(config)
+    recorded = json.loads(target.read_text())
+    return (
+        recorded.get("parameters") == _parameters(config)
+        and recorded.get("analysis_version") == ANALYSIS_VERSION
+    )
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:

@@ -19,7 +19,7 @@ from benchmarks.influence import (
     fisher_exact,
     round_robin,
 )
-from benchmarks.splits import split_ids
+from benchmarks.splits import sample_images, split_ids
 from benchmarks.stages import analyze
 from benchmarks.store import FeatureStore, SampleRecord, StoreMeta
 
@@ -318,6 +318,68 @@ def test_split_is_deterministic_and_order_free():
     again = split_ids(list(reversed(ids)) + ["new"], held_out_fraction=0.25, seed=3)
     assert set(again.held_out) - {"new"} == set(split.held_out)
     assert set(split_ids(ids, 0.25, seed=4).held_out) != set(split.held_out)
+
+
+def test_split_by_image_keeps_each_image_on_one_side():
+    # 400 images with 1 to 10 questions each (POPE asks one question per image in each of its
+    # three splits): the split by sample id would put most images on both sides
+    rng = np.random.default_rng(0)
+    records = [
+        {"id": f"{image}-{question}", "image": f"img{image}.jpg"}
+        for image in range(400)
+        for question in range(int(rng.integers(1, 11)))
+    ]
+    ids = [record["id"] for record in records]
+    images = sample_images(records)
+    split = split_ids(ids, held_out_fraction=0.2, seed=5, groups=images)
+    train_images = {images[sample_id] for sample_id in split.train}
+    held_out_images = {images[sample_id] for sample_id in split.held_out}
+    assert train_images.isdisjoint(held_out_images)
+    assert 0.15 < len(split.held_out) / len(ids) < 0.25
+    assert 0.15 < len(held_out_images) / 400 < 0.25
+    assert split.group_by == "image" and split.n_held_out_groups == len(held_out_images)
+    assert split.to_json()["group_by"] == "image"
+    by_id = split_ids(ids, held_out_fraction=0.2, seed=5)
+    assert by_id.group_by == "sample"
+    assert {images[i] for i in by_id.train} & {images[i] for i in by_id.held_out}
+    # easy-VQA names its images by number; a record naming none is split on its own
+    assert sample_images([{"id": "q1", "image_id": 7}, {"id": "q2"}]) == {"q1": "image_id:7"}
+    assert split_ids(["q1", "q2"], 0.5, groups={"q1": "image_id:7"}).group_by == "mixed"
+
+
+def test_analyze_splits_by_the_images_of_responses_jsonl(tmp_path):
+    rng = np.random.default_rng(3)
+    store = FeatureStore(tmp_path / "store", StoreMeta(["l0"], k=2, num_latents=10))
+    samples, labels, records = [], {"GOOD": [], "BAD": []}, []
+    for i in range(300):
+        indices = torch.from_numpy(np.stack([rng.permutation(10)[:2] for _ in range(3)]))
+        values = torch.ones(3, 1, 2)
+        samples.append((f"s{i}", indices.reshape(3, 1, 2), values, {"response": [(0, 3)]}))
+        labels["GOOD" if i % 3 else "BAD"].append({"id": f"s{i}"})
+        records.append({"id": f"s{i}", "response": "yes", "image": f"im{i // 6}.jpg"})
+    store.append(samples)
+    (tmp_path / "classification.json").write_text(json.dumps(labels))
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    analyze.main(["--out", str(tmp_path), "--held-out-fraction", "0.3"], benchmark="t")
+    split = json.loads((tmp_path / "features.json").read_text())["split"]
+    held_out = set(split["held_out_ids"])
+    image = {r["id"]: r["image"] for r in records}
+    assert split["group_by"] == "image"
+    assert 0 < len(held_out) < 300
+    assert {image[i] for i in held_out}.isdisjoint(image[i] for i in image if i not in held_out)
+    assert split["n_held_out_groups"] == len({image[i] for i in held_out})
+
+
+def test_features_json_of_an_older_analysis_is_recomputed(tmp_path):
+    write_hand_store(tmp_path)
+    run_analyze(tmp_path)
+    target = tmp_path / "features.json"
+    older = json.loads(target.read_text())
+    del older["analysis_version"]  # written before the split by image
+    target.write_text(json.dumps(older))
+    os.utime(target, (1e10, 1e10))
+    run_analyze(tmp_path)
+    assert json.loads(target.read_text())["analysis_version"] == analyze.ANALYSIS_VERSION
 
 
 def test_scores_from_counts_guard_empty_groups():
