@@ -3,7 +3,8 @@
 Shapes: S source layers, L latents per layer, G sample groups (0 = GOOD, 1 = BAD).
 Definitions (docs/benchmarks.md, "Influence analysis"):
 
-- freq: share of the group's samples where the feature fires at least once in the region;
+- freq: share of the group's samples where the feature fires (activation > 0) at least once in
+  the region (stored zero-valued top-k slots are not firing);
 - avg_activation: mean, over the samples where it fires, of the sample's mean activation over
   its firing tokens (each sample weighs the same, however long its region is);
 - goodness = good_freq / (bad_freq + eps) * good_avg; badness = bad_freq / (good_freq + eps) * bad_avg;
@@ -50,7 +51,9 @@ class FiringCounts:
     ) -> None:
         """Add a chunk of C samples.
 
-        indices, values: [R, S, k] active latents and their activations of the chunk's rows;
+        indices, values: [R, S, k] active latents and their activations of the chunk's rows; only
+        values > 0 count: a TopK coder (ReLU, then top-k) stores zero-valued slots with arbitrary
+        indices when fewer than k pre-activations are positive, and those latents did not fire;
         row_sample: [R] which sample (0..C-1) each row belongs to;
         sample_group: [C] the group of each sample (samples with no row still count).
         Works layer by layer on dense C x L bins: keep C x L near 10^5 so they stay in cache.
@@ -61,10 +64,12 @@ class FiringCounts:
         row_offset = (row_sample.astype(np.int64) * num_latents)[:, None]
         membership = (sample_group[None, :] == np.arange(num_groups)[:, None]).astype(np.float64)
         for layer in range(num_layers):
-            keys = (indices[:, layer, :] + row_offset).ravel()
+            layer_values = values[:, layer, :]
+            positive = layer_values > 0
+            keys = (indices[:, layer, :] + row_offset)[positive]
             bins = chunk * num_latents
             tokens = np.bincount(keys, minlength=bins).reshape(chunk, num_latents)
-            sums = np.bincount(keys, weights=values[:, layer, :].ravel(), minlength=bins)
+            sums = np.bincount(keys, weights=layer_values[positive], minlength=bins)
             means = sums.reshape(chunk, num_latents) / np.maximum(tokens, 1)
             # group sums over the chunk's samples as [G, C] @ [C, L] products
             self.fired[:, layer] += np.rint(membership @ (tokens > 0)).astype(np.int64)

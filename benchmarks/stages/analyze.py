@@ -36,9 +36,10 @@ from benchmarks.splits import Split, sample_images, split_ids
 from benchmarks.store import FeatureStore
 
 ATTRIBUTIONS = "attributions.safetensors"
-ANALYSIS_VERSION = 2
+ANALYSIS_VERSION = 3
 """Recorded in features.json; raised whenever the split or the statistics change (2: split by
-image), so that an older features.json is recomputed rather than taken as up to date."""
+image; 3: zero-valued top-k slots do not count as firing), so that an older features.json is
+recomputed rather than taken as up to date."""
 CHUNK_BINS = 1 << 17
 """Samples per accumulation chunk: about this many / num_latents (bins that fit in cache)."""
 

@@ -222,6 +222,29 @@ def test_firing_counts_chunking_does_not_change_results():
     np.testing.assert_array_equal(whole.fired[:, layer, latent], fired)
 
 
+def test_zero_valued_topk_slots_do_not_fire():
+    # ReLU then top-k: with fewer than k positive pre-activations the remaining slots hold 0 at
+    # arbitrary latents (here latent 3 in sample 0 and latents 0, 3 in sample 1)
+    from vlm_sparsify.topk_encoder import encode_topk
+
+    weight, bias = torch.eye(4), torch.full((4,), -1.0)
+    x = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, 2.0, 4.0, 0.0]])
+    acts, idx, _ = encode_topk(x, weight, bias, 3, "topk")
+    assert (acts == 0).any(), "the encoder no longer stores zero slots: rewrite this test"
+    counts = FiringCounts.zeros(1, 4)
+    counts.add(idx.numpy()[:, None, :], acts.numpy()[:, None, :], np.arange(2), np.array([0, 1]))
+    np.testing.assert_array_equal(counts.fired[:, 0], [[1, 0, 0, 0], [0, 1, 1, 0]])
+    np.testing.assert_allclose(counts.act_sum[:, 0], [[2, 0, 0, 0], [0, 1, 3, 0]])
+    # a sample whose latent fires on one token and sits in a zero slot on another: the mean is
+    # over the firing token alone
+    counts = FiringCounts.zeros(1, 4)
+    indices = np.array([[[2, 1]], [[2, 3]]])
+    values = np.array([[[4.0, 1.0]], [[0.0, 0.0]]])
+    counts.add(indices, values, np.array([0, 0]), np.array([0]))
+    np.testing.assert_array_equal(counts.fired[0, 0], [0, 1, 1, 0])
+    np.testing.assert_allclose(counts.act_sum[0, 0], [0.0, 1.0, 4.0, 0.0])
+
+
 def test_fisher_and_bh_match_scipy():
     rng = np.random.default_rng(1)
     a, b = rng.integers(0, 31, 300), rng.integers(0, 21, 300)
