@@ -10,7 +10,9 @@ Definitions (docs/benchmarks.md, "Influence analysis"):
 - goodness = good_freq / (bad_freq + eps) * good_avg; badness = bad_freq / (good_freq + eps) * bad_avg;
 - frequency_ratio = good_freq / (bad_freq + eps); activation_ratio = good_avg / (bad_avg + eps);
 - p_value: two-sided Fisher's exact test on [[good fired, good not], [bad fired, bad not]];
-  q_value: Benjamini-Hochberg adjusted p-values over all features.
+  q_value: Benjamini-Hochberg adjusted p-values over the features that fire in at least one
+  analysed sample (a feature that never fires has p = 1 whatever the labels; it is not tested and
+  gets q = 1).
 """
 
 from __future__ import annotations
@@ -130,8 +132,17 @@ def _log_comb(n: int | np.ndarray, r: int | np.ndarray) -> np.ndarray:
     return gammaln(np.add(n, 1)) - gammaln(np.add(r, 1)) - gammaln(np.subtract(n, r) + 1)
 
 
-def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (q-values), same shape as `p_values`."""
+def benjamini_hochberg(p_values: np.ndarray, tested: np.ndarray | None = None) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values), same shape as `p_values`.
+
+    With `tested` (a bool mask of that shape) only those p-values form the family (m = their
+    count); the others get q = 1.
+    """
+    if tested is not None:
+        q_values = np.ones(np.shape(p_values))
+        mask = np.asarray(tested, dtype=bool)
+        q_values[mask] = benjamini_hochberg(np.asarray(p_values)[mask])
+        return q_values
     flat = np.asarray(p_values, dtype=np.float64).ravel()
     m = flat.size
     order = np.argsort(flat, kind="stable")

@@ -36,9 +36,10 @@ from benchmarks.splits import Split, sample_images, split_ids
 from benchmarks.store import FeatureStore
 
 ATTRIBUTIONS = "attributions.safetensors"
-ANALYSIS_VERSION = 3
+ANALYSIS_VERSION = 4
 """Recorded in features.json; raised whenever the split or the statistics change (2: split by
-image; 3: zero-valued top-k slots do not count as firing), so that an older features.json is
+image; 3: zero-valued top-k slots do not count as firing; 4: Benjamini-Hochberg over the
+features that fire), so that an older features.json is
 recomputed rather than taken as up to date."""
 CHUNK_BINS = 1 << 17
 """Samples per accumulation chunk: about this many / num_latents (bins that fit in cache)."""
@@ -126,7 +127,8 @@ def main(argv: list[str], benchmark: str) -> None:
     print(
         f"analyze: {result['selected_features_count']} features from "
         f"{result['total_good_samples']} GOOD / {result['total_bad_samples']} BAD train samples, "
-        f"{sum(f['significant'] for f in result['features'])} significant at FDR {config.fdr}, "
+        f"{sum(f['significant'] for f in result['features'])} significant at FDR {config.fdr} "
+        f"(of {result['features_tested']} features that fire), "
         f"{len(counts)} layers; {time.perf_counter() - start:.1f} s -> {target}"
     )
 
@@ -163,7 +165,8 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         counts.fired[BAD],
         int(counts.n_samples[BAD]),
     )
-    stats["q_value"] = benjamini_hochberg(stats["p_value"])
+    tested = (counts.fired[GOOD] + counts.fired[BAD]) >= 1
+    stats["q_value"] = benjamini_hochberg(stats["p_value"], tested)
     attributions = out / "store" / ATTRIBUTIONS
     attribution_region = None
     if attributions.exists():
@@ -198,6 +201,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         "total_good_samples": int(counts.n_samples[GOOD]),
         "total_bad_samples": int(counts.n_samples[BAD]),
         "total_features_analyzed": int(counts.fired[0].size),
+        "features_tested": int(tested.sum()),
         "selected_features_count": len(features),
         "layer_distribution": distribution,
         "features": features,

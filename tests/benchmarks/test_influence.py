@@ -255,6 +255,33 @@ def test_fisher_and_bh_match_scipy():
     np.testing.assert_allclose(benjamini_hochberg(p), false_discovery_control(p), rtol=1e-12)
 
 
+def test_fdr_family_is_the_features_that_fire(tmp_path):
+    # 200 latents, of which only 0-5 ever fire: BH corrects over those 6, not over 200
+    rng = np.random.default_rng(4)
+    store = FeatureStore(tmp_path / "store", StoreMeta(["l0"], k=2, num_latents=200))
+    samples, labels = [], {"GOOD": [], "BAD": []}
+    for i in range(40):
+        good = i % 2 == 0
+        first = 0 if good and i % 5 < 2 else 1  # latent 0: 8 of 20 GOOD, no BAD
+        indices = torch.tensor([[[first, 2 + int(rng.integers(4))]]])
+        samples.append((f"s{i}", indices, torch.ones(1, 1, 2), {"response": [(0, 1)]}))
+        labels["GOOD" if good else "BAD"].append({"id": f"s{i}"})
+    store.append(samples)
+    (tmp_path / "classification.json").write_text(json.dumps(labels))
+    result = run_analyze(tmp_path)
+    stats = np.load(tmp_path / "feature_stats.npz")
+    fired = (stats["good_freq"] + stats["bad_freq"])[0] > 0
+    assert fired.sum() == 6 and result["features_tested"] == 6
+    assert result["total_features_analyzed"] == 200
+    np.testing.assert_allclose(
+        stats["q_value"][0, fired], false_discovery_control(stats["p_value"][0, fired])
+    )
+    assert (stats["q_value"][0, ~fired] == 1).all()
+    # over all 200 latents latent 0 would not be significant at 0.05 (p * 200 > 0.05 * 1)
+    assert stats["p_value"][0, 0] * 200 > 0.05 > stats["q_value"][0, 0]
+    assert result["features"][0]["feature_idx"] == 0 and result["features"][0]["significant"]
+
+
 def test_round_robin_balances_layers():
     rng = np.random.default_rng(2)
     scores = rng.random((5, 40))
