@@ -70,7 +70,7 @@ class AllConfig:
     """Features selected per direction (analyze)."""
     rank_by: str = "goodness"
     """analyze's ranking: goodness (the seed's frequency x activation score) or attribution
-    (activation x gradient of the answer's logit difference)."""
+    (activation x gradient of the answer's logit difference, mean over GOOD minus over BAD)."""
     factors: str = "0,0.5,2,4"
     """Steering factors (map uses the largest as its amplification factor)."""
     bootstrap: int = 1000

@@ -36,10 +36,10 @@ from benchmarks.splits import Split, sample_images, split_ids
 from benchmarks.store import FeatureStore
 
 ATTRIBUTIONS = "attributions.safetensors"
-ANALYSIS_VERSION = 4
+ANALYSIS_VERSION = 5
 """Recorded in features.json; raised whenever the split or the statistics change (2: split by
 image; 3: zero-valued top-k slots do not count as firing; 4: Benjamini-Hochberg over the
-features that fire), so that an older features.json is
+features that fire; 5: --rank-by attribution ranks GOOD minus BAD attribution), so that an older features.json is
 recomputed rather than taken as up to date."""
 CHUNK_BINS = 1 << 17
 """Samples per accumulation chunk: about this many / num_latents (bins that fit in cache)."""
@@ -61,7 +61,8 @@ class AnalyzeConfig:
     direction: Literal["good", "bad", "both"] = "both"
     """Select features that fire more in GOOD samples, in BAD samples, or both lists."""
     rank_by: Literal["goodness", "attribution"] = "goodness"
-    """Rank by goodness / badness score, or by mean attribution (needs attributions)."""
+    """Rank by goodness / badness score, or by mean attribution over GOOD minus over BAD samples
+    (good features; the reverse for bad ones; needs attributions)."""
     eps: float = 0.01
     """Added to the denominators of the ratios (a share of samples)."""
     fdr: float = 0.05
@@ -257,9 +258,15 @@ def attribution_stats(
 def select_features(
     stats: dict[str, np.ndarray], config: AnalyzeConfig
 ) -> dict[str, list[tuple[int, int]]]:
-    """Round-robin selection per direction; a feature belongs to the direction it scores higher in."""
+    """Round-robin selection per direction; a feature belongs to the direction it scores higher in.
+
+    Keys: goodness / badness score, or with `rank_by` attribution the mean attribution over GOOD
+    samples minus that over BAD samples (good) and its negative (bad)."""
     if config.rank_by == "attribution":
-        good_key, bad_key = stats["attribution"], -stats["attribution"]
+        # GOOD minus BAD: the attribution pushes towards what the model said, right or wrong, so
+        # a feature that supports every answer alike is neither good nor bad
+        good_key = stats["attribution_good"] - stats["attribution_bad"]
+        bad_key = -good_key
     else:
         good_key, bad_key = stats["goodness_score"], stats["badness_score"]
     allowed = stats["q_value"] <= config.fdr if config.significant_only else True
@@ -306,6 +313,8 @@ def _feature_json(
         "p_value",
         "q_value",
         "attribution",
+        "attribution_good",
+        "attribution_bad",
     ):
         if name in stats:
             feature[name] = float(stats[name][position, latent])

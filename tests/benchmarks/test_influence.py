@@ -168,13 +168,17 @@ def test_flags_not_given_keep_the_recorded_parameters(tmp_path, capsys):
 
 def test_attribution_ranking(tmp_path):
     write_hand_store(tmp_path)
-    # activation x gradient per (sample, layer position, latent); absent entries are 0
+    # activation x gradient per (sample, layer position, latent); absent entries are 0. Samples
+    # g1, g2 are GOOD, b1, b2 BAD. Layer 7 latent 2 supports the answer alike in g1 and b1
+    # (pooled mean 0.2, the largest at layer 7, but GOOD - BAD = 0); layer 4 latent 1 supports
+    # GOOD answers only (0.2); layer 7 latent 3 too, less (0.1); layer 7 latent 0 and layer 4
+    # latent 3 support the BAD answers (0.3, 0.5).
     save_file(
         {
-            "sample": np.array([0, 1, 2, 3, 0], dtype=np.int64),
-            "layer": np.array([1, 1, 1, 0, 0], dtype=np.int64),
-            "latent": np.array([2, 2, 0, 3, 1], dtype=np.int64),
-            "value": np.array([0.4, 0.2, -0.6, -1.0, 0.1], dtype=np.float32),
+            "sample": np.array([0, 2, 0, 1, 1, 2, 3], dtype=np.int64),
+            "layer": np.array([1, 1, 0, 0, 1, 1, 0], dtype=np.int64),
+            "latent": np.array([2, 2, 1, 1, 3, 0, 3], dtype=np.int64),
+            "value": np.array([0.4, 0.4, 0.2, 0.2, 0.2, 0.6, 1.0], dtype=np.float32),
         },
         str(tmp_path / "store" / "attributions.safetensors"),
         metadata={"ids": json.dumps(["g1", "g2", "b1", "b2"]), "region": "response"},
@@ -184,11 +188,14 @@ def test_attribution_ranking(tmp_path):
     with pytest.raises(SystemExit, match="attribute --region decision --force"):
         run_analyze(tmp_path, "--rank-by", "attribution", "--region", "decision")
     picked = {(f["direction"], f["layer"], f["feature_idx"]): f for f in result["features"]}
-    assert set(picked) == {("good", 4, 1), ("good", 7, 2), ("bad", 4, 3), ("bad", 7, 0)}
-    assert picked[("good", 7, 2)]["attribution"] == pytest.approx((0.4 + 0.2) / 4)
+    assert set(picked) == {("good", 4, 1), ("good", 7, 3), ("bad", 4, 3), ("bad", 7, 0)}
+    assert picked[("good", 4, 1)]["attribution"] == pytest.approx(0.4 / 4)
+    assert picked[("good", 4, 1)]["attribution_good"] == pytest.approx(0.2)
+    assert picked[("bad", 7, 0)]["attribution_bad"] == pytest.approx(0.3)
     stats = np.load(tmp_path / "feature_stats.npz")
-    assert stats["attribution_good"][1, 2] == pytest.approx(0.3)
-    assert stats["attribution_bad"][0, 3] == pytest.approx(-0.5)
+    assert stats["attribution"][1, 2] == pytest.approx(0.2)  # pooled: it would rank first
+    assert stats["attribution_good"][1, 2] == stats["attribution_bad"][1, 2] == pytest.approx(0.2)
+    assert stats["attribution_bad"][0, 3] == pytest.approx(0.5)
 
 
 def test_firing_counts_chunking_does_not_change_results():
