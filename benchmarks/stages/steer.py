@@ -6,8 +6,9 @@ of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
 
 - `features`: the replacement model in error mode, the direction's features scaled at their
   source (every target layer follows);
-- `control`: as many random features, each from the same source layer as the one it stands for,
-  drawn (seeded) among the latents that fired in the analysed samples, scaled the same way;
+- `control`: as many random features, each from the same source layer as the one it stands for
+  and matched on firing frequency (drawn, seeded, among the few latents that fired in the analysed
+  samples with the frequency closest to its own), scaled the same way;
 - `neurons`: the original model with the direction's mapped MLP neurons (`DIR/neuron_map.json`)
   scaled at the `down_proj` input;
 - `neurons_control`: as many random neurons per target MLP as `neurons` scales there, drawn
@@ -134,11 +135,22 @@ def parse_factors(text: str) -> list[float]:
 
 
 def random_control(
-    features: Sequence[dict], num_latents: int, seed: int, alive: np.ndarray | None = None
+    features: Sequence[dict],
+    num_latents: int,
+    seed: int,
+    frequency: np.ndarray | None = None,
+    nearest: int = 5,
 ) -> list[dict]:
     """One random latent per feature from the same source hookpoint, distinct and never one of the
-    selected latents there. With `alive` (`[S, L]` bool, indexed by the feature's `source`
-    position), drawn among the latents that fired in the analysed samples when any are left."""
+    selected latents there.
+
+    With `frequency` (`[S, L]` firing frequency in the analysed samples, good_freq + bad_freq of
+    feature_stats.npz, indexed by the feature's `source` position), matched on it: drawn among the
+    `nearest` latents that fired (frequency > 0) and are still free whose frequency is closest to
+    the feature's (ties: lower index first), so that the control fires about as often as the
+    feature it stands for; each control records its `frequency` and the feature's
+    (`feature_frequency`). Without it, or when no fired latent is left, drawn uniformly among the
+    free latents of the hookpoint."""
     rng = np.random.default_rng(seed)
     selected: dict[str, set[int]] = {}
     for feature in features:
@@ -147,17 +159,27 @@ def random_control(
     control = []
     for feature in features:
         hookpoint = feature["hookpoint"]
-        pool = np.arange(num_latents)
-        if alive is not None and "source" in feature:
-            living = np.flatnonzero(alive[feature["source"]])
-            if len(set(living.tolist()) - taken[hookpoint]) > 0:
-                pool = living
-        pool = np.array(sorted(set(pool.tolist()) - taken[hookpoint]))
-        if len(pool) == 0:
+        free = np.array(sorted(set(range(num_latents)) - taken[hookpoint]), dtype=np.int64)
+        if len(free) == 0:
             raise ValueError(f"no latent left at {hookpoint} for the random control")
+        matched: dict[str, float] = {}
+        pool = free
+        if frequency is not None and "source" in feature:
+            layer_frequency = frequency[feature["source"]]
+            living = free[layer_frequency[free] > 0]
+            if len(living):
+                target = float(layer_frequency[feature["feature_idx"]])
+                distance = np.abs(layer_frequency[living] - target)
+                pool = living[np.argsort(distance, kind="stable")[:nearest]]
         latent = int(rng.choice(pool))
+        if frequency is not None and "source" in feature:
+            layer_frequency = frequency[feature["source"]]
+            matched = {
+                "frequency": float(layer_frequency[latent]),
+                "feature_frequency": float(layer_frequency[feature["feature_idx"]]),
+            }
         taken[hookpoint].add(latent)
-        control.append({**feature, "feature_idx": latent, "direction": feature["direction"]})
+        control.append({**feature, "feature_idx": latent, **matched})
     return control
 
 
@@ -239,9 +261,9 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         for d in directions
     }
     replacement = ReplacementModel(run.model, run.coders, mode="error")
-    alive = _alive_latents(out)
+    frequency = _firing_frequency(out)
     control = {
-        d: random_control(fs, replacement.num_latents, config.seed + i, alive)
+        d: random_control(fs, replacement.num_latents, config.seed + i, frequency)
         for i, (d, fs) in enumerate(by_direction.items())
     }
     neuron_map = _read_neuron_map(out, config)
@@ -380,13 +402,14 @@ def _official_metrics(benchmark: str, folder: Path, out: Path) -> dict | None:
     return json.loads((folder / outputs.METRICS).read_text())
 
 
-def _alive_latents(out: Path) -> np.ndarray | None:
-    """`[S, L]` latents that fired in some analysed sample (feature_stats.npz), if present."""
+def _firing_frequency(out: Path) -> np.ndarray | None:
+    """`[S, L]` good_freq + bad_freq of the analysed samples (feature_stats.npz), if present."""
     path = out / "feature_stats.npz"
     if not path.exists():
+        print(f"steer: no {path}; the random control is drawn without matching firing frequency")
         return None
     stats = np.load(path)
-    return (stats["good_freq"] > 0) | (stats["bad_freq"] > 0)
+    return stats["good_freq"] + stats["bad_freq"]
 
 
 def _read_neuron_map(out: Path, config: SteerConfig) -> list[dict] | None:
@@ -435,7 +458,17 @@ def _report(
         **{kind: [] for kind in KINDS},
         "control_features": {
             d: [
-                {"layer": f["layer"], "feature_idx": f["feature_idx"], "hookpoint": f["hookpoint"]}
+                {
+                    key: f[key]
+                    for key in (
+                        "layer",
+                        "feature_idx",
+                        "hookpoint",
+                        "frequency",
+                        "feature_frequency",
+                    )
+                    if key in f
+                }
                 for f in fs
             ]  # fmt: skip
             for d, fs in control.items()

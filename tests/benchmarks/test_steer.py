@@ -50,21 +50,45 @@ def test_random_control_keeps_count_and_layers_and_avoids_the_features() -> None
         {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 4, "direction": "good"},
         {"layer": 2, "hookpoint": "h2", "source": 1, "feature_idx": 3, "direction": "good"},
     ]
-    alive = np.zeros((2, 50), dtype=bool)
-    alive[0, [3, 4, 10, 11, 12]] = True
-    alive[1, 20:30] = True
-    control = random_control(features, 50, seed=0, alive=alive)
+    frequency = np.zeros((2, 50))
+    frequency[0, [3, 4, 10, 11, 12]] = 0.5
+    frequency[1, 20:30] = 0.5
+    control = random_control(features, 50, seed=0, frequency=frequency, nearest=10)
     assert [c["hookpoint"] for c in control] == ["h0", "h0", "h2"]
     assert [c["layer"] for c in control] == [0, 0, 2]
     assert {control[0]["feature_idx"], control[1]["feature_idx"]} <= {10, 11, 12}
     assert control[0]["feature_idx"] != control[1]["feature_idx"]
     assert 20 <= control[2]["feature_idx"] < 30
-    assert control == random_control(features, 50, seed=0, alive=alive)
-    assert control != random_control(features, 50, seed=5, alive=alive)
+    assert control == random_control(features, 50, seed=0, frequency=frequency, nearest=10)
+    assert control != random_control(features, 50, seed=5, frequency=frequency, nearest=10)
     without = random_control(features, 50, seed=0)
     assert all(c["feature_idx"] not in (3, 4) for c in without[:2])
     [first, second] = interventions_for(control, 2.0)
     assert first.layers == "h0" and len(first.features) == 2 and first.value == 2.0
+
+
+def test_random_control_is_matched_on_firing_frequency() -> None:
+    # layer 0: latents 0-199 fire with frequency latent / 200; the selected features are a rare
+    # one (latent 7, 0.035) and a frequent one (latent 190, 0.95)
+    frequency = np.stack([np.arange(200) / 200, np.zeros(200)])
+    features = [
+        {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 7, "direction": "good"},
+        {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 190, "direction": "bad"},
+    ]
+    drawn = {0: set(), 1: set()}
+    for seed in range(20):
+        control = random_control(features, 200, seed=seed, frequency=frequency, nearest=5)
+        for i, (feature, chosen) in enumerate(zip(features, control, strict=True)):
+            target = frequency[0, feature["feature_idx"]]
+            assert abs(chosen["frequency"] - target) <= 3 / 200  # among the 5 nearest: +-3
+            assert chosen["feature_frequency"] == target
+            assert chosen["frequency"] == frequency[0, chosen["feature_idx"]]
+            assert chosen["feature_idx"] not in (7, 190)
+            drawn[i].add(chosen["feature_idx"])
+    assert len(drawn[0]) > 1 and len(drawn[1]) > 1  # still random among the nearest
+    # latent 0 never fired: never a control, though as near to latent 1 (0.005) as latent 2 is
+    rare = [{**features[0], "feature_idx": 1}]
+    assert random_control(rare, 200, seed=0, frequency=frequency, nearest=1)[0]["feature_idx"] == 2
 
 
 def test_steering_plot_points_are_measured_factors_only() -> None:
