@@ -230,10 +230,13 @@ def _report(counters: dict[str, float], items: dict[str, int], mode: str) -> dic
     amber_score = None
     if generative and discriminative:
         amber_score = round((100 - generative["CHAIR"] + discriminative["overall"]["f1"]) / 2, 2)
+    missing = [d for d in _PREFIX if not items.get(d)] if discriminative else []
     return {
         "generative": generative,
         "discriminative": discriminative or None,
         "amber_score": amber_score,
+        "partial": bool(missing),
+        "missing_dimensions": missing,
         "mode": mode,
         "items": items,
     }
@@ -252,6 +255,14 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"{dimension.capitalize():<11} {values}")
     if result["amber_score"] is not None:
         lines.append(f"AMBER score: {result['amber_score']}")
+    if result["partial"]:
+        lines.append(
+            f"Partial: no {', '.join(result['missing_dimensions'])} items, so Overall"
+            + (" and the AMBER score cover" if result["amber_score"] is not None else " covers")
+            + " only the discriminative dimensions above (the official script prints them only "
+            "when existence, attribute and relation are all evaluated; not comparable to "
+            "published numbers)"
+        )
     return "\n".join(lines)
 
 
@@ -305,4 +316,6 @@ def main(argv: list[str], benchmark: str = "amber") -> None:
         write_json(Path(args.out) / METRICS, result)
     if result["mode"] != "official" and result["generative"]:
         print("note: generative metrics use the offline word-matching fallback", file=sys.stderr)
+    if result["partial"] and args.json:
+        print(format_report(result).splitlines()[-1], file=sys.stderr)
     print(json.dumps(result, indent=2) if args.json else format_report(result))

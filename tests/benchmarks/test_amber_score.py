@@ -5,7 +5,7 @@ import pytest
 from benchmarks.__main__ import run
 from benchmarks.amber import items as amber
 from benchmarks.amber.lexicon import OfflineLexicon, load_lexicon
-from benchmarks.amber.score import judge_caption, normalize_answer, score
+from benchmarks.amber.score import format_report, judge_caption, normalize_answer, score
 from tests.benchmarks import shared_data
 
 
@@ -167,6 +167,24 @@ def test_amber_score_combines_chair_and_f1(data: dict) -> None:
     f1 = result["discriminative"]["overall"]["f1"]
     assert f1 == 66.6  # P 1/2.001 -> 50.0, R 1/1.001 -> 99.9
     assert result["amber_score"] == round((100 - 33.3 + 66.6) / 2, 2)
+    # existence and state only: overall and the AMBER score are flagged partial
+    assert result["partial"] is True
+    assert result["missing_dimensions"] == ["number", "action", "relation"]
+    assert "Partial: no number, action, relation items" in format_report(result)
+
+
+def test_all_discriminative_dimensions_are_not_partial(data: dict) -> None:
+    first = {}
+    for annotation in data["annotations"]:
+        if annotation["type"] != "generative":
+            dimension = amber.dimension_of(annotation["type"])
+            first.setdefault(dimension, {"id": annotation["id"], "response": "Yes"})
+    assert len(first) == 5
+    result = _score(data, list(first.values()))
+    assert result["partial"] is False and result["missing_dimensions"] == []
+    assert "Partial" not in format_report(result)
+    only_captions = _score(data, [{"id": 1, "response": CAPTION_1}])
+    assert only_captions["partial"] is False and only_captions["discriminative"] is None
 
 
 def test_offline_lexicon() -> None:
