@@ -1,5 +1,10 @@
-"""Score easy-VQA responses: yes/no the POPE way (its parser and metrics), open questions by exact answer, captions the
-AMBER way (CHAIR / Cover / Hal over the closed colour + shape vocabulary).
+"""Score easy-VQA responses: yes/no the POPE way (its parser and metrics), open questions by exact
+answer, captions with AMBER-like CHAIR / Cover / Hal over the closed colour + shape vocabulary.
+
+Unlike AMBER, whose CHAIR counts every noun occurrence of a caption (a hallucinated word said
+twice counts twice), a caption here counts each vocabulary word once (`mentioned_words` is a
+set), so CHAIR = distinct hallucinated words / distinct mentioned words, summed over captions;
+Cover and Hal are the same either way.
 
 `python -m benchmarks easyvqa score --responses FILE [--json]`; FILE is JSONL `{"id", "response"}`
 with ids from `benchmarks.easyvqa.items.load_items`. Items without a response are not scored.
@@ -42,8 +47,9 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
 
 def caption_metrics(responses: Sequence[str], truths: Sequence[Iterable[str]]) -> dict[str, float]:
-    """AMBER's generative metrics: CHAIR = hallucinated / mentioned words (summed over captions),
-    Cover = truth words mentioned / truth words, Hal = share of captions with a hallucination."""
+    """AMBER-like generative metrics over each caption's distinct vocabulary words (AMBER counts
+    occurrences): CHAIR = hallucinated / mentioned distinct words (summed over captions), Cover =
+    truth words mentioned / truth words, Hal = share of captions with a hallucination."""
     mentioned = hallucinated = covered = truth_total = with_hallucination = 0
     for response, truth in zip(responses, truths, strict=True):
         words, truth_set = mentioned_words(response), set(truth)

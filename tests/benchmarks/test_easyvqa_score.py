@@ -73,6 +73,9 @@ def test_captions_scored_the_amber_way():
     assert metrics["chair"] == pytest.approx(2 / 6)
     assert metrics["cover"] == pytest.approx(4 / 6)
     assert metrics["hal"] == pytest.approx(1 / 3)
+    # as documented, each caption counts a word once (AMBER would count "green" twice: 2 / 3)
+    repeated = caption_metrics(["a green circle, a green one."], [("blue", "circle")])
+    assert repeated["chair"] == pytest.approx(1 / 2)
 
 
 def test_cli_scores_a_responses_file(tmp_path, capsys):
