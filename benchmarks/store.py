@@ -9,7 +9,9 @@ Layout of a store folder (see `docs/internals.md`, "Feature store"):
 
 Append-only and crash-safe: a shard is written under a temporary name, fsynced and renamed; its
 index lines are appended (flush + fsync) only afterwards. A shard that no index line names (a
-crash between the rename and the index append) is ignored and overwritten by the next append.
+crash between the rename and the index append) is ignored and overwritten by the next append;
+an unterminated last index line (a torn append) is ignored and truncated by the next append,
+while any other unreadable index line, or a truncated shard, is an error naming the file.
 One writer per store at a time.
 """
 
@@ -122,16 +124,17 @@ class Shard:
         self.path = path
         self.records = records
         self._meta = meta
-        raw = np.memmap(path, dtype=np.uint8, mode="r")
-        header_len = int.from_bytes(bytes(raw[:8]), "little")
-        header = json.loads(bytes(raw[8 : 8 + header_len]))
-        body = 8 + header_len
-        self._arrays: dict[str, np.ndarray] = {}
-        for name in ("indices", "values"):
-            info = header[name]
-            a, b = info["data_offsets"]
-            dtype = _NUMPY_STORAGE[info["dtype"]]
-            self._arrays[name] = raw[body + a : body + b].view(dtype).reshape(info["shape"])
+        try:
+            self._arrays = _read_shard(path)
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise ValueError(f"feature store shard {path} cannot be read ({err})") from err
+        rows = self.num_rows
+        for record in records:
+            if record.stop > rows:
+                raise ValueError(
+                    f"feature store shard {path} holds {rows} rows, but index.jsonl puts "
+                    f"sample '{record.id}' at rows {record.start}..{record.stop}"
+                )
 
     @property
     def num_rows(self) -> int:
@@ -158,6 +161,29 @@ class Shard:
         if self._meta.value_dtype == "bfloat16":
             values = values.view(torch.bfloat16)
         return Sample(record.id, indices, values, record.regions)
+
+
+def _read_shard(path: Path) -> dict[str, np.ndarray]:
+    """`indices` and `values` of a shard file as memory maps; a truncated or corrupt file raises."""
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    if len(raw) < 8:
+        raise ValueError(f"{len(raw)} bytes, too short for a safetensors header")
+    header_len = int.from_bytes(bytes(raw[:8]), "little")
+    if 8 + header_len > len(raw):
+        raise ValueError(f"its header claims {header_len} bytes, the file has {len(raw)}")
+    header = json.loads(bytes(raw[8 : 8 + header_len]))
+    body = 8 + header_len
+    arrays: dict[str, np.ndarray] = {}
+    for name in ("indices", "values"):
+        info = header[name]
+        a, b = info["data_offsets"]
+        if body + b > len(raw):
+            raise ValueError(
+                f"truncated: '{name}' ends at byte {body + b}, the file has {len(raw)} bytes"
+            )
+        dtype = _NUMPY_STORAGE[info["dtype"]]
+        arrays[name] = raw[body + a : body + b].view(dtype).reshape(info["shape"])
+    return arrays
 
 
 # safetensors dtype tag -> numpy dtype of the raw bytes (bf16 read as its int16 bit pattern)
@@ -209,25 +235,33 @@ class FeatureStore:
         return self.path / "index.jsonl"
 
     def records(self) -> list[SampleRecord]:
-        """Every stored sample's record, in the order written (a torn last line is ignored)."""
+        """Every stored sample's record, in the order written.
+
+        A last line without its newline is a torn append (a crash): it is ignored, as the next
+        append truncates it. Any other line that is not a record is an error naming the line.
+        """
         if self._records is None:
             self._records = []
             if self.index_path.exists():
-                for line in self.index_path.read_text().splitlines():
-                    try:
-                        data = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    regions = {
-                        name: [tuple(span) for span in spans]
-                        for name, spans in data["regions"].items()
-                    }
-                    self._records.append(
-                        SampleRecord(
-                            data["id"], data["shard"], data["start"], data["stop"], regions
-                        )
-                    )
+                text = self.index_path.read_text()
+                lines = text.split("\n")
+                lines.pop()  # after the last newline: "" or the torn line
+                for number, line in enumerate(lines, start=1):
+                    self._records.append(self._parse_record(line, number))
         return self._records
+
+    def _parse_record(self, line: str, number: int) -> SampleRecord:
+        try:
+            data = json.loads(line)
+            regions = {
+                name: [tuple(span) for span in spans] for name, spans in data["regions"].items()
+            }
+            return SampleRecord(data["id"], data["shard"], data["start"], data["stop"], regions)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"{self.index_path}:{number}: not a sample record ({type(err).__name__}: {err}); "
+                "only a torn last line (no newline) is skipped"
+            ) from None
 
     def ids(self) -> list[str]:
         """Ids already stored (a resumed capture skips these)."""

@@ -103,6 +103,52 @@ def test_torn_index_line_is_dropped(tmp_path):
     assert_same(FeatureStore(tmp_path / "store").load("b"), b)
 
 
+def test_a_torn_last_line_whose_json_is_whole_is_dropped_too(tmp_path):
+    # the crash cut just the newline: the next append truncates the line, so it is not a sample
+    store = make_store(tmp_path / "store")
+    a, b = topk_sample("a", 4, 65536, 4, seed=0), topk_sample("b", 4, 65536, 4, seed=1)
+    store.append([a, b])
+    index = store.index_path.read_text()
+    store.index_path.write_text(index.rstrip("\n"))
+    reopened = FeatureStore(tmp_path / "store")
+    assert reopened.ids() == ["a"]
+    assert reopened.append([b]) == 1
+    assert FeatureStore(tmp_path / "store").ids() == ["a", "b"]
+
+
+@pytest.mark.parametrize("bad", ["{not json", '{"id": "x"}', "", "[1, 2]"])
+def test_a_bad_index_line_before_the_last_is_an_error_naming_it(tmp_path, bad):
+    store = make_store(tmp_path / "store")
+    a, b = topk_sample("a", 4, 65536, 4, seed=0), topk_sample("b", 4, 65536, 4, seed=1)
+    store.append([a])
+    store.append([b])
+    first, second = store.index_path.read_text().splitlines()
+    for lines in ([bad, first, second], [first, second, bad]):  # complete lines, newline-ended
+        store.index_path.write_text("".join(line + "\n" for line in lines))
+        line = lines.index(bad) + 1
+        with pytest.raises(ValueError, match=f"index.jsonl:{line}: not a sample record"):
+            FeatureStore(tmp_path / "store").ids()
+
+
+def test_a_truncated_shard_is_an_error_naming_it(tmp_path):
+    store = make_store(tmp_path / "store")
+    store.append([topk_sample("a", 4, 65536, 4, seed=0)])
+    store.append([topk_sample("b", 40, 65536, 4, seed=1)])
+    path = store.shard_path(1)
+    whole = path.read_bytes()
+    for size in (len(whole) - 100, 300, 5, 0):
+        path.write_bytes(whole[:size])
+        reopened = FeatureStore(tmp_path / "store")
+        with pytest.raises(ValueError, match=r"shard .*00001\.safetensors cannot be read"):
+            list(reopened)
+        with pytest.raises(ValueError, match=r"00001\.safetensors"):
+            reopened.load("b")
+    assert FeatureStore(tmp_path / "store").load("a").id == "a"
+    path.write_bytes(store.shard_path(0).read_bytes())  # a whole shard, but too short for b
+    with pytest.raises(ValueError, match=r"00001\.safetensors holds 4 rows.*'b' at rows 0..40"):
+        FeatureStore(tmp_path / "store").load("b")
+
+
 def test_bytes_per_active_feature(tmp_path):
     k = 32
     store = make_store(tmp_path / "store", num_latents=8192, k=k)
