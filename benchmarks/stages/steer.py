@@ -22,7 +22,8 @@ against the `baseline` (the original model). Every condition edits the token pos
 Each condition is scored with the benchmark's official scorer (`score --out` on its own folder)
 and per sample GOOD / BAD with the rules of `DIR/classification.json`; the reported metric is the
 GOOD rate, whose delta to the baseline (and, for `features` / `neurons`, to its random control at
-the same factor) gets a paired bootstrap interval over samples.
+the same factor) gets a paired bootstrap interval that resamples whole images (the held-out split
+is by image, and one image's samples are not independent).
 Writes `DIR/steer/<condition>/` (responses, official file, metrics), `DIR/steering.json` and
 `DIR/plots/steering.png`; a condition whose folder is complete is not generated again.
 """
@@ -53,6 +54,7 @@ from benchmarks.bootstrap import paired_bootstrap  # noqa: E402
 from benchmarks.generation import generate_batch  # noqa: E402
 from benchmarks.neuron_map import random_neurons, scale_neurons  # noqa: E402
 from benchmarks.runs import Run, load_run, read_features  # noqa: E402
+from benchmarks.splits import sample_images  # noqa: E402
 from benchmarks.stages.map import NEURON_MAP  # noqa: E402
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
 from vlm_sparsify.data import load_rgb  # noqa: E402
@@ -283,6 +285,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     items = items[: config.limit]
     rules = Rules(**json.loads((out / outputs.CLASSIFICATION).read_text())["rules"])
     generated: dict[str, dict[str, Any]] = {}
+    images: dict[str, str] = {}
     for condition in conditions(config, by_direction):
         setup = _setup(
             condition, run, replacement, by_direction, control, neurons, neuron_control,
@@ -292,6 +295,8 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             continue
         folder = out / "steer" / condition.name
         records = _generate(folder, items, run, setup, config, adapter)
+        if condition.kind == "baseline":
+            images = sample_images(records)
         verdicts = adapter.classify(run.data, records, rules)
         generated[condition.name] = {
             "condition": condition,
@@ -300,7 +305,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "official": _official_metrics(benchmark, folder, out),
             "n_features": len(by_direction.get(condition.direction, [])),
         }
-    report = _report(generated, config, benchmark, len(items), control)
+    report = _report(generated, config, benchmark, len(items), control, images)
     report["control_neurons"] = neuron_control
     report["feature_region"] = result.get("parameters", {}).get("region")
     report["steer_region"] = config.region
@@ -427,15 +432,19 @@ def _report(
     benchmark: str,
     n_items: int,
     control: dict[str, list[dict]],
+    images: dict[str, str],
 ) -> dict:
     base = generated["baseline"]
     ids = list(base["good"])
     base_scores = [base["good"][i] for i in ids]
+    # whole images are resampled: the held-out split is by image, and one image's samples are
+    # not independent (a sample without an image is a group of its own)
+    groups = [images.get(i, f"id:{i}") for i in ids]
 
     def delta(scores: dict[str, float], reference: list[float]) -> dict:
         treated = [scores[i] for i in ids]
         return paired_bootstrap(
-            reference, treated, config.bootstrap, config.confidence, config.seed
+            reference, treated, config.bootstrap, config.confidence, config.seed, groups
         ).to_json()
 
     report: dict[str, Any] = {
@@ -449,6 +458,8 @@ def _report(
             "confidence": config.confidence,
             "seed": config.seed,
             "paired": True,
+            "resampled": "images",
+            "groups": len(set(groups)),
         },  # fmt: skip
         "baseline": {
             "good_rate": float(np.mean(base_scores)) if ids else 0.0,
@@ -506,7 +517,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"steer {report['benchmark']}: {report['held_out_samples']} held-out samples, metric "
         f"GOOD rate, baseline {base['good_rate']:.3f}; deltas with "
-        f"{report['bootstrap']['confidence']:.0%} paired bootstrap intervals",
+        f"{report['bootstrap']['confidence']:.0%} paired bootstrap intervals over "
+        f"{report['bootstrap'].get('groups', base['n'])} images",
         f"{'condition':<26}{'factor':>7}{'rate':>8}{'delta':>9}  {'interval':<19}{'changed':>8}"
         f"  {'vs control':<26}",
     ]

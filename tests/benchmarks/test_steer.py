@@ -44,6 +44,29 @@ def test_paired_bootstrap_covers_the_true_delta_with_the_normal_width() -> None:
         paired_bootstrap([1.0, 0.0], [1.0])
 
 
+def test_bootstrap_by_image_resamples_whole_images() -> None:
+    """40 images of 10 samples whose change is the same within an image: the samples are 40
+    independent draws, not 400, so the interval is about sqrt(10) times as wide."""
+    rng = np.random.default_rng(0)
+    per_image = (rng.random(40) < 0.3).astype(float)
+    differences = np.repeat(per_image, 10)
+    images = [f"img{i // 10}" for i in range(400)]
+    baseline = np.zeros(400)
+    by_sample = paired_bootstrap(baseline, differences, n_resamples=2000, seed=1)
+    by_image = paired_bootstrap(baseline, differences, n_resamples=2000, seed=1, groups=images)
+    assert by_image.delta == by_sample.delta == pytest.approx(per_image.mean())
+    ratio = (by_image.high - by_image.low) / (by_sample.high - by_sample.low)
+    assert 2.5 < ratio < 4.0
+    normal_width = 2 * 1.96 * per_image.std() / np.sqrt(40)
+    assert 0.8 * normal_width < by_image.high - by_image.low < 1.2 * normal_width
+    # one sample per image is the sample-level bootstrap, draw for draw
+    assert paired_bootstrap(baseline, differences, 500, groups=[str(i) for i in range(400)]) == (
+        paired_bootstrap(baseline, differences, 500)
+    )
+    with pytest.raises(ValueError, match="3 group keys for 400 samples"):
+        paired_bootstrap(baseline, differences, groups=images[:3])
+
+
 def test_random_control_keeps_count_and_layers_and_avoids_the_features() -> None:
     features = [
         {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 3, "direction": "good"},
@@ -166,6 +189,10 @@ def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_d
          "--device", "cpu", "--batch-size", "4"])  # fmt: skip
     report = json.loads((out / "steering.json").read_text())
     assert report["baseline"]["n"] == 4 and report["held_out_samples"] == 4
+    # intervals resample the held-out images (easy-VQA records name their image_id)
+    images = {json.loads(line)["image_id"] for line in (out / "responses.jsonl").open()
+              if json.loads(line)["id"] in ids[:4]}  # fmt: skip
+    assert report["bootstrap"]["groups"] == len(images) and report["bootstrap"]["resampled"]
     names = {
         row["name"]
         for kind in ("features", "control", "neurons", "neurons_control", "clt_free")
