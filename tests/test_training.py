@@ -81,6 +81,35 @@ def test_checkpoints_load_and_resume_is_exact(
         assert [ours.n_targets(p) for p in range(3)] == [3, 2, 1]
 
 
+def test_checkpoints_wait_for_the_optimizer_step_so_resume_is_exact(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys
+):
+    # --save_every 3 falls mid-accumulation with --grad_acc_steps 2: the save waits for step 4
+    extra = ("--transcode", "true", "--save_every", "3", "--grad_acc_steps", "2")
+    run(cli(tiny_llava_dir, tmp_path, "whole", *extra))
+    original = training.Trainer.train_on_batch
+    calls = {"n": 0}
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(training.Trainer, "train_on_batch", interrupted)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        run(cli(tiny_llava_dir, tmp_path, "split", *extra))
+    assert "interrupted at step 5: the checkpoint of step 4 is in" in capsys.readouterr().err
+    monkeypatch.setattr(training.Trainer, "train_on_batch", original)
+    assert torch.load(tmp_path / "split" / "state.pt", weights_only=True)["global_step"] == 4
+    run(cli(tiny_llava_dir, tmp_path, "split", *extra, "--resume", "true"))
+    whole = weights(tmp_path / "whole")
+    for hook, tensors in weights(tmp_path / "split").items():
+        for key, value in tensors.items():
+            assert torch.equal(value, whole[hook][key]), (hook, key)
+
+
 def test_finetune_loads_by_hookpoint_name_and_names_what_differs(tmp_path, tiny_llava_dir):
     layers02 = ("--transcode", "true", "--layers", "0", "2", "--max_examples", "8")
     run(cli(tiny_llava_dir, tmp_path, "src", *layers02))

@@ -382,7 +382,8 @@ class Trainer:
     schedulers: list[Any]
     state: TrainingState = field(default_factory=TrainingState)
     checkpoint: Any = None
-    """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps and at the end."""
+    """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps (at the first
+    optimizer step from there, with `grad_acc_steps` > 1) and at the end."""
     on_step: Any = None
     """`on_step(trainer, metrics)` after every step that trained (W&B logging)."""
     saved_step: int | None = None
@@ -576,6 +577,7 @@ class Trainer:
         pbar = tqdm(
             desc="Training", total=total, initial=self.state.batches_seen, disable=not rank_zero
         )
+        save_due = False
         for batch in batches:
             metrics = self.train_on_batch(batch)
             pbar.update()
@@ -584,9 +586,15 @@ class Trainer:
             step = self.state.global_step
             if self.on_step and metrics:
                 self.on_step(self, metrics)
-            if self.checkpoint and metrics and step % self.cfg.save_every == 0:
+            if not (self.checkpoint and metrics):
+                continue
+            save_due = save_due or step % self.cfg.save_every == 0
+            # mid-accumulation, part of the gradient sits in .grad, which a checkpoint does not
+            # hold: a due save waits for the optimizer step (a resumed run then matches bit for bit)
+            if save_due and step % self.cfg.grad_acc_steps == 0:
                 self.checkpoint(self)
                 self.saved_step = step
+                save_due = False
         pbar.close()
         if self.state.global_step == 0:
             skipped = len(self.state.skipped)
