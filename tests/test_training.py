@@ -160,6 +160,33 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+def test_diverged_weights_are_never_saved_over_the_last_good_checkpoint(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    # the update of step 2 overflows the weights; the loss is still finite until step 3's forward
+    real_step = training.Trainer.train_on_batch
+
+    def diverging(self, batch):
+        metrics = real_step(self, batch)
+        if self.state.global_step == 2:
+            with torch.no_grad():
+                next(self.coders.parameters()).fill_(float("inf"))
+        return metrics
+
+    monkeypatch.setattr(training.Trainer, "train_on_batch", diverging)
+    argv = cli(tiny_llava_dir, tmp_path, "nan", "--transcode", "true", "--save_every", "1")
+    monkeypatch.setattr(sys, "argv", ["vlm_sparsify", *argv])
+    with pytest.raises(
+        SystemExit,
+        match=r"error: non-finite coder weights after step 2 .*, not saved; the checkpoint of "
+        r"step 1 is untouched .*--finetune RUN_FOLDER",
+    ):
+        main()
+    assert torch.load(tmp_path / "nan" / "state.pt", weights_only=True)["global_step"] == 1
+    for tensors in weights(tmp_path / "nan").values():
+        assert all(torch.isfinite(t).all() for t in tensors.values())
+
+
 def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
     for flags, message in [
         (["--k", "0"], "--k must be >= 1, got 0"),

@@ -410,6 +410,28 @@ class Trainer:
             return "no checkpoint was written yet"
         return f"the checkpoint of step {self.saved_step} is untouched (--resume continues it)"
 
+    def _non_finite_hint(self) -> str:
+        """What to do after a NaN stop (--resume keeps the saved --lr, so it is not that)."""
+        if self.saved_step is None:
+            return "Start again with a lower --lr or --dtype float32."
+        return (
+            "To go on with a lower --lr or --dtype float32, start a new run from that "
+            "checkpoint: --finetune RUN_FOLDER --run_name NEW_NAME."
+        )
+
+    def _check_finite_weights(self) -> None:
+        """Before a checkpoint: an update that made a weight NaN or infinite is never written
+        over the last good checkpoint (every process checks, so all stop together)."""
+        bad = [n for n, p in self.coders.named_parameters() if not bool(torch.isfinite(p).all())]
+        device = next(self.coders.parameters()).device
+        if float(_all_sum(torch.tensor(float(len(bad)), device=device))) == 0:
+            return
+        shown = f" ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})" if bad else ""
+        raise NonFiniteLossError(
+            f"non-finite coder weights after step {self.state.global_step}{shown}, not saved; "
+            f"{self._checkpoint_note()}. {self._non_finite_hint()}"
+        )
+
     def _positions_hint(self) -> str:
         """Which flags choose the training positions, with their values."""
         cfg = self.cfg
@@ -500,7 +522,7 @@ class Trainer:
             ]
             raise NonFiniteLossError(
                 f"non-finite FVU at step {state.global_step} (batch {state.batches_seen - 1}) "
-                f"for {bad}; {self._checkpoint_note()}. Try a lower --lr or float32."
+                f"for {bad}; {self._checkpoint_note()}. {self._non_finite_hint()}"
             )
         state.tokens_seen += n_tokens
         for counts, idx in zip(state.tokens_since_fired, indices, strict=True):
@@ -563,8 +585,8 @@ class Trainer:
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"non-finite end-to-end {self.cfg.loss_fn} at step {self.state.global_step} "
-                f"(batch {self.state.batches_seen - 1}); {self._checkpoint_note()}. Try a lower "
-                "--lr or float32."
+                f"(batch {self.state.batches_seen - 1}); {self._checkpoint_note()}. "
+                f"{self._non_finite_hint()}"
             )
         if loss.requires_grad:
             loss.div(acc_steps).backward()
@@ -592,6 +614,7 @@ class Trainer:
             # mid-accumulation, part of the gradient sits in .grad, which a checkpoint does not
             # hold: a due save waits for the optimizer step (a resumed run then matches bit for bit)
             if save_due and step % self.cfg.grad_acc_steps == 0:
+                self._check_finite_weights()
                 self.checkpoint(self)
                 self.saved_step = step
                 save_due = False
@@ -608,6 +631,7 @@ class Trainer:
                 + "; check DATASET, --max_examples and --tokens"
             )
         if self.checkpoint:
+            self._check_finite_weights()
             self.checkpoint(self)
             self.saved_step = self.state.global_step
 
