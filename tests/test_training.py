@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -573,6 +574,24 @@ def test_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path, ti
         run([str(tmp_path / "other_model"), *resume])
     with pytest.raises(FileNotFoundError, match="cannot resume: .*none/config.json does not"):
         run(["--save_dir", str(tmp_path), "--run_name", "none", "--resume", "true"])
+
+
+def test_resume_never_takes_trust_remote_code_from_disk(tmp_path):
+    from vlm_sparsify.__main__ import RunConfig, apply_saved_settings, parse_run_config
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    args, given = parse_run_config(["--save_dir", str(tmp_path), "--run_name", "r"])
+    saved = {**json.loads(json.dumps(asdict(args), default=str)), "trust_remote_code": True}
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    resumed, given = parse_run_config(["--save_dir", str(tmp_path), "--run_name", "r", "--resume"])
+    apply_saved_settings(resumed, run_dir, given)
+    assert isinstance(resumed, RunConfig) and resumed.trust_remote_code is False
+    again, given = parse_run_config(
+        ["--save_dir", str(tmp_path), "--run_name", "r", "--resume", "--trust_remote_code", "true"]
+    )
+    apply_saved_settings(again, run_dir, given)
+    assert again.trust_remote_code is True  # the command line still may
 
 
 def test_a_new_run_does_not_replace_an_existing_one_unless_told(tmp_path, tiny_llava_dir, capsys):

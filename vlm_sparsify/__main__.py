@@ -326,6 +326,9 @@ RESUME_MAY_CHANGE = (
 )  # fmt: skip
 """Flags a resumed run may pass with another value than its config.json (docs/checkpoints.md)."""
 
+NEVER_FROM_DISK = ("trust_remote_code",)
+"""Flags a resumed run never takes from config.json: only the command line enables them."""
+
 POSITIONALS = ("model", "dataset")
 
 HOOKPOINT_FLAGS = ("hookpoints", "layers", "layer_stride")
@@ -353,7 +356,9 @@ def _as_saved(value: Any) -> Any:
 
 def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dict[str, Any]:
     """`--resume`: flags not given take the run's saved values; a given flag that contradicts
-    its saved value is an error (but those of RESUME_MAY_CHANGE). Returns the saved config."""
+    its saved value is an error (but those of RESUME_MAY_CHANGE). NEVER_FROM_DISK flags keep
+    their command-line value (a config.json cannot turn on remote code). Returns the saved
+    config."""
     path = run_dir / RUN_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
@@ -364,7 +369,8 @@ def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dic
     conflicts = []
     for key, value in flat.items():
         target = args.sae if hasattr(args.sae, key) else args
-        if key in ("resume", "overwrite", *HOOKPOINT_FLAGS) or not hasattr(target, key):
+        skipped = ("resume", "overwrite", *HOOKPOINT_FLAGS, *NEVER_FROM_DISK)
+        if key in skipped or not hasattr(target, key):
             continue
         current = getattr(target, key)
         if key not in given:
