@@ -201,6 +201,27 @@ def test_mismatched_checkpoints_name_the_file_and_fix(tmp_path: Path) -> None:
         load_coders(tmp_path / "nowhere")
 
 
+def test_unreadable_files_are_one_error_naming_the_file(tmp_path: Path) -> None:
+    for coders in (
+        trained_like_clt(cross_layer=2),
+        PerLayerCoders(HOOKS, D, SparseCoderConfig(num_latents=LATENTS, k=K)),
+    ):
+        save_coders(coders, tmp_path / "run")
+        weights = tmp_path / "run" / HOOKS[1] / "sae.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        with pytest.raises(ValueError, match=rf"cannot read {weights}: it is not a readable"):
+            load_coders(tmp_path / "run")
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run")
+    cfg_path = tmp_path / "run" / HOOKS[2] / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "k": LATENTS + 1}))
+    with pytest.raises(CheckpointError, match=rf"{cfg_path}: k 33 must be between 1 and .* 32"):
+        load_coders(tmp_path / "run")
+    cfg_path.write_text('{"d_in": 8,')
+    with pytest.raises(ValueError, match=rf"{cfg_path} is not valid JSON: Expecting"):
+        load_coders(tmp_path / "run")
+
+
 def test_shape_mismatch_is_named(tmp_path: Path) -> None:
     clt = trained_like_clt(cross_layer=1)
     save_coders(clt, tmp_path / "run")

@@ -36,6 +36,12 @@ def llava15_processor(recipe) -> LlavaProcessor:
     )
 
 
+def test_a_malformed_metadata_row_is_named(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n\n{"file_name": \n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl, line 3: not valid JSON"):
+        folder_examples(tmp_path, "What is it?")
+
+
 def test_long_question_keeps_all_576_image_tokens(tmp_path, llava_recipe):
     processor = llava15_processor(llava_recipe)
     image = make_image(tmp_path / "photo.png", size=(336, 336))

@@ -213,10 +213,13 @@ def test_bad_input_ends_in_one_line(tmp_path: Path) -> None:
     import sys
 
     command = [sys.executable, "-m", "vlm_sparsify.fidelity"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{truncated")
     for args, message in (
         ([str(tmp_path / "nothing")], "error: no checkpoint folder"),
         ([str(tmp_path), "--limit", "0"], "error: --limit must be at least 1, got 0"),
         ([str(tmp_path), "--plot", str(tmp_path / "no" / "x.png")], "error: --plot"),
+        ([str(tmp_path / "run")], f"error: {tmp_path / 'run' / 'config.json'} is not valid JSON"),
     ):
         done = subprocess.run([*command, *args], capture_output=True, text=True)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr

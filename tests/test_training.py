@@ -198,7 +198,8 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--save_every", "0"], "--save_every must be >= 1"),
         (["--grad_acc_steps", "0"], "--grad_acc_steps must be >= 1"),
         (["--micro_acc_steps", "0"], "--micro_acc_steps must be >= 1"),
-        (["--lr", "-1"], "--lr must be > 0, got -1"),
+        (["--lr", "-1"], "--lr must be > 0 and within float32's range .*, got -1"),
+        (["--lr", "1e39"], "--lr must be > 0 and within float32's range .at most 3.4e.38., got 1e"),
         (["--max_examples", "-5"], "--max_examples must be >= 1, got -5"),
         (["--max_examples", "0"], "--max_examples must be >= 1, got 0"),
         (["--ctx_len", "0"], "--ctx_len must be >= 1"),
@@ -592,6 +593,30 @@ def test_resume_never_takes_trust_remote_code_from_disk(tmp_path):
     )
     apply_saved_settings(again, run_dir, given)
     assert again.trust_remote_code is True  # the command line still may
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, tiny_llava_dir, monkeypatch):
+    import shutil
+
+    run(cli(tiny_llava_dir, tmp_path, "good", "--max_examples", "8"))
+    for name, damage in [
+        ("state.pt", "truncate"),
+        ("optimizer_0.pt", "truncate"),
+        ("train_params.safetensors", "truncate"),
+        ("config.json", "{not json"),
+    ]:
+        shutil.rmtree(tmp_path / "bad", ignore_errors=True)
+        shutil.copytree(tmp_path / "good", tmp_path / "bad")
+        path = tmp_path / "bad" / name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if damage == "truncate" else damage.encode())
+        argv = ["--save_dir", str(tmp_path), "--run_name", "bad", "--resume", "true"]
+        monkeypatch.setattr(sys, "argv", ["vlm_sparsify", *argv])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        message = str(stop.value.code)
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert str(path) in message, message
 
 
 def test_a_new_run_does_not_replace_an_existing_one_unless_told(tmp_path, tiny_llava_dir, capsys):

@@ -8,6 +8,7 @@ embedded offline default: the tiny easy-VQA LLaVA shipped with the package, on e
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from argparse import Action
@@ -42,6 +43,7 @@ from vlm_sparsify.cross_layer import (
 )
 from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examples
 from vlm_sparsify.end_to_end import check_end_to_end
+from vlm_sparsify.files import read_json
 from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
@@ -225,8 +227,13 @@ def check_values(args: RunConfig) -> None:
     for flag, (value, least) in minimum.items():
         if value < least:
             raise ValueError(f"{flag} must be >= {least}, got {value}")
-    if args.lr is not None and not 0 < args.lr < float("inf"):
-        raise ValueError(f"--lr must be > 0, got {args.lr} (leave it out for sparsify's default)")
+    # the optimizers hold it in float32: 1e39 overflows to inf there, 1e-46 is 0
+    if args.lr is not None and not 0 < float(torch.tensor(args.lr, dtype=torch.float32)) < math.inf:
+        raise ValueError(
+            f"--lr must be > 0 and within float32's range (at most "
+            f"{torch.finfo(torch.float32).max:.3g}), got {args.lr} (leave it out for sparsify's "
+            "default)"
+        )
 
 
 def check_device(name: str) -> None:
@@ -364,7 +371,7 @@ def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dic
         raise FileNotFoundError(
             f"cannot resume: {path} does not exist; run without --resume to start anew"
         )
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     flat = {**{k: v for k, v in saved.items() if k != "sae"}, **saved.get("sae", {})}
     conflicts = []
     for key, value in flat.items():

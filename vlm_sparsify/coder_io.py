@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 from natsort import natsorted
-from safetensors import safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from sparsify import SparseCoder, SparseCoderConfig
 from torch import Tensor
 
 from .cross_layer import CLTSource, CrossLayerTranscoder, n_sources_per_target, n_targets_per_source
+from .files import open_safetensors, read_json, unreadable
 from .per_layer import PerLayerCoders
 from .sharded_clt import ShardedCLT
 
@@ -244,7 +245,9 @@ def _read_cfgs(
             f"{run_dir} holds no <hookpoint>/{CFG_FILE}; pass a run folder written by "
             "vlm_sparsify, sparsify or clt-training (not the save_dir above it)"
         )
-    cfgs = {f.name: json.loads((f / CFG_FILE).read_text()) for f in folders}
+    cfgs = {f.name: read_json(f / CFG_FILE) for f in folders}
+    for name, cfg in cfgs.items():
+        _check_cfg(run_dir / name / CFG_FILE, cfg)
     for name in cfgs:
         if not (run_dir / name / WEIGHTS_FILE).exists():
             raise CheckpointError(
@@ -264,6 +267,20 @@ def _read_cfgs(
             "these coders were trained on another model"
         )
     return order, cfgs
+
+
+def _check_cfg(path: Path, cfg: Any) -> None:
+    """One cfg.json's own consistency: a JSON object with d_in, and k within the latents."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("d_in"), int):
+        raise CheckpointError(f"{path} is not a coder's cfg.json (no integer 'd_in')")
+    k, latents = cfg.get("k"), cfg.get("num_latents") or 0
+    if not latents and isinstance(cfg.get("expansion_factor"), int):
+        latents = cfg["d_in"] * cfg["expansion_factor"]
+    if isinstance(k, int) and isinstance(latents, int) and latents and not 0 < k <= latents:
+        raise CheckpointError(
+            f"{path}: k {k} must be between 1 and the coder's {latents} latents; the file is "
+            "damaged or was edited: re-save the checkpoint"
+        )
 
 
 def read_clt_tensors(
@@ -288,7 +305,7 @@ def read_clt_tensors(
     out = {}
     for p, keys in wanted.items():
         path = run_dir / order[p] / WEIGHTS_FILE
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device) as f:
             offsets = [k for k in f.keys() if k.startswith("post_enc")]  # noqa: SIM118
             if any(f.get_tensor(k).any() for k in offsets):
                 raise CheckpointError(
@@ -322,6 +339,8 @@ def _load_per_layer(
     for name in order:
         try:
             coder = SparseCoder.load_from_disk(run_dir / name, device=device)
+        except SafetensorError as err:
+            raise unreadable(run_dir / name / WEIGHTS_FILE, "safetensors file", err) from None
         except (RuntimeError, KeyError, TypeError) as err:
             raise CheckpointError(
                 f"{run_dir / name / WEIGHTS_FILE} does not match its {CFG_FILE}: {err}; "
@@ -379,7 +398,7 @@ def _load_clt(
         clt = CrossLayerTranscoder(order, first["d_in"], cfg, cross_layer)
     for name, source in clt.items():
         path = run_dir / name / WEIGHTS_FILE
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with open_safetensors(path, device) as f:
             state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
         _prepare_clt_state(path, source, state, cfgs[name])
         for key, tensor in state.items():

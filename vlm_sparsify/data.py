@@ -84,12 +84,25 @@ def easyvqa_examples(split: str = "train") -> list[Example]:
     ]
 
 
+def _jsonl_rows(path: Path) -> list[Any]:
+    """The rows of a JSON-lines file; a malformed one is an error naming the file and line."""
+    rows = []
+    with path.open() as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from None
+    return rows
+
+
 def folder_examples(folder: Path, question: str) -> list[Example]:
     """Images in `folder` described by `metadata.jsonl` or `metadata.csv` (`file_name` column,
     plus `text` or `question` / `answer` columns), as in Hugging Face's imagefolder."""
     if (folder / "metadata.jsonl").is_file():
-        with (folder / "metadata.jsonl").open() as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = _jsonl_rows(folder / "metadata.jsonl")
     elif (folder / "metadata.csv").is_file():
         with (folder / "metadata.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))

@@ -17,12 +17,13 @@ from typing import Literal
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from .cli import run_cli
 from .coder_io import Coders, load_coders, replace_dir
 from .cross_layer import CrossLayerTranscoder
+from .files import load_safetensors
 from .per_layer import fraction_of_variance_unexplained
 
 ThresholdMethod = Literal["feature", "layer"]
@@ -199,7 +200,7 @@ def export_circuit_tracer(
 def _load_calibration(
     path: Path, hookpoints: list[str]
 ) -> tuple[list[Tensor], list[Tensor] | None]:
-    tensors = load_file(str(path))
+    tensors = load_safetensors(path)
     missing = [h for h in hookpoints if f"inputs.{h}" not in tensors]
     if missing:
         raise ValueError(

@@ -42,6 +42,7 @@ from vlm_sparsify.data import (
     image_token_id,
     open_examples,
 )
+from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import Recipe, find_recipe
 from vlm_sparsify.replacement import Decoder, ReplacementModel
@@ -328,7 +329,7 @@ def _response(tokens: Tensor, prompt_length: int, pad_id: int) -> Tensor:
 def _run_config(run: Path) -> dict[str, Any]:
     check_run_dir(run)  # before the model loads
     path = run / RUN_CONFIG_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from sparsify import SparseCoder
 from torch import Tensor
 
@@ -32,6 +33,7 @@ from vlm_sparsify.coder_io import (
     replace_dir,
     write_clt_source,
 )
+from vlm_sparsify.files import read_json
 from vlm_sparsify.sharded_clt import ShardedCLT
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
 from vlm_sparsify.sharding import ShardedCoders
@@ -147,7 +149,7 @@ def read_sharded_training_state(run_dir: Path, trainer: Trainer) -> None:
             f"cannot resume: {run_dir} has no {shard.name}: it was not written by a "
             f"--distribute_modules run of at least {clt.rank + 1} processes"
         )
-    saved = json.loads(shard.read_text())
+    saved = read_json(shard)
     if saved["owners"] != clt.owners:
         raise ValueError(
             f"cannot resume {run_dir}: it was sharded over {saved['world_size']} processes and "
@@ -167,7 +169,7 @@ def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
             try:
                 saved = SparseCoder.load_from_disk(Path(run_dir) / hookpoint, device="cpu")
                 coders.coder(p).load_state_dict(saved.state_dict())
-            except (FileNotFoundError, RuntimeError, KeyError) as err:
+            except (FileNotFoundError, RuntimeError, KeyError, SafetensorError) as err:
                 raise CheckpointError(
                     f"{run_dir}: cannot fine-tune {hookpoint} from it ({err}); pass a run of "
                     "per-layer coders of these hookpoints and width"

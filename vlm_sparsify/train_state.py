@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from vlm_sparsify.files import load_safetensors, load_torch
 from vlm_sparsify.training import Trainer, TrainingState
 from vlm_sparsify.training_plot import plot_trainer
 
@@ -60,7 +61,7 @@ def read_training_state(run_dir: Path, trainer: Trainer, prefix: str = "") -> No
             f"cannot resume: {run_dir} has no {STATE_FILE}; run without --resume to start anew"
         )
     device = next(trainer.coders.parameters()).device
-    params = load_file(str(run_dir / f"{prefix}{PARAMS_FILE}"), device=str(device))
+    params = load_safetensors(run_dir / f"{prefix}{PARAMS_FILE}", device)
     expected = trainer.coders.state_dict()
     mismatched = sorted(
         k
@@ -73,17 +74,9 @@ def read_training_state(run_dir: Path, trainer: Trainer, prefix: str = "") -> No
             f"(first differing tensors: {mismatched[:4]}); use the same flags or a new --run_name"
         )
     trainer.coders.load_state_dict(params)
-    state: dict[str, Any] = torch.load(run_dir / STATE_FILE, map_location=device, weights_only=True)
+    state: dict[str, Any] = load_torch(run_dir / STATE_FILE, map_location=device)
     trainer.state = TrainingState.from_dict(state)
     for i, opt in enumerate(trainer.optimizers):
-        opt.load_state_dict(
-            torch.load(
-                run_dir / f"{prefix}optimizer_{i}.pt", map_location=device, weights_only=True
-            )
-        )
+        opt.load_state_dict(load_torch(run_dir / f"{prefix}optimizer_{i}.pt", device))
     for i, scheduler in enumerate(trainer.schedulers):
-        scheduler.load_state_dict(
-            torch.load(
-                run_dir / f"{prefix}lr_scheduler_{i}.pt", map_location=device, weights_only=True
-            )
-        )
+        scheduler.load_state_dict(load_torch(run_dir / f"{prefix}lr_scheduler_{i}.pt", device))

@@ -1,0 +1,69 @@
+"""Reading a run's files: one that is truncated, corrupt or not what it should be is one error
+naming it (what the command-line tools print as their one line), never a loader's traceback."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+
+class UnreadableFileError(ValueError):
+    """A file that exists but cannot be read: truncated, corrupt, or not of its format."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def unreadable(path: str | Path, what: str, err: BaseException) -> UnreadableFileError:
+    """The error for `path`, which is not readable as `what`."""
+    return UnreadableFileError(
+        f"cannot read {path}: it is not a readable {what} (truncated or corrupt? "
+        f"{_first_line(err)})"
+    )
+
+
+def read_json(path: str | Path) -> Any:
+    """`path`'s JSON; malformed JSON is an error naming the file and the place."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UnreadableFileError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_torch(path: str | Path, map_location: Any = None) -> Any:
+    """`torch.load(path, weights_only=True)`: only tensors and plain data, never code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, OSError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        if not Path(path).is_file():
+            raise
+        raise unreadable(path, "torch file", err) from None
+
+
+def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Every tensor of a .safetensors file."""
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as err:
+        raise unreadable(path, "safetensors file", err) from None
+
+
+@contextmanager
+def open_safetensors(path: str | Path, device: str | torch.device = "cpu") -> Iterator[Any]:
+    """`safe_open(path)`, its errors (on opening or reading a tensor) naming the file."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            yield f
+    except SafetensorError as err:
+        raise unreadable(path, "safetensors file", err) from None
