@@ -20,6 +20,7 @@ MODULES = {
     "vlm_sparsify.fidelity": "--mode",
     "vlm_sparsify.bench": "--gpu",
     "vlm_sparsify.export": "circuit-tracer",
+    "vlm_sparsify.hub": "REPO",
 }
 
 

@@ -339,6 +339,45 @@ def test_hub_copy_loads_with_sparsify_load_many(tmp_path, tiny_llava_dir):
         torch.testing.assert_close(loaded[hook](x).sae_out, ours[hook](x).sae_out, rtol=0, atol=0)
 
 
+def test_a_failed_upload_is_one_line_and_the_run_can_be_pushed_later(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys
+):
+    import vlm_sparsify.hub as hub
+
+    class Offline:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo, exist_ok=False):
+            raise ConnectionError(f"[Errno 101] Network is unreachable (token {self.token})")
+
+    monkeypatch.setattr(hub, "HfApi", Offline)
+    argv = cli(tiny_llava_dir, tmp_path, "up", "--max_examples", "8", "--push_to_hub", "me/up",
+               "--hf_token", "hf_secret")  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["vlm_sparsify", *argv])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    message = str(stop.value.code)
+    run_dir = tmp_path / "up"
+    assert message.startswith(f"error: the run is saved in {run_dir}, but uploading it to me/up")
+    assert f"`python -m vlm_sparsify.hub {run_dir} me/up`" in message
+    assert "hf_secret" not in message and "\n" not in message
+    assert (run_dir / "state.pt").is_file()
+
+    uploaded = {}
+
+    class Online(Offline):
+        def create_repo(self, repo, exist_ok=False):
+            uploaded["repo"] = repo
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns):
+            uploaded.update(folder=folder_path, ignored=ignore_patterns)
+
+    monkeypatch.setattr(hub, "HfApi", Online)
+    assert hub.main([str(run_dir), "me/up"]) == "https://huggingface.co/me/up"
+    assert uploaded == {"repo": "me/up", "folder": str(run_dir), "ignored": hub.TRAINING_ONLY}
+
+
 def test_export_calibrates_on_the_runs_own_model_and_data(tmp_path, tiny_llava_dir):
     from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 

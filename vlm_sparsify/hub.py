@@ -1,11 +1,20 @@
-"""Share a run on the Hugging Face Hub in the layout sparsify's `SparseCoder.load_many` reads."""
+"""Share a run on the Hugging Face Hub in the layout sparsify's `SparseCoder.load_many` reads.
+
+`python -m vlm_sparsify.hub RUN REPO` uploads a finished run (what `--push_to_hub REPO` does at
+the end of training), with the token of HF_TOKEN or `huggingface-cli login`.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
 from pathlib import Path
 
 from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
+
+from vlm_sparsify.cli import run_cli
+from vlm_sparsify.coder_io import check_run_dir
 
 TRAINING_ONLY = [
     "state.pt",
@@ -17,6 +26,10 @@ TRAINING_ONLY = [
 """Resume-only files a shared copy leaves out (optimizer state is large and private)."""
 
 
+class HubUploadError(OSError):
+    """The upload failed (no network, no permission, ...); the run folder is as it was."""
+
+
 def hub_files(run_dir: Path) -> list[str]:
     """Relative paths `push_to_hub` uploads, chosen by huggingface_hub's own filter."""
     files = sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob("*") if p.is_file())
@@ -24,8 +37,41 @@ def hub_files(run_dir: Path) -> list[str]:
 
 
 def push_to_hub(run_dir: Path, repo: str, token: str | None = None) -> str:
-    """Upload coders, cfg.json files, config.json and summary.json; returns the repo URL."""
-    api = HfApi(token=token)
-    api.create_repo(repo, exist_ok=True)
-    api.upload_folder(repo_id=repo, folder_path=str(run_dir), ignore_patterns=TRAINING_ONLY)
+    """Upload coders, cfg.json files, config.json and summary.json; returns the repo URL. Any
+    failure is one HubUploadError saying the run is saved and how to upload it later (the
+    token never appears in it)."""
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(repo_id=repo, folder_path=str(run_dir), ignore_patterns=TRAINING_ONLY)
+    except Exception as err:  # whatever went wrong, the run on disk is intact
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        if token:
+            text = text.replace(token, "***")
+        raise HubUploadError(
+            f"the run is saved in {run_dir}, but uploading it to {repo} failed "
+            f"({type(err).__name__}: {text}); upload it later with "
+            f"`python -m vlm_sparsify.hub {run_dir} {repo}` (token: HF_TOKEN or "
+            "`huggingface-cli login`)"
+        ) from None
     return f"https://huggingface.co/{repo}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    """`python -m vlm_sparsify.hub RUN REPO`: upload a finished run folder."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_sparsify.hub",
+        description="Upload a run folder (coders, configs, summary; no optimizer state) to a "
+        "Hub repository, with the token of HF_TOKEN or `huggingface-cli login`.",
+    )
+    parser.add_argument("run", type=Path, metavar="RUN", help="the run folder (SAVE_DIR/RUN_NAME)")
+    parser.add_argument("repo", metavar="REPO", help="the Hub repository, e.g. user/my-coders")
+    args = parser.parse_args(argv)
+    check_run_dir(args.run)
+    url = push_to_hub(args.run, args.repo, os.environ.get("HF_TOKEN"))
+    print(f"Uploaded {args.run} to {url}")
+    return url
+
+
+if __name__ == "__main__":
+    run_cli(main)
