@@ -232,6 +232,31 @@ def test_a_broken_recipe_is_named(tmp_path, tiny_llava_dir):
             run(args)
 
 
+def test_a_runs_recipe_file_is_kept_in_the_run_and_read_from_anywhere(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys
+):
+    from vlm_sparsify.fidelity import main as fidelity
+    from vlm_sparsify.recipe import run_recipe
+
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    text = (REPO / "recipes" / "llava.toml").read_text().replace('name = "llava"', 'name = "mine"')
+    (tmp_path / "here" / "mine.toml").write_text(text)
+    monkeypatch.chdir(tmp_path / "here")
+    args = cli(tiny_llava_dir, tmp_path, "r", "--max_examples", "8")
+    args[args.index("--recipe") + 1] = "mine.toml"  # relative, as typed
+    run(args)
+    assert (tmp_path / "r" / "recipe.toml").read_text() == text
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert run_recipe(tmp_path / "r", "mine.toml", str(tiny_llava_dir)).name == "mine"
+    resume = ["--save_dir", str(tmp_path), "--run_name", "r", "--resume", "true"]
+    assert run([*resume, "--max_examples", "16"]).state.global_step == 2
+    assert (tmp_path / "r" / "recipe.toml").read_text() == text
+    # fidelity (and export's calibration) read the run's recipe: it failed with "recipe file
+    # mine.toml does not exist" here
+    fidelity([str(tmp_path / "r"), "--limit", "1", "--max_new_tokens", "1", "--dtype", "float32"])
+
+
 def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
     attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
     trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",

@@ -47,7 +47,14 @@ from vlm_sparsify.files import read_json
 from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
-from vlm_sparsify.recipe import find_recipe, shipped_recipes
+from vlm_sparsify.recipe import (
+    RUN_RECIPE_FILE,
+    find_recipe,
+    is_recipe_file,
+    run_recipe,
+    run_recipe_file,
+    shipped_recipes,
+)
 from vlm_sparsify.sharded_checkpoint import (
     load_owned_tensors,
     read_sharded_training_state,
@@ -420,9 +427,16 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
             print(note)
     check_run_folder(args, run_dir)
     saved = apply_saved_settings(args, run_dir, given) if args.resume else None
-    recipe = find_recipe(args.recipe or None, model_id=args.model)
-    if saved is None:  # a resumed run's config.json holds the defaults it started with
+    if saved is None:
+        recipe = find_recipe(args.recipe or None, model_id=args.model)
+        recipe_file = Path(args.recipe) if args.recipe and is_recipe_file(args.recipe) else None
+        # a resumed run's config.json holds the defaults it started with
         apply_recipe_defaults(args, recipe.train_defaults, given, recipe.name)
+    else:  # the run's own copy of a --recipe PATH, wherever it is resumed from
+        recipe = run_recipe(run_dir, args.recipe, args.model)
+        recipe_file = run_recipe_file(run_dir, args.recipe)
+    # read now: every checkpoint keeps the recipe it trained with (RUN/recipe.toml)
+    recipe_bytes = recipe_file.read_bytes() if recipe_file is not None else None
     device = args.device or default_device()
     model, processor, recipe = load_model_and_processor(
         args.model,
@@ -521,19 +535,28 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         if dist.is_initialized():
             dist.barrier()
 
+    def write_recipe(folder: Path) -> None:
+        if recipe_bytes is not None:
+            (folder / RUN_RECIPE_FILE).write_bytes(recipe_bytes)
+
     def write_checkpoint(t: Trainer) -> None:
         if isinstance(t.coders, ShardedCoders):
-            write_sharded_checkpoint(t, run_dir, run_config_dict(args))
+            write_sharded_checkpoint(t, run_dir, run_config_dict(args), write_recipe)
             return
         if rank == 0:
             params = live_parameters(t)
             summary = t.summary()
+
+            def write_extra(folder: Path) -> None:
+                write_training_state(folder, t, params, summary)
+                write_recipe(folder)
+
             with eval_weights(t.optimizers):
                 save_coders(
                     t.coders,
                     run_dir,
                     config=run_config_dict(args),
-                    write_extra=lambda folder: write_training_state(folder, t, params, summary),
+                    write_extra=write_extra,
                 )
 
     trainer.checkpoint = checkpoint

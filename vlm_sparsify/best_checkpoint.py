@@ -19,6 +19,7 @@ from pathlib import Path
 
 from vlm_sparsify.coder_io import RUN_CONFIG_FILE, replace_dir
 from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.recipe import RUN_RECIPE_FILE
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
 from vlm_sparsify.training import Trainer
 
@@ -65,7 +66,9 @@ def keep_best(run_dir: Path, hookpoints: list[str], improved: list[str]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
         for hookpoint in hookpoints:
             shutil.copytree(run_dir / hookpoint, tmp / hookpoint)
-        shutil.copy2(run_dir / RUN_CONFIG_FILE, tmp / RUN_CONFIG_FILE)
+        for name in (RUN_CONFIG_FILE, RUN_RECIPE_FILE):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, tmp / name)
         replace_dir(tmp, out)
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -74,6 +77,8 @@ def keep_best(run_dir: Path, hookpoints: list[str], improved: list[str]) -> None
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(run_dir / hookpoint, tmp)
         replace_dir(tmp, out / hookpoint)
-    tmp_config = out / f".{RUN_CONFIG_FILE}.tmp"
-    shutil.copy2(run_dir / RUN_CONFIG_FILE, tmp_config)
-    os.replace(tmp_config, out / RUN_CONFIG_FILE)
+    for name in (RUN_CONFIG_FILE, RUN_RECIPE_FILE):
+        if (run_dir / name).is_file():
+            tmp_file = out / f".{name}.tmp"
+            shutil.copy2(run_dir / name, tmp_file)
+            os.replace(tmp_file, out / name)

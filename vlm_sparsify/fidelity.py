@@ -44,7 +44,7 @@ from vlm_sparsify.data import (
 )
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
-from vlm_sparsify.recipe import Recipe, find_recipe
+from vlm_sparsify.recipe import Recipe, find_recipe, run_recipe
 from vlm_sparsify.replacement import Decoder, ReplacementModel
 
 REGIONS = ("image", "prompt", "answer")
@@ -344,7 +344,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = Path(args.run)
     trained = _run_config(run)
     model_id = args.model or trained.get("model") or DEFAULT_MODEL
-    recipe = find_recipe(args.recipe or trained.get("recipe") or None, model_id=model_id)
+    if args.recipe:
+        recipe = find_recipe(args.recipe, model_id=model_id)
+    else:
+        recipe = run_recipe(run, trained.get("recipe"), model_id)
     model, processor, recipe = load_model_and_processor(
         model_id, recipe, dtype=args.dtype, device=args.device or None
     )

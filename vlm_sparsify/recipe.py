@@ -148,6 +148,31 @@ def load_recipe_file(path: str | Path) -> Recipe:
     return parse_recipe(data, source=str(path))
 
 
+RUN_RECIPE_FILE = "recipe.toml"
+"""A run trained with `--recipe PATH` keeps a copy of that file under this name."""
+
+
+def is_recipe_file(recipe: str) -> bool:
+    """`--recipe` names a TOML file (not a shipped recipe): the test `find_recipe` applies."""
+    return recipe.endswith(".toml") or Path(recipe).is_file()
+
+
+def run_recipe_file(run_dir: str | Path, recipe: str | None) -> Path | None:
+    """The TOML file a run's recipe is read from: when its config.json's `recipe` is a path,
+    the run's own copy (RUN/recipe.toml: the file it trained with, found from any directory),
+    else (a run saved before copies were kept) that path; None for a shipped recipe."""
+    if not recipe or not is_recipe_file(recipe):
+        return None
+    copy = Path(run_dir) / RUN_RECIPE_FILE
+    return copy if copy.is_file() else Path(recipe)
+
+
+def run_recipe(run_dir: str | Path, recipe: str | None, model_id: str | None) -> Recipe:
+    """The recipe a run trained with (`recipe`: its config.json's value)."""
+    file = run_recipe_file(run_dir, recipe)
+    return find_recipe(str(file) if file else recipe or None, model_id=model_id)
+
+
 def shipped_recipes() -> dict[str, Recipe]:
     """Every recipe shipped with the package, by name."""
     recipes = {}
@@ -174,7 +199,7 @@ def find_recipe(
     """Find a recipe by name or TOML path, else by model id, else by `config.model_type`."""
     known = shipped_recipes()
     if recipe:
-        if recipe.endswith(".toml") or Path(recipe).is_file():
+        if is_recipe_file(recipe):
             if not Path(recipe).is_file():
                 raise FileNotFoundError(f"recipe file {recipe} does not exist")
             return load_recipe_file(recipe)

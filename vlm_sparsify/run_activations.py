@@ -13,7 +13,7 @@ from torch import Tensor
 
 from vlm_sparsify.data import BatchStream, open_examples
 from vlm_sparsify.loading import load_model_and_processor
-from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.recipe import run_recipe
 from vlm_sparsify.training import collect_activations
 
 
@@ -41,7 +41,7 @@ def run_activations(
     `skip_examples` starts further into the stream, e.g. past what the run trained on.
     """
     config = run_config(run_dir)
-    recipe = find_recipe(config.get("recipe") or None, model_id=config["model"])
+    recipe = run_recipe(run_dir, config.get("recipe"), config["model"])
     model, processor, recipe = load_model_and_processor(
         config["model"], recipe, dtype="float32", device=device
     )

@@ -114,8 +114,14 @@ def write_coders(coders: ShardedCoders, folder: Path) -> None:
                 coder.save_to_disk(folder / hookpoint)
 
 
-def write_sharded_checkpoint(trainer: Trainer, run_dir: Path, config: dict[str, Any]) -> None:
-    """Every rank calls this at the same step; the checkpoint appears at `run_dir` at once."""
+def write_sharded_checkpoint(
+    trainer: Trainer,
+    run_dir: Path,
+    config: dict[str, Any],
+    write_extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Every rank calls this at the same step; the checkpoint appears at `run_dir` at once
+    (`write_extra(folder)`: rank 0's further files, as `save_coders` takes them)."""
     clt = trainer.coders
     assert isinstance(clt, ShardedCoders)
     tmp = run_dir.parent / f".{run_dir.name}.tmp-sharded"
@@ -133,6 +139,8 @@ def write_sharded_checkpoint(trainer: Trainer, run_dir: Path, config: dict[str, 
     if clt.rank == 0:
         (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
         write_step_state(tmp, trainer, summary)
+        if write_extra is not None:
+            write_extra(tmp)
     _barrier()
     if clt.rank == 0:
         replace_dir(tmp, run_dir)
