@@ -222,6 +222,32 @@ def test_unreadable_files_are_one_error_naming_the_file(tmp_path: Path) -> None:
         load_coders(tmp_path / "run")
 
 
+def test_a_checkpoint_is_on_disk_before_it_replaces_the_old_one(
+    tmp_path: Path, monkeypatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run", config={"k": K})
+    first_rename = events.index(next(e for e in events if e[0] == "replace"))
+    synced = {path for kind, path in events[:first_rename] if kind == "fsync"}
+    tmp = str(tmp_path / f".run.tmp-{os.getpid()}")
+    saved = {str(p).replace(str(tmp_path / "run"), tmp) for p in (tmp_path / "run").rglob("*")}
+    assert saved | {tmp} <= synced  # every file and folder, before the old one moves aside
+    assert events[-1] == ("fsync", str(tmp_path))  # the renames themselves
+
+
 def test_shape_mismatch_is_named(tmp_path: Path) -> None:
     clt = trained_like_clt(cross_layer=1)
     save_coders(clt, tmp_path / "run")

@@ -88,20 +88,41 @@ def usual_permissions(path: Path) -> None:
         os.chmod(file, 0o666 & ~mask)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush `path` to disk: a file, or a folder with every file and folder under it."""
+    for entry in path.rglob("*") if path.is_dir() else ():
+        _fsync(entry)
+    _fsync(path)
+
+
 def replace_dir(src: Path, dst: Path) -> None:
     """Move folder `src` to `dst` (its files with the usual permissions); an existing `dst` is
     moved aside first and removed after.
 
-    A crash between the two renames leaves the old folder at `.<name>.old-<pid>` beside it.
+    `src` is on disk (fsync of every file and folder) before the old `dst` is moved aside, and
+    the renames are before this returns (fsync of the parent folder): a power cut leaves the
+    old checkpoint or the whole new one, never a new one with empty files. A crash between the
+    two renames leaves the old folder at `.<name>.old-<pid>` beside it.
     """
     usual_permissions(src)
+    fsync_tree(src)
     if not dst.exists():
         os.replace(src, dst)
+        _fsync(dst.parent)
         return
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
     os.replace(dst, old)
     os.replace(src, dst)
+    _fsync(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
