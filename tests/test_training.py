@@ -257,6 +257,45 @@ def test_a_runs_recipe_file_is_kept_in_the_run_and_read_from_anywhere(
     fidelity([str(tmp_path / "r"), "--limit", "1", "--max_new_tokens", "1", "--dtype", "float32"])
 
 
+def test_an_error_in_training_starts_its_own_line(tmp_path, tiny_llava_dir):
+    from tests.conftest import make_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        make_image(images / f"{i}.png", seed=i)
+    (images / "9.png").write_bytes(b"not a png")
+    rows = [{"file_name": f"{i}.png", "text": "x"} for i in (*range(8), 9)]
+    (images / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    args = cli(tiny_llava_dir, tmp_path, "strict", "--strict", "true")
+    args[1] = str(images)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "vlm_sparsify", *args, "--device", "cpu", "--num_workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+    assert done.returncode == 1 and "Training" in done.stderr, done.stderr
+    # the progress bar ends its line: the error is on its own (bars redraw with \r, not \n)
+    last = done.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith("error: ") and "9.png" in last, done.stderr[-500:]
+
+
+def test_ctrl_c_outside_training_says_so_in_one_line(capsys):
+    from vlm_sparsify.cli import reported_interrupt, run_cli
+
+    def loading():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(loading)
+    assert stop.value.code == 130 and capsys.readouterr().err.strip() == "interrupted (Ctrl-C)"
+
+    def reported():
+        raise reported_interrupt(KeyboardInterrupt())
+
+    with pytest.raises(SystemExit):
+        run_cli(reported)  # the training loop said where its checkpoint is: no second line
+    assert capsys.readouterr().err == ""
+
+
 def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
     attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
     trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",

@@ -27,7 +27,7 @@ from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
-from vlm_sparsify.cli import run_cli
+from vlm_sparsify.cli import reported_interrupt, run_cli
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
     clean_stale_folders,
@@ -596,11 +596,11 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     )
     try:
         trainer.fit(loader, total)
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"\ninterrupted at step {trainer.state.global_step}: {saved_note(trainer, run_dir)}",
+    except KeyboardInterrupt as err:
+        if rank == 0:  # the progress bar has ended its line
+            print(f"interrupted at step {trainer.state.global_step}: {saved_note(trainer, run_dir)}",
                   file=sys.stderr)  # fmt: skip
-        raise
+        raise reported_interrupt(err) from None
     if wandb_log is not None:
         wandb_log.finish()
     if rank == 0:

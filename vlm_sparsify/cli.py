@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError, OSError)
@@ -10,10 +11,19 @@ USER_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
     """Run a tool's `main`; a user error (or one of the tool's own `errors`) ends it with one
-    line (exit status 1), Ctrl-C with status 130; no traceback."""
+    line (exit status 1), Ctrl-C with status 130 and one line (unless the tool said where its
+    work is already: `reported_interrupt`); no traceback."""
     try:
         main()
     except (*USER_ERRORS, *errors) as err:
         raise SystemExit(f"error: {err}") from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if not getattr(err, "reported", False):
+            print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def reported_interrupt(err: KeyboardInterrupt) -> KeyboardInterrupt:
+    """Mark Ctrl-C as told to the user (the tool printed its own line): `run_cli` adds none."""
+    err.reported = True  # type: ignore[attr-defined]
+    return err

@@ -599,6 +599,28 @@ class Trainer:
         pbar = tqdm(
             desc="Training", total=total, initial=self.state.batches_seen, disable=not rank_zero
         )
+        try:
+            self._fit_loop(batches, pbar)
+        finally:  # ends the bar's line: an error, or Ctrl-C's note, is printed on its own
+            pbar.close()
+        if self.state.global_step == 0:
+            skipped = len(self.state.skipped)
+            raise NoTrainingDataError(
+                f"nothing to train on: {self.state.batches_seen} batches"
+                + (
+                    f", {skipped} examples skipped (missing or unreadable images)"
+                    if skipped
+                    else ""
+                )
+                + "; check DATASET, --max_examples and --tokens"
+            )
+        if self.checkpoint:
+            self._check_finite_weights()
+            self.checkpoint(self)
+            self.saved_step = self.state.global_step
+
+    def _fit_loop(self, batches: Iterable[dict[str, Any]], pbar: Any) -> None:
+        """`fit`'s steps, with a checkpoint every `save_every` steps at an optimizer step."""
         save_due = False
         for batch in batches:
             metrics = self.train_on_batch(batch)
@@ -618,22 +640,6 @@ class Trainer:
                 self.checkpoint(self)
                 self.saved_step = step
                 save_due = False
-        pbar.close()
-        if self.state.global_step == 0:
-            skipped = len(self.state.skipped)
-            raise NoTrainingDataError(
-                f"nothing to train on: {self.state.batches_seen} batches"
-                + (
-                    f", {skipped} examples skipped (missing or unreadable images)"
-                    if skipped
-                    else ""
-                )
-                + "; check DATASET, --max_examples and --tokens"
-            )
-        if self.checkpoint:
-            self._check_finite_weights()
-            self.checkpoint(self)
-            self.saved_step = self.state.global_step
 
     def summary(self, window: int = 20) -> list[dict[str, Any]]:
         """Per hookpoint: FVU and L0 averaged over the last `window` steps; dead % (latents that
