@@ -188,6 +188,17 @@ def test_diverged_weights_are_never_saved_over_the_last_good_checkpoint(
         assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
+def test_an_update_that_diverges_is_checked_before_it_is_saved(tmp_path, tiny_llava_dir):
+    # --lr 1e30: the first update's weights are finite but huge; the loss was finite before it
+    with pytest.raises(
+        training.NonFiniteLossError,
+        match=r"the update to step 1 made the FVU non-finite on its own batch, not saved; no "
+        r"checkpoint was written yet\. Start again with a lower --lr",
+    ):
+        run(cli(tiny_llava_dir, tmp_path, "huge", "--save_every", "1", "--lr", "1e30"))
+    assert not (tmp_path / "huge").exists()
+
+
 def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
     for flags, message in [
         (["--k", "0"], "--k must be >= 1, got 0"),

@@ -388,6 +388,9 @@ class Trainer:
     """`on_step(trainer, metrics)` after every step that trained (W&B logging)."""
     saved_step: int | None = None
     """The step of the last checkpoint on disk (None: none yet); set by `fit` and on resume."""
+    check_update: bool = False
+    """Set by `fit` before a step whose weights it will save: the step's update is checked on
+    its own batch first (a finite loss before an update that diverged is not enough)."""
     _replacement: ReplacementModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -418,6 +421,22 @@ class Trainer:
             "To go on with a lower --lr or --dtype float32, start a new run from that "
             "checkpoint: --finetune RUN_FOLDER --run_name NEW_NAME."
         )
+
+    def _check_updated_loss(
+        self, inputs: list[Tensor], outputs: list[Tensor], variances: list[Tensor]
+    ) -> None:
+        """The FVU of the weights just updated, on the batch that updated them: NaN or infinite
+        means they diverged, and the checkpoint about to be written would hold them. (No state
+        changes: a run with the check trains bit for bit as one without.)"""
+        fvu, *_ = loss_per_target(
+            self.coders, inputs, outputs, variances, self.cfg.micro_acc_steps, backward=False
+        )
+        fvu = _all_sum(fvu)
+        if not torch.isfinite(fvu).all():
+            raise NonFiniteLossError(
+                f"the update to step {self.state.global_step + 1} made the FVU non-finite on its "
+                f"own batch, not saved; {self._checkpoint_note()}. {self._non_finite_hint()}"
+            )
 
     def _check_finite_weights(self) -> None:
         """Before a checkpoint: an update that made a weight NaN or infinite is never written
@@ -497,11 +516,12 @@ class Trainer:
         if self.cfg.auxk_alpha > 0:
             threshold = self.cfg.dead_feature_threshold
             dead_masks = [counts > threshold for counts in state.tokens_since_fired]
+        variances = total_variances(outputs)
         fvu, indices, l0, auxk = loss_per_target(
             self.coders,
             inputs,
             outputs,
-            total_variances(outputs),
+            variances,
             self.cfg.micro_acc_steps,
             1 / acc_steps,
             backward=loss_fn == "fvu",  # end to end: FVU is only reported
@@ -547,6 +567,8 @@ class Trainer:
                 opt.zero_grad()
             for scheduler in self.schedulers:
                 scheduler.step()
+            if self.check_update:
+                self._check_updated_loss(inputs, outputs, variances)
         state.global_step += 1
         # the progress bar's figure: per-hookpoint FVUs are ~1 at the start, their sum is not
         return {"mean_fvu": fvu.mean().item(), **metrics}
@@ -600,7 +622,7 @@ class Trainer:
             desc="Training", total=total, initial=self.state.batches_seen, disable=not rank_zero
         )
         try:
-            self._fit_loop(batches, pbar)
+            self._fit_loop(batches, pbar, total)
         finally:  # ends the bar's line: an error, or Ctrl-C's note, is printed on its own
             pbar.close()
         if self.state.global_step == 0:
@@ -619,10 +641,14 @@ class Trainer:
             self.checkpoint(self)
             self.saved_step = self.state.global_step
 
-    def _fit_loop(self, batches: Iterable[dict[str, Any]], pbar: Any) -> None:
+    def _fit_loop(self, batches: Iterable[dict[str, Any]], pbar: Any, total: int | None) -> None:
         """`fit`'s steps, with a checkpoint every `save_every` steps at an optimizer step."""
         save_due = False
         for batch in batches:
+            upcoming = self.state.global_step + 1  # if this batch trains
+            last = total is not None and self.state.batches_seen + 1 >= total
+            self.check_update = bool(self.checkpoint) and upcoming % self.cfg.grad_acc_steps == 0
+            self.check_update &= save_due or upcoming % self.cfg.save_every == 0 or last
             metrics = self.train_on_batch(batch)
             pbar.update()
             if metrics:
