@@ -1,5 +1,6 @@
-"""Share a run on the Hugging Face Hub: SAE / PLT runs in the layout sparsify's `load_many` reads, a CLT in
-clt-training's (`coder_io.load_coders(snapshot_download(REPO))` reads both; docs/checkpoints.md).
+"""Share a run on the Hugging Face Hub: SAE / PLT runs in the layout sparsify's `load_many`
+reads, a CLT in clt-training's (`coder_io.load_coders(snapshot_download(REPO))` reads both;
+docs/checkpoints.md).
 
 `python -m vlm_sparsify.hub RUN REPO` uploads a finished run (what `--push_to_hub REPO` does at
 the end of training), with the token of HF_TOKEN or `huggingface-cli login`.
