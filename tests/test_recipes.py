@@ -298,3 +298,37 @@ def test_a_model_type_several_recipes_share_warns_and_names_the_flag(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.warns(UserWarning, match="also 'llava': tiny_llava.*--recipe NAME"):
         assert find_recipe(model_id=str(tmp_path)).name == "llava"
+
+
+# -- PaliGemma: the answer is the causal suffix, not part of the bidirectional prefix -----------
+
+
+def test_paligemma_answer_is_causal_and_its_labels_are_dropped():
+    recipe = find_recipe("paligemma")
+    model, processor = _tiny("paligemma")
+    image = _images()[0]
+    outputs: list[torch.Tensor] = []
+    hookpoint = mlp_hookpoints(model, recipe)[-1]
+
+    def grab(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        outputs.append(output[0].clone())
+
+    handle = model.get_submodule(hookpoint).register_forward_hook(grab)
+    encoded = []
+    try:
+        for answer in ("a red circle", "blue"):
+            enc = encode_example(Example("a", image, "caption en", answer), processor, recipe, 256)
+            assert "labels" not in enc  # training makes its own targets
+            encoded.append(enc)
+            with torch.no_grad():
+                model(**enc)
+    finally:
+        handle.remove()
+    types = encoded[0]["token_type_ids"][0]
+    n_prefix = int((types == 0).sum())
+    assert types[n_prefix:].eq(1).all() and len(types) > n_prefix  # the answer is the suffix
+    # the prefix does not see the answer: the same outputs there for two different answers
+    torch.testing.assert_close(outputs[0][:n_prefix], outputs[1][:n_prefix], rtol=0, atol=1e-6)
+    # and truncating the text to a few tokens leaves no labels of the untruncated length
+    short = encode_example(Example("a", image, "caption en", "a red circle"), processor, recipe, 3)
+    assert "labels" not in short and short["input_ids"].shape == short["token_type_ids"].shape

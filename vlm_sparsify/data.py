@@ -242,13 +242,22 @@ def encode_example(
     ctx_len: int,
     max_positions: int | None = None,
 ) -> dict[str, torch.Tensor]:
+    """One example through the processor: the prompt, then the answer (appended after the
+    recipe's `answer_separator`, or as the processor's `suffix` with `answer_as_suffix`), with
+    its text truncated to `ctx_len` tokens."""
     image = load_rgb(example.image)
     text = recipe.format_prompt(example.question, processor)
-    if example.answer:
+    extra: dict[str, Any] = {}
+    if example.answer and recipe.prompt.answer_as_suffix:
+        extra["suffix"] = [example.answer]  # PaliGemma: causal answer tokens (token type 1)
+    elif example.answer:
         text = f"{text}{recipe.prompt.answer_separator}{example.answer}"
-    encoded = processor(images=[image], text=[text], return_tensors="pt")
+    encoded = dict(processor(images=[image], text=[text], return_tensors="pt", **extra))
+    # a suffix makes the processor add `labels`: training computes its own targets, and the
+    # model would compute a loss of its own (of the untruncated length) from them
+    encoded.pop("labels", None)
     image_id = image_token_id(processor, recipe)
-    return truncate_keeping_image_tokens(dict(encoded), image_id, ctx_len, max_positions)
+    return truncate_keeping_image_tokens(encoded, image_id, ctx_len, max_positions)
 
 
 def _pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:

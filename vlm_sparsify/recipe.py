@@ -36,6 +36,9 @@ class PromptFormat:
     image_pad_token: str = ""
     """The token repeated once per patch, when it differs from `image_token` (Qwen2-VL's
     `<|image_pad|>`, Gemma-3's `<image_soft_token>`)."""
+    answer_as_suffix: bool = False
+    """Give the answer to the processor as its `suffix` instead of appending it to the prompt
+    (PaliGemma: the suffix is the causal part, the prompt the bidirectional prefix)."""
 
 
 @dataclass(frozen=True)
