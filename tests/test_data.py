@@ -194,3 +194,45 @@ def test_hub_only_flags_are_refused_for_local_data(tmp_path, llava_recipe):
     with pytest.raises(ValueError, match="--data_args applies to .* 'easyvqa'; leave it out"):
         open_examples("easyvqa", llava_recipe, name="x")
     assert len(open_examples(str(tmp_path), llava_recipe)) == 4
+
+
+def _caption_parquet(tmp_path) -> str:
+    """A Hub-style dataset whose text sits in a `caption` column (the recipes say `answer`)."""
+    import datasets
+
+    png = make_image(tmp_path / "a.png").read_bytes()
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png, "path": None}] * 2, "caption": ["a red square"] * 2}
+    ).cast_column("image", datasets.Image())
+    path = tmp_path / "ds.parquet"
+    ds.to_parquet(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_missing_text_column_names_the_columns_and_the_recipe_key(
+    tmp_path, llava_recipe, streaming
+):
+    from vlm_sparsify.data import open_examples
+
+    path = _caption_parquet(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"no column 'answer' \(columns: .*caption.*\[dataset\] text_column"
+    ):
+        list(open_examples("parquet", llava_recipe, data_files=path, streaming=streaming))
+    import dataclasses
+
+    fixed = dataclasses.replace(
+        llava_recipe, dataset=dataclasses.replace(llava_recipe.dataset, text_column="caption")
+    )
+    examples = list(open_examples("parquet", fixed, data_files=path, streaming=streaming))
+    assert [e.answer for e in examples] == ["a red square"] * 2
+
+
+def test_a_folder_without_a_text_column_names_its_columns(tmp_path):
+    make_image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "x"}))
+    with pytest.raises(
+        ValueError, match="no 'text' or 'answer' column .*columns: caption, file_name"
+    ):
+        folder_examples(tmp_path, "Describe this image.")

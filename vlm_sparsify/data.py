@@ -108,6 +108,13 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
             rows = list(csv.DictReader(f))
     else:
         raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv")
+    columns = sorted({key for row in rows for key in row})
+    if rows and not {"text", "answer"} & set(columns):
+        # else every example would train on its question alone, silently
+        raise ValueError(
+            f"{folder}: the metadata has no 'text' or 'answer' column with the caption or answer "
+            f"(columns: {', '.join(columns)}); rename that column to 'text' (or 'answer')"
+        )
     examples = []
     for i, row in enumerate(rows):
         if "file_name" not in row:
@@ -140,9 +147,13 @@ def hf_examples(
     if isinstance(ds.features[defaults.image_column], ImageFeature):
         ds = ds.cast_column(defaults.image_column, ImageFeature(decode=False))
     ds = ds.shuffle(seed=shuffle_seed)
+    if ds.column_names is not None:  # a streamed dataset may not know them before its first row
+        check_text_columns(path, recipe, ds.column_names)
 
     def generate() -> Iterator[Example]:
         for i, row in enumerate(ds):
+            if i == 0:
+                check_text_columns(path, recipe, list(row))
             answer = row.get(defaults.text_column, "") if defaults.text_column else ""
             if isinstance(answer, list):
                 answer = answer[0] if answer else ""
@@ -150,6 +161,25 @@ def hf_examples(
             yield Example(str(row.get("id", i)), row[defaults.image_column], question, answer)
 
     return _Reiterable(generate)
+
+
+def check_text_columns(path: str, recipe: Recipe, columns: list[str]) -> None:
+    """The recipe's [dataset] text and question columns exist in the dataset: a missing one
+    would give every example an empty answer (or the default question), silently."""
+    defaults = recipe.dataset
+    for key, column in (("text_column", defaults.text_column),
+                        ("question_column", defaults.question_column)):  # fmt: skip
+        if column and column not in columns:
+            raise ValueError(
+                f"dataset '{path}' has no column '{column}' (columns: {', '.join(columns)}), "
+                f"which recipe '{recipe.name}' names in [dataset] {key}; set [dataset] {key} in "
+                "a recipe file (--recipe PATH) to the right column"
+                + (
+                    ', or to "" to train on images with the question only'
+                    if key == "text_column"
+                    else ""
+                )
+            )
 
 
 class _Reiterable:
