@@ -236,3 +236,25 @@ def test_a_folder_without_a_text_column_names_its_columns(tmp_path):
         ValueError, match="no 'text' or 'answer' column .*columns: caption, file_name"
     ):
         folder_examples(tmp_path, "Describe this image.")
+
+
+@pytest.mark.parametrize(
+    ("pad_token", "message"),
+    [
+        ("<image_pad>", r"\[prompt\] image_pad_token = '<image_pad>' is not a token"),
+        ("</s>", r"example a has an image but none of its tokens is \[prompt\] image_pad_token"),
+    ],
+)
+def test_a_wrong_image_pad_token_is_an_error(
+    tmp_path, llava_recipe, tiny_llava, pad_token, message
+):
+    import dataclasses
+
+    _, processor = tiny_llava
+    assert processor.tokenizer.convert_tokens_to_ids("</s>") != processor.tokenizer.unk_token_id
+    recipe = dataclasses.replace(
+        llava_recipe, prompt=dataclasses.replace(llava_recipe.prompt, image_pad_token=pad_token)
+    )
+    examples = [Example("a", make_image(tmp_path / "a.png"), "what is it?", "a square")]
+    with pytest.raises(ValueError, match=message):
+        list(BatchStream(examples, processor, recipe, batch_size=1))

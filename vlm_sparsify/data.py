@@ -229,11 +229,57 @@ def image_token_id(processor: Any, recipe: Recipe) -> int:
     """Id of the token repeated once per image patch."""
     # the recipe's pad token first: Gemma3Processor's `image_token_id` is its placeholder's id
     if recipe.prompt.image_pad_token:
-        return int(processor.tokenizer.convert_tokens_to_ids(recipe.prompt.image_pad_token))
+        return _known_token_id(processor, recipe, "image_pad_token", recipe.prompt.image_pad_token)
     token_id = getattr(processor, "image_token_id", None)
     if token_id is None:
-        token_id = processor.tokenizer.convert_tokens_to_ids(recipe.prompt.image_token)
+        return _known_token_id(processor, recipe, "image_token", recipe.prompt.image_token)
     return int(token_id)
+
+
+def _known_token_id(processor: Any, recipe: Recipe, key: str, token: str) -> int:
+    """The id of a token the recipe names, refused when the tokenizer does not know it (it
+    would be the unknown token's id, and the image region its occurrences)."""
+    tokenizer = processor.tokenizer
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    unknown = token_id is None or (
+        token_id == tokenizer.unk_token_id and token != tokenizer.unk_token
+    )
+    if unknown:
+        raise ValueError(
+            f"recipe '{recipe.name}': [prompt] {key} = '{token}' is not a token of the "
+            f"processor's tokenizer; it must name the token the processor repeats once per "
+            f"image feature ({_processor_image_token(processor)})"
+        )
+    return int(token_id)
+
+
+def _processor_image_token(processor: Any) -> str:
+    """What the processor says its image token is, for error messages."""
+    token = getattr(processor, "image_token", None)
+    return f"this processor's image_token is '{token}'" if token else "see docs/recipes.md"
+
+
+def check_image_region(
+    inputs: dict[str, torch.Tensor],
+    image_mask: torch.Tensor,
+    ids: list[str],
+    recipe: Recipe,
+    processor: Any,
+) -> None:
+    """Every example (each has an image) has image tokens where the recipe says: a wrong
+    `image_pad_token` / `image_token` would leave the image region empty, and `--tokens text`
+    train on the image, silently."""
+    if "pixel_values" not in inputs:
+        return
+    for example_id, count in zip(ids, image_mask.sum(1).tolist(), strict=True):
+        if count == 0:
+            key = "image_pad_token" if recipe.prompt.image_pad_token else "image_token"
+            token = recipe.prompt.image_pad_token or recipe.prompt.image_token
+            raise ValueError(
+                f"recipe '{recipe.name}': example {example_id} has an image but none of its "
+                f"tokens is [prompt] {key} '{token}' ({_processor_image_token(processor)}); "
+                "set it to the token the processor repeats once per image feature"
+            )
 
 
 def truncate_keeping_image_tokens(
@@ -389,7 +435,7 @@ class BatchStream(IterableDataset):
     def make_batch(self, index: int, chunk: list[Example]) -> dict[str, Any]:
         per_rank = self.batch_size // self.world_size
         chunk = chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
-        encoded, skipped = [], []
+        encoded, skipped, kept = [], [], []
         for example in chunk:
             try:
                 encoded.append(
@@ -397,6 +443,7 @@ class BatchStream(IterableDataset):
                         example, self.processor, self.recipe, self.ctx_len, self.max_positions
                     )
                 )
+                kept.append(example.id)
             except BadImageError as err:
                 if self.strict:
                     raise BadImageError(f"example {example.id}: {err}") from err
@@ -410,6 +457,7 @@ class BatchStream(IterableDataset):
                 inputs, self._image_id, self.tokens, self.exclude_tokens
             )
             batch["image_mask"] = inputs["input_ids"] == self._image_id
+            check_image_region(inputs, batch["image_mask"], kept, self.recipe, self.processor)
         return batch
 
 
