@@ -117,6 +117,80 @@ def test_a_non_transformers_class_is_rejected(tmp_path, class_name):
         recipe.resolve_model_class()
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        (
+            "[train]",
+            "[trian]",
+            r"unknown table 'trian' at the top level \(did you mean 'train'\?\)",
+        ),
+        (
+            'model_type = "llava"',
+            'model_type = "llava"\nmodel_typ = "x"',
+            "unknown key 'model_typ' at the top level",
+        ),
+        ('mlp = "mlp"', 'mpl = "mlp"', r"unknown key 'mpl' at \[layers\] \(did you mean 'mlp'\?\)"),
+        ('class = "Llava', 'klass = "Llava', r"unknown key 'klass' at \[model\]"),
+        (
+            'image_token = "<image>"',
+            'image_token = "<image>"\nsystem_prompt = "hi"',
+            r"unknown key 'system_prompt' at \[prompt\]",
+        ),
+        (
+            'text_column = "answer"',
+            'text_colum = "answer"',
+            r"'text_colum' at \[dataset\] \(did you mean 'text_column'",
+        ),
+        (
+            'config_class = "LlavaConfig"',
+            'config_clas = "LlavaConfig"',
+            r"'config_clas' at \[tiny\]",
+        ),
+        (
+            'image_token = "<image>"',
+            'image_token = "<image>"\nuse_chat_template = "false"',
+            r"\[prompt\] use_chat_template = 'false' must be true or false",
+        ),
+        (
+            'class = "LlavaForConditionalGeneration"',
+            "class = 3",
+            r"\[model\] class = 3 must be a string",
+        ),
+        (
+            'decoder = ["model.language_model.layers", "language_model.model.layers"]',
+            "decoder = 5",
+            r"\[layers\] decoder = 5 must be a string or a list of strings",
+        ),
+        (
+            'decoder = ["model.language_model.layers", "language_model.model.layers"]',
+            "decoder = []",
+            r"\[layers\] decoder lists no path",
+        ),
+        (
+            'model_ids = ["llava-hf/llava-1.5-*"',
+            'model_ids = 5\nx = ["llava-hf/llava-1.5-*"',
+            "model_ids = 5 must be a string or a list",
+        ),
+        ('path = "lmms-lab/COCO-Caption2017"\n', "", r"lacks the key 'path' at \[dataset\]"),
+        (
+            "{question} ASSISTANT",
+            "{quest} ASSISTANT",
+            r"\[prompt\] template .* has a placeholder other than \{question\} \(KeyError: 'quest'\)",
+        ),
+        ("USER: <image>", "USER:", r"\[prompt\] template .* lacks '<image>'"),
+    ],
+)
+def test_a_malformed_recipe_is_one_line_naming_table_and_key(tmp_path, old, new, message):
+    text = LLAVA_TOML.read_text()
+    assert old in text
+    path = tmp_path / "bad.toml"
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ValueError, match=message) as err:
+        find_recipe(str(path))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_classes_resolve_inside_transformers(name):
     recipe = find_recipe(name)

@@ -231,7 +231,7 @@ def test_a_broken_recipe_is_named(tmp_path, tiny_llava_dir):
     for old, new, message in [
         ('mlp = "mlp"', 'mlp = "mlpx"', "mlp = 'mlpx' is not a module of .*layers.0 .*self_attn"),
         ("k = 32", 'k = "four"', "\\[train\\] k = 'four' is not a valid --k .expected int"),
-        ("batch_size = 8", "batch_size = 0", "--batch_size must be >= 1, got 0"),
+        ("batch_size = 8", "batch_size = 0", r"\[train\] batch_size = 0 is out of range: batch"),
     ]:
         assert old in text
         (tmp_path / "r.toml").write_text(text.replace(old, new))
@@ -661,6 +661,9 @@ def test_recipe_defaults_yield_to_the_flags_passed():
     assert (args.sae.k, args.batch_size) == (64, 2)
     with pytest.raises(ValueError, match="'num_latent', which is not a flag"):
         apply_recipe_defaults(parse_run_config([])[0], {"num_latent": 8}, set())
+    # an out-of-range value is the recipe's, not the flag's
+    with pytest.raises(ValueError, match=r"^recipe 'r': \[train\] k = -1 is out of range: k must"):
+        apply_recipe_defaults(parse_run_config([])[0], {"k": -1}, set(), "r")
 
 
 def test_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path, tiny_llava_dir):

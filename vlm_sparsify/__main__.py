@@ -322,15 +322,29 @@ def apply_recipe_defaults(
     args: RunConfig, defaults: dict[str, Any], given: set[str], recipe: str = ""
 ) -> None:
     """The recipe's [train] defaults, for flags the user did not pass (`given`: flag names)."""
+    applied = {}
     for key, value in defaults.items():
         target = args.sae if hasattr(args.sae, key) else args
         if not hasattr(target, key):
-            raise ValueError(f"the recipe's [train] table sets '{key}', which is not a flag")
+            raise ValueError(
+                f"recipe '{recipe}': the [train] table sets '{key}', which is not a flag"
+            )
         check_recipe_value(recipe, key, value, target)
         if key in given or (key in WIDTH_FLAGS and given & set(WIDTH_FLAGS)):
             continue
         setattr(target, key, value)
-    check_values(args)
+        applied[key] = value
+    try:
+        check_values(args)
+    except ValueError as err:
+        # "--k must be >= 1, got -1": the value came from the recipe, not from the flag
+        flag, _, rest = str(err).partition(" ")
+        key = flag.removeprefix("--")
+        if key not in applied:
+            raise
+        raise ValueError(
+            f"recipe '{recipe}': [train] {key} = {applied[key]!r} is out of range: {key} {rest}"
+        ) from None
 
 
 RESUME_MAY_CHANGE = (

@@ -12,6 +12,7 @@ import json
 import tomllib
 import warnings
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
@@ -110,35 +111,139 @@ def transformers_class(name: str) -> type:
     return obj
 
 
+STR_LIST = "a string or a list of strings"
+"""How a recipe field holding candidate paths or globs is described in errors."""
+
+SCHEMA: dict[str, dict[str, Any]] = {
+    "": {
+        "name": str, "description": str, "model_type": str, "model_ids": STR_LIST,
+        "model": dict, "layers": dict, "prompt": dict, "dataset": dict, "train": dict,
+        "tiny": dict,
+    },
+    "model": {"class": str, "processor_class": str},
+    "layers": {"decoder": STR_LIST, "mlp": str, "vision": STR_LIST},
+    "prompt": {
+        "image_token": str, "template": str, "use_chat_template": bool,
+        "short_answer_suffix": str, "caption_question": str, "answer_separator": str,
+        "image_pad_token": str, "answer_as_suffix": bool,
+    },
+    "dataset": {
+        "path": str, "split": str, "image_column": str, "text_column": str,
+        "question_column": str, "question": str,
+    },
+    "tiny": {
+        "config_class": str, "config": dict, "text_config_key": str, "token_id_fields": dict,
+        "processor_class": str, "processor": dict, "image_processor_class": str,
+        "image_processor": dict, "special_tokens": list, "tokenizer": dict,
+        "chat_template": str, "requires": list, "image_only_processor": bool,
+        "image_token": str, "image_size": int,  # image_size: read by nothing (older recipes)
+    },
+}  # fmt: skip
+"""Every key a recipe table may hold, with its type (`[train]` is checked against the flags)."""
+
+REQUIRED = {
+    "": ("name", "model_type", "model", "layers", "prompt", "dataset"),
+    "model": ("class",),
+    "layers": ("decoder",),
+    "prompt": ("image_token", "template"),
+    "dataset": ("path",),
+}
+"""Keys a recipe must have, by table."""
+
+_TYPE_NAMES = {
+    str: "a string", bool: "true or false", int: "an integer", dict: "a table", list: "a list"
+}  # fmt: skip
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used: names the table and key."""
+
+
+def _fits_type(value: Any, kind: Any) -> bool:
+    if kind == STR_LIST:
+        return isinstance(value, str) or (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        )
+    return isinstance(value, kind)
+
+
+def check_table(recipe: str, table: str, data: dict[str, Any]) -> None:
+    """Refuse a key the recipe format does not know, a value of the wrong type or a missing
+    required key in one table (`""`: the top level), naming the table and the key."""
+    where = f"[{table}]" if table else "the top level"
+    schema = SCHEMA[table]
+    for key, value in data.items():
+        if key not in schema:
+            close = get_close_matches(key, schema, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            kind = "table" if isinstance(value, dict) else "key"
+            raise RecipeError(
+                f"recipe {recipe}: unknown {kind} '{key}' at {where}{hint}; known: "
+                f"{', '.join(schema)} (docs/recipes.md)"
+            )
+        kind = schema[key]
+        if not _fits_type(value, kind):
+            raise RecipeError(
+                f"recipe {recipe}: {where} {key} = {value!r} must be "
+                f"{kind if isinstance(kind, str) else _TYPE_NAMES[kind]}"
+            )
+    for key in REQUIRED.get(table, ()):
+        if key not in data:
+            raise RecipeError(f"recipe {recipe} lacks the key '{key}' at {where}")
+
+
 def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
 
 
-def parse_recipe(data: dict[str, Any], source: str = "") -> Recipe:
-    """Build a `Recipe` from parsed TOML, with errors that name the missing key."""
+def check_template(recipe: str, prompt: PromptFormat) -> None:
+    """The prompt template uses no placeholder but `{question}`, and (without the chat
+    template) holds `{question}` and the image token."""
     try:
-        prompt = data["prompt"]
-        layers = data["layers"]
-        return Recipe(
-            name=data["name"],
-            description=data.get("description", ""),
-            model_type=data["model_type"],
-            model_ids=_as_tuple(data.get("model_ids", [])),
-            model_class=data["model"]["class"],
-            processor_class=data["model"].get("processor_class", "AutoProcessor"),
-            decoder_layers=_as_tuple(layers["decoder"]),
-            mlp=layers.get("mlp", "mlp"),
-            vision_layers=_as_tuple(layers.get("vision", [])),
-            prompt=PromptFormat(**prompt),
-            dataset=DatasetDefaults(**data["dataset"]),
-            tiny=data.get("tiny", {}),
-            train_defaults=data.get("train", {}),
-            source=source,
-        )
-    except KeyError as err:
-        raise ValueError(f"recipe {source or data.get('name')!r} lacks the key {err}") from None
-    except TypeError as err:
-        raise ValueError(f"recipe {source or data.get('name')!r}: {err}") from None
+        prompt.template.format(question="")
+    except (KeyError, IndexError, ValueError) as err:
+        raise RecipeError(
+            f"recipe {recipe}: [prompt] template {prompt.template!r} has a placeholder other "
+            f"than {{question}} ({type(err).__name__}: {err}); write a literal brace as {{{{ or }}}}"
+        ) from None
+    if prompt.use_chat_template:
+        return
+    for needed in ("{question}", prompt.image_token):
+        if needed not in prompt.template:
+            raise RecipeError(
+                f"recipe {recipe}: [prompt] template {prompt.template!r} lacks {needed!r}"
+            )
+
+
+def parse_recipe(data: dict[str, Any], source: str = "") -> Recipe:
+    """Build a `Recipe` from parsed TOML; an unknown table or key, a value of the wrong type
+    or a missing key is a `RecipeError` naming the table and key."""
+    label = repr(source or data.get("name"))
+    check_table(label, "", data)
+    for table in ("model", "layers", "prompt", "dataset", "tiny"):
+        check_table(label, table, data.get(table, {}))
+    layers = data["layers"]
+    decoder = _as_tuple(layers["decoder"])
+    if not decoder:
+        raise RecipeError(f"recipe {label}: [layers] decoder lists no path")
+    prompt = PromptFormat(**data["prompt"])
+    check_template(label, prompt)
+    return Recipe(
+        name=data["name"],
+        description=data.get("description", ""),
+        model_type=data["model_type"],
+        model_ids=_as_tuple(data.get("model_ids", [])),
+        model_class=data["model"]["class"],
+        processor_class=data["model"].get("processor_class", "AutoProcessor"),
+        decoder_layers=decoder,
+        mlp=layers.get("mlp", "mlp"),
+        vision_layers=_as_tuple(layers.get("vision", [])),
+        prompt=prompt,
+        dataset=DatasetDefaults(**data["dataset"]),
+        tiny=data.get("tiny", {}),
+        train_defaults=data.get("train", {}),
+        source=source,
+    )
 
 
 def load_recipe_file(path: str | Path) -> Recipe:
