@@ -406,3 +406,25 @@ def test_paligemma_answer_is_causal_and_its_labels_are_dropped():
     # and truncating the text to a few tokens leaves no labels of the untruncated length
     short = encode_example(Example("a", image, "caption en", "a red circle"), processor, recipe, 3)
     assert "labels" not in short and short["input_ids"].shape == short["token_type_ids"].shape
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_round_trips_through_from_pretrained_without_torchvision(tmp_path, name):
+    recipe = find_recipe(name)
+    model, processor = _tiny(name)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    # a real checkpoint names a video processor too: image training leaves it out
+    (tmp_path / "video_preprocessor_config.json").write_text(
+        json.dumps({"video_processor_type": "Qwen2VLVideoProcessor"})
+    )
+    loaded, loaded_processor, found = load_model_and_processor(
+        str(tmp_path), dtype="float32", device="cpu"
+    )
+    assert found.name == name and type(loaded) is type(model)
+    assert isinstance(loaded_processor, type(processor).__mro__[1])
+    batch = _batch(recipe, processor)
+    loaded_batch = _batch(recipe, loaded_processor)
+    assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**loaded_batch).logits, model(**batch).logits)

@@ -10,7 +10,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from vlm_sparsify.recipe import Recipe, find_recipe
+from vlm_sparsify.recipe import Recipe, find_recipe, transformers_class
 
 DEFAULT_MODEL = str(resources.files("vlm_sparsify") / "tiny" / "easyvqa_llava")
 """The embedded offline default: a tiny LLaVA trained on easy-VQA, shipped with the package."""
@@ -56,6 +56,29 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+def processor_class(recipe: Recipe) -> type:
+    """The class that loads the recipe's processor: with `[model] image_only_processor`, the
+    concrete processor class (`AutoProcessor` resolved through `config.model_type`) without its
+    video slot, so that transformers does not look for a video processor (which needs
+    torchvision) that image training never uses."""
+    cls = recipe.resolve_processor_class()
+    if not recipe.image_only_processor:
+        return cls
+    if cls is transformers.AutoProcessor:
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        name = PROCESSOR_MAPPING_NAMES.get(recipe.model_type)
+        if not name:
+            raise ValueError(
+                f"recipe '{recipe.name}': [model] image_only_processor needs a concrete "
+                f"processor_class (transformers knows none for model_type '{recipe.model_type}')"
+            )
+        cls = transformers_class(name)
+    from vlm_sparsify.random_models import without_video_slot
+
+    return without_video_slot(cls)
+
+
 def load_model_and_processor(
     model_id: str,
     recipe: Recipe | None = None,
@@ -76,7 +99,7 @@ def load_model_and_processor(
         model = recipe.resolve_model_class().from_pretrained(
             model_id, **{_dtype_kwarg(): pick_dtype(dtype, torch_device)}, **hub_kwargs
         )
-        processor = recipe.resolve_processor_class().from_pretrained(model_id, **hub_kwargs)
+        processor = processor_class(recipe).from_pretrained(model_id, **hub_kwargs)
     except OSError as err:
         local = "" if Path(model_id).exists() else " (no such local folder either)"
         raise OSError(

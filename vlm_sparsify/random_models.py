@@ -158,8 +158,17 @@ def without_video_slot(processor_class: type) -> type:
     `__call__` on images and text) is the class's own code.
     """
 
-    def __init__(self: Any, image_processor: Any = None, tokenizer: Any = None, **kwargs: Any):
-        processor_class.__init__(self, image_processor, tokenizer, None, **kwargs)
+    # `chat_template` named: `from_pretrained` passes only the keywords `__init__` names
+    def __init__(
+        self: Any,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: Any = None,
+        **kwargs: Any,
+    ):
+        processor_class.__init__(
+            self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs
+        )
 
     return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
 

@@ -68,6 +68,8 @@ class Recipe:
     prompt: PromptFormat
     dataset: DatasetDefaults
     tiny: dict[str, Any] = field(default_factory=dict)
+    image_only_processor: bool = False
+    """Load the processor with its image processor and tokenizer only (no video processor)."""
     train_defaults: dict[str, Any] = field(default_factory=dict)
     """Training flags this model defaults to when not passed (the `[train]` table)."""
     source: str = ""
@@ -120,7 +122,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "model": dict, "layers": dict, "prompt": dict, "dataset": dict, "train": dict,
         "tiny": dict,
     },
-    "model": {"class": str, "processor_class": str},
+    "model": {"class": str, "processor_class": str, "image_only_processor": bool},
     "layers": {"decoder": STR_LIST, "mlp": str, "vision": STR_LIST},
     "prompt": {
         "image_token": str, "template": str, "use_chat_template": bool,
@@ -235,6 +237,7 @@ def parse_recipe(data: dict[str, Any], source: str = "") -> Recipe:
         model_ids=_as_tuple(data.get("model_ids", [])),
         model_class=data["model"]["class"],
         processor_class=data["model"].get("processor_class", "AutoProcessor"),
+        image_only_processor=data["model"].get("image_only_processor", False),
         decoder_layers=decoder,
         mlp=layers.get("mlp", "mlp"),
         vision_layers=_as_tuple(layers.get("vision", [])),
