@@ -89,6 +89,25 @@ def test_lookup_by_model_type_of_a_saved_model(tmp_path):
     assert find_recipe(model_id=str(folder)).name == "paligemma"
 
 
+def test_a_local_folder_is_found_by_its_model_type_before_a_glob_on_its_path(tmp_path):
+    folder = tmp_path / "llava-1.5-project" / "my-qwen"  # the path matches llava's `*llava-1.5*`
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    assert find_recipe(model_id=str(folder)).name == "qwen2_5_vl"
+    # a glob still chooses among the recipes of the folder's model_type
+    (folder / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert find_recipe(model_id=str(folder)).name == "llava"
+
+
+def test_a_text_only_gemma3_is_refused_in_one_line(tmp_path):
+    folder = tmp_path / "gemma-3-1b-it"  # matches the gemma3 recipe's `*gemma-3-*`
+    folder.mkdir()
+    config = {"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"is Gemma3ForCausalLM .*'gemma3'.*no vision tower"):
+        find_recipe(model_id=str(folder))
+
+
 def test_unknown_model_lists_the_recipes_and_the_flag(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "florence2"}))
     with pytest.raises(ValueError, match="florence2") as err:

@@ -294,12 +294,29 @@ def shipped_recipes() -> dict[str, Recipe]:
     return recipes
 
 
-def _model_type_of(model_id: str) -> str | None:
-    """`config.model_type` of a local model folder (no network, no remote code)."""
+def _local_config(model_id: str) -> dict[str, Any] | None:
+    """`config.json` of a local model folder (no network, no remote code)."""
     config = Path(model_id) / "config.json"
     if config.is_file():
-        return json.loads(config.read_text()).get("model_type")
+        return json.loads(config.read_text())
     return None
+
+
+def _mismatch(model_id: str, config: dict[str, Any], recipe: Recipe) -> ValueError:
+    """A local model whose `config.model_type` no recipe has, though a recipe's model-id glob
+    matches its path: say what the model is instead of loading it with the wrong class."""
+    model_type = config.get("model_type")
+    architectures = ", ".join(config.get("architectures") or []) or "?"
+    text_only = str(model_type).endswith("_text") or architectures.endswith("ForCausalLM")
+    what = (
+        "a text-only model (no vision tower): vlm_sparsify trains on vision-language models"
+        if text_only
+        else "a model no recipe knows; pass --recipe PATH to a recipe for it (docs/recipes.md)"
+    )
+    return ValueError(
+        f"model '{model_id}' is {architectures} (config.model_type '{model_type}'); its path "
+        f"matches recipe '{recipe.name}', which is for model_type '{recipe.model_type}': {what}"
+    )
 
 
 def find_recipe(
@@ -321,10 +338,17 @@ def find_recipe(
             "TOML file (see docs/recipes.md)"
         )
     if model_id:
-        for candidate in known.values():
-            if candidate.matches(model_id):
-                return candidate
-        model_type = model_type or _model_type_of(model_id)
+        matched = [c for c in known.values() if c.matches(model_id)]
+        config = _local_config(model_id)
+        if config is None:  # a Hub id: its glob decides (nothing is fetched to look)
+            if matched:
+                return matched[0]
+        else:  # a local folder: its config.model_type decides, the glob only among those
+            model_type = model_type or config.get("model_type")
+            if same := [c for c in matched if c.model_type == model_type]:
+                return same[0]
+            if matched and not any(c.model_type == model_type for c in known.values()):
+                raise _mismatch(model_id, config, matched[0])
     if model_type:
         candidates = [c for c in known.values() if c.model_type == model_type]
         if len(candidates) > 1:
