@@ -75,6 +75,29 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     assert image.mode == "RGB" and image.size == (32, 40)
 
 
+def test_a_16_bit_grayscale_image_is_scaled_to_8_bits(tmp_path):
+    import numpy as np
+
+    pixels = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
+    Image.fromarray(pixels).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    image = load_rgb(str(tmp_path / "deep.png"))
+    assert [image.getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in (0, 64, 128, 255)]
+
+
+def test_a_decompression_bomb_is_a_bad_image(tmp_path, llava_recipe, tiny_llava, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 40 is over twice the limit
+    path = make_image(tmp_path / "huge.png")
+    with pytest.raises(BadImageError, match="decompression bomb"):
+        load_rgb(str(path))
+    examples = [Example("huge.png", str(path), "what is it?", "a square")]
+    _, processor = tiny_llava
+    batches = list(BatchStream(examples, processor, llava_recipe, batch_size=1))
+    assert batches[0]["skipped"] == ["huge.png"]  # skipped and counted, no traceback
+    with pytest.raises(BadImageError, match="example huge.png: .*decompression bomb"):
+        list(BatchStream(examples, processor, llava_recipe, batch_size=1, strict=True))
+
+
 def test_transparent_pixels_become_white(tmp_path):
     Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(tmp_path / "clear.png")
     assert load_rgb(str(tmp_path / "clear.png")).getpixel((0, 0)) == (255, 255, 255)

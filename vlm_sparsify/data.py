@@ -19,6 +19,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
@@ -50,7 +51,8 @@ class ContextTooShortError(ValueError):
 
 
 def load_rgb(image: Any) -> Image.Image:
-    """Open any image reference as RGB (grayscale, palette and RGBA included)."""
+    """Open any image reference as RGB (grayscale, 16-bit grayscale, palette and RGBA
+    included); one too large to decode safely (PIL's decompression-bomb limit) is a bad image."""
     try:
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
@@ -61,13 +63,24 @@ def load_rgb(image: Any) -> Image.Image:
         if not isinstance(image, Image.Image):
             raise BadImageError(f"not an image: {type(image).__name__}")
         image.load()
-    except (OSError, UnidentifiedImageError, SyntaxError) as err:
+    except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(str(err)) from err
+    if image.mode.startswith("I"):  # 16- or 32-bit integer grayscale
+        image = _to_8_bits(image)
     if image.mode in ("RGBA", "LA", "P", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return image.convert("RGB")
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """Integer grayscale (`I;16`, `I`) scaled to 8 bits: PIL's own conversion clips every value
+    above 255, which turns a 16-bit image white."""
+    pixels = np.asarray(image).astype(np.float64)
+    # 16-bit PNGs (I;16) span 0..65535; mode I holds 16-bit data too, unless it is 8-bit
+    top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+    return Image.fromarray(np.clip(np.round(pixels * 255.0 / top), 0, 255).astype(np.uint8), "L")
 
 
 # -- sources ----------------------------------------------------------------------------------
