@@ -71,3 +71,6 @@ def test_training_help_names_the_program_and_the_recipes_defaults(capsys):
     )
     assert "(default: the recipe's dataset). --recipe" in text  # its default said once
     assert "train a sparse coder for each seed" not in text and " str str" not in text
+    # every flag has a help text (sparsify's --log_to_wandb showed a placeholder, --run_name none)
+    assert "<__TEMP__>" not in text
+    assert "--run_name [str] The run's name: its folder under --save_dir" in text

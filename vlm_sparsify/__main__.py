@@ -88,6 +88,19 @@ class RunConfig(TrainConfig):
     """Random seed of the coders' initialisation: one per run (for several seeds, one run
     each, with its own --run_name)."""
 
+    log_to_wandb: bool = True
+    """Log to Weights & Biases (rank 0; project WANDB_PROJECT, default vlm_sparsify); skipped
+    with a note when wandb is not installed."""
+
+    run_name: str | None = None
+    """The run's name: its folder under --save_dir (default: unnamed) and its W&B name."""
+
+    wandb_log_frequency: int = 1
+    """Log to W&B every this many steps."""
+
+    save_dir: str = "checkpoints"
+    """The folder that holds the run folders."""
+
     model: str = field(default="default", positional=True, metavar="MODEL")
     """Model id on the Hub, a local folder, or `default`: the embedded tiny easy-VQA LLaVA."""
 
