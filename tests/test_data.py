@@ -281,3 +281,18 @@ def test_a_wrong_image_pad_token_is_an_error(
     examples = [Example("a", make_image(tmp_path / "a.png"), "what is it?", "a square")]
     with pytest.raises(ValueError, match=message):
         list(BatchStream(examples, processor, recipe, batch_size=1))
+
+
+def test_a_ctx_len_that_cuts_the_image_delimiters_warns(tmp_path, llava_recipe, tiny_llava):
+    import warnings
+
+    _, processor = tiny_llava
+    example = Example("a", make_image(tmp_path / "a.png"), "what is it?", "a square")
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "error", message="--ctx_len"
+        )  # the text after the image's "\n" may go silently
+        encode_example(example, processor, llava_recipe, ctx_len=3)
+    with pytest.warns(UserWarning, match="--ctx_len 1 cuts text tokens next to an image"):
+        encoded = encode_example(example, processor, llava_recipe, ctx_len=1)
+    assert int((encoded["input_ids"] == processor.image_token_id).sum()) > 0

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import random
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -321,6 +322,16 @@ def truncate_keeping_image_tokens(
         return encoded
     text_positions = (~is_image).nonzero().squeeze(1)[:budget]
     keep = torch.cat([is_image.nonzero().squeeze(1), text_positions]).sort().values
+    dropped = torch.ones_like(is_image)
+    dropped[keep] = False
+    beside_image = F.pad(is_image[1:], (0, 1)) | F.pad(is_image[:-1], (1, 0))
+    if (dropped & beside_image).any():
+        warnings.warn(
+            f"--ctx_len {ctx_len} cuts text tokens next to an image's tokens (its delimiters, "
+            "such as <|vision_end|> or <end_of_image>): the model sees the image without them; "
+            "raise --ctx_len to keep them",
+            stacklevel=2,
+        )
     return {key: value[:, keep] if key in TOKEN_KEYS else value for key, value in encoded.items()}
 
 
