@@ -108,6 +108,20 @@ def test_a_text_only_gemma3_is_refused_in_one_line(tmp_path):
         find_recipe(model_id=str(folder))
 
 
+def test_a_text_only_checkpoint_is_refused_before_its_weights_load(tmp_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, vocab_size=128,
+    )  # fmt: skip
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path)  # as a Hub id would: no path to match
+    with pytest.raises(
+        ValueError, match=r"is Gemma3ForCausalLM .*recipe 'gemma3'.*no vision tower"
+    ):
+        load_model_and_processor(str(tmp_path), find_recipe("gemma3"), device="cpu")
+
+
 def test_unknown_model_lists_the_recipes_and_the_flag(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "florence2"}))
     with pytest.raises(ValueError, match="florence2") as err:

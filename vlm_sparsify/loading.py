@@ -79,6 +79,26 @@ def processor_class(recipe: Recipe) -> type:
     return without_video_slot(cls)
 
 
+def check_model_type(model_id: str, config: Any, recipe: Recipe) -> None:
+    """The checkpoint is of the recipe's `model_type`: a text-only checkpoint whose id matches a
+    VLM recipe (`google/gemma-3-1b-it`, `Gemma3ForCausalLM`) would load with a random vision
+    tower."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == recipe.model_type:
+        return
+    architectures = ", ".join(getattr(config, "architectures", None) or []) or "?"
+    text_only = str(model_type).endswith("_text") or architectures.endswith("ForCausalLM")
+    what = (
+        "a text-only model (no vision tower): vlm_sparsify trains on vision-language models"
+        if text_only
+        else "pass --recipe with a recipe of that model_type"
+    )
+    raise ValueError(
+        f"model '{model_id}' is {architectures} (config.model_type '{model_type}'), but recipe "
+        f"'{recipe.name}' is for model_type '{recipe.model_type}': {what}"
+    )
+
+
 def load_model_and_processor(
     model_id: str,
     recipe: Recipe | None = None,
@@ -96,6 +116,8 @@ def load_model_and_processor(
     if token:
         hub_kwargs["token"] = token
     try:
+        config = transformers.AutoConfig.from_pretrained(model_id, **hub_kwargs)
+        check_model_type(model_id, config, recipe)  # before the weights load
         model = recipe.resolve_model_class().from_pretrained(
             model_id, **{_dtype_kwarg(): pick_dtype(dtype, torch_device)}, **hub_kwargs
         )
