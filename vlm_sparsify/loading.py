@@ -10,7 +10,7 @@ import torch
 import transformers
 from packaging.version import Version
 
-from vlm_sparsify.recipe import Recipe, find_recipe, transformers_class
+from vlm_sparsify.recipe import Recipe, find_recipe, model_type_mismatch, transformers_class
 
 DEFAULT_MODEL = str(resources.files("vlm_sparsify") / "tiny" / "easyvqa_llava")
 """The embedded offline default: a tiny LLaVA trained on easy-VQA, shipped with the package."""
@@ -83,20 +83,8 @@ def check_model_type(model_id: str, config: Any, recipe: Recipe) -> None:
     """The checkpoint is of the recipe's `model_type`: a text-only checkpoint whose id matches a
     VLM recipe (`google/gemma-3-1b-it`, `Gemma3ForCausalLM`) would load with a random vision
     tower."""
-    model_type = getattr(config, "model_type", None)
-    if model_type == recipe.model_type:
-        return
-    architectures = ", ".join(getattr(config, "architectures", None) or []) or "?"
-    text_only = str(model_type).endswith("_text") or architectures.endswith("ForCausalLM")
-    what = (
-        "a text-only model (no vision tower): vlm_sparsify trains on vision-language models"
-        if text_only
-        else "pass --recipe with a recipe of that model_type"
-    )
-    raise ValueError(
-        f"model '{model_id}' is {architectures} (config.model_type '{model_type}'), but recipe "
-        f"'{recipe.name}' is for model_type '{recipe.model_type}': {what}"
-    )
+    if config.model_type != recipe.model_type:
+        raise model_type_mismatch(model_id, config.to_dict(), recipe)
 
 
 def load_model_and_processor(

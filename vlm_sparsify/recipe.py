@@ -302,20 +302,23 @@ def _local_config(model_id: str) -> dict[str, Any] | None:
     return None
 
 
-def _mismatch(model_id: str, config: dict[str, Any], recipe: Recipe) -> ValueError:
-    """A local model whose `config.model_type` no recipe has, though a recipe's model-id glob
-    matches its path: say what the model is instead of loading it with the wrong class."""
+def model_type_mismatch(
+    model_id: str, config: dict[str, Any], recipe: Recipe, why: str = ""
+) -> ValueError:
+    """The error for a checkpoint whose `config.model_type` is not the recipe's (`config`: its
+    config.json as a dict): says what the model is, e.g. a text-only model with no vision
+    tower, instead of loading it with the wrong class."""
     model_type = config.get("model_type")
     architectures = ", ".join(config.get("architectures") or []) or "?"
     text_only = str(model_type).endswith("_text") or architectures.endswith("ForCausalLM")
     what = (
         "a text-only model (no vision tower): vlm_sparsify trains on vision-language models"
         if text_only
-        else "a model no recipe knows; pass --recipe PATH to a recipe for it (docs/recipes.md)"
+        else "pass --recipe NAME or PATH with a recipe of that model_type (docs/recipes.md)"
     )
     return ValueError(
-        f"model '{model_id}' is {architectures} (config.model_type '{model_type}'); its path "
-        f"matches recipe '{recipe.name}', which is for model_type '{recipe.model_type}': {what}"
+        f"model '{model_id}' is {architectures} (config.model_type '{model_type}'), but recipe "
+        f"'{recipe.name}'{why} is for model_type '{recipe.model_type}': {what}"
     )
 
 
@@ -348,7 +351,9 @@ def find_recipe(
             if same := [c for c in matched if c.model_type == model_type]:
                 return same[0]
             if matched and not any(c.model_type == model_type for c in known.values()):
-                raise _mismatch(model_id, config, matched[0])
+                raise model_type_mismatch(
+                    model_id, config, matched[0], " (its model_ids match the path)"
+                )
     if model_type:
         candidates = [c for c in known.values() if c.model_type == model_type]
         if len(candidates) > 1:
