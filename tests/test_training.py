@@ -37,6 +37,22 @@ def weights(run_dir):
     [("0", "fvu"), ("3", "fvu"), ("3", "kl")],
     ids=["plt", "clt", "clt-kl"],
 )
+def interrupt_at_batch(monkeypatch, n: int):
+    """Make the n-th `Trainer.train_on_batch` call raise KeyboardInterrupt (Ctrl-C); returns the
+    original method, to put back."""
+    original = training.Trainer.train_on_batch
+    calls = {"n": 0}
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(training.Trainer, "train_on_batch", interrupted)
+    return original
+
+
 def test_checkpoints_load_and_resume_is_exact(
     tmp_path, tiny_llava_dir, monkeypatch, capsys, cross_layer, loss_fn
 ):
@@ -47,16 +63,7 @@ def test_checkpoints_load_and_resume_is_exact(
     assert (whole / "summary.json").is_file() and (whole / "config.json").is_file()
     assert (whole / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    original = training.Trainer.train_on_batch
-    calls = {"n": 0}
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(training.Trainer, "train_on_batch", interrupted)
+    original = interrupt_at_batch(monkeypatch, 5)
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         run(cli(tiny_llava_dir, tmp_path, "split", *extra))
@@ -88,16 +95,7 @@ def test_checkpoints_wait_for_the_optimizer_step_so_resume_is_exact(
     # --save_every 3 falls mid-accumulation with --grad_acc_steps 2: the save waits for step 4
     extra = ("--transcode", "true", "--save_every", "3", "--grad_acc_steps", "2")
     run(cli(tiny_llava_dir, tmp_path, "whole", *extra))
-    original = training.Trainer.train_on_batch
-    calls = {"n": 0}
-
-    def interrupted(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return original(self, batch)
-
-    monkeypatch.setattr(training.Trainer, "train_on_batch", interrupted)
+    original = interrupt_at_batch(monkeypatch, 6)
     capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         run(cli(tiny_llava_dir, tmp_path, "split", *extra))
