@@ -32,11 +32,6 @@ def weights(run_dir):
     return {h: load_file(run_dir / h / "sae.safetensors") for h in HOOKS}
 
 
-@pytest.mark.parametrize(
-    ("cross_layer", "loss_fn"),
-    [("0", "fvu"), ("3", "fvu"), ("3", "kl")],
-    ids=["plt", "clt", "clt-kl"],
-)
 def interrupt_at_batch(monkeypatch, n: int):
     """Make the n-th `Trainer.train_on_batch` call raise KeyboardInterrupt (Ctrl-C); returns the
     original method, to put back."""
@@ -53,6 +48,11 @@ def interrupt_at_batch(monkeypatch, n: int):
     return original
 
 
+@pytest.mark.parametrize(
+    ("cross_layer", "loss_fn"),
+    [("0", "fvu"), ("3", "fvu"), ("3", "kl")],
+    ids=["plt", "clt", "clt-kl"],
+)
 def test_checkpoints_load_and_resume_is_exact(
     tmp_path, tiny_llava_dir, monkeypatch, capsys, cross_layer, loss_fn
 ):
