@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from vlm_sparsify.files import jsonl_rows
+
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSON-array file or a JSONL file (one object a line; blank lines skipped)."""
@@ -12,14 +14,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     if text.lstrip().startswith("["):
         records = json.loads(text)
     else:
-        records = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not a JSON object ({err})") from err
+        records = jsonl_rows(text.splitlines(), path)
     bad = next((r for r in records if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"{path}: every record must be a JSON object, got {bad!r}")

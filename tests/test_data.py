@@ -38,7 +38,7 @@ def llava15_processor(recipe) -> LlavaProcessor:
 
 def test_a_malformed_metadata_row_is_named(tmp_path):
     (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png"}\n\n{"file_name": \n')
-    with pytest.raises(ValueError, match=r"metadata.jsonl, line 3: not valid JSON"):
+    with pytest.raises(ValueError, match=r"metadata.jsonl:3: not valid JSON"):
         folder_examples(tmp_path, "What is it?")
 
 

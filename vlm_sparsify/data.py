@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlm_sparsify.files import read_jsonl
 from vlm_sparsify.recipe import Recipe
 
 TokenRegion = Literal["all", "image", "text"]
@@ -98,25 +98,11 @@ def easyvqa_examples(split: str = "train") -> list[Example]:
     ]
 
 
-def _jsonl_rows(path: Path) -> list[Any]:
-    """The rows of a JSON-lines file; a malformed one is an error naming the file and line."""
-    rows = []
-    with path.open() as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err})") from None
-    return rows
-
-
 def folder_examples(folder: Path, question: str) -> list[Example]:
     """Images in `folder` described by `metadata.jsonl` or `metadata.csv` (`file_name` column,
     plus `text` or `question` / `answer` columns), as in Hugging Face's imagefolder."""
     if (folder / "metadata.jsonl").is_file():
-        rows = _jsonl_rows(folder / "metadata.jsonl")
+        rows = read_jsonl(folder / "metadata.jsonl")
     elif (folder / "metadata.csv").is_file():
         with (folder / "metadata.csv").open(newline="") as f:
             rows = list(csv.DictReader(f))
@@ -161,12 +147,14 @@ def hf_examples(
     if isinstance(ds.features[defaults.image_column], ImageFeature):
         ds = ds.cast_column(defaults.image_column, ImageFeature(decode=False))
     ds = ds.shuffle(seed=shuffle_seed)
-    if ds.column_names is not None:  # a streamed dataset may not know them before its first row
+    # a streamed dataset may not know its columns before its first row: checked there
+    columns_known = ds.column_names is not None
+    if columns_known:
         check_text_columns(path, recipe, ds.column_names)
 
     def generate() -> Iterator[Example]:
         for i, row in enumerate(ds):
-            if i == 0:
+            if i == 0 and not columns_known:
                 check_text_columns(path, recipe, list(row))
             answer = row.get(defaults.text_column, "") if defaults.text_column else ""
             if isinstance(answer, list):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,26 @@ def read_json(path: str | Path) -> Any:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UnreadableFileError(f"{path} is not valid JSON: {err}") from None
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The rows of a JSON-lines file (blank lines skipped); a malformed line is an error naming
+    the file and the line."""
+    with Path(path).open(encoding="utf-8") as f:
+        return jsonl_rows(f, path)
+
+
+def jsonl_rows(lines: Iterable[str], path: str | Path) -> list[Any]:
+    """The rows of JSON-lines text read from `path` (named in the error for a malformed line)."""
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UnreadableFileError(f"{path}:{number}: not valid JSON ({err})") from None
+    return rows
 
 
 def load_torch(path: str | Path, map_location: Any = None) -> Any:
