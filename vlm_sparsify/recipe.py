@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tomllib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from importlib import resources
@@ -116,6 +116,17 @@ def transformers_class(name: str) -> type:
 STR_LIST = "a string or a list of strings"
 """How a recipe field holding candidate paths or globs is described in errors."""
 
+
+def _fields_of(table: type) -> dict[str, Any]:
+    """The keys of a table read straight into the dataclass `table`, with their types."""
+    return {f.name: {"str": str, "bool": bool}[str(f.type)] for f in fields(table)}
+
+
+def _required_of(table: type) -> tuple[str, ...]:
+    """The fields of the dataclass `table` without a default."""
+    return tuple(f.name for f in fields(table) if f.default is MISSING)
+
+
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {
         "name": str, "description": str, "model_type": str, "model_ids": STR_LIST,
@@ -124,15 +135,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "model": {"class": str, "processor_class": str, "image_only_processor": bool},
     "layers": {"decoder": STR_LIST, "mlp": str, "vision": STR_LIST},
-    "prompt": {
-        "image_token": str, "template": str, "use_chat_template": bool,
-        "short_answer_suffix": str, "caption_question": str, "answer_separator": str,
-        "image_pad_token": str, "answer_as_suffix": bool,
-    },
-    "dataset": {
-        "path": str, "split": str, "image_column": str, "text_column": str,
-        "question_column": str, "question": str,
-    },
+    "prompt": _fields_of(PromptFormat),
+    "dataset": _fields_of(DatasetDefaults),
     "tiny": {
         "config_class": str, "config": dict, "text_config_key": str, "token_id_fields": dict,
         "processor_class": str, "processor": dict, "image_processor_class": str,
@@ -147,8 +151,8 @@ REQUIRED = {
     "": ("name", "model_type", "model", "layers", "prompt", "dataset"),
     "model": ("class",),
     "layers": ("decoder",),
-    "prompt": ("image_token", "template"),
-    "dataset": ("path",),
+    "prompt": _required_of(PromptFormat),
+    "dataset": _required_of(DatasetDefaults),
 }
 """Keys a recipe must have, by table."""
 
