@@ -4,9 +4,9 @@ Samples of the same image must land on the same side: POPE asks the same yes-que
 image in each of its three splits, AMBER and easy-VQA ask several questions per image, so a split
 by sample id would hold out near-copies of train samples. Each sample has a group key (its image,
 `sample_images`; the sample id itself when it has none), and a group is held out when the hash of
-`"{seed}:{key}"` (key `image:<file name>`, `image_id:<n>` or the id) falls below `held_out_fraction`. The split therefore depends on neither the order
-of the ids nor on which other samples exist: adding samples never moves one from train to
-held-out. `analyze` selects features on the train ids; `steer` evaluates on the held-out ids.
+`"{seed}:{key}"` (key `image:<file name>`, `image_id:<n>` or the id) falls below
+`held_out_fraction`. The split therefore depends on neither the order of the ids nor on which
+other samples exist: adding samples never moves one from train to held-out. `analyze` selects features on the train ids; `steer` evaluates on the held-out ids.
 """
 
 from __future__ import annotations

@@ -39,8 +39,8 @@ ATTRIBUTIONS = "attributions.safetensors"
 ANALYSIS_VERSION = 5
 """Recorded in features.json; raised whenever the split or the statistics change (2: split by
 image; 3: zero-valued top-k slots do not count as firing; 4: Benjamini-Hochberg over the
-features that fire; 5: --rank-by attribution ranks GOOD minus BAD attribution), so that an older features.json is
-recomputed rather than taken as up to date."""
+features that fire; 5: --rank-by attribution ranks GOOD minus BAD attribution), so that an
+older features.json is recomputed rather than taken as up to date."""
 CHUNK_BINS = 1 << 17
 """Samples per accumulation chunk: about this many / num_latents (bins that fit in cache)."""
 
