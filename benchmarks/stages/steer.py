@@ -161,11 +161,10 @@ def random_control(
     control = []
     for feature in features:
         hookpoint = feature["hookpoint"]
-        free = np.array(sorted(set(range(num_latents)) - taken[hookpoint]), dtype=np.int64)
+        free = np.setdiff1d(np.arange(num_latents), np.fromiter(taken[hookpoint], np.int64))
         if len(free) == 0:
             raise ValueError(f"no latent left at {hookpoint} for the random control")
-        matched: dict[str, float] = {}
-        pool = free
+        pool, layer_frequency = free, None
         if frequency is not None and "source" in feature:
             layer_frequency = frequency[feature["source"]]
             living = free[layer_frequency[free] > 0]
@@ -174,8 +173,8 @@ def random_control(
                 distance = np.abs(layer_frequency[living] - target)
                 pool = living[np.argsort(distance, kind="stable")[:nearest]]
         latent = int(rng.choice(pool))
-        if frequency is not None and "source" in feature:
-            layer_frequency = frequency[feature["source"]]
+        matched: dict[str, float] = {}
+        if layer_frequency is not None:
             matched = {
                 "frequency": float(layer_frequency[latent]),
                 "feature_frequency": float(layer_frequency[feature["feature_idx"]]),
