@@ -220,9 +220,18 @@ class RunConfig(TrainConfig):
             )
 
 
-def check_values(args: RunConfig) -> None:
+def check_values(args: RunConfig, recipe: str = "", from_recipe: Any = ()) -> None:
     """Flag values that cannot work, named before anything loads (checked again once the
-    recipe's or a resumed run's values apply)."""
+    recipe's or a resumed run's values apply); a value among `from_recipe` (flag names without
+    dashes) came from recipe `recipe`'s [train] table, which the error names instead of a flag."""
+
+    def out_of_range(flag: str, value: Any, rule: str, note: str = "") -> ValueError:
+        key = flag.removeprefix("--")
+        if key in from_recipe:
+            return ValueError(f"recipe '{recipe}': [train] {key} = {value!r} is out of range: "
+                              f"{key} {rule}")  # fmt: skip
+        return ValueError(f"{flag} {rule}, got {value}{note}")
+
     minimum = {
         "--batch_size": (args.batch_size, 1),
         "--grad_acc_steps": (args.grad_acc_steps, 1),
@@ -246,13 +255,15 @@ def check_values(args: RunConfig) -> None:
         minimum["--max_examples"] = (args.max_examples, 1)
     for flag, (value, least) in minimum.items():
         if value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+            raise out_of_range(flag, value, f"must be >= {least}")
     # the optimizers hold it in float32: 1e39 overflows to inf there, 1e-46 is 0
     if args.lr is not None and not 0 < float(torch.tensor(args.lr, dtype=torch.float32)) < math.inf:
-        raise ValueError(
-            f"--lr must be > 0 and within float32's range (at most "
-            f"{torch.finfo(torch.float32).max:.3g}), got {args.lr} (leave it out for sparsify's "
-            "default)"
+        raise out_of_range(
+            "--lr",
+            args.lr,
+            f"must be > 0 and within float32's range (at most "
+            f"{torch.finfo(torch.float32).max:.3g})",
+            " (leave it out for sparsify's default)",
         )
 
 
@@ -335,7 +346,7 @@ def apply_recipe_defaults(
     args: RunConfig, defaults: dict[str, Any], given: set[str], recipe: str = ""
 ) -> None:
     """The recipe's [train] defaults, for flags the user did not pass (`given`: flag names)."""
-    applied = {}
+    applied: set[str] = set()
     for key, value in defaults.items():
         target = args.sae if hasattr(args.sae, key) else args
         if not hasattr(target, key):
@@ -346,18 +357,8 @@ def apply_recipe_defaults(
         if key in given or (key in WIDTH_FLAGS and given & set(WIDTH_FLAGS)):
             continue
         setattr(target, key, value)
-        applied[key] = value
-    try:
-        check_values(args)
-    except ValueError as err:
-        # "--k must be >= 1, got -1": the value came from the recipe, not from the flag
-        flag, _, rest = str(err).partition(" ")
-        key = flag.removeprefix("--")
-        if key not in applied:
-            raise
-        raise ValueError(
-            f"recipe '{recipe}': [train] {key} = {applied[key]!r} is out of range: {key} {rest}"
-        ) from None
+        applied.add(key)
+    check_values(args, recipe, applied)
 
 
 RESUME_MAY_CHANGE = (
