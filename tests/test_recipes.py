@@ -15,7 +15,14 @@ from PIL import Image
 from sparsify.config import SparseCoderConfig
 from torch import nn
 
-from vlm_sparsify.data import Example, collate, encode_example, image_token_id, token_mask
+from vlm_sparsify.data import (
+    Example,
+    check_image_token,
+    collate,
+    encode_example,
+    image_token_id,
+    token_mask,
+)
 from vlm_sparsify.hookpoints import decoder_layers_path, mlp_hookpoints, vision_layer_paths
 from vlm_sparsify.loading import load_model_and_processor
 from vlm_sparsify.random_models import build_tiny, build_tiny_model, build_tokenizer
@@ -461,3 +468,32 @@ def test_qwen_round_trips_through_from_pretrained_without_torchvision(tmp_path, 
     assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**loaded_batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_names_the_token_its_model_fills_with_image_features(name):
+    recipe = find_recipe(name)
+    _require(recipe)
+    model, processor = _tiny(name)
+    check_image_token(model.config, processor, recipe)
+    assert image_token_id(processor, recipe) == model.config.image_token_id
+
+
+def test_a_wrong_image_token_that_every_prompt_holds_is_refused_when_the_model_loads(tmp_path):
+    import dataclasses
+
+    recipe = find_recipe("qwen2_vl")
+    model, processor = _tiny("qwen2_vl")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    # <|vision_start|> is a token of the tokenizer and in every prompt: only the model knows
+    wrong = dataclasses.replace(
+        recipe, prompt=dataclasses.replace(recipe.prompt, image_pad_token="<|vision_start|>")
+    )
+    assert (_batch(wrong, processor)["input_ids"] == image_token_id(processor, wrong)).any()
+    message = (
+        r"recipe 'qwen2_vl': \[prompt\] image_pad_token = '<\|vision_start\|>' is token \d+, "
+        r"but the model fills token \d+ \('<\|image_pad\|>', config.image_token_id\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_model_and_processor(str(tmp_path), wrong, dtype="float32", device="cpu")

@@ -255,6 +255,29 @@ def _known_token_id(processor: Any, recipe: Recipe, key: str, token: str) -> int
     return int(token_id)
 
 
+def check_image_token(config: Any, processor: Any, recipe: Recipe) -> None:
+    """The image token the recipe (or processor) names is the one the model fills with image
+    features (`config.image_token_id`): a wrong token that the tokenizer knows and every prompt
+    holds (`<|vision_start|>` for `<|image_pad|>`) would train on the wrong positions."""
+    expected = getattr(config, "image_token_id", None)
+    if expected is None:
+        return
+    found = image_token_id(processor, recipe)
+    if found == expected:
+        return
+    wanted = processor.tokenizer.convert_ids_to_tokens(int(expected))
+    if recipe.prompt.image_pad_token:
+        named = f"[prompt] image_pad_token = '{recipe.prompt.image_pad_token}'"
+    elif getattr(processor, "image_token_id", None) is not None:
+        named = "the processor's image_token_id"
+    else:
+        named = f"[prompt] image_token = '{recipe.prompt.image_token}'"
+    raise ValueError(
+        f"recipe '{recipe.name}': {named} is token {found}, but the model fills token "
+        f"{expected} ('{wanted}', config.image_token_id) with image features; name that token"
+    )
+
+
 def _processor_image_token(processor: Any) -> str:
     """What the processor says its image token is, for error messages."""
     token = getattr(processor, "image_token", None)

@@ -10,6 +10,7 @@ import torch
 import transformers
 from packaging.version import Version
 
+from vlm_sparsify.data import check_image_token
 from vlm_sparsify.recipe import Recipe, find_recipe, model_type_mismatch, transformers_class
 
 DEFAULT_MODEL = str(resources.files("vlm_sparsify") / "tiny" / "easyvqa_llava")
@@ -115,5 +116,6 @@ def load_model_and_processor(
         raise OSError(
             f"could not load model '{model_id}'{local} with recipe '{recipe.name}': {err}"
         ) from None
+    check_image_token(model.config, processor, recipe)
     model.to(torch_device).eval().requires_grad_(False)
     return model, processor, recipe
