@@ -497,3 +497,18 @@ def test_a_wrong_image_token_that_every_prompt_holds_is_refused_when_the_model_l
     )
     with pytest.raises(ValueError, match=message):
         load_model_and_processor(str(tmp_path), wrong, dtype="float32", device="cpu")
+
+
+def test_a_typo_in_a_tiny_config_table_names_the_table_and_the_field():
+    import dataclasses
+
+    recipe = find_recipe("llava")
+    config = {**recipe.tiny["config"]}
+    config["text_config"] = {**config["text_config"], "num_hiden_layers": 1}
+    typo = dataclasses.replace(recipe, tiny={**recipe.tiny, "config": config})
+    message = (
+        r"recipe 'llava': \[tiny.config.text_config\] num_hiden_layers is not a field of "
+        r"LlamaConfig \(did you mean 'num_hidden_layers'\?\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        build_tiny_model(typo)

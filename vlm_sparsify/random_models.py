@@ -8,6 +8,7 @@ recipe's image processor class, so `save_pretrained` / `from_pretrained` round-t
 from __future__ import annotations
 
 import copy
+from difflib import get_close_matches
 from typing import Any
 
 import torch
@@ -193,9 +194,28 @@ def build_tiny_model(recipe: Recipe, processor: Any | None = None, seed: int = 0
     text_config = config_kwargs.get(text_key, config_kwargs)
     text_config["vocab_size"] = max(text_config.get("vocab_size", 0), len(processor.tokenizer))
     config = transformers_class(tiny["config_class"])(**config_kwargs)
+    check_config_keys(recipe, config, tiny["config"], "tiny.config")
     torch.manual_seed(seed)
     model = recipe.resolve_model_class()(config)
     return model.eval().requires_grad_(False)
+
+
+def check_config_keys(recipe: Recipe, config: Any, values: dict[str, Any], table: str) -> None:
+    """Every key of a `[tiny.config...]` table is a field of the config class it reaches:
+    transformers keeps an unknown keyword as an attribute nobody reads, so a typo
+    (`num_hiden_layers`) would build a model of the default size silently."""
+    cls = type(config)
+    fields = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    for key, value in values.items():
+        if key not in fields:
+            close = get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(
+                f"recipe '{recipe.name}': [{table}] {key} is not a field of {cls.__name__}{hint}"
+            )
+        sub = getattr(config, key, None)
+        if isinstance(value, dict) and hasattr(sub, "to_dict"):
+            check_config_keys(recipe, sub, value, f"{table}.{key}")
 
 
 def build_tiny(recipe: Recipe, seed: int = 0) -> tuple[Any, Any]:
