@@ -282,6 +282,27 @@ def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir, cross_layer
                 "--distribute_modules", "false"))  # fmt: skip
 
 
+@pytest.mark.slow
+def test_a_sharded_update_that_diverges_stops_every_process_before_saving(tmp_path, tiny_llava_dir):
+    from tests.test_training import cli
+
+    # --lr 1e30: each process's layers diverge; the FVU check is summed over the processes
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    extra = ("--transcode", "true", "--cross_layer", "3", "--distribute_modules", "true",
+             "--save_every", "1", "--lr", "1e30")  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", "29562", "-m", "vlm_sparsify",
+        *cli(tiny_llava_dir, tmp_path, "huge", *extra),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    message = "the update to step 1 made the FVU non-finite on its own batch, not saved"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]  # both processes, one line
+    assert "vlm_sparsify/" not in result.stderr  # no traceback of ours (torchrun prints its own)
+    assert not (tmp_path / "huge").exists()
+
+
 def test_the_cli_says_what_distribute_modules_works_with(tmp_path, tiny_llava_dir):
     from tests.test_training import cli
 
