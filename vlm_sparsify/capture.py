@@ -64,8 +64,10 @@ def region_ranges(codes: Tensor) -> Regions:
     return ranges
 
 
-def store_index_dtype(num_latents: int) -> torch.dtype:
-    """int16 when every index fits exactly (num_latents <= 32768), else int32."""
+def captured_index_dtype(num_latents: int) -> torch.dtype:
+    """The dtype of captured indices in memory: int16 when every index fits it as a signed
+    value (num_latents <= 32768), else int32. (The feature store reinterprets int16 as uint16
+    on disk and so keeps 16 bits up to 65,536 latents: `benchmarks.store.StoreMeta`.)"""
     return torch.int16 if num_latents <= 32768 else torch.int32
 
 
@@ -106,7 +108,7 @@ class FeatureCapture:
 
     def __init__(self, num_sources: int, num_latents: int, value_dtype: torch.dtype):
         self.num_sources = num_sources
-        self.index_dtype = store_index_dtype(num_latents)
+        self.index_dtype = captured_index_dtype(num_latents)
         self.value_dtype = value_dtype
         self._sequences: list[_Sequence] = []
 
