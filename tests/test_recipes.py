@@ -512,3 +512,13 @@ def test_a_typo_in_a_tiny_config_table_names_the_table_and_the_field():
     )
     with pytest.raises(ValueError, match=message):
         build_tiny_model(typo)
+
+
+def test_the_embedded_models_names_resolve_to_its_folder_not_the_hub():
+    from vlm_sparsify.loading import DEFAULT_MODEL, resolve_model
+
+    assert resolve_model("default") == resolve_model("vlm_sparsify/tiny-easyvqa-llava")
+    assert resolve_model("default") == DEFAULT_MODEL and Path(DEFAULT_MODEL).is_dir()
+    assert find_recipe(model_id=resolve_model("vlm_sparsify/tiny-easyvqa-llava")).name == (
+        "tiny_llava"
+    )

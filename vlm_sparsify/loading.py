@@ -16,8 +16,9 @@ from vlm_sparsify.recipe import Recipe, find_recipe, model_type_mismatch, transf
 DEFAULT_MODEL = str(resources.files("vlm_sparsify") / "tiny" / "easyvqa_llava")
 """The embedded offline default: a tiny LLaVA trained on easy-VQA, shipped with the package."""
 
-MODEL_ALIASES = {"default": DEFAULT_MODEL}
-"""Short names for MODEL: `default` is the embedded tiny easy-VQA LLaVA."""
+MODEL_ALIASES = {"default": DEFAULT_MODEL, "vlm_sparsify/tiny-easyvqa-llava": DEFAULT_MODEL}
+"""Short names for MODEL: `default` (or its id, `vlm_sparsify/tiny-easyvqa-llava`, which is not
+on the Hub) is the embedded tiny easy-VQA LLaVA."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
