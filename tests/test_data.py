@@ -17,6 +17,7 @@ from vlm_sparsify.data import (
     encode_example,
     folder_examples,
     load_rgb,
+    open_examples,
     token_mask,
 )
 from vlm_sparsify.random_models import build_tokenizer
@@ -296,3 +297,12 @@ def test_a_ctx_len_that_cuts_the_image_delimiters_warns(tmp_path, llava_recipe, 
     with pytest.warns(UserWarning, match="--ctx_len 1 cuts text tokens next to an image"):
         encoded = encode_example(example, processor, llava_recipe, ctx_len=1)
     assert int((encoded["input_ids"] == processor.image_token_id).sum()) > 0
+
+
+@pytest.mark.parametrize("name", ["/no/such/images", "./missing", "data/images/", "a/b/c"])
+def test_a_missing_image_folder_is_named_not_looked_up_on_the_hub(tmp_path, llava_recipe, name):
+    with pytest.raises(FileNotFoundError, match=f"DATASET '{name}': no such folder"):
+        open_examples(name, llava_recipe)
+    make_image(tmp_path / "a.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}))
+    assert len(list(open_examples(f"{tmp_path}/", llava_recipe))) == 1  # a folder still opens

@@ -194,6 +194,16 @@ class _Reiterable:
         return self.make()
 
 
+def _names_a_folder(dataset: str) -> bool:
+    """A path no Hugging Face id looks like (ids are `name` or `owner/name`)."""
+    return (
+        dataset.startswith(("/", ".", "~"))
+        or dataset.endswith(("/", "\\"))
+        or dataset.count("/") > 1
+        or "\\" in dataset
+    )
+
+
 def open_examples(
     dataset: str,
     recipe: Recipe,
@@ -203,6 +213,11 @@ def open_examples(
     **kwargs: Any,
 ) -> Iterable[Example]:
     """Examples of `dataset`: `easyvqa`, a local folder, or a Hugging Face dataset id."""
+    if _names_a_folder(dataset) and not Path(dataset).is_dir():
+        raise FileNotFoundError(
+            f"DATASET '{dataset}': no such folder (DATASET is easyvqa, a folder of images with "
+            "metadata.jsonl or metadata.csv, or a Hugging Face dataset id such as owner/name)"
+        )
     local = dataset.lower() in EASYVQA or Path(dataset).is_dir()
     hub_only = {"--data_args": bool(kwargs), "--streaming": streaming}
     if Path(dataset).is_dir():
