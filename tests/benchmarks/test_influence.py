@@ -447,3 +447,39 @@ def test_scores_from_counts_guard_empty_groups():
     stats = feature_scores(counts, eps=0.5)
     np.testing.assert_allclose(stats["good_avg_activation"][0], [1.5, 0.0, 0.5])
     np.testing.assert_allclose(stats["goodness_score"][0], [0.5 / 0.5 * 1.5, 0.0, 1.0 / 0.5 * 0.5])
+
+
+def test_a_feature_is_selected_for_one_direction_only():
+    # feature 1 ties (2 vs 2): it goes to the good list only
+    stats = {
+        "goodness_score": np.array([[3.0, 2.0, 0.5]]),
+        "badness_score": np.array([[1.0, 2.0, 4.0]]),
+        "p_value": np.zeros((1, 3)),
+        "q_value": np.zeros((1, 3)),
+    }
+    config = analyze.AnalyzeConfig(out="unused", target_features=3, min_per_layer=0)
+    selected = analyze.select_features(stats, config)
+    assert selected["good"] == [(0, 0), (0, 1)]
+    assert selected["bad"] == [(0, 2)]
+
+
+def test_significant_only_controls_the_false_discovery_rate_not_the_raw_p_value():
+    p = np.array([0.04] * 5 + [0.9] * 95)  # p <= fdr, but q = 0.8
+    stats = {
+        "goodness_score": np.ones((1, 100)),
+        "badness_score": np.zeros((1, 100)),
+        "p_value": p[None],
+        "q_value": benjamini_hochberg(p)[None],
+    }
+    config = analyze.AnalyzeConfig(out="unused", significant_only=True, fdr=0.05, min_per_layer=0)
+    selected = analyze.select_features(stats, config)
+    assert selected == {"good": [], "bad": []}
+
+
+def test_fisher_matches_scipy_on_large_tables_whose_extreme_probabilities_underflow():
+    n = 3000
+    a = np.array([0, 1, 1500, 3000, 3000, 1500])
+    b = np.array([3000, 2999, 1500, 0, 1, 0])
+    expected = [scipy_fisher([[x, n - x], [y, n - y]])[1] for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(fisher_exact(a, n, b, n), expected, rtol=1e-9, atol=1e-300)
+    assert fisher_exact(np.array([1500]), 1500, np.array([0]), 1500)[0] == 0.0
