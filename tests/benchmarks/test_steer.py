@@ -244,3 +244,14 @@ def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
             run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), flag, value])
     with pytest.raises(SystemExit, match="Unknown steering region 'response'"):
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--region", "response"])
+
+
+def test_bootstrap_by_image_weighs_each_resampled_image_by_its_samples() -> None:
+    """One image of 100 samples that all improve and 99 single-sample images that do not: every
+    resample is a set of 0/1 differences, so its mean (pooled over the samples of the resampled
+    images, not a mean of image means) lies in [0, 1]."""
+    differences = np.concatenate([np.ones(100), np.zeros(99)])
+    images = ["big"] * 100 + [f"img{i}" for i in range(99)]
+    result = paired_bootstrap(np.zeros(199), differences, n_resamples=2000, groups=images)
+    assert result.delta == pytest.approx(100 / 199)
+    assert 0.0 <= result.low <= result.delta <= result.high <= 1.0
