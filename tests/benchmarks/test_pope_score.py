@@ -214,3 +214,9 @@ def test_cli_json(tmp_path, capsys) -> None:
     assert printed["adversarial"]["n"] == 3000 and round(100 * printed["mean_f1"], 1) == 85.9
     run(["pope", "score", "--questions-dir", str(folder), "--responses", str(responses)])
     assert "mean F1 over 3 split(s): 85.95" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text", ["No\n", "\nNo", "No\n.", "\nNo, there is none"])
+def test_official_parser_does_not_strip_newlines_next_to_no(text: str) -> None:
+    # words are split on single spaces only: "No\n" is one word, not "No"
+    assert parse_answer(text) == "yes"
