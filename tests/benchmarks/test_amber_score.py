@@ -250,3 +250,42 @@ def test_cli_json(tmp_path, capsys) -> None:
         ]
     )
     assert json.loads(capsys.readouterr().out)["discriminative"]["existence"]["accuracy"] == 99.9
+
+
+def test_one_hallucinated_object_makes_a_caption_hallucinated(data: dict) -> None:
+    # Item 1's hallu list holds "dog": Hal = 100 - 0/1.001*100, CHAIR 1/1.001 -> 99.9
+    result = _score(data, [{"id": 1, "response": "There is a dog."}])
+    assert result["generative"]["Hal"] == 100.0
+    assert result["generative"]["CHAIR"] == 99.9
+
+
+def test_existence_f1_adds_the_official_0_001_to_its_denominator(data: dict) -> None:
+    # 8633-8636: existence items with truth "no"; P 2/2.001 -> 100.0, R 2/4.001 -> 50.0:
+    # F1 1.0 / (1.5 + 0.001) -> 66.6 for existence, 1.0 / (1.5 + 0.0001) -> 66.7 overall
+    answers = {8633: "No", 8634: "No", 8635: "Yes", 8636: "Yes"}
+    result = _score(data, [{"id": i, "response": a} for i, a in answers.items()])
+    existence = result["discriminative"]["existence"]
+    assert (existence["precision"], existence["recall"], existence["f1"]) == (100.0, 50.0, 66.6)
+    assert result["discriminative"]["overall"]["f1"] == 66.7
+
+
+class _PuppyIsADogLexicon:
+    """Official-mode stand-in: spaCy would find "puppy" similar to "dog"."""
+
+    mode = "official"
+
+    def nouns(self, text: str) -> list[str]:
+        return ["puppy"] if "puppy" in text else []
+
+    def similar(self, word1: str, word2: str) -> bool:
+        return word1 == word2 or {word1, word2} == {"puppy", "dog"}
+
+
+def test_a_noun_similar_to_a_hallucination_entry_counts_for_cognition() -> None:
+    association = {"cat": [], "dog": [], "puppy": []}
+    judgement = judge_caption(
+        "A puppy sleeps.", ["cat"], ["dog"], association, [], _PuppyIsADogLexicon()
+    )
+    assert judgement.hallucinated == [1]
+    assert judgement.covered == [0]
+    assert judgement.cognition == [1]
