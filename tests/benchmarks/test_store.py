@@ -184,3 +184,14 @@ def test_a_store_older_than_fingerprints_resumes_and_takes_one(tmp_path):
     assert FeatureStore(tmp_path / "store").meta.fingerprint is None  # a refusal writes nothing
     assert FeatureStore(tmp_path / "store", fingerprinted).meta == fingerprinted
     assert FeatureStore(tmp_path / "store").meta.fingerprint == "abc"
+
+
+def test_the_index_past_16_bits_round_trips_at_65537_latents(tmp_path):
+    # 65,536 latents is the most 16 bits hold (indices 0-65535); index 65536 needs 32
+    assert StoreMeta(HOOKPOINTS, 1, 65536).index_dtype == "int16"
+    assert StoreMeta(HOOKPOINTS, 1, 65537).index_dtype == "int32"
+    store = make_store(tmp_path / "store", num_latents=65537, k=2)
+    indices = torch.tensor([[[65536, 0], [65535, 1], [32768, 65536]]])
+    sample = ("s0", indices, torch.ones(1, 3, 2, dtype=torch.bfloat16), {"response": [(0, 1)]})
+    store.append([sample])
+    assert_same(FeatureStore(tmp_path / "store").load("s0"), sample)
