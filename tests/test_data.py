@@ -14,6 +14,7 @@ from vlm_sparsify.data import (
     BatchStream,
     ContextTooShortError,
     Example,
+    collate,
     encode_example,
     folder_examples,
     load_rgb,
@@ -306,3 +307,18 @@ def test_a_missing_image_folder_is_named_not_looked_up_on_the_hub(tmp_path, llav
     make_image(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}))
     assert len(list(open_examples(f"{tmp_path}/", llava_recipe))) == 1  # a folder still opens
+
+
+def test_collate_pads_the_attention_mask_with_zeros_whatever_the_pad_id():
+    # the tiny tokenizer's pad id is 0, LLaVA-1.5's is 32001
+    encoded = [
+        {
+            "input_ids": torch.tensor([[5, 6, 7]]),
+            "attention_mask": torch.ones(1, 3, dtype=torch.long),
+        },
+        {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)},
+    ]
+    batch = collate(encoded, pad_id=9)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert token_mask(batch, image_id=8).tolist() == [[True, True, True], [True, False, False]]
