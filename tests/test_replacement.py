@@ -632,3 +632,23 @@ def test_hybrid_decodes_the_prefill_with_triton_and_the_steps_with_embedding_bag
     assert torch.equal(tokens, reference)
     assert rows["triton"] and min(rows["triton"]) >= 16
     assert rows["embedding_bag"] and set(rows["embedding_bag"]) == {2}  # one row per sequence
+
+
+@pytest.mark.parametrize("decoder", ["fused", "per-target"])
+def test_open_loop_adds_the_skip_connections_of_a_skip_clt(model: nn.Module, decoder: str) -> None:
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True, skip_connection=True)
+    coders = randomize(CrossLayerTranscoder(HOOKPOINTS, D, cfg, cross_layer=3), seed=4)
+    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop", decoder=decoder):
+        recorder = MLPRecorder(model)
+        model(**batch())
+        recorder.remove()
+    with torch.no_grad():
+        for t in range(LAYERS):
+            expected = torch.zeros_like(recorder.outputs[t])
+            for p in range(t + 1):
+                if reaches(coders, p, t):
+                    W_dec, b_dec = decoder_of(coders, p, t)
+                    W_skip = coders.sources[p].W_skips[t - p]
+                    f_p = dense_features(encoder(coders, p), recorder.inputs[p])
+                    expected += f_p @ W_dec + b_dec + recorder.inputs[p] @ W_skip.T
+            torch.testing.assert_close(recorder.outputs[t], expected, atol=1e-5, rtol=1e-5)
