@@ -258,3 +258,36 @@ def test_training_that_cannot_fit_stops_before_allocating() -> None:
     with pytest.warns(UserWarning, match="little room is left for activations"):
         check_training_fits(needed, 90 * 2**30, "signum")
     check_training_fits(needed, 120 * 2**30, "signum")  # an H200: silent
+
+
+def test_predict_adds_each_sources_skip_connection_on_its_own_input() -> None:
+    cfg = SparseCoderConfig(num_latents=16, k=2, transcode=True, skip_connection=True)
+    clt = CrossLayerTranscoder(HOOKS3, 4, cfg, cross_layer=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in clt.parameters():
+            parameter.normal_()
+    inputs, outputs = random_acts(1, 3, 5, 4)
+    encoded = [clt.encode(p, x) for p, x in enumerate(inputs)]
+    out = clt(inputs, outputs)
+    for t in range(3):
+        without_skip = clt.predict(encoded, t)
+        skips = sum(
+            inputs[p] @ clt.sources[p].W_skips[t - p].detach().T for p in clt.sources_reaching(t)
+        )
+        torch.testing.assert_close(clt.predict(encoded, t, inputs), without_skip + skips)
+        torch.testing.assert_close(clt.predict(encoded, t, inputs), out.predictions[t])
+
+
+def test_post_encoder_offset_leaves_zero_valued_topk_slots_at_zero() -> None:
+    source = CLTSource(4, 8, n_targets=1)
+    source.add_post_encoder(scales=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        source.W_decs[0].normal_()
+        source.b_decs[0].normal_()
+        source.post_encs[0].fill_(0.5)
+    acts, indices = torch.tensor([[2.0, 0.0]]), torch.tensor([[1, 3]])  # slot 2: nothing fired
+    assert source.target_acts(0, acts, indices).tolist() == [[2.5, 0.0]]
+    expected = 2.5 * source.W_decs[0][1] + source.b_decs[0]
+    torch.testing.assert_close(source.decode_target(0, acts, indices)[0], expected.detach())
