@@ -782,3 +782,20 @@ def test_each_process_takes_its_nodes_gpu(monkeypatch):
     assert default_device() == "cuda:0"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert default_device() == "cpu"
+
+
+def test_resume_with_adam_continues_the_learning_rate_warm_up(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    # signum has no scheduler: only adam / muon show whether the warm-up restarts on resume
+    extra = ("--optimizer", "adam", "--lr_warmup_steps", "4", "--save_every", "3")
+    run(cli(tiny_llava_dir, tmp_path, "whole", *extra))
+    original = interrupt_at_batch(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        run(cli(tiny_llava_dir, tmp_path, "split", *extra))
+    monkeypatch.setattr(training.Trainer, "train_on_batch", original)
+    run(cli(tiny_llava_dir, tmp_path, "split", *extra, "--resume", "true"))
+    whole = weights(tmp_path / "whole")
+    for hook, tensors in weights(tmp_path / "split").items():
+        for key, value in tensors.items():
+            assert torch.equal(value, whole[hook][key]), (hook, key)
