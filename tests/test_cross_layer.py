@@ -291,3 +291,15 @@ def test_post_encoder_offset_leaves_zero_valued_topk_slots_at_zero() -> None:
     assert source.target_acts(0, acts, indices).tolist() == [[2.5, 0.0]]
     expected = 2.5 * source.W_decs[0][1] + source.b_decs[0]
     torch.testing.assert_close(source.decode_target(0, acts, indices)[0], expected.detach())
+
+
+def test_auxk_is_scaled_down_when_fewer_latents_than_k_aux_are_dead():
+    from vlm_sparsify.cross_layer import auxk_loss
+
+    d, latents = 8, 6  # k_aux = d / 2 = 4
+    W_dec = torch.eye(latents, d)
+    pre = torch.tensor([[5.0, 1.0, 2.0, 3.0, 0.0, 0.0]])
+    dead = torch.tensor([False, False, True, False, False, False])  # 1 dead of k_aux 4
+    loss = auxk_loss(W_dec, pre, torch.zeros(1, d), torch.tensor(1.0), dead)
+    # only latent 2 (pre-activation 2) decodes: squared error 4, scaled by 1 dead / k_aux 4
+    torch.testing.assert_close(loss, torch.tensor(1.0))

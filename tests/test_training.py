@@ -799,3 +799,21 @@ def test_resume_with_adam_continues_the_learning_rate_warm_up(
     for hook, tensors in weights(tmp_path / "split").items():
         for key, value in tensors.items():
             assert torch.equal(value, whole[hook][key]), (hook, key)
+
+
+def test_k_decays_linearly_from_ten_times_the_width_to_k():
+    from types import SimpleNamespace
+
+    from sparsify import SparseCoderConfig
+
+    from vlm_sparsify.cross_layer import CrossLayerTranscoder
+    from vlm_sparsify.training import Trainer, TrainingState
+
+    cfg = SparseCoderConfig(num_latents=64, k=2, transcode=True)
+    clt = CrossLayerTranscoder(["l.0", "l.1"], 4, cfg, 2)
+    train_cfg = SimpleNamespace(k_decay_steps=10, sae=SimpleNamespace(k=2))
+    ks = []
+    for step in (0, 5, 9, 10, 11):
+        trainer = SimpleNamespace(cfg=train_cfg, coders=clt, state=TrainingState(global_step=step))
+        ks.append(Trainer.current_k(trainer))
+    assert ks == [40, 21, 6, 2, 2]  # from min(64 latents, 10 x d 4) = 40, linearly to k 2

@@ -483,3 +483,10 @@ def test_fisher_matches_scipy_on_large_tables_whose_extreme_probabilities_underf
     expected = [scipy_fisher([[x, n - x], [y, n - y]])[1] for x, y in zip(a, b, strict=True)]
     np.testing.assert_allclose(fisher_exact(a, n, b, n), expected, rtol=1e-9, atol=1e-300)
     assert fisher_exact(np.array([1500]), 1500, np.array([0]), 1500)[0] == 0.0
+
+
+@pytest.mark.parametrize(("n1", "n2"), [(30, 20), (20, 30), (5, 40)])
+def test_fisher_matches_scipy_on_every_table_whichever_group_is_larger(n1, n2):
+    a, b = (g.ravel() for g in np.meshgrid(np.arange(n1 + 1), np.arange(n2 + 1)))
+    expected = [scipy_fisher([[x, n1 - x], [y, n2 - y]])[1] for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(fisher_exact(a, n1, b, n2), expected, rtol=1e-9)

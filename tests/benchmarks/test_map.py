@@ -100,3 +100,15 @@ def test_random_neurons_are_seeded_distinct_and_exclude() -> None:
     assert picks == random_neurons(20, 5, [0, 1, 2], seed=3)
     assert len(set(picks)) == 5 and not set(picks) & {0, 1, 2}
     assert picks != random_neurons(20, 5, [0, 1, 2], seed=4)
+
+
+def test_a_feature_that_never_fires_falls_back_to_the_neurons_overall_mean():
+    from benchmarks.neuron_map import CoactivationStats
+
+    features = torch.tensor([[1.0, 0.0], [0.0, 0.0], [2.0, 0.0]])  # feature 1 never fires
+    neurons = torch.tensor([[1.0, -2.0], [3.0, 4.0], [5.0, 0.0]])
+    stats = CoactivationStats.zeros(2, 2)
+    stats.add(features, neurons)
+    # feature 0: the mean of rows 0 and 2; feature 1: the mean over all three tokens
+    expected = torch.tensor([[3.0, -1.0], [3.0, 2.0 / 3.0]])
+    torch.testing.assert_close(stats.mean_when_firing(), expected)

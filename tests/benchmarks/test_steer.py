@@ -255,3 +255,12 @@ def test_bootstrap_by_image_weighs_each_resampled_image_by_its_samples() -> None
     result = paired_bootstrap(np.zeros(199), differences, n_resamples=2000, groups=images)
     assert result.delta == pytest.approx(100 / 199)
     assert 0.0 <= result.low <= result.delta <= result.high <= 1.0
+
+
+def test_the_bootstrap_interval_has_its_nominal_quantiles():
+    rng = np.random.default_rng(0)
+    diff = rng.normal(0.1, 1.0, 2000)
+    result = paired_bootstrap(np.zeros(2000), diff, n_resamples=4000, seed=3, confidence=0.95)
+    half = 1.96 * diff.std() / np.sqrt(2000)  # the normal interval: the bootstrap's within 8%
+    assert result.low == pytest.approx(diff.mean() - half, abs=0.08 * half)
+    assert result.high == pytest.approx(diff.mean() + half, abs=0.08 * half)
