@@ -9,7 +9,7 @@ is EleutherAI/clt-training's untied layout.
 
 import contextlib
 import warnings
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from sparsify import SparseCoderConfig
@@ -17,9 +17,15 @@ from sparsify.fused_encoder import EncoderOutput
 from sparsify.utils import decoder_impl
 from torch import Tensor, nn
 
-from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
-from .topk_encoder import encode_topk
-from .triton_decode import runs_on as triton_runs_on
+from vlm_sparsify.coder_set import (
+    CoderSetOutput,
+    MeanReducer,
+    centre_encoder,
+    fraction_of_variance_unexplained,
+    total_variance,
+)
+from vlm_sparsify.topk_encoder import encode_topk
+from vlm_sparsify.triton_decode import runs_on as triton_runs_on
 
 GpuDecoder = Literal["sparsify", "embedding_bag", "triton"]
 
@@ -122,7 +128,7 @@ class CLTSource(nn.Module):
         (`sparse_decode`, bit-identical to `decode_target`).
         """
         if kernel == "triton" and self.post_encs is None and triton_runs_on(top_indices.device):
-            from .triton_train import source_decode
+            from vlm_sparsify.triton_train import source_decode
 
             parts = source_decode(top_acts, top_indices, list(self.W_decs))
             return [part + b_dec for part, b_dec in zip(parts, self.b_decs, strict=True)]
@@ -207,23 +213,27 @@ class CrossLayerTranscoder(nn.Module):
         self.sources = nn.ModuleList(sources)
 
     def __getitem__(self, hookpoint: str) -> CLTSource:
-        return self.sources[self.hookpoints.index(hookpoint)]  # type: ignore[return-value]
+        return self.source(self.hookpoints.index(hookpoint))
+
+    def source(self, p: int) -> CLTSource:
+        """Source p's module."""
+        return cast(CLTSource, self.sources[p])
 
     def items(self) -> list[tuple[str, CLTSource]]:
-        return list(zip(self.hookpoints, self.sources, strict=True))  # type: ignore[arg-type]
+        return [(hookpoint, self.source(p)) for p, hookpoint in enumerate(self.hookpoints)]
 
     @property
     def transcode(self) -> bool:
         return True
 
     def n_targets(self, p: int) -> int:
-        return self.sources[p].n_targets  # type: ignore[return-value]
+        return self.source(p).n_targets
 
     def sources_reaching(self, t: int) -> list[int]:
         return [p for p in range(t + 1) if p + self.n_targets(p) > t]
 
     def has_post_encoder_scale(self, p: int) -> bool:
-        return self.sources[p].post_enc_scales is not None
+        return self.source(p).post_enc_scales is not None
 
     @torch.no_grad()
     def init_biases(
@@ -234,14 +244,13 @@ class CrossLayerTranscoder(nn.Module):
     ) -> None:
         """Centre each encoder on its input mean; the target means split evenly over sources."""
         reduce_mean = reduce_mean or (lambda t: t)
-        for x, source in zip(inputs, self.sources, strict=True):
-            mean = reduce_mean(x.mean(0)).to(source.encoder.weight.dtype)
-            source.encoder.bias.data = -mean @ source.encoder.weight.data.T
+        for x, (_, source) in zip(inputs, self.items(), strict=True):
+            centre_encoder(source.encoder, reduce_mean(x.mean(0)).to(source.encoder.weight.dtype))
         for t, y in enumerate(outputs):
             reaching = self.sources_reaching(t)
             mean = reduce_mean(y.mean(0)) / len(reaching)
             for p in reaching:
-                b_dec = self.sources[p].b_decs[t - p]
+                b_dec = self.source(p).b_decs[t - p]
                 b_dec.data = mean.to(b_dec.dtype).clone()  # each source owns its bias
 
     def before_optimizer_step(self) -> None:
@@ -249,7 +258,7 @@ class CrossLayerTranscoder(nn.Module):
 
     def encode(self, p: int, x: Tensor) -> EncoderOutput:
         """TopK features of source p (a transcoder: no decoder-bias subtraction)."""
-        encoder = self.sources[p].encoder
+        encoder = self.source(p).encoder
         return encode_topk(x, encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation)
 
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
@@ -261,11 +270,11 @@ class CrossLayerTranscoder(nn.Module):
                 raise ValueError(
                     f"Unknown gpu_decoder '{other}'; use sparsify, embedding_bag or triton"
                 )
-        return self.sources[p].decode(top_acts, top_indices, kernel)
+        return self.source(p).decode(top_acts, top_indices, kernel)
 
     def skip(self, p: int, x: Tensor) -> list[Tensor]:
         """Skip-connection terms of source p into its targets (empty without skip_connection)."""
-        W_skips = self.sources[p].W_skips
+        W_skips = self.source(p).W_skips
         return [] if W_skips is None else [x.to(W.dtype) @ W.mT for W in W_skips]
 
     def predict(
@@ -278,7 +287,7 @@ class CrossLayerTranscoder(nn.Module):
             if source is None:
                 raise ValueError(f"target {t} ({self.hookpoints[t]}) needs source {p} encoded")
             i = t - p
-            part = self.sources[p].decode_target(i, source.top_acts, source.top_indices)
+            part = self.source(p).decode_target(i, source.top_acts, source.top_indices)
             if inputs is not None and self.cfg.skip_connection:
                 part = part + self.skip(p, inputs[p])[i]
             total = part if total is None else total + part
@@ -316,7 +325,7 @@ class CrossLayerTranscoder(nn.Module):
                 prev = predictions[p + i]
                 predictions[p + i] = part if prev is None else prev + part
         preds = [pred for pred in predictions if pred is not None]
-        variances = total_variances or [(y - y.mean(0)).pow(2).sum() for y in outputs]
+        variances = total_variances or [total_variance(y) for y in outputs]
         fvu = torch.stack(
             [
                 fraction_of_variance_unexplained(y, y_hat, var)
@@ -328,7 +337,7 @@ class CrossLayerTranscoder(nn.Module):
             auxk = torch.stack(
                 [
                     auxk_loss(
-                        self.sources[p].W_decs[0],
+                        self.source(p).W_decs[0],
                         pre_acts[p],
                         outputs[p] - preds[p],
                         variances[p],
@@ -368,8 +377,8 @@ class CrossLayerTranscoder(nn.Module):
             self.d_in,
             self.cross_layer,
             optimizer,
-            self.sources[0].encoder.weight.element_size(),
-            self.sources[0].W_decs[0].element_size(),
+            self.source(0).encoder.weight.element_size(),
+            self.source(0).W_decs[0].element_size(),
         )
 
 

@@ -22,9 +22,9 @@ from torch import Tensor
 
 from .cli import run_cli
 from .coder_io import Coders, load_coders, replace_dir
+from .coder_set import fraction_of_variance_unexplained
 from .cross_layer import CrossLayerTranscoder
 from .files import load_safetensors
-from .per_layer import fraction_of_variance_unexplained
 
 ThresholdMethod = Literal["feature", "layer"]
 

@@ -4,49 +4,15 @@ Implements the coder-set interface of `docs/internals.md` with one target per so
 stock sparsify exactly as `sparsify.Trainer` does, so training here matches training there.
 """
 
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import cast
 
 import torch
 from sparsify import SparseCoder, SparseCoderConfig
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
-from .topk_encoder import encode_topk
-
-MeanReducer = Callable[[Tensor], Tensor]
-"""Averages a tensor over data-parallel ranks (identity on one process)."""
-
-
-class CoderSetOutput(NamedTuple):
-    """What a coder set returns for one batch; the loss is `fvu.sum()`."""
-
-    fvu: Tensor
-    """Fraction of variance unexplained per target hookpoint, shape [H]."""
-
-    latent_acts: list[Tensor]
-    """Per source: the k active latent values, [N, k]."""
-
-    latent_indices: list[Tensor]
-    """Per source: the k active latent indices, [N, k]."""
-
-    predictions: list[Tensor]
-    """Per target: the predicted module output, [N, d]."""
-
-    auxk_loss: Tensor | None = None
-    """Per source: sparsify's AuxK loss of its dead latents, [H] (None without dead masks)."""
-
-    multi_topk_fvu: Tensor | None = None
-    """Per target: FVU when decoding the top 4k latents, [H] (None unless `cfg.multi_topk`)."""
-
-
-def fraction_of_variance_unexplained(
-    y: Tensor, y_hat: Tensor, total_variance: Tensor | None = None
-) -> Tensor:
-    """sparsify's FVU: ||y - y_hat||^2 / sum (y - mean y)^2 (or the given denominator)."""
-    if total_variance is None:
-        total_variance = (y - y.mean(0)).pow(2).sum()
-    return (y - y_hat).pow(2).sum() / total_variance
+from vlm_sparsify.coder_set import CoderSetOutput, MeanReducer, centre_encoder, total_variance
+from vlm_sparsify.topk_encoder import encode_topk
 
 
 class PerLayerCoders(nn.Module):
@@ -82,10 +48,14 @@ class PerLayerCoders(nn.Module):
         return self
 
     def __getitem__(self, hookpoint: str) -> SparseCoder:
-        return self.coders[self.hookpoints.index(hookpoint)]  # type: ignore[return-value]
+        return self.coder(self.hookpoints.index(hookpoint))
+
+    def coder(self, p: int) -> SparseCoder:
+        """Hookpoint p's coder."""
+        return cast(SparseCoder, self.coders[p])
 
     def items(self) -> list[tuple[str, SparseCoder]]:
-        return list(zip(self.hookpoints, self.coders, strict=True))  # type: ignore[arg-type]
+        return [(hookpoint, self.coder(p)) for p, hookpoint in enumerate(self.hookpoints)]
 
     @property
     def transcode(self) -> bool:
@@ -108,8 +78,7 @@ class PerLayerCoders(nn.Module):
         reduce_mean = reduce_mean or (lambda t: t)
         for x, y, coder in zip(inputs, outputs, self.coders, strict=True):
             if self.cfg.transcode:
-                mean = reduce_mean(x.mean(0)).to(coder.dtype)
-                coder.encoder.bias.data = -mean @ coder.encoder.weight.data.T
+                centre_encoder(coder.encoder, reduce_mean(x.mean(0)).to(coder.dtype))
             coder.b_dec.data = reduce_mean(y.mean(0)).to(coder.dtype)
 
     def forward(
@@ -132,11 +101,9 @@ class PerLayerCoders(nn.Module):
                 x = y
                 if self.cfg.normalize_decoder:
                     coder.set_decoder_norm_to_unit_norm()
-            total_variance = (
-                (y - y.mean(0)).pow(2).sum() if total_variances is None else total_variances[p]
-            )
+            variance = total_variance(y) if total_variances is None else total_variances[p]
             dead_mask = dead_masks[p] if dead_masks is not None else None
-            out = coder(x=x, y=y, dead_mask=dead_mask, total_variance=total_variance)
+            out = coder(x=x, y=y, dead_mask=dead_mask, total_variance=variance)
             fvus.append(out.fvu)
             acts.append(out.latent_acts)
             indices.append(out.latent_indices)
@@ -156,23 +123,23 @@ class PerLayerCoders(nn.Module):
     def before_optimizer_step(self) -> None:
         """sparsify.Trainer's pre-step hook: SAEs keep unit-norm decoder rows."""
         if self.cfg.normalize_decoder and not self.cfg.transcode:
-            for coder in self.coders:
-                coder.remove_gradient_parallel_to_decoder_directions()  # type: ignore[operator]
+            for _, coder in self.items():
+                coder.remove_gradient_parallel_to_decoder_directions()
 
     def encode(self, p: int, x: Tensor) -> EncoderOutput:
         """Stock `SparseCoder.encode`, with the exact faster top-k outside autograd."""
-        coder = self.coders[p]
+        coder = self.coder(p)
         cfg = coder.cfg
         if not cfg.transcode:
             x = x - coder.b_dec
         return encode_topk(x, coder.encoder.weight, coder.encoder.bias, cfg.k, cfg.activation)
 
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
-        return [self.coders[p].decode(top_acts, top_indices)]  # type: ignore[operator]
+        return [self.coder(p).decode(top_acts, top_indices)]
 
     def skip(self, p: int, x: Tensor) -> list[Tensor]:
         """The stock coder's skip connection (`W_skip`), as in `SparseCoder.forward`."""
-        W_skip = self.coders[p].W_skip
+        W_skip = self.coder(p).W_skip
         return [] if W_skip is None else [x.to(W_skip.dtype) @ W_skip.mT]
 
     def predict(self, sources: list[EncoderOutput | None], t: int) -> Tensor:

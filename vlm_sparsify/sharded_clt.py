@@ -26,12 +26,21 @@ layout (`sharded_checkpoint.py`).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from sparsify import SparseCoderConfig
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor, nn
 
-from .cross_layer import (
+from vlm_sparsify.coder_set import (
+    CoderSetOutput,
+    MeanReducer,
+    centre_encoder,
+    fraction_of_variance_unexplained,
+    total_variance,
+)
+from vlm_sparsify.cross_layer import (
     CLTSource,
     GpuDecoder,
     auxk_loss,
@@ -40,8 +49,7 @@ from .cross_layer import (
     n_targets_per_source,
     sparse_decode,
 )
-from .per_layer import CoderSetOutput, MeanReducer, fraction_of_variance_unexplained
-from .sharding import (
+from vlm_sparsify.sharding import (
     Features,
     ShardedCoders,
     gather_rows,
@@ -50,7 +58,7 @@ from .sharding import (
     sum_at,
     token_counts,
 )
-from .topk_encoder import encode_topk
+from vlm_sparsify.topk_encoder import encode_topk
 
 
 def layer_parameters(n_layers: int, cross_layer: int, num_latents: int, d_in: int) -> list[int]:
@@ -146,13 +154,13 @@ class ShardedCLT(ShardedCoders):
     def layer(self, t: int) -> CLTSource:
         """Layer t's module: source t's `encoder`; `W_decs[j]`, `b_decs[j]` decode the j-th
         source reaching t (`sources_reaching(t)[j]`) into target t."""
-        return self.layers[str(t)]  # type: ignore[return-value]
+        return cast(CLTSource, self.layers[str(t)])
 
     def decoder(self, p: int, t: int) -> tuple[nn.Parameter, nn.Parameter]:
         """W_dec[p->t], b_dec[p->t] (target t owned here)."""
         j = p - self.sources_reaching(t)[0]
         layer = self.layer(t)
-        return layer.W_decs[j], layer.b_decs[j]  # type: ignore[return-value]
+        return cast(nn.Parameter, layer.W_decs[j]), cast(nn.Parameter, layer.b_decs[j])
 
     def source_tensor(self, p: int, key: str) -> Tensor:
         """Source p's tensor under clt-training's key (`encoder.weight`, `W_decs.{i}`, ...),
@@ -183,7 +191,7 @@ class ShardedCLT(ShardedCoders):
             mean = reduce_mean(x.mean(0))
             if p in self.owned:
                 encoder = self.layer(p).encoder
-                encoder.bias.data = -mean.to(encoder.weight.dtype) @ encoder.weight.data.T
+                centre_encoder(encoder, mean.to(encoder.weight.dtype))
         for t, y in enumerate(outputs):
             reaching = self.sources_reaching(t)
             mean = reduce_mean(y.mean(0)) / len(reaching)
@@ -224,9 +232,7 @@ class ShardedCLT(ShardedCoders):
 
         zero = torch.zeros((), device=device)
         if total_variances is None:
-            total_variances = [
-                zero if y is None else (y - y.mean(0)).pow(2).sum() for y in world_y.values()
-            ]
+            total_variances = [zero if y is None else total_variance(y) for y in world_y.values()]
         fvu, preds = [], []
         for t, y in world_y.items():
             if y is None:

@@ -15,8 +15,9 @@ import torch
 from sparsify import SparseCoder, SparseCoderConfig
 from torch import Tensor
 
-from .per_layer import CoderSetOutput, MeanReducer, PerLayerCoders
-from .sharding import ShardedCoders, gather_rows, share_features, token_counts
+from vlm_sparsify.coder_set import CoderSetOutput, MeanReducer, centre_encoder, total_variance
+from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.sharding import ShardedCoders, gather_rows, share_features, token_counts
 
 
 class ShardedPerLayer(ShardedCoders):
@@ -72,7 +73,7 @@ class ShardedPerLayer(ShardedCoders):
                 continue
             coder = self.coder(p)
             if x_mean is not None:
-                coder.encoder.bias.data = -x_mean.to(coder.dtype) @ coder.encoder.weight.data.T
+                centre_encoder(coder.encoder, x_mean.to(coder.dtype))
             coder.b_dec.data = y_mean.to(coder.dtype)
 
     def forward(
@@ -101,8 +102,7 @@ class ShardedPerLayer(ShardedCoders):
 
         if total_variances is None:
             total_variances = [
-                torch.zeros((), device=device) if y is None else (y - y.mean(0)).pow(2).sum()
-                for y in world_y
+                torch.zeros((), device=device) if y is None else total_variance(y) for y in world_y
             ]
         out = self.local(pick(world_x), pick(world_y), pick(total_variances), pick(dead_masks))  # type: ignore[arg-type]
         mine = {p: i for i, p in enumerate(owned)}
