@@ -123,3 +123,28 @@ def test_export_warns_that_skip_connections_stay_behind(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="skip connections .* not exported"):
         main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"),
               "--calibration", str(tmp_path / "calib.safetensors")])  # fmt: skip
+
+
+def test_a_failed_export_leaves_the_previous_one_and_no_temporary_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vlm_sparsify.export as export
+
+    clt = random_clt(cross_layer=2)
+    out = tmp_path / "ct"
+    export_circuit_tracer(clt, out, [torch.full((8,), 0.1)] * 4)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    written = []
+
+    def fail_on_second_file(tensors: dict, path: str) -> None:
+        if written:
+            raise OSError("disk full")
+        save_file(tensors, path)
+        written.append(path)
+
+    monkeypatch.setattr(export, "save_file", fail_on_second_file)
+    with pytest.raises(OSError, match="disk full"):
+        export_circuit_tracer(clt, out, [torch.full((8,), 0.5)] * 4)
+    assert len(written) == 1 and Path(written[0]).parent.name.startswith(".ct.tmp-")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ct"]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before

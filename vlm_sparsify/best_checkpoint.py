@@ -17,7 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
-from vlm_sparsify.coder_io import RUN_CONFIG_FILE, replace_dir
+from vlm_sparsify.coder_io import RUN_CONFIG_FILE, atomic_dir
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.recipe import RUN_RECIPE_FILE
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
@@ -62,21 +62,17 @@ def keep_best(run_dir: Path, hookpoints: list[str], improved: list[str]) -> None
         return
     out = best_dir(run_dir)
     if improved == [""]:
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for hookpoint in hookpoints:
-            shutil.copytree(run_dir / hookpoint, tmp / hookpoint)
-        for name in (RUN_CONFIG_FILE, RUN_RECIPE_FILE):
-            if (run_dir / name).is_file():
-                shutil.copy2(run_dir / name, tmp / name)
-        replace_dir(tmp, out)
+        with atomic_dir(out) as tmp:
+            for hookpoint in hookpoints:
+                shutil.copytree(run_dir / hookpoint, tmp / hookpoint)
+            for name in (RUN_CONFIG_FILE, RUN_RECIPE_FILE):
+                if (run_dir / name).is_file():
+                    shutil.copy2(run_dir / name, tmp / name)
         return
     out.mkdir(parents=True, exist_ok=True)
     for hookpoint in improved:
-        tmp = out / f".{hookpoint}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(run_dir / hookpoint, tmp)
-        replace_dir(tmp, out / hookpoint)
+        with atomic_dir(out / hookpoint) as tmp:
+            shutil.copytree(run_dir / hookpoint, tmp, dirs_exist_ok=True)
     for name in (RUN_CONFIG_FILE, RUN_RECIPE_FILE):
         if (run_dir / name).is_file():
             tmp_file = out / f".{name}.tmp"

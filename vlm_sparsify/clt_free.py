@@ -37,8 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vlm_sparsify.coder_io import Coders, usual_permissions
-from vlm_sparsify.export import source_weights
+from vlm_sparsify.coder_io import Coders, source_weights, usual_permissions
 from vlm_sparsify.interventions import Op
 from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
 from vlm_sparsify.topk_encoder import encode_topk

@@ -14,7 +14,8 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,24 @@ from safetensors.torch import save_file
 from sparsify import SparseCoder, SparseCoderConfig
 from torch import Tensor
 
-from .cross_layer import CLTSource, CrossLayerTranscoder, n_sources_per_target, n_targets_per_source
-from .files import open_safetensors, read_json, unreadable
-from .per_layer import PerLayerCoders
-from .sharded_clt import ShardedCLT
+from vlm_sparsify.cross_layer import (
+    CLTSource,
+    CrossLayerTranscoder,
+    n_sources_per_target,
+    n_targets_per_source,
+)
+from vlm_sparsify.files import open_safetensors, read_json, unreadable
+from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.sharded_clt import ShardedCLT
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
 RUN_CONFIG_FILE = "config.json"
 
 Coders = PerLayerCoders | CrossLayerTranscoder
+"""A whole coder set in one process, as `load_coders` returns it: the two implementations of
+`coder_set.InferenceCoderSet` (the sharded ones, `ShardedCLT` / `ShardedPerLayer`, implement
+only the training half, `coder_set.CoderSet`, and are saved by `sharded_checkpoint`)."""
 
 # clt-training stores these as aliases of index 0 (`W_dec` is `W_decs.0`): never needed
 _CLT_TRAINING_ALIASES = ("W_dec", "b_dec", "W_skip")
@@ -57,11 +66,7 @@ def save_coders(
     The previous contents of `run_dir` are replaced as a whole.
     """
     run_dir = Path(run_dir)
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir.parent / f".{run_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_dir(run_dir) as tmp:
         if isinstance(coders, CrossLayerTranscoder):
             _write_clt(coders, tmp)
         else:
@@ -71,11 +76,35 @@ def save_coders(
             (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
         if write_extra is not None:
             write_extra(tmp)
-        replace_dir(tmp, run_dir)
+    return run_dir
+
+
+def temp_dir(dst: Path, pid: int | None = None) -> Path:
+    """Where `atomic_dir` writes `dst`: `.<name>.tmp-<pid>` beside it (default pid: this
+    process's), the name `clean_stale_folders` recognises once that process is gone."""
+    return dst.parent / f".{dst.name}.tmp-{os.getpid() if pid is None else pid}"
+
+
+@contextmanager
+def atomic_dir(dst: Path, pid: int | None = None) -> Iterator[Path]:
+    """A new, empty temporary folder for `dst`'s contents: moved over `dst` (`replace_dir`)
+    when the block ends, removed when it raises (`dst` untouched).
+
+    Folders of an earlier write to `dst` that was killed are cleaned first
+    (`clean_stale_folders`); `pid` names the temporary folder after another process (the
+    rank 0 of a sharded save, which every rank writes into).
+    """
+    for note in clean_stale_folders(dst):
+        print(note)
+    tmp = temp_dir(dst, pid)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return run_dir
 
 
 def usual_permissions(path: Path) -> None:
@@ -137,9 +166,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_folders(run_dir: Path) -> list[str]:
-    """Folders that a killed `save_coders` left beside `run_dir` (`.RUN.tmp-<pid>`,
-    `.RUN.old-<pid>` of a process no longer alive): removed, but an `.old` one is put back as
-    RUN when RUN is missing (the kill came between the two renames). Returns what was done."""
+    """Folders that a killed `atomic_dir` write (`save_coders`, a sharded save, `--save_best`,
+    export) left beside `run_dir` (`.RUN.tmp-<pid>`, `.RUN.old-<pid>` of a process no longer
+    alive): removed, but an `.old` one is put back as RUN when RUN is missing (the kill came
+    between the two renames). Returns what was done."""
     done = []
     for folder in sorted(run_dir.parent.glob(f".{run_dir.name}.*-*")):
         kind, _, pid = folder.name.removeprefix(f".{run_dir.name}.").partition("-")
@@ -208,6 +238,25 @@ def load_coders(
 
 def _first_source(coders: Coders) -> torch.nn.Module:
     return coders.sources[0] if isinstance(coders, CrossLayerTranscoder) else coders.coders[0]
+
+
+def source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """(W_enc, b_enc, W_decs, b_decs) of source p, decoders [L, d] per target p, p+1, ..."""
+    if isinstance(coders, CrossLayerTranscoder):
+        source = coders.source(p)
+        if source.post_encs is not None:
+            raise ValueError(
+                f"source {coders.hookpoints[p]} has clt-training post-encoder offsets, which "
+                "circuit-tracer's CLT cannot represent; export a CLT trained without them"
+            )
+        return source.encoder.weight, source.encoder.bias, list(source.W_decs), list(source.b_decs)
+    coder = coders.coder(p)
+    if not coder.cfg.transcode:
+        raise ValueError(
+            "this run holds SAEs (transcode=False), which read and rebuild the MLP output; "
+            "the circuit-tracer export and CLT-free steering take transcoders (PLT or CLT)"
+        )
+    return coder.encoder.weight, coder.encoder.bias, [coder.W_dec], [coder.b_dec]
 
 
 def coder_shape(coders: Coders) -> dict[str, Any]:

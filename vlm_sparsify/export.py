@@ -10,7 +10,6 @@ docs/checkpoints.md) and the fidelity lost is measured on held-out calibration t
 """
 
 import argparse
-import shutil
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -20,32 +19,12 @@ import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .cli import run_cli
-from .coder_io import Coders, load_coders, replace_dir
-from .coder_set import fraction_of_variance_unexplained
-from .cross_layer import CrossLayerTranscoder
-from .files import load_safetensors
+from vlm_sparsify.cli import run_cli
+from vlm_sparsify.coder_io import Coders, atomic_dir, load_coders, source_weights
+from vlm_sparsify.coder_set import fraction_of_variance_unexplained
+from vlm_sparsify.files import load_safetensors
 
 ThresholdMethod = Literal["feature", "layer"]
-
-
-def source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """(W_enc, b_enc, W_decs, b_decs) of source p, decoders [L, d] per target p, p+1, ..."""
-    if isinstance(coders, CrossLayerTranscoder):
-        source = coders.sources[p]
-        if source.post_encs is not None:
-            raise ValueError(
-                f"source {coders.hookpoints[p]} has clt-training post-encoder offsets, which "
-                "circuit-tracer's CLT cannot represent; export a CLT trained without them"
-            )
-        return source.encoder.weight, source.encoder.bias, list(source.W_decs), list(source.b_decs)
-    coder = coders.coders[p]
-    if not coder.cfg.transcode:
-        raise ValueError(
-            "this run holds SAEs (transcode=False), which read and rebuild the MLP output; "
-            "the circuit-tracer export and CLT-free steering take transcoders (PLT or CLT)"
-        )
-    return coder.encoder.weight, coder.encoder.bias, [coder.W_dec], [coder.b_dec]
 
 
 def _pre_acts(coders: Coders, p: int, x: Tensor) -> Tensor:
@@ -159,41 +138,41 @@ def export_circuit_tracer(
     """Write circuit-tracer's CLT files for every layer (decoders zero-padded beyond reach)."""
     out_dir = Path(out_dir)
     n_layers = len(coders.hookpoints)
-    b_dec_per_target: list[Tensor] = [0] * n_layers  # type: ignore[list-item]
+    first_W_enc = source_weights(coders, 0)[0]
+    b_dec_per_target = [
+        first_W_enc.new_zeros(first_W_enc.shape[1], dtype=torch.float32) for _ in range(n_layers)
+    ]
     for p in range(n_layers):
         _, _, _, b_decs = source_weights(coders, p)
         for i, b_dec in enumerate(b_decs):
             b_dec_per_target[p + i] = b_dec_per_target[p + i] + b_dec.float()
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for p in range(n_layers):
-        W_enc, b_enc, W_decs, _ = source_weights(coders, p)
-        enc = {
-            f"W_enc_{p}": W_enc,
-            f"b_enc_{p}": b_enc,
-            f"b_dec_{p}": b_dec_per_target[p],
-            f"threshold_{p}": thresholds[p],
+    with atomic_dir(out_dir) as tmp:
+        for p in range(n_layers):
+            W_enc, b_enc, W_decs, _ = source_weights(coders, p)
+            enc = {
+                f"W_enc_{p}": W_enc,
+                f"b_enc_{p}": b_enc,
+                f"b_dec_{p}": b_dec_per_target[p],
+                f"threshold_{p}": thresholds[p],
+            }
+            save_file(
+                {k: v.detach().to("cpu", dtype).contiguous() for k, v in enc.items()},
+                str(tmp / f"W_enc_{p}.safetensors"),
+            )
+            W_dec = torch.zeros(W_enc.shape[0], n_layers - p, W_enc.shape[1], dtype=dtype)
+            for i, W in enumerate(W_decs):
+                W_dec[:, i] = W.detach().to("cpu", dtype)
+            save_file({f"W_dec_{p}": W_dec}, str(tmp / f"W_dec_{p}.safetensors"))
+        config = {
+            "model_kind": "cross_layer_transcoder",
+            "feature_input_hook": feature_input_hook,
+            "feature_output_hook": feature_output_hook,
+            "hookpoints": coders.hookpoints,
+            "activation_function": "jump_relu",
         }
-        save_file(
-            {k: v.detach().to("cpu", dtype).contiguous() for k, v in enc.items()},
-            str(tmp / f"W_enc_{p}.safetensors"),
-        )
-        W_dec = torch.zeros(W_enc.shape[0], n_layers - p, W_enc.shape[1], dtype=dtype)
-        for i, W in enumerate(W_decs):
-            W_dec[:, i] = W.detach().to("cpu", dtype)
-        save_file({f"W_dec_{p}": W_dec}, str(tmp / f"W_dec_{p}.safetensors"))
-    config = {
-        "model_kind": "cross_layer_transcoder",
-        "feature_input_hook": feature_input_hook,
-        "feature_output_hook": feature_output_hook,
-        "hookpoints": coders.hookpoints,
-        "activation_function": "jump_relu",
-    }
-    if model_name:
-        config["model_name"] = model_name
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    replace_dir(tmp, out_dir)
+        if model_name:
+            config["model_name"] = model_name
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return out_dir
 
 

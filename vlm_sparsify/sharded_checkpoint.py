@@ -5,16 +5,18 @@ Rank 0 assembles every hookpoint's folder, receiving the tensors other processes
 time: a CLT source's in the CLT layout (`encoder.*` from the source's owner, `W_decs.{i}` /
 `b_decs.{i}` from the owner of target p+i), a per-layer coder as stock sparsify saves it. So the
 run loads, exports and shares like any other. Every rank writes its live parameters and optimizer
-and scheduler state to `rank{r}/` of the same temporary folder, which rank 0 renames into place
-once all have written: `--save_dir` must be on a filesystem every process sees, as with
+and scheduler state to `rank{r}-*` files of the same temporary folder (`.RUN.tmp-<rank 0's
+pid>`, which `clean_stale_folders` removes after a kill), which rank 0 renames into place once
+all have written: `--save_dir` must be on a filesystem every process sees, as with
 sparsify's own `--distribute_modules`.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,10 @@ from torch import Tensor
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
     CheckpointError,
+    atomic_dir,
     clt_source_cfg,
     read_clt_tensors,
-    replace_dir,
+    temp_dir,
     write_clt_source,
 )
 from vlm_sparsify.files import read_json
@@ -124,27 +127,33 @@ def write_sharded_checkpoint(
     (`write_extra(folder)`: rank 0's further files, as `save_coders` takes them)."""
     clt = trainer.coders
     assert isinstance(clt, ShardedCoders)
-    tmp = run_dir.parent / f".{run_dir.name}.tmp-sharded"
-    if clt.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    pid = _rank0_pid(clt)
+    # rank 0 creates the folder and renames it into place; every rank writes into it
+    writing = atomic_dir(run_dir, pid) if clt.rank == 0 else nullcontext(temp_dir(run_dir, pid))
+    with writing as tmp:
+        _barrier()
+        live = {k: v.detach().cpu().clone() for k, v in clt.state_dict().items()}
+        summary = trainer.summary()
+        with eval_weights(trainer.optimizers):  # users load schedule-free's averaged point
+            write_coders(clt, tmp)
+        write_resume_files(tmp, trainer, live, rank_prefix(clt.rank))
+        shard = {"world_size": clt.world, "owners": clt.owners}
+        shard_file(tmp, clt.rank).write_text(json.dumps(shard))
+        if clt.rank == 0:
+            (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
+            write_step_state(tmp, trainer, summary)
+            if write_extra is not None:
+                write_extra(tmp)
+        _barrier()
     _barrier()
-    live = {k: v.detach().cpu().clone() for k, v in clt.state_dict().items()}
-    summary = trainer.summary()
-    with eval_weights(trainer.optimizers):  # users load schedule-free's averaged point
-        write_coders(clt, tmp)
-    write_resume_files(tmp, trainer, live, rank_prefix(clt.rank))
-    shard = {"world_size": clt.world, "owners": clt.owners}
-    shard_file(tmp, clt.rank).write_text(json.dumps(shard))
-    if clt.rank == 0:
-        (tmp / RUN_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=str))
-        write_step_state(tmp, trainer, summary)
-        if write_extra is not None:
-            write_extra(tmp)
-    _barrier()
-    if clt.rank == 0:
-        replace_dir(tmp, run_dir)
-    _barrier()
+
+
+def _rank0_pid(coders: ShardedCoders) -> int:
+    """Rank 0's process id, on every rank: it names the temporary folder they all write."""
+    pid = torch.tensor([os.getpid()], dtype=torch.int64, device=coders.device)
+    if dist.is_initialized():
+        dist.broadcast(pid, src=0)
+    return int(pid.item())
 
 
 def read_sharded_training_state(run_dir: Path, trainer: Trainer) -> None:

@@ -44,9 +44,8 @@ from benchmarks.neuron_map import (
 )
 from benchmarks.runs import load_run, read_features, teacher_forced_inputs
 from benchmarks.stages.analyze import layer_numbers
-from vlm_sparsify.coder_io import Coders
+from vlm_sparsify.coder_io import Coders, source_weights
 from vlm_sparsify.data import load_rgb
-from vlm_sparsify.export import source_weights
 
 NEURON_MAP = "neuron_map.json"
 INFO = "neuron_map_info.json"
