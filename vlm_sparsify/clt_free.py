@@ -38,14 +38,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vlm_sparsify.coder_io import Coders, source_weights, usual_permissions
-from vlm_sparsify.interventions import Op
+from vlm_sparsify.interventions import OPS, Op
 from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
 from vlm_sparsify.topk_encoder import encode_topk
 
 SteerMode = Literal["exact", "threshold"]
 WEIGHTS_FILE = "steerer.safetensors"
 CONFIG_FILE = "steerer.json"
-_OP_CODES = {"scale": 0, "add": 1, "set": 2, "zero": 3}
+_OP_CODES = {op: code for code, op in enumerate(OPS)}
+"""Each op's code in a saved steerer's `ops` tensor (the order of `Op`: scale 0 ... zero 3)."""
 
 
 @dataclass(frozen=True)

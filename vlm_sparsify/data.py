@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_sparsify.files import read_jsonl
 from vlm_sparsify.recipe import Recipe
+
+if TYPE_CHECKING:
+    from vlm_sparsify.tiny.easyvqa_data import Split
 
 TokenRegion = Literal["all", "image", "text"]
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
@@ -87,14 +90,14 @@ def _to_8_bits(image: Image.Image) -> Image.Image:
 # -- sources ----------------------------------------------------------------------------------
 
 
-def easyvqa_examples(split: str = "train") -> list[Example]:
+def easyvqa_examples(split: Split = "train") -> list[Example]:
     """Every easy-VQA question of a split, as (image path, question, answer)."""
     from vlm_sparsify.tiny.easyvqa_data import image_paths, questions
 
-    paths = image_paths(split)  # type: ignore[arg-type]
+    paths = image_paths(split)
     return [
         Example(id=f"{split}-{i}", image=paths[q.image_id], question=q.question, answer=q.answer)
-        for i, q in enumerate(questions(split))  # type: ignore[arg-type]
+        for i, q in enumerate(questions(split))
     ]
 
 
@@ -230,7 +233,7 @@ def open_examples(
     if not split:
         split = recipe.dataset.split if dataset == recipe.dataset.path else "train"
     if dataset.lower() in EASYVQA:
-        examples = easyvqa_examples(split)
+        examples = easyvqa_examples(cast("Split", split))  # image_paths rejects other splits
     elif Path(dataset).is_dir():
         examples = folder_examples(Path(dataset), recipe.dataset.question)
     else:

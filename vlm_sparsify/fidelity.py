@@ -33,7 +33,7 @@ from simple_parsing import field, parse
 from torch import Tensor, nn
 
 from vlm_sparsify.cli import run_cli
-from vlm_sparsify.coder_io import RUN_CONFIG_FILE, check_run_dir, load_coders
+from vlm_sparsify.coder_io import RUN_CONFIG_FILE, Coders, check_run_dir, load_coders
 from vlm_sparsify.data import (
     EASYVQA,
     Example,
@@ -45,7 +45,7 @@ from vlm_sparsify.data import (
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import Recipe, find_recipe, run_recipe
-from vlm_sparsify.replacement import Decoder, ReplacementModel
+from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel
 
 REGIONS = ("image", "prompt", "answer")
 
@@ -249,16 +249,16 @@ def measure_fidelity(
     model: nn.Module,
     processor: Any,
     recipe: Recipe,
-    coders: nn.Module,
+    coders: Coders,
     examples: Sequence[Example],
-    mode: str = "open-loop",
+    mode: Mode = "open-loop",
     batch_size: int = 8,
     max_new_tokens: int = 16,
     ctx_len: int = 2048,
     decoder: Decoder = "fused",
 ) -> dict[str, Any]:
     """Fidelity of `ReplacementModel(model, coders, mode)` on `examples` (see module doc)."""
-    replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)  # type: ignore[arg-type]
+    replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)
     image_id = image_token_id(processor, recipe)
     pad_id = processor.tokenizer.pad_token_id or 0
     device = next(model.parameters()).device

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from torch import Tensor
 from vlm_sparsify.capture import REGION_CODE
 
 Op = Literal["scale", "add", "set", "zero"]
+OPS: tuple[Op, ...] = get_args(Op)
 EDIT_REGIONS = ("image", "prompt", "response", "decision", "all")
 
 
@@ -47,8 +48,10 @@ class Intervention:
     required by those three, not given for `zero`."""
 
     def __post_init__(self) -> None:
-        if self.op not in ("scale", "add", "set", "zero"):
-            raise ValueError(f"Unknown intervention op '{self.op}'; use scale, add, set or zero")
+        if self.op not in OPS:
+            raise ValueError(
+                f"Unknown intervention op '{self.op}'; use {', '.join(OPS[:-1])} or {OPS[-1]}"
+            )
         features = tuple(_index(f, "feature") for f in _items(self.features))
         if len(set(features)) != len(features) or not features:
             raise ValueError(f"features must be distinct and non-empty, got {features}")

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from vlm_sparsify.capture import FeatureCapture
 from vlm_sparsify.clt_inference import CLTInference, Kernel
+from vlm_sparsify.coder_io import Coders
 from vlm_sparsify.cross_layer import CrossLayerTranscoder, free_memory_bytes
 from vlm_sparsify.interventions import Intervention, apply_interventions
 from vlm_sparsify.positions import SequencePositions
@@ -69,7 +70,7 @@ class ReplacementModel:
     def __init__(
         self,
         model: nn.Module,
-        coders: nn.Module,
+        coders: Coders,
         mode: Mode = "open-loop",
         interventions: Sequence[Intervention] = (),
         image_token_id: int | None = None,
