@@ -12,10 +12,11 @@ from sparsify import SparseCoderConfig
 from torch import Tensor, nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from vlm_sparsify.bench_steps import benchmark_generate
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.interventions import Intervention
 from vlm_sparsify.per_layer import PerLayerCoders
-from vlm_sparsify.replacement import ReplacementModel, benchmark_generate
+from vlm_sparsify.replacement import ReplacementModel
 
 LAYERS, D, LATENTS, K = 4, 32, 64, 4
 IMAGE, PAD, EOS = 5, 0, 2

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from vlm_sparsify.bench_steps import (
     Paired,
     alternate_steps,
+    benchmark_generate,
     make_trainer,
     pipeline_vs_pretokenized,
     plugin_vs_stock_steps,
@@ -26,7 +27,7 @@ from vlm_sparsify.data import BatchStream, Example, batch_loader, easyvqa_exampl
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import Recipe, find_recipe
-from vlm_sparsify.replacement import ReplacementModel, benchmark_generate
+from vlm_sparsify.replacement import ReplacementModel
 from vlm_sparsify.topk_encoder import topk_rows
 
 

@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vlm_sparsify.bench_steps import (
+    benchmark_generate,
     make_trainer,
     pipeline_vs_pretokenized,
     plugin_vs_stock_steps,
@@ -44,7 +45,7 @@ from vlm_sparsify.cross_layer import GpuDecoder, training_memory_bytes
 from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
-from vlm_sparsify.replacement import Decoder, Mode, benchmark_generate
+from vlm_sparsify.replacement import Decoder, Mode
 from vlm_sparsify.training import build_coders
 from vlm_sparsify.triton_decode import runs_on as triton_runs_on
 

@@ -24,6 +24,8 @@ from sparsify import Trainer as StockTrainer
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from vlm_sparsify.coder_io import Coders
+from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel
 from vlm_sparsify.training import Trainer, build_coders, build_optimizers
 
 
@@ -319,3 +321,59 @@ def _sharded_worker(
             torch.save(timings, f"{tmp}/timings.pt")
     finally:
         dist.destroy_process_group()
+
+
+def benchmark_generate(
+    model: nn.Module,
+    coders: Coders,
+    inputs: dict[str, Tensor],
+    mode: Mode = "open-loop",
+    max_new_tokens: int = 16,
+    repeats: int = 5,
+    capture: bool = False,
+    decoder: Decoder = "fused",
+) -> dict[str, float]:
+    """Median greedy `generate` time of the replacement model over the base model's (same run).
+
+    Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved. Each
+    repeat also times a one-token generation (the prefill) of both, so the result splits the
+    ratio into the prefill's and the later tokens' (`prefill_ratio`, `per_token_ratio`).
+    """
+    replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)
+    device = next(model.parameters()).device
+
+    def timed(run: Any, new_tokens: int) -> float:
+        start = time.perf_counter()
+        run(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        sync(device)
+        return time.perf_counter() - start
+
+    def replaced(**kwargs: Any) -> Any:
+        if not capture:
+            return replacement.generate(**kwargs)
+        with replacement.capture() as features:
+            output = replacement.generate(**kwargs)
+            features.pop_samples()
+        return output
+
+    times: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        timed(model.generate, max_new_tokens)
+        timed(replaced, max_new_tokens)
+        for _ in range(repeats):
+            for key, run, new_tokens in (
+                ("base_s", model.generate, max_new_tokens),
+                ("replacement_s", replaced, max_new_tokens),
+                ("base_prefill_s", model.generate, 1),
+                ("replacement_prefill_s", replaced, 1),
+            ):
+                times.setdefault(key, []).append(timed(run, new_tokens))
+    result = {key: statistics.median(values) for key, values in times.items()}
+    later = result["replacement_s"] - result["replacement_prefill_s"]
+    base_later = result["base_s"] - result["base_prefill_s"]
+    return {
+        **result,
+        "ratio": result["replacement_s"] / result["base_s"],
+        "prefill_ratio": result["replacement_prefill_s"] / result["base_prefill_s"],
+        "per_token_ratio": later / base_later if base_later > 0 else float("nan"),
+    }

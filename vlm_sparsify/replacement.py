@@ -24,8 +24,6 @@ Only one replacement model may hook a model at a time.
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -539,59 +537,3 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def benchmark_generate(
-    model: nn.Module,
-    coders: nn.Module,
-    inputs: dict[str, Tensor],
-    mode: Mode = "open-loop",
-    max_new_tokens: int = 16,
-    repeats: int = 5,
-    capture: bool = False,
-    decoder: Decoder = "fused",
-) -> dict[str, float]:
-    """Median greedy `generate` time of the replacement model over the base model's (same run).
-
-    Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved. Each
-    repeat also times a one-token generation (the prefill) of both, so the result splits the
-    ratio into the prefill's and the later tokens' (`prefill_ratio`, `per_token_ratio`).
-    """
-    replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)
-
-    def timed(run: Any, new_tokens: int) -> float:
-        start = time.perf_counter()
-        run(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    def replaced(**kwargs: Any) -> Any:
-        if not capture:
-            return replacement.generate(**kwargs)
-        with replacement.capture() as features:
-            output = replacement.generate(**kwargs)
-            features.pop_samples()
-        return output
-
-    times: dict[str, list[float]] = {}
-    with torch.inference_mode():
-        timed(model.generate, max_new_tokens)
-        timed(replaced, max_new_tokens)
-        for _ in range(repeats):
-            for key, run, new_tokens in (
-                ("base_s", model.generate, max_new_tokens),
-                ("replacement_s", replaced, max_new_tokens),
-                ("base_prefill_s", model.generate, 1),
-                ("replacement_prefill_s", replaced, 1),
-            ):
-                times.setdefault(key, []).append(timed(run, new_tokens))
-    result = {key: statistics.median(values) for key, values in times.items()}
-    later = result["replacement_s"] - result["replacement_prefill_s"]
-    base_later = result["base_s"] - result["base_prefill_s"]
-    return {
-        **result,
-        "ratio": result["replacement_s"] / result["base_s"],
-        "prefill_ratio": result["replacement_prefill_s"] / result["base_prefill_s"],
-        "per_token_ratio": later / base_later if base_later > 0 else float("nan"),
-    }
