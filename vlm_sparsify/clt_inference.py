@@ -29,8 +29,8 @@ import torch
 from sparsify.fused_encoder import EncoderOutput
 from torch import Tensor
 
-from .cross_layer import CrossLayerTranscoder
-from .topk_encoder import encode_topk
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.topk_encoder import encode_topk
 
 Kernel = Literal["embedding_bag", "triton"]
 
@@ -54,7 +54,7 @@ class CLTInference:
             case "embedding_bag":
                 pass
             case "triton":
-                from .triton_decode import check_available
+                from vlm_sparsify.triton_decode import check_available
 
                 check_available(clt.sources[0].encoder.weight.device)
             case other:
@@ -161,7 +161,7 @@ class CLTInference:
     ) -> None:
         """Add source p's contributions to its targets first .. first + count - 1 (counted from
         p), with their biases if `bias`, to `out` `[N, count * d]` float32 (in place)."""
-        from .triton_decode import decode_accumulate
+        from vlm_sparsify.triton_decode import decode_accumulate
 
         if p not in self.decoders:
             self.decoders[p] = self._wide(p)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .triton_decode import BLOCK_D, MAX_BLOCK_R, decode_accumulate
+from vlm_sparsify.triton_decode import BLOCK_D, MAX_BLOCK_R, decode_accumulate
 
 BLOCK_E = 16
 """Entries (token rows of one latent) a weight-gradient program reads at a time."""
