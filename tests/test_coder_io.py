@@ -270,7 +270,7 @@ def test_folders_of_a_killed_save_are_cleaned_or_put_back(tmp_path: Path) -> Non
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     run_dir = tmp_path / "run"
-    for name in (f".run.tmp-{dead}", f".run.old-{dead}", ".run.tmp-sharded", ".other.tmp-1"):
+    for name in (f".run.tmp-{dead}", f".run.old-{dead}", ".run.tmp-notes", ".other.tmp-1"):
         (tmp_path / name).mkdir()
     (tmp_path / f".run.old-{dead}" / "config.json").write_text("{}")
     live = tmp_path / f".run.tmp-{os.getpid()}"  # a process still writing
@@ -280,7 +280,7 @@ def test_folders_of_a_killed_save_are_cleaned_or_put_back(tmp_path: Path) -> Non
     assert (run_dir / "config.json").is_file() and len(notes) == 2
     assert notes[0].startswith(f"restored {run_dir} from .run.old-{dead}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [".other.tmp-1", ".run.tmp-sharded", live.name, "run"]
+        [".other.tmp-1", ".run.tmp-notes", live.name, "run"]
     )
     (tmp_path / f".run.old-{dead}").mkdir()  # beside an existing RUN: removed
     assert clean_stale_folders(run_dir) == [
