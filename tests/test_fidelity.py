@@ -224,3 +224,35 @@ def test_bad_input_ends_in_one_line(tmp_path: Path) -> None:
         done = subprocess.run([*command, *args], capture_output=True, text=True)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_a_run_on_an_image_folder_is_measured_on_that_folder(clt_run: Path, capsys, tmp_path):
+    from tests.conftest import make_image
+
+    rows = []
+    for i in range(3):
+        make_image(tmp_path / f"{i}.png", seed=i)
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": "a red circle"}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows))
+    # a folder has one split: no --split is made up for it (the recipe's was, and refused)
+    result = run_fidelity(clt_run, "error", capsys, "--dataset", str(tmp_path))
+    assert result["examples"] == 3 and result["split"] == "all"
+    assert result["top1_agreement"] == 1.0
+
+
+def test_coders_of_another_model_are_refused_before_any_data_loads(clt_run: Path, tmp_path):
+    from vlm_sparsify.coder_io import CheckpointError
+
+    # `default` is the embedded model (128 wide); the run's coders read 32-wide activations
+    with pytest.raises(CheckpointError, match="these coders were trained on another model"):
+        main([str(clt_run), "--model", "default", "--dataset", str(tmp_path / "never-opened")])
+    # same width, a layer the model does not have
+    d_in = 32
+    cfg = SparseCoderConfig(num_latents=4 * d_in, k=4, transcode=True)
+    clt = CrossLayerTranscoder(["model.language_model.layers.7.mlp"], d_in, cfg, cross_layer=1)
+    run = tmp_path / "other"
+    model_id = json.loads((clt_run / "config.json").read_text())["model"]
+    save_coders(clt, run, config={"model": model_id})
+    message = r"\['model.language_model.layers.7.mlp'\] are not modules of .*: these coders were"
+    with pytest.raises(ValueError, match=message):
+        main([str(run), "--dataset", str(tmp_path / "never-opened")])

@@ -43,7 +43,7 @@ from vlm_sparsify.data import (
     open_examples,
 )
 from vlm_sparsify.files import read_json
-from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
+from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import Recipe, find_recipe, run_recipe
 from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel
 
@@ -52,14 +52,17 @@ REGIONS = ("image", "prompt", "answer")
 
 @dataclass
 class FidelityConfig:
-    run: str = field(positional=True)
+    """How faithfully a run's coders replace the model's MLPs, on held-out examples."""
+
+    run: str = field(positional=True, metavar="RUN")
     """Run folder holding <hookpoint>/cfg.json (and the run's config.json)."""
     model: str = ""
-    """Model id or folder (default: the run's model, else the embedded default)."""
+    """Model id or folder, or `default` (default: the run's model, else the embedded default)."""
     dataset: str = ""
     """Dataset (default: the run's, else the recipe's)."""
     split: str = ""
-    """Held-out split (default: `test` for easy-VQA, else the recipe's split)."""
+    """Held-out split (default: `test` for easy-VQA, none for a local folder (its one split,
+    the images the run trained on), else the recipe's split)."""
     recipe: str = ""
     """Recipe name or TOML path (default: the run's, else matched from the model)."""
     mode: Literal["open-loop", "error"] = "open-loop"
@@ -71,11 +74,15 @@ class FidelityConfig:
     limit: int = 64
     """Number of held-out examples."""
     batch_size: int = 8
+    """Examples per forward and generate call."""
     max_new_tokens: int = 16
     """Length of the free generations compared for exact match."""
     ctx_len: int = 2048
+    """Text tokens kept per example (image tokens come on top, as in training)."""
     device: str = ""
+    """Device (default: cuda if available, else cpu)."""
     dtype: str = "auto"
+    """Model dtype: auto (bfloat16 on a GPU, float32 on a CPU), float32, bfloat16 or float16."""
     json: bool = False
     """Print one JSON object instead of a table."""
     plot: str = ""
@@ -326,6 +333,34 @@ def _response(tokens: Tensor, prompt_length: int, pad_id: int) -> Tensor:
     return response[response != pad_id]
 
 
+def held_out_split(dataset: str, recipe: Recipe) -> str:
+    """easy-VQA's `test`; none for a local folder (it has one split: the examples are the
+    training images); else the recipe's split."""
+    if dataset.lower() in EASYVQA:
+        return "test"
+    return "" if Path(dataset).is_dir() else recipe.dataset.split
+
+
+def check_hookpoints(model: nn.Module, hookpoints: Sequence[str], model_id: str) -> None:
+    """Every coder hookpoint is a module of the model: coders of a model with other module paths
+    (or fewer layers) are refused before any data loads."""
+    missing = [h for h in hookpoints if not _is_module(model, h)]
+    if missing:
+        raise ValueError(
+            f"the coders' hookpoints {missing[:3]}{' ...' if len(missing) > 3 else ''} are not "
+            f"modules of {model_id}: these coders were trained on another model (pass the run's "
+            "model with --model, or leave --model out)"
+        )
+
+
+def _is_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _run_config(run: Path) -> dict[str, Any]:
     check_run_dir(run)  # before the model loads
     path = run / RUN_CONFIG_FILE
@@ -335,7 +370,12 @@ def _run_config(run: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`python -m vlm_sparsify.fidelity RUN ...` (FidelityConfig): measure, print the table (or
     one JSON object), draw `--plot`; returns the measurements."""
-    args = parse(FidelityConfig, args=sys.argv[1:] if argv is None else argv)
+    args = parse(
+        FidelityConfig,
+        args=sys.argv[1:] if argv is None else argv,
+        prog="python -m vlm_sparsify.fidelity",
+        description=FidelityConfig.__doc__,
+    )
     for name in ("limit", "batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -343,7 +383,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"--plot {args.plot}: no folder {Path(args.plot).parent}")
     run = Path(args.run)
     trained = _run_config(run)
-    model_id = args.model or trained.get("model") or DEFAULT_MODEL
+    model_id = resolve_model(args.model or trained.get("model") or DEFAULT_MODEL)
     if args.recipe:
         recipe = find_recipe(args.recipe, model_id=model_id)
     else:
@@ -352,10 +392,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_id, recipe, dtype=args.dtype, device=args.device or None
     )
     device = next(model.parameters()).device
-    coders = load_coders(run, device=device).eval()
+    d_model = model.config.get_text_config().hidden_size
+    coders = load_coders(run, device=device, d_in=d_model).eval()
+    check_hookpoints(model, coders.hookpoints, model_id)  # before any data is opened
     dataset = args.dataset or trained.get("dataset") or recipe.dataset.path
-    split = args.split or ("test" if dataset.lower() in EASYVQA else recipe.dataset.split)
-    examples = list(islice(open_examples(dataset, recipe, split=split), args.limit))
+    split = args.split or held_out_split(dataset, recipe)
+    examples = list(islice(open_examples(dataset, recipe, split=split or None), args.limit))
     if not examples:
         raise ValueError(f"no examples in {dataset} ({split})")
     result = measure_fidelity(
@@ -370,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.ctx_len,
         args.decoder,
     )
-    result.update(run=str(run), model=model_id, dataset=dataset, split=split)
+    result.update(run=str(run), model=model_id, dataset=dataset, split=split or "all")
     if args.json:
         print(json.dumps(result))
     else:
