@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-USER_ERRORS = (ValueError, FileNotFoundError, OSError)
-"""What bad input raises (a wrong path, a corrupt file, a setting that cannot work)."""
+USER_ERRORS = (ValueError, OSError)
+"""What bad input raises (a wrong path, a corrupt file, a setting that cannot work). Every OSError
+counts (FileNotFoundError, PermissionError, IsADirectoryError, a full disk, a network error
+downloading from the Hub): each names the path or address at fault, which the user fixes."""
 
 
 def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
