@@ -1,8 +1,9 @@
 """`python -m vlm_sparsify [MODEL] [DATASET] [flags]`: train sparsify coders on a VLM.
 
 Flags mirror `python -m sparsify` (its `TrainConfig` and `SparseCoderConfig` fields, same names)
-plus `--recipe`, `--tokens`, `--cross_layer` and `--push_to_hub`. MODEL and DATASET default to the
-embedded offline default: the tiny easy-VQA LLaVA shipped with the package, on easy-VQA train.
+plus this plugin's own (`RunConfig` below; the README's "Train" section tables them). MODEL and
+DATASET default to the embedded offline default: the tiny easy-VQA LLaVA shipped with the
+package, on easy-VQA train.
 """
 
 from __future__ import annotations
