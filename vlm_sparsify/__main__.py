@@ -78,6 +78,8 @@ from vlm_sparsify.training import (
 )
 from vlm_sparsify.wandb_log import WandbLog
 
+DecoderDtype = Literal["auto", "float32", "bfloat16", "float16"]
+
 
 @dataclass
 class RunConfig(TrainConfig):
@@ -156,15 +158,15 @@ class RunConfig(TrainConfig):
     dtype: str = "auto"
     """Model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16."""
 
-    decoder_dtype: str = "auto"
+    decoder_dtype: DecoderDtype = "auto"
     """Dtype of cross-layer decoder weights: auto (bfloat16 on a GPU: half the memory of the
-    7B-scale CLT, docs/memory.md; float32 on CPU), float32 or bfloat16."""
+    7B-scale CLT, docs/memory.md; float32 on CPU), float32, bfloat16 or float16."""
 
     distribute_modules: bool = False
     """Shard the coders over the processes (torchrun): each holds those of a block of layers
     (for a CLT: their encoders and the decoders into them) instead of all (docs/memory.md)."""
 
-    gpu_decoder: str = "sparsify"
+    gpu_decoder: GpuDecoder = "sparsify"
     """How a cross-layer transcoder's sparse decoders train on a GPU: sparsify (its Triton
     kernels), embedding_bag (torch's; its backward sorts the indices) or triton (ours: a source's
     targets in one autograd node). `bench --gpu` times each."""
@@ -190,16 +192,6 @@ class RunConfig(TrainConfig):
         self.model = resolve_model(self.model)
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
-        if self.decoder_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(
-                "--decoder_dtype must be auto, float32, bfloat16 or float16, "
-                f"got '{self.decoder_dtype}'"
-            )
-        if self.gpu_decoder not in get_args(GpuDecoder):
-            raise ValueError(
-                f"--gpu_decoder must be one of {', '.join(get_args(GpuDecoder))}, "
-                f"got '{self.gpu_decoder}'"
-            )
         if self.gpu_decoder != "sparsify" and not self.cross_layer:
             raise ValueError("--gpu_decoder applies to a cross-layer transcoder (--cross_layer N)")
         # the trainer checks the coders (transcoders) once the recipe's defaults apply
@@ -521,7 +513,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         distribute=args.distribute_modules,
     )
     if isinstance(coders, CrossLayerTranscoder | ShardedCLT):
-        coders.gpu_decoder = args.gpu_decoder  # type: ignore[assignment]
+        coders.gpu_decoder = args.gpu_decoder
         if args.gpu_decoder == "triton" and torch.device(device).type == "cuda":
             from vlm_sparsify.triton_decode import check_available
 
