@@ -63,7 +63,7 @@ from vlm_sparsify.sharded_checkpoint import (
     write_sharded_checkpoint,
 )
 from vlm_sparsify.sharded_clt import ShardedCLT, shard_memory_bytes
-from vlm_sparsify.sharding import ShardedCoders
+from vlm_sparsify.sharding import ShardedCoders, rank_world
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -439,8 +439,7 @@ def print_summary(rows: list[dict[str, Any]]) -> None:
 
 def train(args: RunConfig, given: set[str]) -> Trainer:
     """Train as `args` say (`given`: the names of the flags passed on the command line)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = rank_world()
     token = args.hf_token or os.environ.get("HF_TOKEN")
     run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
     if rank == 0:

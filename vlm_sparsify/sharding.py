@@ -17,6 +17,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 
+def rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes: (0, 1) without torch.distributed."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def shard_layers(weights: list[int], world: int) -> list[int]:
     """Owner rank of each layer: contiguous blocks, at least one layer per rank, with the
     heaviest block (total `weights`: parameters per layer) as light as contiguous blocks allow."""
@@ -56,8 +63,7 @@ class ShardedCoders(nn.Module):
     def __init__(self, hookpoints: list[str], weights: list[int]):
         super().__init__()
         self.hookpoints = list(hookpoints)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = rank_world()
         self.owners = shard_layers(weights, self.world)
         self.owned = [layer for layer, r in enumerate(self.owners) if r == self.rank]
 

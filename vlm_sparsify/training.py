@@ -208,10 +208,6 @@ def _forward_with_capture(
 # -- data parallel ------------------------------------------------------------------------------
 
 
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def _all_sum(x: Tensor) -> Tensor:
     """Sum over ranks, in place. NCCL reduces CUDA tensors only: CPU ones (the per-step FVU and
     AuxK figures) go through the rank's GPU."""
