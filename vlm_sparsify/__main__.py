@@ -16,9 +16,9 @@ from argparse import Action
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass
 from datetime import timedelta
+from functools import cache
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,7 @@ from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import (
     RUN_RECIPE_FILE,
+    check_train_value,
     find_recipe,
     is_recipe_file,
     run_recipe,
@@ -278,32 +279,6 @@ def check_device(name: str) -> None:
             )
 
 
-def check_recipe_value(recipe: str, key: str, value: Any, target: Any) -> None:
-    """A recipe's [train] value has the flag's type (k = "four" is refused here, not in
-    training)."""
-    hint = get_type_hints(type(target)).get(key)
-    if hint is not None and not _fits(value, hint):
-        raise ValueError(
-            f"recipe '{recipe}': [train] {key} = {value!r} is not a valid --{key} "
-            f"(expected {getattr(hint, '__name__', hint)})"
-        )
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    origin = get_origin(hint)
-    if origin in (Union, UnionType):
-        return any(_fits(value, option) for option in get_args(hint))
-    if origin is Literal:
-        return value in get_args(hint)
-    if origin is list:
-        return isinstance(value, list) and all(_fits(v, get_args(hint)[0]) for v in value)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return not isinstance(hint, type) or isinstance(value, hint)
-
-
 def default_device() -> str:
     """This process's GPU (torchrun's LOCAL_RANK: the global rank is not a device index on a
     second node), or the CPU without one."""
@@ -346,7 +321,7 @@ def apply_recipe_defaults(
             raise ValueError(
                 f"recipe '{recipe}': the [train] table sets '{key}', which is not a flag"
             )
-        check_recipe_value(recipe, key, value, target)
+        check_train_value(recipe, key, value, target)
         if key in given or (key in WIDTH_FLAGS and given & set(WIDTH_FLAGS)):
             continue
         setattr(target, key, value)
@@ -683,8 +658,10 @@ def _num_batches(examples: Any, args: RunConfig) -> int | None:
     return -(-n // args.batch_size)
 
 
-RECIPE_FLAGS = frozenset(key for r in shipped_recipes().values() for key in r.train_defaults)
-"""Flags whose default a shipped recipe's [train] table replaces."""
+@cache
+def recipe_flags() -> frozenset[str]:
+    """Flags whose default a shipped recipe's [train] table replaces (parsed on first --help)."""
+    return frozenset(key for r in shipped_recipes().values() for key in r.train_defaults)
 
 
 class HelpFormatter(SimpleHelpFormatter):
@@ -695,7 +672,7 @@ class HelpFormatter(SimpleHelpFormatter):
         text = action.help or ""
         if "(default:" in text:
             return text
-        if action.dest.rsplit(".", 1)[-1] in RECIPE_FLAGS:
+        if action.dest.rsplit(".", 1)[-1] in recipe_flags():
             return f"{text} (default: the recipe's [train] value, else %(default)s)"
         return super()._get_help_string(action)
 

@@ -16,7 +16,8 @@ from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import transformers
 
@@ -196,6 +197,32 @@ def check_table(recipe: str, table: str, data: dict[str, Any]) -> None:
     for key in REQUIRED.get(table, ()):
         if key not in data:
             raise RecipeError(f"recipe {recipe} lacks the key '{key}' at {where}")
+
+
+def check_train_value(recipe: str, key: str, value: Any, target: object) -> None:
+    """A recipe's [train] value has the type of the flag it sets, the field `key` of the config
+    dataclass `target` (k = "four" is refused here, not in training)."""
+    hint = get_type_hints(type(target)).get(key)
+    if hint is not None and not _fits_hint(value, hint):
+        raise RecipeError(
+            f"recipe '{recipe}': [train] {key} = {value!r} is not a valid --{key} "
+            f"(expected {getattr(hint, '__name__', hint)})"
+        )
+
+
+def _fits_hint(value: Any, hint: Any) -> bool:
+    origin = get_origin(hint)
+    if origin in (Union, UnionType):
+        return any(_fits_hint(value, option) for option in get_args(hint))
+    if origin is Literal:
+        return value in get_args(hint)
+    if origin is list:
+        return isinstance(value, list) and all(_fits_hint(v, get_args(hint)[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
 
 
 def _as_tuple(value: str | list[str]) -> tuple[str, ...]:
