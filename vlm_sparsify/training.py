@@ -9,10 +9,10 @@ training (global FVU denominators, summed gradients) and bit-exact resume.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
-from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.per_layer import MeanReducer, PerLayerCoders
 from vlm_sparsify.replacement import ReplacementModel
 from vlm_sparsify.sharded_clt import ShardedCLT
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
@@ -234,8 +234,9 @@ def total_variances(outputs: list[Tensor]) -> list[Tensor]:
     return variances
 
 
-def global_mean_reducer(n_local: int, device: torch.device):
-    """Turns a local mean over n_local tokens into the global mean over all ranks' tokens."""
+def global_mean_reducer(n_local: int, device: torch.device) -> MeanReducer | None:
+    """Turns a local mean over n_local tokens into the global mean over all ranks' tokens (None
+    on one process: the local mean is the global one)."""
     if not dist.is_initialized():
         return None
     n_total = _all_sum(torch.tensor(float(n_local), device=device))
@@ -304,6 +305,18 @@ class TrainingState:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingState:
         return cls(**data)
+
+
+class Activations(NamedTuple):
+    """One batch's activations at the hookpoints, [N, d] each over its training positions, and
+    what the end-to-end loss runs the model on again (None: `--loss_fn fvu`, or no examples)."""
+
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    model_inputs: dict[str, Tensor] | None = None
+    mask: Tensor | None = None
+    clean_logits: Tensor | None = None
+    """The model's own logits (`--loss_fn kl`)."""
 
 
 def loss_per_target(
@@ -377,10 +390,10 @@ class Trainer:
     optimizers: list[Any]
     schedulers: list[Any]
     state: TrainingState = field(default_factory=TrainingState)
-    checkpoint: Any = None
+    checkpoint: Callable[[Trainer], None] | None = None
     """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps (at the first
     optimizer step from there, with `grad_acc_steps` > 1) and at the end."""
-    on_step: Any = None
+    on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
     """`on_step(trainer, metrics)` after every step that trained (W&B logging)."""
     saved_step: int | None = None
     """The step of the last checkpoint on disk (None: none yet); set by `fit` and on resume."""
@@ -467,6 +480,8 @@ class Trainer:
         return round(initial * (1 - progress) + cfg.sae.k * progress)
 
     def train_on_batch(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """One batch: activations -> loss per target -> bookkeeping, and the optimizer step every
+        `grad_acc_steps` batches; returns the step's metrics (None: nothing trained)."""
         if "error" in batch:  # a user error in a DataLoader worker (BatchStream), as raised
             raise batch["error"]
         state = self.state
@@ -475,27 +490,8 @@ class Trainer:
         if "inputs" not in batch and not dist.is_initialized():
             return None
         device = next(self.coders.parameters()).device
-        loss_fn = self.cfg.loss_fn
-        model_inputs, mask, clean_logits = None, None, None
-        if "inputs" not in batch:
-            # no examples for this rank (a run's last, short batch, or all its images
-            # unreadable): the other ranks' collectives still need it, with no tokens
-            d = self.model.config.get_text_config().hidden_size
-            inputs = [torch.empty(0, d, device=device, dtype=self.model.dtype)] * len(
-                self.coders.hookpoints
-            )
-            outputs = inputs
-        elif loss_fn == "kl":
-            model_inputs, mask = self._to_device(batch, device)
-            inputs, outputs, clean_logits = collect_activations_and_logits(
-                self.model, self.coders.hookpoints, model_inputs, mask
-            )
-        else:
-            model_inputs, mask = self._to_device(batch, device)
-            inputs, outputs = collect_activations(
-                self.model, self.coders.hookpoints, model_inputs, mask
-            )
-        n_local = inputs[0].shape[0]
+        acts = self._activations(batch, device)
+        n_local = acts.inputs[0].shape[0]
         n_tokens = int(_all_sum(torch.tensor(n_local, device=device)).item())
         if n_tokens == 0:
             if "inputs" in batch and state.global_step == 0:
@@ -506,17 +502,55 @@ class Trainer:
             return None
         self.coders.cfg.k = self.current_k()
         if state.global_step == 0 and not self.cfg.finetune:
-            self.coders.init_biases(inputs, outputs, global_mean_reducer(n_local, device))
-        acc_steps = self.cfg.grad_acc_steps
+            self.coders.init_biases(acts.inputs, acts.outputs, global_mean_reducer(n_local, device))
+        variances = total_variances(acts.outputs)
+        fvu, indices, l0, metrics = self._losses(acts, variances)
+        state.tokens_seen += n_tokens
+        self._update_dead_counts(indices, n_tokens)
+        state.fvu_history.append(fvu.tolist())
+        state.l0_history.append(l0)
+        if (state.global_step + 1) % self.cfg.grad_acc_steps == 0:
+            self._optimizer_step(acts, variances)
+        state.global_step += 1
+        # the progress bar's figure: per-hookpoint FVUs are ~1 at the start, their sum is not
+        return {"mean_fvu": fvu.mean().item(), **metrics}
+
+    def _activations(self, batch: dict[str, Any], device: torch.device) -> Activations:
+        """The batch's activations at every hookpoint (with the logits for `--loss_fn kl`)."""
+        if "inputs" not in batch:
+            # no examples for this rank (a run's last, short batch, or all its images
+            # unreadable): the other ranks' collectives still need it, with no tokens
+            d = self.model.config.get_text_config().hidden_size
+            empty = [torch.empty(0, d, device=device, dtype=self.model.dtype)] * len(
+                self.coders.hookpoints
+            )
+            return Activations(empty, empty)
+        model_inputs, mask = self._to_device(batch, device)
+        if self.cfg.loss_fn == "kl":
+            inputs, outputs, clean_logits = collect_activations_and_logits(
+                self.model, self.coders.hookpoints, model_inputs, mask
+            )
+            return Activations(inputs, outputs, model_inputs, mask, clean_logits)
+        inputs, outputs = collect_activations(
+            self.model, self.coders.hookpoints, model_inputs, mask
+        )
+        return Activations(inputs, outputs, model_inputs, mask)
+
+    def _losses(
+        self, acts: Activations, variances: list[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[float], dict[str, Any]]:
+        """Forward and backward of the step's losses (FVU, AuxK, the end-to-end loss); returns
+        the global FVU per target (checked finite), active indices and L0 per source, and the
+        metrics besides the FVU."""
+        loss_fn, acc_steps = self.cfg.loss_fn, self.cfg.grad_acc_steps
         dead_masks = None
         if self.cfg.auxk_alpha > 0:
             threshold = self.cfg.dead_feature_threshold
-            dead_masks = [counts > threshold for counts in state.tokens_since_fired]
-        variances = total_variances(outputs)
+            dead_masks = [counts > threshold for counts in self.state.tokens_since_fired]
         fvu, indices, l0, auxk = loss_per_target(
             self.coders,
-            inputs,
-            outputs,
+            acts.inputs,
+            acts.outputs,
             variances,
             self.cfg.micro_acc_steps,
             1 / acc_steps,
@@ -528,20 +562,29 @@ class Trainer:
         if dead_masks is not None:
             metrics["auxk"] = float(_all_sum(torch.tensor(auxk)))
         if loss_fn != "fvu":
-            metrics[loss_fn] = self._end_to_end_step(model_inputs, mask, clean_logits, acc_steps)
-        fvu = _all_sum(fvu)  # each rank holds its share of the global FVU
-        if not torch.isfinite(fvu).all():
-            bad = [
-                h
-                for h, v in zip(self.coders.hookpoints, fvu.tolist(), strict=True)
-                if not math.isfinite(v)
-            ]
-            raise NonFiniteLossError(
-                f"non-finite FVU at step {state.global_step} (batch {state.batches_seen - 1}) "
-                f"for {bad}; {self._checkpoint_note()}. {self._non_finite_hint()}"
+            metrics[loss_fn] = self._end_to_end_step(
+                acts.model_inputs, acts.mask, acts.clean_logits, acc_steps
             )
-        state.tokens_seen += n_tokens
-        for counts, idx in zip(state.tokens_since_fired, indices, strict=True):
+        fvu = _all_sum(fvu)  # each rank holds its share of the global FVU
+        self._check_finite_fvu(fvu)
+        return fvu, indices, l0, metrics
+
+    def _check_finite_fvu(self, fvu: Tensor) -> None:
+        if torch.isfinite(fvu).all():
+            return
+        bad = [
+            h
+            for h, v in zip(self.coders.hookpoints, fvu.tolist(), strict=True)
+            if not math.isfinite(v)
+        ]
+        raise NonFiniteLossError(
+            f"non-finite FVU at step {self.state.global_step} (batch {self.state.batches_seen - 1}) "
+            f"for {bad}; {self._checkpoint_note()}. {self._non_finite_hint()}"
+        )
+
+    def _update_dead_counts(self, indices: list[Tensor], n_tokens: int) -> None:
+        """Tokens since each latent last fired: reset where it fired on any rank this step."""
+        for counts, idx in zip(self.state.tokens_since_fired, indices, strict=True):
             fired = torch.zeros_like(counts, dtype=torch.bool)
             fired[idx.flatten()] = True
             if dist.is_initialized():
@@ -550,24 +593,19 @@ class Trainer:
                 fired = fired_int.bool()
             counts += n_tokens
             counts[fired] = 0
-        state.fvu_history.append(fvu.tolist())
-        state.l0_history.append(l0)
 
-        if (state.global_step + 1) % acc_steps == 0:
-            sum_gradients(self.coders)
-            before_step = getattr(self.coders, "before_optimizer_step", None)
-            if before_step is not None:
-                before_step()
-            for opt in self.optimizers:
-                opt.step()
-                opt.zero_grad()
-            for scheduler in self.schedulers:
-                scheduler.step()
-            if self.check_update:
-                self._check_updated_loss(inputs, outputs, variances)
-        state.global_step += 1
-        # the progress bar's figure: per-hookpoint FVUs are ~1 at the start, their sum is not
-        return {"mean_fvu": fvu.mean().item(), **metrics}
+    def _optimizer_step(self, acts: Activations, variances: list[Tensor]) -> None:
+        """Sum the gradients over ranks, step every optimizer and scheduler; with
+        `check_update`, check the updated weights on the batch (`acts`) first."""
+        sum_gradients(self.coders)
+        self.coders.before_optimizer_step()
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad()
+        for scheduler in self.schedulers:
+            scheduler.step()
+        if self.check_update:
+            self._check_updated_loss(acts.inputs, acts.outputs, variances)
 
     @staticmethod
     def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
