@@ -13,10 +13,11 @@ import math
 import os
 import sys
 from argparse import Action
+from collections.abc import Collection
 from contextlib import nullcontext, redirect_stdout
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from simple_parsing import ArgumentParser, field
 from simple_parsing.help_formatter import SimpleHelpFormatter
 from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
+from torch import nn
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
 from vlm_sparsify.cli import reported_interrupt, run_cli
@@ -50,6 +52,7 @@ from vlm_sparsify.hub import push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import (
     RUN_RECIPE_FILE,
+    Recipe,
     check_train_value,
     find_recipe,
     is_recipe_file,
@@ -71,6 +74,7 @@ from vlm_sparsify.train_state import (
     write_training_state,
 )
 from vlm_sparsify.training import (
+    CoderSet,
     NonFiniteLossError,
     Trainer,
     build_coders,
@@ -214,7 +218,7 @@ class RunConfig(TrainConfig):
             )
 
 
-def check_values(args: RunConfig, recipe: str = "", from_recipe: Any = ()) -> None:
+def check_values(args: RunConfig, recipe: str = "", from_recipe: Collection[str] = ()) -> None:
     """Flag values that cannot work, named before anything loads (checked again once the
     recipe's or a resumed run's values apply); a value among `from_recipe` (flag names without
     dashes) came from recipe `recipe`'s [train] table, which the error names instead of a flag."""
@@ -421,15 +425,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         for note in clean_stale_folders(run_dir):
             print(note)
     check_run_folder(args, run_dir)
-    saved = apply_saved_settings(args, run_dir, given) if args.resume else None
-    if saved is None:
-        recipe = find_recipe(args.recipe or None, model_id=args.model)
-        recipe_file = Path(args.recipe) if args.recipe and is_recipe_file(args.recipe) else None
-        # a resumed run's config.json holds the defaults it started with
-        apply_recipe_defaults(args, recipe.train_defaults, given, recipe.name)
-    else:  # the run's own copy of a --recipe PATH, wherever it is resumed from
-        recipe = run_recipe(run_dir, args.recipe, args.model)
-        recipe_file = run_recipe_file(run_dir, args.recipe)
+    saved, recipe, recipe_file = resolve_recipe(args, run_dir, given)
     # read now: every checkpoint keeps the recipe it trained with (RUN/recipe.toml)
     recipe_bytes = recipe_file.read_bytes() if recipe_file is not None else None
     device = args.device or default_device()
@@ -442,56 +438,8 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         token=token,
         trust_remote_code=args.trust_remote_code,
     )
-    hookpoints = resume_hookpoints(args, saved, given) if saved else None
-    if hookpoints is None:
-        hookpoints = select_hookpoints(
-            model, recipe, args.hookpoints or None, args.layers or None, args.layer_stride
-        )
-    if saved and hookpoints != saved["hookpoints"]:
-        raise ValueError(
-            f"--resume: {', '.join(f'--{k}' for k in HOOKPOINT_FLAGS if k in given)} select "
-            f"{hookpoints} but {run_dir} trained {saved['hookpoints']}; leave them out to "
-            "continue with the saved hookpoints"
-        )
-    args.hookpoints = hookpoints
-    d_in = model.config.get_text_config().hidden_size
-    decoder_dtype = resolve_decoder_dtype(args.decoder_dtype, torch.device(device))
-    free = free_memory_bytes(torch.device(device))
-    num_latents = args.sae.num_latents or d_in * args.sae.expansion_factor
-    if args.sae.k > num_latents:
-        raise ValueError(
-            f"--k {args.sae.k} exceeds the coders' {num_latents} latents (--num_latents, or "
-            f"--expansion_factor x the model's width {d_in})"
-        )
-    if args.cross_layer and free is not None and args.optimizer != "muon":
-        size = (len(hookpoints), num_latents, d_in, args.cross_layer)
-        needed = (
-            shard_memory_bytes(
-                *size, world, rank, args.optimizer, decoder_dtype_bytes=decoder_dtype.itemsize
-            )
-            if args.distribute_modules  # this process's layers
-            else training_memory_bytes(
-                *size, args.optimizer, decoder_dtype_bytes=decoder_dtype.itemsize
-            )
-        )
-        # before allocating any of it
-        check_training_fits(needed, free, args.optimizer, decoder_dtype.itemsize)
-    coders = build_coders(
-        hookpoints,
-        d_in,
-        args.sae,
-        args.cross_layer,
-        torch.device(device),
-        init_seed=args.init_seeds[0],
-        decoder_dtype=decoder_dtype,
-        distribute=args.distribute_modules,
-    )
-    if isinstance(coders, CrossLayerTranscoder | ShardedCLT):
-        coders.gpu_decoder = args.gpu_decoder
-        if args.gpu_decoder == "triton" and torch.device(device).type == "cuda":
-            from vlm_sparsify.triton_decode import check_available
-
-            check_available(torch.device(device))  # says so now if triton is missing
+    args.hookpoints = choose_hookpoints(args, model, recipe, saved, given, run_dir)
+    coders = build_run_coders(args, model.config.get_text_config().hidden_size, device)
     examples = open_examples(
         args.dataset or recipe.dataset.path,
         recipe,
@@ -501,60 +449,8 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         **_parse_data_args(args.data_args),
     )
     total = _num_batches(examples, args)
-    optimizers, schedulers = build_optimizers(args, coders, total or 10**6)
-    trainer = Trainer(model, coders, args, optimizers, schedulers)
-    if args.resume and isinstance(coders, ShardedCoders):
-        read_sharded_training_state(run_dir, trainer)
-        trainer.saved_step = trainer.state.global_step
-        print(f"Resuming {run_dir} at step {trainer.state.global_step}")
-    elif args.resume:
-        if shard_file(run_dir, 0).is_file():
-            raise ValueError(
-                f"{run_dir} was trained with --distribute_modules; resume it with "
-                "--distribute_modules and the same number of processes"
-            )
-        read_training_state(run_dir, trainer)
-        trainer.saved_step = trainer.state.global_step
-        print(f"Resuming {run_dir} at step {trainer.state.global_step}")
-    elif args.finetune and isinstance(coders, ShardedCoders):
-        load_owned_tensors(coders, args.finetune)
-    elif args.finetune:
-        load_for_finetune(coders, args.finetune, device)
-
-    def checkpoint(t: Trainer) -> None:
-        # compared first: the best losses are part of the state the checkpoint saves
-        improved = improved_since_last_check(t) if args.save_best else []
-        write_checkpoint(t)
-        if improved and rank == 0:  # copied from the checkpoint just written
-            keep_best(run_dir, t.coders.hookpoints, improved)
-        if dist.is_initialized():
-            dist.barrier()
-
-    def write_recipe(folder: Path) -> None:
-        if recipe_bytes is not None:
-            (folder / RUN_RECIPE_FILE).write_bytes(recipe_bytes)
-
-    def write_checkpoint(t: Trainer) -> None:
-        if isinstance(t.coders, ShardedCoders):
-            write_sharded_checkpoint(t, run_dir, run_config_dict(args), write_recipe)
-            return
-        if rank == 0:
-            params = live_parameters(t)
-            summary = t.summary()
-
-            def write_extra(folder: Path) -> None:
-                write_training_state(folder, t, params, summary)
-                write_recipe(folder)
-
-            with eval_weights(t.optimizers):
-                save_coders(
-                    t.coders,
-                    run_dir,
-                    config=run_config_dict(args),
-                    write_extra=write_extra,
-                )
-
-    trainer.checkpoint = checkpoint
+    trainer = build_trainer(args, model, coders, total, run_dir, device)
+    trainer.checkpoint = CheckpointWriter(args, run_dir, recipe_bytes, rank)
     wandb_log = None
     if args.log_to_wandb and rank == 0:
         wandb_log = WandbLog.start(run_dir.name, run_config_dict(args), args.wandb_log_frequency)
@@ -575,20 +471,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         world_size=world,
     )
     loader = batch_loader(stream, args.num_workers, pin_memory=torch.device(device).type == "cuda")
-    n_params = sum(p.numel() for p in coders.parameters())
-    kind = (
-        f"cross-layer transcoder (cross_layer {args.cross_layer})"
-        if args.cross_layer
-        else ("per-layer transcoders" if args.sae.transcode else "sparse autoencoders")
-    )
-    if isinstance(coders, ShardedCoders):
-        spread = f"sharded over {world} process(es): {coders.plan()}"
-    else:
-        spread = f"{n_params:_} coder parameters, {world} process(es)"
-    print(
-        f"Training {kind} on {len(hookpoints)} hookpoints of {args.model} ({recipe.name} "
-        f"recipe), {spread}"
-    )
+    print(describe_run(args, coders, recipe.name, world))
     try:
         trainer.fit(loader, total)
     except KeyboardInterrupt as err:
@@ -599,22 +482,216 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     if wandb_log is not None:
         wandb_log.finish()
     if rank == 0:
-        print_summary(trainer.summary())
-        if trainer.state.loss_history:
-            recent = trainer.state.loss_history[-20:]
-            print(
-                f"end-to-end {args.loss_fn} (last {len(recent)} steps): {sum(recent) / len(recent):.4f}"
-            )
-        if trainer.state.skipped:
-            shown = ", ".join(trainer.state.skipped[:5])
-            print(
-                f"Skipped {len(trainer.state.skipped)} examples with missing or unreadable "
-                f"images (first: {shown}); pass --strict to stop on them instead"
-            )
-        print(f"Saved to {run_dir}")
-        if args.push_to_hub:
-            print(f"Uploaded {run_dir} to {push_to_hub(run_dir, args.push_to_hub, token)}")
+        report(trainer, args, run_dir, token)
     return trainer
+
+
+def resolve_recipe(
+    args: RunConfig, run_dir: Path, given: set[str]
+) -> tuple[dict[str, Any] | None, Recipe, Path | None]:
+    """The run's saved config (`--resume`; None: a new run), its recipe and the recipe's file
+    (None: a shipped recipe). A new run takes the recipe's [train] defaults into `args`, a
+    resumed one its saved settings."""
+    if not args.resume:
+        recipe = find_recipe(args.recipe or None, model_id=args.model)
+        recipe_file = Path(args.recipe) if args.recipe and is_recipe_file(args.recipe) else None
+        # a resumed run's config.json holds the defaults it started with
+        apply_recipe_defaults(args, recipe.train_defaults, given, recipe.name)
+        return None, recipe, recipe_file
+    saved = apply_saved_settings(args, run_dir, given)
+    # the run's own copy of a --recipe PATH, wherever it is resumed from
+    recipe = run_recipe(run_dir, args.recipe, args.model)
+    return saved, recipe, run_recipe_file(run_dir, args.recipe)
+
+
+def choose_hookpoints(
+    args: RunConfig,
+    model: nn.Module,
+    recipe: Recipe,
+    saved: dict[str, Any] | None,
+    given: set[str],
+    run_dir: Path,
+) -> list[str]:
+    """The hookpoints the flags select (a resumed run's saved ones when no flag selects them);
+    a resumed run refuses others than it trained."""
+    hookpoints = resume_hookpoints(args, saved, given) if saved else None
+    if hookpoints is None:
+        hookpoints = select_hookpoints(
+            model, recipe, args.hookpoints or None, args.layers or None, args.layer_stride
+        )
+    if saved and hookpoints != saved["hookpoints"]:
+        raise ValueError(
+            f"--resume: {', '.join(f'--{k}' for k in HOOKPOINT_FLAGS if k in given)} select "
+            f"{hookpoints} but {run_dir} trained {saved['hookpoints']}; leave them out to "
+            "continue with the saved hookpoints"
+        )
+    return hookpoints
+
+
+def build_run_coders(args: RunConfig, d_in: int, device: str) -> CoderSet:
+    """The coders of `args.hookpoints` (this process's, with --distribute_modules), after
+    checking that k fits the width and a CLT fits the device's free memory."""
+    rank, world = rank_world()
+    decoder_dtype = resolve_decoder_dtype(args.decoder_dtype, torch.device(device))
+    free = free_memory_bytes(torch.device(device))
+    num_latents = args.sae.num_latents or d_in * args.sae.expansion_factor
+    if args.sae.k > num_latents:
+        raise ValueError(
+            f"--k {args.sae.k} exceeds the coders' {num_latents} latents (--num_latents, or "
+            f"--expansion_factor x the model's width {d_in})"
+        )
+    if args.cross_layer and free is not None and args.optimizer != "muon":
+        size = (len(args.hookpoints), num_latents, d_in, args.cross_layer)
+        needed = (
+            shard_memory_bytes(
+                *size, world, rank, args.optimizer, decoder_dtype_bytes=decoder_dtype.itemsize
+            )
+            if args.distribute_modules  # this process's layers
+            else training_memory_bytes(
+                *size, args.optimizer, decoder_dtype_bytes=decoder_dtype.itemsize
+            )
+        )
+        # before allocating any of it
+        check_training_fits(needed, free, args.optimizer, decoder_dtype.itemsize)
+    coders = build_coders(
+        args.hookpoints,
+        d_in,
+        args.sae,
+        args.cross_layer,
+        torch.device(device),
+        init_seed=args.init_seeds[0],
+        decoder_dtype=decoder_dtype,
+        distribute=args.distribute_modules,
+    )
+    if isinstance(coders, CrossLayerTranscoder | ShardedCLT):
+        coders.gpu_decoder = args.gpu_decoder
+        if args.gpu_decoder == "triton" and torch.device(device).type == "cuda":
+            from vlm_sparsify.triton_decode import check_available
+
+            check_available(torch.device(device))  # says so now if triton is missing
+    return coders
+
+
+def build_trainer(
+    args: RunConfig,
+    model: nn.Module,
+    coders: CoderSet,
+    total: int | None,
+    run_dir: Path,
+    device: str,
+) -> Trainer:
+    """The trainer with its optimizers: fresh, at the state `--resume` saved in `run_dir`, or
+    from the coders of `--finetune`."""
+    optimizers, schedulers = build_optimizers(args, coders, total or 10**6)
+    trainer = Trainer(model, coders, args, optimizers, schedulers)
+    if args.resume and isinstance(coders, ShardedCoders):
+        read_sharded_training_state(run_dir, trainer)
+        trainer.saved_step = trainer.state.global_step
+        print(f"Resuming {run_dir} at step {trainer.state.global_step}")
+    elif args.resume:
+        if shard_file(run_dir, 0).is_file():
+            raise ValueError(
+                f"{run_dir} was trained with --distribute_modules; resume it with "
+                "--distribute_modules and the same number of processes"
+            )
+        read_training_state(run_dir, trainer)
+        trainer.saved_step = trainer.state.global_step
+        print(f"Resuming {run_dir} at step {trainer.state.global_step}")
+    elif args.finetune and isinstance(coders, ShardedCoders):
+        load_owned_tensors(coders, args.finetune)
+    elif args.finetune:
+        load_for_finetune(coders, args.finetune, device)
+    return trainer
+
+
+@dataclass
+class CheckpointWriter:
+    """`Trainer.checkpoint`: writes the run folder (coders, config.json, training state and the
+    run's recipe file) and, with --save_best, copies each improved hookpoint to its best folder."""
+
+    args: RunConfig
+    run_dir: Path
+    recipe_bytes: bytes | None
+    """The run's recipe file (None: a shipped recipe), kept in every checkpoint."""
+    rank: int
+
+    def __call__(self, trainer: Trainer) -> None:
+        # compared first: the best losses are part of the state the checkpoint saves
+        improved = improved_since_last_check(trainer) if self.args.save_best else []
+        self.write(trainer)
+        if improved and self.rank == 0:  # copied from the checkpoint just written
+            keep_best(self.run_dir, trainer.coders.hookpoints, improved)
+        if dist.is_initialized():
+            dist.barrier()
+
+    def write(self, trainer: Trainer) -> None:
+        if isinstance(trainer.coders, ShardedCoders):
+            write_sharded_checkpoint(
+                trainer, self.run_dir, run_config_dict(self.args), self.write_recipe
+            )
+            return
+        if self.rank != 0:
+            return
+        # the live training weights, read before eval_weights swaps in the averaged ones
+        params = live_parameters(trainer)
+        state = partial(self.write_state, trainer, params, trainer.summary())
+        with eval_weights(trainer.optimizers):
+            save_coders(
+                trainer.coders, self.run_dir, config=run_config_dict(self.args), write_extra=state
+            )
+
+    def write_state(
+        self,
+        trainer: Trainer,
+        params: dict[str, torch.Tensor],
+        summary: list[dict[str, Any]],
+        folder: Path,
+    ) -> None:
+        """Rank 0's files beside the coders: the training state and the run's recipe."""
+        write_training_state(folder, trainer, params, summary)
+        self.write_recipe(folder)
+
+    def write_recipe(self, folder: Path) -> None:
+        if self.recipe_bytes is not None:
+            (folder / RUN_RECIPE_FILE).write_bytes(self.recipe_bytes)
+
+
+def describe_run(args: RunConfig, coders: CoderSet, recipe_name: str, world: int) -> str:
+    """What trains, on what, spread how: the line printed before training."""
+    kind = (
+        f"cross-layer transcoder (cross_layer {args.cross_layer})"
+        if args.cross_layer
+        else ("per-layer transcoders" if args.sae.transcode else "sparse autoencoders")
+    )
+    if isinstance(coders, ShardedCoders):
+        spread = f"sharded over {world} process(es): {coders.plan()}"
+    else:
+        n_params = sum(p.numel() for p in coders.parameters())
+        spread = f"{n_params:_} coder parameters, {world} process(es)"
+    return (
+        f"Training {kind} on {len(args.hookpoints)} hookpoints of {args.model} ({recipe_name} "
+        f"recipe), {spread}"
+    )
+
+
+def report(trainer: Trainer, args: RunConfig, run_dir: Path, token: str | None) -> None:
+    """Rank 0's end of a run: the summary table, the end-to-end loss, skipped images, where
+    the run is, and its upload (--push_to_hub)."""
+    print_summary(trainer.summary())
+    if trainer.state.loss_history:
+        recent = trainer.state.loss_history[-20:]
+        print(
+            f"end-to-end {args.loss_fn} (last {len(recent)} steps): {sum(recent) / len(recent):.4f}"
+        )
+    if trainer.state.skipped:
+        shown = ", ".join(trainer.state.skipped[:5])
+        print(
+            f"Skipped {len(trainer.state.skipped)} examples with missing or unreadable "
+            f"images (first: {shown}); pass --strict to stop on them instead"
+        )
+    print(f"Saved to {run_dir}")
+    if args.push_to_hub:
+        print(f"Uploaded {run_dir} to {push_to_hub(run_dir, args.push_to_hub, token)}")
 
 
 def check_run_folder(args: RunConfig, run_dir: Path) -> None:
