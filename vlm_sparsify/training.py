@@ -595,8 +595,8 @@ class Trainer:
             counts[fired] = 0
 
     def _optimizer_step(self, acts: Activations, variances: list[Tensor]) -> None:
-        """Sum the gradients over ranks, step every optimizer and scheduler; with
-        `check_update`, check the updated weights on the batch (`acts`) first."""
+        """Sum the gradients over ranks and step every optimizer and scheduler; then, with
+        `check_update`, check the updated weights on the batch that updated them (`acts`)."""
         sum_gradients(self.coders)
         self.coders.before_optimizer_step()
         for opt in self.optimizers:
