@@ -24,15 +24,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from vlm_sparsify.coder_set import CoderSet, MeanReducer, total_variance
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
-from vlm_sparsify.per_layer import MeanReducer, PerLayerCoders
+from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.replacement import ReplacementModel
 from vlm_sparsify.sharded_clt import ShardedCLT
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
 from vlm_sparsify.sharding import ShardedCoders
-
-CoderSet = PerLayerCoders | CrossLayerTranscoder | ShardedCLT | ShardedPerLayer
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -225,7 +224,7 @@ def total_variances(outputs: list[Tensor]) -> list[Tensor]:
     """FVU denominators over the GLOBAL batch: sum over tokens of (y - mean y)^2 per target."""
     if not dist.is_initialized():
         # exactly sparsify's expression, so one process reproduces sparsify bit for bit
-        return [(y - y.mean(0)).pow(2).sum() for y in outputs]
+        return [total_variance(y) for y in outputs]
     n = _all_sum(torch.tensor(float(outputs[0].shape[0]), device=outputs[0].device))
     variances = []
     for y in outputs:
