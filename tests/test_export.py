@@ -1,5 +1,6 @@
 """Export to circuit-tracer: loads with its own load_clt, holds our weights, fidelity measured."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,29 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary_folder(
     assert len(written) == 1 and Path(written[0]).parent.name.startswith(".ct.tmp-")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["ct"]
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_calibration_activations_come_from_the_runs_own_training_positions(
+    tmp_path, tiny_llava, tiny_llava_dir, llava_recipe
+):
+    from vlm_sparsify.data import easyvqa_examples, encode_example
+    from vlm_sparsify.run_activations import run_activations
+
+    _, processor = tiny_llava
+    hookpoints = ["model.language_model.layers.0.mlp"]
+    example = easyvqa_examples("train")[0]
+    ids = encode_example(example, processor, llava_recipe, ctx_len=2048)["input_ids"][0]
+    first = int(ids[0])  # the prompt template's first token: the same in every example
+    rows = {}
+    for tokens, exclude in (("all", []), ("text", []), ("text", [first])):
+        run = tmp_path / f"{tokens}-{len(exclude)}"
+        run.mkdir()
+        settings = {"model": str(tiny_llava_dir), "dataset": "easyvqa", "tokens": tokens,
+                    "exclude_tokens": exclude, "data_args": ""}  # fmt: skip
+        (run / "config.json").write_text(json.dumps(settings))
+        inputs, outputs = run_activations(run, hookpoints, num_examples=4, batch_size=2)
+        assert inputs[0].shape == outputs[0].shape
+        rows[tokens, len(exclude)] = inputs[0].shape[0]
+    image_tokens = int((ids == processor.image_token_id).sum())
+    assert rows["all", 0] - rows["text", 0] == 4 * image_tokens  # the run's --tokens
+    assert rows["text", 0] - rows["text", 1] == 4 * int((ids == first).sum())  # --exclude_tokens

@@ -44,7 +44,13 @@ from vlm_sparsify.cross_layer import (
     free_memory_bytes,
     training_memory_bytes,
 )
-from vlm_sparsify.data import BatchStream, TokenRegion, batch_loader, open_examples
+from vlm_sparsify.data import (
+    BatchStream,
+    TokenRegion,
+    batch_loader,
+    open_examples,
+    parse_data_args,
+)
 from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.files import read_json
 from vlm_sparsify.hookpoints import select_hookpoints
@@ -446,7 +452,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         split=args.split or None,
         streaming=args.streaming,
         shuffle_seed=args.shuffle_seed,
-        **_parse_data_args(args.data_args),
+        **parse_data_args(args.data_args),
     )
     total = _num_batches(examples, args)
     trainer = build_trainer(args, model, coders, total, run_dir, device)
@@ -715,15 +721,6 @@ def saved_note(trainer: Trainer, run_dir: Path) -> str:
         f"the checkpoint of step {trainer.saved_step} is in {run_dir}; continue it with "
         f"`python -m vlm_sparsify --save_dir {run_dir.parent} --run_name {run_dir.name} --resume`"
     )
-
-
-def _parse_data_args(text: str) -> dict[str, Any]:
-    """`--data_args 'arg1=val1,arg2=val2'` as sparsify reads it, refusing a part without '='."""
-    from sparsify.utils import simple_parse_args_string
-
-    if bad := [part for part in text.split(",") if part.strip() and "=" not in part]:
-        raise ValueError(f"--data_args '{text}': {bad[0]!r} is not arg=value (arg1=val1,arg2=val2)")
-    return simple_parse_args_string(text)
 
 
 def _num_batches(examples: Any, args: RunConfig) -> int | None:

@@ -197,6 +197,15 @@ class _Reiterable:
         return self.make()
 
 
+def parse_data_args(text: str) -> dict[str, Any]:
+    """`--data_args 'arg1=val1,arg2=val2'` as sparsify reads it, refusing a part without '='."""
+    from sparsify.utils import simple_parse_args_string
+
+    if bad := [part for part in text.split(",") if part.strip() and "=" not in part]:
+        raise ValueError(f"--data_args '{text}': {bad[0]!r} is not arg=value (arg1=val1,arg2=val2)")
+    return simple_parse_args_string(text)
+
+
 def _names_a_folder(dataset: str) -> bool:
     """A path no Hugging Face id looks like (ids are `name` or `owner/name`)."""
     return (

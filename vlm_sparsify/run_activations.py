@@ -1,30 +1,33 @@
 """MLP activations of a training run's own model and dataset (for export calibration).
 
-Reads the run's `config.json` to reload the same model, recipe and dataset it trained on.
+Reads the run's `config.json` to reload the same model (and revision), recipe and dataset (split,
+streaming, `--data_args`, shuffle seed) it trained on, and its training positions (`--tokens`,
+`--exclude_tokens`, `--ctx_len`). `trust_remote_code` is never taken from the file.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from vlm_sparsify.data import BatchStream, open_examples
-from vlm_sparsify.loading import load_model_and_processor
+from vlm_sparsify.coder_io import RUN_CONFIG_FILE
+from vlm_sparsify.data import BatchStream, open_examples, parse_data_args
+from vlm_sparsify.files import read_json
+from vlm_sparsify.loading import load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import run_recipe
 from vlm_sparsify.training import collect_activations
 
 
 def run_config(run_dir: Path) -> dict:
-    path = Path(run_dir) / "config.json"
+    path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{run_dir} has no config.json (not a vlm_sparsify run?); pass the model and data "
             "explicitly instead"
         )
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 @torch.no_grad()
@@ -41,15 +44,18 @@ def run_activations(
     `skip_examples` starts further into the stream, e.g. past what the run trained on.
     """
     config = run_config(run_dir)
-    recipe = run_recipe(run_dir, config.get("recipe"), config["model"])
+    model_id = resolve_model(config["model"])
+    recipe = run_recipe(run_dir, config.get("recipe"), model_id)
     model, processor, recipe = load_model_and_processor(
-        config["model"], recipe, dtype="float32", device=device
+        model_id, recipe, dtype="float32", device=device, revision=config.get("revision")
     )
     examples = open_examples(
         config.get("dataset") or recipe.dataset.path,
         recipe,
         split=config.get("split") or None,
+        streaming=config.get("streaming", False),
         shuffle_seed=config.get("shuffle_seed", 42),
+        **parse_data_args(config.get("data_args") or ""),
     )
     stream = BatchStream(
         examples,
@@ -57,7 +63,9 @@ def run_activations(
         recipe,
         batch_size=batch_size,
         ctx_len=config.get("ctx_len", 2048),
+        max_positions=getattr(model.config.get_text_config(), "max_position_embeddings", None),
         tokens=config.get("tokens", "all"),
+        exclude_tokens=tuple(config.get("exclude_tokens") or ()),
         start_batch=skip_examples // batch_size,
         max_examples=skip_examples + num_examples,
     )
