@@ -3,10 +3,10 @@
 capture -> score -> classify -> attribute -> analyze -> plot -> map -> steer, all into DIR. Without --coders
 a small cross-layer transcoder is trained first on the model (`python -m vlm_sparsify` with the
 settings below) into `DIR/coders`. The benchmark's data flags (`--questions-dir`, `--images`,
-`--data-dir`, ...) go to capture, checked before anything trains. Each stage skips work already
-done (capture resumes by sample id, analyze / map when their output is up to date, steer per
-condition, training when `DIR/coders` holds the finished CLT; an interrupted one resumes), so
-rerunning the command after an interruption continues it.
+`--data-dir`, ...) go to capture; they and the options below are checked before anything trains.
+Each stage skips work already done (capture resumes by sample id, analyze / map when their output
+is up to date, steer per condition, training when `DIR/coders` holds the finished CLT; an
+interrupted one resumes), so rerunning the command after an interruption continues it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from simple_parsing import ArgumentParser, DashVariant
 
 from benchmarks.__main__ import stage_module
 from benchmarks.adapters import check_images, get_adapter
+from benchmarks.stages.analyze import RankBy, Region
+from benchmarks.stages.steer import parse_factors
 from vlm_sparsify.__main__ import run as train
 from vlm_sparsify.coder_io import CheckpointError, load_coders
-from vlm_sparsify.loading import DEFAULT_MODEL
+from vlm_sparsify.loading import DEFAULT_MODEL, pick_dtype
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.train_state import STATE_FILE
 
@@ -62,13 +64,13 @@ class AllConfig:
     """Active latents per token of that CLT."""
     cross_layer: int = 4
     """Targets per source of that CLT (>= layers: every later layer)."""
-    region: str = "decision"
+    region: Region = "decision"
     """Token region of attribute and analyze (`decision`: the positions that predict the
     response tokens; see `analyze --region`); steer edits the decision positions with
     `decision`, every token otherwise."""
     target_features: int = 8
     """Features selected per direction (analyze)."""
-    rank_by: str = "goodness"
+    rank_by: RankBy = "goodness"
     """analyze's ranking: goodness (the seed's frequency x activation score) or attribution
     (activation x gradient of the answer's logit difference, mean over GOOD minus over BAD)."""
     factors: str = "0,0.5,2,4"
@@ -89,7 +91,8 @@ def main(argv: list[str], benchmark: str) -> None:
     parser.add_arguments(adapter.Data, dest="data")
     args = parser.parse_args(argv)
     config: AllConfig = args.config
-    check_items(adapter, args.data, config)  # before hours of training, not after
+    check_options(config)  # before hours of training, not after
+    check_items(adapter, args.data, config)
     run_all(config, benchmark, data_flags(args.data))
 
 
@@ -100,6 +103,24 @@ def data_flags(data: Any) -> list[str]:
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
     return flags
+
+
+POSITIVE = ("batch_size", "max_new_tokens", "train_examples", "k", "target_features", "bootstrap")
+"""Options whose stage (or training) fails on zero or less."""
+
+
+def check_options(config: AllConfig) -> None:
+    """The options the stages would reject after training: the factors, the dtype, the counts."""
+    parse_factors(config.factors)
+    pick_dtype(config.dtype, torch.device("cpu"))
+    for name in POSITIVE:
+        if getattr(config, name) < 1:
+            flag = f"--{name.replace('_', '-')}"
+            raise ValueError(f"{flag} {getattr(config, name)}: give a positive number")
+    if config.cross_layer < 0:
+        raise ValueError(f"--cross-layer {config.cross_layer}: give 0 (per-layer) or more")
+    if config.num_latents and config.k > config.num_latents:
+        raise ValueError(f"--k {config.k} exceeds --num-latents {config.num_latents}")
 
 
 def check_items(adapter: Any, data: Any, config: AllConfig) -> None:
@@ -119,7 +140,7 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
     device = ["--device", config.device] if config.device else []
     recipe = ["--recipe", config.recipe] if config.recipe else []
     limit = ["--limit", str(config.limit)] if config.limit else []
-    factors = [float(f) for f in config.factors.split(",") if f.strip()]
+    factors = parse_factors(config.factors)
     steer_region = "decision" if config.region == "decision" else "all"  # steer's two regions
     stages = [
         ("capture", ["--model", config.model, *recipe, "--coders", coders, *limit, *device,

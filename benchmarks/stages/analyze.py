@@ -35,6 +35,9 @@ from benchmarks.influence import (
 from benchmarks.splits import Split, sample_images, split_ids
 from benchmarks.store import FeatureStore
 
+Region = Literal["decision", "response", "prompt", "image", "all"]
+"""Token regions of attribute and analyze (`decision`: the positions that predict the response)."""
+RankBy = Literal["goodness", "attribution"]
 ATTRIBUTIONS = "attributions.safetensors"
 ANALYSIS_VERSION = 5
 """Recorded in features.json; raised whenever the split or the statistics change (2: split by
@@ -51,7 +54,7 @@ class AnalyzeConfig:
 
     out: str
     """Output folder of the benchmark run (holds store/ and classification.json)."""
-    region: Literal["decision", "response", "prompt", "image", "all"] = "decision"
+    region: Region = "decision"
     """Token region whose features are analysed; `decision`: the positions that predict the
     response tokens (the last prompt token and every response token but the last)."""
     target_features: int = 50
@@ -60,7 +63,7 @@ class AnalyzeConfig:
     """Each layer gets at least this many (when it has candidates), even beyond the target."""
     direction: Literal["good", "bad", "both"] = "both"
     """Select features that fire more in GOOD samples, in BAD samples, or both lists."""
-    rank_by: Literal["goodness", "attribution"] = "goodness"
+    rank_by: RankBy = "goodness"
     """Rank by goodness / badness score, or by mean attribution over GOOD minus over BAD samples
     (good features; the reverse for bad ones; needs attributions)."""
     eps: float = 0.01

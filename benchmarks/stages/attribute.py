@@ -17,7 +17,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -28,13 +27,11 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
-from benchmarks.stages.analyze import ATTRIBUTIONS, read_attribution_meta
+from benchmarks.stages.analyze import ATTRIBUTIONS, Region, read_attribution_meta
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.replacement import ReplacementModel
-
-Region = Literal["decision", "all", "image", "prompt", "response"]
 
 
 @dataclass

@@ -367,3 +367,37 @@ def test_all_passes_the_data_flags_to_capture_and_checks_them_before_training(tm
         run(["pope", "all", "--out", str(out), "--questions-dir", str(questions),
              "--images", str(tmp_path)])  # fmt: skip
     assert not (out / "coders").exists()  # refused before training a CLT
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--factors", "0,x"], "easyvqa all: --factors '0,x': give non-negative numbers"),
+        (["--factors", "0,-2"], "easyvqa all: --factors '0,-2': give non-negative numbers"),
+        (["--dtype", "float13"], "easyvqa all: unknown dtype 'float13'"),
+        (["--batch-size", "0"], "easyvqa all: --batch-size 0: give a positive number"),
+        (["--k", "64", "--num-latents", "32"], "easyvqa all: --k 64 exceeds --num-latents 32"),
+    ],
+)
+def test_all_refuses_a_bad_option_before_training(tmp_path, monkeypatch, flags, error):
+    import benchmarks.stages.all as all_stage
+
+    monkeypatch.setattr(all_stage, "train", lambda argv: pytest.fail("trained"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        run(["easyvqa", "all", "--out", str(out), *flags])
+    assert str(exit_.value.code).startswith(error) and "\n" not in str(exit_.value.code)
+    assert not out.exists()
+
+
+def test_all_refuses_an_unknown_rank_by_when_parsing(tmp_path, monkeypatch, capsys):
+    import benchmarks.stages.all as all_stage
+
+    monkeypatch.setattr(all_stage, "train", lambda argv: pytest.fail("trained"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        run(["easyvqa", "all", "--out", str(out), "--rank-by", "atribution"])
+    assert exit_.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())  # argparse wraps lines
+    assert "argument --rank-by/--rank_by: invalid choice: 'atribution'" in err
+    assert not out.exists()
