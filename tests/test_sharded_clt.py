@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -352,7 +353,7 @@ def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeyp
         load_owned_tensors(ShardedCLT(HOOKS, 8, wider, 3), tmp_path / "run")
 
 
-def test_a_hub_copy_leaves_the_processes_resume_files_out(tmp_path) -> None:
+def test_a_hub_copy_leaves_the_processes_resume_files_out(tmp_path, monkeypatch) -> None:
     from vlm_sparsify.hub import hub_files
 
     for name in ("config.json", "summary.json", "state.pt", "l.0.mlp/cfg.json",
@@ -360,9 +361,40 @@ def test_a_hub_copy_leaves_the_processes_resume_files_out(tmp_path) -> None:
                  "rank1-train_params.safetensors"):  # fmt: skip
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
-    assert hub_files(tmp_path) == [
-        "config.json", "l.0.mlp/cfg.json", "l.0.mlp/sae.safetensors", "summary.json"
-    ]  # fmt: skip
+    shared = ["config.json", "l.0.mlp/cfg.json", "l.0.mlp/sae.safetensors", "summary.json"]
+    assert hub_files(tmp_path) == shared
+    assert uploaded_by_push_to_hub(tmp_path, monkeypatch) == shared
+
+
+def uploaded_by_push_to_hub(run_dir, monkeypatch) -> list[str]:
+    """The files `push_to_hub` has huggingface_hub upload, with `HfApi` faked (no network): its
+    `upload_folder` patterns applied by huggingface_hub's own filter, as the real one does."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    import vlm_sparsify.hub as hub
+
+    uploaded = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo, exist_ok=False):
+            pass
+
+        def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None):
+            files = sorted(
+                str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
+            )
+            uploaded.extend(
+                filter_repo_objects(
+                    files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+                )
+            )
+
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    assert hub.push_to_hub(run_dir, "me/run") == "https://huggingface.co/me/run"
+    return uploaded
 
 
 def test_each_process_is_told_its_own_share_of_the_memory() -> None:

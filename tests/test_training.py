@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -415,6 +416,8 @@ def test_hub_copy_loads_with_sparsify_load_many(tmp_path, tiny_llava_dir):
 def test_a_failed_upload_is_one_line_and_the_run_can_be_pushed_later(
     tmp_path, tiny_llava_dir, monkeypatch, capsys
 ):
+    from huggingface_hub.utils import filter_repo_objects
+
     import vlm_sparsify.hub as hub
 
     class Offline:
@@ -443,12 +446,19 @@ def test_a_failed_upload_is_one_line_and_the_run_can_be_pushed_later(
         def create_repo(self, repo, exist_ok=False):
             uploaded["repo"] = repo
 
-        def upload_folder(self, repo_id, folder_path, ignore_patterns):
-            uploaded.update(folder=folder_path, ignored=ignore_patterns)
+        def upload_folder(self, repo_id, folder_path, allow_patterns=None, ignore_patterns=None):
+            files = [
+                str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*") if p.is_file()
+            ]
+            chosen = filter_repo_objects(  # as huggingface_hub filters the folder
+                files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
+            )
+            uploaded.update(folder=folder_path, files=sorted(chosen))
 
     monkeypatch.setattr(hub, "HfApi", Online)
     assert hub.main([str(run_dir), "me/up"]) == "https://huggingface.co/me/up"
-    assert uploaded == {"repo": "me/up", "folder": str(run_dir), "ignored": hub.TRAINING_ONLY}
+    assert uploaded == {"repo": "me/up", "folder": str(run_dir), "files": hub.hub_files(run_dir)}
+    assert "config.json" in uploaded["files"] and "state.pt" not in uploaded["files"]
 
 
 def test_export_calibrates_on_the_runs_own_model_and_data(tmp_path, tiny_llava_dir):

@@ -9,6 +9,7 @@ the end of training), with the token of HF_TOKEN or `huggingface-cli login`.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def push_to_hub(run_dir: Path, repo: str, token: str | None = None) -> str:
     try:
         api = HfApi(token=token)
         api.create_repo(repo, exist_ok=True)
-        api.upload_folder(repo_id=repo, folder_path=str(run_dir), ignore_patterns=TRAINING_ONLY)
+        files = [glob.escape(name) for name in hub_files(run_dir)]  # exactly these, no pattern
+        api.upload_folder(repo_id=repo, folder_path=str(run_dir), allow_patterns=files)
     except Exception as err:  # whatever went wrong, the run on disk is intact
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if token:
