@@ -30,7 +30,6 @@ from torch import Tensor, nn
 from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
 
 Projection = Literal["cosine", "lstsq"]
-RankBy = Literal["contribution", "projection", "coactivation"]
 
 
 def projection_weights(

@@ -31,7 +31,6 @@ from safetensors.torch import save
 
 Regions = dict[str, list[tuple[int, int]]]
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-REGION_NAMES = ("image", "prompt", "response")
 
 
 @dataclass

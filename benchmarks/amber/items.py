@@ -115,13 +115,3 @@ def load_counter_init(data_dir: str | Path) -> dict[str, float]:
         if len(parts) == 2:
             counters[parts[0].strip()] = float(parts[1].strip())
     return counters
-
-
-def resolve_image(item: AmberItem, images_dir: str | Path) -> Path:
-    path = Path(images_dir) / item.image
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"image {item.image} of AMBER item {item.id} not in {images_dir}; pass the folder of "
-            "AMBER images (downloaded from the link in the AMBER README)"
-        )
-    return path

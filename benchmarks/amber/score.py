@@ -39,7 +39,6 @@ from benchmarks.amber.lexicon import Lexicon, load_lexicon
 from benchmarks.outputs import METRICS, capture_info, official_responses, write_json
 from benchmarks.responses import load_records, require_fields
 
-DISCRIMINATIVE = ("existence", "attribute", "state", "number", "action", "relation")
 # Official counter prefixes of each discriminative dimension ("qa" is overall).
 _PREFIX = {
     "state": "as_qa",
@@ -63,14 +62,13 @@ def normalize_answer(response: str) -> str:
 class GroundWords:
     """Annotated objects preceded by their associated words, as the official lists are built."""
 
-    objects: list[str]
     words: list[str] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
     marks: list[int] = field(default_factory=list)
 
     @classmethod
     def build(cls, objects: list[str], association: dict[str, list[str]]) -> "GroundWords":
-        ground = cls(objects, marks=[0] * len(objects))
+        ground = cls(marks=[0] * len(objects))
         for index, obj in enumerate(objects):
             ground.words += association[obj]
             ground.owners += [index] * len(association[obj])

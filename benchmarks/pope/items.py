@@ -109,17 +109,6 @@ def prompt(item: PopeItem, suffix: str = LLAVA_PROMPT_SUFFIX) -> str:
     return item.question + suffix
 
 
-def resolve_image(item: PopeItem, images_dir: str | Path) -> Path:
-    """The image file of an item inside a folder (e.g. COCO val2014)."""
-    path = Path(images_dir) / item.image
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"image {item.image} of question {item.question_id} not in {images_dir}; pass the "
-            f"folder of COCO val2014 images, or use the Hugging Face dataset {HF_DATASET}"
-        )
-    return path
-
-
 def iter_hf_items(
     split: str | None = None, dataset: str = HF_DATASET, hf_split: str = "test"
 ) -> Iterator[tuple[PopeItem, Any]]:
