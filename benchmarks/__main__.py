@@ -4,21 +4,11 @@ A stage is `benchmarks/<benchmark>/<stage>.py` when the benchmark has its own (e
 otherwise the shared `benchmarks/stages/<stage>.py`. Each exposes `main(argv, benchmark) -> None`.
 """
 
-import importlib
 import sys
 
 from benchmarks import BENCHMARKS, STAGES
+from benchmarks.stages import stage_module
 from vlm_sparsify.cli import USER_ERRORS, run_cli
-
-
-def stage_module(benchmark: str, stage: str):
-    for name in (f"benchmarks.{benchmark}.{stage}", f"benchmarks.stages.{stage}"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-    raise SystemExit(f"stage '{stage}' is not implemented for '{benchmark}'")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from simple_parsing import ArgumentParser, DashVariant
 
-from benchmarks.__main__ import stage_module
 from benchmarks.adapters import check_images, get_adapter
+from benchmarks.stages import stage_module
 from benchmarks.stages.analyze import RankBy, Region
 from benchmarks.stages.steer import parse_factors
 from vlm_sparsify.__main__ import run as train

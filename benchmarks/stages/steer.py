@@ -48,13 +48,13 @@ import numpy as np  # noqa: E402
 from simple_parsing import ArgumentParser, DashVariant  # noqa: E402
 
 from benchmarks import outputs  # noqa: E402
-from benchmarks.__main__ import stage_module  # noqa: E402
 from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter  # noqa: E402
 from benchmarks.bootstrap import paired_bootstrap  # noqa: E402
 from benchmarks.generation import generate_batch  # noqa: E402
 from benchmarks.neuron_map import random_neurons, scale_neurons  # noqa: E402
 from benchmarks.runs import Run, load_run, read_features  # noqa: E402
 from benchmarks.splits import sample_images  # noqa: E402
+from benchmarks.stages import stage_module  # noqa: E402
 from benchmarks.stages.map import NEURON_MAP  # noqa: E402
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
 from vlm_sparsify.data import load_rgb  # noqa: E402
