@@ -37,8 +37,9 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file written append-only; a torn last line (a crash) is ignored."""
+def read_append_log(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file written append-only (responses.jsonl): none while it does not exist,
+    and a torn last line (a crash mid-append) is ignored; vlm_sparsify.files.read_jsonl is strict."""
     if not path.exists():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()

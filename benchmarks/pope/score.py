@@ -22,7 +22,7 @@ from benchmarks.outputs import (
     RESPONSES,
     capture_info,
     official_responses,
-    read_jsonl,
+    read_append_log,
     write_json,
 )
 from benchmarks.pope.items import SPLITS, PopeItem, load_question_file, load_questions_dir
@@ -229,7 +229,7 @@ def _score_capture(out: str, questions_dir: str | None) -> dict[str, Any]:
     if data.get("questions") and questions_dir:  # a question file scored against label files
         captured = {
             (r["split"], int(r["question_id"])): r["image"]
-            for r in read_jsonl(Path(out) / RESPONSES)
+            for r in read_append_log(Path(out) / RESPONSES)
         }
         labelled = {(i.split, i.question_id): i.image for i in items}
         for (split, question_id), image in captured.items():

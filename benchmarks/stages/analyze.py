@@ -147,7 +147,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
             f"no sample of {out / 'classification.json'} is in the feature store {store.path}; "
             "run capture and classify on the same --out"
         )
-    images = sample_images(outputs.read_jsonl(out / outputs.RESPONSES))
+    images = sample_images(outputs.read_append_log(out / outputs.RESPONSES))
     split = split_ids(labelled, config.held_out_fraction, config.split_seed, images)
     if split.group_by != "image" and config.held_out_fraction > 0:
         print(

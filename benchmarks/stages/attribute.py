@@ -127,7 +127,7 @@ def write_attributions(path: Path, ids: list[str], per_sample: list[dict], regio
 def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
     path = out / outputs.STORE / ATTRIBUTIONS
     responses = out / outputs.RESPONSES
-    records = outputs.read_jsonl(responses)[: config.limit]
+    records = outputs.read_append_log(responses)[: config.limit]
     if (
         path.exists()
         and not config.force

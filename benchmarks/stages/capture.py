@@ -250,7 +250,7 @@ def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
 def _completed_ids(out: Path, store: FeatureStore | None) -> set[str]:
     """Ids with a response line (and a stored sample, with coders); other lines are dropped."""
     path = out / outputs.RESPONSES
-    records = outputs.read_jsonl(path)
+    records = outputs.read_append_log(path)
     stored = set(store.ids()) if store is not None else None
     kept = [r for r in records if stored is None or r["id"] in stored]
     if path.exists() and (len(kept) != len(records) or not path.read_text().endswith("\n")):
@@ -282,7 +282,8 @@ def _finish(
     """Write the official response file and capture.json; return the counts."""
     order = {item.id: i for i, item in enumerate(items)}
     records = sorted(
-        outputs.read_jsonl(out / outputs.RESPONSES), key=lambda r: order.get(r["id"], len(order))
+        outputs.read_append_log(out / outputs.RESPONSES),
+        key=lambda r: order.get(r["id"], len(order)),
     )
     adapter.write_official(records, out / adapter.OFFICIAL_FILE)
     counts: dict[str, Any] = {

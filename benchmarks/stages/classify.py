@@ -58,7 +58,7 @@ def main(argv: list[str], benchmark: str) -> None:
     adapter = get_adapter(benchmark)
     try:
         data = adapter.Data(**outputs.capture_info(out)["data"])
-        records = outputs.read_jsonl(out / outputs.RESPONSES)
+        records = outputs.read_append_log(out / outputs.RESPONSES)
         if not records:
             raise ValueError(f"{out / outputs.RESPONSES} holds no responses: run capture first")
         result = classification(adapter.classify(data, records, rules), rules)

@@ -168,7 +168,9 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
     kept_f: dict[int, list[Tensor]] = {t: [] for t in stats}
 
     held_out = set(result.get("split", {}).get("held_out_ids", []))
-    records = [r for r in outputs.read_jsonl(out / outputs.RESPONSES) if r["id"] not in held_out]
+    records = [
+        r for r in outputs.read_append_log(out / outputs.RESPONSES) if r["id"] not in held_out
+    ]
     records = records[: config.samples]
     items = {item.id: item for item in get_adapter(benchmark).load_items(run.data, run.recipe)}
     taps = MLPTaps(run.model, hookpoints)

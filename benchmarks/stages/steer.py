@@ -370,7 +370,7 @@ def _generate(
     spec = json.loads(json.dumps(spec))  # as condition.json reads back (tuples become lists)
     done = folder / "condition.json"
     if not config.force and done.exists() and json.loads(done.read_text()) == spec:
-        return outputs.read_jsonl(folder / outputs.RESPONSES)
+        return outputs.read_append_log(folder / outputs.RESPONSES)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     records = []

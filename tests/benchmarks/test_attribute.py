@@ -63,7 +63,7 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     # region all: what a scale intervention on every token changes
     run(["easyvqa", "attribute", "--out", str(out), "--region", "all"])
     ids, coo = read(out / "store" / "attributions.safetensors")
-    records = outputs.read_jsonl(out / outputs.RESPONSES)
+    records = outputs.read_append_log(out / outputs.RESPONSES)
     assert ids == [r["id"] for r in records]
     assert set(coo["sample"].tolist()) <= {0, 1, 2} and len(coo["value"]) > 0
 
