@@ -399,5 +399,5 @@ def test_all_refuses_an_unknown_rank_by_when_parsing(tmp_path, monkeypatch, caps
         run(["easyvqa", "all", "--out", str(out), "--rank-by", "atribution"])
     assert exit_.value.code == 2
     err = " ".join(capsys.readouterr().err.split())  # argparse wraps lines
-    assert "argument --rank-by/--rank_by: invalid choice: 'atribution'" in err
+    assert "invalid choice: 'atribution' (choose from 'goodness', 'attribution')" in err
     assert not out.exists()
