@@ -23,14 +23,32 @@ METRICS = "metrics.json"
 CLASSIFICATION = "classification.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a whole file under a temporary name, fsync it, then rename it over `path`."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a whole file (text as UTF-8) under a temporary name, fsync it, then rename it over
+    `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as file:
-        file.write(text)
+    with open(tmp, "wb") as file:
+        file.write(data.encode("utf-8") if isinstance(data, str) else data)
         file.flush()
         os.fsync(file.fileno())
     os.replace(tmp, path)
+
+
+def append_lines(path: Path, text: str) -> None:
+    """Append whole lines to an append-only log and fsync them; a torn last line a crash left
+    is dropped first, so the new lines do not continue it."""
+    with open(path, "ab+") as file:
+        file.seek(0, os.SEEK_END)
+        if file.tell():
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                file.seek(0)
+                kept = file.read().rpartition(b"\n")[0]
+                file.truncate(0)
+                file.write(kept + b"\n" if kept else b"")
+        file.write(text.encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import save
 
+from benchmarks.outputs import append_lines, write_atomic
+
 Regions = dict[str, list[tuple[int, int]]]
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -216,7 +218,7 @@ class FeatureStore:
                     "use a new folder or the same coders and settings"
                 )
             if old:  # it resumes with the same settings: it gets their fingerprint
-                _write_atomic(meta_path, json.dumps(stored.to_json(), indent=2).encode())
+                write_atomic(meta_path, json.dumps(stored.to_json(), indent=2))
             self.meta = stored
         elif meta is None:
             raise FileNotFoundError(
@@ -224,7 +226,7 @@ class FeatureStore:
             )
         else:
             (self.path / "shards").mkdir(parents=True, exist_ok=True)
-            _write_atomic(meta_path, json.dumps(meta.to_json(), indent=2).encode())
+            write_atomic(meta_path, json.dumps(meta.to_json(), indent=2))
             self.meta = meta
         self._records: list[SampleRecord] | None = None
 
@@ -325,7 +327,7 @@ class FeatureStore:
             "indices": self._encode_indices(torch.cat([s.indices for s in batch])),
             "values": torch.cat([s.values for s in batch]).to(VALUE_DTYPES[self.meta.value_dtype]),
         }
-        _write_atomic(self.shard_path(shard), save(tensors))
+        write_atomic(self.shard_path(shard), save(tensors))
         lines, start = [], 0
         for sample in batch:
             stop = start + sample.indices.shape[0]
@@ -335,7 +337,7 @@ class FeatureStore:
             lines.append(json.dumps(asdict(record)) + "\n")
             records.append(record)
             start = stop
-        self._append_index("".join(lines))
+        append_lines(self.index_path, "".join(lines))
         return len(batch)
 
     def _check(self, sample: Sample) -> None:
@@ -359,26 +361,3 @@ class FeatureStore:
             return indices
         # uint16 bit pattern in an int16 tensor (torch's uint16 support is limited)
         return torch.where(indices >= 32768, indices - 65536, indices).to(torch.int16)
-
-    def _append_index(self, text: str) -> None:
-        with open(self.index_path, "ab+") as index:
-            index.seek(0, os.SEEK_END)
-            if index.tell():
-                index.seek(-1, os.SEEK_END)
-                if index.read(1) != b"\n":  # a torn line from a crash: drop it
-                    index.seek(0)
-                    kept = index.read().rpartition(b"\n")[0]
-                    index.truncate(0)
-                    index.write(kept + b"\n" if kept else b"")
-            index.write(text.encode())
-            index.flush()
-            os.fsync(index.fileno())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)

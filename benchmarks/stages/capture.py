@@ -171,7 +171,10 @@ def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) 
         if writer:
             if store is not None and samples:
                 store.append(samples)
-            _append_responses(out / outputs.RESPONSES, records)
+            if records:
+                outputs.append_lines(
+                    out / outputs.RESPONSES, "".join(json.dumps(r) + "\n" for r in records)
+                )
             if missing and not skipped:
                 tqdm.write(
                     f"{benchmark} capture: skipping items whose image is missing or unreadable "
@@ -256,15 +259,6 @@ def _completed_ids(out: Path, store: FeatureStore | None) -> set[str]:
     if path.exists() and (len(kept) != len(records) or not path.read_text().endswith("\n")):
         outputs.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return {r["id"] for r in kept}
-
-
-def _append_responses(path: Path, records: list[dict]) -> None:
-    if not records:
-        return
-    with open(path, "a", encoding="utf-8") as file:
-        file.write("".join(json.dumps(record) + "\n" for record in records))
-        file.flush()
-        os.fsync(file.fileno())
 
 
 def _finish(
