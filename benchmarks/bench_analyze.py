@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import outputs
 from benchmarks.stages import analyze
 from benchmarks.store import FeatureStore, StoreMeta
 
@@ -33,7 +34,7 @@ def build_synthetic_store(
     and `out/classification.json` with every other sample GOOD."""
     generator = torch.Generator().manual_seed(seed)
     hookpoints = [f"model.language_model.layers.{i}.mlp" for i in range(layers)]
-    store = FeatureStore(out / "store", StoreMeta(hookpoints, k, latents))
+    store = FeatureStore(out / outputs.STORE, StoreMeta(hookpoints, k, latents))
     rows, prompt = tokens + 8, 8
     for first in range(0, samples, samples_per_shard):
         batch = []
@@ -46,7 +47,7 @@ def build_synthetic_store(
     labels = {"GOOD": [], "BAD": []}
     for i in range(samples):
         labels["GOOD" if i % 2 == 0 else "BAD"].append({"id": f"s{i}"})
-    (out / "classification.json").write_text(json.dumps(labels))
+    (out / outputs.CLASSIFICATION).write_text(json.dumps(labels))
 
 
 def bench_analyze(
@@ -66,7 +67,9 @@ def bench_analyze(
             "build_s": built - start,
             "analyze_s": done - built,
             "analyze_cpu_s": time.process_time() - cpu,
-            "bytes_per_active_feature": FeatureStore(out / "store").bytes_per_active_feature(),
+            "bytes_per_active_feature": FeatureStore(
+                out / outputs.STORE
+            ).bytes_per_active_feature(),
         }
 
 

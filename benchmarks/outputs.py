@@ -6,6 +6,10 @@ responses_official.json[l] the same responses in the benchmark's official format
 store/                     sparse feature store (benchmarks/store.py), when coders were given
 metrics.json               official metrics (`score --out DIR`)
 classification.json        GOOD / BAD per sample (`classify`)
+store/attributions.safetensors  activation x gradient per sample and feature (`attribute`)
+features.json              selected features and the held-out split (`analyze`)
+feature_stats.npz          every statistic of every feature (`analyze`, for plots and steer)
+neuron_map.json            the MLP neurons each selected feature maps to (`map`)
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ OFFICIAL_RESPONSES = ("responses_official.jsonl", "responses_official.json")
 STORE = "store"
 METRICS = "metrics.json"
 CLASSIFICATION = "classification.json"
+ATTRIBUTIONS = "attributions.safetensors"
+"""Inside STORE."""
+FEATURES = "features.json"
+FEATURE_STATS = "feature_stats.npz"
+NEURON_MAP = "neuron_map.json"
 
 
 def write_atomic(path: Path, data: str | bytes) -> None:

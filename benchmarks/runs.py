@@ -69,7 +69,7 @@ def _check_coders(coders: Coders, where: str, meta: StoreMeta) -> None:
 
 
 def read_features(out: Path) -> dict:
-    path = out / "features.json"
+    path = out / outputs.FEATURES
     if not path.exists():
         raise FileNotFoundError(f"missing {path}: run `analyze` first")
     return json.loads(path.read_text())

@@ -32,6 +32,7 @@ from safetensors.torch import save
 from benchmarks.outputs import append_lines, write_atomic
 
 Regions = dict[str, list[tuple[int, int]]]
+INDEX = "index.jsonl"
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -233,7 +234,7 @@ class FeatureStore:
     # ----------------------------------------------------------------- reading
     @property
     def index_path(self) -> Path:
-        return self.path / "index.jsonl"
+        return self.path / INDEX
 
     def records(self) -> list[SampleRecord]:
         """Every stored sample's record, in the order written.

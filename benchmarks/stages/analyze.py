@@ -33,12 +33,11 @@ from benchmarks.influence import (
     round_robin,
 )
 from benchmarks.splits import Split, sample_images, split_ids
-from benchmarks.store import FeatureStore
+from benchmarks.store import INDEX, FeatureStore
 
 Region = Literal["decision", "response", "prompt", "image", "all"]
 """Token regions of attribute and analyze (`decision`: the positions that predict the response)."""
 RankBy = Literal["goodness", "attribution"]
-ATTRIBUTIONS = "attributions.safetensors"
 ANALYSIS_VERSION = 5
 """Recorded in features.json; raised whenever the split or the statistics change (2: split by
 image; 3: zero-valued top-k slots do not count as firing; 4: Benjamini-Hochberg over the
@@ -85,7 +84,7 @@ def parse_config(argv: list[str], benchmark: str = "BENCH") -> AnalyzeConfig:
     """The flags given; those not given as recorded in OUT/features.json's `parameters` (so analyze
     alone after `all` keeps all's settings), else the defaults above."""
     config = _parser(None, benchmark).parse_args(argv).config
-    recorded = recorded_parameters(Path(config.out) / "features.json")
+    recorded = recorded_parameters(Path(config.out) / outputs.FEATURES)
     if not recorded:
         return config
     recorded_config = replace(AnalyzeConfig(out=config.out), **recorded)
@@ -95,7 +94,7 @@ def parse_config(argv: list[str], benchmark: str = "BENCH") -> AnalyzeConfig:
         f"{k}={v}" for k, v in recorded.items() if getattr(default, k) != v == getattr(config, k)
     ]
     if kept:
-        print(f"analyze: as recorded in {config.out}/features.json: {', '.join(kept)}")
+        print(f"analyze: as recorded in {config.out}/{outputs.FEATURES}: {', '.join(kept)}")
     return config
 
 
@@ -120,7 +119,7 @@ def recorded_parameters(path: Path) -> dict:
 def main(argv: list[str], benchmark: str) -> None:
     config = parse_config(argv, benchmark)
     out = Path(config.out)
-    target = out / "features.json"
+    target = out / outputs.FEATURES
     if not config.force and _up_to_date(target, config, out):
         print(f"analyze: {target} is up to date (--force to recompute)")
         return
@@ -138,13 +137,13 @@ def main(argv: list[str], benchmark: str) -> None:
 
 
 def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
-    store = FeatureStore(out / "store")
-    groups = _read_classification(out / "classification.json")
+    store = FeatureStore(out / outputs.STORE)
+    groups = _read_classification(out / outputs.CLASSIFICATION)
     stored = store.ids()
     labelled = [sample_id for sample_id in stored if sample_id in groups]
     if not labelled:
         raise SystemExit(
-            f"no sample of {out / 'classification.json'} is in the feature store {store.path}; "
+            f"no sample of {out / outputs.CLASSIFICATION} is in the feature store {store.path}; "
             "run capture and classify on the same --out"
         )
     images = sample_images(outputs.read_append_log(out / outputs.RESPONSES))
@@ -171,7 +170,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     )
     tested = (counts.fired[GOOD] + counts.fired[BAD]) >= 1
     stats["q_value"] = benjamini_hochberg(stats["p_value"], tested)
-    attributions = out / "store" / ATTRIBUTIONS
+    attributions = out / outputs.STORE / outputs.ATTRIBUTIONS
     attribution_region = None
     if attributions.exists():
         attribution_region, attributed = read_attribution_meta(attributions)
@@ -189,7 +188,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         stats.update(attribution_stats(attributions, train_group, counts.fired.shape[1:]))
     elif config.rank_by == "attribution":
         raise SystemExit(f"--rank-by attribution needs {attributions}; see docs/benchmarks.md")
-    _write_npz(out / "feature_stats.npz", stats)
+    _write_npz(out / outputs.FEATURE_STATS, stats)
     selected = select_features(stats, config)
     layers = layer_numbers(store.meta.hookpoints)
     features = [
@@ -355,10 +354,10 @@ def _up_to_date(target: Path, config: AnalyzeConfig, out: Path) -> bool:
     if not target.exists():
         return False
     inputs = [
-        out / "classification.json",
+        out / outputs.CLASSIFICATION,
         out / outputs.RESPONSES,
-        out / "store" / "index.jsonl",
-        out / "store" / ATTRIBUTIONS,
+        out / outputs.STORE / INDEX,
+        out / outputs.STORE / outputs.ATTRIBUTIONS,
     ]
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     if target.stat().st_mtime <= newest:

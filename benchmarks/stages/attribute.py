@@ -27,7 +27,7 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
-from benchmarks.stages.analyze import ATTRIBUTIONS, Region, read_attribution_meta
+from benchmarks.stages.analyze import Region, read_attribution_meta
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
 from vlm_sparsify.data import load_rgb
@@ -125,7 +125,7 @@ def write_attributions(path: Path, ids: list[str], per_sample: list[dict], regio
 
 
 def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
-    path = out / outputs.STORE / ATTRIBUTIONS
+    path = out / outputs.STORE / outputs.ATTRIBUTIONS
     responses = out / outputs.RESPONSES
     records = outputs.read_append_log(responses)[: config.limit]
     if (

@@ -47,7 +47,6 @@ from benchmarks.stages.analyze import layer_numbers
 from vlm_sparsify.coder_io import Coders, source_weights
 from vlm_sparsify.data import load_rgb
 
-NEURON_MAP = "neuron_map.json"
 INFO = "neuron_map_info.json"
 
 
@@ -91,21 +90,21 @@ def main(argv: list[str], benchmark: str) -> None:
     config: MapConfig = parser.parse_args(argv).config
     out = Path(config.out)
     if not config.force and _up_to_date(out, config):
-        print(f"map: {out / NEURON_MAP} is up to date (--force to recompute)")
+        print(f"map: {out / outputs.NEURON_MAP} is up to date (--force to recompute)")
         return
     start = time.perf_counter()
     try:
         entries, info = neuron_map(out, config, benchmark)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"{benchmark} map: {err}") from err
-    outputs.write_json(out / NEURON_MAP, entries)
+    outputs.write_json(out / outputs.NEURON_MAP, entries)
     outputs.write_json(out / INFO, info)
     summary = info["summary"]
     print(
         f"map: {len(entries)} features, {summary['targets']} (feature, target) pairs; mean cosine "
         f"with the decoder: top neurons {summary['mean_cosine_top']:.3f}, random "
         f"{summary['mean_cosine_random']:.3f}; {time.perf_counter() - start:.1f} s -> "
-        f"{out / NEURON_MAP}"
+        f"{out / outputs.NEURON_MAP}"
     )
 
 
@@ -150,7 +149,7 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
     result = read_features(out)
     features = result["features"]
     if not features:
-        raise ValueError(f"{out / 'features.json'} selects no features")
+        raise ValueError(f"{out / outputs.FEATURES} selects no features")
     run = load_run(out, benchmark, config.coders, config.device)
     coders, hookpoints = run.coders, list(run.coders.hookpoints)
     if not getattr(coders, "transcode", True):
@@ -297,7 +296,7 @@ def _parameters(config: MapConfig) -> dict:
 
 
 def _up_to_date(out: Path, config: MapConfig) -> bool:
-    target, info, features = out / NEURON_MAP, out / INFO, out / "features.json"
+    target, info, features = out / outputs.NEURON_MAP, out / INFO, out / outputs.FEATURES
     if not (target.exists() and info.exists() and features.exists()):
         return False
     if target.stat().st_mtime <= features.stat().st_mtime:

@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 from simple_parsing import ArgumentParser, DashVariant  # noqa: E402
 
+from benchmarks import outputs  # noqa: E402
+
 COLORS = {"good": "#2a9d8f", "bad": "#e76f51"}
 SCORE = {"good": "goodness_score", "bad": "badness_score"}
 
@@ -44,7 +46,7 @@ def main(argv: list[str], benchmark: str) -> None:
     parser.add_arguments(PlotConfig, dest="config")
     config: PlotConfig = parser.parse_args(argv).config
     out = Path(config.out)
-    source = out / "features.json"
+    source = out / outputs.FEATURES
     if not source.exists():
         raise SystemExit(f"missing {source}: run `analyze` first")
     result = json.loads(source.read_text())
@@ -61,7 +63,7 @@ def main(argv: list[str], benchmark: str) -> None:
             result, plots / "frequency_ratios.png", title, config.top, config.dpi
         ),
     ]
-    stats = out / "feature_stats.npz"
+    stats = out / outputs.FEATURE_STATS
     if stats.exists():
         written.append(
             plot_volcano(result, np.load(stats), plots / "volcano.png", title, config.dpi)

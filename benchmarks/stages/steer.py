@@ -55,7 +55,6 @@ from benchmarks.neuron_map import random_neurons, scale_neurons  # noqa: E402
 from benchmarks.runs import Run, load_run, read_features  # noqa: E402
 from benchmarks.splits import sample_images  # noqa: E402
 from benchmarks.stages import stage_module  # noqa: E402
-from benchmarks.stages.map import NEURON_MAP  # noqa: E402
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
 from vlm_sparsify.data import load_rgb  # noqa: E402
 from vlm_sparsify.interventions import Intervention  # noqa: E402
@@ -243,7 +242,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     held_out = result.get("split", {}).get("held_out_ids", [])
     if not held_out:
         raise ValueError(
-            f"{out / 'features.json'} has no held-out ids; rerun analyze with --held-out-fraction > 0"
+            f"{out / outputs.FEATURES} has no held-out ids; rerun analyze with --held-out-fraction > 0"
         )
     run = load_run(out, benchmark, config.coders, config.device)
     hookpoints = list(run.coders.hookpoints)
@@ -408,7 +407,7 @@ def _official_metrics(benchmark: str, folder: Path, out: Path) -> dict | None:
 
 def _firing_frequency(out: Path) -> np.ndarray | None:
     """`[S, L]` good_freq + bad_freq of the analysed samples (feature_stats.npz), if present."""
-    path = out / "feature_stats.npz"
+    path = out / outputs.FEATURE_STATS
     if not path.exists():
         print(f"steer: no {path}; the random control is drawn without matching firing frequency")
         return None
@@ -417,7 +416,7 @@ def _firing_frequency(out: Path) -> np.ndarray | None:
 
 
 def _read_neuron_map(out: Path, config: SteerConfig) -> list[dict] | None:
-    path = out / NEURON_MAP
+    path = out / outputs.NEURON_MAP
     if path.exists():
         return json.loads(path.read_text())
     if "neurons" in config.kinds:
