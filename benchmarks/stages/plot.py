@@ -11,16 +11,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+from simple_parsing import ArgumentParser, DashVariant
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
-from simple_parsing import ArgumentParser, DashVariant  # noqa: E402
+from benchmarks import outputs
 
-from benchmarks import outputs  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLORS = {"good": "#2a9d8f", "bad": "#e76f51"}
 SCORE = {"good": "goodness_score", "bad": "badness_score"}
@@ -99,16 +100,27 @@ def _directions(result: dict) -> list[str]:
     return [d for d in ("good", "bad") if d in present] or ["good"]
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
+def pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend (files only, no display needed), imported when a
+    chart is first drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
     directions = _directions(result)
     rows = max(len(_top(result, d, top)) for d in directions)
-    fig, axes = plt.subplots(
+    fig, axes = pyplot().subplots(
         1,
         len(directions),
         figsize=(6 * len(directions), 1.2 + 0.28 * max(rows, 3)),
@@ -138,7 +150,7 @@ def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) 
 
 def plot_features_per_layer(result: dict, path: Path, title: str, dpi: int) -> Path:
     layers = sorted({f["layer"] for f in result["features"]})
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 4))
+    fig, ax = pyplot().subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 4))
     bottom = np.zeros(len(layers))
     for direction in _directions(result):
         counts = np.array(
@@ -166,7 +178,7 @@ def plot_activation_heatmap(result: dict, path: Path, title: str, top: int, dpi:
     act = np.array([[f["good_avg_activation"], f["bad_avg_activation"]] for f in features]).reshape(
         -1, 2
     )
-    fig, axes = plt.subplots(
+    fig, axes = pyplot().subplots(
         1, 2, figsize=(8, 1.5 + 0.3 * max(len(features), 3)), layout="constrained"
     )
     panels = (
@@ -194,7 +206,7 @@ def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: i
     # eps on both sides keeps features that never fire in one group finite and symmetric
     ratios = [(f["good_freq"] + eps) / (f["bad_freq"] + eps) for f in features]
     order = np.argsort(ratios, kind="stable")
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.28 * max(len(features), 3)))
+    fig, ax = pyplot().subplots(figsize=(7, 1.2 + 0.28 * max(len(features), 3)))
     ax.barh(
         [feature_label(features[i]) for i in order],
         [ratios[i] for i in order],
@@ -212,7 +224,7 @@ def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: i
     )
     ax.set_title(f"{title}: firing frequency ratio of the selected features")
     ax.tick_params(axis="y", labelsize=8)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[d]) for d in _directions(result)]
+    handles = [pyplot().Rectangle((0, 0), 1, 1, color=COLORS[d]) for d in _directions(result)]
     ax.legend(handles, [f"{d.upper()} feature" for d in _directions(result)], loc="lower right")
     return _save(fig, path, dpi)
 
@@ -229,7 +241,7 @@ def plot_volcano(
     log_ratio = np.log2(good / bad)
     p = np.maximum(stats["p_value"][fires], 1e-300)
     significant = stats["q_value"][fires] <= result["parameters"].get("fdr", 0.05)
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = pyplot().subplots(figsize=(7, 5))
     ax.scatter(log_ratio[~significant], -np.log10(p[~significant]), s=4, color="#b0b0b0",
                label=f"not significant ({(~significant).sum()})", rasterized=True)  # fmt: skip
     ax.scatter(log_ratio[significant], -np.log10(p[significant]), s=8, color="#264653",

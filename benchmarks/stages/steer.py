@@ -40,26 +40,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+from simple_parsing import ArgumentParser, DashVariant
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from simple_parsing import ArgumentParser, DashVariant  # noqa: E402
-
-from benchmarks import outputs  # noqa: E402
-from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter  # noqa: E402
-from benchmarks.bootstrap import paired_bootstrap  # noqa: E402
-from benchmarks.generation import generate_batch  # noqa: E402
-from benchmarks.neuron_map import random_neurons, scale_neurons  # noqa: E402
-from benchmarks.runs import Run, load_run, read_features  # noqa: E402
-from benchmarks.splits import sample_images  # noqa: E402
-from benchmarks.stages import stage_module  # noqa: E402
-from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature  # noqa: E402
-from vlm_sparsify.data import load_rgb  # noqa: E402
-from vlm_sparsify.interventions import Intervention  # noqa: E402
-from vlm_sparsify.positions import check_steer_region  # noqa: E402
-from vlm_sparsify.replacement import ReplacementModel  # noqa: E402
+from benchmarks import outputs
+from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter
+from benchmarks.bootstrap import paired_bootstrap
+from benchmarks.generation import generate_batch
+from benchmarks.neuron_map import random_neurons, scale_neurons
+from benchmarks.runs import Run, load_run, read_features
+from benchmarks.splits import sample_images
+from benchmarks.stages import stage_module
+from benchmarks.stages.plot import pyplot
+from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
+from vlm_sparsify.data import load_rgb
+from vlm_sparsify.interventions import Intervention
+from vlm_sparsify.positions import check_steer_region
+from vlm_sparsify.replacement import ReplacementModel
 
 STEERING = "steering.json"
 KINDS = ("features", "control", "neurons", "neurons_control", "clt_free")
@@ -558,6 +555,7 @@ def plot_steering(report: dict, path: Path, dpi: int = 120) -> Path:
     present = {row["direction"] for kind in KINDS for row in report[kind]}
     directions = [d for d in ("good", "bad") if d in present]
     factors = sorted(report["factors"])
+    plt = pyplot()
     fig, axes = plt.subplots(
         1, max(len(directions), 1), figsize=(6.5 * max(len(directions), 1), 4.5), squeeze=False
     )
