@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Any, TypeVar
+
+from simple_parsing import ArgumentParser, DashVariant
+
+ConfigT = TypeVar("ConfigT")
 
 
 def stage_module(benchmark: str, stage: str) -> ModuleType:
@@ -16,3 +21,26 @@ def stage_module(benchmark: str, stage: str) -> ModuleType:
             if err.name != name:
                 raise
     raise SystemExit(f"stage '{stage}' is not implemented for '{benchmark}'")
+
+
+def stage_parser(
+    benchmark: str, stage: str, config_class: type, default: Any = None, **groups: type
+) -> ArgumentParser:
+    """The flags of `python -m benchmarks BENCHMARK STAGE`: `config_class`'s fields (parsed into
+    `.config`; `default` replaces their defaults), then each of `groups` under its name; every
+    flag is spelt with dashes or underscores."""
+    parser = ArgumentParser(
+        prog=f"python -m benchmarks {benchmark} {stage}",
+        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
+    )
+    parser.add_arguments(config_class, dest="config", default=default)
+    for dest, group in groups.items():
+        parser.add_arguments(group, dest=dest)
+    return parser
+
+
+def parse_stage(
+    argv: list[str], benchmark: str, stage: str, config_class: type[ConfigT]
+) -> ConfigT:
+    """A stage's config from its command line (`stage_parser`)."""
+    return stage_parser(benchmark, stage, config_class).parse_args(argv).config

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from simple_parsing import ArgumentParser, DashVariant
 
 from benchmarks.adapters import check_images, get_adapter
-from benchmarks.stages import stage_module
+from benchmarks.stages import stage_module, stage_parser
 from benchmarks.stages.analyze import RankBy, Region
 from benchmarks.stages.steer import parse_factors
 from vlm_sparsify.__main__ import run as train
@@ -82,14 +81,8 @@ class AllConfig:
 
 
 def main(argv: list[str], benchmark: str) -> None:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} all",
-        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
-    )
-    parser.add_arguments(AllConfig, dest="config")
     adapter = get_adapter(benchmark)
-    parser.add_arguments(adapter.Data, dest="data")
-    args = parser.parse_args(argv)
+    args = stage_parser(benchmark, "all", AllConfig, data=adapter.Data).parse_args(argv)
     config: AllConfig = args.config
     check_options(config)  # before hours of training, not after
     check_items(adapter, args.data, config)

@@ -19,7 +19,6 @@ from typing import Literal
 
 import numpy as np
 from safetensors import safe_open
-from simple_parsing import ArgumentParser, DashVariant
 
 from benchmarks import outputs
 from benchmarks.influence import (
@@ -33,6 +32,7 @@ from benchmarks.influence import (
     round_robin,
 )
 from benchmarks.splits import Split, sample_images, split_ids
+from benchmarks.stages import stage_parser
 from benchmarks.store import INDEX, FeatureStore
 
 Region = Literal["decision", "response", "prompt", "image", "all"]
@@ -83,12 +83,14 @@ class AnalyzeConfig:
 def parse_config(argv: list[str], benchmark: str = "BENCH") -> AnalyzeConfig:
     """The flags given; those not given as recorded in OUT/features.json's `parameters` (so analyze
     alone after `all` keeps all's settings), else the defaults above."""
-    config = _parser(None, benchmark).parse_args(argv).config
+    config = stage_parser(benchmark, "analyze", AnalyzeConfig).parse_args(argv).config
     recorded = recorded_parameters(Path(config.out) / outputs.FEATURES)
     if not recorded:
         return config
     recorded_config = replace(AnalyzeConfig(out=config.out), **recorded)
-    config = _parser(recorded_config, benchmark).parse_args(argv).config
+    config = (
+        stage_parser(benchmark, "analyze", AnalyzeConfig, recorded_config).parse_args(argv).config
+    )
     default = AnalyzeConfig(out=config.out)
     kept = [
         f"{k}={v}" for k, v in recorded.items() if getattr(default, k) != v == getattr(config, k)
@@ -96,15 +98,6 @@ def parse_config(argv: list[str], benchmark: str = "BENCH") -> AnalyzeConfig:
     if kept:
         print(f"analyze: as recorded in {config.out}/{outputs.FEATURES}: {', '.join(kept)}")
     return config
-
-
-def _parser(default: AnalyzeConfig | None, benchmark: str) -> ArgumentParser:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} analyze",
-        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
-    )
-    parser.add_arguments(AnalyzeConfig, dest="config", default=default)
-    return parser
 
 
 def recorded_parameters(path: Path) -> dict:

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from simple_parsing import ArgumentParser, DashVariant
 from torch import Tensor
 from tqdm import tqdm
 
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, load_run, teacher_forced_inputs
+from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import Region, read_attribution_meta
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
@@ -152,10 +152,5 @@ def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
 
 
 def main(argv: list[str], benchmark: str) -> None:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} attribute",
-        add_option_string_dash_variants=DashVariant.DASH,
-    )
-    parser.add_arguments(AttributeConfig, dest="config")
-    config: AttributeConfig = parser.parse_args(argv).config
+    config = parse_stage(argv, benchmark, "attribute", AttributeConfig)
     attribute(Path(config.out), benchmark, config)

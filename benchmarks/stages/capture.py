@@ -20,12 +20,12 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from simple_parsing import ArgumentParser, DashVariant
 from tqdm import tqdm
 
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, BenchItem, check_images, get_adapter
 from benchmarks.generation import generate_batch
+from benchmarks.stages import stage_parser
 from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError, load_rgb
@@ -68,13 +68,7 @@ class CaptureConfig:
 
 
 def parse_args(argv: list[str], adapter: Adapter, benchmark: str) -> tuple[CaptureConfig, Any]:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} capture",
-        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
-    )
-    parser.add_arguments(CaptureConfig, dest="config")
-    parser.add_arguments(adapter.Data, dest="data")
-    args = parser.parse_args(argv)
+    args = stage_parser(benchmark, "capture", CaptureConfig, data=adapter.Data).parse_args(argv)
     return args.config, args.data
 
 

@@ -14,10 +14,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from simple_parsing import ArgumentParser, DashVariant
-
 from benchmarks import outputs
 from benchmarks.adapters import Rules, Verdict, get_adapter
+from benchmarks.stages import stage_parser
 
 
 @dataclass
@@ -47,13 +46,7 @@ def classification(verdicts: list[Verdict], rules: Rules) -> dict:
 
 
 def main(argv: list[str], benchmark: str) -> None:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} classify",
-        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
-    )
-    parser.add_arguments(ClassifyConfig, dest="config")
-    parser.add_arguments(Rules, dest="rules")
-    args = parser.parse_args(argv)
+    args = stage_parser(benchmark, "classify", ClassifyConfig, rules=Rules).parse_args(argv)
     out, rules = Path(args.config.out), args.rules
     adapter = get_adapter(benchmark)
     try:

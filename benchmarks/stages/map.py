@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from simple_parsing import ArgumentParser, DashVariant
 from torch import Tensor
 
 from benchmarks import outputs
@@ -43,6 +42,7 @@ from benchmarks.neuron_map import (
     top_neurons,
 )
 from benchmarks.runs import load_run, read_features, teacher_forced_inputs
+from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import layer_numbers
 from vlm_sparsify.coder_io import Coders, source_weights
 from vlm_sparsify.data import load_rgb
@@ -82,12 +82,7 @@ class MapConfig:
 
 
 def main(argv: list[str], benchmark: str) -> None:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} map",
-        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
-    )
-    parser.add_arguments(MapConfig, dest="config")
-    config: MapConfig = parser.parse_args(argv).config
+    config = parse_stage(argv, benchmark, "map", MapConfig)
     out = Path(config.out)
     if not config.force and _up_to_date(out, config):
         print(f"map: {out / outputs.NEURON_MAP} is up to date (--force to recompute)")

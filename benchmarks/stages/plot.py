@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
-from simple_parsing import ArgumentParser, DashVariant
 
 from benchmarks import outputs
+from benchmarks.stages import parse_stage
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,12 +40,7 @@ class PlotConfig:
 
 
 def main(argv: list[str], benchmark: str) -> None:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} plot",
-        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
-    )
-    parser.add_arguments(PlotConfig, dest="config")
-    config: PlotConfig = parser.parse_args(argv).config
+    config = parse_stage(argv, benchmark, "plot", PlotConfig)
     out = Path(config.out)
     source = out / outputs.FEATURES
     if not source.exists():

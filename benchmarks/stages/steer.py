@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from simple_parsing import ArgumentParser, DashVariant
 
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter
@@ -50,7 +49,7 @@ from benchmarks.generation import generate_batch
 from benchmarks.neuron_map import random_neurons, scale_neurons
 from benchmarks.runs import Run, load_run, read_features
 from benchmarks.splits import sample_images
-from benchmarks.stages import stage_module
+from benchmarks.stages import parse_stage, stage_module
 from benchmarks.stages.plot import pyplot
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
 from vlm_sparsify.data import load_rgb
@@ -109,12 +108,7 @@ class Condition:
 
 
 def main(argv: list[str], benchmark: str) -> None:
-    parser = ArgumentParser(
-        prog=f"python -m benchmarks {benchmark} steer",
-        add_option_string_dash_variants=DashVariant.UNDERSCORE_AND_DASH,
-    )
-    parser.add_arguments(SteerConfig, dest="config")
-    config: SteerConfig = parser.parse_args(argv).config
+    config = parse_stage(argv, benchmark, "steer", SteerConfig)
     try:
         report = steer(Path(config.out), config, benchmark)
     except (ValueError, FileNotFoundError) as err:
