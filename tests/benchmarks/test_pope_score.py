@@ -5,7 +5,10 @@ import pytest
 
 from benchmarks.__main__ import run
 from benchmarks.pope.items import (
+    HF_DATASET,
     LLAVA_PROMPT_SUFFIX,
+    PopeItem,
+    iter_hf_items,
     load_question_file,
     load_questions_dir,
     prompt,
@@ -220,3 +223,49 @@ def test_cli_json(tmp_path, capsys) -> None:
 def test_official_parser_does_not_strip_newlines_next_to_no(text: str) -> None:
     # words are split on single spaces only: "No\n" is one word, not "No"
     assert parse_answer(text) == "yes"
+
+
+def test_hf_rows_become_items_with_their_images(monkeypatch):
+    """`iter_hf_items` on an in-memory dataset with lmms-lab/POPE's columns (no network)."""
+    import datasets
+    from PIL import Image
+
+    colors = ["red", "green", "blue"]
+    rows = datasets.Dataset.from_dict(
+        {
+            "id": ["0", "1", "2"],
+            "question_id": ["7", "8", "9"],
+            "question": ["Is there a dog in the image?", "Is there a cat?", "Is there a car?"],
+            "answer": ["yes", " No", "YES\n"],
+            "image_source": ["COCO_val2014_000000310196", "COCO_val2014_1", "COCO_val2014_2"],
+            "category": ["adversarial", "random", "adversarial"],
+            "image": [Image.new("RGB", (4, 3), color) for color in colors],
+        },
+        features=datasets.Features(
+            {
+                **{name: datasets.Value("string") for name in (
+                    "id", "question_id", "question", "answer", "image_source", "category"
+                )},
+                "image": datasets.Image(),
+            }
+        ),
+    )  # fmt: skip
+    loaded = []
+
+    def load_dataset(name, split):
+        loaded.append((name, split))
+        return rows
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    pairs = list(iter_hf_items())
+    assert loaded == [(HF_DATASET, "test")]
+    assert [item for item, _ in pairs] == [
+        PopeItem(7, "adversarial", "COCO_val2014_000000310196.jpg",
+                 "Is there a dog in the image?", "yes"),
+        PopeItem(8, "random", "COCO_val2014_1.jpg", "Is there a cat?", "no"),
+        PopeItem(9, "adversarial", "COCO_val2014_2.jpg", "Is there a car?", "yes"),
+    ]  # fmt: skip
+    assert [image.getpixel((0, 0)) for _, image in pairs] == [(255, 0, 0), (0, 128, 0), (0, 0, 255)]
+    adversarial = list(iter_hf_items("adversarial", dataset="me/pope", hf_split="val"))
+    assert loaded[-1] == ("me/pope", "val")
+    assert [item.question_id for item, _ in adversarial] == [7, 9]
