@@ -3,10 +3,10 @@
 capture.json               capture's settings, data flags and counts
 responses.jsonl            one line per generated sample: id, prompt, response, benchmark fields
 responses_official.json[l] the same responses in the benchmark's official format
-store/                     sparse feature store (benchmarks/store.py), when coders were given
+store/                     sparse feature store (benchmarks/store.py), when coders were given;
+                           its attributions.safetensors: activation x gradient (`attribute`)
 metrics.json               official metrics (`score --out DIR`)
 classification.json        GOOD / BAD per sample (`classify`)
-store/attributions.safetensors  activation x gradient per sample and feature (`attribute`)
 features.json              selected features and the held-out split (`analyze`)
 feature_stats.npz          every statistic of every feature (`analyze`, for plots and steer)
 neuron_map.json            the MLP neurons each selected feature maps to (`map`)
