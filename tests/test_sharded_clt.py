@@ -408,3 +408,22 @@ def test_each_process_is_told_its_own_share_of_the_memory() -> None:
         assert sum(share[key] for share in shares) == value
     assert [round(share["total"] / 1e9, 1) for share in shares] == [23.6, 24.8, 21.7, 21.7]
     assert shard_memory_bytes(*size, 1, 0, "adam", 4, 2) == training_memory_bytes(*size, "adam", 4, 2)  # fmt: skip
+
+
+def test_each_gpu_process_is_pinned_to_its_gpu_before_nccl_starts(monkeypatch) -> None:
+    import torch.distributed as dist
+
+    from vlm_sparsify import sharding
+
+    calls: list[tuple] = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend))
+    )
+    assert sharding.init_distributed()
+    assert calls == [("set_device", 1), ("init", "nccl")]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert not sharding.init_distributed() and len(calls) == 2  # one process: nothing starts

@@ -73,7 +73,7 @@ from vlm_sparsify.sharded_checkpoint import (
     write_sharded_checkpoint,
 )
 from vlm_sparsify.sharded_clt import ShardedCLT, shard_memory_bytes
-from vlm_sparsify.sharding import ShardedCoders, rank_world
+from vlm_sparsify.sharding import ShardedCoders, init_distributed, rank_world
 from vlm_sparsify.train_state import (
     live_parameters,
     read_training_state,
@@ -782,12 +782,7 @@ def parse_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
 
 def run(argv: list[str] | None = None) -> Trainer | None:
     argv = sys.argv[1:] if argv is None else argv
-    local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is not None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(local_rank))
-        dist.init_process_group(backend, timeout=timedelta(hours=2))
+    init_distributed(timeout=timedelta(hours=2))
     args, given = parse_run_config(argv)
     rank_zero = not dist.is_initialized() or dist.get_rank() == 0
     try:

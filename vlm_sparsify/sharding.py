@@ -9,8 +9,10 @@ report them for its own tokens (`share_features`).
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_right, insort
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -22,6 +24,21 @@ def rank_world() -> tuple[int, int]:
     if not dist.is_initialized():
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
+
+
+def init_distributed(timeout: timedelta | None = None) -> bool:
+    """Under torchrun (LOCAL_RANK set): pin this process to its GPU (before NCCL starts, or every
+    rank's collectives would use GPU 0) and join the process group (gloo without CUDA). Returns
+    whether this process is one of several."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(local_rank))
+        dist.init_process_group(backend, timeout=timeout)
+    return True
 
 
 def shard_layers(weights: list[int], world: int) -> list[int]:

@@ -32,6 +32,7 @@ from vlm_sparsify.data import BadImageError, load_rgb
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.replacement import ReplacementModel
+from vlm_sparsify.sharding import init_distributed
 
 # Settings that change what is generated: a resumed capture must keep them.
 RESUME_KEYS = ("model", "recipe", "coders", "mode", "max_new_tokens", "dtype", "value_dtype")
@@ -93,11 +94,9 @@ def main(argv: list[str], benchmark: str) -> None:
 
 def _distributed(device: str | None) -> tuple[int, int, str | None]:
     """(rank, world size, device); initialises torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return 0, 1, device
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     if device is None and torch.cuda.is_available():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return dist.get_rank(), dist.get_world_size(), device
