@@ -74,3 +74,17 @@ def test_training_help_names_the_program_and_the_recipes_defaults(capsys):
     # every flag has a help text (sparsify's --log_to_wandb showed a placeholder, --run_name none)
     assert "<__TEMP__>" not in text
     assert "--run_name [str] The run's name: its folder under --save_dir" in text
+
+
+def test_a_cli_warning_is_one_line_without_python_source():
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings\n"
+        "from vlm_sparsify.cli import run_cli\n"
+        "run_cli(lambda: warnings.warn('the recipe is guessed; pass --recipe'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert done.stderr == "warning: the recipe is guessed; pass --recipe\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 USER_ERRORS = (ValueError, OSError)
@@ -14,7 +15,10 @@ downloading from the Hub): each names the path or address at fault, which the us
 def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
     """Run a tool's `main`; a user error (or one of the tool's own `errors`) ends it with one
     line (exit status 1), Ctrl-C with status 130 and one line (unless the tool said where its
-    work is already: `reported_interrupt`); no traceback."""
+    work is already: `reported_interrupt`); no traceback. Warnings print as one line each
+    (`warning: ...`) instead of Python's two with a source line."""
+    formatted = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         main()
     except (*USER_ERRORS, *errors) as err:
@@ -23,6 +27,18 @@ def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
         if not getattr(err, "reported", False):
             print("\ninterrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        warnings.formatwarning = formatted
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    line: str | None = None,
+) -> str:
+    return f"warning: {message}\n"
 
 
 def reported_interrupt(err: KeyboardInterrupt) -> KeyboardInterrupt:
