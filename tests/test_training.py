@@ -835,3 +835,20 @@ def test_k_decays_linearly_from_ten_times_the_width_to_k():
         trainer = SimpleNamespace(cfg=train_cfg, coders=clt, state=TrainingState(global_step=step))
         ks.append(Trainer.current_k(trainer))
     assert ks == [40, 21, 6, 2, 2]  # from min(64 latents, 10 x d 4) = 40, linearly to k 2
+
+
+def test_resuming_a_run_that_has_seen_its_max_examples_says_so_and_writes_nothing(
+    tmp_path, tiny_llava_dir
+):
+    run(cli(tiny_llava_dir, tmp_path, "done", "--max_examples", "16"))
+    state = tmp_path / "done" / "state.pt"
+    before = state.stat().st_mtime_ns, weights(tmp_path / "done")
+    with pytest.raises(ValueError, match=r"has trained on 2 batches already, all that "
+                       r"--max_examples 8 gives; pass a larger --max_examples"):  # fmt: skip
+        run(cli(tiny_llava_dir, tmp_path, "done", "--max_examples", "8", "--resume", "true"))
+    assert state.stat().st_mtime_ns == before[0]
+    after = weights(tmp_path / "done")
+    assert all(torch.equal(v, after[h][k]) for h in HOOKS for k, v in before[1][h].items())
+    # a larger --max_examples goes on
+    trainer = run(cli(tiny_llava_dir, tmp_path, "done", "--max_examples", "24", "--resume", "true"))
+    assert trainer.state.batches_seen == 3

@@ -476,6 +476,12 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         rank=rank,
         world_size=world,
     )
+    if args.resume and total is not None and trainer.state.batches_seen >= total:
+        raise ValueError(
+            f"--resume: {run_dir} has trained on {trainer.state.batches_seen} batches already, "
+            f"all that --max_examples {args.max_examples} gives; pass a larger --max_examples "
+            "to train further (nothing was written)"
+        )
     loader = batch_loader(stream, args.num_workers, pin_memory=torch.device(device).type == "cuda")
     print(describe_run(args, coders, recipe.name, world))
     try:
