@@ -852,3 +852,16 @@ def test_resuming_a_run_that_has_seen_its_max_examples_says_so_and_writes_nothin
     # a larger --max_examples goes on
     trainer = run(cli(tiny_llava_dir, tmp_path, "done", "--max_examples", "24", "--resume", "true"))
     assert trainer.state.batches_seen == 3
+
+
+def test_finetune_takes_a_run_name_of_the_save_dir_as_resume_does(tmp_path, monkeypatch):
+    from vlm_sparsify.__main__ import parse_run_config
+
+    (tmp_path / "runs" / "src").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    args, _ = parse_run_config(["--save_dir", "runs", "--finetune", "src"])
+    assert args.finetune == str(Path("runs") / "src")
+    args, _ = parse_run_config(["--save_dir", "runs", "--finetune", "runs/src"])
+    assert args.finetune == "runs/src"  # a path as given still works
+    args, _ = parse_run_config(["--save_dir", "runs", "--finetune", "missing"])
+    assert args.finetune == "missing"  # and a missing one is named as given when it loads

@@ -201,6 +201,10 @@ class RunConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.model = resolve_model(self.model)
+        if self.finetune and not Path(self.finetune).is_dir():
+            # `--finetune RUN`, named as --resume names it: a run of --save_dir
+            in_save_dir = Path(self.save_dir) / self.finetune
+            self.finetune = str(in_save_dir) if in_save_dir.is_dir() else self.finetune
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
         if self.gpu_decoder != "sparsify" and not self.cross_layer:
