@@ -865,3 +865,13 @@ def test_finetune_takes_a_run_name_of_the_save_dir_as_resume_does(tmp_path, monk
     assert args.finetune == "runs/src"  # a path as given still works
     args, _ = parse_run_config(["--save_dir", "runs", "--finetune", "missing"])
     assert args.finetune == "missing"  # and a missing one is named as given when it loads
+
+
+def test_a_run_of_the_embedded_model_names_it_default_and_resumes_from_that(tmp_path):
+    flags = ["--save_dir", str(tmp_path), "--run_name", "d", "--batch_size", "8", "--num_latents",
+             "64", "--k", "4", "--num_workers", "0", "--log_to_wandb", "false"]  # fmt: skip
+    run(["default", "easyvqa", *flags, "--max_examples", "8"])
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert saved["model"] == "default"  # not this machine's path to the package
+    trainer = run([*flags, "--max_examples", "16", "--resume", "true"])
+    assert trainer.state.batches_seen == 2

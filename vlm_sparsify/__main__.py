@@ -397,6 +397,8 @@ def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dic
         if key in skipped or not hasattr(target, key):
             continue
         current = getattr(target, key)
+        if key == "model":
+            value = resolve_model(value)  # `default`: the embedded model, wherever it is here
         if key not in given:
             setattr(target, key, value)
         elif key not in RESUME_MAY_CHANGE and _as_saved(current) != value:
@@ -411,8 +413,12 @@ def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dic
 
 
 def run_config_dict(args: RunConfig) -> dict[str, Any]:
+    """The run's settings as config.json holds them: no token, and the embedded model as
+    `default` (its folder's path is this machine's)."""
     config = asdict(args)
     config.pop("hf_token", None)
+    if config["model"] == DEFAULT_MODEL:
+        config["model"] = "default"
     return config
 
 

@@ -99,7 +99,9 @@ def load_model_and_processor(
     token: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[Any, Any, Recipe]:
-    """Model (eval mode, frozen), processor and the recipe that describes them."""
+    """Model (eval mode, frozen), processor and the recipe that describes them (`model_id` may
+    be an alias: `default`)."""
+    model_id = resolve_model(model_id)
     recipe = recipe or find_recipe(model_id=model_id)
     torch_device = pick_device(device)
     hub_kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
