@@ -52,6 +52,12 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
     return Run(model, processor, coder_set, recipe, settings, data)
 
 
+def check_store_coders(out: Path, coders: str) -> None:
+    """`--coders` given to a stage that may have nothing to do: still refused when they are not
+    the store's (their feature indices would name other features)."""
+    _check_coders(load_coders(coders), coders, FeatureStore(Path(out) / outputs.STORE).meta)
+
+
 def _check_coders(coders: Coders, where: str, meta: StoreMeta) -> None:
     """The coders must be those the store was captured with (its feature indices are theirs)."""
     shape = (

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
-from benchmarks.runs import Run, load_run, teacher_forced_inputs
+from benchmarks.runs import Run, check_store_coders, load_run, teacher_forced_inputs
 from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import Region, read_attribution_meta
 from vlm_sparsify.capture import REGION_CODE, token_regions
@@ -128,6 +128,8 @@ def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
     path = out / outputs.STORE / outputs.ATTRIBUTIONS
     responses = out / outputs.RESPONSES
     records = outputs.read_append_log(responses)[: config.limit]
+    if config.coders:
+        check_store_coders(out, config.coders)
     if (
         path.exists()
         and not config.force

@@ -16,7 +16,7 @@ from benchmarks.adapters import get_adapter
 from benchmarks.runs import load_run, teacher_forced_inputs
 from benchmarks.stages.attribute import answer_logit_difference
 from tests.benchmarks.test_capture_classify import GREEDY
-from vlm_sparsify.coder_io import save_coders
+from vlm_sparsify.coder_io import load_coders, save_coders
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.interventions import Intervention
@@ -63,6 +63,14 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     # region all: what a scale intervention on every token changes
     run(["easyvqa", "attribute", "--out", str(out), "--region", "all"])
     ids, coo = read(out / "store" / "attributions.safetensors")
+    # other coders are refused even when the attributions are up to date
+    other = load_coders(coders_dir)
+    with torch.no_grad():
+        next(iter(other.items()))[1].encoder.bias.add_(0.01)
+    save_coders(other, tmp_path / "other")
+    with pytest.raises(SystemExit, match="not the coders the feature store was captured with"):
+        run(["easyvqa", "attribute", "--out", str(out), "--region", "all", "--coders",
+             str(tmp_path / "other")])  # fmt: skip
     records = outputs.read_append_log(out / outputs.RESPONSES)
     assert ids == [r["id"] for r in records]
     assert set(coo["sample"].tolist()) <= {0, 1, 2} and len(coo["value"]) > 0
