@@ -4,7 +4,6 @@ forcing of its samples (prompt + generated response) for the stages that re-run 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.store import FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import Coders, load_coders
+from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
 
@@ -78,7 +78,7 @@ def read_features(out: Path) -> dict:
     path = out / outputs.FEATURES
     if not path.exists():
         raise FileNotFoundError(f"missing {path}: run `analyze` first")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def teacher_forced_inputs(run: Run, record: dict, image: Any) -> dict[str, Tensor]:

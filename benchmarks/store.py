@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save
 
 from benchmarks.outputs import append_lines, write_atomic
+from vlm_sparsify.files import read_json
 
 Regions = dict[str, list[tuple[int, int]]]
 INDEX = "index.jsonl"
@@ -209,7 +210,7 @@ class FeatureStore:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if meta_path.exists():
-            stored = StoreMeta.from_json(json.loads(meta_path.read_text()))
+            stored = StoreMeta.from_json(read_json(meta_path))
             old = meta is not None and stored.fingerprint is None  # older than fingerprints
             if old:
                 stored.fingerprint = meta.fingerprint  # type: ignore[union-attr]

@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vlm_sparsify.coder_io import Coders, source_weights, usual_permissions
+from vlm_sparsify.files import read_json
 from vlm_sparsify.interventions import OPS, Op
 from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
 from vlm_sparsify.topk_encoder import encode_topk
@@ -169,7 +170,7 @@ class FeatureSteerer(nn.Module):
             raise FileNotFoundError(
                 f"no {CONFIG_FILE} in {folder}; pass a folder FeatureSteerer.save wrote"
             )
-        config = json.loads((folder / CONFIG_FILE).read_text())
+        config = read_json(folder / CONFIG_FILE)
         tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
         features = [SteeredFeature(**f) for f in config["features"]]
         return cls(

@@ -8,7 +8,6 @@ See `docs/recipes.md` for every field.
 
 from __future__ import annotations
 
-import json
 import tomllib
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -20,6 +19,8 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import transformers
+
+from vlm_sparsify.files import read_json
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,7 @@ def _local_config(model_id: str) -> dict[str, Any] | None:
     """`config.json` of a local model folder (no network, no remote code)."""
     config = Path(model_id) / "config.json"
     if config.is_file():
-        return json.loads(config.read_text())
+        return read_json(config)
     return None
 
 

@@ -25,6 +25,7 @@ from benchmarks.stages.analyze import RankBy, Region
 from benchmarks.stages.steer import parse_factors
 from vlm_sparsify.__main__ import run as train
 from vlm_sparsify.coder_io import CheckpointError, load_coders
+from vlm_sparsify.files import load_torch
 from vlm_sparsify.loading import DEFAULT_MODEL, pick_dtype
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.train_state import STATE_FILE
@@ -167,7 +168,7 @@ def train_coders(config: AllConfig, run_dir: Path) -> Path:
     resume = False
     try:
         load_coders(run_dir)
-        state = torch.load(run_dir / STATE_FILE, weights_only=True)
+        state = load_torch(run_dir / STATE_FILE)
         if state["global_step"] >= math.ceil(config.train_examples / TRAIN_BATCH):
             print(f"== coders: {run_dir} exists, not retrained")
             return run_dir

@@ -34,6 +34,7 @@ from benchmarks.influence import (
 from benchmarks.splits import Split, sample_images, split_ids
 from benchmarks.stages import stage_parser
 from benchmarks.store import INDEX, FeatureStore
+from vlm_sparsify.files import read_json
 
 Region = Literal["decision", "response", "prompt", "image", "all"]
 """Token regions of attribute and analyze (`decision`: the positions that predict the response)."""
@@ -104,7 +105,7 @@ def recorded_parameters(path: Path) -> dict:
     """The `parameters` of an earlier features.json that are still AnalyzeConfig fields."""
     if not path.exists():
         return {}
-    recorded = json.loads(path.read_text()).get("parameters", {})
+    recorded = read_json(path).get("parameters", {})
     names = {f.name for f in fields(AnalyzeConfig)} - {"out", "force"}
     return {key: value for key, value in recorded.items() if key in names}
 
@@ -322,7 +323,7 @@ def _feature_json(
 def _read_classification(path: Path) -> dict[str, int]:
     if not path.exists():
         raise SystemExit(f"missing {path}: run `classify` first")
-    data = json.loads(path.read_text())
+    data = read_json(path)
     groups = {}
     for label, group in (("GOOD", GOOD), ("BAD", BAD)):
         for item in data.get(label, []):
@@ -355,7 +356,7 @@ def _up_to_date(target: Path, config: AnalyzeConfig, out: Path) -> bool:
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     if target.stat().st_mtime <= newest:
         return False
-    recorded = json.loads(target.read_text())
+    recorded = read_json(target)
     return (
         recorded.get("parameters") == _parameters(config)
         and recorded.get("analysis_version") == ANALYSIS_VERSION

@@ -29,6 +29,7 @@ from benchmarks.stages import stage_parser
 from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError, load_rgb
+from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.replacement import ReplacementModel
@@ -232,7 +233,7 @@ def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
     path = out / outputs.CAPTURE
     if not path.exists():
         return
-    before = json.loads(path.read_text())
+    before = read_json(path)
     now = {**{key: getattr(config, key) for key in RESUME_KEYS}, "data": asdict(data)}
     was = {**{key: before["settings"].get(key) for key in RESUME_KEYS}, "data": before["data"]}
     changed = {key: (was[key], now[key]) for key in now if was[key] != now[key]}

@@ -17,6 +17,7 @@ from pathlib import Path
 from benchmarks import outputs
 from benchmarks.adapters import Rules, Verdict, get_adapter
 from benchmarks.stages import stage_parser
+from vlm_sparsify.files import read_json
 
 
 @dataclass
@@ -58,7 +59,7 @@ def main(argv: list[str], benchmark: str) -> None:
     except (ValueError, OSError, RuntimeError) as err:
         raise SystemExit(f"{benchmark} classify: {err}") from err
     path = out / outputs.CLASSIFICATION
-    if not path.is_file() or json.loads(path.read_text()) != json.loads(json.dumps(result)):
+    if not path.is_file() or read_json(path) != json.loads(json.dumps(result)):
         outputs.write_json(path, result)  # unchanged: left alone, so later stages stay current
     counts = result["counts"]
     groups = ", ".join(f"{g} {c['GOOD']}/{c['BAD']}" for g, c in counts["groups"].items())

@@ -21,7 +21,6 @@ coactivation, contribution}], verification: {cosine_top, cosine_random, random_s
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +45,7 @@ from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import layer_numbers
 from vlm_sparsify.coder_io import Coders, source_weights
 from vlm_sparsify.data import load_rgb
+from vlm_sparsify.files import read_json
 
 INFO = "neuron_map_info.json"
 
@@ -296,4 +296,4 @@ def _up_to_date(out: Path, config: MapConfig) -> bool:
         return False
     if target.stat().st_mtime <= features.stat().st_mtime:
         return False
-    return json.loads(info.read_text()).get("parameters") == _parameters(config)
+    return read_json(info).get("parameters") == _parameters(config)

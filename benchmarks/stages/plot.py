@@ -8,7 +8,6 @@ volcano.png (frequency ratio against Fisher p-value for every feature that fires
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +18,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from benchmarks import outputs
 from benchmarks.stages import parse_stage
+from vlm_sparsify.files import read_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -45,7 +45,7 @@ def main(argv: list[str], benchmark: str) -> None:
     source = out / outputs.FEATURES
     if not source.exists():
         raise SystemExit(f"missing {source}: run `analyze` first")
-    result = json.loads(source.read_text())
+    result = read_json(source)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     title = plot_title(result, benchmark)

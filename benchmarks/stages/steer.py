@@ -53,6 +53,7 @@ from benchmarks.stages import parse_stage, stage_module
 from benchmarks.stages.plot import pyplot
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
 from vlm_sparsify.data import load_rgb
+from vlm_sparsify.files import read_json
 from vlm_sparsify.interventions import Intervention
 from vlm_sparsify.positions import check_steer_region
 from vlm_sparsify.replacement import ReplacementModel
@@ -272,7 +273,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     wanted = set(held_out)
     items = [item for item in adapter.load_items(run.data, run.recipe) if item.id in wanted]
     items = items[: config.limit]
-    rules = Rules(**json.loads((out / outputs.CLASSIFICATION).read_text())["rules"])
+    rules = Rules(**read_json(out / outputs.CLASSIFICATION)["rules"])
     generated: dict[str, dict[str, Any]] = {}
     images: dict[str, str] = {}
     for condition in conditions(config, by_direction):
@@ -359,7 +360,7 @@ def _generate(
     spec = {**setup.spec, "ids": [item.id for item in items], "model": run.settings.get("model")}
     spec = json.loads(json.dumps(spec))  # as condition.json reads back (tuples become lists)
     done = folder / "condition.json"
-    if not config.force and done.exists() and json.loads(done.read_text()) == spec:
+    if not config.force and done.exists() and read_json(done) == spec:
         return outputs.read_append_log(folder / outputs.RESPONSES)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -393,7 +394,7 @@ def _official_metrics(benchmark: str, folder: Path, out: Path) -> dict | None:
             stage_module(benchmark, "score").main(["--out", str(folder)], benchmark=benchmark)
     except (SystemExit, ValueError, FileNotFoundError) as err:
         return {"error": str(err)}
-    return json.loads((folder / outputs.METRICS).read_text())
+    return read_json(folder / outputs.METRICS)
 
 
 def _firing_frequency(out: Path) -> np.ndarray | None:
@@ -409,7 +410,7 @@ def _firing_frequency(out: Path) -> np.ndarray | None:
 def _read_neuron_map(out: Path, config: SteerConfig) -> list[dict] | None:
     path = out / outputs.NEURON_MAP
     if path.exists():
-        return json.loads(path.read_text())
+        return read_json(path)
     if "neurons" in config.kinds:
         print(f"steer: no {path}; skipping the neurons condition (run `map` first)")
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -83,3 +84,11 @@ def test_top_features_keep_direction_colours_when_nothing_is_significant(tmp_pat
     assert colour_share(path, plot.COLORS["good"]) > 0.01
     assert colour_share(path, plot.COLORS["bad"]) > 0.01
     assert plot.plot_title(result, "x") == "easyvqa [region decision, 16 GOOD / 17 BAD]"
+
+
+def test_a_truncated_output_file_is_named_in_one_line(tmp_path):
+    from benchmarks.__main__ import run
+
+    (tmp_path / "features.json").write_text('{"features": [')  # a stage killed mid-write
+    with pytest.raises(SystemExit, match=r"features.json is not valid JSON"):
+        run(["easyvqa", "plot", "--out", str(tmp_path)])
