@@ -94,3 +94,8 @@ def test_threshold_mode_is_jumprelu_on_the_selected_rows() -> None:
     expected = pre * (pre > thresholds[1][[5, 9]])
     assert torch.allclose(steerer.feature_acts(HOOKPOINTS[1], inputs[1]), expected)
     assert (expected > 0).any()
+
+
+def test_an_unknown_steering_op_is_named():
+    with pytest.raises(ValueError, match="Unknown intervention op 'double'; use scale, add, set"):
+        SteeredFeature("model.language_model.layers.0.mlp", 3, 2.0, op="double")  # type: ignore[arg-type]

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from vlm_sparsify.coder_io import Coders, source_weights, usual_permissions
 from vlm_sparsify.files import read_json
-from vlm_sparsify.interventions import OPS, Op
+from vlm_sparsify.interventions import OPS, Op, check_op
 from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
 from vlm_sparsify.topk_encoder import encode_topk
 
@@ -62,6 +62,9 @@ class SteeredFeature:
     """Factor (scale), amount (add) or new activation (set); ignored by zero."""
     op: Op = "scale"
     """scale, add, set or zero."""
+
+    def __post_init__(self) -> None:
+        check_op(self.op)
 
 
 class FeatureSteerer(nn.Module):

@@ -20,6 +20,14 @@ from vlm_sparsify.capture import REGION_CODE
 
 Op = Literal["scale", "add", "set", "zero"]
 OPS: tuple[Op, ...] = get_args(Op)
+
+
+def check_op(op: str) -> None:
+    """An edit is one of OPS (for the interventions and the CLT-free steerer alike)."""
+    if op not in OPS:
+        raise ValueError(f"Unknown intervention op '{op}'; use {', '.join(OPS[:-1])} or {OPS[-1]}")
+
+
 EDIT_REGIONS = ("image", "prompt", "response", "decision", "all")
 
 
@@ -48,10 +56,7 @@ class Intervention:
     required by those three, not given for `zero`."""
 
     def __post_init__(self) -> None:
-        if self.op not in OPS:
-            raise ValueError(
-                f"Unknown intervention op '{self.op}'; use {', '.join(OPS[:-1])} or {OPS[-1]}"
-            )
+        check_op(self.op)
         features = tuple(_index(f, "feature") for f in _items(self.features))
         if len(set(features)) != len(features) or not features:
             raise ValueError(f"features must be distinct and non-empty, got {features}")
