@@ -439,6 +439,10 @@ def test_a_failed_upload_is_one_line_and_the_run_can_be_pushed_later(
     assert f"`python -m vlm_sparsify.hub {run_dir} me/up`" in message
     assert "hf_secret" not in message and "\n" not in message
     assert (run_dir / "state.pt").is_file()
+    # the upload command itself does not send the user back to itself
+    with pytest.raises(hub.HubUploadError, match=r"^uploading .*up to me/up failed \(.*\); check "
+                       "the network and the token .*, then run this command again$"):  # fmt: skip
+        hub.main([str(run_dir), "me/up"])
 
     uploaded = {}
 

@@ -30,7 +30,12 @@ TRAINING_ONLY = [
 
 
 class HubUploadError(OSError):
-    """The upload failed (no network, no permission, ...); the run folder is as it was."""
+    """The upload failed (no network, no permission, ...); the run folder is as it was.
+    `reason` is the failure itself, in one line and without the token."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
 
 
 def hub_files(run_dir: Path) -> list[str]:
@@ -52,11 +57,12 @@ def push_to_hub(run_dir: Path, repo: str, token: str | None = None) -> str:
         text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         if token:
             text = text.replace(token, "***")
+        reason = f"{type(err).__name__}: {text}"
         raise HubUploadError(
-            f"the run is saved in {run_dir}, but uploading it to {repo} failed "
-            f"({type(err).__name__}: {text}); upload it later with "
-            f"`python -m vlm_sparsify.hub {run_dir} {repo}` (token: HF_TOKEN or "
-            "`huggingface-cli login`)"
+            f"the run is saved in {run_dir}, but uploading it to {repo} failed ({reason}); "
+            f"upload it later with `python -m vlm_sparsify.hub {run_dir} {repo}` (token: "
+            "HF_TOKEN or `huggingface-cli login`)",
+            reason,
         ) from None
     return f"https://huggingface.co/{repo}"
 
@@ -72,7 +78,14 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("repo", metavar="REPO", help="the Hub repository, e.g. user/my-coders")
     args = parser.parse_args(argv)
     check_run_dir(args.run)
-    url = push_to_hub(args.run, args.repo, os.environ.get("HF_TOKEN"))
+    try:
+        url = push_to_hub(args.run, args.repo, os.environ.get("HF_TOKEN"))
+    except HubUploadError as err:  # its "upload it later" would name this very command
+        raise HubUploadError(
+            f"uploading {args.run} to {args.repo} failed ({err.reason}); check the network and "
+            "the token (HF_TOKEN or `huggingface-cli login`), then run this command again",
+            err.reason,
+        ) from None
     print(f"Uploaded {args.run} to {url}")
     return url
 
