@@ -88,3 +88,22 @@ def test_a_cli_warning_is_one_line_without_python_source():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0
     assert done.stderr == "warning: the recipe is guessed; pass --recipe\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "typo", "message"),
+    [
+        (["-m", "vlm_sparsify"], "--max_exampels", "unknown flag --max_exampels (did you mean "
+         "--max_examples?); `python -m vlm_sparsify --help` lists them"),
+        (["-m", "benchmarks", "easyvqa", "analyze", "--out", "x"], "--target-featuers=4",
+         "unknown flag --target-featuers=4 (did you mean --target-features?)"),
+        (["-m", "vlm_sparsify"], "--zzz", "unknown flag --zzz; `python -m vlm_sparsify --help`"),
+    ],
+)  # fmt: skip
+def test_a_mistyped_flag_is_one_line_with_the_closest_flag(command, typo, message):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, *command, typo], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr

@@ -23,14 +23,14 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from simple_parsing import ArgumentParser, field
+from simple_parsing import field
 from simple_parsing.help_formatter import SimpleHelpFormatter
 from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
 from torch import nn
 
 from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
-from vlm_sparsify.cli import reported_interrupt, run_cli
+from vlm_sparsify.cli import ArgumentParser, reported_interrupt, run_cli
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
     clean_stale_folders,

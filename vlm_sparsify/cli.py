@@ -5,6 +5,10 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
+from difflib import get_close_matches
+from typing import NoReturn
+
+import simple_parsing
 
 USER_ERRORS = (ValueError, OSError)
 """What bad input raises (a wrong path, a corrupt file, a setting that cannot work). Every OSError
@@ -45,3 +49,24 @@ def reported_interrupt(err: KeyboardInterrupt) -> KeyboardInterrupt:
     """Mark Ctrl-C as told to the user (the tool printed its own line): `run_cli` adds none."""
     err.reported = True  # type: ignore[attr-defined]
     return err
+
+
+class ArgumentParser(simple_parsing.ArgumentParser):
+    """simple-parsing's parser; a mistyped flag is one line with the closest flag, not the whole
+    usage (tens of lines) followed by argparse's bare `unrecognized arguments`."""
+
+    def error(self, message: str) -> NoReturn:
+        prefix = "unrecognized arguments: "
+        if not message.startswith(prefix):
+            super().error(message)
+        flags = [o for action in self._actions for o in action.option_strings]
+        unknown = message[len(prefix) :].split()
+        hints = []
+        for arg in unknown:
+            close = get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.75)
+            hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+        self.exit(
+            2,
+            f"{self.prog}: error: unknown flag{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(hints)}; `{self.prog} --help` lists them\n",
+        )

@@ -6,7 +6,9 @@ import importlib
 from types import ModuleType
 from typing import Any, TypeVar
 
-from simple_parsing import ArgumentParser, DashVariant
+from simple_parsing import DashVariant
+
+from vlm_sparsify.cli import ArgumentParser
 
 ConfigT = TypeVar("ConfigT")
 
