@@ -192,6 +192,11 @@ def main(argv: list[str], benchmark: str = "pope") -> None:
         help='JSONL of {"question_id", "split", "response"} (raw model text)',
     )
     parser.add_argument(
+        "--question-file",
+        help="LLaVA's llava_pope_test.jsonl: --responses is then LLaVA's own answer file "
+        '({"question_id", "text"}, e.g. llava-v1.5-13b.jsonl), paired with the label files',
+    )
+    parser.add_argument(
         "--out",
         help="a capture folder: score its responses_official.jsonl against the questions it "
         "ran (of the label files capture read unless --questions-dir), write metrics.json there",
@@ -202,7 +207,11 @@ def main(argv: list[str], benchmark: str = "pope") -> None:
         if args.out:
             result = _score_capture(args.out, args.questions_dir)
         elif args.questions_dir and args.responses:
-            result = score(load_questions_dir(args.questions_dir), load_records(args.responses))
+            items = load_questions_dir(args.questions_dir)
+            responses = load_records(args.responses)
+            if args.question_file:
+                responses = llava_answers(args.question_file, responses, items)
+            result = score(items, responses)
         else:
             raise ValueError("pass --questions-dir DIR --responses FILE, or --out DIR")
     except (ValueError, OSError) as err:
@@ -214,6 +223,36 @@ def label_file_id(question_id: int) -> int:
     """A question's id in the label files: LLaVA's question file numbers random from 10,000,001
     and popular from 20,000,001 (adversarial from 1), each label file from 1."""
     return question_id % LLAVA_ID_BLOCK
+
+
+def llava_answers(
+    question_file: str | Path, answers: Sequence[dict[str, Any]], items: Sequence[PopeItem]
+) -> list[dict[str, Any]]:
+    """LLaVA's answer file (`{"question_id", "text"}` per line, the ids of its question file
+    `llava_pope_test.jsonl`, whose `category` is the split) as responses to the label files'
+    questions; each must ask the same image as the label files' question it is paired with."""
+    questions = {q.question_id: q for q in load_question_file(question_file)}
+    labelled = {(i.split, i.question_id): i for i in items}
+    responses = []
+    for row in answers:
+        require_fields(row, ("question_id", "text"), "--responses (LLaVA's answer file)")
+        question = questions.get(int(row["question_id"]))
+        if question is None:
+            raise ValueError(
+                f"--responses: question_id {row['question_id']} is not in {question_file}"
+            )
+        local_id = label_file_id(question.question_id)
+        label = labelled.get((question.split, local_id))
+        if label is None or label.image != question.image:
+            raise ValueError(
+                f"{question_file}: {question.split} question {question.question_id} has no "
+                f"label-file question {local_id} about {question.image}: these label files are "
+                "not the ones the question file was made from"
+            )
+        responses.append(
+            {"question_id": local_id, "split": question.split, "response": row["text"]}
+        )
+    return responses
 
 
 def _score_capture(out: str, questions_dir: str | None) -> dict[str, Any]:

@@ -217,6 +217,12 @@ def test_cli_json(tmp_path, capsys) -> None:
     assert printed["adversarial"]["n"] == 3000 and round(100 * printed["mean_f1"], 1) == 85.9
     run(["pope", "score", "--questions-dir", str(folder), "--responses", str(responses)])
     assert "mean F1 over 3 split(s): 85.95" in capsys.readouterr().out
+    # LLaVA's own answer file, as published, with its question file: the same scores
+    llava = shared_data("pope-llava")
+    run(["pope", "score", "--questions-dir", str(folder), "--question-file",
+         str(llava / "llava_pope_test.jsonl"), "--responses", str(llava / "llava-v1.5-13b.jsonl"),
+         "--json"])  # fmt: skip
+    assert json.loads(capsys.readouterr().out) == printed
 
 
 @pytest.mark.parametrize("text", ["No\n", "\nNo", "No\n.", "\nNo, there is none"])
