@@ -173,6 +173,76 @@ def test_model_gets_every_input_of_the_batch(trained: dict[str, Any], run: str) 
     assert trained[run]["model_calls"] == [expected] * n_calls
 
 
+FUSED_ENCODER_PATCH = PATCHES[0].parent / "0005-fused-encoder-preacts-gradient.patch"
+
+AUXK_GRADIENTS = """
+import json, sys
+import torch
+import torch.nn.functional as F
+import sparsify.sparse_coder as sc
+from sparsify import SparseCoder, SparseCoderConfig
+from sparsify.fused_encoder import EncoderOutput
+
+def grads(multi_topk, reference):
+    torch.manual_seed(0)
+    coder = SparseCoder(16, SparseCoderConfig(num_latents=64, k=4, transcode=True,
+                                              multi_topk=multi_topk))
+    with torch.no_grad():
+        coder.W_dec.normal_()
+    x, y = torch.randn(32, 16), torch.randn(32, 16)
+    dead = torch.arange(64) % 2 == 0
+    fused = sc.fused_encoder
+    if reference:  # the same encoder under plain autograd
+        def plain(x, weight, bias, k, activation):
+            pre = F.relu(F.linear(x, weight, bias))
+            values, indices = pre.topk(k, sorted=False)
+            return EncoderOutput(values, indices, pre)
+        sc.fused_encoder = plain
+    try:
+        out = coder(x=x, y=y, dead_mask=dead)
+        (out.auxk_loss + out.multi_topk_fvu).backward()  # the terms that read pre_acts
+    finally:
+        sc.fused_encoder = fused
+    grad = coder.encoder.weight.grad
+    return (torch.zeros_like(coder.encoder.weight) if grad is None else grad), dead
+
+result = {}
+for multi_topk in (False, True):
+    got, dead = grads(multi_topk, False)
+    want, _ = grads(multi_topk, True)
+    result[str(multi_topk)] = {
+        "max_diff": float((got - want).abs().max()),
+        "rows_moved": int((got.abs().sum(1) > 0).sum()),
+        "rows_moved_reference": int((want.abs().sum(1) > 0).sum()),
+    }
+print(json.dumps(result))
+"""
+
+
+def auxk_gradients(root: Path | None) -> dict[str, Any]:
+    """Encoder gradients of AuxK (+ MultiTopK) with the installed sparsify (`root` None) or
+    the copy at `root`, against the same encoder under plain autograd."""
+    env = {**os.environ, "PYTHONPATH": str(root)} if root else dict(os.environ)
+    child = subprocess.run(
+        [sys.executable, "-c", AUXK_GRADIENTS], env=env, capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@requires_git
+def test_0005_lets_auxk_and_multi_topk_reach_the_encoders_of_dead_latents(tmp_path: Path) -> None:
+    # stock 1.3.3 drops the gradient of pre_acts: these losses move no encoder row at all
+    for stock in auxk_gradients(None).values():
+        assert stock["rows_moved"] == 0 and stock["rows_moved_reference"] > 0
+        assert stock["max_diff"] > 1e-3
+    root = pristine_copy(tmp_path)
+    assert git_apply(root, FUSED_ENCODER_PATCH).returncode == 0
+    for patched in auxk_gradients(root).values():  # autograd's gradients, rows included
+        assert patched["max_diff"] < 1e-5
+        assert patched["rows_moved"] == patched["rows_moved_reference"] > 0
+
+
 # -- child process ------------------------------------------------------------------------
 
 
