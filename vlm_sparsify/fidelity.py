@@ -45,7 +45,7 @@ from vlm_sparsify.data import (
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import Recipe, find_recipe, run_recipe
-from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel
+from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel, has_submodule
 
 REGIONS = ("image", "prompt", "answer")
 
@@ -344,21 +344,13 @@ def held_out_split(dataset: str, recipe: Recipe) -> str:
 def check_hookpoints(model: nn.Module, hookpoints: Sequence[str], model_id: str) -> None:
     """Every coder hookpoint is a module of the model: coders of a model with other module paths
     (or fewer layers) are refused before any data loads."""
-    missing = [h for h in hookpoints if not _is_module(model, h)]
+    missing = [h for h in hookpoints if not has_submodule(model, h)]
     if missing:
         raise ValueError(
             f"the coders' hookpoints {missing[:3]}{' ...' if len(missing) > 3 else ''} are not "
             f"modules of {model_id}: these coders were trained on another model (pass the run's "
             "model with --model, or leave --model out)"
         )
-
-
-def _is_module(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def _run_config(run: Path) -> dict[str, Any]:

@@ -79,7 +79,7 @@ class ReplacementModel:
         self.model = model
         self.coders = coders
         self.hookpoints: list[str] = list(coders.hookpoints)
-        missing = [h for h in self.hookpoints if not _has_submodule(model, h)]
+        missing = [h for h in self.hookpoints if not has_submodule(model, h)]
         if missing:
             raise ValueError(
                 f"coder hookpoints {missing} are not modules of {type(model).__name__}; "
@@ -531,7 +531,8 @@ class _ForwardOverride:
         del self.module.forward
 
 
-def _has_submodule(model: nn.Module, path: str) -> bool:
+def has_submodule(model: nn.Module, path: str) -> bool:
+    """Whether `path` names a module of `model`."""
     try:
         model.get_submodule(path)
     except AttributeError:
