@@ -487,11 +487,13 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         world_size=world,
     )
     if args.resume and total is not None and trainer.state.batches_seen >= total:
-        raise ValueError(
+        print(
             f"--resume: {run_dir} has trained on {trainer.state.batches_seen} batches already, "
-            f"all that --max_examples {args.max_examples} gives; pass a larger --max_examples "
-            "to train further (nothing was written)"
+            f"all that --max_examples {args.max_examples} gives: nothing to do (nothing was "
+            "written); pass a larger --max_examples to train further",
+            file=sys.stderr,
         )
+        return trainer
     loader = batch_loader(stream, args.num_workers, pin_memory=torch.device(device).type == "cuda")
     print(describe_run(args, coders, recipe.name, world))
     try:
