@@ -147,6 +147,13 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
             f"analyze: {sum(s not in images for s in labelled)} samples name no image in "
             f"{out / outputs.RESPONSES}: each is split on its own (group_by {split.group_by})"
         )
+    held_images = {images.get(s, s) for s in split.held_out}
+    if config.held_out_fraction > 0 and len(held_images) < 2:
+        print(
+            f"analyze: warning: the held-out split holds {len(split.held_out)} samples of "
+            f"{len(held_images)} image(s): steer would have {'nothing' if not held_images else 'one image'} "
+            "to judge its features on; capture more items or raise --held-out-fraction"
+        )
     train_group = {sample_id: groups[sample_id] for sample_id in split.train}
     n_bad = sum(group == BAD for group in train_group.values())
     if not n_bad or n_bad == len(train_group):

@@ -508,7 +508,12 @@ def format_table(report: dict) -> str:
         f"steer {report['benchmark']}: {report['held_out_samples']} held-out samples, metric "
         f"GOOD rate, baseline {base['good_rate']:.3f}; deltas with "
         f"{report['bootstrap']['confidence']:.0%} paired bootstrap intervals over "
-        f"{report['bootstrap'].get('groups', base['n'])} images",
+        f"{report['bootstrap'].get('groups', base['n'])} images"
+        + (
+            " (one image: the intervals say nothing about other images)"
+            if report["bootstrap"].get("groups") == 1
+            else ""
+        ),
         f"{'condition':<26}{'factor':>7}{'rate':>8}{'delta':>9}  {'interval':<19}{'changed':>8}"
         f"  {'vs control':<26}",
     ]

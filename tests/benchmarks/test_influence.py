@@ -404,7 +404,7 @@ def test_split_by_image_keeps_each_image_on_one_side():
     assert split_ids(["q1", "q2"], 0.5, groups={"q1": "image_id:7"}).group_by == "mixed"
 
 
-def test_analyze_splits_by_the_images_of_responses_jsonl(tmp_path):
+def test_analyze_splits_by_the_images_of_responses_jsonl(tmp_path, capsys):
     rng = np.random.default_rng(3)
     store = FeatureStore(tmp_path / "store", StoreMeta(["l0"], k=2, num_latents=10))
     samples, labels, records = [], {"GOOD": [], "BAD": []}, []
@@ -425,6 +425,13 @@ def test_analyze_splits_by_the_images_of_responses_jsonl(tmp_path):
     assert 0 < len(held_out) < 300
     assert {image[i] for i in held_out}.isdisjoint(image[i] for i in image if i not in held_out)
     assert split["n_held_out_groups"] == len({image[i] for i in held_out})
+    assert "warning: the held-out split" not in capsys.readouterr().out
+    # a held-out share too small for this many images: nothing for steer to judge, said so
+    analyze.main(["--out", str(tmp_path), "--held-out-fraction", "0.001"], benchmark="t")
+    printed = capsys.readouterr().out
+    assert (
+        "analyze: warning: the held-out split holds 0 samples of 0 image(s): steer would" in printed
+    )
 
 
 def test_features_json_of_an_older_analysis_is_recomputed(tmp_path):

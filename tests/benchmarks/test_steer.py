@@ -264,3 +264,18 @@ def test_the_bootstrap_interval_has_its_nominal_quantiles():
     half = 1.96 * diff.std() / np.sqrt(2000)  # the normal interval: the bootstrap's within 8%
     assert result.low == pytest.approx(diff.mean() - half, abs=0.08 * half)
     assert result.high == pytest.approx(diff.mean() + half, abs=0.08 * half)
+
+
+def test_the_table_says_when_its_intervals_rest_on_one_image():
+    from benchmarks.stages.steer import KINDS, format_table
+
+    report = {
+        "benchmark": "easyvqa",
+        "held_out_samples": 3,
+        "baseline": {"good_rate": 0.5, "n": 3},
+        "bootstrap": {"confidence": 0.95, "groups": 1},
+        **{kind: [] for kind in KINDS},
+    }
+    assert "over 1 images (one image: the intervals say nothing" in format_table(report)
+    report["bootstrap"]["groups"] = 3
+    assert "one image" not in format_table(report)
