@@ -65,12 +65,14 @@ def randomize(coders: nn.Module, seed: int) -> nn.Module:
 
 
 def make_coders(kind: str) -> nn.Module:
-    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    skip = kind.endswith("-skip")  # random W_skips: each target also adds W_skip x of its sources
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True, skip_connection=skip)
     if kind == "plt":
         return randomize(PerLayerCoders(HOOKPOINTS, D, cfg), seed=1)
     # clt3 reaches 3 of the 4 layers: source 0 does not write into the last one
-    cross_layer = 3 if kind == "clt3" else LAYERS
-    return randomize(CrossLayerTranscoder(HOOKPOINTS, D, cfg, cross_layer=cross_layer), seed=2)
+    cross_layer = 3 if kind.startswith("clt3") else LAYERS
+    coders = CrossLayerTranscoder(HOOKPOINTS, D, cfg, cross_layer=cross_layer)
+    return randomize(coders, seed=4 if skip else 2)
 
 
 def batch() -> dict[str, Tensor]:
@@ -196,7 +198,11 @@ def test_error_mode_reproduces_the_model(model: nn.Module, kind: str, decoder: s
     "kind,decoder",
     [
         ("plt", "fused"),
-        *((kind, decoder) for kind in ("clt", "clt3") for decoder in ("fused", "per-target")),
+        *(
+            (kind, decoder)
+            for kind in ("clt", "clt3", "clt3-skip")
+            for decoder in ("fused", "per-target")
+        ),
         pytest.param("clt", "triton", marks=NEEDS_TRITON),
         pytest.param("clt3", "triton", marks=NEEDS_TRITON),
     ],
@@ -217,6 +223,8 @@ def test_open_loop_output_is_the_sum_of_decoder_contributions(
                     W_dec, b_dec = decoder_of(coders, p, t)
                     f_p = dense_features(encoder(coders, p), recorder.inputs[p])
                     expected += f_p @ W_dec + b_dec
+                    if kind.endswith("-skip"):  # by hand from the weights, on source p's input
+                        expected += recorder.inputs[p] @ coders.sources[p].W_skips[t - p].T
             torch.testing.assert_close(recorder.outputs[t], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -633,23 +641,3 @@ def test_hybrid_decodes_the_prefill_with_triton_and_the_steps_with_embedding_bag
     assert torch.equal(tokens, reference)
     assert rows["triton"] and min(rows["triton"]) >= 16
     assert rows["embedding_bag"] and set(rows["embedding_bag"]) == {2}  # one row per sequence
-
-
-@pytest.mark.parametrize("decoder", ["fused", "per-target"])
-def test_open_loop_adds_the_skip_connections_of_a_skip_clt(model: nn.Module, decoder: str) -> None:
-    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True, skip_connection=True)
-    coders = randomize(CrossLayerTranscoder(HOOKPOINTS, D, cfg, cross_layer=3), seed=4)
-    with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop", decoder=decoder):
-        recorder = MLPRecorder(model)
-        model(**batch())
-        recorder.remove()
-    with torch.no_grad():
-        for t in range(LAYERS):
-            expected = torch.zeros_like(recorder.outputs[t])
-            for p in range(t + 1):
-                if reaches(coders, p, t):
-                    W_dec, b_dec = decoder_of(coders, p, t)
-                    W_skip = coders.sources[p].W_skips[t - p]
-                    f_p = dense_features(encoder(coders, p), recorder.inputs[p])
-                    expected += f_p @ W_dec + b_dec + recorder.inputs[p] @ W_skip.T
-            torch.testing.assert_close(recorder.outputs[t], expected, atol=1e-5, rtol=1e-5)
