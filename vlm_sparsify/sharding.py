@@ -27,15 +27,16 @@ def rank_world() -> tuple[int, int]:
 
 
 def init_distributed(timeout: timedelta | None = None) -> bool:
-    """Under torchrun (LOCAL_RANK set): pin this process to its GPU (before NCCL starts, or every
-    rank's collectives would use GPU 0) and join the process group (gloo without CUDA). Returns
-    whether this process is one of several."""
+    """Under torchrun (LOCAL_RANK set) or another launcher (WORLD_SIZE > 1): pin this process to
+    its GPU when LOCAL_RANK says which (before NCCL starts, or every rank's collectives would use
+    GPU 0) and join the process group (gloo without CUDA). Returns whether this process is one of
+    several."""
     local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is None:
+    if local_rank is None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return False
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        if backend == "nccl" and local_rank is not None:
             torch.cuda.set_device(int(local_rank))
         dist.init_process_group(backend, timeout=timeout)
     return True
