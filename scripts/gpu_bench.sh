@@ -1,11 +1,14 @@
 #!/bin/bash
-# The Triton kernels' tests, then `bench --gpu`, on a GPU machine without network, from the wheels
-# `make gpu-wheels` put in .whl/ (torch comes with the machine). Writes triton_tests.log,
-# bench.json and bench.log to $OUT (default: ./gpu-out).
-# Usage: bash scripts/gpu_bench.sh [SECONDS]   (the bench's time limit, default 420)
+# `bench --gpu`, then the Triton kernels' tests compiled for this GPU, on a GPU machine without
+# network, from the wheels `make gpu-wheels` put in .whl/ (torch comes with the machine). Writes
+# bench.json, bench.log and triton_tests.log to $OUT (default: ./gpu-out).
+# Usage: bash scripts/gpu_bench.sh [SECONDS [BENCH ARGS...]]   (the bench's time limit, default
+# 420; e.g. `bash scripts/gpu_bench.sh 200 --parts stock,clt-triton` to measure one part again)
 set -u
 T0=$(date +%s)
 OUT=${OUT:-gpu-out}
+LIMIT=${1:-420}
+shift $(( $# > 0 ? 1 : 0 ))
 mkdir -p "$OUT"
 ls .whl/vlm_sparsify-*.whl > /dev/null || { echo "no .whl/vlm_sparsify-*.whl: run make gpu-wheels"; exit 1; }
 # by name from .whl/: pip picks the wheel that fits this Python (multiprocess has one per version)
@@ -13,16 +16,14 @@ python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --
     --upgrade --target /tmp/site $(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | sort -u) || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -P -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 echo "installed t=$(( $(date +%s) - T0 ))s"
-# the Triton kernels against torch, compiled for this GPU (tested on CPUs only through the
-# interpreter), then the replacement model's wiring of them through the interpreter
-timeout 240 python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 \
-    | tail -15 | tee "$OUT/triton_tests.log"
-TRITON_INTERPRET=1 SPARSIFY_DISABLE_TRITON=1 timeout 120 python3 -P -m pytest -q -p no:cacheprovider \
-    tests/test_replacement.py -k triton 2>&1 | tail -5 | tee -a "$OUT/triton_tests.log"
-echo "triton tests t=$(( $(date +%s) - T0 ))s"
 # -P: import vlm_sparsify from the installed wheel, not from this folder
-timeout "${1:-420}" python3 -P -m vlm_sparsify.bench --gpu --json > "$OUT/bench.json" 2> "$OUT/bench.log"
+timeout "$LIMIT" python3 -P -m vlm_sparsify.bench --gpu --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.log"
 echo "bench rc=$? t=$(( $(date +%s) - T0 ))s"
 grep "\[gpu\]" "$OUT/bench.log"
 tail -3 "$OUT/bench.log"
+# the Triton kernels against torch, compiled for this GPU (on CPUs they run in the interpreter)
+timeout 150 python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 \
+    | tail -15 | tee "$OUT/triton_tests.log"
+echo "triton tests t=$(( $(date +%s) - T0 ))s"

@@ -163,3 +163,32 @@ def test_gpu_measurements_time_the_triton_decoders_too():
         "replacement_hybrid_vs_base_generate",
     ):
         assert results[key] > 0
+
+
+def test_gpu_parts_run_only_the_parts_asked_for():
+    import torch
+
+    from vlm_sparsify.bench_gpu import GpuSizes, measure_at_size
+
+    results = measure_at_size(
+        GpuSizes.smoke(), torch.device("cpu"), lambda message: None, parts=("stock", "clt")
+    )
+    assert results["clt_vs_stock_plt_tok_per_s"] > 0 and results["stock_plt_tok_per_s"] > 0
+    measured = {key for key, value in results.items() if isinstance(value, float)}
+    assert measured == {
+        "stock_plt_tok_per_s",
+        "stock_plt_peak_gib",
+        "clt_tok_per_s",
+        "clt_peak_gib",
+        "clt_vs_stock_plt_tok_per_s",
+    }
+
+
+def test_unknown_gpu_parts_and_parts_without_gpu_are_refused(capsys):
+    from vlm_sparsify.bench import main
+
+    with pytest.raises(SystemExit, match=r"unknown --parts \['clt-trition'\]; choose from"):
+        main(["--gpu", "--parts", "stock,clt-trition"])
+    with pytest.raises(SystemExit):
+        main(["--parts", "stock"])
+    assert "--parts picks parts of --gpu" in capsys.readouterr().err

@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "its figures are not the measured ones",
     )
     parser.add_argument(
+        "--parts",
+        default=None,
+        help="with --gpu: comma-separated parts to run (default all: plugin-vs-stock, stock, "
+        "clt, generate, pipeline, clt-embedding-bag, clt-triton), e.g. stock,clt-triton to "
+        "measure one candidate again",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -159,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "on a shared machine thread synchronisation dominates and scatters the timings)",
     )
     args = parser.parse_args(argv)
+    if args.parts is not None and not args.gpu:
+        parser.error("--parts picks parts of --gpu; the CPU figures run together")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -173,9 +182,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.set_num_threads(args.threads)
 
         if args.gpu:
-            from vlm_sparsify.bench_gpu import run_gpu
+            from vlm_sparsify.bench_gpu import PARTS, run_gpu
 
-            results = run_gpu(quick=args.quick, log=log)
+            parts = PARTS if args.parts is None else args.parts.split(",")
+            results = run_gpu(quick=args.quick, log=log, parts=parts)
         else:
             from vlm_sparsify.bench_cpu import CpuSizes, run_cpu
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import gc
 import os
 import statistics
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
@@ -244,7 +245,29 @@ def timed_steps(step: Any, warmup: int, steps: int, device: torch.device) -> flo
     return statistics.median(times)
 
 
-def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str, Any]:
+PARTS = (
+    "plugin-vs-stock",
+    "stock",
+    "clt",
+    "generate",
+    "pipeline",
+    "clt-embedding-bag",
+    "clt-triton",
+)
+"""The parts of `--gpu`, in the order they run (`--parts` picks some; `stock` gives the CLT
+figures their ratio, `clt` the generation part its trained CLT)."""
+
+
+def check_parts(parts: Collection[str]) -> None:
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise SystemExit(f"unknown --parts {unknown}; choose from {', '.join(PARTS)}")
+
+
+def measure_at_size(
+    sizes: GpuSizes, device: torch.device, log: Any, parts: Collection[str] = PARTS
+) -> dict[str, Any]:
+    check_parts(parts)
     torch.backends.cuda.matmul.allow_tf32 = True
     model, processor = build_llava(sizes, device)
     hookpoints = mlp_hookpoints(model, find_recipe("llava"))
@@ -270,8 +293,10 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     errors: dict[str, str] = {}
     state: dict[str, Any] = {}  # what one part hands to the next: stock_tok_s, coders
 
-    def part(name: str, run: Any) -> None:
+    def part(key: str, name: str, run: Any) -> None:
         """Run one part of the benchmark; if it fails (say, out of memory) record why, go on."""
+        if key not in parts:
+            return
         log(f"[gpu] {name} ...")
         try:
             run()
@@ -382,15 +407,15 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     triton_runs = triton_runs_on(device)
     clt_name = f"CLT {sizes.layers} x {sizes.num_latents} x cross_layer {sizes.cross_layer}"
     reset_peak(device)
-    part("plugin vs stock PLT step", plugin_vs_stock)
-    part("stock PLT alone", stock_alone)
-    part(f"{clt_name}, sparsify decoder", partial(clt_training, "sparsify", "clt"))
-    part("replacement vs base generate", generation)
-    part("multimodal pipeline vs pre-tokenized", pipeline)
-    # the candidate last: the CLT step with torch's embedding_bag (its backward sorts indices)
-    part(f"{clt_name}, embedding_bag decoder", partial(clt_training, "embedding_bag", "clt_embedding_bag"))  # fmt: skip
+    part("plugin-vs-stock", "plugin vs stock PLT step", plugin_vs_stock)
+    part("stock", "stock PLT alone", stock_alone)
+    part("clt", f"{clt_name}, sparsify decoder", partial(clt_training, "sparsify", "clt"))
+    part("generate", "replacement vs base generate", generation)
+    part("pipeline", "multimodal pipeline vs pre-tokenized", pipeline)
+    # the candidates last: the CLT step with torch's embedding_bag (its backward sorts indices)
+    part("clt-embedding-bag", f"{clt_name}, embedding_bag decoder", partial(clt_training, "embedding_bag", "clt_embedding_bag"))  # fmt: skip
     if triton_runs:
-        part(f"{clt_name}, triton decoder", partial(clt_training, "triton", "clt_triton"))
+        part("clt-triton", f"{clt_name}, triton decoder", partial(clt_training, "triton", "clt_triton"))  # fmt: skip
     results["details"] = details
     results["settings"] = asdict(sizes)
     if errors:
@@ -398,7 +423,8 @@ def measure_at_size(sizes: GpuSizes, device: torch.device, log: Any) -> dict[str
     return results
 
 
-def run_gpu(quick: bool, log: Any) -> dict[str, Any]:
+def run_gpu(quick: bool, log: Any, parts: Collection[str] = PARTS) -> dict[str, Any]:
+    check_parts(parts)
     if not torch.cuda.is_available():
         raise SystemExit(NO_CUDA)
     sizes = GpuSizes.quick() if quick else GpuSizes()
@@ -407,4 +433,4 @@ def run_gpu(quick: bool, log: Any) -> dict[str, Any]:
     if fitted != sizes:
         log(f"[gpu] {memory / 2**30:.0f} GiB: every coder at {fitted.num_latents} latents "
             f"(the CLT at {sizes.num_latents} needs ~{training_peak_bytes(sizes) / 2**30:.0f} GiB)")  # fmt: skip
-    return measure_at_size(fitted, torch.device("cuda"), log)
+    return measure_at_size(fitted, torch.device("cuda"), log, parts)
