@@ -447,11 +447,22 @@ def test_layers_without_coders_are_left_alone(model: nn.Module) -> None:
     assert not torch.allclose(recorder.outputs[2], base[2])
 
 
+def test_auto_decoder_is_fused_off_a_gpu_even_under_the_triton_interpreter(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`auto` (the default) picks hybrid only for coders on CUDA; the interpreter is for tests."""
+    assert ReplacementModel(model, make_coders("clt")).decoder == "fused"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr("vlm_sparsify.replacement.triton_available", lambda device: True)
+    assert ReplacementModel(model, make_coders("clt")).decoder == "fused"
+    assert ReplacementModel(model, make_coders("clt"), decoder="per-target").decoder == "per-target"
+
+
 def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="Unknown replacement mode 'closed'"):
         ReplacementModel(model, make_coders("plt"), mode="closed")  # type: ignore[arg-type]
     with pytest.raises(
-        ValueError, match="Unknown decoder 'wide'; use fused, triton, hybrid or per-target"
+        ValueError, match="Unknown decoder 'wide'; use auto, fused, triton, hybrid or per-target"
     ):
         ReplacementModel(model, make_coders("clt"), decoder="wide")  # type: ignore[arg-type]
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)

@@ -66,19 +66,16 @@ METHODS = {
     ),
     "replacement_vs_base_generate": (
         "benchmark_generate: greedy generate of exactly max_new_tokens, interleaved with the base "
-        "model, one warm-up each, median; CLT with fused inference decoders (CLTInference); "
+        "model, one warm-up each, median; CLT with the default decoder (auto: fused on a CPU, "
+        "hybrid on a GPU with triton); "
         "each repeat also times a one-token generate of both: details give prefill_ratio and "
         "per_token_ratio (the later tokens)"
     ),
-    "replacement_per_target_vs_base_generate": (
-        "--gpu: as replacement_vs_base_generate with decoder='per-target': each CLT source "
-        "decodes target by target through sparsify's Triton kernel (the path before the fused "
-        "decoders)"
-    ),
-    "replacement_hybrid_vs_base_generate": (
-        "--gpu: as replacement_vs_base_generate with decoder='hybrid': the triton kernel in "
-        "forwards of at least ReplacementModel.hybrid_min_rows positions (the prefill), the "
-        "fused embedding_bag at the decoding steps"
+    "replacement_fused_vs_base_generate": (
+        "--gpu: as replacement_vs_base_generate with decoder='fused': each CLT source decoded "
+        "into all its targets by one embedding_bag over a wide copy of its decoders (the CPU's "
+        "default; on a GPU the default, auto, is hybrid: the triton kernel in forwards of at "
+        "least ReplacementModel.hybrid_min_rows positions, the fused embedding_bag below)"
     ),
     "replacement_triton_vs_base_generate": (
         "--gpu: as replacement_vs_base_generate with decoder='triton': each source decoded "

@@ -230,23 +230,27 @@ def alternate_steps(
 
 
 def tokens_per_second(
-    trainer: Trainer, batches: Iterable[dict[str, Any]], device: torch.device
+    trainer: Trainer, batches: Iterable[dict[str, Any]], n_batches: int, device: torch.device
 ) -> tuple[int, float]:
-    """Masked tokens trained and seconds taken, from the first batch's arrival to the last step
-    (the first batch is fetched outside the clock: worker start-up is not throughput)."""
+    """Masked tokens trained and seconds taken over the first `n_batches` of `batches`, from the
+    first batch's arrival to the last step's end: worker start-up (before the first batch) and
+    shut-down (the loader's end, after the last) happen once per run, so they are not throughput.
+    """
     iterator = iter(batches)
     batch = next(iterator)
     tokens = 0
     sync(device)
     start = time.perf_counter()
-    while True:
+    for i in range(n_batches):
+        if i:
+            batch = next(iterator)
         trainer.train_on_batch(batch)
         tokens += int(batch["token_mask"].sum())
-        batch = next(iterator, None)
-        if batch is None:
-            break
     sync(device)
-    return tokens, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if next(iterator, None) is not None:
+        raise ValueError(f"the pipeline made more than the {n_batches} batches expected")
+    return tokens, seconds
 
 
 def pipeline_vs_pretokenized(
@@ -262,7 +266,7 @@ def pipeline_vs_pretokenized(
     for r in range(rounds):
         for live in (True, False) if r % 2 == 0 else (False, True):
             source = make_loader() if live else pretokenized
-            tokens, seconds = tokens_per_second(trainer, source, device)
+            tokens, seconds = tokens_per_second(trainer, source, len(pretokenized), device)
             (paired.candidate if live else paired.reference).append(tokens / seconds)
     return paired
 
@@ -331,7 +335,7 @@ def benchmark_generate(
     max_new_tokens: int = 16,
     repeats: int = 5,
     capture: bool = False,
-    decoder: Decoder = "fused",
+    decoder: Decoder = "auto",
 ) -> dict[str, float]:
     """Median greedy `generate` time of the replacement model over the base model's (same run).
 

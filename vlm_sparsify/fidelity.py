@@ -67,9 +67,9 @@ class FidelityConfig:
     """Recipe name or TOML path (default: the run's, else matched from the model)."""
     mode: Literal["open-loop", "error"] = "open-loop"
     """Replacement mode."""
-    decoder: Decoder = "fused"
-    """How a CLT decodes (docs/replacement.md): fused (a wide copy of its decoders, one call per
-    source), triton (the same into the pending sums; CUDA), hybrid (triton in the prefill,
+    decoder: Decoder = "auto"
+    """How a CLT decodes (docs/replacement.md): auto (hybrid on a CUDA GPU with triton, else
+    fused), fused (a wide copy of its decoders, one call per source), triton (the same into the pending sums; CUDA), hybrid (triton in the prefill,
     fused at decoding steps) or per-target (no extra memory)."""
     limit: int = 64
     """Number of held-out examples."""
@@ -262,7 +262,7 @@ def measure_fidelity(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     ctx_len: int = 2048,
-    decoder: Decoder = "fused",
+    decoder: Decoder = "auto",
 ) -> dict[str, Any]:
     """Fidelity of `ReplacementModel(model, coders, mode)` on `examples` (see module doc)."""
     replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)

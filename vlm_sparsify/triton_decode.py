@@ -18,6 +18,7 @@ Triton is imported on first use (GPU machines have it; the CPU code path never c
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from functools import cache
 from typing import Any
@@ -78,6 +79,11 @@ def runs_on(device: torch.device) -> bool:
     """Whether Triton kernels run on `device`'s tensors: CUDA, or the CPU under Triton's
     interpreter (`TRITON_INTERPRET=1`: tests). Does not check that triton is installed."""
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run on `device`: triton installed and `runs_on(device)`."""
+    return runs_on(device) and importlib.util.find_spec("triton") is not None
 
 
 def check_available(device: torch.device) -> None:
