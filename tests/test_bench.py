@@ -144,6 +144,7 @@ def test_a_failing_gpu_part_is_reported_and_the_others_still_run(
     error = "OutOfMemoryError: CUDA out of memory (simulated)"
     assert results["errors"] == dict.fromkeys(failed, error)
     assert results[measured] > 0 and results["pipeline_vs_pretokenized"] > 0
+    assert 0 <= results["details"]["pipeline_vs_pretokenized"]["loader_wait_share"] < 1
 
 
 @pytest.mark.skipif(

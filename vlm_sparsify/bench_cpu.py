@@ -282,11 +282,14 @@ def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
             sizes.pipeline_batches,
         )
     )
-    paired = pipeline_vs_pretokenized(plt, make_loader, pretokenized, sizes.pipeline_rounds, device)
+    paired, wait_share = pipeline_vs_pretokenized(
+        plt, make_loader, pretokenized, sizes.pipeline_rounds, device
+    )
     results["pipeline_vs_pretokenized"] = paired.ratio
     details["pipeline_vs_pretokenized"] = {
         **paired.summary("tok_per_s"),
         "num_workers": sizes.num_workers,
+        "loader_wait_share": wait_share,
     }
     results["details"] = details
     return results

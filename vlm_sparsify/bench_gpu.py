@@ -384,13 +384,14 @@ def measure_at_size(
 
         pretokenized = list(islice(stream(), sizes.pipeline_batches))
         plt.train_on_batch(pretokenized[0])  # warm-up
-        paired = pipeline_vs_pretokenized(
+        paired, wait_share = pipeline_vs_pretokenized(
             plt, make_loader, pretokenized, sizes.pipeline_rounds, device
         )
         note("pipeline_vs_pretokenized", paired.ratio)
         details["pipeline_vs_pretokenized"] = {
             **paired.summary("tok_per_s"),
             "num_workers": sizes.num_workers,
+            "loader_wait_share": wait_share,
         }
 
     examples = easyvqa_examples("train")[: bs * max(sizes.pipeline_batches, 1)]

@@ -231,26 +231,28 @@ def alternate_steps(
 
 def tokens_per_second(
     trainer: Trainer, batches: Iterable[dict[str, Any]], n_batches: int, device: torch.device
-) -> tuple[int, float]:
-    """Masked tokens trained and seconds taken over the first `n_batches` of `batches`, from the
-    first batch's arrival to the last step's end: worker start-up (before the first batch) and
-    shut-down (the loader's end, after the last) happen once per run, so they are not throughput.
-    """
+) -> tuple[int, float, float]:
+    """Masked tokens trained, seconds taken and seconds spent waiting for batches, over the first
+    `n_batches` of `batches`, from the first batch's arrival to the last step's end: worker
+    start-up (before the first batch) and shut-down (the loader's end, after the last) happen
+    once per run, so they are not throughput."""
     iterator = iter(batches)
     batch = next(iterator)
-    tokens = 0
+    tokens, waited = 0, 0.0
     sync(device)
     start = time.perf_counter()
     for i in range(n_batches):
         if i:
+            asked = time.perf_counter()
             batch = next(iterator)
+            waited += time.perf_counter() - asked
         trainer.train_on_batch(batch)
         tokens += int(batch["token_mask"].sum())
     sync(device)
     seconds = time.perf_counter() - start
     if next(iterator, None) is not None:
         raise ValueError(f"the pipeline made more than the {n_batches} batches expected")
-    return tokens, seconds
+    return tokens, seconds, waited
 
 
 def pipeline_vs_pretokenized(
@@ -259,16 +261,19 @@ def pipeline_vs_pretokenized(
     pretokenized: list[dict[str, Any]],
     rounds: int,
     device: torch.device,
-) -> Paired:
+) -> tuple[Paired, float]:
     """Tokens/s of training fed by the live multimodal pipeline vs by the same batches held in
-    memory, alternating blocks of equal length (candidate = pipeline)."""
-    paired = Paired()
+    memory, alternating blocks of equal length (candidate = pipeline); and the median share of a
+    pipeline block's time the training loop spent waiting for its next batch."""
+    paired, waits = Paired(), []
     for r in range(rounds):
         for live in (True, False) if r % 2 == 0 else (False, True):
             source = make_loader() if live else pretokenized
-            tokens, seconds = tokens_per_second(trainer, source, len(pretokenized), device)
+            tokens, seconds, waited = tokens_per_second(trainer, source, len(pretokenized), device)
             (paired.candidate if live else paired.reference).append(tokens / seconds)
-    return paired
+            if live:
+                waits.append(waited / seconds)
+    return paired, statistics.median(waits)
 
 
 def sharded_vs_data_parallel(
