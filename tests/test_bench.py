@@ -91,8 +91,8 @@ def test_gpu_measurements_run_at_toy_size_on_the_cpu():
         "replacement_fused_vs_base_generate",
         "clt_embedding_bag_vs_stock_plt_tok_per_s",
         "pipeline_vs_pretokenized",
-        "pipeline_unpinned_vs_pretokenized",
-        "pipeline_vs_pinned_pretokenized",
+        "pipeline_pinned_vs_pretokenized",
+        "pipeline_pinned_vs_pinned_pretokenized",
     ]
     for key in figures:
         value = results[key]

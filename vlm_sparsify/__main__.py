@@ -494,7 +494,9 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
             file=sys.stderr,
         )
         return trainer
-    loader = batch_loader(stream, args.num_workers, pin_memory=torch.device(device).type == "cuda")
+    # not pinned: at LLaVA-7B size on an H200 pinned batches trained at 0.88x the speed of the
+    # same batches in pageable memory, unpinned ones at 1.01x (BENCHMARKS.md)
+    loader = batch_loader(stream, args.num_workers)
     print(describe_run(args, coders, recipe.name, world))
     try:
         trainer.fit(loader, total)
