@@ -213,7 +213,7 @@ def test_llava_7b_decoder_size() -> None:
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_source_decode_equals_decoding_each_target(grad: bool) -> None:
+def test_cpu_decode_of_a_source_equals_decoding_each_target(grad: bool) -> None:
     """CPU `decode` flattens the bags once for all targets: bit for bit `decode_target`'s."""
     torch.manual_seed(0)
     source = CLTSource(32, 256, n_targets=3)
@@ -231,20 +231,6 @@ def test_source_decode_equals_decoding_each_target(grad: bool) -> None:
             for parts in (together, one_by_one)
         ]
         assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
-
-
-def test_gpu_decoder_choice_leaves_cpu_decoding_alone_and_is_checked() -> None:
-    clt, inputs = hand_built_clt(cross_layer=3)
-    acts, indices, _ = clt.encode(0, inputs[0])
-    sparsify_parts = clt.decode(0, acts, indices)
-    for kernel in ("embedding_bag", "triton"):  # triton too: outside its interpreter, on a CPU
-        clt.gpu_decoder = kernel  # type: ignore[assignment]
-        parts = clt.decode(0, acts, indices)
-        assert all(torch.equal(a, b) for a, b in zip(parts, sparsify_parts, strict=True))
-    torch.testing.assert_close(sparsify_parts[2][0], 2 * row(0, 2, 0) + bias(0, 2))
-    clt.gpu_decoder = "cuda"  # type: ignore[assignment]
-    with pytest.raises(ValueError, match="Unknown gpu_decoder 'cuda'; use sparsify, embedding_bag"):
-        clt.decode(0, acts, indices)
 
 
 def test_training_that_cannot_fit_stops_before_allocating() -> None:

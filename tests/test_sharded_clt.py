@@ -309,10 +309,6 @@ def test_the_cli_says_what_distribute_modules_works_with(tmp_path, tiny_llava_di
 
     for flags, message in [
         (("--cross_layer", "2", "--loss_fn", "kl"), "not compatible with the cross-entropy or KL"),
-        (
-            ("--cross_layer", "2", "--gpu_decoder", "triton"),
-            "does not support --gpu_decoder triton",
-        ),
     ]:
         with pytest.raises(ValueError, match=message):
             run(cli(tiny_llava_dir, tmp_path, "x", "--distribute_modules", "true", *flags))

@@ -521,28 +521,7 @@ def test_summary_separates_recently_dead_from_never_fired(tmp_path, tiny_llava_d
     assert any(row["dead_pct"] > row["never_fired_pct"] for row in rows)
 
 
-def test_gpu_decoder_reaches_the_clt_and_bad_values_are_named(
-    tmp_path, tiny_llava_dir, monkeypatch, capsys
-):
-    seen = []
-    original = training.Trainer.train_on_batch
-
-    def recording(self, batch):
-        seen.append(self.coders.gpu_decoder)
-        return original(self, batch)
-
-    monkeypatch.setattr(training.Trainer, "train_on_batch", recording)
-    run(cli(tiny_llava_dir, tmp_path, "ebag", "--cross_layer", "3", "--max_examples", "16",
-            "--gpu_decoder", "embedding_bag"))  # fmt: skip
-    assert seen == ["embedding_bag", "embedding_bag"]
-    with pytest.raises(SystemExit):
-        run(cli(tiny_llava_dir, tmp_path, "bad", "--cross_layer", "3", "--gpu_decoder", "cuda"))
-    assert (
-        "error: argument --gpu_decoder: invalid choice: 'cuda' (choose from 'sparsify', "
-        "'embedding_bag', 'triton')" in capsys.readouterr().err
-    )
-    with pytest.raises(ValueError, match="--gpu_decoder applies to a cross-layer transcoder"):
-        run(cli(tiny_llava_dir, tmp_path, "plt", "--gpu_decoder", "embedding_bag"))
+def test_several_init_seeds_are_one_run_each(tmp_path, tiny_llava_dir):
     with pytest.raises(ValueError, match="one run per seed"):
         run(cli(tiny_llava_dir, tmp_path, "seeds", "--init_seeds", "0", "1"))
 
@@ -726,6 +705,19 @@ def test_resume_never_takes_trust_remote_code_from_disk(tmp_path):
     )
     apply_saved_settings(again, run_dir, given)
     assert again.trust_remote_code is True  # the command line still may
+
+
+def test_resume_ignores_a_setting_this_version_no_longer_has(tmp_path, tiny_llava_dir):
+    """Runs saved while --gpu_decoder existed (removed) hold it in config.json: resumable."""
+    run(cli(tiny_llava_dir, tmp_path, "r", "--cross_layer", "2", "--max_examples", "16"))
+    path = tmp_path / "r" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "gpu_decoder": "triton"}))
+    resume = ["--save_dir", str(tmp_path), "--run_name", "r", "--resume", "true"]
+    trainer = run([*resume, "--max_examples", "24"])
+    assert trainer.state.global_step == 3 and not hasattr(trainer.coders, "gpu_decoder")
+    assert "gpu_decoder" not in json.loads(path.read_text())  # saved again without it
+    with pytest.raises(SystemExit):  # no longer a flag
+        run([*resume, "--gpu_decoder", "sparsify"])
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_the_file(tmp_path, tiny_llava_dir, monkeypatch):

@@ -38,8 +38,6 @@ from vlm_sparsify.coder_io import (
     save_coders,
 )
 from vlm_sparsify.cross_layer import (
-    CrossLayerTranscoder,
-    GpuDecoder,
     check_training_fits,
     free_memory_bytes,
     training_memory_bytes,
@@ -72,7 +70,7 @@ from vlm_sparsify.sharded_checkpoint import (
     shard_file,
     write_sharded_checkpoint,
 )
-from vlm_sparsify.sharded_clt import ShardedCLT, shard_memory_bytes
+from vlm_sparsify.sharded_clt import shard_memory_bytes
 from vlm_sparsify.sharding import ShardedCoders, init_distributed, rank_world
 from vlm_sparsify.train_state import (
     live_parameters,
@@ -177,11 +175,6 @@ class RunConfig(TrainConfig):
     """Shard the coders over the processes (torchrun): each holds those of a block of layers
     (for a CLT: their encoders and the decoders into them) instead of all (docs/memory.md)."""
 
-    gpu_decoder: GpuDecoder = "sparsify"
-    """How a cross-layer transcoder's sparse decoders train on a GPU: sparsify (its Triton
-    kernels), embedding_bag (torch's; its backward sorts the indices) or triton (ours: a source's
-    targets in one autograd node). `bench --gpu` times each."""
-
     device: str = ""
     """Device (default: cuda when available)."""
 
@@ -207,8 +200,6 @@ class RunConfig(TrainConfig):
             self.finetune = str(in_save_dir) if in_save_dir.is_dir() else self.finetune
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
-        if self.gpu_decoder != "sparsify" and not self.cross_layer:
-            raise ValueError("--gpu_decoder applies to a cross-layer transcoder (--cross_layer N)")
         # the trainer checks the coders (transcoders) once the recipe's defaults apply
         check_end_to_end(
             self.loss_fn,
@@ -312,7 +303,6 @@ def check_distributable(args: RunConfig) -> None:
     """What `--distribute_modules` (coders sharded over the processes by layer) works with."""
     # sparsify's TrainConfig already refuses it with --loss_fn kl / ce
     unsupported = {
-        "--gpu_decoder triton": args.gpu_decoder == "triton",
         "--skip_connection with --cross_layer": args.sae.skip_connection and args.cross_layer > 0,
     }
     named = [flag for flag, used in unsupported.items() if used]
@@ -345,7 +335,7 @@ def apply_recipe_defaults(
 
 RESUME_MAY_CHANGE = (
     "max_examples", "save_every", "save_best", "save_dir", "run_name", "log_to_wandb",
-    "wandb_log_frequency", "num_workers", "strict", "device", "gpu_decoder", "push_to_hub",
+    "wandb_log_frequency", "num_workers", "strict", "device", "push_to_hub",
     "trust_remote_code",
 )  # fmt: skip
 """Flags a resumed run may pass with another value than its config.json (docs/checkpoints.md)."""
@@ -579,7 +569,7 @@ def build_run_coders(args: RunConfig, d_in: int, device: str) -> CoderSet:
         )
         # before allocating any of it
         check_training_fits(needed, free, args.optimizer, decoder_dtype.itemsize)
-    coders = build_coders(
+    return build_coders(
         args.hookpoints,
         d_in,
         args.sae,
@@ -589,13 +579,6 @@ def build_run_coders(args: RunConfig, d_in: int, device: str) -> CoderSet:
         decoder_dtype=decoder_dtype,
         distribute=args.distribute_modules,
     )
-    if isinstance(coders, CrossLayerTranscoder | ShardedCLT):
-        coders.gpu_decoder = args.gpu_decoder
-        if args.gpu_decoder == "triton" and torch.device(device).type == "cuda":
-            from vlm_sparsify.triton_decode import check_available
-
-            check_available(torch.device(device))  # says so now if triton is missing
-    return coders
 
 
 def build_trainer(

@@ -42,7 +42,7 @@ from vlm_sparsify.bench_steps import (
     sync,
     train_config,
 )
-from vlm_sparsify.cross_layer import GpuDecoder, training_memory_bytes
+from vlm_sparsify.cross_layer import training_memory_bytes
 from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
@@ -329,7 +329,7 @@ def measure_at_size(
         note("stock_plt_tok_per_s", state["stock_tok_s"])
         note("stock_plt_peak_gib", peak_gib(device))
 
-    def clt_training(gpu_decoder: GpuDecoder, prefix: str) -> None:
+    def clt_training(gpu_decoder: str, prefix: str) -> None:
         """Tokens/s and peak memory of the CLT's training step with `gpu_decoder`."""
         clt = make_trainer(
             model,

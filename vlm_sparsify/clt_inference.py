@@ -126,7 +126,7 @@ class CLTInference:
         decoders = self.decoders[p]
         if decoders is None:
             source = self.clt.sources[p]
-            return torch.stack(source.decode(top_acts, top_indices, "embedding_bag"), 1)
+            return torch.stack(source.decode(top_acts, top_indices, embedding_bag=True), 1)
         wide, bias = decoders
         rows, k = top_indices.shape
         acts = top_acts.to(wide.dtype).reshape(-1)

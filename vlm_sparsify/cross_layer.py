@@ -9,7 +9,7 @@ is EleutherAI/clt-training's untied layout.
 
 import contextlib
 import warnings
-from typing import Literal, cast
+from typing import cast
 
 import torch
 from sparsify import SparseCoderConfig
@@ -25,9 +25,6 @@ from vlm_sparsify.coder_set import (
     total_variance,
 )
 from vlm_sparsify.topk_encoder import encode_topk
-from vlm_sparsify.triton_decode import runs_on as triton_runs_on
-
-GpuDecoder = Literal["sparsify", "embedding_bag", "triton"]
 
 
 def n_targets_per_source(num_hookpoints: int, cross_layer: int) -> list[int]:
@@ -118,32 +115,31 @@ class CLTSource(nn.Module):
         return decoder_impl(top_indices, acts, W_dec.mT).float() + self.b_decs[i]
 
     def decode(
-        self, top_acts: Tensor, top_indices: Tensor, kernel: GpuDecoder = "sparsify"
+        self, top_acts: Tensor, top_indices: Tensor, embedding_bag: bool = False
     ) -> list[Tensor]:
         """Contribution to each of the n_targets targets, decoder bias included.
 
-        On a GPU each target goes through sparsify's Triton decoder, torch's embedding_bag or,
-        with `kernel="triton"`, all targets through `triton_train.source_decode` (not with
-        per-target activation offsets); on the CPU sparsify's decoder is torch's embedding_bag
-        (`sparse_decode`, bit-identical to `decode_target`).
+        On a GPU each target goes through sparsify's Triton decoder (training), or torch's
+        embedding_bag with `embedding_bag` (`CLTInference`'s per-target sources); on the CPU
+        sparsify's decoder is torch's embedding_bag (`sparse_decode`, bit-identical to
+        `decode_target`).
         """
-        if kernel == "triton" and self.post_encs is None and triton_runs_on(top_indices.device):
-            from vlm_sparsify.triton_train import source_decode
-
-            parts = source_decode(top_acts, top_indices, list(self.W_decs))
-            return [part + b_dec for part, b_dec in zip(parts, self.b_decs, strict=True)]
         return [
-            sparse_decode(W_dec, self.target_acts(i, top_acts, top_indices), top_indices, kernel)
+            sparse_decode(
+                W_dec, self.target_acts(i, top_acts, top_indices), top_indices, embedding_bag
+            )
             + b_dec
             for i, (W_dec, b_dec) in enumerate(zip(self.W_decs, self.b_decs, strict=True))
         ]
 
 
-def sparse_decode(W_dec: Tensor, values: Tensor, indices: Tensor, kernel: GpuDecoder) -> Tensor:
+def sparse_decode(
+    W_dec: Tensor, values: Tensor, indices: Tensor, embedding_bag: bool = False
+) -> Tensor:
     """sum_j values[:, j] * W_dec[indices[:, j]] as float32: sparsify's Triton decoder on a GPU
-    (`kernel="sparsify"`), else torch's embedding_bag (what sparsify uses on the CPU)."""
+    unless `embedding_bag`, else torch's embedding_bag (what sparsify uses on the CPU)."""
     acts = values.to(W_dec.dtype)
-    if indices.device.type != "cpu" and kernel == "sparsify":
+    if indices.device.type != "cpu" and not embedding_bag:
         return decoder_impl(indices, acts, W_dec.mT).float()
     rows, k = indices.shape
     offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
@@ -193,14 +189,6 @@ class CrossLayerTranscoder(nn.Module):
         self.d_in = d_in
         self.num_latents = cfg.num_latents or d_in * cfg.expansion_factor
         self.cross_layer = cross_layer
-        self.gpu_decoder: GpuDecoder = "sparsify"
-        """How sources decode on a GPU here (training; the replacement model decodes through
-        `CLTInference` unless decoder="per-target"): sparsify's Triton kernel (one single-warp
-        program per token row; its weight gradient walks each latent's rows serially), torch's
-        `embedding_bag` (splits the width across threads; its backward sorts the indices) or
-        `triton` (`triton_train.source_decode`: all a source's targets in one autograd node,
-        column-blocked kernels, one sort per source). `bench --gpu` times the training step with
-        each."""
         sources = []
         for n in n_targets_per_source(len(self.hookpoints), cross_layer):
             # Seeded per source like sparsify.Trainer, so source p's encoder matches a PLT's
@@ -262,15 +250,10 @@ class CrossLayerTranscoder(nn.Module):
         return encode_topk(x, encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation)
 
     def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> list[Tensor]:
-        """Contribution of source p to targets p .. p+n_targets(p)-1 (bias of p->t included)."""
-        match self.gpu_decoder:
-            case "sparsify" | "embedding_bag" | "triton":
-                kernel: GpuDecoder = self.gpu_decoder
-            case other:
-                raise ValueError(
-                    f"Unknown gpu_decoder '{other}'; use sparsify, embedding_bag or triton"
-                )
-        return self.source(p).decode(top_acts, top_indices, kernel)
+        """Contribution of source p to targets p .. p+n_targets(p)-1 (bias of p->t included).
+
+        On a GPU sparsify's Triton decoder; on the CPU torch's embedding_bag (sparsify's there)."""
+        return self.source(p).decode(top_acts, top_indices)
 
     def skip(self, p: int, x: Tensor) -> list[Tensor]:
         """Skip-connection terms of source p into its targets (empty without skip_connection)."""

@@ -42,7 +42,6 @@ from vlm_sparsify.coder_set import (
 )
 from vlm_sparsify.cross_layer import (
     CLTSource,
-    GpuDecoder,
     auxk_loss,
     coder_memory_bytes,
     n_sources_per_target,
@@ -124,7 +123,6 @@ class ShardedCLT(ShardedCoders):
         self.d_in = d_in
         self.num_latents = num_latents
         self.cross_layer = cross_layer
-        self.gpu_decoder: GpuDecoder = "sparsify"
         self.device = torch.device(device)
         self.dtype = dtype
         self.decoder_dtype = decoder_dtype or dtype
@@ -310,7 +308,7 @@ class ShardedCLT(ShardedCoders):
         total = None
         for p in self.sources_reaching(t):
             W_dec, b_dec = self.decoder(p, t)
-            part = sparse_decode(W_dec, features[p].values, features[p].indices, self.gpu_decoder)
+            part = sparse_decode(W_dec, features[p].values, features[p].indices)
             part = part + b_dec
             total = part if total is None else total + part
         assert total is not None
