@@ -3,7 +3,7 @@
 # network, from the wheels `make gpu-wheels` put in .whl/ (torch comes with the machine). Writes
 # bench.json, bench.log and triton_tests.log to $OUT (default: ./gpu-out).
 # Usage: bash scripts/gpu_bench.sh [SECONDS [BENCH ARGS...]]   (the bench's time limit, default
-# 420; e.g. `bash scripts/gpu_bench.sh 200 --parts stock,clt-triton` to measure one part again)
+# 420; e.g. `bash scripts/gpu_bench.sh 200 --parts stock,clt` to measure some parts again)
 set -u
 T0=$(date +%s)
 OUT=${OUT:-gpu-out}

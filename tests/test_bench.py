@@ -89,7 +89,6 @@ def test_gpu_measurements_run_at_toy_size_on_the_cpu():
         "replacement_vs_base_generate",
         "replacement_error_vs_base_generate",
         "replacement_fused_vs_base_generate",
-        "clt_embedding_bag_vs_stock_plt_tok_per_s",
         "pipeline_vs_pretokenized",
         "pipeline_pinned_vs_pretokenized",
         "pipeline_pinned_vs_pinned_pretokenized",
@@ -118,15 +117,8 @@ def test_gpu_sizes_fit_the_card():
     "patched,failed,measured",
     [
         ("benchmark_generate", ["replacement vs base generate"], "clt_vs_stock_plt_tok_per_s"),
-        # both CLT training parts fail: generation falls back to an untrained CLT of that shape
-        (
-            "timed_steps",
-            [
-                "CLT 4 x 128 x cross_layer 2, sparsify decoder",
-                "CLT 4 x 128 x cross_layer 2, embedding_bag decoder",
-            ],
-            "replacement_vs_base_generate",
-        ),
+        # the CLT training part fails: generation falls back to an untrained CLT of that shape
+        ("timed_steps", ["CLT 4 x 128 x cross_layer 2"], "replacement_vs_base_generate"),
     ],
 )
 def test_a_failing_gpu_part_is_reported_and_the_others_still_run(
@@ -160,11 +152,7 @@ def test_gpu_measurements_time_the_triton_decoders_too():
 
     results = measure_at_size(GpuSizes.smoke(), torch.device("cpu"), lambda message: None)
     assert "errors" not in results
-    for key in (
-        "clt_triton_vs_stock_plt_tok_per_s",
-        "replacement_triton_vs_base_generate",
-    ):
-        assert results[key] > 0
+    assert results["replacement_triton_vs_base_generate"] > 0
 
 
 def test_gpu_parts_run_only_the_parts_asked_for():

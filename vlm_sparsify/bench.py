@@ -81,13 +81,6 @@ METHODS = {
         "--gpu: as replacement_vs_base_generate with decoder='triton': each source decoded "
         "straight into the pending sums by vlm_sparsify.triton_decode"
     ),
-    "clt_embedding_bag_vs_stock_plt_tok_per_s": (
-        "--gpu: CLT training tokens/s with gpu_decoder='embedding_bag' over stock sparsify's PLT"
-    ),
-    "clt_triton_vs_stock_plt_tok_per_s": (
-        "--gpu: CLT training tokens/s with gpu_decoder='triton' (vlm_sparsify.triton_train) over "
-        "stock sparsify's PLT"
-    ),
     "pipeline_pinned_vs_pretokenized": (
         "--gpu: as pipeline_vs_pretokenized with the loader's pin_memory on (diagnostic: pinned "
         "batches trained slower at LLaVA-7B size on an H200)"
@@ -159,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--parts",
         default=None,
         help="with --gpu: comma-separated parts to run (default all: plugin-vs-stock, stock, "
-        "clt, generate, pipeline, clt-embedding-bag, clt-triton), e.g. stock,clt-triton to "
-        "measure one candidate again",
+        "clt, generate, pipeline), e.g. stock,clt to measure the CLT's ratio again",
     )
     parser.add_argument(
         "--threads",

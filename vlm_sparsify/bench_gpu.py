@@ -10,8 +10,6 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
 - replacement-model (CLT) greedy generation vs the base model (576 image tokens + prompt), with
   the default decoder (`auto`: hybrid here), the fused `embedding_bag` decoders and the Triton
   decoder alone (each split into the prefill's ratio and the later tokens');
-- the CLT's training step again with `gpu_decoder="embedding_bag"` (torch's kernel instead of
-  sparsify's Triton decoder) and with `gpu_decoder="triton"` (`vlm_sparsify.triton_train`);
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
   workers) vs the same batches pre-tokenized, feeding the plugin's PLT step.
 
@@ -261,8 +259,6 @@ PARTS = (
     "clt",
     "generate",
     "pipeline",
-    "clt-embedding-bag",
-    "clt-triton",
 )
 """The parts of `--gpu`, in the order they run (`--parts` picks some; `stock` gives the CLT
 figures their ratio, `clt` the generation part its trained CLT)."""
@@ -329,8 +325,8 @@ def measure_at_size(
         note("stock_plt_tok_per_s", state["stock_tok_s"])
         note("stock_plt_peak_gib", peak_gib(device))
 
-    def clt_training(gpu_decoder: str, prefix: str) -> None:
-        """Tokens/s and peak memory of the CLT's training step with `gpu_decoder`."""
+    def clt_training() -> None:
+        """Tokens/s and peak memory of the CLT's training step."""
         clt = make_trainer(
             model,
             hookpoints,
@@ -338,15 +334,13 @@ def measure_at_size(
             cross_layer=sizes.cross_layer,
             decoder_dtype=torch.bfloat16,
         )
-        clt.coders.gpu_decoder = gpu_decoder
         step = partial(clt.train_on_batch, text_batch)
         tok_s = tokens / timed_steps(step, sizes.warmup, sizes.steps, device)
-        note(f"{prefix}_peak_gib", peak_gib(device))
-        if prefix == "clt":
-            note("clt_tok_per_s", tok_s)
-            state["coders"] = clt.coders  # trained a few steps: the replacement model's CLT
+        note("clt_peak_gib", peak_gib(device))
+        note("clt_tok_per_s", tok_s)
+        state["coders"] = clt.coders  # trained a few steps: the replacement model's CLT
         if "stock_tok_s" in state:
-            note(f"{prefix}_vs_stock_plt_tok_per_s", tok_s / state["stock_tok_s"])
+            note("clt_vs_stock_plt_tok_per_s", tok_s / state["stock_tok_s"])
 
     def generation() -> None:
         coders = state.pop("coders", None)
@@ -426,13 +420,9 @@ def measure_at_size(
     reset_peak(device)
     part("plugin-vs-stock", "plugin vs stock PLT step", plugin_vs_stock)
     part("stock", "stock PLT alone", stock_alone)
-    part("clt", f"{clt_name}, sparsify decoder", partial(clt_training, "sparsify", "clt"))
+    part("clt", clt_name, clt_training)
     part("generate", "replacement vs base generate", generation)
     part("pipeline", "multimodal pipeline vs pre-tokenized", pipeline)
-    # the candidates last: the CLT step with torch's embedding_bag (its backward sorts indices)
-    part("clt-embedding-bag", f"{clt_name}, embedding_bag decoder", partial(clt_training, "embedding_bag", "clt_embedding_bag"))  # fmt: skip
-    if triton_runs:
-        part("clt-triton", f"{clt_name}, triton decoder", partial(clt_training, "triton", "clt_triton"))  # fmt: skip
     results["details"] = details
     results["settings"] = asdict(sizes)
     if errors:
