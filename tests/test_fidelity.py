@@ -44,6 +44,7 @@ def test_error_mode_is_faithful(clt_run: Path, capsys, tmp_path: Path) -> None:
     assert result["kl"] == pytest.approx(0.0, abs=1e-6)
     assert result["exact_match"] == 1.0
     assert result["examples"] == 3 and result["generations"] == 3
+    assert result["decoder"] == "fused"  # the default, auto, on a CPU
     assert set(result["top1_agreement_by_region"]) == {"image", "prompt", "answer"}
     assert all(value is not None for value in result["top1_agreement_by_region"].values())
     assert all(fvu > 0 for fvu in result["fvu"].values())

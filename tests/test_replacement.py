@@ -447,22 +447,31 @@ def test_layers_without_coders_are_left_alone(model: nn.Module) -> None:
     assert not torch.allclose(recorder.outputs[2], base[2])
 
 
-def test_auto_decoder_is_fused_off_a_gpu_even_under_the_triton_interpreter(
+def test_auto_decoder_is_hybrid_only_on_a_cuda_gpu_with_triton(
     model: nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`auto` (the default) picks hybrid only for coders on CUDA; the interpreter is for tests."""
-    assert ReplacementModel(model, make_coders("clt")).decoder == "fused"
+    """`auto` (the default) is resolved for the coders' current device; the interpreter
+    (TRITON_INTERPRET=1) is for tests and does not count."""
+    from vlm_sparsify.replacement import resolve_decoder
+
+    rm = ReplacementModel(model, make_coders("clt"))
+    assert rm.decoder == "auto" and rm.decoder_in_use == "fused"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr("vlm_sparsify.replacement.triton_available", lambda device: True)
-    assert ReplacementModel(model, make_coders("clt")).decoder == "fused"
-    assert ReplacementModel(model, make_coders("clt"), decoder="per-target").decoder == "per-target"
+    for installed in (True, False):
+        monkeypatch.setattr("vlm_sparsify.replacement.triton_available", lambda d, i=installed: i)
+        assert resolve_decoder("auto", torch.device("cpu")) == "fused"
+        expected = "hybrid" if installed else "fused"
+        assert resolve_decoder("auto", torch.device("cuda")) == expected
+        assert resolve_decoder("per-target", torch.device("cuda")) == "per-target"
+        assert rm.decoder_in_use == "fused"
+    assert ReplacementModel(model, make_coders("plt")).decoder_in_use == "per-target"
 
 
 def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
     with pytest.raises(ValueError, match="Unknown replacement mode 'closed'"):
         ReplacementModel(model, make_coders("plt"), mode="closed")  # type: ignore[arg-type]
     with pytest.raises(
-        ValueError, match="Unknown decoder 'wide'; use auto, fused, triton, hybrid or per-target"
+        ValueError, match="Unknown decoder 'wide'; use auto, fused, triton, hybrid, per-target"
     ):
         ReplacementModel(model, make_coders("clt"), decoder="wide")  # type: ignore[arg-type]
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
@@ -580,11 +589,18 @@ def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
     result = benchmark_generate(model, make_coders("clt"), batch(), max_new_tokens=2, repeats=1)
     assert result["base_s"] > 0 and result["replacement_s"] > 0
     assert result["ratio"] == pytest.approx(result["replacement_s"] / result["base_s"])
+    assert result["decoder"] == "fused"
 
 
-@pytest.mark.parametrize("decoder", ["fused", "per-target"])
-def test_attribution_gradients_match_a_finite_difference(model: nn.Module, decoder: str) -> None:
+@pytest.mark.parametrize("decoder", ["fused", "per-target", "fused-own-weights"])
+def test_attribution_gradients_match_a_finite_difference(
+    model: nn.Module, decoder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """activation x gradient of a logit equals the first-order effect of scaling the feature."""
+    own_weights = decoder == "fused-own-weights"
+    if own_weights:  # as on CUDA: the CLT's own weights decode (no decoder copies are taken)
+        monkeypatch.setattr(ReplacementModel, "attribution_own_weights_on", ("cpu",))
+        decoder = "fused"
     inputs = batch()
     coders = make_coders("clt")
     # weights that need no gradient: the fused copies serve (else the CLT's own weights do)
@@ -593,7 +609,7 @@ def test_attribution_gradients_match_a_finite_difference(model: nn.Module, decod
     rm = ReplacementModel(model, coders, mode="error", decoder=decoder)
     with rm.attribution() as leaves:
         logits = rm(**inputs).logits
-    assert (rm.fused_nbytes > 0) == fused
+    assert (rm.fused_nbytes > 0) == (fused and not own_weights)
     assert torch.equal(logits, model(**inputs).logits)  # the leaves do not change the values
     target = logits[0, -1, 3]
     target.backward()

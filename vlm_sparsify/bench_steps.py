@@ -341,7 +341,7 @@ def benchmark_generate(
     repeats: int = 5,
     capture: bool = False,
     decoder: Decoder = "auto",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Median greedy `generate` time of the replacement model over the base model's (same run).
 
     Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved. Each
@@ -385,4 +385,5 @@ def benchmark_generate(
         "ratio": result["replacement_s"] / result["base_s"],
         "prefill_ratio": result["replacement_prefill_s"] / result["base_prefill_s"],
         "per_token_ratio": later / base_later if base_later > 0 else float("nan"),
+        "decoder": replacement.decoder_in_use,
     }

@@ -325,7 +325,12 @@ def measure_fidelity(
             )
             totals.matches += int(same)
         totals.generations += len(chunk)
-    return {"mode": mode, "examples": len(examples), **totals.result(coders.hookpoints)}
+    return {
+        "mode": mode,
+        "decoder": replacement.decoder_in_use,
+        "examples": len(examples),
+        **totals.result(coders.hookpoints),
+    }
 
 
 def _response(tokens: Tensor, prompt_length: int, pad_id: int) -> Tensor:

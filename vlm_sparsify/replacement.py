@@ -43,6 +43,15 @@ from vlm_sparsify.triton_decode import available as triton_available
 
 Mode = Literal["open-loop", "error", "off"]
 Decoder = Literal["auto", "fused", "triton", "hybrid", "per-target"]
+DECODERS: tuple[Decoder, ...] = ("auto", "fused", "triton", "hybrid", "per-target")
+
+
+def resolve_decoder(decoder: Decoder, device: torch.device) -> Decoder:
+    """The decoder `decoder` means for a CLT on `device`: `auto` is `hybrid` on a CUDA GPU with
+    triton installed, else `fused` (Triton's interpreter, TRITON_INTERPRET=1, is for tests)."""
+    if decoder != "auto":
+        return decoder
+    return "hybrid" if device.type == "cuda" and triton_available(device) else "fused"
 
 
 class ReplacementModel:
@@ -69,6 +78,11 @@ class ReplacementModel:
     """`decoder="hybrid"`: forwards with at least this many positions (all sequences together)
     decode with the Triton kernel (a prefill of 8 prompts has ~5,000; a decoding step one per
     sequence)."""
+
+    attribution_own_weights_on: tuple[str, ...] = ("cuda",)
+    """Device types where attribution decodes through the CLT's own weights (sparsify's kernel)
+    rather than the fused copies: their `embedding_bag` has no bf16 gradient kernel on CUDA
+    (`_embedding_bag_per_sample_weights_backward_cuda`, seen on an H200)."""
 
     def __init__(
         self,
@@ -105,23 +119,16 @@ class ReplacementModel:
             _check_width(model.get_submodule(hookpoint), hookpoint, source, self._reads_output)
         self._dtype = next(coders.parameters()).dtype
         self._skip = getattr(coders, "skip", None)
-        if decoder == "auto":  # Triton's interpreter (TRITON_INTERPRET=1) is for tests only
-            device = next(coders.parameters()).device
-            decoder = "hybrid" if device.type == "cuda" and triton_available(device) else "fused"
-        match decoder:
-            case "fused" | "triton" | "hybrid" | "per-target":
-                self.decoder: Decoder = decoder
-            case other:
-                raise ValueError(
-                    f"Unknown decoder '{other}'; use auto, fused, triton, hybrid or per-target"
-                )
+        if decoder not in DECODERS:
+            raise ValueError(f"Unknown decoder '{decoder}'; use {', '.join(DECODERS)}")
+        self.decoder: Decoder = decoder
         is_clt = isinstance(coders, CrossLayerTranscoder)
         self._fused = decoder != "per-target" and is_clt
-        self._kernel: Kernel = "triton" if decoder in ("triton", "hybrid") else "embedding_bag"
-        if self._fused and self._kernel == "triton":
+        if self._fused and decoder in ("triton", "hybrid"):
             from vlm_sparsify.triton_decode import check_available
 
             check_available(next(coders.parameters()).device)
+        self._hybrid = False  # this install's copies: Triton in prefills only (resolved decoder)
         self._inference: CLTInference | None = None
         self._use_fused = False  # this forward decodes through self._inference
         self._fused_checked = False  # self._inference checked against the weights this install
@@ -324,7 +331,7 @@ class ReplacementModel:
             if self._capture is not None:
                 self._capture.record(p, top_acts, top_indices)
             direct = self._use_fused and self._inference.direct(p)  # type: ignore[union-attr]
-            if direct and self.decoder == "hybrid":
+            if direct and self._hybrid:
                 direct = x.shape[0] >= self.hybrid_min_rows
             if mode == "open-loop":
                 if edits:
@@ -365,8 +372,9 @@ class ReplacementModel:
             top_acts, top_indices, _ = self._encode(p, flat)
         leaf = top_acts.detach().requires_grad_(True)
         self._leaves.append((p, leaf, top_indices))
-        live = self._decode(p, leaf, top_indices)
-        self._accumulate(p, live - self._decode(p, leaf.detach(), top_indices))
+        own = leaf.device.type in self.attribution_own_weights_on
+        live = self._decode(p, leaf, top_indices, own_weights=own)
+        self._accumulate(p, live - self._decode(p, leaf.detach(), top_indices, own_weights=own))
         prediction = self._take(p, output.dtype)
         assert prediction is not None
         return output + prediction.view(output.shape)
@@ -376,12 +384,16 @@ class ReplacementModel:
         CLT's own weights instead when the copies would take over half the free memory (asked
         again at the next install: `with rm:` or a call)."""
         self._fused_checked = True
-        if self._inference is not None and self._inference.current():
+        device = next(self.coders.parameters()).device
+        decoder = resolve_decoder(self.decoder, device)  # the coders may have moved since
+        self._hybrid = decoder == "hybrid"
+        kernel: Kernel = "triton" if decoder in ("triton", "hybrid") else "embedding_bag"
+        inference = self._inference
+        if inference is not None and inference.current() and inference.kernel == kernel:
             return
         self._inference = None  # free the stale copies before taking new ones
         clt = self.coders
         assert isinstance(clt, CrossLayerTranscoder)
-        device = next(clt.parameters()).device
         free = free_memory_bytes(device)
         needed = CLTInference.copy_nbytes(clt)
         if free is not None and needed > free / 2:
@@ -396,7 +408,7 @@ class ReplacementModel:
             self._copies_refused = True
             self._use_fused = False
             return
-        self._inference = CLTInference(clt, self._kernel)
+        self._inference = CLTInference(clt, kernel)
 
     def _encode(self, p: int, x: Tensor) -> Any:
         """Source p's top-k features of the MLP input rows x `[N, d]`."""
@@ -405,13 +417,24 @@ class ReplacementModel:
             return self._inference.encode(p, x)
         return self.coders.encode(p, x.to(self._dtype))
 
-    def _decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """Source p's contributions to its targets, stacked: `[N, n_targets(p), d]`."""
-        if self._use_fused:
+    def _decode(
+        self, p: int, top_acts: Tensor, top_indices: Tensor, own_weights: bool = False
+    ) -> Tensor:
+        """Source p's contributions to its targets, stacked: `[N, n_targets(p), d]`; through the
+        CLT's own weights when `own_weights` (or when this forward does not use the copies)."""
+        if self._use_fused and not own_weights:
             assert self._inference is not None
             return self._inference.decode(p, top_acts, top_indices)
         parts = self.coders.decode(p, top_acts, top_indices)
         return parts[0].unsqueeze(1) if len(parts) == 1 else torch.stack(parts, 1)
+
+    @property
+    def decoder_in_use(self) -> Decoder:
+        """How a CLT decodes on the coders' current device (`auto` resolved: `resolve_decoder`);
+        `per-target` for per-layer coders, which have one target each."""
+        if not self._fused:
+            return "per-target"
+        return resolve_decoder(self.decoder, next(self.coders.parameters()).device)
 
     def _ring_slots(self, p: int, n: int, like: Tensor, d: int) -> list[tuple[Tensor, int, int]]:
         """The ring's slots of targets p .. p + n - 1 as (view [N, count, d], first, count): one
