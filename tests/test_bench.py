@@ -90,8 +90,6 @@ def test_gpu_measurements_run_at_toy_size_on_the_cpu():
         "replacement_error_vs_base_generate",
         "replacement_fused_vs_base_generate",
         "pipeline_vs_pretokenized",
-        "pipeline_pinned_vs_pretokenized",
-        "pipeline_pinned_vs_pinned_pretokenized",
     ]
     for key in figures:
         value = results[key]
@@ -182,3 +180,38 @@ def test_unknown_gpu_parts_and_parts_without_gpu_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "stock"])
     assert "--parts picks parts of --gpu" in capsys.readouterr().err
+
+
+def test_tokens_per_second_counts_the_batches_asked_for_and_the_waits():
+    """The clock runs from the first batch's arrival to the last step's end: waits for later
+    batches count (and are reported), a pipeline making too few or too many batches is named."""
+    import time
+
+    import torch
+
+    from vlm_sparsify.bench_steps import tokens_per_second
+
+    class Trainer:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def train_on_batch(self, batch: dict) -> None:
+            self.seen.append(batch["id"])
+
+    def batches(n: int, slow: int | None = None):
+        for i in range(n):
+            if i == slow:
+                time.sleep(0.05)
+            yield {"id": i, "token_mask": torch.ones(2, 3, dtype=torch.bool)}
+
+    trainer = Trainer()
+    tokens, seconds, waited = tokens_per_second(trainer, batches(3, slow=2), 3, torch.device("cpu"))
+    assert trainer.seen == [0, 1, 2] and tokens == 18
+    assert 0.05 <= waited <= seconds
+    # the first batch's wait (worker start-up) is outside the clock
+    _, seconds, waited = tokens_per_second(Trainer(), batches(3, slow=0), 3, torch.device("cpu"))
+    assert waited < 0.05 and seconds < 0.05
+    with pytest.raises(ValueError, match="the pipeline made 2 batches, 3 expected"):
+        tokens_per_second(Trainer(), batches(2), 3, torch.device("cpu"))
+    with pytest.raises(ValueError, match="more than the 3 batches expected"):
+        tokens_per_second(Trainer(), batches(4), 3, torch.device("cpu"))

@@ -714,7 +714,7 @@ def test_resume_ignores_a_setting_this_version_no_longer_has(tmp_path, tiny_llav
     path.write_text(json.dumps({**json.loads(path.read_text()), "gpu_decoder": "triton"}))
     resume = ["--save_dir", str(tmp_path), "--run_name", "r", "--resume", "true"]
     trainer = run([*resume, "--max_examples", "24"])
-    assert trainer.state.global_step == 3 and not hasattr(trainer.coders, "gpu_decoder")
+    assert trainer.state.global_step == 3
     assert "gpu_decoder" not in json.loads(path.read_text())  # saved again without it
     with pytest.raises(SystemExit):  # no longer a flag
         run([*resume, "--gpu_decoder", "sparsify"])

@@ -484,9 +484,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
             file=sys.stderr,
         )
         return trainer
-    # not pinned: at LLaVA-7B size on an H200 pinned batches trained at 0.88x the speed of the
-    # same batches in pageable memory, unpinned ones at 1.01x (BENCHMARKS.md)
-    loader = batch_loader(stream, args.num_workers)
+    loader = batch_loader(stream, args.num_workers, pin_memory=torch.device(device).type == "cuda")
     print(describe_run(args, coders, recipe.name, world))
     try:
         trainer.fit(loader, total)

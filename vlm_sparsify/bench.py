@@ -81,13 +81,6 @@ METHODS = {
         "--gpu: as replacement_vs_base_generate with decoder='triton': each source decoded "
         "straight into the pending sums by vlm_sparsify.triton_decode"
     ),
-    "pipeline_pinned_vs_pretokenized": (
-        "--gpu: as pipeline_vs_pretokenized with the loader's pin_memory on (diagnostic: pinned "
-        "batches trained slower at LLaVA-7B size on an H200)"
-    ),
-    "pipeline_pinned_vs_pinned_pretokenized": (
-        "--gpu: as pipeline_pinned_vs_pretokenized with the in-memory batches pinned too"
-    ),
     "capture_vs_base_generate": "benchmark_generate with mode=off and capture on (+ pop_samples)",
     "topk_pruned_vs_torch_prefill": (
         "topk_rows vs torch.topk(sorted=False) on ReLU'd Gaussian rows (16 inputs cycled), "

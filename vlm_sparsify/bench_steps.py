@@ -244,8 +244,10 @@ def tokens_per_second(
     for i in range(n_batches):
         if i:
             asked = time.perf_counter()
-            batch = next(iterator)
+            batch = next(iterator, None)
             waited += time.perf_counter() - asked
+            if batch is None:
+                raise ValueError(f"the pipeline made {i} batches, {n_batches} expected")
         trainer.train_on_batch(batch)
         tokens += int(batch["token_mask"].sum())
     sync(device)

@@ -530,8 +530,7 @@ def single_threaded_worker(_: int) -> None:
 
 def batch_loader(stream: BatchStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """The DataLoader that feeds training: `stream` makes whole batches in `num_workers`
-    single-threaded worker processes (0: in the training process). The CLI leaves `pin_memory`
-    off, also on a GPU: pinned batches trained slower there (`bench --gpu`'s pipeline figures)."""
+    single-threaded worker processes (0: in the training process); `pin_memory` on a GPU."""
     return DataLoader(
         stream,
         batch_size=None,

@@ -608,7 +608,8 @@ class Trainer:
 
     @staticmethod
     def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[dict[str, Tensor], Tensor]:
-        """Model inputs and token mask on `device` (asynchronous where a batch is pinned)."""
+        """Model inputs and token mask, copied asynchronously from pinned batches (batch_loader
+        pins them on a GPU)."""
         model_inputs = {k: v.to(device, non_blocking=True) for k, v in batch["inputs"].items()}
         return model_inputs, batch["token_mask"].to(device, non_blocking=True)
 
