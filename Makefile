@@ -29,9 +29,9 @@ lint: install
 bench: install
 	$(PY) -m vlm_sparsify.bench $(ARGS)
 
-# The Triton inference decoder's tests (vlm_sparsify/triton_decode.py) on the CPU, through Triton's interpreter, in a venv of their own
-# (with triton installed, sparsify would pick its Triton kernels for CPU tensors; the suite above
-# skips these tests without a GPU).
+# The Triton inference decoder's tests (vlm_sparsify/triton_decode.py) on the CPU, through
+# Triton's interpreter, in a venv of their own (with triton installed, sparsify would pick its
+# Triton kernels for CPU tensors; the suite above skips these tests without a GPU).
 TRITON_VENV ?= .venv-triton
 test-triton:
 	test -x $(TRITON_VENV)/bin/python || (python3 -m venv $(TRITON_VENV) \

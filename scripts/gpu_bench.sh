@@ -16,7 +16,8 @@ python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --
     --upgrade --target /tmp/site $(ls .whl/*.whl | xargs -n1 basename | cut -d- -f1 | sort -u) || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -P -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+python3 -P -c "import torch, triton, transformers as t
+print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', t.__version__)"
 echo "installed t=$(( $(date +%s) - T0 ))s"
 # -P: import vlm_sparsify from the installed wheel, not from this folder
 timeout "$LIMIT" python3 -P -m vlm_sparsify.bench --gpu --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.log"

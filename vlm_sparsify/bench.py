@@ -1,4 +1,4 @@
-"""`python -m vlm_sparsify.bench [--json] [--gpu] [--quick]`: the project's speed goals, measured.
+"""`python -m vlm_sparsify.bench [--json] [--gpu [--parts P,...]] [--quick]`: speed goals, measured.
 
 On the tiny default model (CPU), in one run, each figure against its reference in the same
 process, interleaved, after warm-up, as a median:
@@ -132,6 +132,8 @@ def check_finite(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from vlm_sparsify.bench_gpu import PARTS as GPU_PARTS
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--gpu", action="store_true", help="LLaVA-1.5-7B size on a CUDA GPU")
@@ -144,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--parts",
         default=None,
-        help="with --gpu: comma-separated parts to run (default all: plugin-vs-stock, stock, "
-        "clt, generate, pipeline), e.g. stock,clt to measure the CLT's ratio again",
+        help="with --gpu: comma-separated parts to run (default all, in this order: "
+        f"{', '.join(GPU_PARTS)}), e.g. stock,clt to measure the CLT's ratio again",
     )
     parser.add_argument(
         "--threads",
@@ -171,9 +173,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             torch.set_num_threads(args.threads)
 
         if args.gpu:
-            from vlm_sparsify.bench_gpu import PARTS, run_gpu
+            from vlm_sparsify.bench_gpu import run_gpu
 
-            parts = PARTS if args.parts is None else args.parts.split(",")
+            parts = GPU_PARTS if args.parts is None else [p.strip() for p in args.parts.split(",")]
             results = run_gpu(quick=args.quick, log=log, parts=parts)
         else:
             from vlm_sparsify.bench_cpu import CpuSizes, run_cpu

@@ -334,7 +334,7 @@ def measure_at_size(
 
     def generation() -> None:
         coders = state.pop("coders", None)
-        if coders is None:  # the CLT training part failed: the same CLT, untrained
+        if coders is None:  # the CLT part failed or was not asked for: the same CLT, untrained
             coders = build_coders(
                 hookpoints, sizes.hidden, train_config(bs, ef, sizes.k).sae, sizes.cross_layer,
                 device, decoder_dtype=torch.bfloat16,

@@ -69,8 +69,9 @@ class FidelityConfig:
     """Replacement mode."""
     decoder: Decoder = "auto"
     """How a CLT decodes (docs/replacement.md): auto (hybrid on a CUDA GPU with triton, else
-    fused), fused (a wide copy of its decoders, one call per source), triton (the same into the pending sums; CUDA), hybrid (triton in the prefill,
-    fused at decoding steps) or per-target (no extra memory)."""
+    fused), fused (a wide copy of its decoders, one call per source), triton (the same into the
+    pending sums; CUDA), hybrid (triton in the prefill, fused at decoding steps) or per-target
+    (no extra memory)."""
     limit: int = 64
     """Number of held-out examples."""
     batch_size: int = 8

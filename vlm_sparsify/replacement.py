@@ -59,11 +59,11 @@ class ReplacementModel:
 
     Use as a context manager (`with ReplacementModel(vlm, coders) as rm:` hooks `vlm` until exit)
     or call `rm(...)` / `rm.forward(...)` / `rm.generate(...)`, which hook it for the call.
-    `decoder` (CLTs): `auto` (default): `hybrid` on a CUDA GPU with triton installed, else
-    `fused` (measured at LLaVA-1.5-7B size on an H200, open-loop generation over the base model's:
-    hybrid 1.03x, triton 1.10x, fused 1.77x; BENCHMARKS.md); `fused`: when no gradient must
-    reach the coders' weights, decode
-    through `CLTInference`'s wide copies of the decoders (one `embedding_bag` per source), taken
+    `decoder` (CLTs): `auto` (default): `hybrid` for coders on a CUDA GPU with triton installed,
+    else `fused`, resolved when the copies are taken (`decoder_in_use`); at LLaVA-1.5-7B size on
+    an H200, open-loop generation took 1.02-1.18x the base model's time with hybrid, 1.10-1.35x
+    with triton and 1.70-1.77x with fused (three runs, BENCHMARKS.md). `fused`: when no gradient
+    must reach the coders' weights, decode through `CLTInference`'s wide copies of the decoders (one `embedding_bag` per source), taken
     at the first such forward and kept while the CLT's weights do not change (`fused_nbytes`: the
     memory they take); `triton`: the same copies, each source decoded straight into the pending
     sums by `vlm_sparsify.triton_decode` (CUDA); `hybrid`: Triton in forwards of at least
