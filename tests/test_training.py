@@ -110,6 +110,55 @@ def test_checkpoints_wait_for_the_optimizer_step_so_resume_is_exact(
             assert torch.equal(value, whole[hook][key]), (hook, key)
 
 
+def test_a_run_ending_mid_accumulation_saves_its_last_optimizer_step_and_resumes_exactly(
+    tmp_path, tiny_llava_dir, capsys
+):
+    # --grad_acc_steps 2 over 5 batches: the 5th batch's gradient is never applied (as in stock
+    # sparsify), so the checkpoint is step 4's, counters included, and --resume trains it again
+    extra = ("--transcode", "true", "--grad_acc_steps", "2")
+    run(cli(tiny_llava_dir, tmp_path, "whole", *extra))  # 48 examples: 6 batches, 3 steps
+    run(cli(tiny_llava_dir, tmp_path, "four", *extra, "--max_examples", "32"))
+    capsys.readouterr()
+    run(cli(tiny_llava_dir, tmp_path, "five", *extra, "--max_examples", "40"))
+    out = capsys.readouterr().out
+    assert "its last 1 batch(es), fewer than --grad_acc_steps 2, made no optimizer step" in out
+    assert "the checkpoint is that of step 4 (4 batches, " in out
+
+    def state(name):
+        return torch.load(tmp_path / name / "state.pt", weights_only=True)
+
+    five, four = state("five"), state("four")
+    assert (five["global_step"], five["batches_seen"]) == (4, 4)
+    assert five["tokens_seen"] == four["tokens_seen"]
+    assert five["fvu_history"] == four["fvu_history"]
+    assert all(map(torch.equal, five["tokens_since_fired"], four["tokens_since_fired"]))
+    for hook, tensors in weights(tmp_path / "five").items():
+        for key, value in tensors.items():
+            assert torch.equal(value, weights(tmp_path / "four")[hook][key]), (hook, key)
+
+    # the same --max_examples cannot reach another optimizer step: nothing to do
+    mtime = (tmp_path / "five" / "state.pt").stat().st_mtime_ns
+    run(cli(tiny_llava_dir, tmp_path, "five", *extra, "--max_examples", "40", "--resume", "true"))
+    assert "and the 1 more that --max_examples 40 gives are too few" in capsys.readouterr().err
+    assert (tmp_path / "five" / "state.pt").stat().st_mtime_ns == mtime
+
+    run(cli(tiny_llava_dir, tmp_path, "five", *extra, "--resume", "true"))  # to 48 examples
+    whole = weights(tmp_path / "whole")
+    for hook, tensors in weights(tmp_path / "five").items():
+        for key, value in tensors.items():
+            assert torch.equal(value, whole[hook][key]), (hook, key)
+    resumed, uninterrupted = state("five"), state("whole")
+    for key in ("global_step", "batches_seen", "tokens_seen", "fvu_history", "l0_history"):
+        assert resumed[key] == uninterrupted[key], key
+    assert all(map(torch.equal, resumed["tokens_since_fired"], uninterrupted["tokens_since_fired"]))
+
+
+def test_a_run_shorter_than_one_accumulation_says_so_and_saves_nothing(tmp_path, tiny_llava_dir):
+    with pytest.raises(training.NoTrainingDataError, match="after 2 batches, fewer than --grad"):
+        run(cli(tiny_llava_dir, tmp_path, "short", "--max_examples", "16", "--grad_acc_steps", "3"))
+    assert not (tmp_path / "short" / "state.pt").exists()
+
+
 def test_finetune_loads_by_hookpoint_name_and_names_what_differs(tmp_path, tiny_llava_dir):
     layers02 = ("--transcode", "true", "--layers", "0", "2", "--max_examples", "8")
     run(cli(tiny_llava_dir, tmp_path, "src", *layers02))

@@ -476,11 +476,19 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         rank=rank,
         world_size=world,
     )
-    if args.resume and total is not None and trainer.state.batches_seen >= total:
+    # batches short of an optimizer step would be trained and dropped again (Trainer.fit)
+    to_step = args.grad_acc_steps - trainer.state.global_step % args.grad_acc_steps
+    if args.resume and total is not None and total - trainer.state.batches_seen < to_step:
+        seen, left = trainer.state.batches_seen, max(total - trainer.state.batches_seen, 0)
+        gives = (
+            f"all that --max_examples {args.max_examples} gives"
+            if left == 0
+            else f"and the {left} more that --max_examples {args.max_examples} gives are too few "
+            f"for an optimizer step (--grad_acc_steps {args.grad_acc_steps})"
+        )
         print(
-            f"--resume: {run_dir} has trained on {trainer.state.batches_seen} batches already, "
-            f"all that --max_examples {args.max_examples} gives: nothing to do (nothing was "
-            "written); pass a larger --max_examples to train further",
+            f"--resume: {run_dir} has trained on {seen} batches already, {gives}: nothing to do "
+            "(nothing was written); pass a larger --max_examples to train further",
             file=sys.stderr,
         )
         return trainer
@@ -695,6 +703,15 @@ def report(trainer: Trainer, args: RunConfig, run_dir: Path, token: str | None) 
         print(
             f"Skipped {len(trainer.state.skipped)} examples with missing or unreadable "
             f"images (first: {shown}); pass --strict to stop on them instead"
+        )
+    if trainer.dropped_batches:
+        state = trainer.state
+        print(
+            f"The run ended mid-accumulation: its last {trainer.dropped_batches} batch(es), "
+            f"fewer than --grad_acc_steps {args.grad_acc_steps}, made no optimizer step and are "
+            f"left out (their gradient was not applied): the checkpoint "
+            f"is that of step {state.global_step} ({state.batches_seen} batches, "
+            f"{state.tokens_seen} tokens); --resume with a larger --max_examples trains them"
         )
     print(f"Saved to {run_dir}")
     if args.push_to_hub:

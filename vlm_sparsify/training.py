@@ -306,6 +306,38 @@ class TrainingState:
         return cls(**data)
 
 
+class StepMark(NamedTuple):
+    """The training state right after an optimizer step (`grad_acc_steps` > 1), kept so that a
+    run ending mid-accumulation can go back to it: counters, history lengths, dead counts."""
+
+    global_step: int
+    batches_seen: int
+    tokens_seen: int
+    lengths: tuple[int, ...]
+    """Of `skipped`, `fvu_history`, `l0_history` and `loss_history`."""
+    tokens_since_fired: list[Tensor]
+
+    @classmethod
+    def of(cls, state: TrainingState) -> StepMark:
+        histories = (state.skipped, state.fvu_history, state.l0_history, state.loss_history)
+        return cls(
+            state.global_step,
+            state.batches_seen,
+            state.tokens_seen,
+            tuple(len(h) for h in histories),
+            [counts.clone() for counts in state.tokens_since_fired],
+        )
+
+    def restore(self, state: TrainingState) -> None:
+        state.global_step, state.batches_seen = self.global_step, self.batches_seen
+        state.tokens_seen = self.tokens_seen
+        histories = (state.skipped, state.fvu_history, state.l0_history, state.loss_history)
+        for history, length in zip(histories, self.lengths, strict=True):
+            del history[length:]
+        for counts, saved in zip(state.tokens_since_fired, self.tokens_since_fired, strict=True):
+            counts.copy_(saved)
+
+
 class Activations(NamedTuple):
     """One batch's activations at the hookpoints, [N, d] each over its training positions, and
     what the end-to-end loss runs the model on again (None: `--loss_fn fvu`, or no examples)."""
@@ -391,7 +423,8 @@ class Trainer:
     state: TrainingState = field(default_factory=TrainingState)
     checkpoint: Callable[[Trainer], None] | None = None
     """`checkpoint(trainer)` writes a checkpoint; called every `save_every` steps (at the first
-    optimizer step from there, with `grad_acc_steps` > 1) and at the end."""
+    optimizer step from there, with `grad_acc_steps` > 1) and at the end (at the last optimizer
+    step: batches accumulated after it are dropped, `_end_at_optimizer_step`)."""
     on_step: Callable[[Trainer, dict[str, Any]], None] | None = None
     """`on_step(trainer, metrics)` after every step that trained (W&B logging)."""
     saved_step: int | None = None
@@ -399,6 +432,10 @@ class Trainer:
     check_update: bool = False
     """Set by `fit` before a step whose weights it will save: the step's update is checked on
     its own batch first (a finite loss before an update that diverged is not enough)."""
+    dropped_batches: int = 0
+    """Set by `fit`: the batches trained after the last optimizer step when the run ended
+    mid-accumulation (`grad_acc_steps` > 1); the state went back to that step (`StepMark`)."""
+    _step_mark: StepMark | None = field(default=None, init=False, repr=False)
     _replacement: ReplacementModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -508,9 +545,12 @@ class Trainer:
         self._update_dead_counts(indices, n_tokens)
         state.fvu_history.append(fvu.tolist())
         state.l0_history.append(l0)
-        if (state.global_step + 1) % self.cfg.grad_acc_steps == 0:
+        stepped = (state.global_step + 1) % self.cfg.grad_acc_steps == 0
+        if stepped:
             self._optimizer_step(acts, variances)
         state.global_step += 1
+        if stepped and self.cfg.grad_acc_steps > 1:
+            self._step_mark = StepMark.of(state)
         # the progress bar's figure: per-hookpoint FVUs are ~1 at the start, their sum is not
         return {"mean_fvu": fvu.mean().item(), **metrics}
 
@@ -654,10 +694,19 @@ class Trainer:
         pbar = tqdm(
             desc="Training", total=total, initial=self.state.batches_seen, disable=not rank_zero
         )
+        if self.cfg.grad_acc_steps > 1:
+            self._step_mark = StepMark.of(self.state)
         try:
             self._fit_loop(batches, pbar, total)
         finally:  # ends the bar's line: an error, or Ctrl-C's note, is printed on its own
             pbar.close()
+        self.dropped_batches = self._end_at_optimizer_step()
+        if self.state.global_step == 0 and self.dropped_batches:
+            raise NoTrainingDataError(
+                f"the run ended after {self.dropped_batches} batches, fewer than --grad_acc_steps "
+                f"{self.cfg.grad_acc_steps}: no optimizer step, nothing saved; pass a larger "
+                "--max_examples or a smaller --grad_acc_steps"
+            )
         if self.state.global_step == 0:
             skipped = len(self.state.skipped)
             raise NoTrainingDataError(
@@ -673,6 +722,21 @@ class Trainer:
             self._check_finite_weights()
             self.checkpoint(self)
             self.saved_step = self.state.global_step
+
+    def _end_at_optimizer_step(self) -> int:
+        """A run that ends mid-accumulation: the batches since the last optimizer step updated
+        nothing (as in stock sparsify, their partial gradient is not applied). The state goes
+        back to that step, which the weights are at, so the final checkpoint counts only what
+        was optimized and `--resume` with a larger --max_examples trains those batches again,
+        bit for bit as one longer run. Returns how many trained batches were dropped."""
+        mark = self._step_mark
+        if mark is None or mark.global_step == self.state.global_step:
+            return 0
+        dropped = self.state.global_step - mark.global_step
+        mark.restore(self.state)
+        for opt in self.optimizers:
+            opt.zero_grad()
+        return dropped
 
     def _fit_loop(self, batches: Iterable[dict[str, Any]], pbar: Any, total: int | None) -> None:
         """`fit`'s steps, with a checkpoint every `save_every` steps at an optimizer step."""
