@@ -81,3 +81,39 @@ def test_plugin_matches_stock_trainer(tmp_path, transcode: bool, extra: dict):
             # training moved the weights: the comparison is not between two initialisations
             moved = (ours["W_dec"] - initial[hookpoint]["W_dec"]).abs().max()
             assert moved > 1e-3
+
+
+def test_a_run_ending_mid_accumulation_drops_the_last_batch_as_stock_does(tmp_path):
+    # --grad_acc_steps 2 over 5 batches: stock never applies the 5th batch's gradient yet saves
+    # global_step 5 (its --resume then skips that batch); ours saves the same weights as step 4
+    model = tiny_llama()
+    ids = torch.randint(0, 100, (BATCH * 5, SEQ), generator=torch.Generator().manual_seed(1))
+    sae_cfg = SparseCoderConfig(transcode=True, num_latents=64, k=4)
+    stock_cfg = TrainConfig(
+        sae_cfg, batch_size=BATCH, hookpoints=["layers.*.mlp"], log_to_wandb=False,
+        save_dir=str(tmp_path), run_name="stock", save_every=10**6, grad_acc_steps=2,
+    )  # fmt: skip
+    dataset = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+    StockTrainer(stock_cfg, dataset, model).fit()
+    assert torch.load(tmp_path / "stock" / "state.pt", weights_only=True)["global_step"] == 5
+
+    ours_cfg = TrainConfig(sae_cfg, batch_size=BATCH, log_to_wandb=False, grad_acc_steps=2)
+    hookpoints = [f"model.layers.{i}.mlp" for i in range(3)]
+    coders = build_coders(hookpoints, 32, ours_cfg.sae, 0, torch.device("cpu"))
+    optimizers, schedulers = build_optimizers(ours_cfg, coders, 5)
+    trainer = Trainer(model, coders, ours_cfg, optimizers, schedulers)
+    trainer.fit(
+        {"inputs": {"input_ids": chunk}, "token_mask": torch.ones_like(chunk, dtype=torch.bool)}
+        for chunk in ids.split(BATCH)
+    )
+    state = trainer.state
+    assert (state.global_step, state.batches_seen, state.tokens_seen) == (4, 4, 4 * BATCH * SEQ)
+    assert trainer.dropped_batches == 1 and len(state.fvu_history) == 4
+    assert all(p.grad is None for p in coders.parameters())  # the partial gradient is gone
+    with eval_weights(optimizers):
+        for i, hookpoint in enumerate(hookpoints):
+            stock = load_file(tmp_path / "stock" / f"layers.{i}.mlp" / "sae.safetensors")
+            for key, value in stock.items():
+                torch.testing.assert_close(
+                    coders[hookpoint].state_dict()[key], value, atol=0, rtol=0
+                )
