@@ -118,7 +118,9 @@ class ReplacementModel:
         for hookpoint, source in zip(self.hookpoints, sources, strict=True):
             _check_width(model.get_submodule(hookpoint), hookpoint, source, self._reads_output)
         self._dtype = next(coders.parameters()).dtype
-        self._skip = getattr(coders, "skip", None)
+        # skip terms only where the coders have them: each call casts the layer's input
+        has_skip = getattr(getattr(coders, "cfg", None), "skip_connection", True)
+        self._skip = getattr(coders, "skip", None) if has_skip else None
         if decoder not in DECODERS:
             raise ValueError(f"Unknown decoder '{decoder}'; use {', '.join(DECODERS)}")
         self.decoder: Decoder = decoder
@@ -338,7 +340,7 @@ class ReplacementModel:
                     top_acts, top_indices = apply_interventions(
                         edits, top_acts, top_indices, self._regions, self._decision
                     )
-                skips = self._skip(p, x.to(self._dtype)) if self._skip is not None else []
+                skips = self._skip(p, x) if self._skip is not None else []
                 if direct:
                     self._decode_into_ring(p, top_acts, top_indices, bias=True)
                     if skips:
