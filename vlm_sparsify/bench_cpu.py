@@ -283,8 +283,6 @@ def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
             sizes.pipeline_batches,
         )
     )
-    for batch in pretokenized:  # every batch shape once before the clock (bench_gpu's note)
-        plt.train_on_batch(batch)
     paired, wait_share = pipeline_vs_pretokenized(
         plt, make_loader, pretokenized, sizes.pipeline_rounds, device
     )

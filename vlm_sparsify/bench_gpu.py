@@ -377,11 +377,6 @@ def measure_at_size(
             return batch_loader(stream(), sizes.num_workers, pin_memory=device.type == "cuda")
 
         pretokenized = list(islice(stream(), sizes.pipeline_batches))
-        # warm-up over every batch: each has its own padded length, and the first step at a new
-        # shape is slow (allocator, kernels); a warm-up on one batch left the rest to the first
-        # timed block, the pipeline's, and cost it ~15% (0.85-0.88 in the 2026-11-27 runs)
-        for batch in pretokenized:
-            plt.train_on_batch(batch)
         paired, wait_share = pipeline_vs_pretokenized(
             plt, make_loader, pretokenized, sizes.pipeline_rounds, device
         )

@@ -266,7 +266,13 @@ def pipeline_vs_pretokenized(
 ) -> tuple[Paired, float]:
     """Tokens/s of training fed by the live multimodal pipeline vs by the same batches held in
     memory, alternating blocks of equal length (candidate = pipeline); and the median share of a
-    pipeline block's time the training loop spent waiting for its next batch."""
+    pipeline block's time the training loop spent waiting for its next batch.
+
+    Every batch trains once first: each has its own padded length, and a step at a new shape is
+    slow (allocator, kernels); a warm-up on one batch left the other shapes to the first timed
+    block, the pipeline's, and cost it ~15% on an H200 (0.85-0.88 in the 2026-11-27 runs)."""
+    for batch in pretokenized:
+        trainer.train_on_batch(batch)
     paired, waits = Paired(), []
     for r in range(rounds):
         for live in (True, False) if r % 2 == 0 else (False, True):

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +43,7 @@ from vlm_sparsify.triton_decode import available as triton_available
 
 Mode = Literal["open-loop", "error", "off"]
 Decoder = Literal["auto", "fused", "triton", "hybrid", "per-target"]
-DECODERS: tuple[Decoder, ...] = ("auto", "fused", "triton", "hybrid", "per-target")
+DECODERS: tuple[Decoder, ...] = get_args(Decoder)
 
 
 def resolve_decoder(decoder: Decoder, device: torch.device) -> Decoder:
