@@ -592,6 +592,30 @@ def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
     assert result["decoder"] == "fused"
 
 
+def test_benchmark_alternates_the_order_of_each_repeat(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Base first in even repeats, the replacement first in odd ones (after one warm-up each)."""
+    calls: list[tuple[str, int]] = []
+    generate = model.generate
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        hooked = getattr(model, "_vlm_sparsify_replacement", None) is not None
+        calls.append(("replacement" if hooked else "base", kwargs["max_new_tokens"]))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", recorded)
+    result = benchmark_generate(model, make_coders("clt"), batch(), max_new_tokens=2, repeats=2)
+    base, rep = "base", "replacement"
+    assert calls == [
+        (base, 2), (rep, 2),  # warm-up
+        (base, 2), (rep, 2), (base, 1), (rep, 1),
+        (rep, 2), (base, 2), (rep, 1), (base, 1),
+    ]  # fmt: skip
+    assert result["repeats"] == 2
+    assert result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
+
+
 @pytest.mark.parametrize("decoder", ["fused", "per-target", "fused-own-weights"])
 def test_attribution_gradients_match_a_finite_difference(
     model: nn.Module, decoder: str, monkeypatch: pytest.MonkeyPatch

@@ -65,11 +65,12 @@ METHODS = {
         "(--distribute_modules) vs data parallel, alternating per step; rank 0's times"
     ),
     "replacement_vs_base_generate": (
-        "benchmark_generate: greedy generate of exactly max_new_tokens, interleaved with the base "
-        "model, one warm-up each, median; CLT with the default decoder (auto: fused on a CPU, "
-        "hybrid on a GPU with triton); "
-        "each repeat also times a one-token generate of both: details give prefill_ratio and "
-        "per_token_ratio (the later tokens)"
+        "benchmark_generate: greedy generate of exactly max_new_tokens, base and replacement "
+        "back to back in alternating order, one warm-up each; median over repeats of each "
+        "repeat's ratio (details: ratio_of_medians, ratio_min, ratio_max); CLT with the default "
+        "decoder (auto: fused on a CPU, hybrid on a GPU with triton); each repeat also times a "
+        "one-token generate of both: details give prefill_ratio and per_token_ratio (the later "
+        "tokens)"
     ),
     "replacement_fused_vs_base_generate": (
         "--gpu: as replacement_vs_base_generate with decoder='fused': each CLT source decoded "

@@ -350,16 +350,19 @@ def benchmark_generate(
     capture: bool = False,
     decoder: Decoder = "auto",
 ) -> dict[str, Any]:
-    """Median greedy `generate` time of the replacement model over the base model's (same run).
+    """Greedy `generate` time of the replacement model over the base model's (same run).
 
-    Both generate exactly `max_new_tokens` tokens; one warm-up each; runs are interleaved. Each
-    repeat also times a one-token generation (the prefill) of both, so the result splits the
-    ratio into the prefill's and the later tokens' (`prefill_ratio`, `per_token_ratio`).
+    Both generate exactly `max_new_tokens` tokens; one warm-up each. Each repeat times both
+    back to back, in alternating order, and also a one-token generation (the prefill) of both;
+    `ratio` (and `prefill_ratio`, `per_token_ratio`: the later tokens) is the median over repeats
+    of the repeat's own ratio, as `Paired.ratio` (neighbours in time share the machine's load);
+    `ratio_of_medians`, `ratio_min` and `ratio_max` show how much the repeats agree.
     """
     replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)
     device = next(model.parameters()).device
 
     def timed(run: Any, new_tokens: int) -> float:
+        sync(device)
         start = time.perf_counter()
         run(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         sync(device)
@@ -373,25 +376,33 @@ def benchmark_generate(
             features.pop_samples()
         return output
 
-    times: dict[str, list[float]] = {}
+    whole, prefill, later = Paired(), Paired(), Paired()
     with torch.inference_mode():
         timed(model.generate, max_new_tokens)
         timed(replaced, max_new_tokens)
-        for _ in range(repeats):
-            for key, run, new_tokens in (
-                ("base_s", model.generate, max_new_tokens),
-                ("replacement_s", replaced, max_new_tokens),
-                ("base_prefill_s", model.generate, 1),
-                ("replacement_prefill_s", replaced, 1),
-            ):
-                times.setdefault(key, []).append(timed(run, new_tokens))
-    result = {key: statistics.median(values) for key, values in times.items()}
-    later = result["replacement_s"] - result["replacement_prefill_s"]
-    base_later = result["base_s"] - result["base_prefill_s"]
+        for i in range(repeats):
+            times: dict[tuple[str, int], float] = {}
+            runs = [("base", model.generate), ("replacement", replaced)]
+            for new_tokens in (max_new_tokens, 1):
+                for name, run in runs if i % 2 == 0 else runs[::-1]:
+                    times[name, new_tokens] = timed(run, new_tokens)
+            for paired, key in ((whole, max_new_tokens), (prefill, 1)):
+                paired.candidate.append(times["replacement", key])
+                paired.reference.append(times["base", key])
+            later.candidate.append(whole.candidate[-1] - prefill.candidate[-1])
+            later.reference.append(whole.reference[-1] - prefill.reference[-1])
+    ratios = [c / r for c, r in zip(whole.candidate, whole.reference, strict=True)]
     return {
-        **result,
-        "ratio": result["replacement_s"] / result["base_s"],
-        "prefill_ratio": result["replacement_prefill_s"] / result["base_prefill_s"],
-        "per_token_ratio": later / base_later if base_later > 0 else float("nan"),
+        "base_s": statistics.median(whole.reference),
+        "replacement_s": statistics.median(whole.candidate),
+        "base_prefill_s": statistics.median(prefill.reference),
+        "replacement_prefill_s": statistics.median(prefill.candidate),
+        "ratio": whole.ratio,
+        "ratio_of_medians": whole.summary()["ratio_of_medians"],
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "prefill_ratio": prefill.ratio,
+        "per_token_ratio": later.ratio if min(later.reference) > 0 else float("nan"),
+        "repeats": repeats,
         "decoder": replacement.decoder_in_use,
     }
