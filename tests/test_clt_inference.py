@@ -39,6 +39,31 @@ def test_encode_and_decode_equal_the_clts(cross_layer: int) -> None:
             assert torch.equal(stacked, torch.stack(parts, 1))
 
 
+@pytest.mark.parametrize("post_encoder", [False, True])
+def test_target_biases_are_what_decoding_without_biases_leaves_out(post_encoder: bool) -> None:
+    """Sum over sources of decode(bias=False), plus target_biases, is the sum of the decodes."""
+    clt = random_clt(cross_layer=3)
+    if post_encoder:  # source 1 decodes target by target (not from a wide copy)
+        clt.sources[1].add_post_encoder(scales=False)
+    fused = CLTInference(clt)
+    x = torch.randn(9, D, generator=torch.Generator().manual_seed(4))
+    with_bias = torch.zeros(len(HOOKS), 9, D)
+    without = torch.zeros(len(HOOKS), 9, D)
+    with torch.no_grad():
+        for p in range(len(HOOKS)):
+            acts, indices, _ = fused.encode(p, x)
+            n = clt.n_targets(p)
+            with_bias[p : p + n] += fused.decode(p, acts, indices).transpose(0, 1)
+            without[p : p + n] += fused.decode(p, acts, indices, bias=False).transpose(0, 1)
+    sums = fused.target_biases()
+    assert sums.shape == (len(HOOKS), D) and sums.dtype == torch.float32
+    assert sums.abs().min() > 0  # every target has biases (random weights)
+    torch.testing.assert_close(without + sums[:, None], with_bias)
+    # target 3 is reached by sources 1, 2 and 3 (cross_layer 3)
+    expected = sum(clt.sources[p].b_decs[3 - p] for p in (1, 2, 3))
+    torch.testing.assert_close(sums[3], expected.detach())
+
+
 def test_acts_get_gradients_through_the_wide_decoders() -> None:
     clt = random_clt()
     fused = CLTInference(clt)
@@ -71,6 +96,7 @@ def test_post_encoder_sources_decode_target_by_target() -> None:
             expected = torch.stack(clt.decode(p, acts, indices), 1)
             torch.testing.assert_close(fused.decode(p, acts, indices), expected)
     assert fused.decoders[1] is None and fused.decoders[0] is not None
+    fused.target_biases()
     assert fused.nbytes == CLTInference.copy_nbytes(clt)  # source 1 is not copied
 
 
@@ -85,7 +111,10 @@ def test_current_notices_every_kind_of_weight_change() -> None:
     # the copies: the wide decoders (the encoders are the CLT's own on the CPU)
     decoder_bytes = sum(W.nbytes for s in clt.sources for W in s.W_decs)
     bias_bytes = sum(b.numel() * 4 for s in clt.sources for b in s.b_decs)
-    assert fused.nbytes == decoder_bytes + bias_bytes == CLTInference.copy_nbytes(clt)
+    assert fused.nbytes == decoder_bytes + bias_bytes
+    sums = fused.target_biases()  # [H, d] float32: one row per target
+    assert fused.nbytes == decoder_bytes + bias_bytes + sums.nbytes
+    assert fused.nbytes == CLTInference.copy_nbytes(clt)
     with torch.no_grad():
         clt.sources[2].W_decs[1].mul_(2)  # an optimizer step is in place
     assert not fused.current()

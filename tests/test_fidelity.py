@@ -148,10 +148,10 @@ def test_kl_by_region_is_the_mean_over_each_region_s_positions() -> None:
 
 def test_open_loop_with_random_coders_is_not(clt_run: Path, capsys) -> None:
     result = run_fidelity(clt_run, "open-loop", capsys)
-    # on the CPU the fused decode is bit-identical to decoding target by target
+    # the fused decode equals decoding target by target (the biases summed in another order)
     per_target = run_fidelity(clt_run, "open-loop", capsys, "--decoder", "per-target")
     assert per_target["top1_agreement"] == result["top1_agreement"]
-    assert per_target["kl"] == result["kl"]
+    assert per_target["kl"] == pytest.approx(result["kl"], rel=1e-5)
     assert result["kl"] > 1e-3
     assert 0.0 <= result["top1_agreement"] < 1.0
     # the replaced MLPs do not run in open loop: FVU still compares with their true outputs

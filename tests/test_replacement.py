@@ -207,9 +207,12 @@ def test_error_mode_reproduces_the_model(model: nn.Module, kind: str, decoder: s
         pytest.param("clt3", "triton", marks=NEEDS_TRITON),
     ],
 )
+@pytest.mark.parametrize("ring", ["one slot per target", "n_targets slots, reused"])
 def test_open_loop_output_is_the_sum_of_decoder_contributions(
-    model: nn.Module, kind: str, decoder: str
+    model: nn.Module, kind: str, decoder: str, ring: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if ring.endswith("reused"):  # as in a large prefill: slots are reset and reused in turn
+        monkeypatch.setattr(ReplacementModel, "full_ring_bytes", 0)
     coders = make_coders(kind)
     with torch.no_grad(), ReplacementModel(model, coders, mode="open-loop", decoder=decoder):
         recorder = MLPRecorder(model)
@@ -260,10 +263,13 @@ def test_zeroing_a_feature_moves_every_target_by_its_decoder_contributions(
 
 
 @pytest.mark.parametrize("decoder", ["fused", "per-target", TRITON])
+@pytest.mark.parametrize("ring", ["one slot per target", "n_targets slots, reused"])
 def test_zeroing_a_feature_in_error_mode_changes_its_layer_by_its_contribution(
-    model: nn.Module, decoder: str
+    model: nn.Module, decoder: str, ring: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    coders = make_coders("clt")
+    if ring.endswith("reused"):
+        monkeypatch.setattr(ReplacementModel, "full_ring_bytes", 0)
+    coders = make_coders("clt3")
     inputs = batch()
     with (
         torch.no_grad(),

@@ -78,6 +78,7 @@ class CLTInference:
         self._k, self._activation = clt.cfg.k, clt.cfg.activation
         # per-target activation offsets make a source's decode non-linear in its activations
         self._direct = [kernel == "triton" and s.post_encs is None for s in clt.sources]
+        self._target_biases: Tensor | None = None
         self.decoders: dict[int, tuple[Tensor, Tensor] | None] = {}
         """Per source, once it has decoded: (wide decoders [M, n * d], biases [n * d] float32),
         or None for a source with clt-training's per-target activation offsets (each target
@@ -87,14 +88,17 @@ class CLTInference:
     def nbytes(self) -> int:
         """Bytes these copies hold beyond the CLT's own weights."""
         total = sum(w.nbytes + b.nbytes for w, b in filter(None, self.decoders.values()))
+        if self._target_biases is not None:
+            total += self._target_biases.nbytes
         if self.encoder_dtype != self.clt.sources[0].encoder.weight.dtype:
             total += sum(w.nbytes + b.nbytes for w, b in self.encoders)
         return total
 
     @staticmethod
     def copy_nbytes(clt: CrossLayerTranscoder) -> int:
-        """What the copies of `clt` take once every source has decoded (`nbytes` then)."""
-        total = sum(
+        """What the copies of `clt` take once every source has decoded and the target biases
+        are summed (`nbytes` then)."""
+        total = len(clt.hookpoints) * clt.d_in * 4 + sum(
             W.nbytes + b.numel() * 4  # biases are copied in float32
             for s in clt.sources
             if s.post_encs is None  # decoded target by target: not copied
@@ -116,8 +120,9 @@ class CLTInference:
         weight, bias = self.encoders[p]
         return encode_topk(x.to(weight.dtype), weight, bias, self._k, self._activation)
 
-    def decode(self, p: int, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """Source p's contributions to its n targets, biases included: `[N, n, d]` float32.
+    def decode(self, p: int, top_acts: Tensor, top_indices: Tensor, bias: bool = True) -> Tensor:
+        """Source p's contributions to its n targets, biases included if `bias`: `[N, n, d]`
+        (float32 with the biases; without, the decoders' dtype).
 
         Equals `torch.stack(clt.decode(p, top_acts, top_indices), 1)`.
         """
@@ -126,8 +131,9 @@ class CLTInference:
         decoders = self.decoders[p]
         if decoders is None:
             source = self.clt.sources[p]
-            return torch.stack(source.decode(top_acts, top_indices, embedding_bag=True), 1)
-        wide, bias = decoders
+            parts = source.decode(top_acts, top_indices, embedding_bag=True, bias=bias)
+            return torch.stack(parts, 1)
+        wide, biases = decoders
         rows, k = top_indices.shape
         acts = top_acts.to(wide.dtype).reshape(-1)
         # torch.embedding_bag directly (F.embedding_bag's checks and offsets cost more than
@@ -141,8 +147,23 @@ class CLTInference:
             False,
             acts,
         )[0]
-        # one kernel for the cast to float32 and the bias (type promotion)
-        return torch.add(bags, bias).view(rows, self.n_targets[p], -1)
+        if bias:  # one kernel for the cast to float32 and the bias (type promotion)
+            bags = torch.add(bags, biases)
+        return bags.view(rows, self.n_targets[p], -1)
+
+    def target_biases(self) -> Tensor:
+        """`[H, d]` float32: row t is the sum of the decoder biases of every source reaching
+        target t (what the decoded parts add up to without their biases: `decode(bias=False)`)."""
+        if self._target_biases is None:
+            clt = self.clt
+            totals = torch.zeros(
+                len(clt.hookpoints), clt.d_in, device=clt.sources[0].encoder.weight.device
+            )
+            for p, source in enumerate(clt.sources):
+                for i, b_dec in enumerate(source.b_decs):
+                    totals[p + i] += b_dec.detach().float()
+            self._target_biases = totals
+        return self._target_biases
 
     def direct(self, p: int) -> bool:
         """Whether source p decodes with `decode_into` (the Triton kernel; not with per-target

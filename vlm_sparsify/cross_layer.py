@@ -115,22 +115,24 @@ class CLTSource(nn.Module):
         return decoder_impl(top_indices, acts, W_dec.mT).float() + self.b_decs[i]
 
     def decode(
-        self, top_acts: Tensor, top_indices: Tensor, embedding_bag: bool = False
+        self, top_acts: Tensor, top_indices: Tensor, embedding_bag: bool = False, bias: bool = True
     ) -> list[Tensor]:
-        """Contribution to each of the n_targets targets, decoder bias included.
+        """Contribution to each of the n_targets targets, decoder bias included if `bias`.
 
         On a GPU each target goes through sparsify's Triton decoder (training), or torch's
         embedding_bag with `embedding_bag` (`CLTInference`'s per-target sources); on the CPU
         sparsify's decoder is torch's embedding_bag (`sparse_decode`, bit-identical to
         `decode_target`).
         """
-        return [
+        parts = [
             sparse_decode(
                 W_dec, self.target_acts(i, top_acts, top_indices), top_indices, embedding_bag
             )
-            + b_dec
-            for i, (W_dec, b_dec) in enumerate(zip(self.W_decs, self.b_decs, strict=True))
+            for i, W_dec in enumerate(self.W_decs)
         ]
+        if not bias:
+            return parts
+        return [part + b_dec for part, b_dec in zip(parts, self.b_decs, strict=True)]
 
 
 def sparse_decode(

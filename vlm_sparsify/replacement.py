@@ -2,15 +2,16 @@
 
 Forward hooks on the coders' MLP hookpoints. At source p the MLP input x_p is encoded into
 sparse features f_p, interventions edit f_p, and f_p is decoded into every target it reaches
-(p .. p + n_targets(p) - 1); the decoded parts are summed in a per-forward ring of
-max n_targets slots (target t in slot t mod window) until the target's MLP runs. The ring starts
-empty at the first hookpoint of every forward, so with a KV cache each step decodes only the new
-positions. A CLT decodes through `CLTInference` unless `decoder="per-target"`: one wide copy of
-each source's decoders, so a source decodes into all its targets in one call (and on CUDA its
-encoder runs in bf16, as in training); with `decoder="triton"` straight into the ring, and with
-`decoder="hybrid"` straight into the ring in a prefill and by `embedding_bag` at decoding steps. A
-pre-hook on the root model reads each forward's tokens for their regions (image / prompt /
-response). Modes:
+(p .. p + n_targets(p) - 1); the decoded parts are summed in a per-forward ring of slots (one
+per target when they fit in `full_ring_bytes`, else max n_targets, reused; target t in slot
+t mod depth) until the target's MLP runs. The ring starts afresh at the first hookpoint of every
+forward (at zero, or in open loop through the fused copies at the targets' summed decoder biases),
+so with a KV cache each step decodes only the new positions. A CLT decodes through
+`CLTInference` unless `decoder="per-target"`: one wide copy of each source's decoders, so a
+source decodes into all its targets in one call (and on CUDA its encoder runs in bf16, as in
+training); with `decoder="triton"` straight into the ring, and with `decoder="hybrid"` straight
+into the ring in a prefill and by `embedding_bag` at decoding steps. A pre-hook on the root model
+reads each forward's tokens for their regions (image / prompt / response). Modes:
 
 - `open-loop`: MLP output at t := sum of the decoded parts of every source reaching t.
 - `error`: MLP output := true output + (prediction with interventions - prediction without), i.e.
@@ -63,21 +64,26 @@ class ReplacementModel:
     else `fused`, resolved when the copies are taken (`decoder_in_use`); at LLaVA-1.5-7B size on
     an H200, open-loop generation took 1.02-1.18x the base model's time with hybrid, 1.10-1.35x
     with triton and 1.70-1.77x with fused (three runs, BENCHMARKS.md). `fused`: when no gradient
-    must reach the coders' weights, decode through `CLTInference`'s wide copies of the decoders (one `embedding_bag` per source), taken
-    at the first such forward and kept while the CLT's weights do not change (`fused_nbytes`: the
-    memory they take); `triton`: the same copies, each source decoded straight into the pending
-    sums by `vlm_sparsify.triton_decode` (CUDA); `hybrid`: Triton in forwards of at least
-    `hybrid_min_rows` positions (a prefill), the fused `embedding_bag` below (a decoding step's
-    one row per sequence, where a Triton launch's overhead can cost more than the decode);
-    `per-target`: target by target with the CLT's
-    own weights. Forwards that train the coders (grad enabled, weights requiring grad:
-    end-to-end training) always use the CLT's own weights.
+    must reach the coders' weights, decode through `CLTInference`'s wide copies of the decoders
+    (one `embedding_bag` per source), taken at the first such forward and kept while the CLT's
+    weights do not change (`fused_nbytes`: the memory they take); `triton`: the same copies, each
+    source decoded straight into the pending sums by `vlm_sparsify.triton_decode` (CUDA);
+    `hybrid`: Triton in forwards of at least `hybrid_min_rows` positions (a prefill), the fused
+    `embedding_bag` below (a decoding step's one row per sequence, where a Triton launch's
+    overhead can cost more than the decode); `per-target`: target by target with the CLT's own
+    weights. Forwards that train the coders (grad enabled, weights requiring grad: end-to-end
+    training) always use the CLT's own weights.
     """
 
     hybrid_min_rows = 128
     """`decoder="hybrid"`: forwards with at least this many positions (all sequences together)
     decode with the Triton kernel (a prefill of 8 prompts has ~5,000; a decoding step one per
     sequence)."""
+
+    full_ring_bytes = 64 * 2**20
+    """Forwards whose pending sums for every target fit in this many bytes (a decoding step:
+    8 rows x 32 targets x 4,096 floats = 4 MiB) keep one slot per target, so no slot is emptied
+    for reuse; larger ones (a prefill) keep max n_targets slots, reused in turn."""
 
     attribution_own_weights_on: tuple[str, ...] = ("cuda",)
     """Device types where attribution decodes through the CLT's own weights (sparsify's kernel)
@@ -138,11 +144,13 @@ class ReplacementModel:
         self._warned_memory = False
         self._weights_train = False  # some coder weight requires grad (checked at install)
         self._window = max(coders.n_targets(p) for p in range(len(self.hookpoints)))
+        self._depth = self._window  # this forward's ring slots: _window, or one per target
+        self._ring_bias = False  # this forward's ring starts at the targets' summed biases
         self.interventions = list(interventions)
         self._capture: FeatureCapture | None = None
         self._leaves: list[tuple[int, Tensor, Tensor]] | None = None
         self._handles: list[Any] = []
-        # Per-forward state: pending predictions [N, window, d] (target t in slot t % window)
+        # Per-forward state: pending predictions [N, depth, d] (target t in slot t % depth)
         self._ring: Tensor | None = None
         # where each forward's tokens sit: regions, decision positions, generate's prompt length
         self._positions = SequencePositions(self.image_token_id)
@@ -322,6 +330,9 @@ class ReplacementModel:
             )
             if self._use_fused and not self._fused_checked:
                 self._take_inference_copies()
+            # open loop through the copies: the ring starts at the decoder biases' sums, so
+            # each source decodes without its biases (one kernel less per source)
+            self._ring_bias = self._use_fused and self.mode == "open-loop"
         mode = self.mode
         if self._leaves is not None:
             return self._attribution_step(p, args[0], output)
@@ -341,12 +352,13 @@ class ReplacementModel:
                         edits, top_acts, top_indices, self._regions, self._decision
                     )
                 skips = self._skip(p, x) if self._skip is not None else []
+                bias = not self._ring_bias
                 if direct:
-                    self._decode_into_ring(p, top_acts, top_indices, bias=True)
+                    self._decode_into_ring(p, top_acts, top_indices, bias=bias)
                     if skips:
                         self._accumulate(p, torch.stack(skips, 1))
                 else:
-                    parts = self._decode(p, top_acts, top_indices)
+                    parts = self._decode(p, top_acts, top_indices, bias=bias)
                     self._accumulate(p, parts + torch.stack(skips, 1) if skips else parts)
             elif edits:
                 edited = apply_interventions(
@@ -420,13 +432,20 @@ class ReplacementModel:
         return self.coders.encode(p, x.to(self._dtype))
 
     def _decode(
-        self, p: int, top_acts: Tensor, top_indices: Tensor, own_weights: bool = False
+        self,
+        p: int,
+        top_acts: Tensor,
+        top_indices: Tensor,
+        own_weights: bool = False,
+        bias: bool = True,
     ) -> Tensor:
         """Source p's contributions to its targets, stacked: `[N, n_targets(p), d]`; through the
-        CLT's own weights when `own_weights` (or when this forward does not use the copies)."""
+        CLT's own weights when `own_weights` (or when this forward does not use the copies);
+        without the decoder biases if not `bias` (the copies only)."""
         if self._use_fused and not own_weights:
             assert self._inference is not None
-            return self._inference.decode(p, top_acts, top_indices)
+            return self._inference.decode(p, top_acts, top_indices, bias)
+        assert bias, "the biases are left out only by the copies"
         parts = self.coders.decode(p, top_acts, top_indices)
         return parts[0].unsqueeze(1) if len(parts) == 1 else torch.stack(parts, 1)
 
@@ -441,16 +460,28 @@ class ReplacementModel:
     def _ring_slots(self, p: int, n: int, like: Tensor, d: int) -> list[tuple[Tensor, int, int]]:
         """The ring's slots of targets p .. p + n - 1 as (view [N, count, d], first, count): one
         run of slots, or two when they wrap past the ring's end (allocated at first use)."""
-        window = self._window
         if self._ring is None:
-            dtype = torch.promote_types(like.dtype, torch.float32)
-            self._ring = like.new_zeros(like.shape[0], window, d, dtype=dtype)
-        start = p % window
-        first = min(n, window - start)  # slots up to the ring's end, then from its start
+            self._ring = self._new_ring(like, d)
+        depth = self._depth
+        start = p % depth
+        first = min(n, depth - start)  # slots up to the ring's end, then from its start
         runs = [(self._ring[:, start : start + first], 0, first)]
         if first < n:
             runs.append((self._ring[:, : n - first], first, n - first))
         return runs
+
+    def _new_ring(self, like: Tensor, d: int) -> Tensor:
+        """This forward's pending sums `[N, depth, d]`: zeros, or the targets' summed decoder
+        biases (`_ring_bias`); one slot per target when they fit in `full_ring_bytes`."""
+        rows, targets = like.shape[0], len(self.hookpoints)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        full = rows * targets * d * dtype.itemsize <= self.full_ring_bytes
+        self._depth = depth = targets if full else self._window
+        if not self._ring_bias:
+            return like.new_zeros(rows, depth, d, dtype=dtype)
+        assert self._inference is not None
+        ring = like.new_empty(rows, depth, d, dtype=dtype)
+        return ring.copy_(self._inference.target_biases()[:depth])
 
     def _accumulate(self, p: int, parts: Tensor) -> None:
         """Add source p's stacked contributions to the pending sums of targets p, p + 1, ..."""
@@ -468,12 +499,19 @@ class ReplacementModel:
             inference.decode_into(p, top_acts, top_indices, out, first, count, bias)
 
     def _take(self, p: int, dtype: torch.dtype) -> Tensor | None:
-        """Target p's pending sum as a new `[N, d]` tensor of `dtype`; its slot is emptied."""
+        """Target p's pending sum as a new `[N, d]` tensor of `dtype`; its slot is reset for
+        the target that uses it next, if any."""
         if self._ring is None:
             return None
-        slot = self._ring[:, p % self._window]
+        slot = self._ring[:, p % self._depth]
         prediction = slot.to(dtype, memory_format=torch.contiguous_format, copy=True)
-        slot.zero_()
+        after = p + self._depth
+        if after < len(self.hookpoints):
+            if self._ring_bias:
+                assert self._inference is not None
+                slot.copy_(self._inference.target_biases()[after])
+            else:
+                slot.zero_()
         return prediction
 
     # ------------------------------------------------------------------ running

@@ -22,7 +22,12 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, activation: str
     )
     if needs_grad or activation != "topk":
         return fused_encoder(x, weight, bias, k, activation)  # type: ignore[arg-type]
-    pre_acts = F.linear(x, weight, bias).relu_()  # a fresh tensor: no copy for the ReLU
+    if x.dim() == 2:
+        # addmm with the ReLU as its epilogue: one cuBLASLt kernel on CUDA where F.linear and
+        # relu_ launch two (a decoding step is launch-bound); on the CPU addmm, then relu_
+        pre_acts = torch._addmm_activation(bias, x, weight.t())
+    else:
+        pre_acts = F.linear(x, weight, bias).relu_()  # a fresh tensor: no copy for the ReLU
     top_acts, top_indices = topk_rows(pre_acts, k)
     return EncoderOutput(top_acts, top_indices, pre_acts)
 
