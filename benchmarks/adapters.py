@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +89,12 @@ class Adapter(Protocol):
 
 def get_adapter(benchmark: str) -> Adapter:
     return importlib.import_module(f"benchmarks.{benchmark}.adapter")  # type: ignore[return-value]
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A path flag made absolute, as capture.json records it: later stages read it from there,
+    maybe from another working directory. None and "" (not given) stay as they are."""
+    return os.path.abspath(path) if path else path
 
 
 def csv_choices(text: str, known: Sequence[str], flag: str) -> list[str]:

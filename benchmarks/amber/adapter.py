@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.adapters import BenchItem, Rules, Verdict, caption_is_good
+from benchmarks.adapters import BenchItem, Rules, Verdict, absolute_path, caption_is_good
 from benchmarks.amber import items as amber_items
 from benchmarks.amber.items import (
     load_annotations,
@@ -35,6 +35,10 @@ class Data:
     """Folder of the AMBER images (AMBER_1.jpg, ...)."""
     subset: Literal["generative", "discriminative", "all"] = "all"
     """Which items to run: captions (ids 1-1004), yes/no questions (1005-15220), or both."""
+
+    def __post_init__(self) -> None:
+        self.data_dir = absolute_path(self.data_dir)
+        self.images = absolute_path(self.images)
 
 
 def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:

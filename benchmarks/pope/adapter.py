@@ -7,7 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.adapters import BenchItem, Rules, Verdict, csv_choices, write_jsonl
+from benchmarks.adapters import (
+    BenchItem,
+    Rules,
+    Verdict,
+    absolute_path,
+    csv_choices,
+    write_jsonl,
+)
 from benchmarks.pope.items import (
     SPLITS,
     PopeItem,
@@ -36,6 +43,9 @@ class Data:
 
     def __post_init__(self) -> None:
         csv_choices(self.splits, SPLITS, "--splits")  # a typo fails before the model loads
+        self.questions_dir = absolute_path(self.questions_dir)
+        self.questions = absolute_path(self.questions)
+        self.images = absolute_path(self.images)
 
 
 def pope_items(data: Data) -> list[PopeItem]:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from benchmarks import outputs
-from benchmarks.adapters import Adapter, BenchItem, check_images, get_adapter
+from benchmarks.adapters import Adapter, BenchItem, absolute_path, check_images, get_adapter
 from benchmarks.generation import generate_batch
 from benchmarks.stages import stage_parser
 from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
@@ -31,7 +31,7 @@ from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError, load_rgb
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
-from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.recipe import find_recipe, is_recipe_file
 from vlm_sparsify.replacement import ReplacementModel
 from vlm_sparsify.sharding import init_distributed
 
@@ -77,6 +77,7 @@ def parse_args(argv: list[str], adapter: Adapter, benchmark: str) -> tuple[Captu
 def main(argv: list[str], benchmark: str) -> None:
     adapter = get_adapter(benchmark)
     config, data = parse_args(argv, adapter, benchmark)
+    config = with_absolute_paths(config)
     try:
         counts = capture(benchmark, adapter, config, data)
     except (ValueError, FileNotFoundError) as err:
@@ -91,6 +92,18 @@ def main(argv: list[str], benchmark: str) -> None:
                 f"{benchmark} capture: no item had a readable image ({counts['skipped_image']} "
                 "skipped); check --images"
             )
+
+
+def with_absolute_paths(config: CaptureConfig) -> CaptureConfig:
+    """`config` with its local paths (the coders, a model folder, a recipe file) made absolute:
+    map, steer and attribute read them from capture.json, maybe from another directory."""
+    model, recipe = config.model, config.recipe
+    return replace(
+        config,
+        coders=absolute_path(config.coders),
+        model=absolute_path(model) if Path(model).is_dir() else model,
+        recipe=absolute_path(recipe) if recipe and is_recipe_file(recipe) else recipe,
+    )
 
 
 def _distributed(device: str | None) -> tuple[int, int, str | None]:

@@ -230,6 +230,33 @@ def test_pope_capture_score_classify_with_the_base_model(tmp_path, tiny_llava_di
         assert verdicts[record["question_id"]] == ("GOOD" if right else "BAD")
 
 
+def test_capture_records_absolute_paths_for_the_later_stages(
+    tmp_path, monkeypatch, tiny_llava_dir, coders_dir
+):
+    """Paths given relative to the working directory still work from another directory."""
+    (tmp_path / "questions").mkdir()
+    (tmp_path / "images").mkdir()
+    rows = [{"question_id": 1, "image": "COCO_1.jpg", "text": "Is there a dog?", "label": "yes"}]
+    (tmp_path / "questions" / "coco_pope_random.json").write_text(json.dumps(rows[0]) + "\n")
+    make_image(tmp_path / "images" / "COCO_1.jpg", seed=1)
+    monkeypatch.chdir(tmp_path)
+    argv = ["pope", "capture", "--out", "out", "--model", str(tiny_llava_dir), "--coders",
+            os.path.relpath(coders_dir), "--questions-dir", "questions", "--images", "images",
+            *GREEDY]  # fmt: skip
+    run(argv)
+    info = json.loads((tmp_path / "out" / "capture.json").read_text())
+    assert info["settings"]["coders"] == str(coders_dir)
+    assert info["data"]["questions_dir"] == str(tmp_path / "questions")
+    assert info["data"]["images"] == str(tmp_path / "images")
+    run(argv)  # resumes: the same paths, given relative again
+    assert json.loads((tmp_path / "out" / "capture.json").read_text())["counts"]["resumed"] == 1
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run(["pope", "score", "--out", str(tmp_path / "out")])
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["random"]["n"] == 1
+
+
 def test_pope_llava_question_file_scores_against_the_label_files(tmp_path, tiny_llava_dir):
     questions, images = tmp_path / "questions", tmp_path / "images"
     questions.mkdir()
