@@ -37,7 +37,7 @@ from benchmarks.amber.items import (
 )
 from benchmarks.amber.lexicon import Lexicon, load_lexicon
 from benchmarks.outputs import METRICS, capture_info, official_responses, write_json
-from benchmarks.responses import load_records, require_fields
+from benchmarks.responses import load_records, require_fields, require_text
 
 # Official counter prefixes of each discriminative dimension ("qa" is overall).
 _PREFIX = {
@@ -164,7 +164,7 @@ def _responses_by_id(responses: Sequence[dict[str, Any]], n_items: int) -> dict[
             raise ValueError(f"responses: id {item_id} is not an AMBER item (1-{n_items})")
         if item_id in by_id:
             raise ValueError(f"responses: duplicate id {item_id}; each item must appear once")
-        by_id[item_id] = record["response"]
+        by_id[item_id] = require_text(record, "response", "responses")
     return by_id
 
 

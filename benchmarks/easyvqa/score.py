@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks.easyvqa.items import YES_NO_SPLITS, Item, load_items
 from benchmarks.outputs import METRICS, official_responses, write_json
 from benchmarks.pope.score import confusion, parse_answer
-from benchmarks.responses import load_records, require_fields
+from benchmarks.responses import load_records, require_fields, require_text
 from vlm_sparsify.tiny.easyvqa_data import COLORS, SHAPES
 
 VOCABULARY = frozenset(COLORS + SHAPES)
@@ -110,7 +110,7 @@ def read_responses(path: str | Path) -> dict[str, str]:
         key = str(record["id"])
         if key in responses:
             raise ValueError(f"{path}: duplicate id {key!r}; each item must be answered once")
-        responses[key] = str(record["response"])
+        responses[key] = require_text(record, "response", str(path))
     return responses
 
 

@@ -26,7 +26,7 @@ from benchmarks.outputs import (
     write_json,
 )
 from benchmarks.pope.items import SPLITS, PopeItem, load_question_file, load_questions_dir
-from benchmarks.responses import load_records, require_fields
+from benchmarks.responses import load_records, require_fields, require_text
 
 NO_WORDS = ("No", "not", "no")
 LLAVA_ID_BLOCK = 10_000_000
@@ -120,7 +120,7 @@ def pair_by_id(
         key = _response_key(record, where)
         if key in by_key:
             raise ValueError(f"{where}: duplicate response for split {key[0]!r}, question {key[1]}")
-        by_key[key] = record["response"]
+        by_key[key] = require_text(record, "response", where)
     labelled = {(item.split, item.question_id): item for item in items}
     unknown = sorted(set(by_key) - set(labelled))
     if unknown:
@@ -249,9 +249,8 @@ def llava_answers(
                 f"label-file question {local_id} about {question.image}: these label files are "
                 "not the ones the question file was made from"
             )
-        responses.append(
-            {"question_id": local_id, "split": question.split, "response": row["text"]}
-        )
+        text = require_text(row, "text", "--responses (LLaVA's answer file)")
+        responses.append({"question_id": local_id, "split": question.split, "response": text})
     return responses
 
 

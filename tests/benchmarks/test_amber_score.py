@@ -205,6 +205,7 @@ def test_offline_lexicon() -> None:
         ([{"id": 0, "response": "x"}], "not an AMBER item"),
         ([{"id": 15221, "response": "x"}], "not an AMBER item"),
         ([{"response": "x"}], "lacks id"),
+        ([{"id": 1, "response": None}], "response of .* is not a string"),
     ],
 )
 def test_id_errors(data: dict, responses: list[dict], message: str) -> None:

@@ -103,6 +103,13 @@ def test_cli_rejects_unknown_ids(tmp_path):
         easyvqa_score.main(["--responses", str(path)])
 
 
+def test_cli_rejects_a_response_that_is_not_text(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    path.write_text(json.dumps({"id": load_items()[0].id, "response": None}) + "\n")
+    with pytest.raises(ValueError, match="response of .* is not a string"):
+        easyvqa_score.main(["--responses", str(path)])
+
+
 def test_kinds_are_interleaved_so_a_limit_holds_every_kind():
     items = load_items()
     counts = {kind: sum(i.kind == kind for i in items) for kind in ("yes/no", "open", "caption")}

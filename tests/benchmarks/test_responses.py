@@ -1,0 +1,35 @@
+import json
+
+import pytest
+
+from benchmarks.__main__ import run
+from benchmarks.responses import load_records
+from tests.benchmarks import shared_data
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "[]"])
+def test_a_file_without_records_is_an_error(tmp_path, text: str) -> None:
+    path = tmp_path / "responses.jsonl"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="holds no records"):
+        load_records(path)
+    # not a table of zero splits with mean F1 0.00
+    argv = ["--questions-dir", str(shared_data("pope", "coco")), "--responses", str(path)]
+    with pytest.raises(SystemExit, match="holds no records"):
+        run(["pope", "score", *argv])
+
+
+def test_a_truncated_json_array_names_the_file(tmp_path) -> None:
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps([{"id": 1, "response": "Yes"}] * 3)[:-20])
+    with pytest.raises(ValueError, match="responses.json: not a valid JSON array"):
+        load_records(path)
+
+
+def test_errors_show_a_shortened_record(tmp_path) -> None:
+    path = tmp_path / "responses.json"
+    wrapped = {"responses": [{"id": i, "response": "Yes"} for i in range(1, 10_001)]}
+    path.write_text(json.dumps([wrapped]))
+    with pytest.raises(SystemExit, match="lacks id, response") as error:
+        run(["amber", "score", "--data-dir", str(shared_data("amber")), "--responses", str(path)])
+    assert len(str(error.value)) < 300  # not the 10,000 wrapped records
