@@ -1,6 +1,6 @@
 """`python -m benchmarks BENCH plot --out DIR`: PNG charts of `DIR/features.json`.
 
-Writes to `DIR/plots/`: top_features.png (scores of the best selected features),
+Writes to `DIR/plots/`: top_features.png (the best selected features by the key analyze selected them on),
 features_per_layer.png, activation_heatmap.png (GOOD vs BAD frequency and activation of the
 selected features), frequency_ratios.png (log scale) and, from `DIR/feature_stats.npz`,
 volcano.png (frequency ratio against Fisher p-value for every feature that fires).
@@ -85,9 +85,29 @@ def bar_style(feature: dict, direction: str) -> dict:
     return {"color": COLORS[direction], "edgecolor": "white", "hatch": "///"}
 
 
+def _ranks_by_attribution(result: dict) -> bool:
+    return result.get("parameters", {}).get("rank_by") == "attribution"
+
+
+def selection_score(result: dict, feature: dict, direction: str) -> float:
+    """What `analyze` selected the feature by: its goodness / badness score, or with `--rank-by
+    attribution` attribution_good - attribution_bad (good) and its negative (bad)."""
+    if _ranks_by_attribution(result):
+        difference = feature["attribution_good"] - feature["attribution_bad"]
+        return difference if direction == "good" else -difference
+    return feature[SCORE[direction]]
+
+
+def selection_label(result: dict, direction: str) -> str:
+    if _ranks_by_attribution(result):
+        first, second = ("good", "bad") if direction == "good" else ("bad", "good")
+        return f"attribution_{first} - attribution_{second}"
+    return SCORE[direction].replace("_", " ")
+
+
 def _top(result: dict, direction: str, n: int) -> list[dict]:
     features = [f for f in result["features"] if f.get("direction", "good") == direction]
-    return sorted(features, key=lambda f: -f[SCORE[direction]])[:n]
+    return sorted(features, key=lambda f: -selection_score(result, f, direction))[:n]
 
 
 def _directions(result: dict) -> list[str]:
@@ -125,13 +145,13 @@ def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) 
     for ax, direction in zip(axes[0], directions, strict=True):
         features = _top(result, direction, top)[::-1]
         labels = [feature_label(f) + (" *" if f.get("significant") else "") for f in features]
-        bars = ax.barh(labels, [f[SCORE[direction]] for f in features])
+        bars = ax.barh(labels, [selection_score(result, f, direction) for f in features])
         for bar, feature in zip(bars, features, strict=True):
             style = bar_style(feature, direction)
             bar.set_facecolor(style["color"])
             bar.set_hatch(style["hatch"])
             bar.set_edgecolor(style["edgecolor"])
-        ax.set_xlabel(f"{SCORE[direction].replace('_', ' ')}")
+        ax.set_xlabel(selection_label(result, direction))
         significant = sum(bool(f.get("significant")) for f in features)
         ax.set_title(
             f"top {len(features)} {direction.upper()} features, {significant} significant\n"
@@ -139,7 +159,7 @@ def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) 
             fontsize=10,
         )
         ax.tick_params(axis="y", labelsize=8)
-    fig.suptitle(f"{title}: features ranked by score")
+    fig.suptitle(f"{title}: features ranked as analyze selected them")
     return _save(fig, path, dpi)
 
 

@@ -92,3 +92,27 @@ def test_a_truncated_output_file_is_named_in_one_line(tmp_path):
     (tmp_path / "features.json").write_text('{"features": [')  # a stage killed mid-write
     with pytest.raises(SystemExit, match=r"features.json is not valid JSON"):
         run(["easyvqa", "plot", "--out", str(tmp_path)])
+
+
+def test_features_ranked_by_attribution_are_shown_by_the_attribution_difference():
+    def feature(idx, direction, goodness, badness, attribution_good, attribution_bad):
+        return {"layer": 0, "feature_idx": idx, "direction": direction,
+                "goodness_score": goodness, "badness_score": badness,
+                "attribution_good": attribution_good, "attribution_bad": attribution_bad}  # fmt: skip
+
+    result = {
+        "parameters": {"rank_by": "attribution"},
+        "features": [
+            feature(1, "good", 9.0, 1.0, 0.1, 0.0),
+            feature(2, "good", 1.0, 9.0, 0.5, 0.0),  # selected by attribution, not goodness
+            feature(3, "bad", 1.0, 9.0, 0.0, 0.1),
+            feature(4, "bad", 9.0, 1.0, 0.0, 0.3),
+        ],
+    }
+    assert [f["feature_idx"] for f in plot._top(result, "good", 1)] == [2]
+    assert [f["feature_idx"] for f in plot._top(result, "bad", 2)] == [4, 3]
+    assert plot.selection_score(result, result["features"][3], "bad") == pytest.approx(0.3)
+    assert plot.selection_label(result, "bad") == "attribution_bad - attribution_good"
+    result["parameters"]["rank_by"] = "goodness"
+    assert [f["feature_idx"] for f in plot._top(result, "good", 1)] == [1]
+    assert plot.selection_label(result, "good") == "goodness score"
