@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter
@@ -276,15 +277,19 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     rules = Rules(**read_json(out / outputs.CLASSIFICATION)["rules"])
     generated: dict[str, dict[str, Any]] = {}
     images: dict[str, str] = {}
-    for condition in conditions(config, by_direction):
+    todo = list(conditions(config, by_direction))
+    progress = tqdm(total=len(todo) * len(items), desc=f"{benchmark} steer", unit="sample")
+    for condition in todo:
+        progress.set_postfix_str(condition.name)
         setup = _setup(
             condition, run, replacement, by_direction, control, neurons, neuron_control,
             config.region,
         )  # fmt: skip
         if setup is None:
+            progress.update(len(items))
             continue
         folder = out / "steer" / condition.name
-        records = _generate(folder, items, run, setup, config, adapter)
+        records = _generate(folder, items, run, setup, config, adapter, progress)
         if condition.kind == "baseline":
             images = sample_images(records)
         verdicts = adapter.classify(run.data, records, rules)
@@ -295,6 +300,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "official": _official_metrics(benchmark, folder, out),
             "n_features": len(by_direction.get(condition.direction, [])),
         }
+    progress.close()
     report = _report(generated, config, benchmark, len(items), control, images)
     report["control_neurons"] = neuron_control
     report["feature_region"] = result.get("parameters", {}).get("region")
@@ -354,13 +360,21 @@ def _setup(
 
 
 def _generate(
-    folder: Path, items: list, run: Run, setup: Setup, config: SteerConfig, adapter: Adapter
+    folder: Path,
+    items: list,
+    run: Run,
+    setup: Setup,
+    config: SteerConfig,
+    adapter: Adapter,
+    progress: tqdm,
 ) -> list[dict]:
-    """The condition's response records, generated unless its folder already holds them."""
+    """The condition's response records, generated unless its folder already holds them;
+    `progress` counts the items."""
     spec = {**setup.spec, "ids": [item.id for item in items], "model": run.settings.get("model")}
     spec = json.loads(json.dumps(spec))  # as condition.json reads back (tuples become lists)
     done = folder / "condition.json"
     if not config.force and done.exists() and read_json(done) == spec:
+        progress.update(len(items))
         return outputs.read_append_log(folder / outputs.RESPONSES)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -380,6 +394,7 @@ def _generate(
             )
             for item, generation in zip(batch, generations, strict=True):
                 records.append({"id": item.id, "response": generation.response, **item.fields})
+            progress.update(len(batch))
     outputs.write_atomic(folder / outputs.RESPONSES, "".join(json.dumps(r) + "\n" for r in records))
     adapter.write_official(records, folder / adapter.OFFICIAL_FILE)
     outputs.write_json(done, spec)

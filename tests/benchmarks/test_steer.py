@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +140,9 @@ def test_random_neuron_control_matches_counts_per_mlp_and_avoids_the_mapped() ->
 GREEDY = ["--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32"]
 
 
-def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_dir, llava_recipe):
+def test_steer_end_to_end_on_a_tiny_run(
+    tmp_path: Path, tiny_llava, tiny_llava_dir, llava_recipe, capsys
+):
     model, _ = tiny_llava
     hookpoints = mlp_hookpoints(model, llava_recipe)
     cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True)
@@ -185,8 +188,11 @@ def test_steer_end_to_end_on_a_tiny_run(tmp_path: Path, tiny_llava, tiny_llava_d
     assert len(neuron_map[0]["targets"][0]["top_mlp_neurons"]) == 3
     assert -1 <= neuron_map[0]["targets"][0]["verification"]["cosine_top"] <= 1
 
+    capsys.readouterr()
     run(["easyvqa", "steer", "--out", str(out), "--factors", "0,3", "--bootstrap", "50",
          "--device", "cpu", "--batch-size", "4"])  # fmt: skip
+    # a progress bar over every condition's held-out samples: 21 conditions x 4 samples
+    assert re.search(r"easyvqa steer: 100%.* 84/84 ", capsys.readouterr().err)
     report = json.loads((out / "steering.json").read_text())
     assert report["baseline"]["n"] == 4 and report["held_out_samples"] == 4
     # intervals resample the held-out images (easy-VQA records name their image_id)
