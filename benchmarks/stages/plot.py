@@ -186,19 +186,25 @@ def plot_features_per_layer(result: dict, path: Path, title: str, dpi: int) -> P
     return _save(fig, path, dpi)
 
 
+def heatmap_cells(features: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """[n, 2] GOOD / BAD firing frequencies and mean activations when firing; the mean is NaN
+    where the feature never fires in the group (undefined, not an activation of 0)."""
+    freq = np.array([[f["good_freq"], f["bad_freq"]] for f in features]).reshape(-1, 2)
+    act = np.array([[f["good_avg_activation"], f["bad_avg_activation"]] for f in features])
+    return freq, np.where(freq > 0, act.reshape(-1, 2), np.nan)
+
+
 def plot_activation_heatmap(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
     features = [f for d in _directions(result) for f in _top(result, d, top)]
     labels = [f"{feature_label(f)} ({f.get('direction', 'good')})" for f in features]
-    freq = np.array([[f["good_freq"], f["bad_freq"]] for f in features]).reshape(-1, 2)
-    act = np.array([[f["good_avg_activation"], f["bad_avg_activation"]] for f in features]).reshape(
-        -1, 2
-    )
+    freq, act = heatmap_cells(features)
+    act_max = max(np.nanmax(act, initial=0.0), 1e-9)
     fig, axes = pyplot().subplots(
         1, 2, figsize=(8, 1.5 + 0.3 * max(len(features), 3)), layout="constrained"
     )
     panels = (
         (freq, "firing frequency (share of samples)", "Blues", 0.0, 1.0),
-        (act, "mean activation when firing", "Oranges", 0.0, max(act.max(initial=0.0), 1e-9)),
+        (act, "mean activation when firing (-: never fires)", "Oranges", 0.0, act_max),
     )
     for ax, (data, name, cmap, vmin, vmax) in zip(axes, panels, strict=True):
         image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
@@ -208,7 +214,8 @@ def plot_activation_heatmap(result: dict, path: Path, title: str, top: int, dpi:
         ax.set_title(name, fontsize=10)
         for (row, col), value in np.ndenumerate(data):
             dark = value > vmin + 0.6 * (vmax - vmin)
-            ax.text(col, row, f"{value:.2g}", ha="center", va="center", fontsize=7,
+            text = "-" if np.isnan(value) else f"{value:.2g}"
+            ax.text(col, row, text, ha="center", va="center", fontsize=7,
                     color="white" if dark else "black")  # fmt: skip
         fig.colorbar(image, ax=ax, fraction=0.08)
     fig.suptitle(f"{title}: GOOD vs BAD samples, top selected features")

@@ -116,3 +116,12 @@ def test_features_ranked_by_attribution_are_shown_by_the_attribution_difference(
     result["parameters"]["rank_by"] = "goodness"
     assert [f["feature_idx"] for f in plot._top(result, "good", 1)] == [1]
     assert plot.selection_label(result, "good") == "goodness score"
+
+
+def test_heatmap_leaves_the_activation_of_a_group_where_the_feature_never_fires_blank():
+    features = [
+        {"good_freq": 0.5, "bad_freq": 0.0, "good_avg_activation": 2.0, "bad_avg_activation": 0.0}
+    ]
+    freq, act = plot.heatmap_cells(features)
+    assert freq.tolist() == [[0.5, 0.0]]
+    assert act[0, 0] == 2.0 and np.isnan(act[0, 1])
