@@ -248,7 +248,12 @@ def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
         return
     before = read_json(path)
     now = {**{key: getattr(config, key) for key in RESUME_KEYS}, "data": asdict(data)}
-    was = {**{key: before["settings"].get(key) for key in RESUME_KEYS}, "data": before["data"]}
+    # a capture.json of an older version may hold relative paths: read from here, as its run was
+    recorded = replace(config, **{key: before["settings"].get(key) for key in RESUME_KEYS})
+    was = {
+        **{key: getattr(with_absolute_paths(recorded), key) for key in RESUME_KEYS},
+        "data": asdict(type(data)(**before["data"])),
+    }
     changed = {key: (was[key], now[key]) for key in now if was[key] != now[key]}
     if changed:
         raise ValueError(

@@ -250,6 +250,10 @@ def test_capture_records_absolute_paths_for_the_later_stages(
     assert info["data"]["images"] == str(tmp_path / "images")
     run(argv)  # resumes: the same paths, given relative again
     assert json.loads((tmp_path / "out" / "capture.json").read_text())["counts"]["resumed"] == 1
+    info["settings"]["coders"] = os.path.relpath(coders_dir)  # as an older version recorded it
+    info["data"]["questions_dir"] = "questions"
+    (tmp_path / "out" / "capture.json").write_text(json.dumps(info))
+    run(argv)  # still the same settings
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
