@@ -25,6 +25,13 @@ def stage_module(benchmark: str, stage: str) -> ModuleType:
     raise SystemExit(f"stage '{stage}' is not implemented for '{benchmark}'")
 
 
+def check_limit(limit: int | None) -> None:
+    """`--limit N` takes the first N items: N must be positive (a negative N would slice from
+    the end, silently dropping the last items instead)."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit {limit}: give a positive number of items, or leave it out")
+
+
 def stage_parser(
     benchmark: str, stage: str, config_class: type, default: Any = None, **groups: type
 ) -> ArgumentParser:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from benchmarks.adapters import check_images, get_adapter
-from benchmarks.stages import stage_module, stage_parser
+from benchmarks.stages import check_limit, stage_module, stage_parser
 from benchmarks.stages.analyze import RankBy, Region
 from benchmarks.stages.steer import parse_factors
 from vlm_sparsify.__main__ import run as train
@@ -107,6 +107,7 @@ def check_options(config: AllConfig) -> None:
     """The options the stages would reject after training: the factors, the dtype, the counts."""
     parse_factors(config.factors)
     pick_dtype(config.dtype, torch.device("cpu"))
+    check_limit(config.limit)
     for name in POSITIVE:
         if getattr(config, name) < 1:
             flag = f"--{name.replace('_', '-')}"

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.runs import Run, check_store_coders, load_run, teacher_forced_inputs
-from benchmarks.stages import parse_stage
+from benchmarks.stages import check_limit, parse_stage
 from benchmarks.stages.analyze import Region, read_attribution_meta
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
@@ -155,4 +155,5 @@ def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
 
 def main(argv: list[str], benchmark: str) -> None:
     config = parse_stage(argv, benchmark, "attribute", AttributeConfig)
+    check_limit(config.limit)
     attribute(Path(config.out), benchmark, config)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, BenchItem, absolute_path, check_images, get_adapter
 from benchmarks.generation import generate_batch
-from benchmarks.stages import stage_parser
+from benchmarks.stages import check_limit, stage_parser
 from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError, load_rgb
@@ -78,6 +78,7 @@ def main(argv: list[str], benchmark: str) -> None:
     adapter = get_adapter(benchmark)
     config, data = parse_args(argv, adapter, benchmark)
     config = with_absolute_paths(config)
+    check_limit(config.limit)
     try:
         counts = capture(benchmark, adapter, config, data)
     except (ValueError, FileNotFoundError) as err:

@@ -50,7 +50,7 @@ from benchmarks.generation import generate_batch
 from benchmarks.neuron_map import random_neurons, scale_neurons
 from benchmarks.runs import Run, load_run, read_features
 from benchmarks.splits import sample_images
-from benchmarks.stages import parse_stage, stage_module
+from benchmarks.stages import check_limit, parse_stage, stage_module
 from benchmarks.stages.plot import pyplot
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
 from vlm_sparsify.data import load_rgb
@@ -231,6 +231,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     csv_choices(config.directions, ("good", "bad"), "--directions")
     parse_factors(config.factors)
     check_steer_region(config.region)
+    check_limit(config.limit)
     result = read_features(out)
     held_out = result.get("split", {}).get("held_out_ids", [])
     if not held_out:

@@ -400,6 +400,14 @@ def test_all_passes_the_data_flags_to_capture_and_checks_them_before_training(tm
     assert not (out / "coders").exists()  # refused before training a CLT
 
 
+@pytest.mark.parametrize("stage", ["capture", "attribute"])
+def test_a_negative_limit_is_refused_not_read_as_a_slice_from_the_end(tmp_path, stage):
+    # items[:-5] would silently drop the last five items and run the rest
+    with pytest.raises(SystemExit, match="--limit -5: give a positive number"):
+        run(["easyvqa", stage, "--out", str(tmp_path / "out"), "--limit", "-5"])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "flags, error",
     [
@@ -407,6 +415,7 @@ def test_all_passes_the_data_flags_to_capture_and_checks_them_before_training(tm
         (["--factors", "0,-2"], "easyvqa all: --factors '0,-2': give non-negative numbers"),
         (["--dtype", "float13"], "easyvqa all: unknown dtype 'float13'"),
         (["--batch-size", "0"], "easyvqa all: --batch-size 0: give a positive number"),
+        (["--limit", "-5"], "easyvqa all: --limit -5: give a positive number"),
         (["--k", "64", "--num-latents", "32"], "easyvqa all: --k 64 exceeds --num-latents 32"),
     ],
 )

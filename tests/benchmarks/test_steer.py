@@ -250,6 +250,8 @@ def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
             run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), flag, value])
     with pytest.raises(SystemExit, match="Unknown steering region 'response'"):
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--region", "response"])
+    with pytest.raises(SystemExit, match="--limit 0: give a positive number"):
+        run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--limit", "0"])
 
 
 def test_bootstrap_by_image_weighs_each_resampled_image_by_its_samples() -> None:
