@@ -213,7 +213,8 @@ def load_lexicon(mode: str, vocabulary: Collection[str], threshold: float = 0.8)
             raise RuntimeError(
                 "official AMBER matching needs nltk with its punkt_tab, "
                 "averaged_perceptron_tagger_eng and wordnet data, spacy and en_core_web_lg "
-                f"({reason}); install them or pass --mode offline"
+                f"({reason}); install them or match offline (score --mode offline, classify "
+                "--word-matching offline)"
             )
         case other:
             raise ValueError(f"Unknown matching mode '{other}'; known: auto, official, offline")

@@ -198,6 +198,16 @@ def test_offline_lexicon() -> None:
         load_lexicon("fuzzy", lexicon.vocabulary)
 
 
+def test_missing_official_matching_names_the_flag_of_score_and_of_classify(monkeypatch) -> None:
+    from benchmarks.amber import lexicon
+
+    monkeypatch.setattr(lexicon, "_try_official", lambda threshold: (None, "no nltk"))
+    with pytest.raises(RuntimeError) as error:
+        load_lexicon("official", ["dog"])
+    assert "--mode offline" in str(error.value)
+    assert "--word-matching offline" in str(error.value)  # classify's flag
+
+
 @pytest.mark.parametrize(
     ("responses", "message"),
     [
