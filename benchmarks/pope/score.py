@@ -97,6 +97,11 @@ def confusion(predictions: Sequence[str], labels: Sequence[str]) -> SplitMetrics
 
 
 def _response_key(record: dict[str, Any], where: str) -> tuple[str, int]:
+    if "text" in record and "response" not in record:
+        raise ValueError(
+            f"{where}: records have `text`, not `split` and `response`: for LLaVA's answer file "
+            "pass its question file too, --question-file llava_pope_test.jsonl"
+        )
     require_fields(record, ("question_id", "split", "response"), where)
     split = record["split"]
     if split not in SPLITS:

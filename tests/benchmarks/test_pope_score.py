@@ -180,6 +180,7 @@ def test_all_no_answers_give_zero_precision_instead_of_crashing(tmp_path) -> Non
         (lambda rs: rs + [{"question_id": 1, "split": "gqa", "response": "No"}], "is not one of"),
         (lambda rs: [{"question_id": 1, "response": "No"}] + rs[1:], "lacks split"),
         (lambda rs: [{**rs[0], "response": None}] + rs[1:], "response of .* is not a string"),
+        (lambda rs: [{"question_id": 1, "text": "No"}] + rs[1:], "--question-file"),
     ],
 )
 def test_id_errors(edit, message: str) -> None:
