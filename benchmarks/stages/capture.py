@@ -133,6 +133,8 @@ def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) 
         config.model, recipe, dtype=config.dtype, device=device
     )
     items = adapter.load_items(data, recipe)[: config.limit]
+    if not items:
+        raise ValueError("the benchmark data holds no items; check its flags (--help)")
     if len({item.id for item in items}) != len(items):
         raise ValueError("duplicate item ids in the benchmark data; check the question files")
     check_images(items)

@@ -202,6 +202,8 @@ def test_pope_capture_score_classify_with_the_base_model(tmp_path, tiny_llava_di
             "--questions-dir", str(questions), "--images", str(images), *GREEDY]  # fmt: skip
     with pytest.raises(SystemExit, match="COCO_0.jpg"):
         run([*argv, "--strict"])
+    with pytest.raises(SystemExit, match="holds no items"):  # no popular label file here
+        run([*argv, "--splits", "popular"])
     elsewhere = ["pope", "capture", "--out", str(tmp_path / "elsewhere"), "--model",
                  str(tiny_llava_dir), "--questions-dir", str(questions), *GREEDY]  # fmt: skip
     with pytest.raises(SystemExit, match="none of the first 4 images exists.*check --images"):
