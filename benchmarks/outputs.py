@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vlm_sparsify.files import read_json
+
 CAPTURE = "capture.json"
 RESPONSES = "responses.jsonl"
 OFFICIAL_RESPONSES = ("responses_official.jsonl", "responses_official.json")
@@ -86,7 +88,7 @@ def capture_info(out: str | Path) -> dict[str, Any]:
     path = Path(out) / CAPTURE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}: run `capture --out {out}` first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def official_responses(out: str | Path) -> Path:

@@ -8,10 +8,11 @@ action), existence (8633-13556, type "discriminative-hallucination"), relation (
 "discriminative-relation" and "relation").
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vlm_sparsify.files import read_json
 
 GENERATIVE_IDS = range(1, 1005)
 ATTRIBUTE_IDS = range(1005, 8633)
@@ -58,7 +59,7 @@ def _read_json(path: Path) -> Any:
         raise FileNotFoundError(
             f"{path} not found; pass --data-dir pointing at AMBER's data/ folder"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path)
 
 
 def load_annotations(data_dir: str | Path) -> list[dict[str, Any]]:

@@ -33,3 +33,16 @@ def test_errors_show_a_shortened_record(tmp_path) -> None:
     with pytest.raises(SystemExit, match="lacks id, response") as error:
         run(["amber", "score", "--data-dir", str(shared_data("amber")), "--responses", str(path)])
     assert len(str(error.value)) < 300  # not the 10,000 wrapped records
+
+
+def test_a_corrupt_capture_json_or_amber_file_is_named(tmp_path) -> None:
+    (tmp_path / "capture.json").write_text('{"settings": ')  # a capture killed mid-write
+    with pytest.raises(SystemExit, match="capture.json is not valid JSON"):
+        run(["pope", "classify", "--out", str(tmp_path)])
+    data = tmp_path / "amber"
+    data.mkdir()
+    (data / "relation.json").write_text('{"dog": [')
+    responses = tmp_path / "responses.json"
+    responses.write_text('[{"id": 1, "response": "A dog."}]')
+    with pytest.raises(SystemExit, match="relation.json is not valid JSON"):
+        run(["amber", "score", "--data-dir", str(data), "--responses", str(responses)])
