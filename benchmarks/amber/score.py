@@ -159,7 +159,10 @@ def _responses_by_id(responses: Sequence[dict[str, Any]], n_items: int) -> dict[
     by_id: dict[int, str] = {}
     for record in responses:
         require_fields(record, ("id", "response"), "responses")
-        item_id = int(record["id"])
+        try:
+            item_id = int(record["id"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"responses: id {record['id']!r} is not an AMBER item id") from err
         if not 1 <= item_id <= n_items:
             raise ValueError(f"responses: id {item_id} is not an AMBER item (1-{n_items})")
         if item_id in by_id:

@@ -216,6 +216,7 @@ def test_missing_official_matching_names_the_flag_of_score_and_of_classify(monke
         ([{"id": 15221, "response": "x"}], "not an AMBER item"),
         ([{"response": "x"}], "lacks id"),
         ([{"id": 1, "response": None}], "response of .* is not a string"),
+        ([{"id": "AMBER_1", "response": "x"}], "id 'AMBER_1' is not an AMBER item id"),
     ],
 )
 def test_id_errors(data: dict, responses: list[dict], message: str) -> None:
