@@ -197,6 +197,11 @@ def test_mismatched_checkpoints_name_the_file_and_fix(tmp_path: Path) -> None:
     weights.unlink()
     with pytest.raises(CheckpointError, match=r"missing .*layers\.1\.mlp/sae\.safetensors"):
         load_coders(tmp_path / "run")
+    for coders in (clt, PerLayerCoders(HOOKS, D, SparseCoderConfig(num_latents=LATENTS, k=K))):
+        save_coders(coders, tmp_path / "run")
+        (tmp_path / "run" / HOOKS[1] / "cfg.json").unlink()  # not one coder fewer in silence
+        with pytest.raises(CheckpointError, match=r"missing .*layers\.1\.mlp/cfg\.json beside"):
+            load_coders(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         load_coders(tmp_path / "nowhere")
 

@@ -310,6 +310,14 @@ def _read_cfgs(
     """The run's hookpoints in order and their cfg.json, checked against what was asked for."""
     check_run_dir(run_dir)
     folders = [f for f in run_dir.iterdir() if f.is_dir() and (f / CFG_FILE).exists()]
+    # a coder folder that lost its cfg.json would otherwise drop out of the set unnoticed
+    if orphans := sorted(
+        f for f in run_dir.iterdir() if (f / WEIGHTS_FILE).exists() and f not in folders
+    ):
+        raise CheckpointError(
+            f"missing {orphans[0] / CFG_FILE} beside its {WEIGHTS_FILE}; the checkpoint is "
+            "incomplete: re-save it or point to an earlier one"
+        )
     if not folders:
         raise CheckpointError(
             f"{run_dir} holds no <hookpoint>/{CFG_FILE}; pass a run folder written by "
