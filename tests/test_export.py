@@ -126,6 +126,21 @@ def test_export_warns_that_skip_connections_stay_behind(tmp_path: Path) -> None:
               "--calibration", str(tmp_path / "calib.safetensors")])  # fmt: skip
 
 
+def test_calibration_of_another_width_or_length_is_one_error_naming_it(tmp_path: Path) -> None:
+    save_coders(random_clt(cross_layer=2), tmp_path / "run")
+    calib = tmp_path / "calib.safetensors"
+    command = ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--calibration"]
+    for tensors, wrong in (
+        ({f"inputs.{h}": torch.randn(64, 16) for h in HOOKS}, r"'inputs\..*0\.mlp': \[64, 16\]"),
+        ({f"inputs.{h}": torch.randn(64 + i, 8) for i, h in enumerate(HOOKS)}, r"\[65, 8\]"),
+        ({f"inputs.{h}": torch.randn(1, 8) for h in HOOKS}, r"\[1, 8\]\} is not \[N, 8\]"),
+    ):
+        save_file(tensors, str(calib))
+        with pytest.raises(ValueError, match=rf"{calib}: .*{wrong}.*N >= 2"):
+            main([*command, str(calib)])
+    assert not (tmp_path / "ct").exists()
+
+
 def test_a_failed_export_leaves_the_previous_one_and_no_temporary_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

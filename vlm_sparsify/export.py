@@ -177,8 +177,10 @@ def export_circuit_tracer(
 
 
 def _load_calibration(
-    path: Path, hookpoints: list[str]
+    path: Path, hookpoints: list[str], d_in: int
 ) -> tuple[list[Tensor], list[Tensor] | None]:
+    """The calibration file's MLP inputs (and outputs) per hookpoint: [N, d_in] each, the same
+    tokens (N >= 2, halved into fit and held-out) at every hookpoint."""
     tensors = load_safetensors(path)
     missing = [h for h in hookpoints if f"inputs.{h}" not in tensors]
     if missing:
@@ -186,8 +188,21 @@ def _load_calibration(
             f"{path} lacks inputs.<hookpoint> for {missing}; it needs one [N, d] tensor of MLP "
             "inputs per hookpoint (and optionally outputs.<hookpoint>)"
         )
-    inputs = [tensors[f"inputs.{h}"].float() for h in hookpoints]
     has_outputs = all(f"outputs.{h}" in tensors for h in hookpoints)
+    kinds = ("inputs", "outputs") if has_outputs else ("inputs",)
+    shapes = {
+        f"{kind}.{h}": tuple(tensors[f"{kind}.{h}"].shape) for kind in kinds for h in hookpoints
+    }
+    first = shapes[f"inputs.{hookpoints[0]}"]
+    n = first[0] if first else 0
+    wrong = {name: list(shape) for name, shape in shapes.items() if shape != (n, d_in)}
+    if n < 2 or wrong:
+        raise ValueError(
+            f"{path}: {wrong or {f'inputs.{hookpoints[0]}': list(first)}} is not [N, {d_in}]; "
+            "every tensor must be the coders' width, with one N >= 2 (the same tokens at every "
+            "hookpoint): activations of the model these coders were trained on"
+        )
+    inputs = [tensors[f"inputs.{h}"].float() for h in hookpoints]
     outputs = [tensors[f"outputs.{h}"].float() for h in hookpoints] if has_outputs else None
     return inputs, outputs
 
@@ -238,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             args.run, coders.hookpoints, num_examples=args.calibration_examples
         )
     else:
-        inputs, outputs = _load_calibration(args.calibration, coders.hookpoints)
+        d_in = source_weights(coders, 0)[0].shape[1]
+        inputs, outputs = _load_calibration(args.calibration, coders.hookpoints, d_in)
     half = inputs[0].shape[0] // 2
     thresholds = fit_thresholds(coders, [x[:half] for x in inputs], args.threshold)
     export_circuit_tracer(
