@@ -129,6 +129,46 @@ def test_logit_fvu_reads_the_summed_errors_through_the_unembedding() -> None:
     assert plain.result(["l0", "l1"])["logit_fvu"] is None
 
 
+def test_fvus_do_not_depend_on_how_the_rows_were_batched() -> None:
+    # the variance is about the mean of every row measured, not of each batch: with a mean that
+    # moves between batches (one image per example), per-batch centring shrank it
+    generator = torch.Generator().manual_seed(0)
+    ys = [torch.randn(12, 3, generator=generator) + torch.arange(12.0)[:, None] for _ in "ab"]
+    y_hats = [y + 0.5 * torch.randn(12, 3, generator=generator) for y in ys]
+    image = torch.arange(12) % 3 == 0
+    unembedding = torch.randn(5, 3, generator=generator)
+
+    def measure(batches: list[slice]) -> dict:
+        totals = FidelityTotals(num_layers=2)
+        for rows in batches:
+            masks = {
+                "all": torch.ones(12, dtype=torch.bool)[rows],
+                "image": image[rows],
+                "prompt": ~image[rows],
+                "answer": torch.zeros(12, dtype=torch.bool)[rows],
+            }
+            totals.add_layers([y[rows] for y in ys], [y[rows] for y in y_hats], masks, unembedding)
+        return totals.result(["l0", "l1"])
+
+    whole = measure([slice(0, 12)])
+    split = measure([slice(0, 1), slice(1, 5), slice(5, 12)])
+    y = ys[0] + ys[1]
+    e = y - y_hats[0] - y_hats[1]
+    assert whole["fvu_cumulative"]["l1"] == pytest.approx(
+        float(e.pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    )
+    for key in ("fvu", "fvu_cumulative", "error_coherence"):
+        assert split[key] == pytest.approx(whole[key])
+        for region in ("image", "prompt"):
+            assert split[f"{key}_by_region"][region] == pytest.approx(
+                whole[f"{key}_by_region"][region]
+            )
+    assert split["logit_fvu"] == pytest.approx(whole["logit_fvu"])
+    assert split["logit_fvu_by_region"]["image"] == pytest.approx(
+        whole["logit_fvu_by_region"]["image"]
+    )
+
+
 def test_kl_by_region_is_the_mean_over_each_region_s_positions() -> None:
     generator = torch.Generator().manual_seed(0)
     base, replaced = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)

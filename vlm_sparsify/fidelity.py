@@ -149,6 +149,32 @@ def left_pad(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
     }
 
 
+class SpreadSum:
+    """Sum of squared deviations of all rows added so far about their common mean (Chan et
+    al.'s pairwise update), so that an FVU's denominator does not depend on the batching."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Tensor | None = None
+        self.value = 0.0
+
+    def add(self, rows: Tensor) -> None:
+        """Rows [N, d], summed in float64."""
+        n = len(rows)
+        if n == 0:
+            return
+        mean = rows.sum(0, dtype=torch.float64) / n
+        spread = (rows - mean.to(rows.dtype)).pow_(2).sum(dtype=torch.float64).item()
+        if self.mean is None:
+            self.count, self.mean, self.value = n, mean, spread
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.value += spread + delta.pow(2).sum().item() * self.count * n / total
+        self.mean = self.mean + delta * (n / total)
+        self.count = total
+
+
 class FidelityTotals:
     """Running sums over token positions and generations."""
 
@@ -157,11 +183,11 @@ class FidelityTotals:
         self.count = dict.fromkeys(("all", *REGIONS), 0)
         self.kl = dict.fromkeys(self.agree, 0.0)
         self.residual = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
-        self.variance = {name: torch.zeros(num_layers, dtype=torch.float64) for name in self.agree}
-        self.cum_residual = {name: torch.zeros_like(v) for name, v in self.variance.items()}
-        self.cum_variance = {name: torch.zeros_like(v) for name, v in self.variance.items()}
+        self.cum_residual = {name: torch.zeros_like(v) for name, v in self.residual.items()}
+        self.variance = {name: [SpreadSum() for _ in range(num_layers)] for name in self.agree}
+        self.cum_variance = {name: [SpreadSum() for _ in range(num_layers)] for name in self.agree}
         self.logit_residual = dict.fromkeys(self.agree, 0.0)
-        self.logit_variance = dict.fromkeys(self.agree, 0.0)
+        self.logit_variance = {name: SpreadSum() for name in self.agree}
         self.matches = 0
         self.generations = 0
 
@@ -183,7 +209,8 @@ class FidelityTotals:
         unembedding: Tensor | None = None,
     ) -> None:
         """True MLP outputs and predictions [N, d] per target; row masks [N] for "all" and regions
-        (each region's variance is about its own mean); `unembedding` [V, d] for `logit_fvu`."""
+        (each region's variance is about its own mean over every batch added: `SpreadSum`);
+        `unembedding` [V, d] for `logit_fvu`."""
         sums: dict[str, tuple[Tensor, Tensor]] = {}  # per region: sum of y_t, of e_t so far
         for t, (y, y_hat) in enumerate(zip(targets, predictions, strict=True)):
             for name, mask in masks.items():
@@ -192,42 +219,41 @@ class FidelityTotals:
                     continue
                 error = y_region - y_hat_region
                 self.residual[name][t] += error.pow(2).sum().item()
-                self.variance[name][t] += (y_region - y_region.mean(0)).pow(2).sum().item()
+                self.variance[name][t].add(y_region)
                 if name in sums:
                     y_sum, error_sum = sums[name]
                     y_region, error = y_sum + y_region, error_sum + error
                 sums[name] = (y_region, error)
                 self.cum_residual[name][t] += error.pow(2).sum().item()
-                self.cum_variance[name][t] += (y_region - y_region.mean(0)).pow(2).sum().item()
+                self.cum_variance[name][t].add(y_region)
         if unembedding is None:
             return
         W_U = unembedding.float()  # [N, V] products in float32, their squares summed in float64
         for name, (y_sum, error_sum) in sums.items():
             error_logits = error_sum.float() @ W_U.T
             self.logit_residual[name] += error_logits.pow(2).sum(dtype=torch.float64).item()
-            centred = (y_sum - y_sum.mean(0)).float() @ W_U.T
-            self.logit_variance[name] += centred.pow(2).sum(dtype=torch.float64).item()
+            self.logit_variance[name].add(y_sum.float() @ W_U.T)
 
     def result(self, hookpoints: Sequence[str]) -> dict[str, Any]:
         def share(name: str) -> float | None:
             return self.agree[name] / self.count[name] if self.count[name] else None
 
-        def ratio(numerators: Tensor, denominators: Tensor) -> dict[str, float | None]:
-            pairs = zip(numerators.tolist(), denominators.tolist(), strict=True)
+        def ratio(numerators: Tensor, denominators: list[float]) -> dict[str, float | None]:
+            pairs = zip(numerators.tolist(), denominators, strict=True)
             values = [a / b if b else None for a, b in pairs]
             return dict(zip(hookpoints, values, strict=True))
 
         def fvu(name: str) -> dict[str, float | None]:
-            return ratio(self.residual[name], self.variance[name])
+            return ratio(self.residual[name], [s.value for s in self.variance[name]])
 
         def fvu_cumulative(name: str) -> dict[str, float | None]:
-            return ratio(self.cum_residual[name], self.cum_variance[name])
+            return ratio(self.cum_residual[name], [s.value for s in self.cum_variance[name]])
 
         def coherence(name: str) -> dict[str, float | None]:
-            return ratio(self.cum_residual[name], self.residual[name].cumsum(0))
+            return ratio(self.cum_residual[name], self.residual[name].cumsum(0).tolist())
 
         def logit_fvu(name: str) -> float | None:
-            variance = self.logit_variance[name]
+            variance = self.logit_variance[name].value
             return self.logit_residual[name] / variance if variance else None
 
         return {
