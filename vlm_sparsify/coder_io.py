@@ -304,6 +304,12 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
+def run_hookpoints(run_dir: Path) -> list[str]:
+    """The hookpoints of a run folder, in order, after `load_coders`' checks of its cfg.json
+    files (no weights are read): a folder that is not a run (the save_dir above one) is refused."""
+    return _read_cfgs(run_dir, None, None)[0]
+
+
 def _read_cfgs(
     run_dir: Path, hookpoints: list[str] | None, d_in: int | None
 ) -> tuple[list[str], dict[str, dict[str, Any]]]:

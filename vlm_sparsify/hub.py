@@ -17,7 +17,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import filter_repo_objects
 
 from vlm_sparsify.cli import run_cli
-from vlm_sparsify.coder_io import check_run_dir
+from vlm_sparsify.coder_io import run_hookpoints
 
 TRAINING_ONLY = [
     "state.pt",
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("run", type=Path, metavar="RUN", help="the run folder (SAVE_DIR/RUN_NAME)")
     parser.add_argument("repo", metavar="REPO", help="the Hub repository, e.g. user/my-coders")
     args = parser.parse_args(argv)
-    check_run_dir(args.run)
+    run_hookpoints(args.run)  # never the save_dir: its runs' resume files would go up
     try:
         url = push_to_hub(args.run, args.repo, os.environ.get("HF_TOKEN"))
     except HubUploadError as err:  # its "upload it later" would name this very command

@@ -1,0 +1,41 @@
+"""`python -m vlm_sparsify.hub RUN REPO`: what goes up, and what is refused before anything does."""
+
+from pathlib import Path
+
+import pytest
+from sparsify import SparseCoderConfig
+
+import vlm_sparsify.hub as hub
+from vlm_sparsify.coder_io import CheckpointError, save_coders
+from vlm_sparsify.per_layer import PerLayerCoders
+
+HOOKS = [f"model.language_model.layers.{i}.mlp" for i in range(2)]
+
+
+def test_the_save_dir_above_a_run_is_refused_before_anything_is_uploaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uploaded: dict[str, list[str]] = {}
+
+    class Recorder:
+        def __init__(self, token: str | None = None):
+            pass
+
+        def create_repo(self, repo: str, exist_ok: bool = False) -> None:
+            pass
+
+        def upload_folder(self, repo_id: str, folder_path: str, allow_patterns: list[str]) -> None:
+            uploaded[repo_id] = allow_patterns
+
+    monkeypatch.setattr(hub, "HfApi", Recorder)
+    run_dir = tmp_path / "checkpoints" / "run"
+    coders = PerLayerCoders(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2, transcode=True))
+    save_coders(coders, run_dir, write_extra=lambda folder: (folder / "state.pt").write_bytes(b""))
+    # the save_dir's runs would go up with their resume files: `state.pt` matches only at the top
+    with pytest.raises(CheckpointError, match="holds no <hookpoint>/cfg.json"):
+        hub.main([str(tmp_path / "checkpoints"), "me/coders"])
+    assert uploaded == {}
+    hub.main([str(run_dir), "me/coders"])
+    assert sorted(uploaded["me/coders"]) == sorted(
+        f"{hook}/{name}" for hook in HOOKS for name in ("cfg.json", "sae.safetensors")
+    )
