@@ -166,6 +166,25 @@ def test_a_failed_export_leaves_the_previous_one_and_no_temporary_folder(
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+def test_an_out_dir_that_is_not_an_earlier_export_is_refused_untouched(tmp_path: Path) -> None:
+    clt = random_clt(cross_layer=2)
+    save_coders(clt, tmp_path / "run")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "results.txt").write_text("keep me")
+    thresholds = [torch.full((8,), 0.1)] * 4
+    for folder in (tmp_path / "notes", tmp_path / "run", tmp_path):
+        before = sorted(folder.rglob("*"))
+        with pytest.raises(ValueError, match=f"{folder} exists and is not a circuit-tracer export"):
+            export_circuit_tracer(clt, folder, thresholds)
+        with pytest.raises(ValueError, match="pass a new or empty folder"):
+            main(["circuit-tracer", str(tmp_path / "run"), str(folder)])
+        assert sorted(folder.rglob("*")) == before
+    (tmp_path / "empty").mkdir()
+    for _ in range(2):  # an empty folder, then the earlier export in it
+        export_circuit_tracer(clt, tmp_path / "empty", thresholds)
+    assert (tmp_path / "empty" / "W_dec_3.safetensors").is_file()
+
+
 def test_calibration_activations_come_from_the_runs_own_training_positions(
     tmp_path, tiny_llava, tiny_llava_dir, llava_recipe
 ):

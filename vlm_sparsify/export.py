@@ -124,6 +124,20 @@ def export_fidelity(
     return result
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """The export replaces OUT_DIR whole: refuse a folder that holds anything but an earlier
+    export (the run itself, the save_dir, a folder of other files), whose contents would go."""
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    config = out_dir / "config.yaml"
+    earlier = config.is_file() and "model_kind: cross_layer_transcoder" in config.read_text()
+    if not earlier:
+        raise ValueError(
+            f"{out_dir} exists and is not a circuit-tracer export (no config.yaml of a "
+            "cross_layer_transcoder); the export replaces OUT_DIR whole: pass a new or empty folder"
+        )
+
+
 @torch.no_grad()
 def export_circuit_tracer(
     coders: Coders,
@@ -135,8 +149,10 @@ def export_circuit_tracer(
     model_name: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write circuit-tracer's CLT files for every layer (decoders zero-padded beyond reach)."""
+    """Write circuit-tracer's CLT files for every layer (decoders zero-padded beyond reach)
+    into `out_dir`, new, empty or an earlier export (`_check_out_dir`), replaced whole."""
     out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
     n_layers = len(coders.hookpoints)
     first_W_enc = source_weights(coders, 0)[0]
     b_dec_per_target = [
@@ -237,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--model_name", default=None)
     args = parser.parse_args(argv)
 
+    _check_out_dir(args.out_dir)  # before calibrating: that runs the model
     coders = load_coders(args.run)
     for p in range(len(coders.hookpoints)):
         source_weights(coders, p)  # refuses what circuit-tracer cannot hold, before calibrating
