@@ -121,7 +121,7 @@ def test_export_warns_that_skip_connections_stay_behind(tmp_path: Path) -> None:
     save_coders(CrossLayerTranscoder(HOOKS, 8, cfg, 2), tmp_path / "run")
     tensors = {f"inputs.{h}": torch.randn(64, 8) for h in HOOKS}
     save_file(tensors, str(tmp_path / "calib.safetensors"))
-    with pytest.warns(UserWarning, match="skip connections .* not exported"):
+    with pytest.warns(UserWarning, match="skip connections .* not exported.* TopK .*fvu_topk"):
         main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"),
               "--calibration", str(tmp_path / "calib.safetensors")])  # fmt: skip
 

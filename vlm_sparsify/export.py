@@ -105,7 +105,8 @@ def export_fidelity(
     outputs: list[Tensor] | None = None,
 ) -> dict[str, list[float]]:
     """Per target: FVU of the JumpReLU export against the TopK coder's prediction (and, with
-    `outputs`, both against the true MLP outputs); per source: L0 of the export."""
+    `outputs`, both against the true MLP outputs); per source: L0 of the export. Skip
+    connections are left out of both predictions (circuit-tracer's CLT files carry none)."""
     encoded = [coders.encode(p, x) for p, x in enumerate(inputs)]
     topk = [coders.predict(encoded, t).float() for t in range(len(inputs))]
     jump, l0 = jumprelu_predictions(coders, thresholds, inputs)
@@ -260,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     if coders.cfg.skip_connection:
         warnings.warn(
             "the run's skip connections (W_skip) are not exported: circuit-tracer's CLT files "
-            "hold none; the fidelity printed below is the export's without them",
+            "hold none; every figure printed below leaves them out, the TopK coder's "
+            "(fvu_topk) as well as the export's",
             stacklevel=1,
         )
     if args.calibration is None:
