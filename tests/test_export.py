@@ -185,6 +185,17 @@ def test_an_out_dir_that_is_not_an_earlier_export_is_refused_untouched(tmp_path:
     assert (tmp_path / "empty" / "W_dec_3.safetensors").is_file()
 
 
+def test_coders_of_other_module_paths_are_refused_before_calibrating(
+    tmp_path: Path, tiny_llava_dir: Path
+) -> None:
+    clt = random_clt(cross_layer=2)
+    clt.hookpoints = [f"language_model.model.layers.{i}.mlp" for i in range(4)]  # transformers 4.51
+    save_coders(clt, tmp_path / "run", config={"model": str(tiny_llava_dir)})
+    with pytest.raises(ValueError, match=r"not modules of .*pass --calibration ACTS"):
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
+    assert not (tmp_path / "ct").exists()
+
+
 def test_calibration_activations_come_from_the_runs_own_training_positions(
     tmp_path, tiny_llava, tiny_llava_dir, llava_recipe
 ):

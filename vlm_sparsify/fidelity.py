@@ -373,15 +373,19 @@ def held_out_split(dataset: str, recipe: Recipe) -> str:
     return "" if Path(dataset).is_dir() else recipe.dataset.split
 
 
-def check_hookpoints(model: nn.Module, hookpoints: Sequence[str], model_id: str) -> None:
+def check_hookpoints(
+    model: nn.Module,
+    hookpoints: Sequence[str],
+    model_id: str,
+    fix: str = "pass the run's model with --model, or leave --model out",
+) -> None:
     """Every coder hookpoint is a module of the model: coders of a model with other module paths
-    (or fewer layers) are refused before any data loads."""
+    (or fewer layers) are refused before any data loads; `fix` says what to do instead."""
     missing = [h for h in hookpoints if not has_submodule(model, h)]
     if missing:
         raise ValueError(
             f"the coders' hookpoints {missing[:3]}{' ...' if len(missing) > 3 else ''} are not "
-            f"modules of {model_id}: these coders were trained on another model (pass the run's "
-            "model with --model, or leave --model out)"
+            f"modules of {model_id}: these coders were trained on another model ({fix})"
         )
 
 

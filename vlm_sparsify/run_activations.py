@@ -14,6 +14,7 @@ from torch import Tensor
 
 from vlm_sparsify.coder_io import RUN_CONFIG_FILE
 from vlm_sparsify.data import BatchStream, open_examples, parse_data_args
+from vlm_sparsify.fidelity import check_hookpoints
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import run_recipe
@@ -48,6 +49,13 @@ def run_activations(
     recipe = run_recipe(run_dir, config.get("recipe"), model_id)
     model, processor, recipe = load_model_and_processor(
         model_id, recipe, dtype="float32", device=device, revision=config.get("revision")
+    )
+    check_hookpoints(
+        model,
+        hookpoints,
+        model_id,
+        fix="or another transformers version, where module paths differ; pass --calibration "
+        "ACTS.safetensors with activations of the model they were trained on",
     )
     examples = open_examples(
         config.get("dataset") or recipe.dataset.path,
