@@ -57,11 +57,13 @@ def improved_since_last_check(trainer: Trainer) -> list[str]:
 
 def keep_best(run_dir: Path, hookpoints: list[str], improved: list[str]) -> None:
     """Copy what improved from the checkpoint in `run_dir` to `RUN-best` (one process): a
-    per-layer hookpoint's folder replaced alone, a whole coder set replaced whole."""
+    per-layer hookpoint's folder replaced alone, a whole coder set replaced whole, and so is
+    `RUN-best` when every hookpoint improved (a run's first check: nothing of an earlier run
+    under the same name, `--overwrite`, stays in it)."""
     if not improved:
         return
     out = best_dir(run_dir)
-    if improved == [""]:
+    if improved == [""] or set(improved) == set(hookpoints):
         with atomic_dir(out) as tmp:
             for hookpoint in hookpoints:
                 shutil.copytree(run_dir / hookpoint, tmp / hookpoint)
