@@ -3,9 +3,10 @@
 On held-out examples of the run's dataset: teacher-forced top-1 next-token agreement between the
 replacement model and the original, the KL divergence of the replacement's next-token
 distribution from the original's, and the FVU of each target layer's prediction in the
-replacement's own stream, each overall and per token region (image / prompt / answer: a
-position's region is that of the token it predicts); and the share of free (greedy)
-generations that match the original's exactly.
+replacement's own stream, each overall and per token region (image: the positions of image
+tokens; answer: the positions that predict an answer token, from the last prompt token on;
+prompt: the other text positions); and the share of free (greedy) generations that match the
+original's exactly.
 
 How the layers' errors add up in the residual stream, which per-layer FVU does not show:
 `fvu_cumulative` at layer T is the FVU of the sum of the MLP outputs of layers 0..T (the errors
@@ -326,7 +327,7 @@ def measure_fidelity(
             "answer": is_answer[scored],
         }
         totals.add_positions(base[:, :-1][scored], replaced[:, :-1][scored], regions)
-        # every real token's MLP rows, in the region of the token its position predicts
+        # every real token's MLP rows, in its position's region (as for top-1 and KL above)
         rows_image = ids == image_id
         rows_answer = torch.arange(ids.shape[1], device=device) >= answer_start[:, None] - 1
         row_masks = {
