@@ -13,6 +13,7 @@ from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.fidelity import FidelityTotals, left_pad, main
 from vlm_sparsify.hookpoints import mlp_hookpoints
+from vlm_sparsify.per_layer import PerLayerCoders
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +298,13 @@ def test_coders_of_another_model_are_refused_before_any_data_loads(clt_run: Path
     message = r"\['model.language_model.layers.7.mlp'\] are not modules of .*: these coders were"
     with pytest.raises(ValueError, match=message):
         main([str(run), "--dataset", str(tmp_path / "never-opened")])
+
+
+def test_coders_of_attention_modules_are_refused_before_any_data_loads(clt_run: Path, tmp_path):
+    d_in = 32  # the tiny test model's width
+    cfg = SparseCoderConfig(num_latents=4 * d_in, k=4, transcode=True)
+    coders = PerLayerCoders(["model.language_model.layers.0.self_attn"], d_in, cfg)
+    model_id = json.loads((clt_run / "config.json").read_text())["model"]
+    save_coders(coders, tmp_path / "attn", config={"model": model_id})
+    with pytest.raises(ValueError, match=r"self_attn'\] are not MLPs .*replaces MLPs only"):
+        main([str(tmp_path / "attn"), "--dataset", str(tmp_path / "never-opened")])

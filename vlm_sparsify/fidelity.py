@@ -390,6 +390,18 @@ def check_hookpoints(
         )
 
 
+def check_mlp_hookpoints(hookpoints: Sequence[str], recipe: Recipe) -> None:
+    """The replacement model replaces MLPs: coders trained on other modules (`--hookpoints` of
+    `self_attn`, which training accepts) are refused before any data loads."""
+    other = [h for h in hookpoints if not h.endswith(f".{recipe.mlp}")]
+    if other:
+        raise ValueError(
+            f"the coders' hookpoints {other[:3]}{' ...' if len(other) > 3 else ''} are not MLPs "
+            f"(recipe '{recipe.name}': [layers] mlp = '{recipe.mlp}'); the replacement model "
+            "replaces MLPs only: measure coders trained on MLP hookpoints"
+        )
+
+
 def _run_config(run: Path) -> dict[str, Any]:
     check_run_dir(run)  # before the model loads
     path = run / RUN_CONFIG_FILE
@@ -424,6 +436,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     d_model = model.config.get_text_config().hidden_size
     coders = load_coders(run, device=device, d_in=d_model).eval()
     check_hookpoints(model, coders.hookpoints, model_id)  # before any data is opened
+    check_mlp_hookpoints(coders.hookpoints, recipe)
     dataset = args.dataset or trained.get("dataset") or recipe.dataset.path
     split = args.split or held_out_split(dataset, recipe)
     examples = list(islice(open_examples(dataset, recipe, split=split or None), args.limit))
