@@ -196,6 +196,18 @@ def test_coders_of_other_module_paths_are_refused_before_calibrating(
     assert not (tmp_path / "ct").exists()
 
 
+def test_a_run_not_over_layers_0_to_n_is_refused(tmp_path: Path) -> None:
+    # its W_enc_0 would be read at the model's layer 0: every feature on the wrong layer
+    clt = random_clt(cross_layer=2)
+    clt.hookpoints = [f"model.language_model.layers.{i}.mlp" for i in (2, 4, 6, 8)]
+    save_coders(clt, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"layers \[2, 4, 6, 8\], but circuit-tracer"):
+        export_circuit_tracer(clt, tmp_path / "ct", [torch.zeros(8)] * 4)
+    with pytest.raises(ValueError, match="trained on every layer from 0"):
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
+    assert not (tmp_path / "ct").exists()
+
+
 def test_calibration_activations_come_from_the_runs_own_training_positions(
     tmp_path, tiny_llava, tiny_llava_dir, llava_recipe
 ):

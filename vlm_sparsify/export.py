@@ -125,6 +125,21 @@ def export_fidelity(
     return result
 
 
+def _check_layers(hookpoints: list[str]) -> None:
+    """circuit-tracer attaches file i to the model's layer i: the run's hookpoints must be the
+    decoder layers 0, 1, 2, ... in order (the layer is the last number in a hookpoint's path)."""
+    layers = [
+        next((int(part) for part in reversed(h.split(".")) if part.isdigit()), None)
+        for h in hookpoints
+    ]
+    if layers != list(range(len(hookpoints))):
+        raise ValueError(
+            f"the run's hookpoints are layers {layers}, but circuit-tracer's CLT files attach to "
+            f"layers 0..{len(hookpoints) - 1} in order (its W_enc_i reads layer i): export a run "
+            "trained on every layer from 0 (no --layers / --layer_stride)"
+        )
+
+
 def _check_out_dir(out_dir: Path) -> None:
     """The export replaces OUT_DIR whole: refuse a folder that holds anything but an earlier
     export (the run itself, the save_dir, a folder of other files), whose contents would go."""
@@ -153,6 +168,7 @@ def export_circuit_tracer(
     """Write circuit-tracer's CLT files for every layer (decoders zero-padded beyond reach)
     into `out_dir`, new, empty or an earlier export (`_check_out_dir`), replaced whole."""
     out_dir = Path(out_dir)
+    _check_layers(coders.hookpoints)
     _check_out_dir(out_dir)
     n_layers = len(coders.hookpoints)
     first_W_enc = source_weights(coders, 0)[0]
@@ -256,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
     _check_out_dir(args.out_dir)  # before calibrating: that runs the model
     coders = load_coders(args.run)
+    _check_layers(coders.hookpoints)
     for p in range(len(coders.hookpoints)):
         source_weights(coders, p)  # refuses what circuit-tracer cannot hold, before calibrating
     if coders.cfg.skip_connection:
