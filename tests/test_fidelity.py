@@ -308,3 +308,17 @@ def test_coders_of_attention_modules_are_refused_before_any_data_loads(clt_run: 
     save_coders(coders, tmp_path / "attn", config={"model": model_id})
     with pytest.raises(ValueError, match=r"self_attn'\] are not MLPs .*replaces MLPs only"):
         main([str(tmp_path / "attn"), "--dataset", str(tmp_path / "never-opened")])
+
+
+def test_a_folder_without_coders_is_refused_before_the_model_loads(
+    clt_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vlm_sparsify.fidelity as fidelity
+    from vlm_sparsify.coder_io import CheckpointError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the run folder was checked")
+
+    monkeypatch.setattr(fidelity, "load_model_and_processor", no_model)
+    with pytest.raises(CheckpointError, match="holds no <hookpoint>/cfg.json"):
+        main([str(clt_run.parent)])  # the save_dir, not the run

@@ -34,7 +34,13 @@ from simple_parsing import field, parse
 from torch import Tensor, nn
 
 from vlm_sparsify.cli import run_cli
-from vlm_sparsify.coder_io import RUN_CONFIG_FILE, Coders, check_run_dir, load_coders
+from vlm_sparsify.coder_io import (
+    RUN_CONFIG_FILE,
+    Coders,
+    check_run_dir,
+    load_coders,
+    run_hookpoints,
+)
 from vlm_sparsify.data import (
     EASYVQA,
     Example,
@@ -403,9 +409,13 @@ def check_mlp_hookpoints(hookpoints: Sequence[str], recipe: Recipe) -> None:
 
 
 def _run_config(run: Path) -> dict[str, Any]:
-    check_run_dir(run)  # before the model loads
+    """The run's config.json ({} without one), after the checks of its folder and its coders'
+    cfg.json files that fail before the model loads (minutes for a 7B model)."""
+    check_run_dir(run)
     path = run / RUN_CONFIG_FILE
-    return read_json(path) if path.is_file() else {}
+    config = read_json(path) if path.is_file() else {}
+    run_hookpoints(run)  # the save_dir above a run, a cfg.json missing or damaged
+    return config
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
