@@ -145,6 +145,15 @@ def test_clt_training_folder_loads(tmp_path: Path, post_enc_value: float) -> Non
     )
 
 
+def test_a_per_layer_folder_among_clt_training_ones_is_named(tmp_path: Path) -> None:
+    write_clt_training_folder(tmp_path / "run", post_enc_value=0.0)
+    stray = PerLayerCoders(["model.language_model.layers.4.mlp"], D, SparseCoderConfig(k=K))
+    save_coders(stray, tmp_path / "stray")
+    (tmp_path / "stray" / stray.hookpoints[0]).rename(tmp_path / "run" / stray.hookpoints[0])
+    with pytest.raises(CheckpointError, match=r"layers\.4\.mlp': 0\}.*folder is missing or extra"):
+        load_coders(tmp_path / "run")
+
+
 def test_plt_saved_by_us_loads_with_stock_sparsify(tmp_path: Path) -> None:
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
     plt = PerLayerCoders(HOOKS, D, cfg)

@@ -449,7 +449,7 @@ def _check_clt_cfg(run_dir: Path, order: list[str], cfgs: dict[str, dict[str, An
                 "is not supported; only clt-training's untied CLT (coalesce_topk 'none', "
                 "no per-source tying, no normalize_io, topk/groupmax) loads here"
             )
-    n_targets = [cfgs[name]["n_targets"] for name in order]
+    n_targets = [cfgs[name].get("n_targets", 0) for name in order]  # 0: a per-layer coder
     cross_layer = next((cfg["cross_layer"] for cfg in cfgs.values() if "cross_layer" in cfg), None)
     cross_layer = cross_layer or max(n_targets)
     expected = n_targets_per_source(len(order), cross_layer)
