@@ -208,6 +208,12 @@ def test_a_run_not_over_layers_0_to_n_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "ct").exists()
 
 
+def test_a_run_without_config_json_is_told_to_pass_calibration(tmp_path: Path) -> None:
+    save_coders(random_clt(cross_layer=2), tmp_path / "run")  # no config.json: e.g. clt-training's
+    with pytest.raises(FileNotFoundError, match="has no config.json .*pass --calibration ACTS"):
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
+
+
 def test_calibration_activations_come_from_the_runs_own_training_positions(
     tmp_path, tiny_llava, tiny_llava_dir, llava_recipe
 ):

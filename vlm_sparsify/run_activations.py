@@ -25,8 +25,9 @@ def run_config(run_dir: Path) -> dict:
     path = Path(run_dir) / RUN_CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(
-            f"{run_dir} has no config.json (not a vlm_sparsify run?); pass the model and data "
-            "explicitly instead"
+            f"{run_dir} has no config.json (not a vlm_sparsify run?), which names the model and "
+            "data to calibrate on; pass --calibration ACTS.safetensors (inputs.<hookpoint> "
+            "[N, d]: MLP inputs of the model the coders were trained on) instead"
         )
     return read_json(path)
 
