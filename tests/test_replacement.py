@@ -484,6 +484,9 @@ def test_unknown_mode_and_hookpoint_are_named(model: nn.Module) -> None:
     stale = PerLayerCoders(["language_model.model.layers.0.mlp"], D, cfg)
     with pytest.raises(ValueError, match="not modules of LlavaForConditionalGeneration"):
         ReplacementModel(model, stale)
+    attention = PerLayerCoders([HOOKPOINTS[0].replace(".mlp", ".self_attn")], D, cfg)
+    with pytest.raises(ValueError, match=r"\['.*layers.0.self_attn'\] are attention modules"):
+        ReplacementModel(model, attention)
     with pytest.raises(
         ValueError, match=f"edits feature {LATENTS} but the coder at .* has {LATENTS}"
     ):

@@ -110,6 +110,15 @@ class ReplacementModel:
                 f"coder hookpoints {missing} are not modules of {type(model).__name__}; "
                 "hookpoints are paths from the root model, e.g. model.language_model.layers.0.mlp"
             )
+        attention = [
+            h for h in self.hookpoints if "Attention" in type(model.get_submodule(h)).__name__
+        ]
+        if attention:
+            raise ValueError(
+                f"coder hookpoints {attention[:3]} are attention modules: the replacement model "
+                "replaces MLPs (transcoders read their input, SAEs their output); coders of "
+                "attention hookpoints train and load, but do not run here"
+            )
         config = getattr(model, "config", None)
         self.image_token_id = image_token_id
         if image_token_id is None:
