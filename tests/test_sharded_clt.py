@@ -352,7 +352,7 @@ def test_a_hub_copy_leaves_the_processes_resume_files_out(tmp_path, monkeypatch)
 
     for name in ("config.json", "summary.json", "state.pt", "l.0.mlp/cfg.json",
                  "l.0.mlp/sae.safetensors", "rank0-shard.json", "rank0-optimizer_0.pt",
-                 "rank1-train_params.safetensors"):  # fmt: skip
+                 "rank1-train_params.safetensors", "rank_1_state.pt"):  # fmt: skip
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     shared = ["config.json", "l.0.mlp/cfg.json", "l.0.mlp/sae.safetensors", "summary.json"]

@@ -25,6 +25,7 @@ TRAINING_ONLY = [
     "lr_scheduler_*.pt",
     "train_params.safetensors",
     "rank*-*",  # a sharded run's per-process resume files
+    "rank_*_state.pt",  # stock sparsify's per-process state (a stock run uploaded with this)
 ]
 """Resume-only files a shared copy leaves out (optimizer state is large and private)."""
 
