@@ -51,7 +51,8 @@ class Rules:
     """Captions (AMBER generative, easy-VQA captions): GOOD when no hallucinated object, when
     the coverage of the truth objects is at least --min-cover, or both."""
     min_cover: float = 0.5
-    """Share of the truth objects a caption must mention (with --caption-rule cover / both)."""
+    """Share of the truth objects a caption must mention (with --caption-rule cover / both),
+    from 0 to 1."""
     normalize: bool = False
     """AMBER discriminative: read a first word yes / no in any case as "Yes" / "No" (the
     official scorer accepts only the exact strings)."""
@@ -85,6 +86,12 @@ class Adapter(Protocol):
     def classify(
         self, data: Any, records: Sequence[dict[str, Any]], rules: Rules
     ) -> list[Verdict]: ...
+
+
+def check_rules(rules: Rules) -> None:
+    """--min-cover is a share of the truth objects, from 0 to 1 (above 1 no caption is GOOD)."""
+    if not 0.0 <= rules.min_cover <= 1.0:
+        raise ValueError(f"--min-cover {rules.min_cover:g}: give a share from 0 to 1")
 
 
 def get_adapter(benchmark: str) -> Adapter:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks import outputs
-from benchmarks.adapters import Rules, Verdict, get_adapter
+from benchmarks.adapters import Rules, Verdict, check_rules, get_adapter
 from benchmarks.stages import stage_parser
 from vlm_sparsify.files import read_json
 
@@ -51,6 +51,7 @@ def main(argv: list[str], benchmark: str) -> None:
     out, rules = Path(args.config.out), args.rules
     adapter = get_adapter(benchmark)
     try:
+        check_rules(rules)
         data = adapter.Data(**outputs.capture_info(out)["data"])
         records = outputs.read_append_log(out / outputs.RESPONSES)
         if not records:

@@ -443,3 +443,18 @@ def test_all_refuses_an_unknown_rank_by_when_parsing(tmp_path, monkeypatch, caps
     err = " ".join(capsys.readouterr().err.split())  # argparse wraps lines
     assert "invalid choice: 'atribution' (choose from 'goodness', 'attribution')" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("min_cover", ["1.5", "-0.1", "nan"])
+def test_classify_refuses_a_min_cover_that_is_not_a_share(tmp_path, min_cover):
+    # a perfect caption: with --min-cover 1.5 it would silently be BAD
+    record = {"id": "c1", "kind": "caption", "split": "test", "answer": None,
+              "truth": ["red", "circle"], "response": "A red circle."}  # fmt: skip
+    (tmp_path / "capture.json").write_text(json.dumps({"data": {"kinds": "caption"}}))
+    (tmp_path / "responses.jsonl").write_text(json.dumps(record) + "\n")
+    run(["easyvqa", "classify", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "classification.json").read_text())["counts"]["GOOD"] == 1
+    with pytest.raises(SystemExit) as exit_:
+        run(["easyvqa", "classify", "--out", str(tmp_path), "--min-cover", min_cover])
+    error = f"easyvqa classify: --min-cover {float(min_cover):g}: give a share from 0 to 1"
+    assert str(exit_.value.code) == error
