@@ -22,9 +22,12 @@ from vlm_sparsify.files import read_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+    from numpy.typing import ArrayLike
 
 COLORS = {"good": "#2a9d8f", "bad": "#e76f51"}
 SCORE = {"good": "goodness_score", "bad": "badness_score"}
+VOLCANO_PSEUDO = 0.5
+"""Samples (at the pooled firing rate) added to each group's count in volcano.png."""
 
 
 @dataclass
@@ -251,16 +254,29 @@ def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: i
     return _save(fig, path, dpi)
 
 
+def volcano_log_ratio(
+    good_freq: ArrayLike, bad_freq: ArrayLike, n_good: int, n_bad: int
+) -> np.ndarray:
+    """log2 of the GOOD / BAD firing rates, each shrunk toward the pooled rate of both groups:
+    rate = (fired + VOLCANO_PSEUDO * pooled) / (n + VOLCANO_PSEUDO). Each is a convex combination
+    of its group's rate and the pooled rate, which lies between the two groups' rates, so the sign
+    is that of good_freq - bad_freq (as in frequency_ratios.png); finite for a feature that fires."""
+    good_freq, bad_freq = np.asarray(good_freq, float), np.asarray(bad_freq, float)
+    pooled = (good_freq * n_good + bad_freq * n_bad) / (n_good + n_bad)
+    good = (good_freq * n_good + VOLCANO_PSEUDO * pooled) / (n_good + VOLCANO_PSEUDO)
+    bad = (bad_freq * n_bad + VOLCANO_PSEUDO * pooled) / (n_bad + VOLCANO_PSEUDO)
+    return np.log2(good / bad)
+
+
 def plot_volcano(
     result: dict, stats: np.lib.npyio.NpzFile, path: Path, title: str, dpi: int
 ) -> Path:
     fires = (stats["good_freq"] > 0) | (stats["bad_freq"] > 0)
-    # symmetric log-ratio of frequencies, smoothed by half a sample so it stays finite
     n_good = max(result["total_good_samples"], 1)
     n_bad = max(result["total_bad_samples"], 1)
-    good = stats["good_freq"][fires] + 0.5 / n_good
-    bad = stats["bad_freq"][fires] + 0.5 / n_bad
-    log_ratio = np.log2(good / bad)
+    log_ratio = volcano_log_ratio(
+        stats["good_freq"][fires], stats["bad_freq"][fires], n_good, n_bad
+    )
     p = np.maximum(stats["p_value"][fires], 1e-300)
     significant = stats["q_value"][fires] <= result["parameters"].get("fdr", 0.05)
     fig, ax = pyplot().subplots(figsize=(7, 5))
@@ -270,14 +286,17 @@ def plot_volcano(
                label=f"significant at FDR ({significant.sum()})")  # fmt: skip
     for direction in _directions(result):
         chosen = [f for f in result["features"] if f.get("direction", "good") == direction]
-        x = [
-            np.log2((f["good_freq"] + 0.5 / n_good) / (f["bad_freq"] + 0.5 / n_bad)) for f in chosen
-        ]
+        x = volcano_log_ratio(
+            [f["good_freq"] for f in chosen], [f["bad_freq"] for f in chosen], n_good, n_bad
+        )
         y = [-np.log10(max(f["p_value"], 1e-300)) for f in chosen]
         ax.scatter(x, y, s=28, facecolors="none", edgecolors=COLORS[direction],
                    label=f"selected {direction.upper()} ({len(chosen)})")  # fmt: skip
     ax.axvline(0.0, color="black", linewidth=0.6)
-    ax.set_xlabel("log2 firing frequency ratio, GOOD / BAD")
+    ax.set_xlabel(
+        "log2 firing frequency ratio, GOOD / BAD\n"
+        "(each rate shrunk toward the pooled rate by half a sample; sign = GOOD - BAD)"
+    )
     ax.set_ylabel("-log10 p (Fisher's exact test)")
     ax.set_title(f"{title}: {fires.sum()} features that fire")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))

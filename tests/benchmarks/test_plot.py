@@ -125,3 +125,54 @@ def test_heatmap_leaves_the_activation_of_a_group_where_the_feature_never_fires_
     freq, act = plot.heatmap_cells(features)
     assert freq.tolist() == [[0.5, 0.0]]
     assert act[0, 0] == 2.0 and np.isnan(act[0, 1])
+
+
+def sign(x: np.ndarray) -> np.ndarray:
+    """np.sign, 0 within rounding of 0 (equal rates)."""
+    return np.where(np.abs(x) < 1e-9, 0.0, np.sign(x))
+
+
+def drawn_figures(monkeypatch) -> list:
+    """Figures the plot functions draw, kept open instead of saved."""
+    figures: list = []
+    monkeypatch.setattr(plot, "_save", lambda fig, path, dpi: figures.append(fig) or path)
+    return figures
+
+
+@pytest.mark.parametrize("n_good, n_bad", [(60, 5), (5, 60), (3, 3)])
+def test_volcano_and_frequency_ratios_put_every_feature_on_the_side_it_fires_more_in(
+    monkeypatch, n_good, n_bad
+):
+    # every (good fired, bad fired) count; e.g. 1 of 60 GOOD and 0 of 5 BAD is a GOOD feature
+    fired = [(g, b) for g in range(n_good + 1) for b in range(n_bad + 1) if g or b]
+    good_freq = np.array([[g / n_good for g, _ in fired]])
+    bad_freq = np.array([[b / n_bad for _, b in fired]])
+    ones = np.ones_like(good_freq)
+    stats = {"good_freq": good_freq, "bad_freq": bad_freq, "p_value": ones, "q_value": ones}
+    features = [
+        {"layer": 0, "feature_idx": i, "good_freq": g, "bad_freq": b, "p_value": 1.0,
+         "significant": False, "direction": "good" if g > b else "bad",
+         "goodness_score": 1.0, "badness_score": 1.0}
+        for i, (g, b) in enumerate(zip(good_freq[0], bad_freq[0], strict=True))
+    ]  # fmt: skip
+    result = {"total_good_samples": n_good, "total_bad_samples": n_bad, "features": features,
+              "parameters": {"fdr": 0.05, "eps": 0.01}}  # fmt: skip
+    side = np.sign(good_freq[0] - bad_freq[0])
+    figures = drawn_figures(monkeypatch)
+    plot.plot_volcano(result, stats, None, "t", 60)
+    axes = figures[0].axes[0]
+    every = axes.collections[0].get_offsets()[:, 0]  # nothing significant: all in the first
+    assert np.isfinite(every).all() and (sign(every) == side).all()
+    for collection, direction in zip(axes.collections[2:], ("good", "bad"), strict=True):
+        chosen = [i for i, f in enumerate(features) if f["direction"] == direction]
+        assert (sign(collection.get_offsets()[:, 0]) == side[chosen]).all()
+
+    plot.plot_frequency_ratios(result, None, "t", len(fired), 60)
+    axes = figures[1].axes[0]
+    labels = [label.get_text() for label in axes.get_yticklabels()]
+    assert len(axes.patches) == len(labels) == len(features)
+    for bar in axes.patches:
+        feature = int(labels[round(bar.get_y() + bar.get_height() / 2)].split("/F")[1])
+        assert sign(np.log(bar.get_width())) == side[feature]
+    for figure in figures:
+        plot.pyplot().close(figure)
