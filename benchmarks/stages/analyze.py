@@ -39,11 +39,12 @@ from vlm_sparsify.files import read_json
 Region = Literal["decision", "response", "prompt", "image", "all"]
 """Token regions of attribute and analyze (`decision`: the positions that predict the response)."""
 RankBy = Literal["goodness", "attribution"]
-ANALYSIS_VERSION = 5
-"""Recorded in features.json; raised whenever the split or the statistics change (2: split by
-image; 3: zero-valued top-k slots do not count as firing; 4: Benjamini-Hochberg over the
-features that fire; 5: --rank-by attribution ranks GOOD minus BAD attribution), so that an
-older features.json is recomputed rather than taken as up to date."""
+ANALYSIS_VERSION = 6
+"""Recorded in features.json; raised whenever the split, the statistics or the recorded keys
+change (2: split by image; 3: zero-valued top-k slots do not count as firing; 4:
+Benjamini-Hochberg over the features that fire; 5: --rank-by attribution ranks GOOD minus BAD
+attribution; 6: `layers` lists every analysed layer), so that an older features.json is
+recomputed rather than taken as up to date."""
 CHUNK_BINS = 1 << 17
 """Samples per accumulation chunk: about this many / num_latents (bins that fit in cache)."""
 
@@ -207,6 +208,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         "total_features_analyzed": int(counts.fired[0].size),
         "features_tested": int(tested.sum()),
         "selected_features_count": len(features),
+        "layers": layers,
         "layer_distribution": distribution,
         "features": features,
         "split": _split_json(split, groups),

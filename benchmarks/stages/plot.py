@@ -166,24 +166,42 @@ def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) 
     return _save(fig, path, dpi)
 
 
+def layer_counts(result: dict) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Every analysed layer (features.json's `layers`; in one written before analysis version 6,
+    the layers of the selected features) and the selected features per layer of each direction,
+    0 where none was selected."""
+    layers = result.get("layers", sorted({f["layer"] for f in result["features"]}))
+    counts = {}
+    for direction in _directions(result):
+        chosen = [f["layer"] for f in result["features"] if f.get("direction", "good") == direction]
+        counts[direction] = np.array([chosen.count(layer) for layer in layers])
+    return layers, counts
+
+
 def plot_features_per_layer(result: dict, path: Path, title: str, dpi: int) -> Path:
-    layers = sorted({f["layer"] for f in result["features"]})
+    layers, counts = layer_counts(result)
     fig, ax = pyplot().subplots(figsize=(max(6.0, 0.3 * len(layers) + 2), 4))
     bottom = np.zeros(len(layers))
-    for direction in _directions(result):
-        counts = np.array(
-            [sum(1 for f in result["features"] if f["layer"] == layer
-                 and f.get("direction", "good") == direction) for layer in layers]
-        )  # fmt: skip
-        ax.bar([str(layer) for layer in layers], counts, bottom=bottom, color=COLORS[direction],
+    for direction, count in counts.items():
+        ax.bar([str(layer) for layer in layers], count, bottom=bottom, color=COLORS[direction],
                label=f"{direction.upper()} features")  # fmt: skip
-        bottom += counts
+        bottom += count
     ax.set_xlabel("layer")
     ax.set_ylabel("selected features")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(0, max(bottom.max(initial=0.0), 1.0) * 1.25)  # headroom for the legend
     ax.set_title(f"{title}: selected features per layer ({len(result['features'])} in all)")
-    ax.legend(loc="upper right", ncol=2)
+    if result["features"]:
+        ax.legend(loc="upper right", ncol=2)
+    else:
+        parameters = result.get("parameters", {})
+        reason = (
+            f"\nnone is significant at FDR {parameters.get('fdr', 0.05):g} (--significant-only)"
+            if parameters.get("significant_only")
+            else ""
+        )
+        ax.text(0.5, 0.5, f"no feature selected{reason}", transform=ax.transAxes,
+                ha="center", va="center")  # fmt: skip
     if len(layers) > 20:
         ax.tick_params(axis="x", labelsize=7, rotation=90)
     return _save(fig, path, dpi)

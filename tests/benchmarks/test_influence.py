@@ -102,7 +102,7 @@ def test_scores_equal_hand_computed_values(tmp_path):
         ("good", 4, 1), ("good", 7, 3), ("good", 4, 0),
         ("bad", 4, 2), ("bad", 7, 0), ("bad", 4, 3),
     ]  # fmt: skip
-    assert result["layer_distribution"] == {"4": 4, "7": 2}
+    assert result["layer_distribution"] == {"4": 4, "7": 2} and result["layers"] == [4, 7]
     first = result["features"][0]
     assert first["hookpoint"] == "layers.4.mlp"
     assert first["good_avg_activation"] == 2.0 and first["bad_freq"] == 0.5

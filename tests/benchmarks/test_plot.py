@@ -176,3 +176,37 @@ def test_volcano_and_frequency_ratios_put_every_feature_on_the_side_it_fires_mor
         assert sign(np.log(bar.get_width())) == side[feature]
     for figure in figures:
         plot.pyplot().close(figure)
+
+
+def drawn_layers(monkeypatch, result: dict) -> tuple[list[str], np.ndarray, list[str]]:
+    """features_per_layer.png's x labels, stacked bar totals and texts."""
+    figures = drawn_figures(monkeypatch)
+    plot.plot_features_per_layer(result, None, "t", 60)
+    axes = figures[0].axes[0]
+    labels = [label.get_text() for label in axes.get_xticklabels()]
+    totals = np.zeros(len(labels))
+    for bar in axes.patches:
+        totals[round(bar.get_x() + bar.get_width() / 2)] += bar.get_height()
+    texts = [text.get_text() for text in axes.texts]
+    plot.pyplot().close(figures[0])
+    return labels, totals, texts
+
+
+def test_features_per_layer_shows_every_analysed_layer_at_0_where_none_is_selected(monkeypatch):
+    features = [{"layer": 3, "direction": "good"}, {"layer": 3, "direction": "bad"},
+                {"layer": 7, "direction": "bad"}]  # fmt: skip
+    result = {"layers": [1, 3, 5, 7], "features": features}
+    labels, totals, texts = drawn_layers(monkeypatch, result)
+    assert labels == ["1", "3", "5", "7"] and totals.tolist() == [0, 2, 0, 1] and not texts
+
+
+def test_features_per_layer_with_nothing_selected_shows_every_layer_and_says_why(
+    tmp_path, monkeypatch
+):
+    write_planted_store(tmp_path, samples=16)
+    analyze.main(["--out", str(tmp_path), "--significant-only"], benchmark="easyvqa")
+    result = json.loads((tmp_path / "features.json").read_text())
+    assert result["features"] == [] and result["layers"] == list(range(LAYERS))
+    labels, totals, texts = drawn_layers(monkeypatch, result)
+    assert labels == [str(layer) for layer in range(LAYERS)] and not totals.any()
+    assert texts == ["no feature selected\nnone is significant at FDR 0.05 (--significant-only)"]
