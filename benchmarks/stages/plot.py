@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 COLORS = {"good": "#2a9d8f", "bad": "#e76f51"}
 SCORE = {"good": "goodness_score", "bad": "badness_score"}
-VOLCANO_PSEUDO = 0.5
-"""Samples (at the pooled firing rate) added to each group's count in volcano.png."""
 
 
 @dataclass
@@ -275,15 +273,14 @@ def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: i
 def volcano_log_ratio(
     good_freq: ArrayLike, bad_freq: ArrayLike, n_good: int, n_bad: int
 ) -> np.ndarray:
-    """log2 of the GOOD / BAD firing rates, each shrunk toward the pooled rate of both groups:
-    rate = (fired + VOLCANO_PSEUDO * pooled) / (n + VOLCANO_PSEUDO). Each is a convex combination
-    of its group's rate and the pooled rate, which lies between the two groups' rates, so the sign
-    is that of good_freq - bad_freq (as in frequency_ratios.png); finite for a feature that fires."""
+    """log2((good_freq + eps) / (bad_freq + eps)) with eps = 1 / (n_good + n_bad), one sample of
+    both groups together: the same eps on both sides keeps the sign of good_freq - bad_freq (the
+    side frequency_ratios.png puts the feature on), x stays finite and within
+    +-log2(1 + n_good + n_bad), and a feature firing in one group only sits as far out as its
+    rate there says, whichever group is the smaller."""
     good_freq, bad_freq = np.asarray(good_freq, float), np.asarray(bad_freq, float)
-    pooled = (good_freq * n_good + bad_freq * n_bad) / (n_good + n_bad)
-    good = (good_freq * n_good + VOLCANO_PSEUDO * pooled) / (n_good + VOLCANO_PSEUDO)
-    bad = (bad_freq * n_bad + VOLCANO_PSEUDO * pooled) / (n_bad + VOLCANO_PSEUDO)
-    return np.log2(good / bad)
+    eps = 1.0 / (n_good + n_bad)
+    return np.log2((good_freq + eps) / (bad_freq + eps))
 
 
 def plot_volcano(
@@ -313,7 +310,7 @@ def plot_volcano(
     ax.axvline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel(
         "log2 firing frequency ratio, GOOD / BAD\n"
-        "(each rate shrunk toward the pooled rate by half a sample; sign = GOOD - BAD)"
+        "(both rates + 1 / (n_good + n_bad); sign = GOOD - BAD)"
     )
     ax.set_ylabel("-log10 p (Fisher's exact test)")
     ax.set_title(f"{title}: {fires.sum()} features that fire")
