@@ -603,14 +603,18 @@ def test_wandb_logs_sparsifys_figures_every_n_steps_without_the_token(
             logged.append(("finished", {}))
 
     fake = types.ModuleType("wandb")
-    fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
+    # wandb.init records sys.argv in the run's metadata
+    fake.init = lambda **kwargs: inits.append({**kwargs, "argv": sys.argv[:]}) or FakeRun()
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_PROJECT", "clts")
     extra = ("--cross_layer", "2", "--auxk_alpha", "0.03", "--log_to_wandb", "true",
              "--wandb_log_frequency", "2", "--hf_token", "hf_SECRET")  # fmt: skip
-    trainer = run(cli(tiny_llava_dir, tmp_path, "logged", *extra))
+    argv = cli(tiny_llava_dir, tmp_path, "logged", *extra)
+    monkeypatch.setattr(sys, "argv", ["vlm_sparsify", *argv])
+    trainer = run()
     assert [kw["name"] for kw in inits] == ["logged"] and inits[0]["project"] == "clts"
-    assert "hf_SECRET" not in json.dumps(inits[0]["config"], default=str)
+    assert "hf_SECRET" not in json.dumps(inits[0], default=str)
+    assert inits[0]["argv"][-2:] == ["--hf_token", "***"]
     assert [step for step, _ in logged] == [2, 4, 6, "finished"]
     history = trainer.state.fvu_history
     for step, info in logged[:-1]:

@@ -798,10 +798,21 @@ def parse_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
     return args, names
 
 
+def without_token(argv: list[str]) -> list[str]:
+    """`argv` with the value of `--hf_token` replaced by `***`."""
+    hidden = ["--hf_token=***" if a.startswith("--hf_token=") else a for a in argv]
+    for i, a in enumerate(hidden[:-1]):
+        if a == "--hf_token":
+            hidden[i + 1] = "***"
+    return hidden
+
+
 def run(argv: list[str] | None = None) -> Trainer | None:
     argv = sys.argv[1:] if argv is None else argv
     init_distributed(timeout=timedelta(hours=2))
     args, given = parse_run_config(argv)
+    # W&B saves the command line with the run's metadata (and uploads it): never the token
+    sys.argv[1:] = without_token(sys.argv[1:])
     rank_zero = not dist.is_initialized() or dist.get_rank() == 0
     try:
         with nullcontext() if rank_zero else redirect_stdout(None):

@@ -5,8 +5,9 @@ every N steps, `fvu/<hookpoint>` and `l0/<hookpoint>` averaged over those steps,
 `dead_pct/<hookpoint>` (latents that did not fire in the last `--dead_feature_threshold`
 tokens), `auxk` (with `--auxk_alpha`), the end-to-end loss (`kl_loss` / `ce_loss`) and `k`.
 Project and entity come from `WANDB_PROJECT` (default `vlm_sparsify`) and `WANDB_ENTITY`, the
-run's name from `--run_name`, its config is the run's `config.json` (never the token). Without
-wandb installed it says so and the run goes on.
+run's name from `--run_name`, its config is the run's `config.json` (never the token; the command
+line that W&B records with the run shows it as `***`). Without wandb installed it says so and the
+run goes on.
 """
 
 from __future__ import annotations
