@@ -264,6 +264,8 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--ctx_len", "0"], "--ctx_len must be >= 1"),
         (["--device", "cuda:99"], "--device cuda:99: torch .* sees \\d+ CUDA GPU"),
         (["--device", "gpu"], "--device 'gpu' is not a torch device"),
+        (["--device", "xla"], "--device xla: this torch .* cannot train on xla devices"),
+        (["--device", "meta"], "--device meta: this torch .* cannot train on meta devices"),
         (["--k", "5000"], "--k 5000 exceeds the coders' 64 latents"),
         (["--hookpoints", "model.vision_tower.*.layers.0.mlp"], "outside the language model's"),
         (["--data_args", "foo"], "--data_args 'foo': 'foo' is not arg=value"),

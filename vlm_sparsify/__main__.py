@@ -282,6 +282,17 @@ def check_device(name: str) -> None:
                 f"--device {name}: torch ({torch.__version__}, built {build}) sees {count} CUDA "
                 "GPU(s); leave --device out to use the CPU"
             )
+    elif device.type != "cpu":
+        try:  # torch raises any of several errors for a backend it was not built with (mps, xpu)
+            torch.empty(0, device=device)
+            usable = device.type != "meta"  # its tensors hold no values
+        except Exception:
+            usable = False
+        if not usable:
+            raise ValueError(
+                f"--device {name}: this torch ({torch.__version__}) cannot train on "
+                f"{device.type} devices; leave --device out to use a CUDA GPU or the CPU"
+            )
 
 
 def default_device() -> str:
