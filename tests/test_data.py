@@ -44,6 +44,13 @@ def test_a_malformed_metadata_row_is_named(tmp_path):
         folder_examples(tmp_path, "What is it?")
 
 
+@pytest.mark.parametrize("row", ['["a.png", "x"]', "5", '"file_name"', '{"file_name": 5}', "{}"])
+def test_a_metadata_row_without_a_file_name_string_is_named(tmp_path, row):
+    (tmp_path / "metadata.jsonl").write_text(f'{{"file_name": "a.png", "text": "x"}}\n{row}\n')
+    with pytest.raises(ValueError, match=r"metadata row 1 \(.*\) has no 'file_name' string"):
+        folder_examples(tmp_path, "What is it?")
+
+
 def test_long_question_keeps_all_576_image_tokens(tmp_path, llava_recipe):
     processor = llava15_processor(llava_recipe)
     image = make_image(tmp_path / "photo.png", size=(336, 336))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -111,6 +112,12 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
             rows = list(csv.DictReader(f))
     else:
         raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv")
+    for i, row in enumerate(rows):
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str)):
+            raise ValueError(
+                f"{folder}: metadata row {i} ({json.dumps(row)[:80]}) has no 'file_name' string; "
+                'each row is an object such as {"file_name": "a.png", "text": "a red square"}'
+            )
     columns = sorted({key for row in rows for key in row})
     if rows and not {"text", "answer"} & set(columns):
         # else every example would train on its question alone, silently
@@ -119,9 +126,7 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
             f"(columns: {', '.join(columns)}); rename that column to 'text' (or 'answer')"
         )
     examples = []
-    for i, row in enumerate(rows):
-        if "file_name" not in row:
-            raise ValueError(f"{folder}: metadata row {i} has no 'file_name'")
+    for row in rows:
         examples.append(
             Example(
                 id=str(row.get("id") or row["file_name"]),
