@@ -51,6 +51,18 @@ def test_a_metadata_row_without_a_file_name_string_is_named(tmp_path, row):
         folder_examples(tmp_path, "What is it?")
 
 
+def test_a_metadata_csv_saved_by_excel_reads_as_any_other(tmp_path):
+    """Excel writes UTF-8 CSV with a byte-order mark, which must not become part of the first
+    column's name ('\ufefffile_name')."""
+    text = "file_name,text\r\na.png,a red square\r\nb.png,caf\u00e9\r\n"
+    (tmp_path / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    examples = folder_examples(tmp_path, "What is it?")
+    assert [(e.id, e.answer) for e in examples] == [
+        ("a.png", "a red square"),
+        ("b.png", "caf\u00e9"),
+    ]
+
+
 def test_long_question_keeps_all_576_image_tokens(tmp_path, llava_recipe):
     processor = llava15_processor(llava_recipe)
     image = make_image(tmp_path / "photo.png", size=(336, 336))

@@ -108,7 +108,8 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
     if (folder / "metadata.jsonl").is_file():
         rows = read_jsonl(folder / "metadata.jsonl")
     elif (folder / "metadata.csv").is_file():
-        with (folder / "metadata.csv").open(newline="") as f:
+        # utf-8-sig: the byte-order mark that Excel puts before the first column name
+        with (folder / "metadata.csv").open(newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     else:
         raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv")
