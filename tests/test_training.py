@@ -366,6 +366,19 @@ def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
         run(cli(tiny_llava_dir, tmp_path, "proj", "--hookpoints", "*.layers.0.mlp.down_proj"))
 
 
+def test_hookpoints_train_in_the_order_the_forward_runs_them(tmp_path, tiny_llava_dir):
+    """A layer's attention runs before its MLP, and layers in index order, however the flags
+    name them (the forward stops after the last hookpoint; a CLT's sources precede their
+    targets); a layer named twice is one hookpoint."""
+    layer = "model.language_model.layers.0"
+    mixed = run(cli(tiny_llava_dir, tmp_path, "mixed", "--transcode", "true", "--max_examples", "8",
+                    "--hookpoints", f"{layer}.mlp", f"{layer}.self_attn"))  # fmt: skip
+    assert mixed.coders.hookpoints == [f"{layer}.self_attn", f"{layer}.mlp"]
+    clt = run(cli(tiny_llava_dir, tmp_path, "clt", "--cross_layer", "2", "--max_examples", "8",
+                  "--layers", "2", "0", "2"))  # fmt: skip
+    assert clt.coders.hookpoints == [HOOKS[0], HOOKS[2]] and clt.state.global_step == 1
+
+
 def test_no_training_position_is_an_error_not_an_untrained_run(
     tmp_path, tiny_llava_dir, tiny_llava
 ):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from natsort import natsorted
 from torch import nn
 
 from vlm_sparsify.recipe import Recipe
@@ -66,12 +65,14 @@ def select_hookpoints(
     layers: list[int] | None = None,
     layer_stride: int = 1,
 ) -> list[str]:
-    """Hookpoints to train: explicit patterns, else the MLPs of `layers`, else every MLP."""
+    """Hookpoints to train: explicit patterns, else the MLPs of `layers`, else every MLP; each
+    once, in the order the forward runs them (the model's module order: a layer's `self_attn`
+    before its `mlp`), whatever order the flags name them in."""
     if hookpoints and layers:
         raise ValueError("pass either --hookpoints or --layers, not both")
     if hookpoints:
         names = [name for name, _ in model.named_modules()]
-        found = natsorted(n for n in names if any(fnmatchcase(n, p) for p in hookpoints))
+        found = [n for n in names if any(fnmatchcase(n, p) for p in hookpoints)]
         example = mlp_hookpoints(model, recipe)[0]
         if not found:
             raise ValueError(
@@ -93,5 +94,5 @@ def select_hookpoints(
         bad = [i for i in layers if not 0 <= i < len(all_mlps)]
         if bad:
             raise ValueError(f"--layers {bad} out of range: the model has {len(all_mlps)} layers")
-        return [all_mlps[i] for i in layers][::layer_stride]
+        return [all_mlps[i] for i in sorted(set(layers))][::layer_stride]
     return all_mlps[::layer_stride]
