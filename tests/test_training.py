@@ -379,6 +379,30 @@ def test_hookpoints_train_in_the_order_the_forward_runs_them(tmp_path, tiny_llav
     assert clt.coders.hookpoints == [HOOKS[0], HOOKS[2]] and clt.state.global_step == 1
 
 
+def test_a_local_dataset_folder_is_found_when_resumed_from_another_directory(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    from tests.conftest import make_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        make_image(images / f"{i}.png", seed=i)
+    rows = [{"file_name": f"{i}.png", "text": "a square"} for i in range(8)]
+    (images / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    monkeypatch.chdir(tmp_path)
+    args = cli(tiny_llava_dir, tmp_path, "local", "--max_examples", "4", "--batch_size", "4")
+    args[1] = "images"  # relative to the directory the run started in
+    run(args)
+    saved = json.loads((tmp_path / "local" / "config.json").read_text())
+    assert saved["dataset"] == str(images.resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resume = ["--save_dir", str(tmp_path), "--run_name", "local", "--resume", "true"]
+    trainer = run([*resume, "--max_examples", "8", "--log_to_wandb", "false"])
+    assert trainer.state.global_step == 2
+
+
 def test_no_training_position_is_an_error_not_an_untrained_run(
     tmp_path, tiny_llava_dir, tiny_llava
 ):

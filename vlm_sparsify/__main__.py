@@ -48,6 +48,7 @@ from vlm_sparsify.data import (
     batch_loader,
     open_examples,
     parse_data_args,
+    resolve_dataset,
 )
 from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.files import read_json
@@ -194,6 +195,7 @@ class RunConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.model = resolve_model(self.model)
+        self.dataset = resolve_dataset(self.dataset)
         if self.finetune and not Path(self.finetune).is_dir():
             # `--finetune RUN`, named as --resume names it: a run of --save_dir
             in_save_dir = Path(self.save_dir) / self.finetune
@@ -400,6 +402,8 @@ def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dic
         current = getattr(target, key)
         if key == "model":
             value = resolve_model(value)  # `default`: the embedded model, wherever it is here
+        elif key == "dataset":
+            value = resolve_dataset(value)  # a folder saved as given by older runs
         if key not in given:
             setattr(target, key, value)
         elif key not in RESUME_MAY_CHANGE and _as_saved(current) != value:

@@ -222,6 +222,14 @@ def _names_a_folder(dataset: str) -> bool:
     )
 
 
+def resolve_dataset(dataset: str) -> str:
+    """DATASET as a run keeps it: a local folder as its absolute path (a resumed run, fidelity
+    and export find it from any directory); `easyvqa`, Hub ids and "" as given."""
+    if not dataset or dataset.lower() in EASYVQA or not Path(dataset).is_dir():
+        return dataset
+    return str(Path(dataset).resolve())
+
+
 def open_examples(
     dataset: str,
     recipe: Recipe,
