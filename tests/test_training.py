@@ -403,6 +403,15 @@ def test_a_local_dataset_folder_is_found_when_resumed_from_another_directory(
     assert trainer.state.global_step == 2
 
 
+def test_a_file_where_the_run_folder_would_be_is_left_alone(tmp_path, tiny_llava_dir):
+    (tmp_path / "notes").write_text("mine")
+    for flags in ([], ["--overwrite", "true"]):
+        with pytest.raises(ValueError, match="notes is a file, not a run folder"):
+            run(cli(tiny_llava_dir, tmp_path, "notes", *flags))
+    assert (tmp_path / "notes").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 def test_no_training_position_is_an_error_not_an_untrained_run(
     tmp_path, tiny_llava_dir, tiny_llava
 ):

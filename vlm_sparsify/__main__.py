@@ -737,6 +737,10 @@ def check_run_folder(args: RunConfig, run_dir: Path) -> None:
     """A new run does not replace an existing run folder unless told to (--overwrite)."""
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run and --overwrite replaces it: pass one")
+    if run_dir.exists() and not run_dir.is_dir():  # a checkpoint would move it aside
+        raise ValueError(
+            f"{run_dir} is a file, not a run folder; pass another --run_name or --save_dir"
+        )
     exists = run_dir.is_dir() and any(run_dir.iterdir())
     finetunes_itself = args.finetune and Path(args.finetune).resolve() == run_dir.resolve()
     if exists and not (args.resume or args.overwrite or finetunes_itself):
