@@ -269,6 +269,7 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--k", "5000"], "--k 5000 exceeds the coders' 64 latents"),
         (["--hookpoints", "model.vision_tower.*.layers.0.mlp"], "outside the language model's"),
         (["--data_args", "foo"], "--data_args 'foo': 'foo' is not arg=value"),
+        (["--revision", "v1.0"], "--revision applies to models on the Hub, not to the local"),
         (["--data_args", "name=x", "--streaming", "true"], "--data_args, --streaming apply to"),
     ]:
         with pytest.raises(ValueError, match=message):

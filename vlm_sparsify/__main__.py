@@ -196,6 +196,11 @@ class RunConfig(TrainConfig):
         super().__post_init__()
         self.model = resolve_model(self.model)
         self.dataset = resolve_dataset(self.dataset)
+        if self.revision and Path(self.model).is_dir():  # from_pretrained would ignore it
+            raise ValueError(
+                f"--revision applies to models on the Hub, not to the local folder "
+                f"'{self.model}'; leave it out"
+            )
         if self.finetune and not Path(self.finetune).is_dir():
             # `--finetune RUN`, named as --resume names it: a run of --save_dir
             in_save_dir = Path(self.save_dir) / self.finetune
