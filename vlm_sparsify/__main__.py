@@ -166,7 +166,8 @@ class RunConfig(TrainConfig):
     (docs/checkpoints.md)."""
 
     dtype: str = "auto"
-    """Model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16."""
+    """Model dtype: auto (bfloat16 on a GPU, float32 on CPU), float32, bfloat16, float16 (these
+    two on a GPU only)."""
 
     decoder_dtype: DecoderDtype = "auto"
     """Dtype of cross-layer decoder weights: auto (bfloat16 on a GPU: half the memory of the
@@ -300,6 +301,16 @@ def check_device(name: str) -> None:
                 f"--device {name}: this torch ({torch.__version__}) cannot train on "
                 f"{device.type} devices; leave --device out to use a CUDA GPU or the CPU"
             )
+
+
+def check_dtype(dtype: str, device: torch.device) -> None:
+    """`--dtype` (a resumed run's too): a half-precision model feeds half-precision activations
+    to float32 coders, which only CUDA's bfloat16 autocast (sparsify's) reconciles."""
+    if dtype in ("bfloat16", "float16") and device.type != "cuda":
+        raise ValueError(
+            f"--dtype {dtype} trains on a GPU only (the coders are float32 and autocast them "
+            f"on CUDA); on the {device.type} leave it out for float32"
+        )
 
 
 def default_device() -> str:
@@ -455,6 +466,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     # read now: every checkpoint keeps the recipe it trained with (RUN/recipe.toml)
     recipe_bytes = recipe_file.read_bytes() if recipe_file is not None else None
     device = args.device or default_device()
+    check_dtype(args.dtype, torch.device(device))
     model, processor, recipe = load_model_and_processor(
         args.model,
         recipe,
