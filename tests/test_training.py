@@ -405,6 +405,24 @@ def test_a_local_dataset_folder_is_found_when_resumed_from_another_directory(
     assert trainer.state.global_step == 2
 
 
+def test_the_token_reaches_the_hub_dataset_too(tmp_path, tiny_llava_dir, monkeypatch):
+    """--hf_token (or HF_TOKEN) opens a gated or private Hub dataset, as it loads the model."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, **kwargs):
+        calls.append((path, kwargs.get("token")))
+        raise OSError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = cli(tiny_llava_dir, tmp_path, "gated", "--hf_token", "hf_SECRET")
+    args[1] = "owner/gated"
+    with pytest.raises(OSError, match="offline"):
+        run(args)
+    assert calls == [("owner/gated", "hf_SECRET")]
+
+
 def test_a_file_where_the_run_folder_would_be_is_left_alone(tmp_path, tiny_llava_dir):
     (tmp_path / "notes").write_text("mine")
     for flags in ([], ["--overwrite", "true"]):

@@ -187,7 +187,8 @@ class RunConfig(TrainConfig):
     """Allow the model's own code from the Hub (off unless you ask)."""
 
     hf_token: str | None = field(default=None, encoding_fn=lambda _: None)
-    """Hugging Face token (never written to disk or logs; HF_TOKEN works too)."""
+    """Hugging Face token for the model and a Hub dataset, gated or private ones too (never
+    written to disk or logs; HF_TOKEN works too)."""
 
     push_to_hub: str = ""
     """Upload the finished run folder (coders, configs, summary; no optimizer state) to this
@@ -484,6 +485,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         split=args.split or None,
         streaming=args.streaming,
         shuffle_seed=args.shuffle_seed,
+        token=token,
         **parse_data_args(args.data_args),
     )
     total = _num_batches(examples, args)

@@ -236,9 +236,11 @@ def open_examples(
     split: str | None = None,
     streaming: bool = False,
     shuffle_seed: int = 42,
+    token: str | None = None,
     **kwargs: Any,
 ) -> Iterable[Example]:
-    """Examples of `dataset`: `easyvqa`, a local folder, or a Hugging Face dataset id."""
+    """Examples of `dataset`: `easyvqa`, a local folder, or a Hugging Face dataset id (read
+    with `token`, a gated or private one too; `kwargs` go to `datasets.load_dataset`)."""
     if _names_a_folder(dataset) and not Path(dataset).is_dir():
         raise FileNotFoundError(
             f"DATASET '{dataset}': no such folder (DATASET is easyvqa, a folder of images with "
@@ -260,6 +262,8 @@ def open_examples(
     elif Path(dataset).is_dir():
         examples = folder_examples(Path(dataset), recipe.dataset.question)
     else:
+        if token is not None:  # a token=... of --data_args wins
+            kwargs = {"token": token, **kwargs}
         return hf_examples(dataset, split, recipe, streaming, shuffle_seed, **kwargs)
     random.Random(shuffle_seed).shuffle(examples)
     return examples
