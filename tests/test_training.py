@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -421,6 +422,23 @@ def test_the_token_reaches_the_hub_dataset_too(tmp_path, tiny_llava_dir, monkeyp
     with pytest.raises(OSError, match="offline"):
         run(args)
     assert calls == [("owner/gated", "hf_SECRET")]
+
+
+def test_overwrite_replaces_the_runs_best_folder_too(tmp_path, tiny_llava_dir):
+    """RUN-best belongs to the run: the run that replaces RUN replaces it (at its first
+    checkpoint, as RUN), and a new run does not mix its coders into an earlier run's."""
+    best = tmp_path / "run-best"
+    run(cli(tiny_llava_dir, tmp_path, "run", "--save_best", "true", "--max_examples", "8"))
+    assert sorted(p.name for p in best.iterdir()) == ["config.json", *HOOKS]
+    shutil.rmtree(tmp_path / "run")  # RUN gone, RUN-best left
+    with pytest.raises(ValueError, match="run-best holds the best coders of an earlier run"):
+        run(cli(tiny_llava_dir, tmp_path, "run", "--layers", "0"))
+    again = cli(tiny_llava_dir, tmp_path, "run", "--layers", "0", "--overwrite", "true",
+                "--max_examples", "8")  # fmt: skip
+    run([*again, "--save_best", "true"])
+    assert sorted(p.name for p in best.iterdir()) == ["config.json", HOOKS[0]]
+    run([*again, "--save_best", "false"])
+    assert not best.exists()
 
 
 def test_a_file_where_the_run_folder_would_be_is_left_alone(tmp_path, tiny_llava_dir):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from argparse import Action
 from collections.abc import Collection
@@ -29,7 +30,7 @@ from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
 from torch import nn
 
-from vlm_sparsify.best_checkpoint import improved_since_last_check, keep_best
+from vlm_sparsify.best_checkpoint import best_dir, improved_since_last_check, keep_best
 from vlm_sparsify.cli import ArgumentParser, reported_interrupt, run_cli
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
@@ -668,6 +669,9 @@ class CheckpointWriter:
         # compared first: the best losses are part of the state the checkpoint saves
         improved = improved_since_last_check(trainer) if self.args.save_best else []
         self.write(trainer)
+        if trainer.saved_step is None and not self.args.resume and self.rank == 0:
+            # this run's first checkpoint replaced RUN: a RUN-best was the replaced run's
+            shutil.rmtree(best_dir(self.run_dir), ignore_errors=True)
         if improved and self.rank == 0:  # copied from the checkpoint just written
             keep_best(self.run_dir, trainer.coders.hookpoints, improved)
         if dist.is_initialized():
@@ -766,6 +770,12 @@ def check_run_folder(args: RunConfig, run_dir: Path) -> None:
         raise ValueError(
             f"{run_dir} already holds a run: pass --resume to continue it, --overwrite true to "
             "replace it, or another --run_name"
+        )
+    best = best_dir(run_dir)
+    if best.is_dir() and not (args.resume or args.overwrite or finetunes_itself):
+        raise ValueError(
+            f"{best} holds the best coders of an earlier run named {run_dir.name}: pass "
+            "--overwrite true to replace it with this run's, or another --run_name"
         )
 
 
