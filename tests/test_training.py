@@ -441,6 +441,20 @@ def test_overwrite_replaces_the_runs_best_folder_too(tmp_path, tiny_llava_dir):
     assert not best.exists()
 
 
+def test_a_model_that_cannot_load_is_one_line(tmp_path, tiny_llava_dir, monkeypatch):
+    import transformers
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
+    args = cli(tiny_llava_dir, tmp_path, "hub")
+    args[0] = "llava-hf/llava-1.5-7b-hf"
+    with pytest.raises(OSError) as err:
+        run(args)
+    assert "\n" not in str(err.value) and "(no such local folder either)" in str(err.value)
+
+
 def test_a_file_where_the_run_folder_would_be_is_left_alone(tmp_path, tiny_llava_dir):
     (tmp_path / "notes").write_text("mine")
     for flags in ([], ["--overwrite", "true"]):

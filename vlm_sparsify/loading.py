@@ -116,8 +116,9 @@ def load_model_and_processor(
         processor = processor_class(recipe).from_pretrained(model_id, **hub_kwargs)
     except OSError as err:
         local = "" if Path(model_id).exists() else " (no such local folder either)"
+        reason = " ".join(str(err).split())  # transformers' own messages span lines
         raise OSError(
-            f"could not load model '{model_id}'{local} with recipe '{recipe.name}': {err}"
+            f"could not load model '{model_id}'{local} with recipe '{recipe.name}': {reason}"
         ) from None
     check_image_token(model.config, processor, recipe)
     model.to(torch_device).eval().requires_grad_(False)
