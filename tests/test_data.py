@@ -63,6 +63,19 @@ def test_a_metadata_csv_saved_by_excel_reads_as_any_other(tmp_path):
     ]
 
 
+def test_a_dataset_that_is_neither_a_folder_nor_reachable_says_both(monkeypatch, llava_recipe):
+    import datasets
+
+    from vlm_sparsify.data import open_examples
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'my_images' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(OSError, match=r"DATASET 'my_images' \(no such local folder either\): "):
+        open_examples("my_images", llava_recipe)
+
+
 def test_long_question_keeps_all_576_image_tokens(tmp_path, llava_recipe):
     processor = llava15_processor(llava_recipe)
     image = make_image(tmp_path / "photo.png", size=(336, 336))

@@ -147,7 +147,12 @@ def hf_examples(
     from datasets import load_dataset
 
     defaults = recipe.dataset
-    ds = load_dataset(path, split=split, streaming=streaming, **kwargs)
+    try:
+        ds = load_dataset(path, split=split, streaming=streaming, **kwargs)
+    except OSError as err:  # offline, no such dataset: perhaps a mistyped folder
+        local = "" if Path(path).exists() else " (no such local folder either)"
+        reason = " ".join(str(err).split())
+        raise OSError(f"could not load DATASET '{path}'{local}: {reason}") from None
     if defaults.image_column not in (ds.column_names or []):
         raise ValueError(
             f"dataset '{path}' has no image column '{defaults.image_column}' "
