@@ -271,6 +271,7 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--hookpoints", "model.vision_tower.*.layers.0.mlp"], "outside the language model's"),
         (["--data_args", "foo"], "--data_args 'foo': 'foo' is not arg=value"),
         (["--revision", "v1.0"], "--revision applies to models on the Hub, not to the local"),
+        (["--exclude_tokens", "5", "99999"], r"--exclude_tokens \[99999\] are not token ids"),
         (["--dtype", "bfloat16", "--device", "cpu"], "--dtype bfloat16 trains on a GPU only"),
         (["--data_args", "name=x", "--streaming", "true"], "--data_args, --streaming apply to"),
     ]:

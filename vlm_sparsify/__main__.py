@@ -478,6 +478,11 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         token=token,
         trust_remote_code=args.trust_remote_code,
     )
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+    if vocab and (unknown := [t for t in args.exclude_tokens if not 0 <= t < vocab]):
+        raise ValueError(
+            f"--exclude_tokens {unknown} are not token ids of the model (0 to {vocab - 1})"
+        )
     args.hookpoints = choose_hookpoints(args, model, recipe, saved, given, run_dir)
     coders = build_run_coders(args, model.config.get_text_config().hidden_size, device)
     examples = open_examples(
