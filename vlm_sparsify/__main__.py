@@ -189,7 +189,8 @@ class RunConfig(TrainConfig):
 
     hf_token: str | None = field(default=None, encoding_fn=lambda _: None)
     """Hugging Face token for the model and a Hub dataset, gated or private ones too (never
-    written to disk or logs; HF_TOKEN works too)."""
+    written to disk or logs; prefer the HF_TOKEN environment variable, which other users of the
+    machine cannot read from the process list)."""
 
     push_to_hub: str = ""
     """Upload the finished run folder (coders, configs, summary; no optimizer state) to this

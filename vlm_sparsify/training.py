@@ -459,12 +459,15 @@ class Trainer:
         return f"the checkpoint of step {self.saved_step} is untouched (--resume continues it)"
 
     def _non_finite_hint(self) -> str:
-        """What to do after a NaN stop (--resume keeps the saved --lr, so it is not that)."""
+        """What to do after a NaN stop (--resume keeps the saved --lr, so it is not that);
+        --dtype float32 only for a model in a lower precision."""
+        dtype = getattr(self.model, "dtype", torch.float32)
+        change = "a lower --lr" + (" or --dtype float32" if dtype != torch.float32 else "")
         if self.saved_step is None:
-            return "Start again with a lower --lr or --dtype float32."
+            return f"Start again with {change}."
         return (
-            "To go on with a lower --lr or --dtype float32, start a new run from that "
-            "checkpoint: --finetune RUN_FOLDER --run_name NEW_NAME."
+            f"To go on with {change}, start a new run from that checkpoint: "
+            "--finetune RUN_FOLDER --run_name NEW_NAME."
         )
 
     def _check_updated_loss(
