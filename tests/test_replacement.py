@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections import Counter
+from contextlib import nullcontext
 from typing import Any
 
 import pytest
 import torch
 from sparsify import SparseCoderConfig
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from vlm_sparsify import topk_encoder
 from vlm_sparsify.bench_steps import benchmark_generate
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.interventions import Intervention
@@ -701,3 +705,56 @@ def test_hybrid_decodes_the_prefill_with_triton_and_the_steps_with_embedding_bag
     assert torch.equal(tokens, reference)
     assert rows["triton"] and min(rows["triton"]) >= 16
     assert rows["embedding_bag"] and set(rows["embedding_bag"]) == {2}  # one row per sequence
+
+
+NO_KERNEL = {"view", "_unsafe_view", "reshape", "alias", "slice", "select", "unsqueeze", "t",
+             "expand", "detach", "as_strided", "transpose", "lift_fresh", "promote_types",
+             "empty", "new_empty", "empty_like"}  # fmt: skip
+"""Ops that launch no kernel on a GPU (views, metadata, allocation)."""
+
+
+def kernels_of_a_decoding_step(model: nn.Module, replacement: ReplacementModel | None) -> Counter:
+    """Kernel-launching ops of one greedy decoding step after a prefill (the KV cache's)."""
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            name = func.overloadpacket.__name__
+            if name not in NO_KERNEL:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    inputs = batch()
+    with torch.no_grad(), replacement or nullcontext():
+        out = model(**inputs, use_cache=True)
+        step = {
+            "input_ids": out.logits[:, -1:].argmax(-1),
+            "attention_mask": torch.cat(
+                [inputs["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1
+            ),
+            "past_key_values": out.past_key_values,
+            "use_cache": True,
+        }
+        with Count() as count:
+            model(**step)
+    return count.ops
+
+
+def test_a_decoding_step_launches_about_the_mlps_kernels(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a decoding step a GPU is launch-bound: open loop through the fused copies runs, per
+    layer, as many kernels as the MLP it replaces (encoder addmm with its ReLU, top-k,
+    embedding_bag, ring addition, read-out vs three matmuls, SiLU, product), plus a few per
+    forward (the ring's start from the summed biases, the bags' offsets at a new row count)."""
+    # torch's top-k, as on a GPU (on the CPU topk_rows prunes with a few more ops)
+    monkeypatch.setattr(topk_encoder, "topk_rows", lambda x, k: x.topk(k, dim=-1, sorted=False))
+    base = kernels_of_a_decoding_step(model, None)
+    replaced = kernels_of_a_decoding_step(model, ReplacementModel(model, make_coders("clt")))
+    extra = sum(replaced.values()) - sum(base.values())
+    assert replaced["embedding_bag"] + replaced["_embedding_bag_forward_only"] == LAYERS
+    assert base["silu"] == LAYERS and replaced["silu"] == 0
+    assert extra == 2, (base, replaced)
