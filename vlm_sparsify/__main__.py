@@ -466,6 +466,11 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
             print(note)
     check_run_folder(args, run_dir)
     saved, recipe, recipe_file = resolve_recipe(args, run_dir, given)
+    if "decoder_dtype" in given and not args.cross_layer:
+        raise ValueError(
+            f"--decoder_dtype {args.decoder_dtype} sets a cross-layer transcoder's decoders; "
+            "per-layer coders (no --cross_layer) are sparsify's, in float32: leave it out"
+        )
     # read now: every checkpoint keeps the recipe it trained with (RUN/recipe.toml)
     recipe_bytes = recipe_file.read_bytes() if recipe_file is not None else None
     device = args.device or default_device()
