@@ -286,6 +286,25 @@ def test_a_missing_text_column_names_the_columns_and_the_recipe_key(
     assert [e.answer for e in examples] == ["a red square"] * 2
 
 
+def test_folder_captions_given_as_lists_train_on_their_first_as_hub_datasets_do(tmp_path):
+    make_image(tmp_path / "a.png")
+    rows = [{"file_name": "a.png", "text": ["a red square", "a square"]},
+            {"file_name": "a.png", "text": [], "question": ["What is it?"]}]  # fmt: skip
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    first, empty = folder_examples(tmp_path, "Describe this image.")
+    assert (first.answer, first.question) == ("a red square", "Describe this image.")
+    assert (empty.answer, empty.question) == ("", "What is it?")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": 5}))
+    with pytest.raises(ValueError, match="metadata row 0 .* has a 'text' that is not text"):
+        folder_examples(tmp_path, "Describe this image.")
+
+
+def test_an_empty_metadata_file_is_named(tmp_path):
+    (tmp_path / "metadata.jsonl").write_text("")
+    with pytest.raises(ValueError, match="the metadata lists no images"):
+        folder_examples(tmp_path, "Describe this image.")
+
+
 def test_a_folder_without_a_text_column_names_its_columns(tmp_path):
     make_image(tmp_path / "a.png")
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "x"}))

@@ -119,24 +119,40 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
                 f"{folder}: metadata row {i} ({json.dumps(row)[:80]}) has no 'file_name' string; "
                 'each row is an object such as {"file_name": "a.png", "text": "a red square"}'
             )
+    if not rows:
+        raise ValueError(f"{folder}: the metadata lists no images (one row per image file)")
     columns = sorted({key for row in rows for key in row})
-    if rows and not {"text", "answer"} & set(columns):
+    if not {"text", "answer"} & set(columns):
         # else every example would train on its question alone, silently
         raise ValueError(
             f"{folder}: the metadata has no 'text' or 'answer' column with the caption or answer "
             f"(columns: {', '.join(columns)}); rename that column to 'text' (or 'answer')"
         )
-    examples = []
-    for row in rows:
-        examples.append(
-            Example(
-                id=str(row.get("id") or row["file_name"]),
-                image=str(folder / row["file_name"]),
-                question=row.get("question") or question,
-                answer=row.get("answer") or row.get("text") or "",
-            )
+    return [
+        Example(
+            id=str(row.get("id") or row["file_name"]),
+            image=str(folder / row["file_name"]),
+            question=_text_value(folder, i, row, "question") or question,
+            answer=_text_value(folder, i, row, "answer") or _text_value(folder, i, row, "text"),
         )
-    return examples
+        for i, row in enumerate(rows)
+    ]
+
+
+def _text_value(folder: Path, i: int, row: dict[str, Any], column: str) -> str:
+    """A metadata row's `column` as text: a list (several captions) gives its first entry, as
+    for a Hub dataset's text column; a missing or empty value gives ''."""
+    value = row.get(column)
+    if isinstance(value, list):
+        value = value[0] if value else ""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{folder}: metadata row {i} ({json.dumps(row)[:80]}) has a {column!r} that is not "
+            "text (a string, or a list of strings: the first is used)"
+        )
+    return value
 
 
 def hf_examples(
