@@ -245,7 +245,9 @@ def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: i
     eps = result.get("parameters", {}).get("eps", 0.01)
     features = [f for d in _directions(result) for f in _top(result, d, top)]
     # eps on both sides keeps features that never fire in one group finite and symmetric
-    ratios = [(f["good_freq"] + eps) / (f["bad_freq"] + eps) for f in features]
+    ratios = 2.0 ** frequency_log_ratio(
+        [f["good_freq"] for f in features], [f["bad_freq"] for f in features], eps
+    )
     order = np.argsort(ratios, kind="stable")
     fig, ax = pyplot().subplots(figsize=(7, 1.2 + 0.28 * max(len(features), 3)))
     ax.barh(
@@ -270,16 +272,11 @@ def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: i
     return _save(fig, path, dpi)
 
 
-def volcano_log_ratio(
-    good_freq: ArrayLike, bad_freq: ArrayLike, n_good: int, n_bad: int
-) -> np.ndarray:
-    """log2((good_freq + eps) / (bad_freq + eps)) with eps = 1 / (n_good + n_bad), one sample of
-    both groups together: the same eps on both sides keeps the sign of good_freq - bad_freq (the
-    side frequency_ratios.png puts the feature on), x stays finite and within
-    +-log2(1 + n_good + n_bad), and a feature firing in one group only sits as far out as its
-    rate there says, whichever group is the smaller."""
+def frequency_log_ratio(good_freq: ArrayLike, bad_freq: ArrayLike, eps: float) -> np.ndarray:
+    """log2((good_freq + eps) / (bad_freq + eps)): the analysis's eps on both sides keeps the
+    sign of good_freq - bad_freq and bounds it by log2((1 + eps) / eps); frequency_ratios.png's
+    bars and volcano.png's x are this ratio."""
     good_freq, bad_freq = np.asarray(good_freq, float), np.asarray(bad_freq, float)
-    eps = 1.0 / (n_good + n_bad)
     return np.log2((good_freq + eps) / (bad_freq + eps))
 
 
@@ -287,11 +284,8 @@ def plot_volcano(
     result: dict, stats: np.lib.npyio.NpzFile, path: Path, title: str, dpi: int
 ) -> Path:
     fires = (stats["good_freq"] > 0) | (stats["bad_freq"] > 0)
-    n_good = max(result["total_good_samples"], 1)
-    n_bad = max(result["total_bad_samples"], 1)
-    log_ratio = volcano_log_ratio(
-        stats["good_freq"][fires], stats["bad_freq"][fires], n_good, n_bad
-    )
+    eps = result.get("parameters", {}).get("eps", 0.01)
+    log_ratio = frequency_log_ratio(stats["good_freq"][fires], stats["bad_freq"][fires], eps)
     p = np.maximum(stats["p_value"][fires], 1e-300)
     significant = stats["q_value"][fires] <= result["parameters"].get("fdr", 0.05)
     fig, ax = pyplot().subplots(figsize=(7, 5))
@@ -301,8 +295,8 @@ def plot_volcano(
                label=f"significant at FDR ({significant.sum()})")  # fmt: skip
     for direction in _directions(result):
         chosen = [f for f in result["features"] if f.get("direction", "good") == direction]
-        x = volcano_log_ratio(
-            [f["good_freq"] for f in chosen], [f["bad_freq"] for f in chosen], n_good, n_bad
+        x = frequency_log_ratio(
+            [f["good_freq"] for f in chosen], [f["bad_freq"] for f in chosen], eps
         )
         y = [-np.log10(max(f["p_value"], 1e-300)) for f in chosen]
         ax.scatter(x, y, s=28, facecolors="none", edgecolors=COLORS[direction],
@@ -310,7 +304,7 @@ def plot_volcano(
     ax.axvline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel(
         "log2 firing frequency ratio, GOOD / BAD\n"
-        "(both rates + 1 / (n_good + n_bad); sign = GOOD - BAD)"
+        f"(both rates + eps = {eps:g}, as frequency_ratios.png; sign = GOOD - BAD)"
     )
     ax.set_ylabel("-log10 p (Fisher's exact test)")
     ax.set_title(f"{title}: {fires.sum()} features that fire")

@@ -163,8 +163,10 @@ def test_volcano_and_frequency_ratios_put_every_feature_on_the_side_it_fires_mor
     axes = figures[0].axes[0]
     every = axes.collections[0].get_offsets()[:, 0]  # nothing significant: all in the first
     assert np.isfinite(every).all() and (sign(every) == side).all()
-    # bounded whichever group is the smaller: a rate of 1 against 0 at most
-    assert np.abs(every).max() <= np.log2(1 + n_good + n_bad) + 1e-9
+    # the analysis's eps on both sides, as frequency_ratios.png: a rate of 1 against 0 at most
+    assert np.abs(every).max() <= np.log2(1.01 / 0.01) + 1e-9
+    expected = np.log2((good_freq[0] + 0.01) / (bad_freq[0] + 0.01))
+    np.testing.assert_allclose(np.sort(every), np.sort(expected))
     for collection, direction in zip(axes.collections[2:], ("good", "bad"), strict=True):
         chosen = [i for i, f in enumerate(features) if f["direction"] == direction]
         assert (sign(collection.get_offsets()[:, 0]) == side[chosen]).all()
