@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
@@ -136,6 +136,8 @@ def _save(fig: Figure, path: Path, dpi: int) -> Path:
 def plot_top_features(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
     directions = _directions(result)
     rows = max(len(_top(result, d, top)) for d in directions)
+    if not rows:
+        return _nothing_selected(result, f"{title}: top selected features", path, dpi)
     fig, axes = pyplot().subplots(
         1,
         len(directions),
@@ -192,16 +194,30 @@ def plot_features_per_layer(result: dict, path: Path, title: str, dpi: int) -> P
     if result["features"]:
         ax.legend(loc="upper right", ncol=2)
     else:
-        parameters = result.get("parameters", {})
-        reason = (
-            f"\nnone is significant at FDR {parameters.get('fdr', 0.05):g} (--significant-only)"
-            if parameters.get("significant_only")
-            else ""
-        )
-        ax.text(0.5, 0.5, f"no feature selected{reason}", transform=ax.transAxes,
-                ha="center", va="center")  # fmt: skip
+        _say_nothing_selected(ax, result)
     if len(layers) > 20:
         ax.tick_params(axis="x", labelsize=7, rotation=90)
+    return _save(fig, path, dpi)
+
+
+def _say_nothing_selected(ax: Any, result: dict) -> None:
+    """A note across `ax` that the analysis selected no feature, and why if known."""
+    parameters = result.get("parameters", {})
+    reason = (
+        f"\nnone is significant at FDR {parameters.get('fdr', 0.05):g} (--significant-only)"
+        if parameters.get("significant_only")
+        else ""
+    )
+    ax.text(0.5, 0.5, f"no feature selected{reason}", transform=ax.transAxes,
+            ha="center", va="center")  # fmt: skip
+
+
+def _nothing_selected(result: dict, title: str, path: Path, dpi: int) -> Path:
+    """A chart of selected features when there are none: the note alone, no empty axes."""
+    fig, ax = pyplot().subplots(figsize=(6, 2))
+    ax.set_axis_off()
+    _say_nothing_selected(ax, result)
+    ax.set_title(title)
     return _save(fig, path, dpi)
 
 
@@ -215,6 +231,8 @@ def heatmap_cells(features: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 def plot_activation_heatmap(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
     features = [f for d in _directions(result) for f in _top(result, d, top)]
+    if not features:
+        return _nothing_selected(result, f"{title}: GOOD vs BAD samples", path, dpi)
     labels = [f"{feature_label(f)} ({f.get('direction', 'good')})" for f in features]
     freq, act = heatmap_cells(features)
     act_max = max(np.nanmax(act, initial=0.0), 1e-9)
@@ -244,6 +262,8 @@ def plot_activation_heatmap(result: dict, path: Path, title: str, top: int, dpi:
 def plot_frequency_ratios(result: dict, path: Path, title: str, top: int, dpi: int) -> Path:
     eps = result.get("parameters", {}).get("eps", 0.01)
     features = [f for d in _directions(result) for f in _top(result, d, top)]
+    if not features:
+        return _nothing_selected(result, f"{title}: firing frequency ratio", path, dpi)
     # eps on both sides keeps features that never fire in one group finite and symmetric
     ratios = 2.0 ** frequency_log_ratio(
         [f["good_freq"] for f in features], [f["bad_freq"] for f in features], eps

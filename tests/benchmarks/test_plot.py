@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -214,3 +215,14 @@ def test_features_per_layer_with_nothing_selected_shows_every_layer_and_says_why
     labels, totals, texts = drawn_layers(monkeypatch, result)
     assert labels == [str(layer) for layer in range(LAYERS)] and not totals.any()
     assert texts == ["no feature selected\nnone is significant at FDR 0.05 (--significant-only)"]
+    # the charts of selected features say the same instead of drawing empty axes
+    figures = drawn_figures(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "identical low and high ylims"
+        plot.plot_top_features(result, None, "t", 10, 60)
+        plot.plot_activation_heatmap(result, None, "t", 10, 60)
+        plot.plot_frequency_ratios(result, None, "t", 10, 60)
+    for figure in figures:
+        (ax,) = figure.axes
+        assert not ax.axison and [t.get_text() for t in ax.texts] == texts
+        plot.pyplot().close(figure)
