@@ -131,3 +131,10 @@ def test_region_ranges_are_runs_without_pads() -> None:
         "prompt": [(1, 2), (4, 5)],
         "response": [(5, 7)],
     }
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), (1.0, float("nan"))])
+def test_non_finite_values_are_rejected(value) -> None:
+    """A NaN or infinite value would turn every edited token's output into NaN or inf."""
+    with pytest.raises(ValueError, match="finite"):
+        Intervention("set", features=(1, 2), value=value)

@@ -7,6 +7,7 @@ in the top-k can be added or set: they are appended as extra (index, value) colu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,8 +53,8 @@ class Intervention:
     and every response token: the positions that predict the response), or `all`."""
 
     value: float | Sequence[float] | None = None
-    """Factor (scale), amount (add) or new activation (set), one per feature or one for all;
-    required by those three, not given for `zero`."""
+    """Factor (scale), amount (add) or new activation (set), one per feature or one for all
+    (finite numbers); required by those three, not given for `zero`."""
 
     def __post_init__(self) -> None:
         check_op(self.op)
@@ -146,6 +147,8 @@ def _index(x: Any, what: str) -> int:
 def _number(x: Any) -> float:
     if isinstance(x, bool | np.bool_) or not isinstance(x, int | float | np.number):
         raise ValueError(f"intervention values are numbers, got {x!r}")
+    if not math.isfinite(x):
+        raise ValueError(f"intervention values are finite numbers, got {x!r}")
     return float(x)
 
 
