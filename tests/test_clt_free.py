@@ -99,3 +99,18 @@ def test_threshold_mode_is_jumprelu_on_the_selected_rows() -> None:
 def test_an_unknown_steering_op_is_named():
     with pytest.raises(ValueError, match="Unknown intervention op 'double'; use scale, add, set"):
         SteeredFeature("model.language_model.layers.0.mlp", 3, 2.0, op="double")  # type: ignore[arg-type]
+
+
+def test_feature_indices_and_values_are_checked():
+    """A negative index would steer a latent from the end of the weights (torch indexing); an
+    index past the width would fail deep in the copy; NaN would make the steered outputs NaN."""
+    hookpoint = "model.language_model.layers.0.mlp"
+    with pytest.raises(ValueError, match="feature indices are >= 0, got -1"):
+        SteeredFeature(hookpoint, -1, 2.0, op="add")
+    with pytest.raises(ValueError, match="finite"):
+        SteeredFeature(hookpoint, 3, float("nan"), op="set")
+    steered = SteeredFeature(hookpoint, torch.tensor(3), torch.tensor(2.0))
+    assert (type(steered.feature_idx), type(steered.value)) == (int, float)  # saved as JSON
+    coders = make_coders("clt")
+    with pytest.raises(ValueError, match=f"feature 64 of {hookpoint} is out of range"):
+        FeatureSteerer.from_coders(coders, [SteeredFeature(hookpoint, 64, op="add")])

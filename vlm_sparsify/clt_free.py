@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from vlm_sparsify.coder_io import Coders, source_weights, usual_permissions
 from vlm_sparsify.files import read_json
-from vlm_sparsify.interventions import OPS, Op, check_op
+from vlm_sparsify.interventions import OPS, Op, check_op, feature_index, feature_value
 from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
 from vlm_sparsify.topk_encoder import encode_topk
 
@@ -57,14 +57,17 @@ class SteeredFeature:
     hookpoint: str
     """Source hookpoint (MLP module path from the root model)."""
     feature_idx: int
-    """Latent index in that source."""
+    """Latent index in that source (>= 0, below its width)."""
     value: float = 1.0
-    """Factor (scale), amount (add) or new activation (set); ignored by zero."""
+    """Factor (scale), amount (add) or new activation (set), a finite number; ignored by zero."""
     op: Op = "scale"
     """scale, add, set or zero."""
 
     def __post_init__(self) -> None:
         check_op(self.op)
+        # a negative index would silently pick a latent from the end of the weights
+        object.__setattr__(self, "feature_idx", feature_index(self.feature_idx))
+        object.__setattr__(self, "value", feature_value(self.value))
 
 
 class FeatureSteerer(nn.Module):
@@ -127,6 +130,11 @@ class FeatureSteerer(nn.Module):
             if len(set(index.tolist())) != len(chosen):
                 raise ValueError(f"a feature of {hookpoint} is listed twice: {index.tolist()}")
             W_enc, b_enc, W_decs, _ = source_weights(coders, p)
+            if int(index.max()) >= len(W_enc):
+                raise ValueError(
+                    f"feature {int(index.max())} of {hookpoint} is out of range: "
+                    f"that coder has {len(W_enc)} latents"
+                )
             key = _key(hookpoint)
             tensors[f"{key}.features"] = index
             tensors[f"{key}.values"] = torch.tensor([f.value for f in chosen], dtype=torch.float64)

@@ -136,6 +136,18 @@ def _items(x: Any, strings: bool = False) -> list[Any]:
     return [x]
 
 
+def feature_index(x: Any) -> int:
+    """A latent index as an int (Python, NumPy or 0-d / 1-element torch integer, >= 0)."""
+    items = _items(x)
+    return _index(items[0] if len(items) == 1 else x, "feature")
+
+
+def feature_value(x: Any) -> float:
+    """An edit's value as a float (a finite Python, NumPy or 0-d / 1-element torch number)."""
+    items = _items(x)
+    return _number(items[0] if len(items) == 1 else x)
+
+
 def _index(x: Any, what: str) -> int:
     if isinstance(x, bool | np.bool_) or not isinstance(x, int | np.integer):
         raise ValueError(f"{what} indices are integers, got {x!r}")
