@@ -66,7 +66,12 @@ def test_plain_forward_decides_at_its_last_token_and_never_at_pad(model: nn.Modu
         model(**inputs)
         recorder.handle.remove()
     (decision,) = recorder.decision
-    assert decision.tolist() == [[False] * PROMPT, [False] * (PROMPT - 1) + [True]]
+    # row 0's last token is pad: its decision position is its last real token (it had none)
+    last = PROMPT - 3
+    assert decision.tolist() == [
+        [False] * last + [True, False, False],
+        [False] * (PROMPT - 1) + [True],
+    ]
 
 
 def test_generate_wrappers_come_off_in_any_order(model: nn.Module) -> None:

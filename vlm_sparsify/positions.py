@@ -8,8 +8,8 @@ benchmarks select features). `SequencePositions.install(model)` reads them with 
 root model (its `input_ids`, attention mask and KV cache) and wraps the model's `generate` for
 the prompt length: inside `generate` the prompt is what it was given, with or without a KV cache
 (without one every step re-runs the whole sequence); outside, a forward without past starts a
-sequence whose prompt is that forward's tokens (so a plain forward's decision position is its last
-token) and forwards with a past continue it.
+sequence whose prompt is that forward's tokens (so a plain forward's decision position is each
+row's last non-pad token, left or right padded) and forwards with a past continue it.
 """
 
 from __future__ import annotations
@@ -62,13 +62,20 @@ class SequencePositions:
 
     @property
     def decision(self) -> Tensor | None:
-        """Whether each of the last forward's tokens `[B, n]` is a decision position: the last
-        prompt token or a response token (pad positions never)."""
+        """Whether each of the last forward's tokens `[B, n]` is a decision position: a row's
+        last non-pad prompt token (with right padding too) or a response token (pad never)."""
         if self._decision is None and self._forward is not None:
             regions = self.regions
             assert regions is not None
+            mask = self._forward[0]
             positions = torch.arange(self.past, self.past + regions.shape[1], device=regions.device)
-            self._decision = (positions >= self.prompt_length - 1) & (regions != REGION_CODE["pad"])
+            last = torch.full_like(positions[:1], self.prompt_length - 1)
+            if mask is not None and mask.ndim == 2 and self.past < self.prompt_length:
+                # each row's last non-pad prompt position (computed on the device: no host sync)
+                from_end = mask[:, : self.prompt_length].flip(1).ne(0).int().argmax(1, keepdim=True)
+                last = self.prompt_length - 1 - from_end
+            decision = (positions >= self.prompt_length) | (positions == last)
+            self._decision = decision & (regions != REGION_CODE["pad"])
         return self._decision
 
     # ------------------------------------------------------------------ hooks
