@@ -670,6 +670,26 @@ def test_attribution_gradients_match_a_finite_difference(
     assert float(moved - target.detach()) / eps == pytest.approx(total, rel=0.05)
 
 
+def test_attribution_refuses_interventions_and_modes_added_inside_its_block(
+    model: nn.Module,
+) -> None:
+    """The attribution step ignores interventions and assumes error mode: changing either inside
+    the block silently gave unedited (or wrong) outputs."""
+    rm = ReplacementModel(model, make_coders("clt"), mode="error")
+    edit = Intervention("set", features=3, value=5.0)
+    with rm.attribution():
+        with pytest.raises(RuntimeError, match="attribution runs without interventions"):
+            rm.intervene(edit).__enter__()
+        with pytest.raises(RuntimeError, match="attribution runs without interventions"):
+            rm.generate(**batch(), **GREEDY, interventions=edit)
+        with pytest.raises(RuntimeError, match="attribution needs mode='error'"):
+            rm.mode = "open-loop"
+    assert rm.interventions == [] and rm.mode == "error"
+    rm.mode = "open-loop"  # outside the block, both work again
+    with rm.intervene(edit):
+        assert rm.interventions == [edit]
+
+
 @pytest.mark.skipif(triton_runs(), reason="triton can run here")
 def test_the_triton_decoder_says_what_it_needs(model: nn.Module) -> None:
     needs = "the triton CLT decoder (needs the triton package|runs on a CUDA GPU)"

@@ -176,6 +176,8 @@ class ReplacementModel:
     def mode(self, mode: Mode) -> None:
         if self._installs:
             raise RuntimeError("change the mode outside `with rm:` (its hooks depend on it)")
+        if getattr(self, "_leaves", None) is not None and mode != "error":
+            raise RuntimeError("attribution needs mode='error': change it outside the block")
         match mode:
             case "open-loop" | "error" | "off":
                 self._mode: Mode = mode
@@ -190,6 +192,10 @@ class ReplacementModel:
     @interventions.setter
     def interventions(self, interventions: Intervention | Sequence[Intervention]) -> None:
         interventions = _as_list(interventions)
+        if interventions and getattr(self, "_leaves", None) is not None:
+            raise RuntimeError(
+                "attribution runs without interventions: intervene outside `rm.attribution()`"
+            )
         per_source: list[list[Intervention]] = [[] for _ in self.hookpoints]
         for intervention in interventions:
             highest = max(intervention.features)  # type: ignore[type-var]
@@ -234,7 +240,8 @@ class ReplacementModel:
         `top_acts` requires grad, and decoding adds `decode(acts) - decode(acts.detach())` to the
         targets: zero in value (error mode stays exact), the features' direct path in gradient.
         After `backward()`, `top_acts * top_acts.grad` is the activation x gradient attribution.
-        Only in error mode, without interventions.
+        Only in error mode, without interventions (adding one, or another mode, inside the block is
+        an error: the attribution step would ignore them).
         """
         if self.mode != "error" or self._interventions:
             raise ValueError("attribution needs mode='error' and no interventions")
