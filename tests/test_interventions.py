@@ -108,7 +108,7 @@ def test_layers_resolve_by_position_and_hookpoint() -> None:
     assert by_name.source_positions(HOOKPOINTS) == [0, 1]
     with pytest.raises(ValueError, match="no coder at hookpoint 'model.layers.1.mlp'"):
         Intervention("zero", features=1, layers="model.layers.1.mlp").source_positions(HOOKPOINTS)
-    with pytest.raises(ValueError, match="source layer 5 out of range 0..1"):
+    with pytest.raises(ValueError, match="source layer 5 out of range 0..1: integer layers are "):
         Intervention("zero", features=1, layers=5).source_positions(HOOKPOINTS)
 
 

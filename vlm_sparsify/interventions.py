@@ -103,7 +103,11 @@ class Intervention:
             elif 0 <= layer < len(hookpoints):
                 positions.append(layer)
             else:
-                raise ValueError(f"source layer {layer} out of range 0..{len(hookpoints) - 1}")
+                raise ValueError(
+                    f"source layer {layer} out of range 0..{len(hookpoints) - 1}: integer layers "
+                    f"are positions among the coders' hookpoints {list(hookpoints)}, not model "
+                    "layer numbers (or give a hookpoint name)"
+                )
         return sorted(set(positions))
 
     @property
