@@ -670,6 +670,30 @@ def test_attribution_gradients_match_a_finite_difference(
     assert float(moved - target.detach()) / eps == pytest.approx(total, rel=0.05)
 
 
+def test_a_submodule_called_alone_refuses_regions_and_capture(model: nn.Module) -> None:
+    """The language model called alone has no token regions (the root model's pre-hook reads
+    them): a region-limited edit edited every token, or, after a root forward, used that
+    forward's stale regions; capture wrote into the last root forward's rows or failed."""
+    language_model = model.model.language_model
+    tokens = batch()["input_ids"][:, 2:]
+    rm = ReplacementModel(model, make_coders("clt"), mode="error")
+    edit = Intervention("set", features=3, value=5.0, region="response")
+    for root_forward_first in (False, True):
+        with rm, rm.intervene(edit), torch.no_grad():
+            if root_forward_first:
+                rm(**batch())
+            with pytest.raises(ValueError, match="this forward's regions are unknown"):
+                language_model(input_ids=tokens)
+        with rm, rm.capture(), torch.no_grad():
+            if root_forward_first:
+                rm(**batch())
+            with pytest.raises(RuntimeError, match="capture follows forwards of the root model"):
+                language_model(input_ids=tokens)
+    with rm, rm.intervene(Intervention("set", features=3, value=5.0)), torch.no_grad():
+        edited = language_model(input_ids=tokens).last_hidden_state  # every token: no regions
+    assert not torch.equal(edited, language_model(input_ids=tokens).last_hidden_state)
+
+
 def test_attribution_refuses_interventions_and_modes_added_inside_its_block(
     model: nn.Module,
 ) -> None:

@@ -111,6 +111,7 @@ class FeatureCapture:
         self.index_dtype = captured_index_dtype(num_latents)
         self.value_dtype = value_dtype
         self._sequences: list[_Sequence] = []
+        self._in_forward = False
 
     def start_sequence(self) -> None:
         """A new batch of sequences begins (a forward without past, or a `generate`)."""
@@ -123,9 +124,21 @@ class FeatureCapture:
             self.start_sequence()
         none: list[Tensor | None] = [None] * self.num_sources
         self._sequences[-1].chunks.append(_Chunk(past, token_ids, regions, none, list(none)))
+        self._in_forward = True
+
+    def end_forward(self) -> None:
+        """The current forward ended: a coder that runs before the next `start_forward` is
+        refused (it would write into this forward's rows)."""
+        self._in_forward = False
 
     def record(self, source: int, top_acts: Tensor, top_indices: Tensor) -> None:
         """Keep source `source`'s top-k `[B * n, k]` of the current forward."""
+        if not self._in_forward:
+            raise RuntimeError(
+                "capture follows forwards of the root model (its input_ids give the token "
+                "regions): a coder ran outside one (a submodule such as the language model called "
+                "alone, or a forward without input_ids or inputs_embeds); call the root model"
+            )
         chunk = self._sequences[-1].chunks[-1]
         shape = (*chunk.regions.shape, top_indices.shape[-1])
         chunk.indices[source] = top_indices.detach().to(self.index_dtype).view(shape)

@@ -191,13 +191,19 @@ def apply_interventions(
     """Edit sparse features `[N, k]`; returns `[N, k + extra]` when features were added or set.
 
     `token_regions` `[N]` holds each token's region code (`capture.REGION_CODE`) and `decision`
-    `[N]` whether it is a decision position (`positions.SequencePositions`); None means all
-    tokens match every region.
+    `[N]` whether it is a decision position (`positions.SequencePositions`); they may be None
+    when every intervention edits all tokens (a region-limited one then raises).
     """
     for intervention in interventions:
         features, value, codes = _as_tensors(intervention, top_acts.device, top_acts.dtype)
         rows = None
-        if codes is not None and token_regions is not None:
+        if codes is not None and token_regions is None:
+            raise ValueError(
+                f"{intervention} edits some token regions, but this forward's regions are unknown "
+                "(a submodule such as the language model called alone, or a forward without "
+                "input_ids or inputs_embeds): call the root model"
+            )
+        if codes is not None:
             rows = torch.isin(token_regions, codes)
             if intervention.at_decision:
                 if decision is None:

@@ -276,6 +276,7 @@ class ReplacementModel:
             self._handles.append(
                 self.model.register_forward_pre_hook(self._start_forward, with_kwargs=True)
             )
+            self._handles.append(self.model.register_forward_hook(self._end_forward))
             for p, hookpoint in enumerate(self.hookpoints):
                 module = self.model.get_submodule(hookpoint)
                 if self.mode == "open-loop" and not self._reads_output:
@@ -327,6 +328,13 @@ class ReplacementModel:
             decision = positions.decision
             assert decision is not None
             self._decision = decision.reshape(-1)
+
+    def _end_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """After a forward of the root model: its regions are stale for a forward of a submodule
+        alone (e.g. the language model), which the pre-hook does not see."""
+        self._regions = self._decision = None
+        if self._capture is not None:
+            self._capture.end_forward()
 
     def _open_loop(self, p: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Stands in for MLP p's forward in open-loop mode: the coders' prediction from x."""
