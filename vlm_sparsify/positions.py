@@ -140,10 +140,6 @@ class SequencePositions:
         self._forward = (mask, (batch, n), reference.device)
 
 
-_GENERATE_HOOKS = "_vlm_sparsify_generate_hooks"
-"""Attribute of a model whose `generate` is wrapped: the prompt-length callbacks it calls."""
-
-
 class _GenerateWrapper:
     """Calls `generating(prompt_length)` around every `model.generate`, until `remove()`.
 
