@@ -224,7 +224,8 @@ class ReplacementModel:
 
     @contextmanager
     def capture(self, value_dtype: torch.dtype = torch.bfloat16) -> Iterator[FeatureCapture]:
-        """Record every source's top-k per token while the block runs; read `pop_samples()`."""
+        """Record every source's top-k per token while the block runs; read `pop_samples()`.
+        Blocks nest: an inner block records the forwards run inside it, the outer one not."""
         capture = FeatureCapture(len(self.hookpoints), self.num_latents, value_dtype)
         outer, self._capture = self._capture, capture
         try:
