@@ -47,6 +47,7 @@ def test_every_family_of_the_issue_is_shipped():
         "idefics3",
         "gemma3",
         "paligemma",
+        "llava_onevision",
     }
 
 
@@ -80,6 +81,8 @@ def test_lookup_by_path(tmp_path):
         ("google/gemma-3-4b-it", "gemma3"),
         ("google/paligemma-3b-mix-224", "paligemma"),
         ("google/paligemma2-3b-pt-448", "paligemma"),
+        ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision"),
+        ("llava-hf/llava-onevision-qwen2-7b-si-hf", "llava_onevision"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
@@ -448,21 +451,34 @@ def test_paligemma_answer_is_causal_and_its_labels_are_dropped():
     assert "labels" not in short and short["input_ids"].shape == short["token_type_ids"].shape
 
 
-@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl"])
-def test_qwen_round_trips_through_from_pretrained_without_torchvision(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "video_processor"),
+    [
+        ("qwen2_vl", "Qwen2VLVideoProcessor"),
+        ("qwen2_5_vl", "Qwen2VLVideoProcessor"),
+        ("llava_onevision", "LlavaOnevisionVideoProcessor"),
+    ],
+)
+def test_image_only_processors_round_trip_through_from_pretrained_without_torchvision(
+    tmp_path, name, video_processor
+):
     recipe = find_recipe(name)
     model, processor = _tiny(name)
+    assert type(processor).get_attributes() == ["image_processor", "tokenizer"]
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     # a real checkpoint names a video processor too: image training leaves it out
     (tmp_path / "video_preprocessor_config.json").write_text(
-        json.dumps({"video_processor_type": "Qwen2VLVideoProcessor"})
+        json.dumps({"video_processor_type": video_processor})
     )
     loaded, loaded_processor, found = load_model_and_processor(
         str(tmp_path), dtype="float32", device="cpu"
     )
     assert found.name == name and type(loaded) is type(model)
     assert isinstance(loaded_processor, type(processor).__mro__[1])
+    # the processor's own keywords (LLaVA-OneVision's num_image_tokens) are saved and read back
+    for key, value in recipe.tiny.get("processor", {}).items():
+        assert getattr(loaded_processor, key) == value, key
     batch = _batch(recipe, processor)
     loaded_batch = _batch(recipe, loaded_processor)
     assert all(torch.equal(batch[k], loaded_batch[k]) for k in batch)

@@ -154,24 +154,23 @@ def without_video_slot(processor_class: type) -> type:
 
     transformers 5.x checks every sub-processor slot against its base class, and without
     torchvision the video base class cannot be looked up, so `Qwen2VLProcessor(...,
-    video_processor=None)` raises. `ProcessorMixin` takes its slots from `__init__`'s signature:
-    this subclass's signature drops the video slot, and everything else (token expansion,
-    `__call__` on images and text) is the class's own code.
+    video_processor=None)` raises. `ProcessorMixin` takes its slots from `get_attributes`: this
+    subclass leaves the video slots out of it and keeps the class's own `__init__`, so its other
+    keywords (LLaVA-OneVision's `num_image_tokens`, `vision_feature_select_strategy`) are still
+    saved to and read from `processor_config.json` (`save_pretrained` and `from_pretrained` take
+    them from `__init__`'s signature), and everything else (token expansion, `__call__` on images
+    and text) is the class's own code.
     """
+    attributes = [a for a in processor_class.get_attributes() if "video" not in a]
 
-    # `chat_template` named: `from_pretrained` passes only the keywords `__init__` names
-    def __init__(
-        self: Any,
-        image_processor: Any = None,
-        tokenizer: Any = None,
-        chat_template: Any = None,
-        **kwargs: Any,
-    ):
-        processor_class.__init__(
-            self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs
-        )
+    def get_attributes(cls: type) -> list[str]:
+        return list(attributes)
 
-    return type(processor_class.__name__, (processor_class,), {"__init__": __init__})
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {"get_attributes": classmethod(get_attributes)},
+    )
 
 
 def _token_ids(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
