@@ -48,6 +48,7 @@ def test_every_family_of_the_issue_is_shipped():
         "gemma3",
         "paligemma",
         "llava_onevision",
+        "qwen3_vl",
     }
 
 
@@ -83,11 +84,22 @@ def test_lookup_by_path(tmp_path):
         ("google/paligemma2-3b-pt-448", "paligemma"),
         ("llava-hf/llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision"),
         ("llava-hf/llava-onevision-qwen2-7b-si-hf", "llava_onevision"),
+        ("Qwen/Qwen3-VL-2B-Instruct", "qwen3_vl"),
+        ("Qwen/Qwen3-VL-8B-Thinking", "qwen3_vl"),
+        ("Qwen/Qwen3-VL-32B-Instruct-FP8", "qwen3_vl"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
     assert find_recipe(model_id=model_id).name == name
     assert [r.name for r in shipped_recipes().values() if r.matches(model_id)] == [name]
+
+
+@pytest.mark.parametrize(
+    "model_id", ["Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen/Qwen3-VL-235B-A22B-Thinking"]
+)
+def test_a_qwen3_vl_moe_id_matches_no_recipe(model_id):
+    # model_type qwen3_vl_moe: its MLPs are expert blocks, not the qwen3_vl recipe's
+    assert [r.name for r in shipped_recipes().values() if r.matches(model_id)] == []
 
 
 def test_lookup_by_model_type_of_a_saved_model(tmp_path):
@@ -457,6 +469,7 @@ def test_paligemma_answer_is_causal_and_its_labels_are_dropped():
         ("qwen2_vl", "Qwen2VLVideoProcessor"),
         ("qwen2_5_vl", "Qwen2VLVideoProcessor"),
         ("llava_onevision", "LlavaOnevisionVideoProcessor"),
+        ("qwen3_vl", "Qwen3VLVideoProcessor"),
     ],
 )
 def test_image_only_processors_round_trip_through_from_pretrained_without_torchvision(
