@@ -49,6 +49,7 @@ def test_every_family_of_the_issue_is_shipped():
         "paligemma",
         "llava_onevision",
         "qwen3_vl",
+        "internvl",
     }
 
 
@@ -87,6 +88,8 @@ def test_lookup_by_path(tmp_path):
         ("Qwen/Qwen3-VL-2B-Instruct", "qwen3_vl"),
         ("Qwen/Qwen3-VL-8B-Thinking", "qwen3_vl"),
         ("Qwen/Qwen3-VL-32B-Instruct-FP8", "qwen3_vl"),
+        ("OpenGVLab/InternVL3-1B-hf", "internvl"),
+        ("OpenGVLab/InternVL3-78B-hf", "internvl"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
@@ -470,6 +473,7 @@ def test_paligemma_answer_is_causal_and_its_labels_are_dropped():
         ("qwen2_5_vl", "Qwen2VLVideoProcessor"),
         ("llava_onevision", "LlavaOnevisionVideoProcessor"),
         ("qwen3_vl", "Qwen3VLVideoProcessor"),
+        ("internvl", "InternVLVideoProcessor"),
     ],
 )
 def test_image_only_processors_round_trip_through_from_pretrained_without_torchvision(
