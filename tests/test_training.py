@@ -816,6 +816,18 @@ def test_recipe_defaults_yield_to_the_flags_passed():
         apply_recipe_defaults(parse_run_config([])[0], {"k": -1}, set(), "r")
 
 
+def test_a_recipe_files_train_table_errors_name_the_file(tmp_path, tiny_llava_dir):
+    from importlib import resources
+
+    text = (resources.files("vlm_sparsify.recipes") / "llava.toml").read_text()
+    recipe = tmp_path / "mine.toml"  # a copy that keeps its name 'llava'
+    recipe.write_text(text.replace("[train]\n", "[train]\nkk = 16\n", 1))
+    argv = cli(tiny_llava_dir, tmp_path, "x")
+    argv[argv.index("llava")] = str(recipe)
+    with pytest.raises(ValueError, match=f"^recipe '{recipe}': the \\[train\\] table sets 'kk'"):
+        run(argv)
+
+
 def test_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path, tiny_llava_dir):
     run(cli(tiny_llava_dir, tmp_path, "r", "--cross_layer", "2", "--max_examples", "16"))
     config = json.loads((tmp_path / "r" / "config.json").read_text())

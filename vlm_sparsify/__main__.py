@@ -563,8 +563,10 @@ def resolve_recipe(
     if not args.resume:
         recipe = find_recipe(args.recipe or None, model_id=args.model)
         recipe_file = Path(args.recipe) if args.recipe and is_recipe_file(args.recipe) else None
-        # a resumed run's config.json holds the defaults it started with
-        apply_recipe_defaults(args, recipe.train_defaults, given, recipe.name)
+        # a resumed run's config.json holds the defaults it started with; errors name the
+        # file the user wrote (its `name` may be a shipped recipe's it was copied from)
+        label = str(recipe_file) if recipe_file is not None else recipe.name
+        apply_recipe_defaults(args, recipe.train_defaults, given, label)
         return None, recipe, recipe_file
     saved = apply_saved_settings(args, run_dir, given)
     # the run's own copy of a --recipe PATH, wherever it is resumed from
