@@ -2,5 +2,6 @@
 
 BENCHMARKS = ("pope", "amber", "easyvqa")
 STAGES = (
-    "capture", "score", "classify", "attribute", "analyze", "plot", "map", "steer", "all",
+    "capture", "score", "classify", "attribute", "analyze", "plot", "examples", "map", "steer",
+    "all",
 )  # fmt: skip

@@ -1,8 +1,8 @@
 """`python -m benchmarks BENCH all --out DIR [--coders RUN] [--limit N]`: every stage in order.
 
-capture -> score -> classify -> attribute -> analyze -> plot -> map -> steer, all into DIR. Without --coders
-a small cross-layer transcoder is trained first on the model (`python -m vlm_sparsify` with the
-settings below) into `DIR/coders`. The benchmark's data flags (`--questions-dir`, `--images`,
+capture -> score -> classify -> attribute -> analyze -> plot -> examples -> map -> steer, all into
+DIR. Without --coders a small cross-layer transcoder is trained first on the model (`python -m
+vlm_sparsify` with the settings below) into `DIR/coders`. The benchmark's data flags (`--questions-dir`, `--images`,
 `--data-dir`, ...) go to capture; they and the options below are checked before anything trains.
 Each stage skips work already done (capture resumes by sample id, analyze / map when their output
 is up to date, steer per condition, training when `DIR/coders` holds the finished CLT; an
@@ -147,6 +147,7 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
         ("analyze", ["--region", config.region, "--target-features", str(config.target_features),
                      "--split-seed", str(config.seed), "--rank-by", config.rank_by]),
         ("plot", []),
+        ("examples", []),
         ("map", ["--coders", coders, "--factor", str(max(factors)), *device,
                  "--seed", str(config.seed)]),
         ("steer", ["--coders", coders, "--factors", config.factors, *device,

@@ -1,0 +1,189 @@
+"""Where chosen features fire most: their top samples in a feature store, with every row's
+activation, the image tokens laid out on the image's patch grid, and the samples' tokens.
+
+`top_examples` reads the store once (shard by shard) and keeps, per feature, the `top` samples
+with the highest activation over a token region; `patch_grid` puts a sample's image-token
+activations on the image's g x g patch grid when its image tokens form one square block (LLaVA-1.5:
+576 = 24 x 24; the tiny model: 64 = 8 x 8); `sample_tokens` rebuilds the token ids behind a
+sample's store rows (prompt through the processor, then the generated tokens but the last).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from benchmarks.store import FeatureStore, SampleRecord
+from vlm_sparsify.capture import Regions
+
+
+@dataclass(frozen=True, order=True)
+class FeatureRef:
+    """A feature: its source hookpoint's position in the store and its latent index."""
+
+    source: int
+    latent: int
+
+
+@dataclass
+class Example:
+    """One sample where a feature fires: its peak over the region and the activation per row."""
+
+    sample_id: str
+    peak: float
+    """Highest activation over the region's rows."""
+    peak_row: int
+    """Row of the peak (0 = the sample's first stored token)."""
+    activations: np.ndarray
+    """float32 [T]: the feature's activation at every row of the sample (0 where inactive)."""
+    regions: Regions
+    """The sample's token ranges per region, as the store records them."""
+
+
+_REF = re.compile(r"^\s*L?(\d+)\s*/\s*F?(\d+)\s*$", re.IGNORECASE)
+
+
+def parse_feature_refs(text: str, layers: Sequence[int], num_latents: int) -> list[FeatureRef]:
+    """`L2/F17,L3/F5` (or `2/17,3/5`): decoder layer numbers as features.json and the plots
+    name them (`layers[p]` is the layer of the store's source p)."""
+    refs = []
+    for word in (w for w in text.split(",") if w.strip()):
+        match = _REF.match(word)
+        if not match:
+            raise ValueError(f"--features {word!r}: write LAYER/FEATURE, e.g. L2/F17")
+        layer, latent = int(match[1]), int(match[2])
+        if layer not in layers:
+            raise ValueError(
+                f"--features {word.strip()}: the store has no coder at layer {layer} "
+                f"(its layers: {', '.join(map(str, layers))})"
+            )
+        if latent >= num_latents:
+            raise ValueError(
+                f"--features {word.strip()}: feature {latent} is out of range (the coders have "
+                f"{num_latents} latents)"
+            )
+        refs.append(FeatureRef(layers.index(layer), latent))
+    if not refs:
+        raise ValueError("--features is empty: name features as LAYER/FEATURE, e.g. L2/F17")
+    return list(dict.fromkeys(refs))
+
+
+def top_examples(
+    store: FeatureStore,
+    features: Iterable[FeatureRef],
+    top: int,
+    region: str = "all",
+    ids: Iterable[str] | None = None,
+) -> dict[FeatureRef, list[Example]]:
+    """Per feature, its `top` samples by peak activation over `region`'s rows, highest first
+    (ties: store order). Samples where the feature never fires in the region are left out, so a
+    list may be shorter than `top`, or empty."""
+    if top < 1:
+        raise ValueError(f"--top {top}: give at least 1 sample per feature")
+    by_source: dict[int, np.ndarray] = {}
+    for ref in sorted(set(features)):
+        by_source[ref.source] = np.append(by_source.get(ref.source, []), ref.latent).astype(
+            np.int64
+        )
+    heaps: dict[FeatureRef, list[tuple[float, int, Example]]] = {
+        FeatureRef(s, int(f)): [] for s, latents in by_source.items() for f in latents
+    }
+    order = 0
+    for shard in store.shards(ids):
+        for record in shard.records:
+            rows = slice(record.start, record.stop)
+            indices, values = shard.indices(rows), shard.values(rows)
+            in_region = record.rows(region)
+            for source, latents in by_source.items():
+                # [T, k, n] hits of the wanted latents, summed over the k slots: [T, n]
+                hits = indices[:, source, :, None] == latents
+                acts = (values[:, source, :, None] * hits).sum(1)
+                for column, latent in enumerate(latents):
+                    _offer(heaps[FeatureRef(source, int(latent))], top, order, record,
+                           acts[:, column], in_region)  # fmt: skip
+            order += 1
+    return {
+        ref: [example for _, _, example in sorted(heap, key=lambda e: (-e[0], -e[1]))]
+        for ref, heap in heaps.items()
+    }
+
+
+def _offer(
+    heap: list[tuple[float, int, Example]],
+    top: int,
+    order: int,
+    record: SampleRecord,
+    activations: np.ndarray,
+    in_region: np.ndarray,
+) -> None:
+    """Keep the sample in the feature's min-heap of its `top` best (earlier samples win ties)."""
+    if len(in_region) == 0:
+        return
+    region_acts = activations[in_region]
+    best = int(np.argmax(region_acts))
+    peak = float(region_acts[best])
+    if peak <= 0:
+        return
+    key = (peak, -order)
+    if len(heap) == top and key <= heap[0][:2]:
+        return
+    example = Example(record.id, peak, int(in_region[best]), activations.astype(np.float32),
+                      record.regions)  # fmt: skip
+    item = (peak, -order, example)
+    if len(heap) < top:
+        heapq.heappush(heap, item)
+    else:
+        heapq.heapreplace(heap, item)
+
+
+def patch_grid(activations: np.ndarray, regions: Regions) -> np.ndarray | None:
+    """The image tokens' activations as the g x g patch grid (row-major, as CLIP-style towers
+    emit them) when the sample has one block of image tokens whose count is a square, else None
+    (several images, tiles, or break tokens: no single grid)."""
+    spans = regions.get("image", [])
+    if len(spans) != 1:
+        return None
+    start, stop = spans[0]
+    side = math.isqrt(stop - start)
+    if side == 0 or side * side != stop - start:
+        return None
+    return activations[start:stop].reshape(side, side)
+
+
+def sample_tokens(processor: Any, record: dict, image: Any, rows: int) -> list[int] | None:
+    """The token ids of a sample's `rows` store rows: its prompt through the processor (image
+    tokens expanded, as capture fed it), then its generated tokens but the last (never fed to the
+    model). None when they do not add up to `rows` (e.g. a processor that changed since)."""
+    inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
+    prompt = inputs["input_ids"][0].tolist()
+    response = list(record.get("response_token_ids", []))[:-1]
+    tokens = prompt + response
+    return tokens if len(tokens) == rows else None
+
+
+_SPACE_MARKS = ("\u2581", "\u0120")  # SentencePiece's and byte-level BPE's leading-space marks
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """How each token reads in running text: its vocabulary piece with the leading-space mark
+    (SentencePiece, byte-level BPE) as a space and newline pieces as "\\n"; a tokenizer with
+    neither (word-level: decode joins tokens with spaces) gets a space before every token but the
+    first."""
+    pieces = [str(p) for p in tokenizer.convert_ids_to_tokens(list(ids))]
+    marked = any(p.startswith(_SPACE_MARKS) for p in pieces)
+    strings = []
+    for i, piece in enumerate(pieces):
+        if marked:
+            for mark in _SPACE_MARKS:
+                piece = piece.replace(mark, " ")
+            piece = piece.replace("\u010a", "\n").replace("<0x0A>", "\n")
+        elif i:
+            piece = " " + piece
+        strings.append(piece)
+    return strings

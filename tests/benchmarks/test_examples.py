@@ -1,0 +1,177 @@
+"""The examples stage: each feature's top samples, patch grids, tokens, the page and the PNG."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from benchmarks import outputs
+from benchmarks.__main__ import run
+from benchmarks.feature_examples import (
+    FeatureRef,
+    parse_feature_refs,
+    patch_grid,
+    sample_tokens,
+    token_strings,
+    top_examples,
+)
+from benchmarks.stages.examples import _images_and_processor
+from benchmarks.store import FeatureStore, StoreMeta
+from tests.benchmarks.test_attribute import coders_dir  # noqa: F401 (fixture)
+from tests.benchmarks.test_capture_classify import GREEDY
+from vlm_sparsify.data import load_rgb
+
+HOOKPOINTS = [f"model.language_model.layers.{i}.mlp" for i in range(2)]
+
+
+def sample(sample_id: str, rows: list[dict[int, float]], source: int = 0, k: int = 2):
+    """A store sample whose source `source` has, per row, the given {latent: value} (k slots,
+    padded with latents 90+ at 0.5); the other source is silent filler."""
+    indices = torch.zeros(len(rows), 2, k, dtype=torch.int64)
+    values = torch.zeros(len(rows), 2, k)
+    for r, row in enumerate(rows):
+        pairs = list(row.items()) + [(90 + j, 0.5) for j in range(k - len(row))]
+        indices[r, source] = torch.tensor([p[0] for p in pairs])
+        values[r, source] = torch.tensor([p[1] for p in pairs])
+        indices[r, 1 - source] = torch.tensor([95, 96][:k])
+        values[r, 1 - source] = 0.25
+    regions = {"prompt": [(0, 1)], "response": [(1, len(rows))]}
+    return sample_id, indices, values, regions
+
+
+def test_top_examples_rank_by_peak_keep_store_order_on_ties_and_skip_silent_samples(tmp_path):
+    store = FeatureStore(tmp_path / "store", StoreMeta(HOOKPOINTS, 2, 100, "float32"))
+    store.append([
+        sample("a", [{7: 1.0}, {7: 3.0}, {}]),
+        sample("b", [{7: 5.0}, {}, {3: 2.0}]),
+    ])  # fmt: skip
+    store.append([
+        sample("c", [{}, {3: 9.0}, {}]),  # 7 silent
+        sample("d", [{}, {7: 3.0}, {}]),  # ties with a: a was stored first
+        sample("e", [{7: 2.0}, {}, {}], source=1),  # feature 7 of the other source
+    ])  # fmt: skip
+    refs = [FeatureRef(0, 7), FeatureRef(0, 3), FeatureRef(1, 7), FeatureRef(0, 50)]
+    found = top_examples(store, refs, top=3)
+    assert [(e.sample_id, e.peak, e.peak_row) for e in found[FeatureRef(0, 7)]] == [
+        ("b", 5.0, 0), ("a", 3.0, 1), ("d", 3.0, 1)
+    ]  # fmt: skip
+    np.testing.assert_array_equal(found[FeatureRef(0, 7)][1].activations, [1.0, 3.0, 0.0])
+    assert [e.sample_id for e in found[FeatureRef(0, 3)]] == ["c", "b"]
+    assert [(e.sample_id, e.peak) for e in found[FeatureRef(1, 7)]] == [("e", 2.0)]
+    assert found[FeatureRef(0, 50)] == []
+    # top 1; and the region: over the response rows only, b's peak is 0 for feature 7
+    assert [e.sample_id for e in top_examples(store, refs[:1], top=1)[refs[0]]] == ["b"]
+    response = top_examples(store, refs[:1], top=3, region="response")[refs[0]]
+    assert [(e.sample_id, e.peak, e.peak_row) for e in response] == [
+        ("a", 3.0, 1), ("d", 3.0, 1)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="--top 0"):
+        top_examples(store, refs, top=0)
+
+
+def test_patch_grid_only_for_one_square_block_of_image_tokens():
+    acts = np.arange(20, dtype=np.float32)
+    grid = patch_grid(acts, {"image": [(3, 12)], "prompt": [(0, 3), (12, 20)]})
+    np.testing.assert_array_equal(grid, np.arange(3, 12).reshape(3, 3))
+    assert patch_grid(acts, {"image": [(3, 11)]}) is None  # 8 tokens: not square
+    assert patch_grid(acts, {"image": [(0, 4), (8, 12)]}) is None  # two images
+    assert patch_grid(acts, {"prompt": [(0, 20)]}) is None
+
+
+def test_feature_references_name_decoder_layers():
+    layers = [8, 16]
+    assert parse_feature_refs("L16/F3, 8/5,L16/F3", layers, 10) == [
+        FeatureRef(1, 3), FeatureRef(0, 5)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no coder at layer 2"):
+        parse_feature_refs("L2/F3", layers, 10)
+    with pytest.raises(ValueError, match="feature 10 is out of range"):
+        parse_feature_refs("L8/F10", layers, 10)
+    with pytest.raises(ValueError, match="LAYER/FEATURE"):
+        parse_feature_refs("L8F1", layers, 10)
+
+
+def test_token_strings_read_as_running_text():
+    def tokenizer(pieces):
+        return SimpleNamespace(convert_ids_to_tokens=lambda ids: [pieces[i] for i in ids])
+
+    sentencepiece = tokenizer(["<s>", "\u2581The", "\u2581cat", "s", "<0x0A>"])
+    assert token_strings(sentencepiece, [0, 1, 2, 3, 4]) == ["<s>", " The", " cat", "s", "\n"]
+    byte_level = tokenizer(["\u0120red", "dish", "\u010a"])
+    assert token_strings(byte_level, [0, 1, 2]) == [" red", "dish", "\n"]
+    word_level = tokenizer(["what", "is", "red"])
+    assert token_strings(word_level, [0, 1, 2]) == ["what", " is", " red"]
+
+
+def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):  # noqa: F811
+    out = tmp_path / "out"
+    run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+         str(coders_dir), "--kinds", "yesno,caption", "--limit", "4", *GREEDY])  # fmt: skip
+    run(["easyvqa", "classify", "--out", str(out)])
+    store = FeatureStore(out / outputs.STORE)
+    # the most frequent latent of source 1 (layer 1): it fires somewhere
+    first = next(iter(store))
+    latent = int(torch.mode(first.indices[:, 1].flatten()).values)
+    with pytest.raises(SystemExit, match="run `analyze` first, or name --features"):
+        run(["easyvqa", "examples", "--out", str(out)])
+    run(["easyvqa", "examples", "--out", str(out), "--features", f"L1/F{latent}", "--top", "3"])
+
+    document = json.loads((out / "examples" / "examples.json").read_text())
+    [feature] = document["features"]
+    assert (feature["layer"], feature["feature_idx"]) == (1, latent)
+    labels = json.loads((out / outputs.CLASSIFICATION).read_text())
+    label_of = {str(v["id"]): name for name in ("GOOD", "BAD") for v in labels[name]}
+    # the peaks, recomputed from the store sample by sample
+    peaks = {}
+    for stored in store:
+        hits = (stored.indices[:, 1] == latent) * stored.values[:, 1].float()
+        peaks[stored.id] = float(hits.sum(1).max())
+    expected = sorted((p, s) for s, p in peaks.items() if p > 0)[::-1][:3]
+    shown = feature["samples"]
+    assert [s["peak"] for s in shown] == pytest.approx([p for p, _ in expected])
+    records = {r["id"]: r for r in outputs.read_append_log(out / outputs.RESPONSES)}
+    images, processor = _images_and_processor(out, "easyvqa")
+    image_token = json.loads((tiny_llava_dir / "config.json").read_text())["image_token_index"]
+    for shown_sample in shown:
+        assert shown_sample["label"] == label_of[shown_sample["id"]]
+        assert shown_sample["note"] is None and shown_sample["peak_token"] is not None
+        # the rebuilt tokens are the rows' tokens: image rows hold the image token, no other row
+        stored = store.load(shown_sample["id"])
+        [(a, b)] = stored.regions["image"]
+        side = int(np.sqrt(b - a))
+        assert np.asarray(shown_sample["image_grid"]).shape == (side, side)
+        rows = stored.indices.shape[0]
+        ids = sample_tokens(
+            processor, records[shown_sample["id"]], load_rgb(images[stored.id]), rows
+        )
+        assert ids is not None and shown_sample["peak_row"] < rows
+        assert [i for i, t in enumerate(ids) if t == image_token] == list(range(a, b))
+    page = (out / "examples" / "index.html").read_text()
+    assert all(s["id"] in page for s in shown) and page.count('<div class="card ') == len(shown)
+    assert f"L1/F{latent}" in page and "data:image/png;base64," in page
+    with Image.open(out / "plots" / "feature_examples.png") as png:
+        assert png.size[0] > 100 and png.size[1] > 100
+    with pytest.raises(SystemExit, match="no coder at layer 7"):
+        run(["easyvqa", "examples", "--out", str(out), "--features", "L7/F1"])
+
+
+def test_a_missing_image_is_noted_on_its_card_and_the_page_still_renders(tmp_path, tiny_llava):
+    from benchmarks.example_pages import FeatureSection, write_page
+    from benchmarks.feature_examples import Example
+    from benchmarks.stages.examples import _card
+
+    _, processor = tiny_llava
+    example = Example("s1", 2.0, 1, np.array([0.0, 2.0, 1.0], np.float32), {"prompt": [(0, 3)]})
+    record = {"id": "s1", "prompt": "USER: <image>\nhi ASSISTANT:", "response_token_ids": [3]}
+    missing = tmp_path / "gone.png"
+    card = _card(example, {"s1": "BAD"}, {"s1": record}, {"s1": missing}, processor, {}, 2.0)
+    assert card.picture is None and card.tokens is None and card.label == "BAD"
+    assert card.note == f"image missing: {missing}"
+    write_page(tmp_path / "page.html", "t", "i", [FeatureSection("L0/F1", "h", [card], 2.0)])
+    page = (tmp_path / "page.html").read_text()
+    assert "image missing" in page and "row 1" in page and "<img" not in page
