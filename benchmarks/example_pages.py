@@ -248,8 +248,8 @@ def plot_grid(path: Path, title: str, sections: Sequence[FeatureSection], dpi: i
             where = _peak_word(card)
             ax.set_title(f"{card.example.sample_id} {card.example.peak:.2g} {where}", fontsize=7,
                          color=colour)  # fmt: skip
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    fig.suptitle(f"{title}\n(each image: sample, peak, where; green GOOD, red BAD)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
