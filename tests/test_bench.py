@@ -172,6 +172,45 @@ def test_gpu_parts_run_only_the_parts_asked_for():
     }
 
 
+def test_gpu_profile_part_records_where_the_time_goes():
+    import torch
+
+    from vlm_sparsify.bench_gpu import GpuSizes, measure_at_size
+
+    results = measure_at_size(
+        GpuSizes.smoke(), torch.device("cpu"), lambda message: None, parts=("profile",)
+    )
+    assert "errors" not in results
+    found = results["details"]["profile"]
+    for name in ("clt_step", "base_generate", "open_loop_generate"):
+        profile = found[name]
+        assert profile["wall_ms"] > 0 and profile["time_of"] == "cpu"
+        assert profile["device_kernels"] is None  # counted on a GPU only
+        top = profile["top"]
+        assert 0 < len(top) <= 15 and all(row["calls"] >= 1 for row in top)
+        assert [row["ms"] for row in top] == sorted((row["ms"] for row in top), reverse=True)
+    assert found["new_tokens"] == 2
+
+
+def test_kernel_profile_counts_calls_and_ranks_ops_by_time():
+    import torch
+
+    from vlm_sparsify.bench_steps import kernel_profile
+
+    a = torch.randn(256, 256)
+
+    def run():
+        for _ in range(3):
+            a @ a
+        a.add(1)
+
+    profile = kernel_profile(run, torch.device("cpu"), top=50)
+    calls = {row["name"]: row["calls"] for row in profile["top"]}
+    assert calls["aten::mm"] == 3 and calls["aten::add"] == 1
+    assert profile["top"][0]["name"] in ("aten::mm", "aten::matmul")  # the matmuls dominate
+    assert profile["wall_ms"] > 0 and profile["self_ms"] > 0
+
+
 def test_unknown_gpu_parts_and_parts_without_gpu_are_refused(capsys):
     from vlm_sparsify.bench import main
 

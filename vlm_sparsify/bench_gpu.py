@@ -11,7 +11,9 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
   the default decoder (`auto`: hybrid here), the fused `embedding_bag` decoders and the Triton
   decoder alone (each split into the prefill's ratio and the later tokens');
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
-  workers) vs the same batches pre-tokenized, feeding the plugin's PLT step.
+  workers) vs the same batches pre-tokenized, feeding the plugin's PLT step;
+- `profile`: torch.profiler over one CLT training step and over base and open-loop generation
+  (`details.profile`: kernels launched, the ops with the most device time).
 
 Each part runs on its own: one that fails (out of memory, say) is reported under `errors` (and
 `bench` exits non-zero after printing the rest), and the next parts still measure.
@@ -34,6 +36,7 @@ from torch.utils.data import DataLoader
 
 from vlm_sparsify.bench_steps import (
     benchmark_generate,
+    kernel_profile,
     make_trainer,
     pipeline_vs_pretokenized,
     plugin_vs_stock_steps,
@@ -44,7 +47,7 @@ from vlm_sparsify.cross_layer import training_memory_bytes
 from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.recipe import find_recipe
-from vlm_sparsify.replacement import Decoder, Mode
+from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel
 from vlm_sparsify.training import build_coders
 from vlm_sparsify.triton_decode import runs_on as triton_runs_on
 
@@ -249,9 +252,11 @@ PARTS = (
     "clt",
     "generate",
     "pipeline",
+    "profile",
 )
 """The parts of `--gpu`, in the order they run (`--parts` picks some; `stock` gives the CLT
-figures their ratio, `clt` the generation part its trained CLT)."""
+figures their ratio, `clt` the generation part its trained CLT; `profile` times nothing, it
+records where the time of a CLT training step and of open-loop generation goes)."""
 
 
 def check_parts(parts: Collection[str]) -> None:
@@ -387,6 +392,41 @@ def measure_at_size(
             "loader_wait_share": wait_share,
         }
 
+    def profile() -> None:
+        """torch.profiler over one CLT training step, and over the base model's and the
+        open-loop replacement's greedy generation (the GPU goals still missed): kernels launched,
+        time per op (`details["profile"]`)."""
+        clt = make_trainer(
+            model,
+            hookpoints,
+            train_config(bs, ef, sizes.k),
+            cross_layer=sizes.cross_layer,
+            decoder_dtype=torch.bfloat16,
+        )
+        step = partial(clt.train_on_batch, text_batch)
+        step()  # warm-up
+        found = {"clt_step": kernel_profile(step, device)}
+        coders = clt.coders
+        del clt, step  # the optimizer state: the replacement's copies need the room
+        coders.requires_grad_(False)
+        for param in coders.parameters():
+            param.grad = None
+        reset_peak(device)
+        new_tokens = max(sizes.max_new_tokens, 2)
+        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        replacement = ReplacementModel(model, coders, mode="open-loop")
+        with torch.inference_mode():
+            for name, generate in (("base", model.generate), ("open_loop", replacement.generate)):
+                generate(**gen_inputs, **gen)  # warm-up
+                found[f"{name}_generate"] = kernel_profile(
+                    partial(generate, **gen_inputs, **gen), device
+                )
+        found["new_tokens"] = new_tokens
+        details["profile"] = found
+        for name in ("clt_step", "base_generate", "open_loop_generate"):
+            log(f"[gpu] profile {name}: {found[name]['wall_ms']:.1f} ms wall, "
+                f"{found[name]['device_kernels']} device kernels")  # fmt: skip
+
     examples = easyvqa_examples("train")[: bs * max(sizes.pipeline_batches, 1)]
     recipe = find_recipe("tiny_llava")  # its prompt format is LLaVA-1.5's
     prompts = [recipe.format_prompt(e.question, processor) for e in examples[:bs]]
@@ -404,6 +444,7 @@ def measure_at_size(
     part("clt", clt_name, clt_training)
     part("generate", "replacement vs base generate", generation)
     part("pipeline", "multimodal pipeline vs pre-tokenized", pipeline)
+    part("profile", "profile of a CLT step and of generation", profile)
     results["details"] = details
     results["settings"] = asdict(sizes)
     if errors:

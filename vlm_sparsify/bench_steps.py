@@ -34,6 +34,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def kernel_profile(run: Callable[[], Any], device: torch.device, top: int = 15) -> dict[str, Any]:
+    """One call of `run` under torch.profiler: wall time, the number of kernels launched on
+    the device (None on a CPU), the ops' summed self time on the device (the CPU's on a CPU),
+    and the `top` ops by that time (name, calls, ms): where the time of a step goes."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    ranked = sorted(averages, key=lambda e: getattr(e, attr), reverse=True)
+    kernels = sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA) if cuda else None
+    return {
+        "wall_ms": wall * 1e3,
+        "device_kernels": kernels,
+        "self_ms": sum(getattr(e, attr) for e in averages) / 1e3,
+        "time_of": "device" if cuda else "cpu",
+        "top": [
+            {"name": e.key[:100], "calls": e.count, "ms": getattr(e, attr) / 1e3}
+            for e in ranked[:top]
+        ],
+    }
+
+
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, GPU, library versions, date and load (the machine may be shared)."""
     cpu = platform.processor() or platform.machine()
