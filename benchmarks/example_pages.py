@@ -40,6 +40,8 @@ class Card:
     tokens: list[str] | None
     """One string per store row (None: the ids could not be rebuilt)."""
     note: str = ""
+    grid_shape: tuple[int, int] | None = None
+    """The image's token grid (rows, columns) when the processor reported one."""
 
 
 @dataclass
@@ -81,29 +83,32 @@ def colours(values: np.ndarray) -> np.ndarray:
 
 def overlay(view: Image.Image, grid: np.ndarray | None, scale: float) -> Image.Image:
     """`view` with each patch tinted by its activation / `scale` (patches where the feature is
-    silent are dimmed); without a grid, the image alone."""
-    picture = view.convert("RGB").resize((THUMB, THUMB), Image.Resampling.BICUBIC)
+    silent are dimmed), THUMB wide and as high as the grid's aspect; without a grid, the image
+    alone (square)."""
+    rows, columns = grid.shape if grid is not None else (1, 1)
+    size = (THUMB, max(1, round(THUMB * rows / columns)))
+    picture = view.convert("RGB").resize(size, Image.Resampling.BICUBIC)
     if grid is None:
         return picture
     level = np.clip(grid / scale, 0, 1) if scale > 0 else np.zeros_like(grid)
-    tint = Image.fromarray(colours(level)).resize((THUMB, THUMB), Image.Resampling.NEAREST)
+    tint = Image.fromarray(colours(level)).resize(size, Image.Resampling.NEAREST)
     alpha = np.where(level > 0, 0.35 + 0.45 * level, 0.55)
-    alpha = Image.fromarray((alpha * 255).astype(np.uint8)).resize(
-        (THUMB, THUMB), Image.Resampling.NEAREST
-    )
+    alpha = Image.fromarray((alpha * 255).astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
     dark = Image.new("RGB", picture.size, (0, 0, 0))
     silent = Image.composite(dark, picture, alpha)
     lit = Image.composite(tint, picture, alpha)
     mask = Image.fromarray(((level > 0) * 255).astype(np.uint8)).resize(
-        (THUMB, THUMB), Image.Resampling.NEAREST
+        size, Image.Resampling.NEAREST
     )
     return Image.composite(lit, silent, mask)
 
 
-def card_picture(view: Image.Image | None, example: Example, scale: float) -> Image.Image | None:
+def card_picture(
+    view: Image.Image | None, example: Example, scale: float, shape: tuple[int, int] | None = None
+) -> Image.Image | None:
     if view is None:
         return None
-    return overlay(view, patch_grid(example.activations, example.regions), scale)
+    return overlay(view, patch_grid(example.activations, example.regions, shape), scale)
 
 
 def _png(picture: Image.Image) -> str:
@@ -154,7 +159,7 @@ h2 { margin-bottom: 0.1em; } .sub { color: #555; margin-top: 0; font-size: 0.9em
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }
 .card { width: 240px; border: 1px solid #ccc; border-radius: 6px; padding: 8px; }
 .card.GOOD { border-top: 5px solid #2a9d8f; } .card.BAD { border-top: 5px solid #e76f51; }
-.card img { width: 224px; height: 224px; display: block; image-rendering: pixelated; }
+.card img { width: 224px; height: auto; display: block; image-rendering: pixelated; }
 .meta { font-size: 0.8em; margin: 4px 0; } .note { color: #a00; font-size: 0.8em; }
 .tokens { font-family: ui-monospace, monospace; font-size: 0.72em; line-height: 1.6;
           background: #111; color: #ddd; padding: 4px; border-radius: 4px; word-break: break-all; }

@@ -142,29 +142,44 @@ def _offer(
         heapq.heapreplace(heap, item)
 
 
-def patch_grid(activations: np.ndarray, regions: Regions) -> np.ndarray | None:
-    """The image tokens' activations as the g x g patch grid (row-major, as CLIP-style towers
-    emit them) when the sample has one block of image tokens whose count is a square, else None
-    (several images, tiles, or break tokens: no single grid)."""
+def patch_grid(
+    activations: np.ndarray, regions: Regions, shape: tuple[int, int] | None = None
+) -> np.ndarray | None:
+    """The image tokens' activations on the image's token grid (row-major, as the towers emit
+    them): `shape` (rows, columns) when the processor reported one (`sample_tokens`), else a
+    g x g square. None when the sample has no single block of image tokens of that size
+    (several images, tiles, break tokens)."""
     spans = regions.get("image", [])
     if len(spans) != 1:
         return None
     start, stop = spans[0]
-    side = math.isqrt(stop - start)
-    if side == 0 or side * side != stop - start:
+    count = stop - start
+    if shape is None:
+        side = math.isqrt(count)
+        shape = (side, side)
+    if count == 0 or shape[0] * shape[1] != count:
         return None
-    return activations[start:stop].reshape(side, side)
+    return activations[start:stop].reshape(shape)
 
 
-def sample_tokens(processor: Any, record: dict, image: Any, rows: int) -> list[int] | None:
+def sample_tokens(
+    processor: Any, record: dict, image: Any, rows: int
+) -> tuple[list[int] | None, tuple[int, int] | None]:
     """The token ids of a sample's `rows` store rows: its prompt through the processor (image
     tokens expanded, as capture fed it), then its generated tokens but the last (never fed to the
-    model). None when they do not add up to `rows` (e.g. a processor that changed since)."""
+    model); None when they do not add up to `rows` (e.g. a processor that changed since). And the
+    image's token grid (rows, columns) when the processor reports one: `image_grid_thw` (Qwen2-VL
+    family: patches per side, merged `merge_size` x `merge_size` into one token), else None."""
     inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
     prompt = inputs["input_ids"][0].tolist()
     response = list(record.get("response_token_ids", []))[:-1]
     tokens = prompt + response
-    return tokens if len(tokens) == rows else None
+    shape = None
+    thw = inputs.get("image_grid_thw")
+    if thw is not None and len(thw) == 1 and int(thw[0][0]) == 1:
+        merge = int(getattr(processor.image_processor, "merge_size", 1) or 1)
+        shape = (int(thw[0][1]) // merge, int(thw[0][2]) // merge)
+    return (tokens if len(tokens) == rows else None), shape
 
 
 _SPACE_MARKS = ("\u2581", "\u0120")  # SentencePiece's and byte-level BPE's leading-space marks

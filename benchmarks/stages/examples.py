@@ -196,20 +196,19 @@ def _card(
     if image is not None and sample not in views:
         views[sample] = model_view(processor.image_processor, image) or image
     view = views.get(sample)
-    tokens = None
+    tokens, shape = None, None
     rows = len(example.activations)
     if record is not None and image is not None:
-        ids = sample_tokens(processor, record, image, rows)
+        ids, shape = sample_tokens(processor, record, image, rows)
         if ids is None:
             notes.append("tokens could not be rebuilt (processor changed since capture?)")
         else:
             tokens = token_strings(processor.tokenizer, ids)
-    grid = patch_grid(example.activations, example.regions)
+    grid = patch_grid(example.activations, example.regions, shape)
     if view is not None and grid is None and example.regions.get("image"):
-        notes.append("image tokens form no single square grid: patches not drawn")
-    return Card(
-        example, labels.get(sample), card_picture(view, example, scale), tokens, "; ".join(notes)
-    )
+        notes.append("image tokens form no single grid: patches not drawn")
+    picture = card_picture(view, example, scale, shape)
+    return Card(example, labels.get(sample), picture, tokens, "; ".join(notes), shape)
 
 
 def _subtitle(hookpoint: str, feature: dict | None, config: ExamplesConfig) -> str:
@@ -234,7 +233,7 @@ def _document(
         samples = []
         for card in section.cards:
             example = card.example
-            grid = patch_grid(example.activations, example.regions)
+            grid = patch_grid(example.activations, example.regions, card.grid_shape)
             samples.append(
                 {
                     "id": example.sample_id,

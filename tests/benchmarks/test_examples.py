@@ -81,6 +81,40 @@ def test_patch_grid_only_for_one_square_block_of_image_tokens():
     assert patch_grid(acts, {"image": [(3, 11)]}) is None  # 8 tokens: not square
     assert patch_grid(acts, {"image": [(0, 4), (8, 12)]}) is None  # two images
     assert patch_grid(acts, {"prompt": [(0, 20)]}) is None
+    # a grid shape from the processor (Qwen2-VL): rows x columns
+    wide = patch_grid(acts, {"image": [(2, 8)]}, shape=(2, 3))
+    np.testing.assert_array_equal(wide, [[2, 3, 4], [5, 6, 7]])
+    assert patch_grid(acts, {"image": [(2, 8)]}, shape=(2, 2)) is None
+
+
+def test_qwen2_vl_token_grid_comes_from_the_processor(tmp_path):
+    from benchmarks.example_pages import card_picture
+    from benchmarks.feature_examples import Example
+    from vlm_sparsify.random_models import build_tiny
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe("qwen2_vl")
+    model, processor = build_tiny(recipe)
+    image = Image.new("RGB", (80, 50), (200, 30, 30))  # resized to 84 x 56: 6 x 4 patches of 14
+    record = {
+        "prompt": recipe.format_prompt("what shape?", processor),
+        "response_token_ids": [5, 6],
+    }
+    prompt_ids = processor(images=[image], text=[record["prompt"]])["input_ids"][0]
+    rows = len(prompt_ids) + 1
+    ids, shape = sample_tokens(processor, record, image, rows)
+    assert shape == (2, 3)  # merged 2 x 2: 2 rows of 3 tokens
+    image_rows = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+    assert len(image_rows) == 6 and image_rows == list(range(image_rows[0], image_rows[0] + 6))
+    assert sample_tokens(processor, record, image, rows + 1)[0] is None
+    acts = np.zeros(rows, np.float32)
+    acts[image_rows[0] + 5] = 2.0  # the bottom-right token
+    span = (image_rows[0], image_rows[0] + 6)
+    example = Example("s", 2.0, image_rows[0] + 5, acts, {"image": [span]})
+    picture = card_picture(image, example, 2.0, shape)
+    assert picture.size == (224, 149)  # the grid's aspect
+    pixels = np.asarray(picture).astype(int)
+    assert pixels[-10, -10].sum() > pixels[10, 10].sum() + 200  # lit there, dimmed elsewhere
 
 
 def test_feature_references_name_decoder_layers():
@@ -146,10 +180,10 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
         side = int(np.sqrt(b - a))
         assert np.asarray(shown_sample["image_grid"]).shape == (side, side)
         rows = stored.indices.shape[0]
-        ids = sample_tokens(
-            processor, records[shown_sample["id"]], load_rgb(images[stored.id]), rows
-        )
+        image = load_rgb(images[stored.id])
+        ids, shape = sample_tokens(processor, records[shown_sample["id"]], image, rows)
         assert ids is not None and shown_sample["peak_row"] < rows
+        assert shape is None  # LLaVA-1.5 reports no grid: the square rule applies
         assert [i for i, t in enumerate(ids) if t == image_token] == list(range(a, b))
     page = (out / "examples" / "index.html").read_text()
     assert all(s["id"] in page for s in shown) and page.count('<div class="card ') == len(shown)
