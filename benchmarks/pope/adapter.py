@@ -79,8 +79,9 @@ def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
 
 
 def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """JSONL of `{"question_id", "split", "response"}` (what `pope score` reads)."""
-    fields = ("question_id", "split", "response")
+    """JSONL of `{"question_id", "split", "image", "response"}` (what `pope score` reads; it
+    refuses label files whose question of that id is about another image)."""
+    fields = ("question_id", "split", "image", "response")
     write_jsonl(path, [{name: record[name] for name in fields} for record in records])
 
 

@@ -117,21 +117,35 @@ def pair_by_id(
 ) -> dict[str, list[tuple[PopeItem, str]]]:
     """(item, raw response) per split, for every split the responses cover.
 
-    Raises on a duplicate or unknown (split, question_id) and on a question of a covered split
-    that has no response.
+    Raises on a duplicate or unknown (split, question_id), on a response whose `image` (when it
+    has one) is not its labelled question's, and on a question of a covered split that has no
+    response.
     """
     by_key: dict[tuple[str, int], str] = {}
+    images: dict[tuple[str, int], str] = {}
     for record in responses:
         key = _response_key(record, where)
         if key in by_key:
             raise ValueError(f"{where}: duplicate response for split {key[0]!r}, question {key[1]}")
         by_key[key] = require_text(record, "response", where)
+        if record.get("image") is not None:
+            images[key] = record["image"]
     labelled = {(item.split, item.question_id): item for item in items}
     unknown = sorted(set(by_key) - set(labelled))
     if unknown:
         raise ValueError(
             f"{where}: {len(unknown)} responses match no labelled question, e.g. "
             f"{unknown[:5]}; check --questions-dir and the split / question_id fields"
+        )
+    # COCO, A-OKVQA and GQA number their questions alike: only the image tells their files apart
+    other = [(key, image) for key, image in sorted(images.items()) if image != labelled[key].image]
+    if other:
+        (split, question_id), image = other[0]
+        raise ValueError(
+            f"{where}: {len(other)} responses ask about other images than the label files' "
+            f"questions they pair with, e.g. {split} question {question_id}: {image}, but "
+            f"{labelled[(split, question_id)].image} in the label files; these responses were "
+            "not made from these label files (check --questions-dir)"
         )
     covered = [s for s in SPLITS if any(k[0] == s for k in by_key)]
     paired: dict[str, list[tuple[PopeItem, str]]] = {}
@@ -194,7 +208,8 @@ def main(argv: list[str], benchmark: str = "pope") -> None:
     )
     parser.add_argument(
         "--responses",
-        help='JSONL of {"question_id", "split", "response"} (raw model text)',
+        help='JSONL of {"question_id", "split", "response"} (raw model text), optionally "image" '
+        "(checked against the label files')",
     )
     parser.add_argument(
         "--question-file",
@@ -269,20 +284,13 @@ def _score_capture(out: str, questions_dir: str | None) -> dict[str, Any]:
     else:
         items = load_question_file(data["questions"])
     responses = load_records(official_responses(out))
+    # older captures' official files name no image: take it from the log, for pair_by_id to check
+    log = read_append_log(Path(out) / RESPONSES)
+    images = {(r.get("split"), r.get("question_id")): r.get("image") for r in log}
+    responses = [
+        {"image": images.get((r.get("split"), r.get("question_id"))), **r} for r in responses
+    ]
     if data.get("questions") and questions_dir:  # a question file scored against label files
-        captured = {
-            (r["split"], int(r["question_id"])): r["image"]
-            for r in read_append_log(Path(out) / RESPONSES)
-        }
-        labelled = {(i.split, i.question_id): i.image for i in items}
-        for (split, question_id), image in captured.items():
-            label_image = labelled.get((split, label_file_id(question_id)))
-            if label_image is not None and label_image != image:
-                raise ValueError(
-                    f"{split} question {question_id} asked about {image}, but question "
-                    f"{label_file_id(question_id)} of the label files is about {label_image}: "
-                    "these label files are not the ones the question file was made from"
-                )
         responses = [{**r, "question_id": label_file_id(int(r["question_id"]))} for r in responses]
     answered = {(r["split"], int(r["question_id"])) for r in responses}
     result = score([i for i in items if (i.split, i.question_id) in answered], responses)

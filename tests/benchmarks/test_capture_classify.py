@@ -297,7 +297,9 @@ def test_pope_llava_question_file_scores_against_the_label_files(tmp_path, tiny_
     (questions / "coco_pope_random.json").write_text(
         "".join(json.dumps({**r, "image": "other.jpg"}) + "\n" for r in rows)
     )
-    with pytest.raises(SystemExit, match="not the ones the question file was made from"):
+    with pytest.raises(
+        SystemExit, match="question 1: COCO_1.jpg, but other.jpg .* not made from these label files"
+    ):
         run(["pope", "score", "--out", str(out), "--questions-dir", str(questions)])
 
 

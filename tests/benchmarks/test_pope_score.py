@@ -15,6 +15,7 @@ from benchmarks.pope.items import (
     split_of_file,
 )
 from benchmarks.pope.score import parse_answer, score
+from benchmarks.responses import load_records
 from tests.benchmarks import shared_data
 
 
@@ -277,3 +278,47 @@ def test_hf_rows_become_items_with_their_images(monkeypatch):
     adversarial = list(iter_hf_items("adversarial", dataset="me/pope", hf_split="val"))
     assert loaded[-1] == ("me/pope", "val")
     assert [item.question_id for item, _ in adversarial] == [7, 9]
+
+
+def _capture_folder(out, questions_dir, official) -> None:
+    """A POPE capture folder as `capture` leaves it (no model run needed to score it)."""
+    out.mkdir()
+    data = {
+        "questions_dir": str(questions_dir),
+        "questions": None,
+        "images": ".",
+        "splits": "random",
+    }
+    (out / "capture.json").write_text(json.dumps({"settings": {}, "data": data}))
+    log = [{"id": f"random-{r['question_id']}", **r} for r in official]
+    (out / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    fields = ("question_id", "split", "response")  # as older captures wrote it: no image
+    rows = [{f: r[f] for f in fields} for r in official]
+    (out / "responses_official.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_responses_about_other_images_than_the_label_files_are_refused(tmp_path) -> None:
+    """COCO, A-OKVQA and GQA number their questions alike: pairing by id alone would score COCO
+    answers against GQA labels without a word."""
+    from benchmarks.pope.adapter import write_official
+
+    coco = [i for i in load_questions_dir(shared_data("pope", "coco")) if i.split == "random"]
+    records = [
+        {"question_id": i.question_id, "split": i.split, "image": i.image, "label": i.label,
+         "response": "Yes"}
+        for i in coco
+    ]  # fmt: skip
+    write_official(records, tmp_path / "official.jsonl")
+    official = load_records(tmp_path / "official.jsonl")
+    assert official[0]["image"] == coco[0].image
+    assert score(coco, official)["random"]["n"] == 3000  # the right label files
+    for other in ("gqa", "aokvqa"):
+        with pytest.raises(ValueError, match="other images than the label files' questions"):
+            score(load_questions_dir(shared_data("pope", other)), official)
+    # a capture folder whose official file predates the image field: the log names the images
+    out = tmp_path / "out"
+    _capture_folder(out, shared_data("pope", "coco"), records)
+    run(["pope", "score", "--out", str(out)])
+    gqa = str(shared_data("pope", "gqa"))
+    with pytest.raises(SystemExit, match="random question 1: COCO_val2014_000000310196.jpg"):
+        run(["pope", "score", "--out", str(out), "--questions-dir", gqa])
