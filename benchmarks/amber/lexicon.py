@@ -10,8 +10,10 @@ Offline fallback (approximate, documented in docs/benchmarks.md):
 - no POS tagger: a token counts as a noun when its lemma is in AMBER's closed 418-word vocabulary,
   except words often used as verbs / adjectives / modals ("can", "orange", "light", ...), which
   count only right after a determiner or number ("a light", "two watches");
-- lemmas come from WordNet's noun rules (morphy) with the vocabulary as dictionary, plus the few
-  WordNet exceptions that matter for it ("leaves" -> "leaf", "women" via "men" -> "man", ...);
+- lemmas come from WordNet's noun rules (morphy) with the vocabulary as dictionary (less the
+  words WordNet lacks, whose plurals it leaves alone: "bedsheets"), plus the few WordNet results
+  that differ for it ("leaves" -> "leaf"; "men" stays "men" and "vases" becomes "vas", so
+  neither counts, while "women" -> "woman" does);
 - similarity is equality (spaCy gives exactly 1.0 for identical words, so exact matches agree).
 """
 
@@ -39,8 +41,14 @@ _NOUN_SUFFIX_RULES = (
 )
 # What WordNet's lemmatiser returns where its exception list or dictionary disagrees with the
 # rules above applied over AMBER's vocabulary (some vocabulary entries are plurals WordNet never
-# returns: "earrings" -> "earring", so those entries never match officially).
+# returns: "earrings" -> "earring", so those entries never match officially). WordNet keeps
+# "men" ("men" is a noun there too, and the shortest form wins, the first on a tie) and reads
+# "vases" as "vas", so neither counts officially.
 _WORDNET_LEMMAS = {
+    "men": "men",
+    "vases": "vas",
+    "busses": "bus",
+    "camerae": "camera",
     "children": "child",
     "mice": "mouse",
     "geese": "goose",
@@ -53,6 +61,39 @@ _WORDNET_LEMMAS = {
     "slippers": "slipper",
     "chopsticks": "chopstick",
 }
+# Vocabulary words WordNet 3.0 has no noun for: WordNet does not lemmatise their plurals to them
+# ("bedsheets" stays "bedsheets" and so is no vocabulary noun), the word itself stays as it is.
+_NOT_IN_WORDNET = frozenset(
+    [
+        "TV",
+        "air-conditioning",
+        "baconic",
+        "bedsheet",
+        "cann",
+        "cathole",
+        "chopsticks",
+        "closestool",
+        "cooktop",
+        "doghole",
+        "e-book",
+        "earing",
+        "earrings",
+        "ebook",
+        "electrombile",
+        "hot",
+        "kiwifruit",
+        "paraglider",
+        "pissoir",
+        "rpoe",
+        "sanitizer",
+        "scoon",
+        "seegull",
+        "showerpuff",
+        "slippers",
+        "streetlamp",
+        "waterfont",
+    ]
+)
 _OFTEN_NOT_NOUNS = frozenset(
     [
         "can",
@@ -147,7 +188,7 @@ class OfflineLexicon:
         for suffix, replacement in _NOUN_SUFFIX_RULES:
             if word.endswith(suffix):
                 form = word[: -len(suffix)] + replacement
-                if form in self.vocabulary:
+                if form in self.vocabulary and form not in _NOT_IN_WORDNET:
                     forms.append(form)
         return min(forms, key=len) if forms else word
 

@@ -193,6 +193,11 @@ def test_offline_lexicon() -> None:
     # "Dogs" starts the sentence: NLTK + WordNet keep its case, so it is not the vocabulary's "dog".
     assert lexicon.nouns(text) == ["woman", "grass", "glass", "box", "can"]
     assert lexicon.similar("dog", "dog") and not lexicon.similar("dog", "puppy")
+    # NLTK's WordNetLemmatizer (WordNet 3.0) keeps "men" (a noun there, as long as "man"), reads
+    # "vases" as "vas" and keeps the plurals of words WordNet lacks ("bedsheets", "TVs")
+    text = "Two men, three women, two vases on the bedsheets, two TVs and an e-book."
+    assert lexicon.nouns(text) == ["woman", "e-book"]
+    assert [lexicon.lemma(w) for w in ("busses", "leaves", "TV")] == ["bus", "leaf", "TV"]
     assert load_lexicon("offline", lexicon.vocabulary).mode == "offline-fallback"
     with pytest.raises(ValueError, match="Unknown matching mode"):
         load_lexicon("fuzzy", lexicon.vocabulary)
