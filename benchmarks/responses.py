@@ -41,3 +41,19 @@ def require_text(record: dict[str, Any], field: str, where: str) -> str:
     if not isinstance(text, str):
         raise ValueError(f"{where}: {field} of record {reprlib.repr(record)} is not a string")
     return text
+
+
+def require_id(record: dict[str, Any], field: str, where: str) -> int:
+    """A record's integer id: an int, an integral float (1005.0) or a string of digits; a bool or
+    a fraction (1005.7) is a broken file, not an id to round."""
+    value = record[field]
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"{where}: {field} {reprlib.repr(record[field])} is not an integer "
+            f"(record {reprlib.repr(record)})"
+        )
+    return value

@@ -37,7 +37,7 @@ from benchmarks.amber.items import (
 )
 from benchmarks.amber.lexicon import Lexicon, load_lexicon
 from benchmarks.outputs import METRICS, capture_info, official_responses, write_json
-from benchmarks.responses import load_records, require_fields, require_text
+from benchmarks.responses import load_records, require_fields, require_id, require_text
 
 # Official counter prefixes of each discriminative dimension ("qa" is overall).
 _PREFIX = {
@@ -159,10 +159,7 @@ def _responses_by_id(responses: Sequence[dict[str, Any]], n_items: int) -> dict[
     by_id: dict[int, str] = {}
     for record in responses:
         require_fields(record, ("id", "response"), "responses")
-        try:
-            item_id = int(record["id"])
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"responses: id {record['id']!r} is not an AMBER item id") from err
+        item_id = require_id(record, "id", "responses")
         if not 1 <= item_id <= n_items:
             raise ValueError(f"responses: id {item_id} is not an AMBER item (1-{n_items})")
         if item_id in by_id:

@@ -26,7 +26,7 @@ from benchmarks.outputs import (
     write_json,
 )
 from benchmarks.pope.items import SPLITS, PopeItem, load_question_file, load_questions_dir
-from benchmarks.responses import load_records, require_fields, require_text
+from benchmarks.responses import load_records, require_fields, require_id, require_text
 
 NO_WORDS = ("No", "not", "no")
 LLAVA_ID_BLOCK = 10_000_000
@@ -106,10 +106,7 @@ def _response_key(record: dict[str, Any], where: str) -> tuple[str, int]:
     split = record["split"]
     if split not in SPLITS:
         raise ValueError(f"{where}: split {split!r} of {record!r} is not one of {SPLITS}")
-    try:
-        return split, int(record["question_id"])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: question_id of {record!r} is not an integer") from err
+    return split, require_id(record, "question_id", where)
 
 
 def pair_by_id(

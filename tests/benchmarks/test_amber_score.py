@@ -221,12 +221,20 @@ def test_missing_official_matching_names_the_flag_of_score_and_of_classify(monke
         ([{"id": 15221, "response": "x"}], "not an AMBER item"),
         ([{"response": "x"}], "lacks id"),
         ([{"id": 1, "response": None}], "response of .* is not a string"),
-        ([{"id": "AMBER_1", "response": "x"}], "id 'AMBER_1' is not an AMBER item id"),
+        ([{"id": "AMBER_1", "response": "x"}], "id 'AMBER_1' is not an integer"),
+        ([{"id": 1005.7, "response": "Yes"}], "id 1005.7 is not an integer"),  # not item 1005
+        ([{"id": True, "response": "x"}], "id True is not an integer"),  # not item 1
     ],
 )
 def test_id_errors(data: dict, responses: list[dict], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _score(data, responses)
+
+
+def test_integral_float_and_digit_string_ids_are_accepted(data: dict) -> None:
+    as_ints = _score(data, [{"id": 1005, "response": "Yes"}, {"id": 1006, "response": "No"}])
+    written = _score(data, [{"id": 1005.0, "response": "Yes"}, {"id": "1006", "response": "No"}])
+    assert written == as_ints and sum(written["items"].values()) == 2
 
 
 def test_cli_json(tmp_path, capsys) -> None:

@@ -180,6 +180,8 @@ def test_all_no_answers_give_zero_precision_instead_of_crashing(tmp_path) -> Non
         ),
         (lambda rs: rs + [{"question_id": 1, "split": "gqa", "response": "No"}], "is not one of"),
         (lambda rs: [{"question_id": 1, "response": "No"}] + rs[1:], "lacks split"),
+        (lambda rs: [{**rs[0], "question_id": 1.5}] + rs[1:], "question_id 1.5 is not an integer"),
+        (lambda rs: [{**rs[0], "question_id": True}] + rs[1:], "question_id True is not an"),
         (lambda rs: [{**rs[0], "response": None}] + rs[1:], "response of .* is not a string"),
         (lambda rs: [{"question_id": 1, "text": "No"}] + rs[1:], "--question-file"),
     ],
