@@ -6,8 +6,9 @@ The parser and metrics are the official ones, quirks included: only text before 
 read, commas are dropped, words are split on single spaces (so "No\\nThere" is one word), and the
 answer is "no" iff a word is exactly "No", "not" or "no"; anything else, "" included, is "yes".
 "yes" is the positive class. Unlike the official scripts, responses are paired with labels by
-(split, question_id), never by line order. A zero denominator gives 0.0 where the official
-script would raise ZeroDivisionError.
+(split, question_id), never by line order, and a response naming another image than its labelled
+question's is refused (COCO, A-OKVQA and GQA share ids). A zero denominator gives 0.0 where the
+official script would raise ZeroDivisionError.
 """
 
 import argparse
