@@ -252,9 +252,10 @@ def llava_answers(
     questions = {q.question_id: q for q in load_question_file(question_file)}
     labelled = {(i.split, i.question_id): i for i in items}
     responses = []
+    where = "--responses (LLaVA's answer file)"
     for row in answers:
-        require_fields(row, ("question_id", "text"), "--responses (LLaVA's answer file)")
-        question = questions.get(int(row["question_id"]))
+        require_fields(row, ("question_id", "text"), where)
+        question = questions.get(require_id(row, "question_id", where))
         if question is None:
             raise ValueError(
                 f"--responses: question_id {row['question_id']} is not in {question_file}"
@@ -267,7 +268,7 @@ def llava_answers(
                 f"label-file question {local_id} about {question.image}: these label files are "
                 "not the ones the question file was made from"
             )
-        text = require_text(row, "text", "--responses (LLaVA's answer file)")
+        text = require_text(row, "text", where)
         responses.append({"question_id": local_id, "split": question.split, "response": text})
     return responses
 

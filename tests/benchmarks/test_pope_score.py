@@ -230,6 +230,16 @@ def test_cli_json(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out) == printed
 
 
+@pytest.mark.parametrize("question_id", ["abc", 10_000_001.5, None])
+def test_llava_answer_ids_must_be_integers(tmp_path, question_id) -> None:
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text(json.dumps({"question_id": question_id, "text": "Yes"}) + "\n")
+    llava = shared_data("pope-llava")
+    with pytest.raises(SystemExit, match=r"LLaVA's answer file\): question_id .* not an integer"):
+        run(["pope", "score", "--questions-dir", str(llava / "coco-e3e3926"), "--question-file",
+             str(llava / "llava_pope_test.jsonl"), "--responses", str(answers)])  # fmt: skip
+
+
 @pytest.mark.parametrize("text", ["No\n", "\nNo", "No\n.", "\nNo, there is none"])
 def test_official_parser_does_not_strip_newlines_next_to_no(text: str) -> None:
     # words are split on single spaces only: "No\n" is one word, not "No"
