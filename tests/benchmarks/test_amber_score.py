@@ -157,6 +157,19 @@ def test_generative_metrics_by_hand(data: dict) -> None:
     assert both["generative"] == {"CHAIR": 30.0, "Cover": 40.0, "Hal": 50.0, "Cog": 20.0}
 
 
+def test_a_repeated_truth_object_is_never_covered_twice(data: dict) -> None:
+    # Item 2 lists "ship" twice (14 captions' truth lists repeat an object): every match marks the
+    # first entry, so Cover stays below 100 whatever the caption says.
+    truth = data["annotations"][1]["truth"]
+    assert truth[2:4] == ["ship", "ship"]
+    result = _score(
+        data, [{"id": 2, "response": "A ship and two boats."}, {"id": 1, "response": ""}]
+    )
+    # nouns ship, boat (ship's association) -> first ship only: Cover 1/(10 + 7 + 0.001) = 5.9;
+    # the empty caption has no noun and no hallucination: Hal 100 - 2/2.001*100 = 0.0
+    assert result["generative"] == {"CHAIR": 0.0, "Cover": 5.9, "Hal": 0.0, "Cog": 0.0}
+
+
 def test_amber_score_combines_chair_and_f1(data: dict) -> None:
     responses = [
         {"id": 1, "response": CAPTION_1},
