@@ -138,7 +138,7 @@ def random_control(
     """One random latent per feature from the same source hookpoint, distinct and never one of the
     selected latents there.
 
-    With `frequency` (`[S, L]` firing frequency in the analysed samples, good_freq + bad_freq of
+    With `frequency` (`[S, L]` share of the analysed samples each latent fires in, from
     feature_stats.npz, indexed by the feature's `source` position), matched on it: drawn among the
     `nearest` latents that fired (frequency > 0) and are still free whose frequency is closest to
     the feature's (ties: lower index first), so that the control fires about as often as the
@@ -414,13 +414,19 @@ def _official_metrics(benchmark: str, folder: Path, out: Path) -> dict | None:
 
 
 def _firing_frequency(out: Path) -> np.ndarray | None:
-    """`[S, L]` good_freq + bad_freq of the analysed samples (feature_stats.npz), if present."""
+    """`[S, L]` share of the analysed samples each latent fires in (feature_stats.npz), if present:
+    good_freq and bad_freq weighted by the GOOD and BAD sample counts of features.json (their plain
+    sum would rate a latent of every BAD sample as frequent as one of every GOOD sample, however
+    few the BAD ones)."""
     path = out / outputs.FEATURE_STATS
     if not path.exists():
         print(f"steer: no {path}; the random control is drawn without matching firing frequency")
         return None
     stats = np.load(path)
-    return stats["good_freq"] + stats["bad_freq"]
+    result = read_features(out)
+    n_good, n_bad = result["total_good_samples"], result["total_bad_samples"]
+    fired = stats["good_freq"] * n_good + stats["bad_freq"] * n_bad
+    return fired / max(n_good + n_bad, 1)
 
 
 def _read_neuron_map(out: Path, config: SteerConfig) -> list[dict] | None:

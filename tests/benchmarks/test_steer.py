@@ -287,3 +287,24 @@ def test_the_table_says_when_its_intervals_rest_on_one_image():
     assert "over 1 images (one image: the intervals say nothing" in format_table(report)
     report["bootstrap"]["groups"] = 3
     assert "one image" not in format_table(report)
+
+
+def test_the_control_is_matched_on_the_share_of_all_analysed_samples_it_fires_in(
+    tmp_path: Path,
+) -> None:
+    """90 GOOD and 10 BAD samples: a bad feature firing in every BAD sample and no GOOD one fires
+    in 10% of the samples; a latent firing in every GOOD sample and no BAD one fires in 90%, and
+    must not stand for it, though good_freq + bad_freq is 1.0 for both."""
+    from benchmarks.stages.steer import _firing_frequency
+
+    good_freq, bad_freq = np.zeros((1, 6)), np.zeros((1, 6))
+    good_freq[0] = [0.0, 1.0, 0.1, 0.0, 0.5, 0.0]
+    bad_freq[0] = [1.0, 0.0, 0.1, 0.0, 0.5, 0.0]
+    np.savez(tmp_path / "feature_stats.npz", good_freq=good_freq, bad_freq=bad_freq)
+    analysed = {"total_good_samples": 90, "total_bad_samples": 10, "features": []}
+    (tmp_path / "features.json").write_text(json.dumps(analysed))
+    frequency = _firing_frequency(tmp_path)
+    np.testing.assert_allclose(frequency, [[0.1, 0.9, 0.1, 0.0, 0.5, 0.0]])
+    feature = {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 0, "direction": "bad"}
+    [control] = random_control([feature], 6, seed=0, frequency=frequency, nearest=1)
+    assert control["feature_idx"] == 2 and control["frequency"] == pytest.approx(0.1)
