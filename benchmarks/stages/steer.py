@@ -6,13 +6,13 @@ of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
 
 - `features`: the replacement model in error mode, the direction's features scaled at their
   source (every target layer follows);
-- `control`: as many random features, each from the same source layer as the one it stands for
-  and matched on firing frequency (drawn, seeded, among the few latents that fired in the analysed
+- `control`: as many random features (never one selected for either direction), each from the
+  same source layer as the one it stands for and matched on firing frequency (drawn, seeded, among the few latents that fired in the analysed
   samples with the frequency closest to its own), scaled the same way;
 - `neurons`: the original model with the direction's mapped MLP neurons (`DIR/neuron_map.json`)
   scaled at the `down_proj` input;
 - `neurons_control`: as many random neurons per target MLP as `neurons` scales there, drawn
-  (seeded) among the others, scaled the same way;
+  (seeded) among those neither direction maps, scaled the same way;
 - `clt_free`: the original model with a `FeatureSteerer` (exact mode) for the same features and
   factor: it should answer as `features` does, without the coders;
 
@@ -34,7 +34,7 @@ import contextlib
 import io
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +61,8 @@ from vlm_sparsify.replacement import ReplacementModel
 
 STEERING = "steering.json"
 KINDS = ("features", "control", "neurons", "neurons_control", "clt_free")
+DIRECTIONS = ("good", "bad")
+"""Feature lists of features.json; a direction's random controls are drawn with seed + its place."""
 CONTROL_OF = {"features": "control", "neurons": "neurons_control"}
 """The random control each steered kind is compared with at the same factor."""
 COLORS = {"features": "#2a9d8f", "control": "#8d99ae", "neurons": "#e9c46a",
@@ -134,9 +136,10 @@ def random_control(
     seed: int,
     frequency: np.ndarray | None = None,
     nearest: int = 5,
+    exclude: Mapping[str, Collection[int]] | None = None,
 ) -> list[dict]:
     """One random latent per feature from the same source hookpoint, distinct and never one of the
-    selected latents there.
+    selected latents there nor of `exclude` (latents per hookpoint, e.g. the other direction's).
 
     With `frequency` (`[S, L]` share of the analysed samples each latent fires in, from
     feature_stats.npz, indexed by the feature's `source` position), matched on it: drawn among the
@@ -150,6 +153,8 @@ def random_control(
     for feature in features:
         selected.setdefault(feature["hookpoint"], set()).add(feature["feature_idx"])
     taken: dict[str, set[int]] = {h: set(s) for h, s in selected.items()}
+    for hookpoint, latents in (exclude or {}).items():
+        taken.setdefault(hookpoint, set()).update(latents)
     control = []
     for feature in features:
         hookpoint = feature["hookpoint"]
@@ -201,15 +206,47 @@ def mapped_neurons(neuron_map: Sequence[dict], direction: str) -> dict[str, list
     return {hookpoint: sorted(n) for hookpoint, n in neurons.items()}
 
 
+def feature_controls(
+    selected: Mapping[str, Sequence[dict]],
+    num_latents: int,
+    seed: int,
+    frequency: np.ndarray | None = None,
+    nearest: int = 5,
+) -> dict[str, list[dict]]:
+    """The random control of each direction's features (`random_control` with seed + the
+    direction's place in DIRECTIONS), never a latent selected for any direction: the good control
+    must not steer a bad feature, nor the bad control a good one."""
+    everything: dict[str, set[int]] = {}
+    for features in selected.values():
+        for feature in features:
+            everything.setdefault(feature["hookpoint"], set()).add(feature["feature_idx"])
+    return {
+        direction: random_control(
+            selected[direction], num_latents, seed + i, frequency, nearest, everything
+        )
+        for i, direction in enumerate(DIRECTIONS)
+        if direction in selected
+    }
+
+
 def random_neuron_control(
-    neurons: dict[str, list[int]], sizes: dict[str, int], seed: int
+    neurons: dict[str, list[int]],
+    sizes: dict[str, int],
+    seed: int,
+    exclude: Mapping[str, Collection[int]] | None = None,
 ) -> dict[str, list[int]]:
     """As many random neurons per target MLP as `neurons` lists there (`sizes`: neurons per MLP),
-    never one of them; each MLP's draw has its own seed, derived from `seed`."""
+    never one of them nor of `exclude` (per MLP, e.g. the other direction's mapped neurons); each
+    MLP's draw has its own seed, derived from `seed`."""
     ordered = sorted(neurons.items())
     seeds = np.random.default_rng(seed).integers(2**31, size=len(ordered)).tolist()
+    exclude = exclude or {}
     return {
-        hookpoint: sorted(random_neurons(sizes[hookpoint], len(chosen), chosen, mlp_seed))
+        hookpoint: sorted(
+            random_neurons(
+                sizes[hookpoint], len(chosen), [*chosen, *exclude.get(hookpoint, [])], mlp_seed
+            )
+        )
         for (hookpoint, chosen), mlp_seed in zip(ordered, seeds, strict=True)
     }
 
@@ -228,7 +265,7 @@ def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list
 
 def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     csv_choices(config.kinds, KINDS, "--kinds")  # bad flags fail before the model loads
-    csv_choices(config.directions, ("good", "bad"), "--directions")
+    csv_choices(config.directions, DIRECTIONS, "--directions")
     parse_factors(config.factors)
     check_steer_region(config.region)
     check_limit(config.limit)
@@ -245,31 +282,37 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "the clt_free condition steers with transcoder weights; these coders are SAEs: "
             "leave it out, e.g. --kinds features,control"
         )
-    directions = csv_choices(config.directions, ("good", "bad"), "--directions")
-    by_direction = {
+    directions = csv_choices(config.directions, DIRECTIONS, "--directions")
+    selected = {
         d: [
             {**f, "source": hookpoints.index(f["hookpoint"])}
             for f in result["features"]
             if f["direction"] == d
         ]
-        for d in directions
+        for d in DIRECTIONS
     }
+    by_direction = {d: selected[d] for d in directions}
     replacement = ReplacementModel(run.model, run.coders, mode="error")
-    frequency = _firing_frequency(out)
-    control = {
-        d: random_control(fs, replacement.num_latents, config.seed + i, frequency)
-        for i, (d, fs) in enumerate(by_direction.items())
-    }
+    # drawn for both directions whatever --directions says, so a direction's control never
+    # changes with the other's presence and holds none of either's selected features
+    all_controls = feature_controls(
+        selected, replacement.num_latents, config.seed, _firing_frequency(out)
+    )
+    control = {d: all_controls[d] for d in directions}
     neuron_map = _read_neuron_map(out, config)
-    neurons = {d: mapped_neurons(neuron_map or [], d) for d in by_direction}
+    all_neurons = {d: mapped_neurons(neuron_map or [], d) for d in DIRECTIONS}
     sizes = {
         hookpoint: run.model.get_submodule(hookpoint).get_submodule("down_proj").in_features
-        for chosen in neurons.values()
+        for chosen in all_neurons.values()
         for hookpoint in chosen
     }
+    neurons = {d: all_neurons[d] for d in directions}
     neuron_control = {
-        d: random_neuron_control(chosen, sizes, config.seed + i)
-        for i, (d, chosen) in enumerate(neurons.items())
+        d: random_neuron_control(
+            all_neurons[d], sizes, config.seed + DIRECTIONS.index(d), all_neurons[other]
+        )
+        for d, other in zip(DIRECTIONS, DIRECTIONS[::-1], strict=True)
+        if d in directions
     }
     adapter = get_adapter(benchmark)
     wanted = set(held_out)

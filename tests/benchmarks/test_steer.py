@@ -308,3 +308,34 @@ def test_the_control_is_matched_on_the_share_of_all_analysed_samples_it_fires_in
     feature = {"layer": 0, "hookpoint": "h0", "source": 0, "feature_idx": 0, "direction": "bad"}
     [control] = random_control([feature], 6, seed=0, frequency=frequency, nearest=1)
     assert control["feature_idx"] == 2 and control["frequency"] == pytest.approx(0.1)
+
+
+def test_a_control_never_holds_a_feature_selected_for_either_direction() -> None:
+    """The latents nearest in frequency to the good feature are the bad features: its control
+    must not be one of them (the good control would steer a bad feature)."""
+    from benchmarks.stages.steer import feature_controls
+
+    frequency = np.full((1, 40), 0.05)
+    frequency[0, [3, 10, 11]] = 0.5
+    frequency[0, 20:25] = 0.4
+    feature = {"layer": 0, "hookpoint": "h0", "source": 0, "direction": "good"}
+    selected = {
+        "good": [{**feature, "feature_idx": 3}],
+        "bad": [{**feature, "feature_idx": 10, "direction": "bad"},
+                {**feature, "feature_idx": 11, "direction": "bad"}],
+    }  # fmt: skip
+    for seed in range(20):
+        control = feature_controls(selected, 40, seed, frequency, nearest=2)
+        assert 20 <= control["good"][0]["feature_idx"] < 25
+        assert {c["feature_idx"] for c in control["bad"]} <= set(range(20, 25))
+    assert feature_controls(selected, 40, 0, frequency) == feature_controls(
+        selected, 40, 0, frequency
+    )
+
+
+def test_a_neuron_control_never_holds_a_neuron_mapped_for_either_direction() -> None:
+    mapped = {"good": {"mlp.0": [1, 2, 3]}, "bad": {"mlp.0": [4, 5, 6, 7]}}
+    for seed in range(20):
+        control = random_neuron_control(mapped["good"], {"mlp.0": 12}, seed, exclude=mapped["bad"])
+        assert len(control["mlp.0"]) == 3
+        assert set(control["mlp.0"]) <= {0, 8, 9, 10, 11}
