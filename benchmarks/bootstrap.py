@@ -38,6 +38,10 @@ def paired_bootstrap(
 ) -> Delta:
     """Delta of the mean score, `treated - baseline`, and its percentile interval; `groups` (one
     key per sample, e.g. its image) resamples whole groups instead of samples."""
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be positive, got {n_resamples}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1 (0.95: 95%), got {confidence}")
     base, other = np.asarray(baseline, dtype=np.float64), np.asarray(treated, dtype=np.float64)
     if base.shape != other.shape or base.ndim != 1:
         raise ValueError(f"paired scores need equal 1-D shapes, got {base.shape} and {other.shape}")

@@ -90,7 +90,7 @@ class SteerConfig:
     bootstrap: int = 1000
     """Bootstrap resamples for the intervals."""
     confidence: float = 0.95
-    """Interval coverage."""
+    """Interval coverage, a share between 0 and 1 (0.95: a 95% interval)."""
     seed: int = 0
     """Seed of the random control features and of the bootstrap."""
     limit: int | None = None
@@ -269,6 +269,12 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     parse_factors(config.factors)
     check_steer_region(config.region)
     check_limit(config.limit)
+    if config.bootstrap < 1:
+        raise ValueError(f"--bootstrap {config.bootstrap}: give a positive number of resamples")
+    if not 0 < config.confidence < 1:
+        raise ValueError(
+            f"--confidence {config.confidence:g}: give a share between 0 and 1, e.g. 0.95"
+        )
     result = read_features(out)
     held_out = result.get("split", {}).get("held_out_ids", [])
     if not held_out:

@@ -252,6 +252,19 @@ def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--region", "response"])
     with pytest.raises(SystemExit, match="--limit 0: give a positive number"):
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--limit", "0"])
+    # found after hours of generation otherwise, when the intervals are computed
+    with pytest.raises(SystemExit, match="--confidence 95: give a share between 0 and 1"):
+        run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--confidence", "95"])
+    with pytest.raises(SystemExit, match="--bootstrap 0: give a positive number"):
+        run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--bootstrap", "0"])
+
+
+def test_bootstrap_refuses_no_resamples_and_a_confidence_outside_0_1() -> None:
+    with pytest.raises(ValueError, match="n_resamples must be positive, got 0"):
+        paired_bootstrap([0.0, 1.0], [1.0, 1.0], n_resamples=0)
+    for confidence in (0.0, 1.0, 95.0):
+        with pytest.raises(ValueError, match="confidence must be between 0 and 1"):
+            paired_bootstrap([0.0, 1.0], [1.0, 1.0], confidence=confidence)
 
 
 def test_bootstrap_by_image_weighs_each_resampled_image_by_its_samples() -> None:
