@@ -111,8 +111,27 @@ def recorded_parameters(path: Path) -> dict:
     return {key: value for key, value in recorded.items() if key in names}
 
 
+def check_config(config: AnalyzeConfig) -> None:
+    """Values the statistics cannot take (a negative eps flips or blows up every ratio), refused
+    before they reach features.json, whose parameters later runs take as their defaults."""
+    if not config.eps > 0:
+        raise ValueError(f"--eps {config.eps:g}: give a positive share of samples, e.g. 0.01")
+    if not 0 < config.fdr <= 1:
+        raise ValueError(f"--fdr {config.fdr:g}: give a rate between 0 and 1, e.g. 0.05")
+    for flag, value in (("--target-features", config.target_features),
+                        ("--min-per-layer", config.min_per_layer)):  # fmt: skip
+        if value < 0:
+            raise ValueError(f"{flag} {value}: give 0 or more")
+    if not 0 <= config.held_out_fraction < 1:
+        raise ValueError(
+            f"--held-out-fraction {config.held_out_fraction:g}: give a share from 0 up to 1 "
+            "(excluded), e.g. 0.2"
+        )
+
+
 def main(argv: list[str], benchmark: str) -> None:
     config = parse_config(argv, benchmark)
+    check_config(config)
     out = Path(config.out)
     target = out / outputs.FEATURES
     if not config.force and _up_to_date(target, config, out):

@@ -110,6 +110,26 @@ def test_scores_equal_hand_computed_values(tmp_path):
     assert result["split"]["n_held_out"] == 0
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--eps", "-0.5", "--eps -0.5: give a positive share"),
+        ("--eps", "0", "--eps 0: give a positive share"),
+        ("--fdr", "5", "--fdr 5: give a rate between 0 and 1"),
+        ("--target-features", "-3", "--target-features -3: give 0 or more"),
+        ("--min-per-layer", "-1", "--min-per-layer -1: give 0 or more"),
+        ("--held-out-fraction", "1.5", "--held-out-fraction 1.5: give a share from 0 up to 1"),
+    ],
+)
+def test_bad_analysis_parameters_are_refused_before_any_is_recorded(tmp_path, flag, value, message):
+    """A negative eps flips or blows up every ratio; a bad value must not reach features.json,
+    whose parameters later runs take as their defaults."""
+    write_hand_store(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        run_analyze(tmp_path, flag, value)
+    assert not (tmp_path / "features.json").exists()
+
+
 def test_region_changes_the_rows_analysed(tmp_path):
     write_hand_store(tmp_path)
     run_analyze(tmp_path, "--region", "all", "--force")
