@@ -281,6 +281,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         raise ValueError(
             f"{out / outputs.FEATURES} has no held-out ids; rerun analyze with --held-out-fraction > 0"
         )
+    neuron_map = _read_neuron_map(out, config, result["features"])
     run = load_run(out, benchmark, config.coders, config.device)
     hookpoints = list(run.coders.hookpoints)
     if "clt_free" in config.kinds and not getattr(run.coders, "transcode", True):
@@ -305,7 +306,6 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         selected, replacement.num_latents, config.seed, _firing_frequency(out)
     )
     control = {d: all_controls[d] for d in directions}
-    neuron_map = _read_neuron_map(out, config)
     all_neurons = {d: mapped_neurons(neuron_map or [], d) for d in DIRECTIONS}
     sizes = {
         hookpoint: run.model.get_submodule(hookpoint).get_submodule("down_proj").in_features
@@ -478,12 +478,28 @@ def _firing_frequency(out: Path) -> np.ndarray | None:
     return fired / max(n_good + n_bad, 1)
 
 
-def _read_neuron_map(out: Path, config: SteerConfig) -> list[dict] | None:
+def _read_neuron_map(out: Path, config: SteerConfig, features: list[dict]) -> list[dict] | None:
+    """neuron_map.json, when it maps exactly the `features` of features.json (refused when the
+    neurons conditions would use a map of other features, e.g. made before analyze ran again)."""
     path = out / outputs.NEURON_MAP
-    if path.exists():
-        return read_json(path)
-    if "neurons" in config.kinds:
-        print(f"steer: no {path}; skipping the neurons condition (run `map` first)")
+    wanted = {"neurons", "neurons_control"} & set(csv_choices(config.kinds, KINDS, "--kinds"))
+    if not path.exists():
+        if wanted:
+            print(f"steer: no {path}; skipping the neurons condition (run `map` first)")
+        return None
+    neuron_map = read_json(path)
+
+    def keys(listed: list[dict]) -> list[tuple]:
+        return sorted((f["hookpoint"], f["feature_idx"], f["direction"]) for f in listed)
+
+    if keys([entry["feature"] for entry in neuron_map]) == keys(features):
+        return neuron_map
+    if wanted:
+        raise ValueError(
+            f"{path} maps other features than {out / outputs.FEATURES} (analyze ran after map): "
+            "run `map` again, or leave the neurons conditions out "
+            "(--kinds features,control,clt_free)"
+        )
     return None
 
 

@@ -352,3 +352,15 @@ def test_a_neuron_control_never_holds_a_neuron_mapped_for_either_direction() -> 
         control = random_neuron_control(mapped["good"], {"mlp.0": 12}, seed, exclude=mapped["bad"])
         assert len(control["mlp.0"]) == 3
         assert set(control["mlp.0"]) <= {0, 8, 9, 10, 11}
+
+
+def test_a_neuron_map_of_other_features_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    """analyze run again after map selects other features: the neurons conditions would steer
+    the neurons of the old ones, under the new features' name."""
+    feature = {"layer": 0, "feature_idx": 1, "hookpoint": "h0", "direction": "good"}
+    analysed = {"features": [feature], "split": {"held_out_ids": ["a"]}}
+    (tmp_path / "features.json").write_text(json.dumps(analysed))
+    old = [{"feature": {**feature, "feature_idx": 7}, "targets": [], "amplification_factor": 4}]
+    (tmp_path / "neuron_map.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="neuron_map.json maps other features than"):
+        run(["easyvqa", "steer", "--out", str(tmp_path)])
