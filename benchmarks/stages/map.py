@@ -81,8 +81,18 @@ class MapConfig:
     """Recompute even when neuron_map.json is up to date."""
 
 
+def check_config(config: MapConfig) -> None:
+    """Counts below 1 (a negative --samples would slice from the end of the train samples)."""
+    for flag, value in (("--samples", config.samples), ("--top-k", config.top_k),
+                        ("--verify-tokens", config.verify_tokens),
+                        ("--random-sets", config.random_sets)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} {value}: give a positive number")
+
+
 def main(argv: list[str], benchmark: str) -> None:
     config = parse_stage(argv, benchmark, "map", MapConfig)
+    check_config(config)
     out = Path(config.out)
     if not config.force and _up_to_date(out, config):
         print(f"map: {out / outputs.NEURON_MAP} is up to date (--force to recompute)")

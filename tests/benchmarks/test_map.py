@@ -112,3 +112,17 @@ def test_a_feature_that_never_fires_falls_back_to_the_neurons_overall_mean():
     # feature 0: the mean of rows 0 and 2; feature 1: the mean over all three tokens
     expected = torch.tensor([[3.0, -1.0], [3.0, 2.0 / 3.0]])
     torch.testing.assert_close(stats.mean_when_firing(), expected)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--samples", "0"), ("--samples", "-60"), ("--top-k", "0"), ("--verify-tokens", "0"),
+     ("--random-sets", "0")],
+)  # fmt: skip
+def test_counts_below_one_are_refused_before_anything_is_read(tmp_path, flag, value):
+    """`--samples -60` silently mapped on all but the last 60 train samples, `--top-k 0` wrote a
+    map of no neurons, `--samples 0` and `--verify-tokens 0` failed after the model loaded."""
+    from benchmarks.__main__ import run
+
+    with pytest.raises(SystemExit, match=f"{flag} {value}: give a positive number"):
+        run(["easyvqa", "map", "--out", str(tmp_path / "nothing"), flag, value])
