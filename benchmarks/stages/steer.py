@@ -271,6 +271,8 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     check_limit(config.limit)
     if config.bootstrap < 1:
         raise ValueError(f"--bootstrap {config.bootstrap}: give a positive number of resamples")
+    if config.batch_size < 1:
+        raise ValueError(f"--batch-size {config.batch_size}: give a positive number of items")
     if not 0 < config.confidence < 1:
         raise ValueError(
             f"--confidence {config.confidence:g}: give a share between 0 and 1, e.g. 0.95"

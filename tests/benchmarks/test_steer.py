@@ -257,6 +257,8 @@ def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--confidence", "95"])
     with pytest.raises(SystemExit, match="--bootstrap 0: give a positive number"):
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--bootstrap", "0"])
+    with pytest.raises(SystemExit, match="--batch-size 0: give a positive number"):
+        run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--batch-size", "0"])
 
 
 def test_bootstrap_refuses_no_resamples_and_a_confidence_outside_0_1() -> None:
