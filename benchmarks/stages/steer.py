@@ -125,7 +125,7 @@ def parse_factors(text: str) -> list[float]:
         factors = [float(word) for word in text.split(",") if word.strip()]
     except ValueError:
         factors = []
-    if not factors or any(f < 0 for f in factors):
+    if not factors or not all(0 <= f < float("inf") for f in factors):  # nan fails too
         raise ValueError(f"--factors {text!r}: give non-negative numbers, e.g. 0,0.5,2,4")
     return factors
 
