@@ -95,6 +95,15 @@ def test_a_truncated_output_file_is_named_in_one_line(tmp_path):
         run(["easyvqa", "plot", "--out", str(tmp_path)])
 
 
+@pytest.mark.parametrize("top", ["0", "-3"])
+def test_a_top_below_one_is_refused_before_anything_is_read(tmp_path, top):
+    """`--top -3` drew all but the last 3 features of each direction, titled as the top ones."""
+    from benchmarks.__main__ import run
+
+    with pytest.raises(SystemExit, match=f"--top {top}: give a positive number"):
+        run(["easyvqa", "plot", "--out", str(tmp_path), "--top", top])
+
+
 def test_features_ranked_by_attribution_are_shown_by_the_attribution_difference():
     def feature(idx, direction, goodness, badness, attribution_good, attribution_bad):
         return {"layer": 0, "feature_idx": idx, "direction": direction,
