@@ -122,7 +122,12 @@ def top_neurons(score: Tensor, k: int) -> list[int]:
 
 def random_neurons(n_neurons: int, k: int, exclude: Sequence[int], seed: int) -> list[int]:
     """k distinct neurons not in `exclude`, drawn with a seeded generator."""
-    allowed = torch.tensor(sorted(set(range(n_neurons)) - set(exclude)))
+    allowed = torch.tensor(sorted(set(range(n_neurons)) - set(exclude)), dtype=torch.long)
+    if len(allowed) < k:
+        raise ValueError(
+            f"{k} random neurons: only {len(allowed)} of {n_neurons} are not excluded "
+            "(map fewer neurons: a lower --top-k)"
+        )
     generator = torch.Generator().manual_seed(seed)
     return allowed[torch.randperm(len(allowed), generator=generator)[:k]].tolist()
 
