@@ -88,7 +88,7 @@ def test_fitted_thresholds_reproduce_clean_topk_and_cli_measures_fidelity(tmp_pa
     save_file(tensors, str(tmp_path / "calib.safetensors"))
     result = main(
         ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--calibration",
-         str(tmp_path / "calib.safetensors")]
+         str(tmp_path / "calib.safetensors"), "--n_layers", "4"]
     )  # fmt: skip
     assert set(result) == {"fvu_export_vs_topk", "l0_export", "fvu_topk", "fvu_export"}
     assert all(0.01 < v < 1.5 for v in result["fvu_export_vs_topk"])
@@ -122,14 +122,15 @@ def test_export_warns_that_skip_connections_stay_behind(tmp_path: Path) -> None:
     tensors = {f"inputs.{h}": torch.randn(64, 8) for h in HOOKS}
     save_file(tensors, str(tmp_path / "calib.safetensors"))
     with pytest.warns(UserWarning, match="skip connections .* not exported.* TopK .*fvu_topk"):
-        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"),
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--n_layers", "4",
               "--calibration", str(tmp_path / "calib.safetensors")])  # fmt: skip
 
 
 def test_calibration_of_another_width_or_length_is_one_error_naming_it(tmp_path: Path) -> None:
     save_coders(random_clt(cross_layer=2), tmp_path / "run")
     calib = tmp_path / "calib.safetensors"
-    command = ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--calibration"]
+    command = ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--n_layers", "4",
+               "--calibration"]  # fmt: skip
     for tensors, wrong in (
         ({f"inputs.{h}": torch.randn(64, 16) for h in HOOKS}, r"'inputs\..*0\.mlp': \[64, 16\]"),
         ({f"inputs.{h}": torch.randn(64 + i, 8) for i, h in enumerate(HOOKS)}, r"\[65, 8\]"),
@@ -192,26 +193,63 @@ def test_coders_of_other_module_paths_are_refused_before_calibrating(
     clt.hookpoints = [f"language_model.model.layers.{i}.mlp" for i in range(4)]  # transformers 4.51
     save_coders(clt, tmp_path / "run", config={"model": str(tiny_llava_dir)})
     with pytest.raises(ValueError, match=r"not modules of .*pass --calibration ACTS"):
-        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--n_layers", "4"])
     assert not (tmp_path / "ct").exists()
 
 
-def test_a_run_not_over_layers_0_to_n_is_refused(tmp_path: Path) -> None:
-    # its W_enc_0 would be read at the model's layer 0: every feature on the wrong layer
+def test_a_run_over_some_layers_exports_every_model_layer_and_loads_in_circuit_tracer(
+    tmp_path: Path,
+) -> None:
+    # circuit-tracer reads file i at the model's layer i for every layer of the model (its
+    # replacement model encodes at each one and subtracts a reconstruction of every layer)
+    from vlm_sparsify.export import jumprelu_predictions
+
+    cfg = SparseCoderConfig(num_latents=8, k=2, transcode=True)
+    for layers in ((0, 1), (1, 3)):  # `--layers 0 1` of the 4-layer default, and a gap
+        hooks = [f"model.language_model.layers.{i}.mlp" for i in layers]
+        clt = CrossLayerTranscoder(hooks, 8, cfg, cross_layer=2)
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for p in clt.parameters():
+                p.normal_()
+        run, out = tmp_path / f"run{layers}", tmp_path / f"ct{layers}"
+        save_coders(clt, run, config={"model": "default"})
+        g = torch.Generator().manual_seed(0)
+        calib = {f"inputs.{h}": torch.randn(64, 8, generator=g) for h in hooks}
+        save_file(calib, str(tmp_path / "calib.safetensors"))
+        main(["circuit-tracer", str(run), str(out), "--calibration",
+              str(tmp_path / "calib.safetensors")])  # fmt: skip
+        assert yaml.safe_load((out / "config.yaml").read_text())["layers"] == list(layers)
+        ct = load_clt(str(out), device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)
+        assert ct.n_layers == 4  # the default model's layers, read from the run's config.json
+        # circuit-tracer's own forward on inputs at every layer: our JumpReLU prediction at the
+        # run's layers, nothing but zeros at the others (their MLP output is all error node)
+        x = torch.randn(4, 16, 8, generator=g)
+        thresholds = [ct.activation_function.threshold[i, 0] for i in layers]
+        ours, _ = jumprelu_predictions(clt, thresholds, [x[i] for i in layers])
+        theirs = ct(x)
+        for layer in range(4):
+            expected = ours[layers.index(layer)] if layer in layers else torch.zeros(16, 8)
+            torch.testing.assert_close(theirs[layer], expected, rtol=1e-5, atol=1e-5)
+        assert bool((ct.encode(x)[[i for i in range(4) if i not in layers]] == 0).all())
+
+
+def test_hookpoints_circuit_tracer_cannot_place_are_refused(tmp_path: Path) -> None:
     clt = random_clt(cross_layer=2)
-    clt.hookpoints = [f"model.language_model.layers.{i}.mlp" for i in (2, 4, 6, 8)]
-    save_coders(clt, tmp_path / "run")
-    with pytest.raises(ValueError, match=r"layers \[2, 4, 6, 8\], but circuit-tracer"):
-        export_circuit_tracer(clt, tmp_path / "ct", [torch.zeros(8)] * 4)
-    with pytest.raises(ValueError, match="trained on every layer from 0"):
-        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
+    for layers, n_layers in (((0, 1, 2, 4), 4), ((1, 0, 2, 3), 4), ((0, 1, 2, 3), 3)):
+        clt.hookpoints = [f"model.language_model.layers.{i}.mlp" for i in layers]
+        with pytest.raises(ValueError, match=rf"layers \[{', '.join(map(str, layers))}\], but"):
+            export_circuit_tracer(clt, tmp_path / "ct", [torch.zeros(8)] * 4, n_layers=n_layers)
     assert not (tmp_path / "ct").exists()
+    save_coders(random_clt(cross_layer=2), tmp_path / "run")  # no config.json: e.g. clt-training's
+    with pytest.raises(FileNotFoundError, match="has no config.json .*pass --n_layers N"):
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
 
 
 def test_a_run_without_config_json_is_told_to_pass_calibration(tmp_path: Path) -> None:
     save_coders(random_clt(cross_layer=2), tmp_path / "run")  # no config.json: e.g. clt-training's
     with pytest.raises(FileNotFoundError, match="has no config.json .*pass --calibration ACTS"):
-        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--n_layers", "4"])
 
 
 def test_calibration_activations_come_from_the_runs_own_training_positions(

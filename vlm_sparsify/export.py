@@ -15,14 +15,22 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import transformers
 import yaml
 from safetensors.torch import save_file
 from torch import Tensor
 
 from vlm_sparsify.cli import run_cli
-from vlm_sparsify.coder_io import Coders, atomic_dir, load_coders, source_weights
+from vlm_sparsify.coder_io import (
+    RUN_CONFIG_FILE,
+    Coders,
+    atomic_dir,
+    load_coders,
+    source_weights,
+)
 from vlm_sparsify.coder_set import fraction_of_variance_unexplained
-from vlm_sparsify.files import load_safetensors
+from vlm_sparsify.files import load_safetensors, read_json
+from vlm_sparsify.loading import resolve_model
 
 ThresholdMethod = Literal["feature", "layer"]
 
@@ -125,19 +133,45 @@ def export_fidelity(
     return result
 
 
-def _check_layers(hookpoints: list[str]) -> None:
-    """circuit-tracer attaches file i to the model's layer i: the run's hookpoints must be the
-    decoder layers 0, 1, 2, ... in order (the layer is the last number in a hookpoint's path)."""
+def model_layers(hookpoints: list[str], n_layers: int) -> list[int]:
+    """The model layer of each hookpoint (the last number in its path). circuit-tracer attaches
+    file i to the model's layer i and needs one for each of the model's `n_layers` layers: the
+    hookpoints must be distinct layers below `n_layers`, in order."""
     layers = [
         next((int(part) for part in reversed(h.split(".")) if part.isdigit()), None)
         for h in hookpoints
     ]
-    if layers != list(range(len(hookpoints))):
+    known = [layer for layer in layers if layer is not None]
+    if len(known) < len(layers) or known != sorted(set(known)) or known[-1] >= n_layers:
         raise ValueError(
             f"the run's hookpoints are layers {layers}, but circuit-tracer's CLT files attach to "
-            f"layers 0..{len(hookpoints) - 1} in order (its W_enc_i reads layer i): export a run "
-            "trained on every layer from 0 (no --layers / --layer_stride)"
+            f"the model's layers 0..{n_layers - 1} (its W_enc_i reads layer i): export a run of "
+            f"one hookpoint per decoder layer, in layer order, of a model with {n_layers} layers "
+            "(--n_layers)"
         )
+    return known
+
+
+def run_model_layers(run: Path) -> int:
+    """The decoder layer count of the model the run's `config.json` names (its config only)."""
+    if not (run / RUN_CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{run} has no config.json naming its model, whose every decoder layer circuit-tracer's "
+            "CLT must cover: pass --n_layers N (the model's decoder layers)"
+        )
+    config = read_json(run / RUN_CONFIG_FILE)
+    model_id = resolve_model(config["model"])
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(
+            model_id, revision=config.get("revision")
+        )
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())
+        raise OSError(
+            f"could not read the config of the run's model '{model_id}' for its layer count "
+            f"({reason}); pass --n_layers N (the model's decoder layers)"
+        ) from None
+    return int(model_config.get_text_config().num_hidden_layers)
 
 
 def _check_out_dir(out_dir: Path) -> None:
@@ -160,47 +194,51 @@ def export_circuit_tracer(
     out_dir: str | Path,
     thresholds: list[Tensor],
     *,
+    n_layers: int | None = None,
     feature_input_hook: str = "mlp.hook_in",
     feature_output_hook: str = "hook_mlp_out",
     model_name: str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Path:
-    """Write circuit-tracer's CLT files for every layer (decoders zero-padded beyond reach)
-    into `out_dir`, new, empty or an earlier export (`_check_out_dir`), replaced whole."""
+    """Write circuit-tracer's CLT files for every one of the model's `n_layers` decoder layers
+    (default: one per hookpoint) into `out_dir`, new, empty or an earlier export
+    (`_check_out_dir`), replaced whole. Decoders are zero beyond a source's reach; a layer the
+    run holds no coder for gets zero weights (no feature ever fires), so circuit-tracer's error
+    node there carries its whole MLP output."""
     out_dir = Path(out_dir)
-    _check_layers(coders.hookpoints)
+    n_layers = len(coders.hookpoints) if n_layers is None else n_layers
+    layers = model_layers(coders.hookpoints, n_layers)
     _check_out_dir(out_dir)
-    n_layers = len(coders.hookpoints)
-    first_W_enc = source_weights(coders, 0)[0]
-    b_dec_per_target = [
-        first_W_enc.new_zeros(first_W_enc.shape[1], dtype=torch.float32) for _ in range(n_layers)
-    ]
-    for p in range(n_layers):
-        _, _, _, b_decs = source_weights(coders, p)
-        for i, b_dec in enumerate(b_decs):
-            b_dec_per_target[p + i] = b_dec_per_target[p + i] + b_dec.float()
+    W_enc, b_enc = source_weights(coders, 0)[:2]
+    zero_encoder = {"W_enc": torch.zeros_like(W_enc), "b_enc": torch.zeros_like(b_enc)}
+    empty = zero_encoder | {"threshold": torch.zeros_like(b_enc)}
+    encoders = {layer: dict(empty) for layer in range(n_layers)}
+    decoders = {layer: torch.zeros(*W_enc.shape[:1], n_layers - layer, W_enc.shape[1], dtype=dtype)
+                for layer in range(n_layers)}  # fmt: skip
+    b_dec = [torch.zeros(W_enc.shape[1], dtype=torch.float32) for _ in range(n_layers)]
+    for p, source_layer in enumerate(layers):
+        W_enc, b_enc, W_decs, b_decs = source_weights(coders, p)
+        encoders[source_layer] = {"W_enc": W_enc, "b_enc": b_enc, "threshold": thresholds[p]}
+        for i, (W, b) in enumerate(zip(W_decs, b_decs, strict=True)):
+            target_layer = layers[p + i]
+            decoders[source_layer][:, target_layer - source_layer] = W.detach().to("cpu", dtype)
+            # circuit-tracer has one output bias per layer: the sum over sources reaching it
+            b_dec[target_layer] += b.detach().to("cpu", torch.float32)
     with atomic_dir(out_dir) as tmp:
-        for p in range(n_layers):
-            W_enc, b_enc, W_decs, _ = source_weights(coders, p)
-            enc = {
-                f"W_enc_{p}": W_enc,
-                f"b_enc_{p}": b_enc,
-                f"b_dec_{p}": b_dec_per_target[p],
-                f"threshold_{p}": thresholds[p],
-            }
+        for layer in range(n_layers):
+            enc = {f"{name}_{layer}": v for name, v in encoders[layer].items()}
+            enc[f"b_dec_{layer}"] = b_dec[layer]
             save_file(
                 {k: v.detach().to("cpu", dtype).contiguous() for k, v in enc.items()},
-                str(tmp / f"W_enc_{p}.safetensors"),
+                str(tmp / f"W_enc_{layer}.safetensors"),
             )
-            W_dec = torch.zeros(W_enc.shape[0], n_layers - p, W_enc.shape[1], dtype=dtype)
-            for i, W in enumerate(W_decs):
-                W_dec[:, i] = W.detach().to("cpu", dtype)
-            save_file({f"W_dec_{p}": W_dec}, str(tmp / f"W_dec_{p}.safetensors"))
+            save_file({f"W_dec_{layer}": decoders[layer]}, str(tmp / f"W_dec_{layer}.safetensors"))
         config = {
             "model_kind": "cross_layer_transcoder",
             "feature_input_hook": feature_input_hook,
             "feature_output_hook": feature_output_hook,
             "hookpoints": coders.hookpoints,
+            "layers": layers,
             "activation_function": "jump_relu",
         }
         if model_name:
@@ -265,6 +303,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         default="feature",
         help="JumpReLU threshold per feature (default) or one per layer",
     )
+    parser.add_argument(
+        "--n_layers",
+        type=int,
+        default=None,
+        help="the model's decoder layers, one circuit-tracer file each (default: read from the "
+        "config of the model the run's config.json names); layers without a coder get "
+        "features that never fire",
+    )
     parser.add_argument("--feature_input_hook", default="mlp.hook_in")
     parser.add_argument("--feature_output_hook", default="hook_mlp_out")
     parser.add_argument("--model_name", default=None)
@@ -272,9 +318,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
 
     _check_out_dir(args.out_dir)  # before calibrating: that runs the model
     coders = load_coders(args.run)
-    _check_layers(coders.hookpoints)
     for p in range(len(coders.hookpoints)):
         source_weights(coders, p)  # refuses what circuit-tracer cannot hold, before calibrating
+    n_layers = args.n_layers if args.n_layers is not None else run_model_layers(args.run)
+    model_layers(coders.hookpoints, n_layers)
     if coders.cfg.skip_connection:
         warnings.warn(
             "the run's skip connections (W_skip) are not exported: circuit-tracer's CLT files "
@@ -297,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         coders,
         args.out_dir,
         thresholds,
+        n_layers=n_layers,
         feature_input_hook=args.feature_input_hook,
         feature_output_hook=args.feature_output_hook,
         model_name=args.model_name,
@@ -304,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     held_out = None if outputs is None else [y[half:] for y in outputs]
     fidelity = export_fidelity(coders, thresholds, [x[half:] for x in inputs], held_out)
     print(
-        f"wrote {args.out_dir}: circuit-tracer CLT, {len(coders.hookpoints)} layers, JumpReLU "
+        f"wrote {args.out_dir}: circuit-tracer CLT, {n_layers} layers ({len(coders.hookpoints)} "
+        "with features), JumpReLU "
         f"thresholds per {args.threshold}; per layer, on {inputs[0].shape[0] - half} held-out "
         "calibration tokens:"
     )
