@@ -62,6 +62,22 @@ def test_patch_series_is_there() -> None:
     assert all(name in readme for name in names), "every patch needs a README entry"
 
 
+def test_readmes_command_finds_the_installed_package(tmp_path: Path) -> None:
+    # importing sparsify without triton prints a line to stdout, which `cd "$(...)"` would take
+    readme = (PATCHES[0].parent / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith('cd "$(python'))
+    command = command.removesuffix("\\").strip() + " && pwd"
+    bin_dir = Path(sys.executable).parent  # `python` on PATH: this interpreter's (a venv's)
+    if not (bin_dir / "python").is_file():
+        pytest.skip(f"no `python` beside {sys.executable}")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip()) == installed_sparsify().parent
+
+
 @requires_git
 @pytest.mark.parametrize("patch", PATCHES, ids=lambda p: p.name)
 def test_patch_applies_alone(tmp_path: Path, patch: Path) -> None:
