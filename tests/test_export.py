@@ -244,6 +244,12 @@ def test_hookpoints_circuit_tracer_cannot_place_are_refused(tmp_path: Path) -> N
     save_coders(random_clt(cross_layer=2), tmp_path / "run")  # no config.json: e.g. clt-training's
     with pytest.raises(FileNotFoundError, match="has no config.json .*pass --n_layers N"):
         main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")])
+    # attention transcoders would be read as MLPs (feature_input_hook mlp.hook_in)
+    clt.hookpoints = [f"model.language_model.layers.{i}.self_attn" for i in range(4)]
+    save_coders(clt, tmp_path / "attn", config={"model": "default"})
+    with pytest.raises(ValueError, match=r"hookpoints \['model.language_model.layers.0.self_attn'"):
+        main(["circuit-tracer", str(tmp_path / "attn"), str(tmp_path / "ct"), "--n_layers", "4"])
+    assert not (tmp_path / "ct").exists()
 
 
 def test_a_run_without_config_json_is_told_to_pass_calibration(tmp_path: Path) -> None:

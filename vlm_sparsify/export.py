@@ -31,6 +31,7 @@ from vlm_sparsify.coder_io import (
 from vlm_sparsify.coder_set import fraction_of_variance_unexplained
 from vlm_sparsify.files import load_safetensors, read_json
 from vlm_sparsify.loading import resolve_model
+from vlm_sparsify.recipe import run_recipe
 
 ThresholdMethod = Literal["feature", "layer"]
 
@@ -150,6 +151,17 @@ def model_layers(hookpoints: list[str], n_layers: int) -> list[int]:
             "(--n_layers)"
         )
     return known
+
+
+def check_run_mlps(run: Path, hookpoints: list[str]) -> None:
+    """circuit-tracer's transcoders read and write MLPs: a run of `self_attn` hookpoints (which
+    training accepts) is refused, by its recipe's MLP name (a run without config.json: unchecked)."""
+    from vlm_sparsify.fidelity import check_mlp_hookpoints
+
+    if (run / RUN_CONFIG_FILE).is_file():
+        config = read_json(run / RUN_CONFIG_FILE)
+        model_id = resolve_model(config["model"])
+        check_mlp_hookpoints(hookpoints, run_recipe(run, config.get("recipe"), model_id))
 
 
 def run_model_layers(run: Path) -> int:
@@ -320,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     coders = load_coders(args.run)
     for p in range(len(coders.hookpoints)):
         source_weights(coders, p)  # refuses what circuit-tracer cannot hold, before calibrating
+    check_run_mlps(args.run, coders.hookpoints)
     n_layers = args.n_layers if args.n_layers is not None else run_model_layers(args.run)
     model_layers(coders.hookpoints, n_layers)
     if coders.cfg.skip_connection:
