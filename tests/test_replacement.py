@@ -429,6 +429,20 @@ def test_response_intervention_leaves_the_prompt_alone(model: nn.Module) -> None
     assert torch.equal(clean_sample.indices[prompt], steered_sample.indices[prompt])
 
 
+def test_interventions_of_a_forward_call_apply_to_that_call(model: nn.Module) -> None:
+    # as in generate; LLaVA's forward takes **kwargs and would drop them without a word
+    replacement = ReplacementModel(model, make_coders("clt"), mode="error")
+    boost = Intervention("set", features=(1, 2, 3), layers=1, value=20.0)
+    with torch.no_grad():
+        clean = replacement(**batch()).logits
+        steered = replacement(**batch(), interventions=boost).logits
+        with replacement.intervene(boost):
+            expected = replacement(**batch()).logits
+    assert replacement.interventions == []
+    assert not torch.allclose(steered, clean)
+    assert torch.equal(steered, expected)
+
+
 def test_hooks_are_removed_on_exit(model: nn.Module) -> None:
     coders = make_coders("clt")
     inputs = batch()

@@ -540,9 +540,16 @@ class ReplacementModel:
         return prediction
 
     # ------------------------------------------------------------------ running
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's forward through the replacement (same arguments and outputs)."""
-        with self._hooked():
+    def forward(
+        self,
+        *args: Any,
+        interventions: Intervention | Sequence[Intervention] = (),
+        **kwargs: Any,
+    ) -> Any:
+        """The wrapped model's forward through the replacement (same arguments and outputs);
+        `interventions` add to the standing ones for this call, as in `generate` (the model's
+        forward would take them in its **kwargs and ignore them)."""
+        with self._hooked(), self.intervene(interventions):
             return self.model(*args, **kwargs)
 
     __call__ = forward
