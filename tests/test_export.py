@@ -99,6 +99,33 @@ def test_fitted_thresholds_reproduce_clean_topk_and_cli_measures_fidelity(tmp_pa
     ]
 
 
+def test_feature_thresholds_imitate_the_coders_own_selection_groupmax_too() -> None:
+    # groupmax (k groups of 4 latents, each group's largest fires): per token one hot latent of
+    # 8-9 and one of 5-6 in group 0, one warm of 2-3 in group 1; TopK would take the two hot ones
+    from vlm_sparsify.per_layer import PerLayerCoders
+
+    cfg = SparseCoderConfig(num_latents=8, k=2, transcode=True, activation="groupmax")
+    coders = PerLayerCoders(HOOKS[:1], 8, cfg)
+    with torch.no_grad():
+        coders[HOOKS[0]].encoder.weight.copy_(torch.eye(8))
+        coders[HOOKS[0]].encoder.bias.zero_()
+        coders[HOOKS[0]].W_dec.normal_(generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+
+    def tokens(n: int) -> torch.Tensor:
+        x = torch.rand(n, 8, generator=g) * 0.5
+        group0 = torch.rand(n, 4, generator=g).argsort(-1)[:, :2]
+        x.scatter_(1, group0, torch.stack([8 + torch.rand(n, generator=g),
+                                           5 + torch.rand(n, generator=g)], 1))  # fmt: skip
+        warm = 4 + torch.randint(0, 4, (n, 1), generator=g)
+        return x.scatter(1, warm, 2 + torch.rand(n, 1, generator=g))
+
+    thresholds = fit_thresholds(coders, [tokens(400)], "feature")
+    fidelity = export_fidelity(coders, thresholds, [tokens(100)])
+    assert fidelity["fvu_export_vs_topk"][0] < 1e-10
+    assert fidelity["l0_export"] == [2.0]
+
+
 def test_export_refuses_saes(tmp_path: Path) -> None:
     from vlm_sparsify.per_layer import PerLayerCoders
 

@@ -45,12 +45,13 @@ def _pre_acts(coders: Coders, p: int, x: Tensor) -> Tensor:
 def fit_thresholds(
     coders: Coders, inputs: list[Tensor], method: ThresholdMethod = "feature"
 ) -> list[Tensor]:
-    """A JumpReLU threshold per feature of each source, imitating TopK on `inputs`.
+    """A JumpReLU threshold per feature of each source, imitating the coder on `inputs`.
 
-    "feature": per feature, the threshold that best separates the tokens where TopK selects it
-    from those where it does not (fewest disagreements); a feature never selected gets the
-    layer value. "layer": one value per source, the median over tokens of the midpoint between
-    the k-th and (k+1)-th largest pre-activations.
+    "feature": per feature, the threshold that best separates the tokens where the coder selects
+    it (its own encoder: TopK, or sparsify's groupmax) from those where it does not (fewest
+    disagreements); a feature never selected gets the layer value. "layer": one value per
+    source, the median over tokens of the midpoint between the k-th and (k+1)-th largest
+    pre-activations.
     """
     k = coders.cfg.k
     thresholds = []
@@ -61,7 +62,9 @@ def fit_thresholds(
         layer_value = ((kth + top[:, -1]) / 2).median().clamp_min(0)
         threshold = torch.full_like(pre[0], float(layer_value))
         if method == "feature":
-            selected = (pre >= kth[:, None]) & (pre > 0)
+            encoded = coders.encode(p, x)
+            selected = torch.zeros(pre.shape, dtype=torch.bool, device=pre.device)
+            selected.scatter_(1, encoded.top_indices, encoded.top_acts > 0)
             fitted, ever = _best_separation(pre, selected)
             threshold = torch.where(ever, fitted, threshold)
         elif method != "layer":
