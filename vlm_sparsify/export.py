@@ -369,9 +369,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     fidelity = export_fidelity(coders, thresholds, [x[half:] for x in inputs], held_out)
     print(
         f"wrote {args.out_dir}: circuit-tracer CLT, {n_layers} layers ({len(coders.hookpoints)} "
-        "with features), JumpReLU "
-        f"thresholds per {args.threshold}; per layer, on {inputs[0].shape[0] - half} held-out "
-        "calibration tokens:"
+        f"with features), JumpReLU thresholds per {args.threshold}; per hookpoint of the run, "
+        f"on {inputs[0].shape[0] - half} held-out calibration tokens:"
     )
     for name, values in fidelity.items():
         print(f"{name}: " + " ".join(f"{v:.4f}" for v in values))
