@@ -157,9 +157,12 @@ def round_robin(scores: np.ndarray, target: int, min_per_layer: int = 0) -> list
     """Pick (layer, latent) pairs: each layer's best remaining candidate in turn.
 
     scores: [S, L]; NaN marks a non-candidate. Round r gives every layer with more than r
-    candidates its r-th best; rounds stop once `target` are picked, except that the first
-    `min_per_layer` rounds always complete (so the minimum wins over the target). Hence layer
-    counts differ by at most one while every layer still has candidates. Ties: lower index first.
+    candidates its r-th best, the layers in order of that candidate's score (so the last,
+    partial round goes to the layers whose next candidate is strongest, not to the first
+    layers); rounds stop once `target` are picked, except that the first `min_per_layer` rounds
+    always complete (so the minimum wins over the target). Hence layer counts differ by at most
+    one while every layer still has candidates. Ties: lower index first (latents within a layer,
+    layers within a round).
     """
     orders = []
     for layer_scores in scores:
@@ -169,9 +172,11 @@ def round_robin(scores: np.ndarray, target: int, min_per_layer: int = 0) -> list
     for rank in range(max((len(order) for order in orders), default=0)):
         if len(selected) >= target and rank >= min_per_layer:
             break
-        for layer, order in enumerate(orders):
-            if rank < len(order) and (rank < min_per_layer or len(selected) < target):
-                selected.append((layer, int(order[rank])))
+        present = [layer for layer, order in enumerate(orders) if rank < len(order)]
+        present.sort(key=lambda layer: -scores[layer, orders[layer][rank]])  # stable: ties by index
+        for layer in present:
+            if rank < min_per_layer or len(selected) < target:
+                selected.append((layer, int(orders[layer][rank])))
     return selected
 
 

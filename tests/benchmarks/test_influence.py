@@ -97,14 +97,15 @@ def test_scores_equal_hand_computed_values(tmp_path):
     assert result["total_features_analyzed"] == 8
     picked = [(f["direction"], f["layer"], f["feature_idx"]) for f in result["features"]]
     # good: layer 4 {1: 3.92, 0: 1.96}, layer 7 {3: 5.88, 1: 1.96}; bad: layer 4 {2: 3.92,
-    # 3: 2.94}, layer 7 {0: 1.96, 2: 0.98}; round robin: best of each layer, then again.
+    # 3: 2.94}, layer 7 {0: 1.96, 2: 0.98}; round robin: best of each layer (stronger layer
+    # first), then again (good's second round: 1.96 each, lower layer first).
     assert picked == [
-        ("good", 4, 1), ("good", 7, 3), ("good", 4, 0),
+        ("good", 7, 3), ("good", 4, 1), ("good", 4, 0),
         ("bad", 4, 2), ("bad", 7, 0), ("bad", 4, 3),
     ]  # fmt: skip
     assert result["layer_distribution"] == {"4": 4, "7": 2} and result["layers"] == [4, 7]
-    first = result["features"][0]
-    assert first["hookpoint"] == "layers.4.mlp"
+    first = result["features"][1]  # layer 4's best good feature
+    assert first["hookpoint"] == "layers.4.mlp" and first["feature_idx"] == 1
     assert first["good_avg_activation"] == 2.0 and first["bad_freq"] == 0.5
     assert first["significant"] is False and first["q_value"] >= first["p_value"]
     assert result["split"]["n_held_out"] == 0
@@ -322,6 +323,19 @@ def test_round_robin_balances_layers():
             mine = [scores[layer, latent] for lay, latent in picked if lay == layer]
             best = np.sort(scores[layer][~np.isnan(scores[layer])])[::-1][: len(mine)]
             np.testing.assert_array_equal(mine, best)
+
+
+def test_round_robin_gives_a_partial_round_to_the_strongest_layers_not_the_first():
+    # 4 layers, target 6: round 2 has room for 2 picks; layers 2 and 3 hold the stronger
+    # second candidates, so they get them (in index order they went to layers 0 and 1)
+    scores = np.array(
+        [[9.0, 1.0, np.nan], [8.0, 2.0, np.nan], [7.0, 6.0, np.nan], [6.5, 5.0, np.nan]]
+    )
+    picked = round_robin(scores, target=6)
+    assert picked == [(0, 0), (1, 0), (2, 0), (3, 0), (2, 1), (3, 1)]
+    # equal second candidates: lower layer first
+    scores[:, 1] = 3.0
+    assert round_robin(scores, target=5)[4] == (0, 1)
 
 
 def test_round_robin_min_per_layer_and_exhausted_layers():
