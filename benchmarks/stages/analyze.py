@@ -150,6 +150,24 @@ def main(argv: list[str], benchmark: str) -> None:
     )
 
 
+MIN_GROUP = 10
+"""Train samples per group (GOOD, BAD) below which analyze warns that its figures are noise."""
+
+
+def small_groups_warning(n_good: int, n_bad: int) -> str | None:
+    """A warning when either group has fewer than MIN_GROUP train samples: a firing rate over
+    a handful of samples moves by a large step per sample, and Fisher's test cannot reach a
+    small p-value (with one BAD sample, no p-value is below 1 / (n_good + 1))."""
+    small = [f"{n} {name}" for n, name in ((n_good, "GOOD"), (n_bad, "BAD")) if n < MIN_GROUP]
+    if not small:
+        return None
+    return (
+        f"only {' and '.join(small)} train samples (of {n_good} GOOD / {n_bad} BAD): the "
+        "selected features rest on too few samples to mean much and none is likely to be "
+        "significant; capture more items (--limit) or relax the classify rules"
+    )
+
+
 def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     store = FeatureStore(out / outputs.STORE)
     groups = _read_classification(out / outputs.CLASSIFICATION)
@@ -181,6 +199,9 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
             f"the train split holds {len(train_group) - n_bad} GOOD and {n_bad} BAD samples: "
             "separating the two needs both; capture more items or change the classify rules"
         )
+    few = small_groups_warning(len(train_group) - n_bad, n_bad)
+    if few:
+        print(f"analyze: warning: {few}")
     counts = firing_counts(store, train_group, config.region)
     stats = feature_scores(counts, config.eps)
     stats["p_value"] = fisher_exact(

@@ -78,9 +78,10 @@ def run_analyze(out, *flags):
     return json.loads((out / "features.json").read_text())
 
 
-def test_scores_equal_hand_computed_values(tmp_path):
+def test_scores_equal_hand_computed_values(tmp_path, capsys):
     write_hand_store(tmp_path)
     result = run_analyze(tmp_path, "--target-features", "3")
+    assert "warning: only 2 GOOD and 2 BAD train samples" in capsys.readouterr().out
     stats = np.load(tmp_path / "feature_stats.npz")
     for name, expected in HAND.items():
         np.testing.assert_allclose(stats[name], expected, err_msg=name)
@@ -308,6 +309,14 @@ def test_fdr_family_is_the_features_that_fire(tmp_path):
     # over all 200 latents latent 0 would not be significant at 0.05 (p * 200 > 0.05 * 1)
     assert stats["p_value"][0, 0] * 200 > 0.05 > stats["q_value"][0, 0]
     assert result["features"][0]["feature_idx"] == 0 and result["features"][0]["significant"]
+
+
+def test_small_groups_are_named_in_a_warning():
+    from benchmarks.stages.analyze import small_groups_warning
+
+    assert small_groups_warning(69, 1).startswith("only 1 BAD train samples (of 69 GOOD / 1 BAD)")
+    assert small_groups_warning(9, 9).startswith("only 9 GOOD and 9 BAD")
+    assert small_groups_warning(10, 400) is None
 
 
 def test_round_robin_balances_layers():
