@@ -81,6 +81,33 @@ def test_save_load_round_trip_keeps_only_selected_decoders(model: nn.Module, tmp
     assert torch.equal(before, after)
 
 
+def test_a_save_that_dies_midway_leaves_no_config_beside_other_weights(
+    model: nn.Module, tmp_path, monkeypatch
+) -> None:
+    import vlm_sparsify.clt_free as clt_free
+
+    coders = make_coders("clt")
+    features, _ = steering(firing_features(model, coders))
+    FeatureSteerer.from_coders(coders, features).save(tmp_path)
+    fewer = FeatureSteerer.from_coders(coders, features[:1])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(clt_free.json, "dumps", killed)  # dies after the weights, before the config
+    with pytest.raises(KeyboardInterrupt):
+        fewer.save(tmp_path)
+    monkeypatch.undo()
+    # the first save's config would describe two features over the second save's weights
+    with pytest.raises(FileNotFoundError, match="no steerer.json"):
+        FeatureSteerer.load(tmp_path)
+    fewer.save(tmp_path)
+    assert FeatureSteerer.load(tmp_path).features == fewer.features
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [
+        "steerer.json", "steerer.safetensors"
+    ]  # fmt: skip
+
+
 def test_threshold_mode_is_jumprelu_on_the_selected_rows() -> None:
     coders = make_coders("clt")
     torch.manual_seed(0)

@@ -26,6 +26,7 @@ only (the last prompt token and every response token, `vlm_sparsify.positions`),
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vlm_sparsify.coder_io import Coders, source_weights, usual_permissions
+from vlm_sparsify.coder_io import Coders, fsync_tree, source_weights, usual_permissions
 from vlm_sparsify.files import read_json
 from vlm_sparsify.interventions import OPS, Op, check_op, feature_index, feature_value
 from vlm_sparsify.positions import SequencePositions, check_steer_region, decision_rows
@@ -157,12 +158,19 @@ class FeatureSteerer(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save(self, folder: str | Path) -> Path:
-        """Write `steerer.safetensors` and `steerer.json` into `folder`."""
+        """Write `steerer.safetensors`, then `steerer.json`, into `folder`, each under a
+        temporary name, flushed and renamed; an earlier save's `steerer.json` is removed first, so
+        a save killed midway leaves no torn file and no config beside other weights (`load` then
+        says the folder holds no steerer)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {name.replace("/", "."): t.contiguous() for name, t in self.named_buffers()}
-        save_file(tensors, str(folder / WEIGHTS_FILE))
-        usual_permissions(folder / WEIGHTS_FILE)
+        tmp = folder / f".{WEIGHTS_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        usual_permissions(tmp)
+        fsync_tree(tmp)
+        (folder / CONFIG_FILE).unlink(missing_ok=True)
+        os.replace(tmp, folder / WEIGHTS_FILE)
         config = {
             "mode": self.mode,
             "k": self.k,
@@ -171,7 +179,10 @@ class FeatureSteerer(nn.Module):
             "targets": self.targets,
             "features": [asdict(f) for f in self.features],
         }
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        tmp = folder / f".{CONFIG_FILE}.tmp"
+        tmp.write_text(json.dumps(config, indent=2))
+        fsync_tree(tmp)
+        os.replace(tmp, folder / CONFIG_FILE)
         return folder
 
     @classmethod
