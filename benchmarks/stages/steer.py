@@ -90,7 +90,7 @@ class SteerConfig:
     bootstrap: int = 1000
     """Bootstrap resamples for the intervals."""
     confidence: float = 0.95
-    """Interval coverage, a share between 0 and 1 (0.95: a 95% interval)."""
+    """Interval coverage, a share between 0 and 1 (0.95: a 95 percent interval)."""
     seed: int = 0
     """Seed of the random control features and of the bootstrap."""
     limit: int | None = None
