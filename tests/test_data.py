@@ -19,6 +19,7 @@ from vlm_sparsify.data import (
     folder_examples,
     load_rgb,
     open_examples,
+    shared_prefix_length,
     token_mask,
 )
 from vlm_sparsify.random_models import build_tokenizer
@@ -373,3 +374,12 @@ def test_collate_pads_the_attention_mask_with_zeros_whatever_the_pad_id():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 9, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert token_mask(batch, image_id=8).tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_the_shared_prefix_ends_at_the_first_differing_token_or_image_token():
+    ids = torch.tensor([[1, 2, 3, 5, 9], [1, 2, 3, 6, 9]])
+    assert shared_prefix_length(ids) == 3
+    image = torch.zeros_like(ids, dtype=torch.bool)
+    image[:, 2] = True  # the same image token id, but each example's own image
+    assert shared_prefix_length(ids, image) == 2
+    assert shared_prefix_length(ids[:1]) == 0  # one example cannot tell

@@ -488,6 +488,22 @@ def test_no_training_position_is_an_error_not_an_untrained_run(
     assert not (tmp_path / "none").exists()
 
 
+def test_positions_only_in_the_prompts_shared_start_are_refused(tmp_path, tiny_llava_dir):
+    # --ctx_len 2 keeps "user :" of every prompt, the same tokens before the image each time
+    for ctx_len, prefix in (("1", 1), ("2", 2)):
+        with pytest.raises(
+            training.NoTrainingDataError, match=f"all lie in the first {prefix} tokens of its"
+        ):
+            run(cli(tiny_llava_dir, tmp_path, "prefix", "--tokens", "text", "--ctx_len", ctx_len))
+        assert not (tmp_path / "prefix").exists()
+    # one more text token (after the image) and the image tokens themselves vary: trained
+    run(cli(tiny_llava_dir, tmp_path, "three", "--tokens", "text", "--ctx_len", "3",
+            "--max_examples", "16"))  # fmt: skip
+    run(cli(tiny_llava_dir, tmp_path, "one", "--ctx_len", "1", "--max_examples", "16"))
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert all(row["fvu"] < 10 for row in summary)
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_train_what_one_process_trains(tmp_path, tiny_llava_dir):
     """One step on the same global batch: same FVU (global denominators), same weights.

@@ -482,6 +482,18 @@ def token_mask(
     return mask
 
 
+def shared_prefix_length(input_ids: torch.Tensor, image_mask: torch.Tensor | None = None) -> int:
+    """How many leading positions hold the same token in every example of a batch and no image
+    token: the start of the prompt template, whose activations (causal attention) are the same
+    in every example. 0 for a batch of one example, which cannot tell."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0)
+    if image_mask is not None:
+        same &= ~image_mask.any(0)
+    return int(same.int().cumprod(0).sum())
+
+
 @dataclass
 class BatchStream(IterableDataset):
     """Batches of processed examples, deterministic in order for any number of workers.

@@ -26,6 +26,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from vlm_sparsify.coder_set import CoderSet, MeanReducer, total_variance
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.data import shared_prefix_length
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.replacement import ReplacementModel
@@ -499,14 +500,33 @@ class Trainer:
             f"{self._checkpoint_note()}. {self._non_finite_hint()}"
         )
 
-    def _positions_hint(self) -> str:
+    def _positions_hint(self, outcome: str = "leave none") -> str:
         """Which flags choose the training positions, with their values."""
         cfg = self.cfg
         tokens, ctx_len = getattr(cfg, "tokens", "all"), getattr(cfg, "ctx_len", None)
         return (
             f"--tokens {tokens} (image: the positions of the recipe's image token; text: the "
             f"--ctx_len {ctx_len} text tokens kept per example) less --exclude_tokens "
-            f"{list(cfg.exclude_tokens)} leave none"
+            f"{list(cfg.exclude_tokens)} {outcome}"
+        )
+
+    def _check_positions_vary(self, batch: dict[str, Any], device: torch.device) -> None:
+        """At the first step: training positions that all lie in the prompt's shared start (the
+        same tokens in every example, before the image) would train the coders on one constant
+        activation per position, with an FVU that divides by almost nothing."""
+        prefix, varying = 0, 0
+        if "inputs" in batch:
+            input_ids, mask = batch["inputs"]["input_ids"], batch["token_mask"]
+            prefix = shared_prefix_length(input_ids, batch.get("image_mask"))
+            varying = int(mask[:, prefix:].sum())
+        if int(_all_sum(torch.tensor(varying, device=device)).item()) > 0:
+            return
+        raise NoTrainingDataError(
+            f"batch {self.state.batches_seen - 1}'s training positions all lie in the first "
+            f"{prefix} tokens of its prompts, which are the same in every example (the prompt "
+            "template before the image): the coders would learn that template, not the data; "
+            f"{self._positions_hint('keep no other position')}: raise --ctx_len or choose "
+            "other --tokens"
         )
 
     def current_k(self) -> int:
@@ -539,6 +559,8 @@ class Trainer:
                     f"{self._positions_hint()}"
                 )
             return None
+        if state.global_step == 0:
+            self._check_positions_vary(batch, device)
         self.coders.cfg.k = self.current_k()
         if state.global_step == 0 and not self.cfg.finetune:
             self.coders.init_biases(acts.inputs, acts.outputs, global_mean_reducer(n_local, device))
