@@ -504,6 +504,14 @@ def test_positions_only_in_the_prompts_shared_start_are_refused(tmp_path, tiny_l
     assert all(row["fvu"] < 10 for row in summary)
 
 
+def test_outputs_without_variance_are_named_not_blamed_on_the_lr(tmp_path, tiny_llava_dir):
+    # one example of one text token: one position, no variance, an FVU of x / 0
+    with pytest.raises(training.NoTrainingDataError, match="same at all its 1 training positions"):
+        run(cli(tiny_llava_dir, tmp_path, "one", "--tokens", "text", "--ctx_len", "1",
+                "--batch_size", "1", "--max_examples", "2"))  # fmt: skip
+    assert not (tmp_path / "one").exists()
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_train_what_one_process_trains(tmp_path, tiny_llava_dir):
     """One step on the same global batch: same FVU (global denominators), same weights.

@@ -529,6 +529,23 @@ class Trainer:
             "other --tokens"
         )
 
+    def _check_targets_vary(self, variances: list[Tensor], n_tokens: int) -> None:
+        """Outputs without variance over the batch's training positions (a single position,
+        or one constant output) leave the FVU, which divides by that variance, undefined."""
+        zero = torch.stack(variances).eq(0).tolist()  # one device sync for all hookpoints
+        flat = [h for h, z in zip(self.coders.hookpoints, zero, strict=True) if z]
+        if not flat:
+            return
+        cfg = self.cfg
+        raise NoTrainingDataError(
+            f"batch {self.state.batches_seen - 1}'s outputs at {flat} are the same at all its "
+            f"{n_tokens} training positions, so their FVU (which divides by their variance) is "
+            f"undefined; {self._checkpoint_note()}. Train on more positions: a larger "
+            f"--batch_size, or --tokens, --ctx_len and --exclude_tokens that keep more (now "
+            f"--tokens {getattr(cfg, 'tokens', 'all')}, --ctx_len {getattr(cfg, 'ctx_len', None)}, "
+            f"--exclude_tokens {list(cfg.exclude_tokens)})"
+        )
+
     def current_k(self) -> int:
         cfg = self.cfg
         if self.state.global_step >= cfg.k_decay_steps:
@@ -565,6 +582,7 @@ class Trainer:
         if state.global_step == 0 and not self.cfg.finetune:
             self.coders.init_biases(acts.inputs, acts.outputs, global_mean_reducer(n_local, device))
         variances = total_variances(acts.outputs)
+        self._check_targets_vary(variances, n_tokens)
         fvu, indices, l0, metrics = self._losses(acts, variances)
         state.tokens_seen += n_tokens
         self._update_dead_counts(indices, n_tokens)
