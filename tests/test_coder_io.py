@@ -287,7 +287,7 @@ def test_folders_of_a_killed_save_are_cleaned_or_put_back(tmp_path: Path) -> Non
     for name in (f".run.tmp-{dead}", f".run.old-{dead}", ".run.tmp-notes", ".other.tmp-1"):
         (tmp_path / name).mkdir()
     (tmp_path / f".run.old-{dead}" / "config.json").write_text("{}")
-    live = tmp_path / f".run.tmp-{os.getpid()}"  # a process still writing
+    live = tmp_path / f".run.tmp-{os.getppid()}"  # a process still writing
     live.mkdir()
     notes = clean_stale_folders(run_dir)
     # RUN was missing: the kill came between the renames, the .old folder is the checkpoint
@@ -300,6 +300,21 @@ def test_folders_of_a_killed_save_are_cleaned_or_put_back(tmp_path: Path) -> Non
     assert clean_stale_folders(run_dir) == [
         f"removed {tmp_path / f'.run.old-{dead}'} (left by process {dead}, killed while saving)"
     ]
+
+
+def test_a_killed_saves_folders_named_with_our_own_pid_are_stale(tmp_path: Path) -> None:
+    # a container restarted after a kill between the two renames: the run is PID 1 again, and
+    # its checkpoint waits at .RUN.old-1 (RUN missing), the new one at .RUN.tmp-1
+    from vlm_sparsify.coder_io import clean_stale_folders
+
+    run_dir = tmp_path / "run"
+    old, tmp = tmp_path / f".run.old-{os.getpid()}", tmp_path / f".run.tmp-{os.getpid()}"
+    for folder in (old, tmp):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"folder": folder.name}))
+    notes = clean_stale_folders(run_dir)
+    assert json.loads((run_dir / "config.json").read_text()) == {"folder": old.name}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and len(notes) == 2
 
 
 @pytest.mark.parametrize("kind", ["clt", "plt"])

@@ -169,11 +169,16 @@ def clean_stale_folders(run_dir: Path) -> list[str]:
     """Folders that a killed `atomic_dir` write (`save_coders`, a sharded save, `--save_best`,
     export) left beside `run_dir` (`.RUN.tmp-<pid>`, `.RUN.old-<pid>` of a process no longer
     alive): removed, but an `.old` one is put back as RUN when RUN is missing (the kill came
-    between the two renames). Returns what was done."""
+    between the two renames). Returns what was done.
+
+    A folder named with this process's own pid is stale too: this process has no write under
+    way when it cleans, so an earlier process had that pid (a container's PID 1, restarted)."""
     done = []
     for folder in sorted(run_dir.parent.glob(f".{run_dir.name}.*-*")):
         kind, _, pid = folder.name.removeprefix(f".{run_dir.name}.").partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit():
+            continue
+        if int(pid) != os.getpid() and _pid_alive(int(pid)):
             continue
         if kind == "old" and not run_dir.exists():
             os.replace(folder, run_dir)
