@@ -383,3 +383,21 @@ def test_the_shared_prefix_ends_at_the_first_differing_token_or_image_token():
     image[:, 2] = True  # the same image token id, but each example's own image
     assert shared_prefix_length(ids, image) == 2
     assert shared_prefix_length(ids[:1]) == 0  # one example cannot tell
+
+
+def test_a_sigterm_to_a_worker_leaves_the_stop_to_the_training_process(llava_recipe, tiny_llava):
+    # SLURM signals every process of a job: a worker killed by it would make the DataLoader
+    # raise "DataLoader worker ... is killed by signal" instead of the run stopping cleanly
+    import os
+    import signal
+    import time
+
+    from vlm_sparsify.data import batch_loader, easyvqa_examples
+
+    _, processor = tiny_llava
+    stream = BatchStream(easyvqa_examples("train")[:6], processor, llava_recipe, batch_size=2)
+    batches = iter(batch_loader(stream, num_workers=1))
+    first = next(batches)
+    os.kill(batches._workers[0].pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert [first["batch_index"], *(b["batch_index"] for b in batches)] == [0, 1, 2]

@@ -362,6 +362,43 @@ def test_ctrl_c_outside_training_says_so_in_one_line(capsys):
     assert capsys.readouterr().err == ""
 
 
+SIGTERM_AT_BATCH_5 = """
+import os, signal, sys
+import vlm_sparsify.training as training
+from vlm_sparsify.__main__ import main
+
+original, calls = training.Trainer.train_on_batch, [0]
+
+def train_on_batch(self, batch):
+    calls[0] += 1
+    if calls[0] == 5:  # a scheduler's stop: SLURM signals every process of the job
+        os.killpg(0, signal.SIGTERM)
+    return original(self, batch)
+
+training.Trainer.train_on_batch = train_on_batch
+sys.argv[0] = "vlm_sparsify"
+main()
+"""
+
+
+def test_sigterm_to_the_run_and_its_workers_ends_it_as_ctrl_c_does(tmp_path, tiny_llava_dir):
+    args = cli(tiny_llava_dir, tmp_path, "run", "--save_every", "3", "--num_workers", "1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT_BATCH_5, *args, "--device", "cpu"],
+        capture_output=True, text=True, env=env, cwd=REPO, start_new_session=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 143, done.stderr[-800:]
+    # the DataLoader worker got it too: it leaves the stop to the training process
+    assert "DataLoader worker" not in done.stderr and "Traceback" not in done.stderr
+    last = done.stderr.rstrip("\n").split("\n")[-1]
+    assert last.startswith(
+        f"terminated (SIGTERM) at step 4: the checkpoint of step 3 is in {tmp_path / 'run'}"
+    ), done.stderr[-800:]
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["global_step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing half-written
+
+
 def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
     attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
     trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",

@@ -31,7 +31,7 @@ from sparsify.config import TrainConfig
 from torch import nn
 
 from vlm_sparsify.best_checkpoint import best_dir, improved_since_last_check, keep_best
-from vlm_sparsify.cli import ArgumentParser, reported_interrupt, run_cli
+from vlm_sparsify.cli import ArgumentParser, Terminated, reported_interrupt, run_cli
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
     clean_stale_folders,
@@ -544,7 +544,8 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         trainer.fit(loader, total)
     except KeyboardInterrupt as err:
         if rank == 0:  # the progress bar has ended its line
-            print(f"interrupted at step {trainer.state.global_step}: {saved_note(trainer, run_dir)}",
+            how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+            print(f"{how} at step {trainer.state.global_step}: {saved_note(trainer, run_dir)}",
                   file=sys.stderr)  # fmt: skip
         raise reported_interrupt(err) from None
     if wandb_log is not None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from difflib import get_close_matches
 from typing import NoReturn
 
@@ -19,20 +22,47 @@ downloading from the Hub): each names the path or address at fault, which the us
 def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
     """Run a tool's `main`; a user error (or one of the tool's own `errors`) ends it with one
     line (exit status 1), Ctrl-C with status 130 and one line (unless the tool said where its
-    work is already: `reported_interrupt`); no traceback. Warnings print as one line each
-    (`warning: ...`) instead of Python's two with a source line."""
+    work is already: `reported_interrupt`), SIGTERM as Ctrl-C but with status 143; no traceback.
+    Warnings print as one line each (`warning: ...`) instead of Python's two with a source
+    line."""
     formatted = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
-        main()
+        with sigterm_as_interrupt():
+            main()
     except (*USER_ERRORS, *errors) as err:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt as err:
         if not getattr(err, "reported", False):
-            print("\ninterrupted (Ctrl-C)", file=sys.stderr)
-        raise SystemExit(130) from None
+            how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+            print(f"\n{how}", file=sys.stderr)
+        raise SystemExit(143 if isinstance(err, Terminated) else 130) from None
     finally:
         warnings.formatwarning = formatted
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, such as SLURM at its time limit, or `kill`), raised
+    where Ctrl-C would be: the same cleanup (a checkpoint being written is removed, the last one
+    kept) and the same note on where the work is."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises `Terminated` in the main thread instead of ending the
+    process at once (silently, leaving a half-written checkpoint's temporary folder)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line_warning(

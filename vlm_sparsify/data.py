@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -574,9 +575,12 @@ class BatchStream(IterableDataset):
         return batch
 
 
-def single_threaded_worker(_: int) -> None:
-    """DataLoader `worker_init_fn`: preprocessing workers leave the cores to the model."""
+def init_worker(_: int) -> None:
+    """DataLoader `worker_init_fn`: preprocessing workers leave the cores to the model, and
+    leave SIGTERM to the training process, which stops them itself (`cli.run_cli`; they end on
+    their own too once it is gone); killed by it, they would make the DataLoader raise."""
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def batch_loader(stream: BatchStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
@@ -586,7 +590,7 @@ def batch_loader(stream: BatchStream, num_workers: int, pin_memory: bool = False
         stream,
         batch_size=None,
         num_workers=num_workers,
-        worker_init_fn=single_threaded_worker,
+        worker_init_fn=init_worker,
         pin_memory=pin_memory,
         persistent_workers=False,
     )
