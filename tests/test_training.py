@@ -399,6 +399,35 @@ def test_sigterm_to_the_run_and_its_workers_ends_it_as_ctrl_c_does(tmp_path, tin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing half-written
 
 
+def test_ctrl_c_during_a_checkpoint_stops_once_it_is_written_best_copy_included(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys
+):
+    import signal
+
+    import vlm_sparsify.__main__ as cli_main
+
+    # Ctrl-C while the first checkpoint (step 3) is copied to RUN-best: stopping there would
+    # leave RUN-best without it while RUN's state records its loss as the best so far
+    real_keep_best = cli_main.keep_best
+
+    def interrupted_keep_best(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real_keep_best(*args)
+
+    monkeypatch.setattr(cli_main, "keep_best", interrupted_keep_best)
+    with pytest.raises(KeyboardInterrupt):
+        run(cli(tiny_llava_dir, tmp_path, "run", "--save_every", "3", "--save_best", "true"))
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping once the checkpoint of step 3 is written" in err
+    assert f"interrupted at step 3: the checkpoint of step 3 is in {tmp_path / 'run'}" in err
+    state = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    assert state["global_step"] == 3 and set(state["best_loss"]) == set(HOOKS)
+    for hook, tensors in weights(tmp_path / "run").items():  # RUN-best is that checkpoint
+        best = load_file(tmp_path / "run-best" / hook / "sae.safetensors")
+        assert all(torch.equal(best[key], value) for key, value in tensors.items()), hook
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
     attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
     trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",

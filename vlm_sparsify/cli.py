@@ -65,6 +65,31 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextmanager
+def interrupts_deferred(what: str) -> Iterator[None]:
+    """Ctrl-C and SIGTERM take effect when the block ends, not inside it (`what`: the work it
+    does, named when one comes); the block runs in full unless it fails."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+
+    def defer(signum: int, frame: object) -> None:
+        if not caught:
+            print(f"\n{signal.Signals(signum).name}: stopping once {what} is done", file=sys.stderr)
+        caught.append(signum)
+
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {s: signal.signal(s, defer) for s in handled}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if caught:  # to the handlers the block replaced: KeyboardInterrupt, Terminated or an exit
+        signal.raise_signal(caught[0])
+
+
 def _one_line_warning(
     message: Warning | str,
     category: type[Warning],

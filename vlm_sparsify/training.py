@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from vlm_sparsify.cli import interrupts_deferred
 from vlm_sparsify.coder_set import CoderSet, MeanReducer, total_variance
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.data import shared_prefix_length
@@ -762,9 +763,7 @@ class Trainer:
                 + "; check DATASET, --max_examples and --tokens"
             )
         if self.checkpoint:
-            self._check_finite_weights()
-            self.checkpoint(self)
-            self.saved_step = self.state.global_step
+            self._save()
 
     def _end_at_optimizer_step(self) -> int:
         """A run that ends mid-accumulation: the batches since the last optimizer step updated
@@ -802,10 +801,17 @@ class Trainer:
             # mid-accumulation, part of the gradient sits in .grad, which a checkpoint does not
             # hold: a due save waits for the optimizer step (a resumed run then matches bit for bit)
             if save_due and step % self.cfg.grad_acc_steps == 0:
-                self._check_finite_weights()
-                self.checkpoint(self)
-                self.saved_step = step
+                self._save()
                 save_due = False
+
+    def _save(self) -> None:
+        """A checkpoint, written whole: Ctrl-C or SIGTERM during it (its copy to RUN-best
+        included) stops the run once it is on disk, so what the run says it saved is."""
+        assert self.checkpoint is not None
+        self._check_finite_weights()
+        with interrupts_deferred(f"the checkpoint of step {self.state.global_step} is written"):
+            self.checkpoint(self)
+            self.saved_step = self.state.global_step
 
     def summary(self, window: int = 20) -> list[dict[str, Any]]:
         """Per hookpoint: FVU and L0 averaged over the last `window` steps; dead % (latents that
