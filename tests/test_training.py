@@ -428,6 +428,21 @@ def test_ctrl_c_during_a_checkpoint_stops_once_it_is_written_best_copy_included(
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_save_dir_that_cannot_be_written_is_named_before_the_model_loads(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    import vlm_sparsify.__main__ as cli_main
+
+    def load_model_and_processor(*args, **kwargs):  # minutes for a 7B model, then training
+        raise AssertionError("the model loaded: the save_dir was not checked first")
+
+    monkeypatch.setattr(cli_main, "load_model_and_processor", load_model_and_processor)
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(OSError, match=r"cannot write the run folder .*notes/sub/r \(a file stands"):
+        run(cli(tiny_llava_dir, tmp_path / "notes" / "sub", "r"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
     attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
     trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",

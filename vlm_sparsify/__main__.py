@@ -37,6 +37,7 @@ from vlm_sparsify.coder_io import (
     clean_stale_folders,
     load_for_finetune,
     save_coders,
+    temp_dir,
 )
 from vlm_sparsify.cross_layer import (
     check_training_fits,
@@ -465,6 +466,8 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         for note in clean_stale_folders(run_dir):
             print(note)
     check_run_folder(args, run_dir)
+    if rank == 0:
+        check_save_dir(run_dir)
     saved, recipe, recipe_file = resolve_recipe(args, run_dir, given)
     if "decoder_dtype" in given and not args.cross_layer:
         raise ValueError(
@@ -791,6 +794,23 @@ def check_run_folder(args: RunConfig, run_dir: Path) -> None:
             f"{best} holds the best coders of an earlier run named {run_dir.name}: pass "
             "--overwrite true to replace it with this run's, or another --run_name"
         )
+
+
+def check_save_dir(run_dir: Path) -> None:
+    """The run folder can be written where --save_dir puts it, checked before the model loads:
+    found at the first checkpoint, that would come after --save_every steps of training."""
+    probe = temp_dir(run_dir)  # what a checkpoint is first written into
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as err:
+        file_in_path = isinstance(err, FileExistsError | NotADirectoryError)
+        reason = "a file stands in its path" if file_in_path else err.strerror or str(err)
+        raise OSError(
+            f"cannot write the run folder {run_dir} ({reason}); pass a --save_dir this "
+            "process can write"
+        ) from None
 
 
 def saved_note(trainer: Trainer, run_dir: Path) -> str:
