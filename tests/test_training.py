@@ -443,6 +443,25 @@ def test_a_save_dir_that_cannot_be_written_is_named_before_the_model_loads(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
+def test_a_local_dataset_that_cannot_open_is_named_before_the_model_loads(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    import vlm_sparsify.__main__ as cli_main
+
+    def load_model_and_processor(*args, **kwargs):  # minutes for a 7B model
+        raise AssertionError("the model loaded before the dataset opened")
+
+    monkeypatch.setattr(cli_main, "load_model_and_processor", load_model_and_processor)
+    (tmp_path / "images").mkdir()  # no metadata.jsonl
+    args = cli(tiny_llava_dir, tmp_path, "r")
+    args[1] = str(tmp_path / "images")
+    with pytest.raises(FileNotFoundError, match="has no metadata.jsonl or metadata.csv"):
+        run(args)
+    args[1] = str(tmp_path / "imgaes") + "/"  # mistyped
+    with pytest.raises(FileNotFoundError, match="imgaes/': no such folder"):
+        run(args)
+
+
 def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
     attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
     trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",

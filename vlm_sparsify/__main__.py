@@ -48,6 +48,7 @@ from vlm_sparsify.data import (
     BatchStream,
     TokenRegion,
     batch_loader,
+    is_local_dataset,
     open_examples,
     parse_data_args,
     resolve_dataset,
@@ -476,6 +477,20 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         )
     # read now: every checkpoint keeps the recipe it trained with (RUN/recipe.toml)
     recipe_bytes = recipe_file.read_bytes() if recipe_file is not None else None
+    dataset = args.dataset or recipe.dataset.path
+    open_dataset = partial(
+        open_examples,
+        dataset,
+        recipe,
+        split=args.split or None,
+        streaming=args.streaming,
+        shuffle_seed=args.shuffle_seed,
+        token=token,
+        **parse_data_args(args.data_args),
+    )
+    # a local dataset opens before the model, whose loading takes minutes at 7B, so a mistyped
+    # folder is named at once; a Hub dataset, which may download for long, after it
+    examples = open_dataset() if is_local_dataset(dataset) else None
     device = args.device or default_device()
     check_dtype(args.dtype, torch.device(device))
     model, processor, recipe = load_model_and_processor(
@@ -494,15 +509,8 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         )
     args.hookpoints = choose_hookpoints(args, model, recipe, saved, given, run_dir)
     coders = build_run_coders(args, model.config.get_text_config().hidden_size, device)
-    examples = open_examples(
-        args.dataset or recipe.dataset.path,
-        recipe,
-        split=args.split or None,
-        streaming=args.streaming,
-        shuffle_seed=args.shuffle_seed,
-        token=token,
-        **parse_data_args(args.data_args),
-    )
+    if examples is None:
+        examples = open_dataset()
     total = _num_batches(examples, args)
     trainer = build_trainer(args, model, coders, total, run_dir, device)
     trainer.checkpoint = CheckpointWriter(args, run_dir, recipe_bytes, rank)

@@ -244,6 +244,12 @@ def _names_a_folder(dataset: str) -> bool:
     )
 
 
+def is_local_dataset(dataset: str) -> bool:
+    """`easyvqa` or a local folder (one that exists, or a path no Hub id looks like): it opens in
+    a moment, unlike a Hub dataset, which may download."""
+    return dataset.lower() in EASYVQA or _names_a_folder(dataset) or Path(dataset).is_dir()
+
+
 def resolve_dataset(dataset: str) -> str:
     """DATASET as a run keeps it: a local folder as its absolute path (a resumed run, fidelity
     and export find it from any directory); `easyvqa`, Hub ids and "" as given."""
