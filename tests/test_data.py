@@ -64,6 +64,14 @@ def test_a_metadata_csv_saved_by_excel_reads_as_any_other(tmp_path):
     ]
 
 
+def test_a_metadata_jsonl_with_a_byte_order_mark_reads_as_any_other(tmp_path):
+    rows = [{"file_name": "a.png", "text": "a red square"}, {"file_name": "b.png", "text": "x"}]
+    text = "\r\n".join(json.dumps(r) for r in rows)
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    examples = folder_examples(tmp_path, "What is it?")
+    assert [(e.id, e.answer) for e in examples] == [("a.png", "a red square"), ("b.png", "x")]
+
+
 def test_a_dataset_that_is_neither_a_folder_nor_reachable_says_both(monkeypatch, llava_recipe):
     import datasets
 

@@ -43,8 +43,9 @@ def read_json(path: str | Path) -> Any:
 
 def read_jsonl(path: str | Path) -> list[Any]:
     """The rows of a JSON-lines file (blank lines skipped); a malformed line is an error naming
-    the file and the line."""
-    with Path(path).open(encoding="utf-8") as f:
+    the file and the line. A byte-order mark before the first line (Windows editors write one)
+    is skipped, as for a metadata.csv."""
+    with Path(path).open(encoding="utf-8-sig") as f:
         return jsonl_rows(f, path)
 
 
