@@ -462,6 +462,32 @@ def test_a_local_dataset_that_cannot_open_is_named_before_the_model_loads(
         run(args)
 
 
+def test_resume_refuses_a_dataset_folder_that_changed_size(tmp_path, tiny_llava_dir):
+    from tests.conftest import make_image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(24):
+        make_image(images / f"{i}.png", seed=i)
+
+    def write_metadata(n: int) -> None:
+        rows = [{"file_name": f"{i}.png", "text": f"shape {i}"} for i in range(n)]
+        (images / "metadata.jsonl").write_text("\n".join(map(json.dumps, rows)))
+
+    write_metadata(16)
+    args = cli(tiny_llava_dir, tmp_path, "run", "--max_examples", "8")
+    args[1] = str(images)
+    run(args)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["n_examples"] == 16
+    write_metadata(24)  # 8 more: the shuffled order of all 24 differs from that of 16
+    resume = [*args[:-1], "16", "--resume", "true"]
+    with pytest.raises(ValueError, match="holds 24 examples, but 16 when"):
+        run(resume)
+    write_metadata(16)
+    run(resume)
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["batches_seen"] == 2
+
+
 def test_hookpoints_other_than_mlps(tmp_path, tiny_llava_dir):
     attention = "model.language_model.layers.1.self_attn"  # its input comes by keyword
     trainer = run(cli(tiny_llava_dir, tmp_path, "attn", "--transcode", "true",

@@ -513,6 +513,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         examples = open_dataset()
     total = _num_batches(examples, args)
     trainer = build_trainer(args, model, coders, total, run_dir, device)
+    trainer.state.n_examples = check_same_examples(trainer, examples, dataset, run_dir)
     trainer.checkpoint = CheckpointWriter(args, run_dir, recipe_bytes, rank)
     wandb_log = None
     if args.log_to_wandb and rank == 0:
@@ -829,6 +830,25 @@ def saved_note(trainer: Trainer, run_dir: Path) -> str:
         f"the checkpoint of step {trainer.saved_step} is in {run_dir}; continue it with "
         f"`python -m vlm_sparsify --save_dir {run_dir.parent} --run_name {run_dir.name} --resume`"
     )
+
+
+def check_same_examples(trainer: Trainer, examples: Any, dataset: str, run_dir: Path) -> int | None:
+    """The dataset's size (None: a stream), which a resumed run must find unchanged: the
+    examples are shuffled, so one more or less reorders them all and the run would go on with
+    examples it trained on and skip others, silently."""
+    try:
+        n = len(examples)
+    except TypeError:
+        return None
+    saved = trainer.state.n_examples
+    if saved is not None and n != saved:
+        raise ValueError(
+            f"--resume: DATASET {dataset} holds {n} examples, but {saved} when "
+            f"{run_dir} trained on it: their shuffled order changed, so the run would not go on "
+            "with the examples it has not seen; restore the dataset, or start a new run from "
+            f"this one's coders: --finetune {run_dir} --run_name NEW"
+        )
+    return n
 
 
 def _num_batches(examples: Any, args: RunConfig) -> int | None:

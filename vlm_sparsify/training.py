@@ -288,6 +288,9 @@ class TrainingState:
     """`--save_best`: the lowest loss so far per hookpoint, or "" for the whole coder set."""
     best_checked_step: int = 0
     """`--save_best`: the step of the last comparison."""
+    n_examples: int | None = None
+    """How many examples the dataset held (None: a stream, or a run saved before this field):
+    batches are taken in its shuffled order, which another count changes."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -301,6 +304,7 @@ class TrainingState:
             "loss_history": self.loss_history,
             "best_loss": self.best_loss,
             "best_checked_step": self.best_checked_step,
+            "n_examples": self.n_examples,
         }
 
     @classmethod
