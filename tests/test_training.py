@@ -808,6 +808,18 @@ def test_auxk_and_multi_topk_train_a_clt_from_the_cli(tmp_path, tiny_llava_dir, 
     assert load_coders(tmp_path / "aux").n_targets(0) == 3
 
 
+@pytest.mark.parametrize("cross_layer", ["0", "1"], ids=["plt", "clt"])
+def test_l0_with_multi_topk_is_the_coders_k_not_the_4k_it_also_decodes(
+    tmp_path, tiny_llava_dir, cross_layer
+):
+    # stock sparsify returns the top 4k latents with multi_topk; the coder itself fires k
+    trainer = run(cli(tiny_llava_dir, tmp_path, "multi", "--transcode", "true", "--multi_topk",
+                      "true", "--cross_layer", cross_layer, "--max_examples", "16"))  # fmt: skip
+    l0 = [value for step in trainer.state.l0_history for value in step]
+    assert max(l0) <= 4 and min(l0) > 3  # --k 4, almost always all positive
+    assert all(row["l0"] <= 4 for row in trainer.summary())
+
+
 def test_summary_separates_recently_dead_from_never_fired(tmp_path, tiny_llava_dir, capsys):
     run(cli(tiny_llava_dir, tmp_path, "dead", "--dead_feature_threshold", "8"))
     assert "dead %  never %" in capsys.readouterr().out

@@ -395,7 +395,9 @@ def loss_per_target(
         fvu += out.fvu.detach().float().cpu()
         for p, (acts, idx) in enumerate(zip(out.latent_acts, out.latent_indices, strict=True)):
             indices[p].append(idx.detach())
-            active[p] += float((acts.detach() > 0).sum())
+            # with multi_topk stock sparsify returns the top 4k; the coder's own L0 is of its k
+            firing = (acts.detach() > 0).sum(-1).clamp(max=coders.cfg.k)
+            active[p] += float(firing.sum())
     return fvu, [torch.cat(idx) for idx in indices], (active / max(n, 1)).tolist(), auxk
 
 
