@@ -833,9 +833,9 @@ def saved_note(trainer: Trainer, run_dir: Path) -> str:
 
 
 def check_same_examples(trainer: Trainer, examples: Any, dataset: str, run_dir: Path) -> int | None:
-    """The dataset's size (None: a stream), which a resumed run must find unchanged: the
-    examples are shuffled, so one more or less reorders them all and the run would go on with
-    examples it trained on and skip others, silently."""
+    """The dataset's size (None: a Hugging Face dataset, read as a stream), which a resumed
+    run must find unchanged: the examples are shuffled, so one more or less reorders them all
+    and the run would go on with examples it trained on and skip others, silently."""
     try:
         n = len(examples)
     except TypeError:

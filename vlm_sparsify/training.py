@@ -289,8 +289,9 @@ class TrainingState:
     best_checked_step: int = 0
     """`--save_best`: the step of the last comparison."""
     n_examples: int | None = None
-    """How many examples the dataset held (None: a stream, or a run saved before this field):
-    batches are taken in its shuffled order, which another count changes."""
+    """How many examples the dataset held (None: a Hugging Face dataset, read as a stream, or a
+    run saved before this field): batches are taken in its shuffled order, which another count
+    changes."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
