@@ -1014,6 +1014,8 @@ def test_resume_takes_the_saved_settings_and_refuses_contradictions(tmp_path, ti
     run([*resume, "--layers", "0", "1", "2", "--max_examples", "24"])  # the same hookpoints
     with pytest.raises(ValueError, match=r"MODEL .*other_model \(saved: .*tiny_llava"):
         run([str(tmp_path / "other_model"), *resume])
+    with pytest.raises(ValueError, match=r"--split test \(saved: '' \(the default\)\); leave"):
+        run([*resume, "--split", "test"])  # saved as '': the recipe's split
     with pytest.raises(FileNotFoundError, match="cannot resume: .*none/config.json does not"):
         run(["--save_dir", str(tmp_path), "--run_name", "none", "--resume", "true"])
 

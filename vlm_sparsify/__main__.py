@@ -393,7 +393,9 @@ def resume_hookpoints(args: RunConfig, saved: dict[str, Any], given: set[str]) -
 
 
 def _shown(value: Any) -> str:
-    """A flag's value as typed on the command line."""
+    """A flag's value as typed on the command line ('' as such: the default it stands for)."""
+    if value == "":
+        return "'' (the default)"
     return str(value).lower() if isinstance(value, bool) or value is None else str(value)
 
 
