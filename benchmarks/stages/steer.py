@@ -323,8 +323,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         if d in directions
     }
     adapter = get_adapter(benchmark)
-    wanted = set(held_out)
-    items = [item for item in adapter.load_items(run.data, run.recipe) if item.id in wanted]
+    items = held_out_items(adapter.load_items(run.data, run.recipe), held_out, out)
     items = items[: config.limit]
     rules = Rules(**read_json(out / outputs.CLASSIFICATION)["rules"])
     generated: dict[str, dict[str, Any]] = {}
@@ -362,6 +361,27 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     plots.mkdir(exist_ok=True)
     plot_steering(report, plots / "steering.png")
     return report
+
+
+def held_out_items(items: Sequence, held_out: Sequence[str], out: Path) -> list:
+    """The benchmark items that are held-out samples of features.json, in item order; none is an
+    error and a missing share is noted (the data flags of capture.json changed since analyze, or
+    the benchmark's data did)."""
+    wanted = set(held_out)
+    chosen = [item for item in items if item.id in wanted]
+    missing = len(wanted) - len(chosen)
+    if not chosen:
+        raise ValueError(
+            f"none of the {len(wanted)} held-out ids of {out / outputs.FEATURES} (e.g. "
+            f"{sorted(wanted)[:3]}) is an item of the data in {out / outputs.CAPTURE}: the data "
+            "flags or files changed since capture and analyze; run them again on this data"
+        )
+    if missing:
+        print(
+            f"steer: {missing} of the {len(wanted)} held-out ids of {out / outputs.FEATURES} are "
+            f"not items of the data in {out / outputs.CAPTURE}; steering the other {len(chosen)}"
+        )
+    return chosen
 
 
 @dataclass

@@ -242,6 +242,12 @@ def test_steer_end_to_end_on_a_tiny_run(
     other = save_coders(coders, tmp_path / "other")
     with pytest.raises(SystemExit, match="not the coders the feature store was captured with"):
         run(["easyvqa", "map", "--out", str(out), "--coders", str(other), "--device", "cpu"])
+    # held-out ids that are no item of the data steer loads (flags changed since capture)
+    (out / "features.json").write_text(
+        json.dumps({"features": features, "split": {"held_out_ids": ["caption-nothing"]}})
+    )
+    with pytest.raises(SystemExit, match="none of the 1 held-out ids .* is an item of the data"):
+        run(["easyvqa", "steer", "--out", str(out), "--kinds", "features", "--device", "cpu"])
 
 
 def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
@@ -367,3 +373,17 @@ def test_a_neuron_map_of_other_features_is_refused_before_the_model_loads(tmp_pa
     (tmp_path / "neuron_map.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="neuron_map.json maps other features than"):
         run(["easyvqa", "steer", "--out", str(tmp_path)])
+
+
+def test_held_out_items_refuses_none_and_notes_the_missing(tmp_path: Path, capsys) -> None:
+    from types import SimpleNamespace
+
+    from benchmarks.stages.steer import held_out_items
+
+    items = [SimpleNamespace(id=name) for name in ("a", "b", "c")]
+    assert [i.id for i in held_out_items(items, ["c", "a"], tmp_path)] == ["a", "c"]
+    assert capsys.readouterr().out == ""
+    assert [i.id for i in held_out_items(items, ["b", "x", "y"], tmp_path)] == ["b"]
+    assert "2 of the 3 held-out ids" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="none of the 2 held-out ids"):
+        held_out_items(items, ["x", "y"], tmp_path)
