@@ -127,6 +127,9 @@ def parse_factors(text: str) -> list[float]:
         factors = []
     if not factors or not all(0 <= f < float("inf") for f in factors):  # nan fails too
         raise ValueError(f"--factors {text!r}: give non-negative numbers, e.g. 0,0.5,2,4")
+    repeated = sorted({f for f in factors if factors.count(f) > 1})
+    if repeated:  # one condition folder per factor: a repeat would be counted and plotted twice
+        raise ValueError(f"--factors {text!r}: {', '.join(f'{f:g}' for f in repeated)} given twice")
     return factors
 
 

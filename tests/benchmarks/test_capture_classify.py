@@ -417,6 +417,7 @@ def test_a_negative_limit_is_refused_not_read_as_a_slice_from_the_end(tmp_path, 
     [
         (["--factors", "0,x"], "easyvqa all: --factors '0,x': give non-negative numbers"),
         (["--factors", "0,-2"], "easyvqa all: --factors '0,-2': give non-negative numbers"),
+        (["--factors", "0,2,2"], "easyvqa all: --factors '0,2,2': 2 given twice"),
         (["--dtype", "float13"], "easyvqa all: unknown dtype 'float13'"),
         (["--batch-size", "0"], "easyvqa all: --batch-size 0: give a positive number"),
         (["--limit", "-5"], "easyvqa all: --limit -5: give a positive number"),

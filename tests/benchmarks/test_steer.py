@@ -252,7 +252,7 @@ def test_steer_end_to_end_on_a_tiny_run(
 
 def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
     for flag, value in (("--kinds", "feature"), ("--directions", "up"), ("--factors", "2,x"),
-                        ("--factors", "2,inf"), ("--factors", "nan")):  # fmt: skip
+                        ("--factors", "2,inf"), ("--factors", "nan"), ("--factors", "0,2,2.0")):  # fmt: skip
         with pytest.raises(SystemExit, match=f"{flag} '{value}'"):
             run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), flag, value])
     with pytest.raises(SystemExit, match="Unknown steering region 'response'"):
