@@ -65,6 +65,9 @@ DIRECTIONS = ("good", "bad")
 """Feature lists of features.json; a direction's random controls are drawn with seed + its place."""
 CONTROL_OF = {"features": "control", "neurons": "neurons_control"}
 """The random control each steered kind is compared with at the same factor."""
+FEW_IMAGES = 20
+"""Below this many held-out images the bootstrap intervals get a warning (percentile intervals
+from a handful of resampled groups are too narrow and jumpy)."""
 COLORS = {"features": "#2a9d8f", "control": "#8d99ae", "neurons": "#e9c46a",
           "neurons_control": "#a68a64", "clt_free": "#264653"}  # fmt: skip
 
@@ -562,6 +565,7 @@ def _report(
             "paired": True,
             "resampled": "images",
             "groups": len(set(groups)),
+            "warning": few_images_warning(len(set(groups))),
         },  # fmt: skip
         "baseline": {
             "good_rate": float(np.mean(base_scores)) if ids else 0.0,
@@ -614,18 +618,28 @@ def _report(
     return report
 
 
+def few_images_warning(groups: int) -> str | None:
+    """What the intervals are worth when they resample fewer than FEW_IMAGES images."""
+    if groups == 1:
+        return "one image: the intervals say nothing about other images"
+    if 1 < groups < FEW_IMAGES:
+        return (
+            f"only {groups} images: percentile intervals from fewer than {FEW_IMAGES} resampled "
+            "images are unreliable (too narrow); hold out more images (analyze "
+            "--held-out-fraction) or read the intervals as rough"
+        )
+    return None
+
+
 def format_table(report: dict) -> str:
     base = report["baseline"]
+    groups = report["bootstrap"].get("groups", base["n"])
     lines = [
         f"steer {report['benchmark']}: {report['held_out_samples']} held-out samples, metric "
         f"GOOD rate, baseline {base['good_rate']:.3f}; deltas with "
         f"{report['bootstrap']['confidence']:.0%} paired bootstrap intervals over "
-        f"{report['bootstrap'].get('groups', base['n'])} images"
-        + (
-            " (one image: the intervals say nothing about other images)"
-            if report["bootstrap"].get("groups") == 1
-            else ""
-        ),
+        f"{groups} images"
+        + (f"\nwarning: {warning}" if (warning := few_images_warning(groups)) else ""),
         f"{'condition':<26}{'factor':>7}{'rate':>8}{'delta':>9}  {'interval':<19}{'changed':>8}"
         f"  {'vs control':<26}",
     ]

@@ -14,6 +14,7 @@ from sparsify import SparseCoderConfig
 from benchmarks.__main__ import run
 from benchmarks.bootstrap import paired_bootstrap
 from benchmarks.stages.steer import (
+    few_images_warning,
     interventions_for,
     mapped_neurons,
     measured_points,
@@ -192,13 +193,16 @@ def test_steer_end_to_end_on_a_tiny_run(
     run(["easyvqa", "steer", "--out", str(out), "--factors", "0,3", "--bootstrap", "50",
          "--device", "cpu", "--batch-size", "4"])  # fmt: skip
     # a progress bar over every condition's held-out samples: 21 conditions x 4 samples
-    assert re.search(r"easyvqa steer: 100%.* 84/84 ", capsys.readouterr().err)
+    printed = capsys.readouterr()
+    assert re.search(r"easyvqa steer: 100%.* 84/84 ", printed.err)
     report = json.loads((out / "steering.json").read_text())
     assert report["baseline"]["n"] == 4 and report["held_out_samples"] == 4
     # intervals resample the held-out images (easy-VQA records name their image_id)
     images = {json.loads(line)["image_id"] for line in (out / "responses.jsonl").open()
               if json.loads(line)["id"] in ids[:4]}  # fmt: skip
     assert report["bootstrap"]["groups"] == len(images) and report["bootstrap"]["resampled"]
+    assert len(images) < 20 and report["bootstrap"]["warning"] == few_images_warning(len(images))
+    assert f"warning: {report['bootstrap']['warning']}\n" in printed.out
     names = {
         row["name"]
         for kind in ("features", "control", "neurons", "neurons_control", "clt_free")
@@ -306,9 +310,12 @@ def test_the_table_says_when_its_intervals_rest_on_one_image():
         "bootstrap": {"confidence": 0.95, "groups": 1},
         **{kind: [] for kind in KINDS},
     }
-    assert "over 1 images (one image: the intervals say nothing" in format_table(report)
+    assert "over 1 images\nwarning: one image: the intervals say nothing" in format_table(report)
     report["bootstrap"]["groups"] = 3
     assert "one image" not in format_table(report)
+    assert "warning: only 3 images: percentile intervals from fewer than 20" in format_table(report)
+    report["bootstrap"]["groups"] = 20
+    assert "warning" not in format_table(report)
 
 
 def test_the_control_is_matched_on_the_share_of_all_analysed_samples_it_fires_in(
