@@ -91,6 +91,18 @@ def capture_info(out: str | Path) -> dict[str, Any]:
     return read_json(path)
 
 
+def check_score_out(out: str | None, **response_flags: str | None) -> None:
+    """`score --out DIR` scores DIR's own official responses and writes DIR/metrics.json: a
+    response file given as well would be ignored, or its metrics filed under DIR's capture."""
+    given = [f"--{name.replace('_', '-')}" for name, value in response_flags.items() if value]
+    if out and given:
+        flags = " and ".join(given)
+        raise ValueError(
+            f"{flags} with --out: --out scores the responses of the capture in {out} and writes "
+            f"its metrics.json; leave out {flags}, or --out to score the file"
+        )
+
+
 def official_responses(out: str | Path) -> Path:
     """The official-format response file capture wrote into `out`."""
     for name in OFFICIAL_RESPONSES:

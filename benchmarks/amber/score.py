@@ -36,7 +36,13 @@ from benchmarks.amber.items import (
     vocabulary_of,
 )
 from benchmarks.amber.lexicon import Lexicon, load_lexicon
-from benchmarks.outputs import METRICS, capture_info, official_responses, write_json
+from benchmarks.outputs import (
+    METRICS,
+    capture_info,
+    check_score_out,
+    official_responses,
+    write_json,
+)
 from benchmarks.responses import load_records, require_fields, require_id, require_text
 
 # Official counter prefixes of each discriminative dimension ("qa" is overall).
@@ -293,6 +299,7 @@ def main(argv: list[str], benchmark: str = "amber") -> None:
     parser.add_argument("--similarity-score", type=float, default=0.8, help="spaCy threshold")
     args = parser.parse_args(argv)
     try:
+        check_score_out(args.out, responses=args.responses)
         if args.out:
             args.data_dir = args.data_dir or capture_info(args.out)["data"]["data_dir"]
             args.responses = official_responses(args.out)

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from benchmarks.easyvqa.items import YES_NO_SPLITS, Item, load_items
-from benchmarks.outputs import METRICS, official_responses, write_json
+from benchmarks.outputs import METRICS, check_score_out, official_responses, write_json
 from benchmarks.pope.score import confusion, parse_answer
 from benchmarks.responses import load_records, require_fields, require_text
 from vlm_sparsify.tiny.easyvqa_data import COLORS, SHAPES
@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None, benchmark: str = "easyvqa") -> None:
     args = parser.parse_args(argv)
     if not (args.responses or args.out):
         parser.error("pass --responses FILE or --out DIR")
+    try:
+        check_score_out(args.out, responses=args.responses)
+    except ValueError as err:
+        raise SystemExit(f"{benchmark} score: {err}") from err
     responses = read_responses(args.responses or official_responses(args.out))
     items = load_items()
     unknown = sorted(set(responses) - {item.id for item in items})

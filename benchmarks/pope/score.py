@@ -22,6 +22,7 @@ from benchmarks.outputs import (
     METRICS,
     RESPONSES,
     capture_info,
+    check_score_out,
     official_responses,
     read_append_log,
     write_json,
@@ -222,6 +223,7 @@ def main(argv: list[str], benchmark: str = "pope") -> None:
     parser.add_argument("--json", action="store_true", help="print JSON (fractions)")
     args = parser.parse_args(argv)
     try:
+        check_score_out(args.out, responses=args.responses, question_file=args.question_file)
         if args.out:
             result = _score_capture(args.out, args.questions_dir)
         elif args.questions_dir and args.responses:

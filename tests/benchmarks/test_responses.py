@@ -3,6 +3,7 @@ import json
 import pytest
 
 from benchmarks.__main__ import run
+from benchmarks.easyvqa.items import load_items
 from benchmarks.responses import load_records
 from tests.benchmarks import shared_data
 
@@ -46,3 +47,30 @@ def test_a_corrupt_capture_json_or_amber_file_is_named(tmp_path) -> None:
     responses.write_text('[{"id": 1, "response": "A dog."}]')
     with pytest.raises(SystemExit, match="relation.json is not valid JSON"):
         run(["amber", "score", "--data-dir", str(data), "--responses", str(responses)])
+
+
+@pytest.mark.parametrize(
+    "benchmark, extra",
+    [
+        ("easyvqa", []),
+        ("amber", []),
+        ("pope", []),
+        ("pope", ["--question-file", "llava_pope_test.jsonl"]),
+    ],
+)
+def test_score_out_refuses_a_responses_file_too(tmp_path, benchmark: str, extra: list) -> None:
+    """`score --responses F --out D` scored F into D/metrics.json (easy-VQA), or ignored F (AMBER,
+    POPE): D/metrics.json must stay D's capture's metrics."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"of": "this capture"}')
+    responses = tmp_path / "other.jsonl"
+    first = load_items()[0].id  # an easy-VQA item: its score would replace D's metrics
+    responses.write_text(json.dumps({"id": first, "response": "yes"}) + "\n")
+    flags = ["--responses", str(responses), *extra]
+    with pytest.raises(SystemExit, match=f"{flags[0]}.* with --out: --out scores the responses"):
+        run([benchmark, "score", *flags, "--out", str(out)])
+    assert json.loads((out / "metrics.json").read_text()) == {"of": "this capture"}
+    if extra:  # a question file alone is refused as well: it only reads a --responses file
+        with pytest.raises(SystemExit, match="--question-file with --out"):
+            run([benchmark, "score", *extra, "--out", str(out)])
