@@ -58,6 +58,13 @@ class Rules:
     official scorer accepts only the exact strings)."""
     word_matching: Literal["auto", "official", "offline"] = "auto"
     """AMBER generative word matching, as `amber score --mode`."""
+    questions_dir: str | None = None
+    """POPE: folder of the official label files to take the labels from, as `pope score --out
+    --questions-dir` does; needed when capture ran a question file without labels (LLaVA's
+    llava_pope_test.jsonl). Recorded in classification.json, so steer labels its samples alike."""
+
+    def __post_init__(self) -> None:
+        self.questions_dir = absolute_path(self.questions_dir)  # steer reads it from elsewhere
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from benchmarks.pope.items import (
     load_questions_dir,
     prompt,
 )
-from benchmarks.pope.score import parse_answer
+from benchmarks.pope.score import label_file_id, parse_answer
 from vlm_sparsify.recipe import Recipe
 
 OFFICIAL_FILE = "responses_official.jsonl"
@@ -85,14 +85,37 @@ def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
     write_jsonl(path, [{name: record[name] for name in fields} for record in records])
 
 
+def with_labels(records: Sequence[dict[str, Any]], questions_dir: str) -> list[dict[str, Any]]:
+    """The records with the labels of the label files in `questions_dir`: each record is paired
+    with the label files' question of its split and id modulo 10,000,000 (LLaVA's question file
+    numbers random from 10,000,001 and popular from 20,000,001), which must ask about its image."""
+    labelled = {(i.split, i.question_id): i for i in load_questions_dir(questions_dir)}
+    result = []
+    for record in records:
+        split, question_id = record["split"], int(record["question_id"])
+        item = labelled.get((split, label_file_id(question_id)))
+        if item is None or item.image != record["image"]:
+            raise ValueError(
+                f"{split} question {question_id} about {record['image']} has no question "
+                f"{label_file_id(question_id)} about that image in the label files of "
+                f"{questions_dir}: pass the label files its question file was made from"
+            )
+        result.append({**record, "label": item.label})
+    return result
+
+
 def classify(data: Data, records: Sequence[dict[str, Any]], rules: Rules) -> list[Verdict]:
-    """GOOD when the official parser's answer equals the label."""
+    """GOOD when the official parser's answer equals the label (of the label files in
+    `rules.questions_dir` when given, else the one capture recorded)."""
+    if rules.questions_dir:
+        records = with_labels(records, rules.questions_dir)
     verdicts = []
     for record in records:
         if record["label"] is None:
             raise ValueError(
-                f"question {record['question_id']} has no label; capture with label files "
-                "(--questions-dir) to classify"
+                f"question {record['question_id']} has no label: capture ran a question file "
+                "without labels (e.g. LLaVA's llava_pope_test.jsonl); pass the official label "
+                "files, classify --questions-dir DIR, as to `score --out`"
             )
         answer = parse_answer(record["response"])
         metrics = {

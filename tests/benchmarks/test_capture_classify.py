@@ -263,7 +263,9 @@ def test_capture_records_absolute_paths_for_the_later_stages(
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["random"]["n"] == 1
 
 
-def test_pope_llava_question_file_scores_against_the_label_files(tmp_path, tiny_llava_dir):
+def test_pope_llava_question_file_scores_against_the_label_files(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
     questions, images = tmp_path / "questions", tmp_path / "images"
     questions.mkdir()
     images.mkdir()
@@ -294,6 +296,29 @@ def test_pope_llava_question_file_scores_against_the_label_files(tmp_path, tiny_
     answers = [parse_answer(r["response"]) for r in official]
     right = sum(a == label for a, (_, label) in zip(answers, labels, strict=True))
     assert metrics["random"]["n"] == 3 and metrics["random"]["accuracy"] == right / 3
+    # classify takes the labels from the label files as score does
+    with pytest.raises(SystemExit, match="has no label: .* classify --questions-dir DIR"):
+        run(["pope", "classify", "--out", str(out)])
+    monkeypatch.chdir(tmp_path)
+    run(["pope", "classify", "--out", str(out), "--questions-dir", "questions"])
+    result = json.loads((out / "classification.json").read_text())
+    assert result["counts"]["GOOD"] == right and result["counts"]["total"] == 3
+    verdicts = {
+        v["question_id"]: (v["label"], v["correct"]) for v in result["GOOD"] + result["BAD"]
+    }
+    assert verdicts == {
+        10_000_000 + i: (label, answer == label)
+        for i, ((_, label), answer) in enumerate(zip(labels, answers, strict=True), start=1)
+    }
+    assert result["rules"]["questions_dir"] == str(questions)
+    # steer classifies its held-out samples with the recorded rules: labelled alike
+    from benchmarks.adapters import Rules
+    from benchmarks.pope import adapter
+
+    log = [json.loads(line) for line in (out / "responses.jsonl").open()]
+    rules = Rules(**result["rules"])
+    good = {v.id for v in adapter.classify(adapter.Data(questions="x"), log, rules) if v.good}
+    assert good == {v["id"] for v in result["GOOD"]}
     (questions / "coco_pope_random.json").write_text(
         "".join(json.dumps({**r, "image": "other.jpg"}) + "\n" for r in rows)
     )
@@ -301,6 +326,8 @@ def test_pope_llava_question_file_scores_against_the_label_files(tmp_path, tiny_
         SystemExit, match="question 1: COCO_1.jpg, but other.jpg .* not made from these label files"
     ):
         run(["pope", "score", "--out", str(out), "--questions-dir", str(questions)])
+    with pytest.raises(SystemExit, match="random question 10000001 about COCO_1.jpg has no"):
+        run(["pope", "classify", "--out", str(out), "--questions-dir", str(questions)])
 
 
 def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
