@@ -8,7 +8,8 @@ of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
   source (every target layer follows);
 - `control`: as many random features (never one selected for either direction), each from the
   same source layer as the one it stands for and matched on firing frequency (drawn, seeded, among the few latents that fired in the analysed
-  samples with the frequency closest to its own), scaled the same way;
+  samples with the frequency closest to its own; not on activation size or decoder norm), scaled
+  the same way;
 - `neurons`: the original model with the direction's mapped MLP neurons (`DIR/neuron_map.json`)
   scaled at the `down_proj` input;
 - `neurons_control`: as many random neurons per target MLP as `neurons` scales there, drawn
