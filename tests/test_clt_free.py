@@ -141,3 +141,17 @@ def test_feature_indices_and_values_are_checked():
     coders = make_coders("clt")
     with pytest.raises(ValueError, match=f"feature 64 of {hookpoint} is out of range"):
         FeatureSteerer.from_coders(coders, [SteeredFeature(hookpoint, 64, op="add")])
+
+
+def test_hookpoints_whose_buffer_names_collide_are_refused() -> None:
+    """Buffer names read a hookpoint's dots as underscores: `a.b_c` and `a_b.c` would share
+    theirs, and one source would steer with the other's weights."""
+    from sparsify import SparseCoderConfig
+
+    from vlm_sparsify.training import build_coders
+
+    cfg = SparseCoderConfig(num_latents=16, k=4, transcode=True)
+    coders = build_coders(["a.b_c", "a_b.c"], 8, cfg, cross_layer=2, device=torch.device("cpu"))
+    features = [SteeredFeature("a.b_c", 1, 2.0), SteeredFeature("a_b.c", 2, 2.0)]
+    with pytest.raises(ValueError, match="hookpoints a.b_c and a_b.c have the same buffer name"):
+        FeatureSteerer.from_coders(coders, features)

@@ -119,6 +119,14 @@ class FeatureSteerer(nn.Module):
         unknown = sorted({f.hookpoint for f in features} - set(order))
         if unknown:
             raise ValueError(f"no coder at hookpoints {unknown}; coders: {order}")
+        keys: dict[str, str] = {}
+        for hookpoint in order:  # one's weights would silently replace the other's
+            other = keys.setdefault(_key(hookpoint), hookpoint)
+            if other != hookpoint:
+                raise ValueError(
+                    f"hookpoints {other} and {hookpoint} have the same buffer name "
+                    f"{_key(hookpoint)} (dots read as underscores): FeatureSteerer cannot hold both"
+                )
         tensors: dict[str, Tensor] = {}
         targets: dict[str, list[str]] = {}
         ordered: list[SteeredFeature] = []
