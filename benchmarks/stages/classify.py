@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from benchmarks import outputs
@@ -52,6 +52,8 @@ def main(argv: list[str], benchmark: str) -> None:
     adapter = get_adapter(benchmark)
     try:
         check_rules(rules)
+        if rules.questions_dir and "questions_dir" not in {f.name for f in fields(adapter.Data)}:
+            raise ValueError(f"--questions-dir is POPE's (its label files); {benchmark} has none")
         data = adapter.Data(**outputs.capture_info(out)["data"])
         records = outputs.read_append_log(out / outputs.RESPONSES)
         if not records:

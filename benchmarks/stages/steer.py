@@ -355,7 +355,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "condition": condition,
             "responses": {r["id"]: r["response"] for r in records},
             "good": {v.id: float(v.good) for v in verdicts},
-            "official": _official_metrics(benchmark, folder, out),
+            "official": _official_metrics(benchmark, folder, out, rules),
             "n_features": len(by_direction.get(condition.direction, [])),
         }
     progress.close()
@@ -480,12 +480,15 @@ def _generate(
     return records
 
 
-def _official_metrics(benchmark: str, folder: Path, out: Path) -> dict | None:
-    """The benchmark's own `score --out` on the condition's folder (None if it cannot score)."""
+def _official_metrics(benchmark: str, folder: Path, out: Path, rules: Rules) -> dict | None:
+    """The benchmark's own `score --out` on the condition's folder, with the label files classify
+    took the labels from (POPE `--questions-dir`); `{"error"}` if it cannot score."""
     shutil.copy(out / outputs.CAPTURE, folder / outputs.CAPTURE)
+    labels = ["--questions-dir", rules.questions_dir] if rules.questions_dir else []
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            stage_module(benchmark, "score").main(["--out", str(folder)], benchmark=benchmark)
+            score = stage_module(benchmark, "score")
+            score.main(["--out", str(folder), *labels], benchmark=benchmark)
     except (SystemExit, ValueError, FileNotFoundError) as err:
         return {"error": str(err)}
     return read_json(folder / outputs.METRICS)

@@ -342,6 +342,8 @@ def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     written = (out / "classification.json").stat().st_mtime_ns
     run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
     assert (out / "classification.json").stat().st_mtime_ns == written  # analyze stays current
+    with pytest.raises(SystemExit, match="--questions-dir is POPE's .* easyvqa has none"):
+        run(["easyvqa", "classify", "--out", str(out), "--questions-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="no feature store .* capture with --coders"):
         run(["easyvqa", "attribute", "--out", str(out)])  # captured without coders
 

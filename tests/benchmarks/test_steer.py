@@ -394,3 +394,33 @@ def test_held_out_items_refuses_none_and_notes_the_missing(tmp_path: Path, capsy
     assert "2 of the 3 held-out ids" in capsys.readouterr().out
     with pytest.raises(ValueError, match="none of the 2 held-out ids"):
         held_out_items(items, ["x", "y"], tmp_path)
+
+
+def test_steer_scores_a_llava_question_file_capture_with_classify_s_label_files(tmp_path: Path):
+    """A POPE capture of LLaVA's question file has no labels: each condition's official metrics
+    need the label files classify took the labels from (recorded in its rules)."""
+    from benchmarks.adapters import Rules
+    from benchmarks.stages.steer import _official_metrics
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    rows = [{"question_id": i, "image": f"COCO_{i}.jpg", "text": "Is there a dog?", "label": label}
+            for i, label in ((1, "yes"), (2, "no"))]  # fmt: skip
+    (labels / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    llava = [{**r, "question_id": 10_000_000 + r["question_id"], "category": "random"}
+             for r in rows]  # fmt: skip
+    for row in llava:
+        del row["label"]
+    (tmp_path / "llava_pope_test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in llava))
+    out, folder = tmp_path / "out", tmp_path / "out" / "steer" / "baseline"
+    folder.mkdir(parents=True)
+    data = {"questions_dir": None, "questions": str(tmp_path / "llava_pope_test.jsonl"),
+            "images": ".", "splits": "random"}  # fmt: skip
+    (out / "capture.json").write_text(json.dumps({"settings": {}, "data": data}))
+    official = [{"question_id": r["question_id"], "split": "random", "image": r["image"],
+                 "response": "Yes"} for r in llava]  # fmt: skip
+    for name in ("responses_official.jsonl", "responses.jsonl"):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in official))
+    metrics = _official_metrics("pope", folder, out, Rules(questions_dir=str(labels)))
+    assert metrics["random"]["n"] == 2 and metrics["random"]["accuracy"] == 0.5
+    assert "no label" in _official_metrics("pope", folder, out, Rules())["error"]
