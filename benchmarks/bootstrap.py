@@ -14,6 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+FEW_GROUPS = 20
+"""Below this many resampled groups (held-out images) percentile intervals are unreliable: too
+narrow, and they move with the seed; steer and analyze warn."""
+
 
 @dataclass(frozen=True)
 class Delta:

@@ -21,6 +21,7 @@ import numpy as np
 from safetensors import safe_open
 
 from benchmarks import outputs
+from benchmarks.bootstrap import FEW_GROUPS
 from benchmarks.influence import (
     BAD,
     GOOD,
@@ -191,6 +192,12 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
             f"analyze: warning: the held-out split holds {len(split.held_out)} samples of "
             f"{len(held_images)} image(s): steer would have {'nothing' if not held_images else 'one image'} "
             "to judge its features on; capture more items or raise --held-out-fraction"
+        )
+    elif config.held_out_fraction > 0 and len(held_images) < FEW_GROUPS:
+        print(
+            f"analyze: warning: the held-out split holds {len(split.held_out)} samples of "
+            f"{len(held_images)} images: steer's bootstrap intervals from fewer than {FEW_GROUPS} "
+            "images are unreliable; capture more items or raise --held-out-fraction"
         )
     train_group = {sample_id: groups[sample_id] for sample_id in split.train}
     n_bad = sum(group == BAD for group in train_group.values())

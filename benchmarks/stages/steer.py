@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter
-from benchmarks.bootstrap import paired_bootstrap
+from benchmarks.bootstrap import FEW_GROUPS, paired_bootstrap
 from benchmarks.generation import generate_batch
 from benchmarks.neuron_map import random_neurons, scale_neurons
 from benchmarks.runs import Run, load_run, read_features
@@ -66,9 +66,6 @@ DIRECTIONS = ("good", "bad")
 """Feature lists of features.json; a direction's random controls are drawn with seed + its place."""
 CONTROL_OF = {"features": "control", "neurons": "neurons_control"}
 """The random control each steered kind is compared with at the same factor."""
-FEW_IMAGES = 20
-"""Below this many held-out images the bootstrap intervals get a warning (percentile intervals
-from a handful of resampled groups are too narrow and jumpy)."""
 COLORS = {"features": "#2a9d8f", "control": "#8d99ae", "neurons": "#e9c46a",
           "neurons_control": "#a68a64", "clt_free": "#264653"}  # fmt: skip
 
@@ -623,12 +620,12 @@ def _report(
 
 
 def few_images_warning(groups: int) -> str | None:
-    """What the intervals are worth when they resample fewer than FEW_IMAGES images."""
+    """What the intervals are worth when they resample fewer than FEW_GROUPS images."""
     if groups == 1:
         return "one image: the intervals say nothing about other images"
-    if 1 < groups < FEW_IMAGES:
+    if 1 < groups < FEW_GROUPS:
         return (
-            f"only {groups} images: percentile intervals from fewer than {FEW_IMAGES} resampled "
+            f"only {groups} images: percentile intervals from fewer than {FEW_GROUPS} resampled "
             "images are unreliable (too narrow); hold out more images (analyze "
             "--held-out-fraction) or read the intervals as rough"
         )

@@ -460,7 +460,7 @@ def test_analyze_splits_by_the_images_of_responses_jsonl(tmp_path, capsys):
     store.append(samples)
     (tmp_path / "classification.json").write_text(json.dumps(labels))
     (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    analyze.main(["--out", str(tmp_path), "--held-out-fraction", "0.3"], benchmark="t")
+    analyze.main(["--out", str(tmp_path), "--held-out-fraction", "0.5"], benchmark="t")
     split = json.loads((tmp_path / "features.json").read_text())["split"]
     held_out = set(split["held_out_ids"])
     image = {r["id"]: r["image"] for r in records}
@@ -468,7 +468,15 @@ def test_analyze_splits_by_the_images_of_responses_jsonl(tmp_path, capsys):
     assert 0 < len(held_out) < 300
     assert {image[i] for i in held_out}.isdisjoint(image[i] for i in image if i not in held_out)
     assert split["n_held_out_groups"] == len({image[i] for i in held_out})
+    assert split["n_held_out_groups"] >= 20
     assert "warning: the held-out split" not in capsys.readouterr().out
+    # fewer than 20 held-out images: steer's intervals would be unreliable, said before it runs
+    analyze.main(["--out", str(tmp_path), "--held-out-fraction", "0.2"], benchmark="t")
+    held = json.loads((tmp_path / "features.json").read_text())["split"]["n_held_out_groups"]
+    assert 2 <= held < 20
+    assert f"samples of {held} images: steer's bootstrap intervals from fewer than 20" in (
+        capsys.readouterr().out
+    )
     # a held-out share too small for this many images: nothing for steer to judge, said so
     analyze.main(["--out", str(tmp_path), "--held-out-fraction", "0.001"], benchmark="t")
     printed = capsys.readouterr().out
