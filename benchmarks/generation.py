@@ -52,9 +52,11 @@ def generate_batch(
     """
     if (capture or interventions) and replacement is None:
         raise ValueError("capture and interventions need a ReplacementModel (pass --coders)")
+    # one image per prompt, nested: Gemma 3's processor reads a flat list as every image for
+    # every prompt (and refuses it); the others give the same batch either way
     inputs = processor(
-        images=list(images), text=list(prompts), return_tensors="pt", padding=True,
-        padding_side="left",
+        images=[[image] for image in images], text=list(prompts), return_tensors="pt",
+        padding=True, padding_side="left",
     ).to(model.device)  # fmt: skip
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tokenizer = processor.tokenizer
