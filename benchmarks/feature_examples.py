@@ -2,10 +2,10 @@
 activation, the image tokens laid out on the image's patch grid, and the samples' tokens.
 
 `top_examples` reads the store once (shard by shard) and keeps, per feature, the `top` samples
-with the highest activation over a token region; `patch_grid` puts a sample's image-token
-activations on the image's g x g patch grid when its image tokens form one square block (LLaVA-1.5:
-576 = 24 x 24; the tiny model: 64 = 8 x 8); `sample_tokens` rebuilds the token ids behind a
-sample's store rows (prompt through the processor, then the generated tokens but the last).
+with the highest activation over a token region; `sample_tokens` rebuilds the token ids behind a
+sample's store rows (prompt through the processor, then the generated tokens but the last) and the
+layout of its image tokens as the processor reports it; `patch_grid` puts the image-token
+activations on that rows x columns grid (LLaVA-1.5: 576 = 24 x 24; the tiny model: 8 x 8).
 """
 
 from __future__ import annotations
@@ -143,43 +143,53 @@ def _offer(
 
 
 def patch_grid(
-    activations: np.ndarray, regions: Regions, shape: tuple[int, int] | None = None
+    activations: np.ndarray, regions: Regions, shape: tuple[int, int] | None
 ) -> np.ndarray | None:
-    """The image tokens' activations on the image's token grid (row-major, as the towers emit
-    them): `shape` (rows, columns) when the processor reported one (`sample_tokens`), else a
-    g x g square. None when the sample has no single block of image tokens of that size
-    (several images, tiles, break tokens)."""
+    """The image tokens' activations on the image's token grid `shape` (rows, columns; row-major,
+    as the towers emit them; from `sample_tokens`). None without a shape, or when the sample has
+    no single block of image tokens of that size."""
     spans = regions.get("image", [])
-    if len(spans) != 1:
+    if shape is None or len(spans) != 1:
         return None
     start, stop = spans[0]
-    count = stop - start
-    if shape is None:
-        side = math.isqrt(count)
-        shape = (side, side)
-    if count == 0 or shape[0] * shape[1] != count:
+    if stop - start == 0 or shape[0] * shape[1] != stop - start:
         return None
     return activations[start:stop].reshape(shape)
 
 
 def sample_tokens(
-    processor: Any, record: dict, image: Any, rows: int
+    processor: Any, record: dict, image: Any, rows: int, image_tokens: int
 ) -> tuple[list[int] | None, tuple[int, int] | None]:
     """The token ids of a sample's `rows` store rows: its prompt through the processor (image
     tokens expanded, as capture fed it), then its generated tokens but the last (never fed to the
     model); None when they do not add up to `rows` (e.g. a processor that changed since). And the
-    image's token grid (rows, columns) when the processor reports one: `image_grid_thw` (Qwen2-VL
-    family: patches per side, merged `merge_size` x `merge_size` into one token), else None."""
+    grid (rows, columns) of its `image_tokens` image tokens (`grid_shape`), None when unknown."""
     inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
     prompt = inputs["input_ids"][0].tolist()
-    response = list(record.get("response_token_ids", []))[:-1]
-    tokens = prompt + response
-    shape = None
+    tokens = prompt + list(record.get("response_token_ids", []))[:-1]
+    if len(tokens) != rows:
+        return None, None
+    return tokens, grid_shape(processor, inputs, image_tokens)
+
+
+def grid_shape(processor: Any, inputs: Any, image_tokens: int) -> tuple[int, int] | None:
+    """How one image's `image_tokens` tokens lie on its patch grid, from the processor's output:
+    `image_grid_thw` over `merge_size` (Qwen2-VL family), or a square when the pixels are one
+    [1, 3, H, W] image and the count is a square (LLaVA-1.5, Gemma 3, PaliGemma, one InternVL
+    tile). None for anything else: tiles and crops (LLaVA-NeXT / OneVision, Idefics3, InternVL),
+    whose token count may be a square by chance."""
     thw = inputs.get("image_grid_thw")
-    if thw is not None and len(thw) == 1 and int(thw[0][0]) == 1:
+    if thw is not None:
+        if len(thw) != 1 or int(thw[0][0]) != 1:
+            return None
         merge = int(getattr(processor.image_processor, "merge_size", 1) or 1)
-        shape = (int(thw[0][1]) // merge, int(thw[0][2]) // merge)
-    return (tokens if len(tokens) == rows else None), shape
+        return int(thw[0][1]) // merge, int(thw[0][2]) // merge
+    pixels = inputs.get("pixel_values")
+    side = math.isqrt(image_tokens)
+    one_image = pixels is not None and pixels.ndim == 4 and pixels.shape[:2] == (1, 3)
+    if one_image and "image_sizes" not in inputs and side * side == image_tokens > 0:
+        return side, side
+    return None
 
 
 _SPACE_MARKS = ("\u2581", "\u0120")  # SentencePiece's and byte-level BPE's leading-space marks

@@ -198,15 +198,17 @@ def _card(
     view = views.get(sample)
     tokens, shape = None, None
     rows = len(example.activations)
+    spans = example.regions.get("image", [])
     if record is not None and image is not None:
-        ids, shape = sample_tokens(processor, record, image, rows)
+        image_tokens = spans[0][1] - spans[0][0] if len(spans) == 1 else 0
+        ids, shape = sample_tokens(processor, record, image, rows, image_tokens)
         if ids is None:
             notes.append("tokens could not be rebuilt (processor changed since capture?)")
         else:
             tokens = token_strings(processor.tokenizer, ids)
     grid = patch_grid(example.activations, example.regions, shape)
-    if view is not None and grid is None and example.regions.get("image"):
-        notes.append("image tokens form no single grid: patches not drawn")
+    if tokens is not None and grid is None and spans:
+        notes.append("image tokens form no single patch grid (tiles, crops): patches not drawn")
     picture = card_picture(view, example, scale, shape)
     return Card(example, labels.get(sample), picture, tokens, "; ".join(notes), shape)
 

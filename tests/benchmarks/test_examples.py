@@ -74,17 +74,35 @@ def test_top_examples_rank_by_peak_keep_store_order_on_ties_and_skip_silent_samp
         top_examples(store, refs, top=0)
 
 
-def test_patch_grid_only_for_one_square_block_of_image_tokens():
+def test_patch_grid_only_for_one_block_of_the_given_shape():
     acts = np.arange(20, dtype=np.float32)
-    grid = patch_grid(acts, {"image": [(3, 12)], "prompt": [(0, 3), (12, 20)]})
+    grid = patch_grid(acts, {"image": [(3, 12)], "prompt": [(0, 3), (12, 20)]}, (3, 3))
     np.testing.assert_array_equal(grid, np.arange(3, 12).reshape(3, 3))
-    assert patch_grid(acts, {"image": [(3, 11)]}) is None  # 8 tokens: not square
-    assert patch_grid(acts, {"image": [(0, 4), (8, 12)]}) is None  # two images
-    assert patch_grid(acts, {"prompt": [(0, 20)]}) is None
-    # a grid shape from the processor (Qwen2-VL): rows x columns
-    wide = patch_grid(acts, {"image": [(2, 8)]}, shape=(2, 3))
+    assert patch_grid(acts, {"image": [(3, 12)]}, None) is None  # no layout known
+    assert patch_grid(acts, {"image": [(3, 11)]}, (3, 3)) is None  # 8 tokens
+    assert patch_grid(acts, {"image": [(0, 4), (8, 12)]}, (2, 2)) is None  # two blocks
+    assert patch_grid(acts, {"prompt": [(0, 20)]}, (2, 2)) is None
+    wide = patch_grid(acts, {"image": [(2, 8)]}, (2, 3))
     np.testing.assert_array_equal(wide, [[2, 3, 4], [5, 6, 7]])
-    assert patch_grid(acts, {"image": [(2, 8)]}, shape=(2, 2)) is None
+
+
+def test_tiled_images_get_no_grid_even_when_their_token_count_is_a_square(tmp_path):
+    from vlm_sparsify.random_models import build_tiny
+    from vlm_sparsify.recipe import find_recipe
+
+    for name, size, expected in [("llava_next", (16, 32), None), ("llava", (40, 64), (2, 2))]:
+        recipe = find_recipe(name)
+        model, processor = build_tiny(recipe)
+        image = Image.new("RGB", size, (200, 30, 30))
+        record = {
+            "prompt": recipe.format_prompt("what shape?", processor),
+            "response_token_ids": [5],
+        }
+        ids = processor(images=[image], text=[record["prompt"]])["input_ids"][0]
+        count = sum(1 for t in ids if t == model.config.image_token_id)
+        assert count == 16 if name == "llava_next" else count == 4  # squares both
+        tokens, shape = sample_tokens(processor, record, image, len(ids), count)
+        assert tokens == list(ids) and shape == expected, name
 
 
 def test_qwen2_vl_token_grid_comes_from_the_processor(tmp_path):
@@ -102,11 +120,11 @@ def test_qwen2_vl_token_grid_comes_from_the_processor(tmp_path):
     }
     prompt_ids = processor(images=[image], text=[record["prompt"]])["input_ids"][0]
     rows = len(prompt_ids) + 1
-    ids, shape = sample_tokens(processor, record, image, rows)
+    ids, shape = sample_tokens(processor, record, image, rows, 6)
     assert shape == (2, 3)  # merged 2 x 2: 2 rows of 3 tokens
     image_rows = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
     assert len(image_rows) == 6 and image_rows == list(range(image_rows[0], image_rows[0] + 6))
-    assert sample_tokens(processor, record, image, rows + 1)[0] is None
+    assert sample_tokens(processor, record, image, rows + 1, 6) == (None, None)
     acts = np.zeros(rows, np.float32)
     acts[image_rows[0] + 5] = 2.0  # the bottom-right token
     span = (image_rows[0], image_rows[0] + 6)
@@ -181,9 +199,9 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
         assert np.asarray(shown_sample["image_grid"]).shape == (side, side)
         rows = stored.indices.shape[0]
         image = load_rgb(images[stored.id])
-        ids, shape = sample_tokens(processor, records[shown_sample["id"]], image, rows)
+        ids, shape = sample_tokens(processor, records[shown_sample["id"]], image, rows, b - a)
         assert ids is not None and shown_sample["peak_row"] < rows
-        assert shape is None  # LLaVA-1.5 reports no grid: the square rule applies
+        assert shape == (side, side)  # LLaVA-1.5: one [1, 3, H, W] image, a square
         assert [i for i, t in enumerate(ids) if t == image_token] == list(range(a, b))
     page = (out / "examples" / "index.html").read_text()
     assert all(s["id"] in page for s in shown) and page.count('<div class="card ') == len(shown)
