@@ -192,23 +192,33 @@ def grid_shape(processor: Any, inputs: Any, image_tokens: int) -> tuple[int, int
     return None
 
 
-_SPACE_MARKS = ("\u2581", "\u0120")  # SentencePiece's and byte-level BPE's leading-space marks
+CONTEXT = 8
+"""Tokens decoded before each token, so that it reads as in running text (its leading space, a
+character whose bytes span several tokens)."""
 
 
-def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
-    """How each token reads in running text: its vocabulary piece with the leading-space mark
-    (SentencePiece, byte-level BPE) as a space and newline pieces as "\\n"; a tokenizer with
-    neither (word-level: decode joins tokens with spaces) gets a space before every token but the
-    first."""
-    pieces = [str(p) for p in tokenizer.convert_ids_to_tokens(list(ids))]
-    marked = any(p.startswith(_SPACE_MARKS) for p in pieces)
+def token_strings(tokenizer: Any, ids: Sequence[int], skip: Iterable[int] = ()) -> list[str]:
+    """How each token reads in running text: what it adds to the decoded text of the tokens before
+    it (at least `CONTEXT` of them; the tokenizer's own decoder, so SentencePiece's and byte-level
+    BPE's space marks, byte fallback and multi-byte characters come out as text). A token holding
+    part of a character reads as "", the token completing it as the whole character. Rows in
+    `skip` (image tokens, drawn as one chip) get their vocabulary piece, undecoded."""
+    ids = [int(i) for i in ids]
+    skipped = set(skip)
     strings = []
-    for i, piece in enumerate(pieces):
-        if marked:
-            for mark in _SPACE_MARKS:
-                piece = piece.replace(mark, " ")
-            piece = piece.replace("\u010a", "\n").replace("<0x0A>", "\n")
-        elif i:
-            piece = " " + piece
-        strings.append(piece)
+    start, done, pending = 0, 0, False  # decoded text of ids[start:row]: `done` chars shown
+    for row, piece in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+        if row in skipped:
+            strings.append(str(piece))
+            continue
+        if not pending and row - start > CONTEXT:
+            start = row - CONTEXT
+            done = len(tokenizer.decode(ids[start:row]))
+        text = tokenizer.decode(ids[start : row + 1])
+        pending = text.endswith("\ufffd") and row < len(ids) - 1
+        if pending:  # an incomplete character: the token completing it shows it
+            strings.append("")
+            continue
+        strings.append(text[done:])
+        done = len(text)
     return strings

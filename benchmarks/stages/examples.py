@@ -205,7 +205,8 @@ def _card(
         if ids is None:
             notes.append("tokens could not be rebuilt (processor changed since capture?)")
         else:
-            tokens = token_strings(processor.tokenizer, ids)
+            image_rows = [r for a, b in spans for r in range(a, b)]
+            tokens = token_strings(processor.tokenizer, ids, skip=image_rows)
     grid = patch_grid(example.activations, example.regions, shape)
     if tokens is not None and grid is None and spans:
         notes.append("image tokens form no single patch grid (tiles, crops): patches not drawn")

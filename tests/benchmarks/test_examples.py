@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -148,16 +147,60 @@ def test_feature_references_name_decoder_layers():
         parse_feature_refs("L8F1", layers, 10)
 
 
-def test_token_strings_read_as_running_text():
-    def tokenizer(pieces):
-        return SimpleNamespace(convert_ids_to_tokens=lambda ids: [pieces[i] for i in ids])
+def trained_tokenizer(kind: str):
+    """A small real tokenizer of `kind`: byte-level BPE (GPT-2, Qwen2, SmolVLM) or SentencePiece
+    style BPE with byte fallback (Llama, LLaVA-1.5)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
 
-    sentencepiece = tokenizer(["<s>", "\u2581The", "\u2581cat", "s", "<0x0A>"])
-    assert token_strings(sentencepiece, [0, 1, 2, 3, 4]) == ["<s>", " The", " cat", "s", "\n"]
-    byte_level = tokenizer(["\u0120red", "dish", "\u010a"])
-    assert token_strings(byte_level, [0, 1, 2]) == [" red", "dish", "\n"]
-    word_level = tokenizer(["what", "is", "red"])
-    assert token_strings(word_level, [0, 1, 2]) == ["what", " is", " red"]
+    corpus = ["Is the café red?\nA circle\tcosts $5, naïve 🙂 yes.", "There is a blue shape."] * 20
+    if kind == "byte_level":
+        backend = Tokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=alphabet,
+                                      special_tokens=["<image>"])  # fmt: skip
+    else:
+        backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+        )
+        backend.decoder = decoders.Sequence([
+            decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ])  # fmt: skip
+        special = ["<unk>", "<s>", "<image>", *(f"<0x{i:02X}>" for i in range(256))]
+        trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=special, limit_alphabet=30)
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+@pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
+def test_token_strings_read_as_the_decoded_text(kind):
+    tokenizer = trained_tokenizer(kind)
+    text = "<image>\nIs the café red?\tnaïve 🙂 no\nGrüße"  # ü, ß, 🙂: bytes / fallback
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    strings = token_strings(tokenizer, ids)
+    assert len(strings) == len(ids) and "".join(strings) == tokenizer.decode(ids)
+    assert "".join(strings).endswith("red?\tnaïve 🙂 no\nGrüße")
+    assert not any("\ufffd" in s or "\u0120" in s or "\u2581" in s or "<0x" in s for s in strings)
+    # the token that completes the emoji holds it; no token holds a byte of it alone
+    assert sum("🙂" in s for s in strings) == 1
+    # image rows keep their vocabulary piece (drawn as one chip, never decoded)
+    image = tokenizer.convert_tokens_to_ids("<image>")
+    assert token_strings(tokenizer, [image, image], skip=[0, 1]) == ["<image>", "<image>"]
+    # after a block of image tokens the text reads on as decoded (its context: the image)
+    after = [image] * 20 + ids[1:]
+    strings = token_strings(tokenizer, after, skip=range(20))
+    assert strings[:20] == ["<image>"] * 20
+    assert "".join(strings) == tokenizer.decode(after)
+
+
+def test_token_strings_of_a_word_level_tokenizer_join_with_spaces(tiny_llava):
+    tokenizer = tiny_llava[1].tokenizer
+    ids = tokenizer("what is red ?", add_special_tokens=False)["input_ids"]
+    assert token_strings(tokenizer, ids) == ["what", " is", " red", " ?"]
 
 
 def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):  # noqa: F811
