@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from benchmarks.store import FeatureStore, SampleRecord
 from vlm_sparsify.capture import Regions
@@ -95,7 +96,9 @@ def top_examples(
         FeatureRef(s, int(f)): [] for s, latents in by_source.items() for f in latents
     }
     order = 0
-    for shard in store.shards(ids):
+    wanted = None if ids is None else set(ids)
+    shards = len({r.shard for r in store.records() if wanted is None or r.id in wanted})
+    for shard in tqdm(store.shards(wanted), total=shards, desc="reading the feature store"):
         for record in shard.records:
             rows = slice(record.start, record.stop)
             indices, values = shard.indices(rows), shard.values(rows)

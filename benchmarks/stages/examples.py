@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from tqdm import tqdm
 
@@ -98,7 +98,7 @@ def examples(out: Path, benchmark: str, config: ExamplesConfig) -> Path:
     records = {str(r["id"]): r for r in outputs.read_append_log(out / outputs.RESPONSES)}
     labels = _labels(out)
     images, processor = _images_and_processor(out, benchmark)
-    views: dict[str, Any] = {}
+    views: dict[str, _SampleView] = {}
     sections = []
     for ref in tqdm(refs, desc=f"{benchmark} examples"):
         title = f"L{layers[ref.source]}/F{ref.latent}"
@@ -173,45 +173,67 @@ def _images_and_processor(out: Path, benchmark: str) -> tuple[dict[str, Path], A
     return {item.id: Path(item.image) for item in items}, processor
 
 
+class _SampleView(NamedTuple):
+    """What every card of a sample shares (a sample often tops several features)."""
+
+    view: Any
+    """The image as the model saw it (None: missing)."""
+    tokens: list[str] | None
+    shape: tuple[int, int] | None
+    """Its image tokens' grid (rows, columns), when known."""
+    notes: list[str]
+
+
 def _card(
     example: Example,
     labels: dict[str, str],
     records: dict[str, dict],
     images: dict[str, Path],
     processor: Any,
-    views: dict[str, Any],
+    views: dict[str, _SampleView],
     scale: float,
 ) -> Card:
     sample = example.sample_id
-    record, image_path = records.get(sample), images.get(sample)
+    if sample not in views:
+        views[sample] = _sample_view(example, records.get(sample), images.get(sample), processor)
+    view, tokens, shape, notes = views[sample]
+    picture = card_picture(view, example, scale, shape)
+    return Card(example, labels.get(sample), picture, tokens, "; ".join(notes), shape)
+
+
+def _sample_view(
+    example: Example, record: dict | None, image_path: Path | None, processor: Any
+) -> _SampleView:
     notes = []
-    image = None
+    image = view = None
     if image_path is None or not image_path.is_file():
         notes.append(f"image missing: {image_path}" if image_path else "not an item of this run")
     else:
         try:
             image = load_rgb(image_path)
+            view = model_view(processor.image_processor, image) or image
         except (OSError, ValueError) as err:
             notes.append(f"image unreadable: {err}")
-    if image is not None and sample not in views:
-        views[sample] = model_view(processor.image_processor, image) or image
-    view = views.get(sample)
     tokens, shape = None, None
-    rows = len(example.activations)
     spans = example.regions.get("image", [])
-    if record is not None and image is not None:
+    if record is None:
+        notes.append(f"no line in {outputs.RESPONSES}: tokens not shown")
+    elif image is not None:
         image_tokens = spans[0][1] - spans[0][0] if len(spans) == 1 else 0
+        rows = len(example.activations)
         ids, shape = sample_tokens(processor, record, image, rows, image_tokens)
         if ids is None:
             notes.append("tokens could not be rebuilt (processor changed since capture?)")
         else:
             image_rows = [r for a, b in spans for r in range(a, b)]
             tokens = token_strings(processor.tokenizer, ids, skip=image_rows)
-    grid = patch_grid(example.activations, example.regions, shape)
-    if tokens is not None and grid is None and spans:
+    if (
+        tokens is not None
+        and spans
+        and patch_grid(example.activations, example.regions, shape) is None
+    ):
         notes.append("image tokens form no single patch grid (tiles, crops): patches not drawn")
-    picture = card_picture(view, example, scale, shape)
-    return Card(example, labels.get(sample), picture, tokens, "; ".join(notes), shape)
+    return _SampleView(view, tokens, shape, notes)
 
 
 def _subtitle(hookpoint: str, feature: dict | None, config: ExamplesConfig) -> str:

@@ -248,7 +248,7 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
         assert [i for i, t in enumerate(ids) if t == image_token] == list(range(a, b))
     page = (out / "examples" / "index.html").read_text()
     assert all(s["id"] in page for s in shown) and page.count('<div class="card ') == len(shown)
-    assert f"L1/F{latent}" in page and "data:image/png;base64," in page
+    assert f"L1/F{latent}" in page and "data:image/jpeg;base64," in page
     with Image.open(out / "plots" / "feature_examples.png") as png:
         assert png.size[0] > 100 and png.size[1] > 100
     with pytest.raises(SystemExit, match="no coder at layer 7"):
@@ -270,3 +270,31 @@ def test_a_missing_image_is_noted_on_its_card_and_the_page_still_renders(tmp_pat
     write_page(tmp_path / "page.html", "t", "i", [FeatureSection("L0/F1", "h", [card], 2.0)])
     page = (tmp_path / "page.html").read_text()
     assert "image missing" in page and "row 1" in page and "<img" not in page
+
+
+def test_a_page_of_photos_at_llava_scale_stays_small(tmp_path):
+    """576 image tokens per sample, photos: the page holds each card's image as a JPEG."""
+    from matplotlib import cbook
+
+    from benchmarks.example_pages import Card, FeatureSection, card_picture, colours, write_page
+    from benchmarks.feature_examples import Example
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as photo:
+        photo = photo.convert("RGB").resize((336, 336))
+    rng = np.random.default_rng(0)
+    cards = []
+    for n in range(6):
+        acts = np.where(rng.random(616) < 0.2, rng.random(616) * 4, 0).astype(np.float32)
+        regions = {"prompt": [(0, 5), (581, 600)], "image": [(5, 581)], "response": [(600, 616)]}
+        example = Example(f"s{n}", float(acts.max()), int(acts.argmax()), acts, regions)
+        picture = card_picture(photo, example, 4.0, (24, 24))
+        cards.append(Card(example, "GOOD", picture, [f" w{r}" for r in range(616)]))
+    write_page(tmp_path / "page.html", "t", "i", [FeatureSection("L0/F1", "h", cards, 4.0)])
+    size = (tmp_path / "page.html").stat().st_size
+    assert size < 6 * 45_000, size  # as PNG: ~6 x 110 KB
+    # the colour table is the colour map
+    from matplotlib import colormaps
+
+    for value in (0.0, 0.5, 1.0):
+        expected = np.round(np.asarray(colormaps["inferno"](value))[:3] * 255)
+        np.testing.assert_allclose(colours(np.array(value)), expected, atol=1)
