@@ -45,7 +45,7 @@ from benchmarks.feature_examples import (
 )
 from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import layer_numbers
-from benchmarks.store import FeatureStore
+from benchmarks.store import FeatureStore, StoreMeta
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import processor_class, resolve_model
@@ -86,7 +86,7 @@ def examples(out: Path, benchmark: str, config: ExamplesConfig) -> Path:
         )
     store = FeatureStore(out / outputs.STORE)  # a missing store: capture without --coders
     layers = layer_numbers(store.meta.hookpoints)
-    described = _selected(out, store.meta.hookpoints) if not config.features else {}
+    described = _selected(out, store.meta) if not config.features else {}
     refs = (
         parse_feature_refs(config.features, layers, store.meta.num_latents)
         if config.features
@@ -135,20 +135,20 @@ def examples(out: Path, benchmark: str, config: ExamplesConfig) -> Path:
     return page
 
 
-def _selected(out: Path, hookpoints: list[str]) -> dict[FeatureRef, dict]:
+def _selected(out: Path, meta: StoreMeta) -> dict[FeatureRef, dict]:
     """features.json's selected features by reference, in its order."""
     path = out / outputs.FEATURES
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}: run `analyze` first, or name --features")
     selected = {}
     for feature in read_json(path)["features"]:
-        if feature["hookpoint"] not in hookpoints:
+        hookpoint, latent = feature["hookpoint"], int(feature["feature_idx"])
+        if hookpoint not in meta.hookpoints or not 0 <= latent < meta.num_latents:
             raise ValueError(
-                f"{path} names {feature['hookpoint']}, which the feature store does not hold: "
-                "run analyze again on this store"
+                f"{path} names feature {latent} of {hookpoint}, which the feature store (its "
+                f"coders: {meta.num_latents} latents) does not hold: run analyze again on this store"
             )
-        ref = FeatureRef(hookpoints.index(feature["hookpoint"]), int(feature["feature_idx"]))
-        selected[ref] = feature
+        selected[FeatureRef(meta.hookpoints.index(hookpoint), latent)] = feature
     return selected
 
 

@@ -253,6 +253,19 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
         assert png.size[0] > 100 and png.size[1] > 100
     with pytest.raises(SystemExit, match="no coder at layer 7"):
         run(["easyvqa", "examples", "--out", str(out), "--features", "L7/F1"])
+    # a features.json of another store: a hookpoint or a latent it does not hold
+    hookpoint = store.meta.hookpoints[1]
+    for other in [("model.layers.9.mlp", 1), (hookpoint, store.meta.num_latents)]:
+        feature = {"hookpoint": other[0], "feature_idx": other[1], "layer": 1, "direction": "good",
+                   "good_freq": 0.5, "bad_freq": 0.1}  # fmt: skip
+        (out / outputs.FEATURES).write_text(json.dumps({"features": [feature]}))
+        with pytest.raises(SystemExit, match="does not hold: run analyze again on this store"):
+            run(["easyvqa", "examples", "--out", str(out)])
+    # a sample without its response line: the card says so, the page is written
+    (out / outputs.RESPONSES).write_text("")
+    run(["easyvqa", "examples", "--out", str(out), "--features", f"L1/F{latent}", "--top", "1"])
+    [shown] = json.loads((out / "examples" / "examples.json").read_text())["features"][0]["samples"]
+    assert shown["note"] == f"no line in {outputs.RESPONSES}: tokens not shown"
 
 
 def test_a_missing_image_is_noted_on_its_card_and_the_page_still_renders(tmp_path, tiny_llava):
