@@ -262,7 +262,8 @@ def plot_grid(path: Path, title: str, sections: Sequence[FeatureSection], dpi: i
                 ax.imshow(np.asarray(card.picture))
             colour = {"GOOD": "#2a9d8f", "BAD": "#e76f51"}.get(card.label or "", "#555")
             where = _peak_word(card)
-            ax.set_title(f"{card.example.sample_id} {card.example.peak:.2g} {where}", fontsize=7,
+            text = f"{card.example.sample_id} {card.example.peak:.2g} {where}"
+            ax.set_title(text.replace("$", r"\$"), fontsize=7,  # $...$ is matplotlib's math
                          color=colour)  # fmt: skip
     fig.suptitle(f"{title}\n(each image: sample, peak, where; green GOOD, red BAD)", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))

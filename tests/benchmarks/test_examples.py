@@ -311,3 +311,19 @@ def test_a_page_of_photos_at_llava_scale_stays_small(tmp_path):
     for value in (0.0, 0.5, 1.0):
         expected = np.round(np.asarray(colormaps["inferno"](value))[:3] * 255)
         np.testing.assert_allclose(colours(np.array(value)), expected, atol=1)
+
+
+def test_the_page_escapes_what_comes_from_data_and_the_plot_takes_dollars(tmp_path):
+    from benchmarks.example_pages import Card, FeatureSection, plot_grid, write_page
+    from benchmarks.feature_examples import Example
+
+    acts = np.array([0, 2.0, 0], np.float32)
+    example = Example('"><script>x</script>', 2.0, 1, acts, {"prompt": [(0, 3)]})
+    card = Card(example, "BAD", None, ["<b>", " $x^$", '"'], note="<i>image missing</i>")
+    sections = [FeatureSection("L0/F1", "<s>", [card], 2.0)]
+    write_page(tmp_path / "page.html", "<h>", "<p>", sections)
+    page = (tmp_path / "page.html").read_text()
+    assert "<script>" not in page and "<i>" not in page and "<s>" not in page
+    assert "&lt;b&gt;" in page and "&quot;&gt;&lt;script&gt;" in page
+    plot_grid(tmp_path / "plot.png", "t", sections, 50)  # a token $x^$ is no math to matplotlib
+    assert (tmp_path / "plot.png").stat().st_size > 0
