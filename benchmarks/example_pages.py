@@ -57,7 +57,7 @@ class FeatureSection:
     """Hookpoint and the analysis' figures, when known."""
     cards: list[Card]
     scale: float
-    """Activation that maps to the brightest colour (the highest peak shown)."""
+    """Activation that maps to the brightest colour (`colour_scale`)."""
 
 
 def model_view(image_processor: Any, image: Image.Image) -> Image.Image | None:
@@ -74,6 +74,13 @@ def model_view(image_processor: Any, image: Image.Image) -> Image.Image | None:
     if not getattr(image_processor, "do_rescale", True):
         array = array / 255.0
     return Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8))
+
+
+def colour_scale(examples: Sequence[Example]) -> float:
+    """The highest activation at any row of the examples, not only in the ranking region: tokens
+    outside it (the prompt, ranked by `--region response`) would else saturate, as bright as the
+    peak."""
+    return max((float(e.activations.max()) for e in examples if len(e.activations)), default=0.0)
 
 
 def colours(values: np.ndarray) -> np.ndarray:

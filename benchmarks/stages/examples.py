@@ -30,6 +30,7 @@ from benchmarks.example_pages import (
     Card,
     FeatureSection,
     card_picture,
+    colour_scale,
     model_view,
     plot_grid,
     write_page,
@@ -103,7 +104,7 @@ def examples(out: Path, benchmark: str, config: ExamplesConfig) -> Path:
     for ref in tqdm(refs, desc=f"{benchmark} examples"):
         title = f"L{layers[ref.source]}/F{ref.latent}"
         cards = found[ref]
-        scale = max((e.peak for e in cards), default=0.0)
+        scale = colour_scale(cards)
         drawn = [
             _card(e, labels, records, images, processor, views, scale) for e in cards
         ]  # fmt: skip
@@ -115,7 +116,7 @@ def examples(out: Path, benchmark: str, config: ExamplesConfig) -> Path:
     intro = (
         f"Top {config.top} samples per feature by peak activation over the '{config.region}' "
         "tokens; images as the model saw them, each patch tinted by the feature's activation "
-        "(dimmed: silent; colour scale per feature, brightest = its highest peak shown); tokens "
+        "(dimmed: silent; colour scale per feature, brightest = its highest activation shown); tokens "
         "shaded the same way (hover for the value; outlined: the peak; underlined: response)."
     )
     page = folder / "index.html"

@@ -327,3 +327,14 @@ def test_the_page_escapes_what_comes_from_data_and_the_plot_takes_dollars(tmp_pa
     assert "&lt;b&gt;" in page and "&quot;&gt;&lt;script&gt;" in page
     plot_grid(tmp_path / "plot.png", "t", sections, 50)  # a token $x^$ is no math to matplotlib
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_the_colour_scale_covers_tokens_outside_the_ranking_region(tmp_path):
+    from benchmarks.example_pages import colour_scale
+
+    store = FeatureStore(tmp_path / "store", StoreMeta(HOOKPOINTS, 2, 100, "float32"))
+    store.append([sample("a", [{7: 9.0}, {7: 3.0}, {}]), sample("b", [{}, {7: 2.0}, {}])])
+    ranked = top_examples(store, [FeatureRef(0, 7)], top=2, region="response")[FeatureRef(0, 7)]
+    assert [(e.sample_id, e.peak) for e in ranked] == [("a", 3.0), ("b", 2.0)]
+    assert colour_scale(ranked) == 9.0  # the prompt row of a: brighter than any response peak
+    assert colour_scale([]) == 0.0
