@@ -205,14 +205,15 @@ def token_strings(tokenizer: Any, ids: Sequence[int], skip: Iterable[int] = ()) 
     it (at least `CONTEXT` of them; the tokenizer's own decoder, so SentencePiece's and byte-level
     BPE's space marks, byte fallback and multi-byte characters come out as text). A token holding
     part of a character reads as "", the token completing it as the whole character. Rows in
-    `skip` (image tokens, drawn as one chip) get their vocabulary piece, undecoded."""
+    `skip` (image tokens, drawn as one chip) get their vocabulary piece, undecoded; an id the
+    vocabulary lacks (a model's embeddings padded past it) reads `<id N>`."""
     ids = [int(i) for i in ids]
     skipped = set(skip)
     strings = []
     start, done, pending = 0, 0, False  # decoded text of ids[start:row]: `done` chars shown
     for row, piece in enumerate(tokenizer.convert_ids_to_tokens(ids)):
-        if row in skipped:
-            strings.append(str(piece))
+        if row in skipped or piece is None:  # None: an id past the vocabulary (padded embeddings)
+            strings.append(f"<id {ids[row]}>" if piece is None else str(piece))
             continue
         if not pending and row - start > CONTEXT:
             start = row - CONTEXT

@@ -201,6 +201,11 @@ def test_token_strings_of_a_word_level_tokenizer_join_with_spaces(tiny_llava):
     tokenizer = tiny_llava[1].tokenizer
     ids = tokenizer("what is red ?", add_special_tokens=False)["input_ids"]
     assert token_strings(tokenizer, ids) == ["what", " is", " red", " ?"]
+    # an id past the vocabulary (a random tiny model's padded embeddings generate them) shows
+    unknown = len(tokenizer) + 3
+    assert token_strings(tokenizer, [*ids[:2], unknown, ids[2]]) == [
+        "what", " is", f"<id {unknown}>", " red"
+    ]  # fmt: skip
 
 
 def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):  # noqa: F811
