@@ -109,7 +109,8 @@ def overlay(view: Image.Image, grid: np.ndarray | None, scale: float) -> Image.I
         return picture
     level = np.clip(grid / scale, 0, 1) if scale > 0 else np.zeros_like(grid)
     tint = Image.fromarray(colours(level)).resize(size, Image.Resampling.NEAREST)
-    alpha = np.where(level > 0, 0.35 + 0.45 * level, 0.55)
+    # lit patches at most 65 % tinted, so what lies under the peak stays visible
+    alpha = np.where(level > 0, 0.3 + 0.35 * level, 0.55)
     alpha = Image.fromarray((alpha * 255).astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
     dark = Image.new("RGB", picture.size, (0, 0, 0))
     silent = Image.composite(dark, picture, alpha)
@@ -149,13 +150,13 @@ def _token_html(card: Card, scale: float) -> str:
             while end in image_rows:
                 end += 1
             peak = float(acts[row:end].max())
-            text = f" [image x{end - row}] "
+            text = f"[image x{end - row}]"
             title = f"image tokens {row}-{end - 1}: peak {peak:.3g}"
-            value, peak_here = peak, row <= example.peak_row < end
+            value, peak_here, chip = peak, row <= example.peak_row < end, True
             row = end
         else:
             word = card.tokens[row] if card.tokens else f"#{row}"
-            value, peak_here = float(acts[row]), row == example.peak_row
+            value, peak_here, chip = float(acts[row]), row == example.peak_row, False
             text, title = word, f"row {row}: {value:.3g}"
             row += 1
         shade = colours(np.array(value / scale if scale > 0 else 0.0))
@@ -163,6 +164,7 @@ def _token_html(card: Card, scale: float) -> str:
         if value > 0 and value / scale > 0.5:
             style += " color: black;"
         classes = "tok" + (" peak" if peak_here else "") + (" resp" if row - 1 in response else "")
+        classes += " img" if chip else ""
         parts.append(
             f'<span class="{classes}" style="{style}" title="{html.escape(title)}">'
             f"{html.escape(text)}</span>"
@@ -182,7 +184,7 @@ h2 { margin-bottom: 0.1em; } .sub { color: #555; margin-top: 0; font-size: 0.9em
 .tokens { font-family: ui-monospace, monospace; font-size: 0.72em; line-height: 1.6;
           background: #111; color: #ddd; padding: 4px; border-radius: 4px; word-break: break-all; }
 .tok { white-space: pre-wrap; } .tok.resp { text-decoration: underline dotted #888; }
-.tok.peak { outline: 2px solid #4cc9f0; }
+.tok.peak { outline: 2px solid #4cc9f0; } .tok.img { margin: 0 3px; }
 """
 
 
