@@ -134,6 +134,16 @@ def parse_factors(text: str) -> list[float]:
     return factors
 
 
+def unique_choices(text: str, known: Sequence[str], flag: str) -> list[str]:
+    """`csv_choices`, each name once: a repeated kind or direction would be generated, counted
+    in the progress bar and read back twice."""
+    chosen = csv_choices(text, known, flag)
+    repeated = sorted({name for name in chosen if chosen.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{flag} {text!r}: {', '.join(repeated)} given twice")
+    return chosen
+
+
 def random_control(
     features: Sequence[dict],
     num_latents: int,
@@ -256,7 +266,7 @@ def random_neuron_control(
 
 
 def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list[Condition]:
-    kinds = csv_choices(config.kinds, KINDS, "--kinds")
+    kinds = unique_choices(config.kinds, KINDS, "--kinds")
     result = [Condition("baseline", "baseline", "", 1.0)]
     for direction, features in by_direction.items():
         if not features:
@@ -268,8 +278,8 @@ def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list
 
 
 def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
-    csv_choices(config.kinds, KINDS, "--kinds")  # bad flags fail before the model loads
-    csv_choices(config.directions, DIRECTIONS, "--directions")
+    unique_choices(config.kinds, KINDS, "--kinds")  # bad flags fail before the model loads
+    unique_choices(config.directions, DIRECTIONS, "--directions")
     parse_factors(config.factors)
     check_steer_region(config.region)
     check_limit(config.limit)
@@ -295,7 +305,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
             "the clt_free condition steers with transcoder weights; these coders are SAEs: "
             "leave it out, e.g. --kinds features,control"
         )
-    directions = csv_choices(config.directions, DIRECTIONS, "--directions")
+    directions = unique_choices(config.directions, DIRECTIONS, "--directions")
     selected = {
         d: [
             {**f, "source": hookpoints.index(f["hookpoint"])}
@@ -511,7 +521,7 @@ def _read_neuron_map(out: Path, config: SteerConfig, features: list[dict]) -> li
     """neuron_map.json, when it maps exactly the `features` of features.json (refused when the
     neurons conditions would use a map of other features, e.g. made before analyze ran again)."""
     path = out / outputs.NEURON_MAP
-    wanted = {"neurons", "neurons_control"} & set(csv_choices(config.kinds, KINDS, "--kinds"))
+    wanted = {"neurons", "neurons_control"} & set(unique_choices(config.kinds, KINDS, "--kinds"))
     if not path.exists():
         if wanted:
             print(f"steer: no {path}; skipping the neurons condition (run `map` first)")

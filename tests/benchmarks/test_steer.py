@@ -259,6 +259,10 @@ def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
                         ("--factors", "2,inf"), ("--factors", "nan"), ("--factors", "0,2,2.0")):  # fmt: skip
         with pytest.raises(SystemExit, match=f"{flag} '{value}'"):
             run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), flag, value])
+    # a repeated name would be generated, counted and read back twice
+    for flag, value in (("--kinds", "features,control,features"), ("--directions", "bad,bad")):
+        with pytest.raises(SystemExit, match=f"{flag} '{value}': (features|bad) given twice"):
+            run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), flag, value])
     with pytest.raises(SystemExit, match="Unknown steering region 'response'"):
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--region", "response"])
     with pytest.raises(SystemExit, match="--limit 0: give a positive number"):
