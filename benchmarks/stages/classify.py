@@ -2,9 +2,10 @@
 
 Reads `DIR/responses.jsonl` and the data flags recorded in `DIR/capture.json`; writes
 `DIR/classification.json` = `{"GOOD": [{"id", ...metrics}], "BAD": [...], "rules", "counts"}`.
-Rules (docs/benchmarks.md, "Capture and classify"): POPE and yes/no questions GOOD when the
-official parser's answer is right; AMBER discriminative when the exact "Yes" / "No" is right;
-open questions when the first word is the answer; captions by --caption-rule / --min-cover.
+Rules (docs/benchmarks.md, "Capture and classify"; those not given as recorded in
+classification.json): POPE and yes/no questions GOOD when the official parser's answer is right;
+AMBER discriminative when the exact "Yes" / "No" is right; open questions when the first word is
+the answer; captions by --caption-rule / --min-cover.
 """
 
 from __future__ import annotations
@@ -46,9 +47,36 @@ def classification(verdicts: list[Verdict], rules: Rules) -> dict:
     return result
 
 
+def parse_rules(argv: list[str], benchmark: str) -> tuple[Path, Rules]:
+    """The output folder and the rules: the flags given; those not given as recorded in
+    OUT/classification.json's `rules` (so classify alone after a custom classify or `all` keeps
+    them, as analyze keeps its parameters), else the defaults of `Rules`."""
+    config = (
+        stage_parser(benchmark, "classify", ClassifyConfig, rules=Rules).parse_args(argv).config
+    )
+    out = Path(config.out)
+    recorded = recorded_rules(out / outputs.CLASSIFICATION)
+    parser = stage_parser(benchmark, "classify", ClassifyConfig)
+    parser.add_arguments(Rules, dest="rules", default=Rules(**recorded))
+    rules = parser.parse_args(argv).rules
+    kept = [
+        f"{k}={v}" for k, v in recorded.items() if getattr(Rules(), k) != v == getattr(rules, k)
+    ]
+    if kept:
+        print(f"classify: as recorded in {out / outputs.CLASSIFICATION}: {', '.join(kept)}")
+    return out, rules
+
+
+def recorded_rules(path: Path) -> dict:
+    """The `rules` of an earlier classification.json that are still `Rules` fields."""
+    if not path.is_file():
+        return {}
+    recorded = read_json(path).get("rules", {})
+    return {key: value for key, value in recorded.items() if key in {f.name for f in fields(Rules)}}
+
+
 def main(argv: list[str], benchmark: str) -> None:
-    args = stage_parser(benchmark, "classify", ClassifyConfig, rules=Rules).parse_args(argv)
-    out, rules = Path(args.config.out), args.rules
+    out, rules = parse_rules(argv, benchmark)
     adapter = get_adapter(benchmark)
     try:
         check_rules(rules)

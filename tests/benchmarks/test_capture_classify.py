@@ -388,7 +388,8 @@ def test_amber_classify_rules_on_known_responses(tmp_path, amber_dir, capsys):
                        "13600": "BAD"}  # fmt: skip
     strict = verdicts("--min-cover", "1.0", "--normalize")
     assert (strict["3"], strict["8700"]) == ("BAD", "GOOD")
-    assert verdicts("--caption-rule", "cover")["2"] == "GOOD"  # dog missed, grass covered
+    assert verdicts("--caption-rule", "cover")["2"] == "BAD"  # --min-cover 1.0 kept
+    assert verdicts("--min-cover", "0.5")["2"] == "GOOD"  # dog missed, grass covered
     metrics = json.loads((out / "classification.json").read_text())
     sample = next(s for s in metrics["BAD"] + metrics["GOOD"] if s["id"] == "2")
     assert (sample["nouns"], sample["hallucinated"], sample["cover"]) == (2, 1, 0.5)
@@ -490,3 +491,33 @@ def test_classify_refuses_a_min_cover_that_is_not_a_share(tmp_path, min_cover):
         run(["easyvqa", "classify", "--out", str(tmp_path), "--min-cover", min_cover])
     error = f"easyvqa classify: --min-cover {float(min_cover):g}: give a share from 0 to 1"
     assert str(exit_.value.code) == error
+
+
+def test_classify_alone_keeps_the_rules_recorded_in_classification_json(tmp_path, capsys):
+    # a custom classify (or `all`'s), then a bare one: the custom rules stay, as analyze's do
+    record = {"id": "c1", "kind": "caption", "split": "test", "answer": None,
+              "truth": ["red", "circle"], "response": "A red triangle."}  # fmt: skip
+    (tmp_path / "capture.json").write_text(json.dumps({"data": {"kinds": "caption"}}))
+    (tmp_path / "responses.jsonl").write_text(json.dumps(record) + "\n")
+    path = tmp_path / "classification.json"
+    run(["easyvqa", "classify", "--out", str(tmp_path)])
+    assert json.loads(path.read_text())["counts"]["GOOD"] == 0  # triangle: hallucinated
+    run(["easyvqa", "classify", "--out", str(tmp_path), "--caption-rule", "cover",
+         "--min-cover", "0.4"])  # fmt: skip
+    capsys.readouterr()
+    run(["easyvqa", "classify", "--out", str(tmp_path)])
+    result = json.loads(path.read_text())
+    assert result["counts"]["GOOD"] == 1
+    assert result["rules"]["caption_rule"] == "cover" and result["rules"]["min_cover"] == 0.4
+    assert "as recorded in" in capsys.readouterr().out
+    run(["easyvqa", "classify", "--out", str(tmp_path), "--min-cover", "0.6"])  # cover 0.5
+    result = json.loads(path.read_text())
+    assert result["counts"]["GOOD"] == 0 and result["rules"]["caption_rule"] == "cover"
+    run(["easyvqa", "classify", "--out", str(tmp_path), "--normalize"])
+    assert json.loads(path.read_text())["rules"]["normalize"] is True
+    run(["easyvqa", "classify", "--out", str(tmp_path), "--caption-rule", "both",
+         "--min-cover", "0.5", "--normalize", "false"])  # fmt: skip
+    assert json.loads(path.read_text())["rules"] == {
+        "caption_rule": "both", "min_cover": 0.5, "normalize": False, "word_matching": "auto",
+        "questions_dir": None,
+    }  # fmt: skip
