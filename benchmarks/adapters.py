@@ -79,7 +79,8 @@ class Verdict:
 
 
 class Adapter(Protocol):
-    """What `benchmarks/<name>/adapter.py` provides."""
+    """What `benchmarks/<name>/adapter.py` provides (POPE also `split_labels`, for `all`: the
+    label files of a question file without labels go to score and classify, not capture)."""
 
     Data: type
     """Dataclass of the benchmark's data flags (parsed with simple-parsing)."""

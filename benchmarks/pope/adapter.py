@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,31 @@ def with_labels(records: Sequence[dict[str, Any]], questions_dir: str) -> list[d
             )
         result.append({**record, "label": item.label})
     return result
+
+
+def split_labels(data: Data, limit: int | None) -> tuple[Data, list[str]]:
+    """`all`'s data for capture, and the flags for score and classify. A question file with
+    --questions-dir (LLaVA's llava_pope_test.jsonl has no labels): capture runs the file, score
+    and classify take the labels from the folder's label files, which must pair with the first
+    `limit` questions; a question file with an unlabelled question and no folder is refused."""
+    if not data.questions:
+        return data, []
+    questions = replace(data, questions_dir=None)
+    items = pope_items(questions)[:limit]
+    if data.questions_dir:
+        records = [
+            {"split": i.split, "question_id": i.question_id, "image": i.image} for i in items
+        ]
+        with_labels(records, data.questions_dir)  # the same error as classify's, before training
+        return questions, ["--questions-dir", data.questions_dir]
+    unlabelled = next((item for item in items if item.label is None), None)
+    if unlabelled is not None:
+        raise ValueError(
+            f"{unlabelled.split} question {unlabelled.question_id} of {data.questions} has no "
+            "label (LLaVA's llava_pope_test.jsonl has none): add --questions-dir DIR, the "
+            "official label files the question file was made from, for score and classify"
+        )
+    return data, []
 
 
 def classify(data: Data, records: Sequence[dict[str, Any]], rules: Rules) -> list[Verdict]:

@@ -2,8 +2,11 @@
 
 capture -> score -> classify -> attribute -> analyze -> plot -> examples -> map -> steer, all into
 DIR. Without --coders a small cross-layer transcoder is trained first on the model (`python -m
-vlm_sparsify` with the settings below) into `DIR/coders`. The benchmark's data flags (`--questions-dir`, `--images`,
-`--data-dir`, ...) go to capture; they and the options below are checked before anything trains.
+vlm_sparsify` with the settings below) into `DIR/coders`. The benchmark's data flags
+(`--questions-dir`, `--images`, `--data-dir`, ...) go to capture; they and the options below are
+checked before anything trains. POPE's `--questions FILE` without labels (LLaVA's
+llava_pope_test.jsonl) needs `--questions-dir DIR` too: capture runs the file, score and classify
+take the labels from the folder.
 Each stage skips work already done (capture resumes by sample id, analyze / map when their output
 is up to date, steer per condition, training when `DIR/coders` holds the finished CLT; an
 interrupted one resumes), so rerunning the command after an interruption continues it.
@@ -86,8 +89,16 @@ def main(argv: list[str], benchmark: str) -> None:
     args = stage_parser(benchmark, "all", AllConfig, data=adapter.Data).parse_args(argv)
     config: AllConfig = args.config
     check_options(config)  # before hours of training, not after
-    check_items(adapter, args.data, config)
-    run_all(config, benchmark, data_flags(args.data))
+    data, label_flags = split_labels(adapter, args.data, config.limit)
+    check_items(adapter, data, config)
+    run_all(config, benchmark, data_flags(data), label_flags)
+
+
+def split_labels(adapter: Any, data: Any, limit: int | None) -> tuple[Any, list[str]]:
+    """Capture's data, and the flags score and classify need to find the labels (POPE given a
+    question file without labels and its label files: `adapter.split_labels`)."""
+    split = getattr(adapter, "split_labels", None)
+    return split(data, limit) if split else (data, [])
 
 
 def data_flags(data: Any) -> list[str]:
@@ -127,8 +138,14 @@ def check_items(adapter: Any, data: Any, config: AllConfig) -> None:
     check_images(items)
 
 
-def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None = None) -> None:
-    """Run every stage; `extra_capture` adds the benchmark's data flags to capture."""
+def run_all(
+    config: AllConfig,
+    benchmark: str,
+    extra_capture: list[str] | None = None,
+    label_flags: list[str] | None = None,
+) -> None:
+    """Run every stage; `extra_capture` adds the benchmark's data flags to capture, `label_flags`
+    the label files to score and classify."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     coders = config.coders or str(train_coders(config, out / "coders"))
@@ -141,8 +158,8 @@ def run_all(config: AllConfig, benchmark: str, extra_capture: list[str] | None =
         ("capture", ["--model", config.model, *recipe, "--coders", coders, *limit, *device,
                      "--dtype", config.dtype, "--batch-size", str(config.batch_size),
                      "--max-new-tokens", str(config.max_new_tokens), *(extra_capture or [])]),
-        ("score", []),
-        ("classify", []),
+        ("score", [*(label_flags or [])]),
+        ("classify", [*(label_flags or [])]),
         ("attribute", ["--coders", coders, "--region", config.region, *device]),
         ("analyze", ["--region", config.region, "--target-features", str(config.target_features),
                      "--split-seed", str(config.seed), "--rank-by", config.rank_by]),

@@ -521,3 +521,62 @@ def test_classify_alone_keeps_the_rules_recorded_in_classification_json(tmp_path
         "caption_rule": "both", "min_cover": 0.5, "normalize": False, "word_matching": "auto",
         "questions_dir": None,
     }  # fmt: skip
+
+
+def test_pope_all_runs_a_llava_question_file_with_its_label_files(
+    tmp_path, tiny_llava_dir, coders_dir, monkeypatch
+):
+    import benchmarks.stages.all as all_stage
+    from benchmarks.stages import stage_module
+
+    labels, images = tmp_path / "labels", tmp_path / "images"
+    labels.mkdir()
+    images.mkdir()
+    rows = [{"question_id": i, "image": f"COCO_{i}.jpg", "text": f"Is there a {w}?", "label": y}
+            for i, (w, y) in enumerate([("dog", "yes"), ("cat", "no")], start=1)]  # fmt: skip
+    (labels / "coco_pope_random.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    llava = [{"question_id": 10_000_000 + r["question_id"], "image": r["image"], "text": r["text"],
+              "category": "random"} for r in rows]  # fmt: skip
+    question_file = tmp_path / "llava_pope_test.jsonl"
+    question_file.write_text("".join(json.dumps(r) + "\n" for r in llava))
+    for r in rows:
+        make_image(images / r["image"], seed=r["question_id"])
+    ran: dict[str, list[str]] = {}
+
+    class Skipped:  # the stages after classify, which the other tests cover
+        def __init__(self, stage: str) -> None:
+            self.stage = stage
+
+        def main(self, argv: list[str], benchmark: str) -> None:
+            ran[self.stage] = argv
+
+    def stages(benchmark: str, stage: str):
+        if stage in ("capture", "score", "classify"):
+            ran[stage] = []
+            return stage_module(benchmark, stage)
+        return Skipped(stage)
+
+    monkeypatch.setattr(all_stage, "stage_module", stages)
+    monkeypatch.setattr(all_stage, "train", lambda argv: pytest.fail("trained"))
+    out = tmp_path / "out"
+    argv = ["pope", "all", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+            str(coders_dir), "--questions", str(question_file), "--images", str(images), *GREEDY]  # fmt: skip
+    # no labels anywhere: refused before anything runs, not after capture when score fails
+    with pytest.raises(SystemExit, match="question 10000001 .* no label .* add --questions-dir"):
+        run(argv)
+    assert not out.exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "coco_pope_random.json").write_text(json.dumps({**rows[0], "image": "x.jpg"}) + "\n")
+    with pytest.raises(SystemExit, match="random question 10000001 about COCO_1.jpg has no"):
+        run([*argv, "--questions-dir", str(other)])
+    assert not out.exists()
+
+    run([*argv, "--questions-dir", str(labels)])
+    assert list(ran)[:4] == ["capture", "score", "classify", "attribute"]
+    info = json.loads((out / "capture.json").read_text())
+    assert info["data"]["questions"] == str(question_file) and info["data"]["questions_dir"] is None
+    assert json.loads((out / "metrics.json").read_text())["random"]["n"] == 2
+    result = json.loads((out / "classification.json").read_text())
+    assert result["counts"]["total"] == 2 and result["rules"]["questions_dir"] == str(labels)
+    assert {v["label"] for v in result["GOOD"] + result["BAD"]} == {"yes", "no"}
