@@ -240,6 +240,7 @@ def test_batches_are_the_same_for_any_worker_count_and_resume_point(llava_recipe
     assert [i for i, _ in single] == [0, 1, 2, 3, 4]
     assert ids(2) == single
     assert ids(0, start=3) == single[3:]
+    assert ids(2, start=3) == single[3:]  # worker 0 takes the first batch left, as DataLoader asks
     # two ranks each take half of every batch, in order
     rank0, rank1 = ids(0, rank=0, world=2), ids(0, rank=1, world=2)
     pad = processor.tokenizer.pad_token_id

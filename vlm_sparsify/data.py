@@ -505,8 +505,8 @@ def shared_prefix_length(input_ids: torch.Tensor, image_mask: torch.Tensor | Non
 class BatchStream(IterableDataset):
     """Batches of processed examples, deterministic in order for any number of workers.
 
-    Batch b holds raw examples [b * batch_size, (b + 1) * batch_size); worker w builds the
-    batches with b % num_workers == w, and DataLoader's round robin restores the order, so
+    Batch b holds raw examples [b * batch_size, (b + 1) * batch_size); the workers take the
+    batches in turn, and DataLoader's round robin restores the order, so
     resuming at `start_batch` and running under torchrun (rank r takes its contiguous slice of
     every batch) see exactly the same examples as one uninterrupted process.
     """
@@ -543,7 +543,11 @@ class BatchStream(IterableDataset):
             examples = islice(examples, self.max_examples)
         try:
             for index, chunk in enumerate(_chunks(examples, self.batch_size)):
-                if index >= self.start_batch and index % num_workers == worker_id:
+                # DataLoader asks worker 0 first: it takes the first batch yielded
+                if (
+                    index >= self.start_batch
+                    and (index - self.start_batch) % num_workers == worker_id
+                ):
                     yield self.make_batch(index, chunk)
         except (ValueError, OSError) as err:
             if worker is None:
