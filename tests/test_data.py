@@ -229,7 +229,7 @@ def test_batches_are_the_same_for_any_worker_count_and_resume_point(llava_recipe
             processor,
             llava_recipe,
             batch_size=8,
-            start_batch=start,
+            start_example=start,
             rank=rank,
             world_size=world,
         )
@@ -239,8 +239,12 @@ def test_batches_are_the_same_for_any_worker_count_and_resume_point(llava_recipe
     single = ids(0)
     assert [i for i, _ in single] == [0, 1, 2, 3, 4]
     assert ids(2) == single
-    assert ids(0, start=3) == single[3:]
-    assert ids(2, start=3) == single[3:]  # worker 0 takes the first batch left, as DataLoader asks
+    assert ids(0, start=24) == single[3:]
+    assert ids(2, start=24) == single[3:]  # worker 0 takes the first batch left, as DataLoader asks
+    # a start inside a batch yields the rest of it, then whole batches
+    rest = ids(0, start=20)
+    assert [i for i, _ in rest] == [2, 3, 4] and rest[1:] == single[3:]
+    assert len(rest[0][1]) == 4 and ids(2, start=20) == rest
     # two ranks each take half of every batch, in order
     rank0, rank1 = ids(0, rank=0, world=2), ids(0, rank=1, world=2)
     pad = processor.tokenizer.pad_token_id

@@ -149,7 +149,8 @@ def test_a_run_ending_mid_accumulation_saves_its_last_optimizer_step_and_resumes
         for key, value in tensors.items():
             assert torch.equal(value, whole[hook][key]), (hook, key)
     resumed, uninterrupted = state("five"), state("whole")
-    for key in ("global_step", "batches_seen", "tokens_seen", "fvu_history", "l0_history"):
+    for key in ("global_step", "batches_seen", "examples_seen", "tokens_seen", "fvu_history",
+                "l0_history"):  # fmt: skip
         assert resumed[key] == uninterrupted[key], key
     assert all(map(torch.equal, resumed["tokens_since_fired"], uninterrupted["tokens_since_fired"]))
 
@@ -1176,7 +1177,10 @@ def test_resuming_a_run_that_has_seen_its_max_examples_says_so_and_writes_nothin
                           "--resume", "true"))  # fmt: skip
         assert trainer.state.batches_seen == 2
         note = capsys.readouterr().err
-        assert f"has trained on 2 batches already, all that --max_examples {max_examples} " in note
+        assert (
+            f"trained on 16 examples (2 batches) already, all that --max_examples {max_examples} "
+            in note
+        )
         assert "nothing to do (nothing was written); pass a larger --max_examples" in note
     assert state.stat().st_mtime_ns == before[0]
     after = weights(tmp_path / "done")
@@ -1184,6 +1188,46 @@ def test_resuming_a_run_that_has_seen_its_max_examples_says_so_and_writes_nothin
     # a larger --max_examples goes on
     trainer = run(cli(tiny_llava_dir, tmp_path, "done", "--max_examples", "24", "--resume", "true"))
     assert trainer.state.batches_seen == 3
+
+
+def test_resume_with_a_larger_max_examples_trains_the_rest_of_a_short_last_batch(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys
+):
+    from vlm_sparsify.data import BatchStream
+
+    trained = []
+    make_batch = BatchStream.make_batch
+
+    def recorded(self, index, chunk):
+        trained.append([example.id for example in chunk])
+        return make_batch(self, index, chunk)
+
+    monkeypatch.setattr(BatchStream, "make_batch", recorded)
+    run(cli(tiny_llava_dir, tmp_path, "whole", "--max_examples", "24"))
+    whole, trained[:] = list(trained), []
+    run(cli(tiny_llava_dir, tmp_path, "split", "--max_examples", "12"))  # batches of 8 and 4
+    # examples 12-15 were never trained: the resumed run trained from example 16 on
+    trainer = run(
+        cli(tiny_llava_dir, tmp_path, "split", "--max_examples", "24", "--resume", "true")
+    )
+    assert [len(ids) for ids in trained] == [8, 4, 4, 8]
+    assert sum(trained, []) == sum(whole, [])  # each example once, in the same order
+    assert (trainer.state.examples_seen, trainer.state.batches_seen) == (24, 4)
+    capsys.readouterr()
+    run(cli(tiny_llava_dir, tmp_path, "split", "--max_examples", "24", "--resume", "true"))
+    assert "trained on 24 examples (4 batches) already, all that" in capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_before_examples_were_counted_resumes_at_its_next_batch(
+    tmp_path, tiny_llava_dir
+):
+    run(cli(tiny_llava_dir, tmp_path, "old", "--max_examples", "16"))
+    path = tmp_path / "old" / "state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["examples_seen"]
+    torch.save(state, path)
+    trainer = run(cli(tiny_llava_dir, tmp_path, "old", "--max_examples", "24", "--resume", "true"))
+    assert (trainer.state.examples_seen, trainer.state.batches_seen) == (24, 3)
 
 
 def test_finetune_takes_a_run_name_of_the_save_dir_as_resume_does(tmp_path, monkeypatch):

@@ -516,6 +516,8 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     total = _num_batches(examples, args)
     trainer = build_trainer(args, model, coders, total, run_dir, device)
     trainer.state.n_examples = check_same_examples(trainer, examples, dataset, run_dir)
+    left = _num_batches(examples, args, trainer.state.examples_seen)
+    total = None if left is None else trainer.state.batches_seen + left
     trainer.checkpoint = CheckpointWriter(args, run_dir, recipe_bytes, rank)
     wandb_log = None
     if args.log_to_wandb and rank == 0:
@@ -531,15 +533,15 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
         tokens=args.tokens,
         exclude_tokens=tuple(args.exclude_tokens),
         strict=args.strict,
-        start_batch=trainer.state.batches_seen,
+        start_example=trainer.state.examples_seen,
         max_examples=args.max_examples,
         rank=rank,
         world_size=world,
     )
     # batches short of an optimizer step would be trained and dropped again (Trainer.fit)
     to_step = args.grad_acc_steps - trainer.state.global_step % args.grad_acc_steps
-    if args.resume and total is not None and total - trainer.state.batches_seen < to_step:
-        seen, left = trainer.state.batches_seen, max(total - trainer.state.batches_seen, 0)
+    if args.resume and left is not None and left < to_step:
+        state = trainer.state
         gives = (
             f"all that --max_examples {args.max_examples} gives"
             if left == 0
@@ -547,8 +549,9 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
             f"for an optimizer step (--grad_acc_steps {args.grad_acc_steps})"
         )
         print(
-            f"--resume: {run_dir} has trained on {seen} batches already, {gives}: nothing to do "
-            "(nothing was written); pass a larger --max_examples to train further",
+            f"--resume: {run_dir} has trained on {state.examples_seen} examples "
+            f"({state.batches_seen} batches) already, {gives}: nothing to do (nothing was "
+            "written); pass a larger --max_examples to train further",
             file=sys.stderr,
         )
         return trainer
@@ -853,13 +856,19 @@ def check_same_examples(trainer: Trainer, examples: Any, dataset: str, run_dir: 
     return n
 
 
-def _num_batches(examples: Any, args: RunConfig) -> int | None:
+def _num_batches(examples: Any, args: RunConfig, start_example: int = 0) -> int | None:
+    """The batches left from raw example `start_example` on (its batch's rest counts as one;
+    None: a stream without --max_examples)."""
     try:
         n = len(examples)
     except TypeError:
-        return None if args.max_examples is None else -(-args.max_examples // args.batch_size)
+        if args.max_examples is None:
+            return None
+        n = args.max_examples
     n = min(n, args.max_examples or n)
-    return -(-n // args.batch_size)
+    if n <= start_example:
+        return 0
+    return -(-n // args.batch_size) - start_example // args.batch_size
 
 
 @cache

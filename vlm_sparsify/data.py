@@ -506,9 +506,10 @@ class BatchStream(IterableDataset):
     """Batches of processed examples, deterministic in order for any number of workers.
 
     Batch b holds raw examples [b * batch_size, (b + 1) * batch_size); the workers take the
-    batches in turn, and DataLoader's round robin restores the order, so
-    resuming at `start_batch` and running under torchrun (rank r takes its contiguous slice of
-    every batch) see exactly the same examples as one uninterrupted process.
+    batches in turn, and DataLoader's round robin restores the order, so resuming at
+    `start_example` and running under torchrun (rank r takes its contiguous slice of every
+    batch) see exactly the same examples as one uninterrupted process. A start inside a batch
+    (a run whose --max_examples ended it short) yields the rest of that batch first.
     """
 
     examples: Iterable[Example]
@@ -521,7 +522,8 @@ class BatchStream(IterableDataset):
     tokens: TokenRegion = "all"
     exclude_tokens: tuple[int, ...] = ()
     strict: bool = False
-    start_batch: int = 0
+    start_example: int = 0
+    """Raw examples to skip: those a resumed run has trained on."""
     max_examples: int | None = None
     rank: int = 0
     world_size: int = 1
@@ -541,13 +543,12 @@ class BatchStream(IterableDataset):
         examples = iter(self.examples)
         if self.max_examples is not None:
             examples = islice(examples, self.max_examples)
+        first_batch = self.start_example // self.batch_size
         try:
             for index, chunk in enumerate(_chunks(examples, self.batch_size)):
+                chunk = chunk[max(self.start_example - index * self.batch_size, 0) :]
                 # DataLoader asks worker 0 first: it takes the first batch yielded
-                if (
-                    index >= self.start_batch
-                    and (index - self.start_batch) % num_workers == worker_id
-                ):
+                if chunk and (index - first_batch) % num_workers == worker_id:
                     yield self.make_batch(index, chunk)
         except (ValueError, OSError) as err:
             if worker is None:
@@ -558,6 +559,7 @@ class BatchStream(IterableDataset):
 
     def make_batch(self, index: int, chunk: list[Example]) -> dict[str, Any]:
         per_rank = self.batch_size // self.world_size
+        n_examples = len(chunk)  # every rank's: the run's count of raw examples
         chunk = chunk[self.rank * per_rank : (self.rank + 1) * per_rank]
         encoded, skipped, kept = [], [], []
         for example in chunk:
@@ -572,7 +574,7 @@ class BatchStream(IterableDataset):
                 if self.strict:
                     raise BadImageError(f"example {example.id}: {err}") from err
                 skipped.append(example.id)
-        batch: dict[str, Any] = {"batch_index": index, "skipped": skipped}
+        batch: dict[str, Any] = {"batch_index": index, "n_examples": n_examples, "skipped": skipped}
         if encoded:
             pad_id = self.processor.tokenizer.pad_token_id or 0
             inputs = collate(encoded, pad_id)

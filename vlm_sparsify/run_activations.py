@@ -75,7 +75,7 @@ def run_activations(
         max_positions=getattr(model.config.get_text_config(), "max_position_embeddings", None),
         tokens=config.get("tokens", "all"),
         exclude_tokens=tuple(config.get("exclude_tokens") or ()),
-        start_batch=skip_examples // batch_size,
+        start_example=skip_examples,
         max_examples=skip_examples + num_examples,
     )
     inputs: list[list[Tensor]] = [[] for _ in hookpoints]

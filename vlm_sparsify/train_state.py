@@ -75,6 +75,8 @@ def read_training_state(run_dir: Path, trainer: Trainer, prefix: str = "") -> No
         )
     trainer.coders.load_state_dict(params)
     state: dict[str, Any] = load_torch(run_dir / STATE_FILE, map_location=device)
+    # saved before the count: such runs resumed at the start of their next batch
+    state.setdefault("examples_seen", state["batches_seen"] * trainer.cfg.batch_size)
     trainer.state = TrainingState.from_dict(state)
     for i, opt in enumerate(trainer.optimizers):
         opt.load_state_dict(load_torch(run_dir / f"{prefix}optimizer_{i}.pt", device))

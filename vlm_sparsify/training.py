@@ -277,6 +277,10 @@ class TrainingState:
 
     global_step: int = 0
     batches_seen: int = 0
+    examples_seen: int = 0
+    """Raw examples the trained batches held (skipped ones included): where a resumed run goes
+    on, so that a short last batch (--max_examples not a multiple of --batch_size) leaves the
+    rest of its examples to a resumed run with a larger --max_examples."""
     tokens_seen: int = 0
     skipped: list[str] = field(default_factory=list)
     tokens_since_fired: list[Tensor] = field(default_factory=list)
@@ -297,6 +301,7 @@ class TrainingState:
         return {
             "global_step": self.global_step,
             "batches_seen": self.batches_seen,
+            "examples_seen": self.examples_seen,
             "tokens_seen": self.tokens_seen,
             "skipped": self.skipped,
             "tokens_since_fired": self.tokens_since_fired,
@@ -319,6 +324,7 @@ class StepMark(NamedTuple):
 
     global_step: int
     batches_seen: int
+    examples_seen: int
     tokens_seen: int
     lengths: tuple[int, ...]
     """Of `skipped`, `fvu_history`, `l0_history` and `loss_history`."""
@@ -330,6 +336,7 @@ class StepMark(NamedTuple):
         return cls(
             state.global_step,
             state.batches_seen,
+            state.examples_seen,
             state.tokens_seen,
             tuple(len(h) for h in histories),
             [counts.clone() for counts in state.tokens_since_fired],
@@ -337,7 +344,7 @@ class StepMark(NamedTuple):
 
     def restore(self, state: TrainingState) -> None:
         state.global_step, state.batches_seen = self.global_step, self.batches_seen
-        state.tokens_seen = self.tokens_seen
+        state.examples_seen, state.tokens_seen = self.examples_seen, self.tokens_seen
         histories = (state.skipped, state.fvu_history, state.l0_history, state.loss_history)
         for history, length in zip(histories, self.lengths, strict=True):
             del history[length:]
@@ -570,6 +577,7 @@ class Trainer:
             raise batch["error"]
         state = self.state
         state.batches_seen += 1
+        state.examples_seen += batch.get("n_examples", 0)  # BatchStream's; tests' batches lack it
         state.skipped.extend(batch.get("skipped", []))
         if "inputs" not in batch and not dist.is_initialized():
             return None
