@@ -444,6 +444,24 @@ def test_a_save_dir_that_cannot_be_written_is_named_before_the_model_loads(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_empty_save_dir(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    import vlm_sparsify.__main__ as cli_main
+
+    def load_model_and_processor(*args, **kwargs):
+        raise OSError("the model does not load")
+
+    monkeypatch.setattr(cli_main, "load_model_and_processor", load_model_and_processor)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(OSError, match="the model does not load"):
+        run(cli(tiny_llava_dir, tmp_path / "mine" / "new" / "runs", "r"))
+    assert [p.name for p in tmp_path.rglob("*")] == ["mine"]  # the user's own folder stays
+    monkeypatch.undo()
+    run(cli(tiny_llava_dir, tmp_path / "mine" / "new" / "runs", "r", "--max_examples", "8"))
+    assert (tmp_path / "mine" / "new" / "runs" / "r" / "state.pt").is_file()
+
+
 def test_a_local_dataset_that_cannot_open_is_named_before_the_model_loads(
     tmp_path, tiny_llava_dir, monkeypatch
 ):

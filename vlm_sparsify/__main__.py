@@ -15,7 +15,7 @@ import shutil
 import sys
 from argparse import Action
 from collections.abc import Collection
-from contextlib import nullcontext, redirect_stdout
+from contextlib import nullcontext, redirect_stdout, suppress
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import cache, partial
@@ -814,6 +814,9 @@ def check_save_dir(run_dir: Path) -> None:
     """The run folder can be written where --save_dir puts it, checked before the model loads:
     found at the first checkpoint, that would come after --save_every steps of training."""
     probe = temp_dir(run_dir)  # what a checkpoint is first written into
+    missing = [
+        folder for folder in (run_dir.parent, *run_dir.parent.parents) if not folder.exists()
+    ]
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
         probe.mkdir()
@@ -825,6 +828,11 @@ def check_save_dir(run_dir: Path) -> None:
             f"cannot write the run folder {run_dir} ({reason}); pass a --save_dir this "
             "process can write"
         ) from None
+    finally:
+        # the first checkpoint makes them again: a run that fails before it leaves none behind
+        for folder in missing:  # deepest first; rmdir removes empty folders only
+            with suppress(OSError):
+                folder.rmdir()
 
 
 def saved_note(trainer: Trainer, run_dir: Path) -> str:
