@@ -1261,6 +1261,19 @@ def test_finetune_takes_a_run_name_of_the_save_dir_as_resume_does(tmp_path, monk
     assert args.finetune == "missing"  # and a missing one is named as given when it loads
 
 
+def test_a_tilde_the_shell_left_in_a_path_flag_means_the_home_folder(tmp_path, monkeypatch):
+    from vlm_sparsify.__main__ import parse_run_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "images").mkdir()
+    args, _ = parse_run_config(["default", "~/images", "--save_dir=~/runs", "--finetune=~/run",
+                                "--recipe=~/mine.toml"])  # fmt: skip
+    assert args.save_dir == str(tmp_path / "runs")
+    assert args.dataset == str(tmp_path / "images") and args.finetune == str(tmp_path / "run")
+    assert args.recipe == str(tmp_path / "mine.toml")
+
+
 def test_a_run_of_the_embedded_model_names_it_default_and_resumes_from_that(tmp_path):
     flags = ["--save_dir", str(tmp_path), "--run_name", "d", "--batch_size", "8", "--num_latents",
              "64", "--k", "4", "--num_workers", "0", "--log_to_wandb", "false"]  # fmt: skip

@@ -200,6 +200,10 @@ class RunConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        # the shell leaves `~` alone after `=` (--save_dir=~/runs) and in quotes
+        for name in ("save_dir", "model", "dataset", "recipe", "finetune"):
+            if (value := getattr(self, name)) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
         self.model = resolve_model(self.model)
         self.dataset = resolve_dataset(self.dataset)
         if self.revision and Path(self.model).is_dir():  # from_pretrained would ignore it
