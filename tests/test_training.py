@@ -1236,6 +1236,19 @@ def test_resume_with_a_larger_max_examples_trains_the_rest_of_a_short_last_batch
     assert "trained on 24 examples (4 batches) already, all that" in capsys.readouterr().err
 
 
+def test_adams_learning_rate_decay_spans_the_rest_of_a_short_batch_on_resume(
+    tmp_path, tiny_llava_dir
+):
+    extra = ("--optimizer", "adam", "--lr_warmup_steps", "0")
+    run(cli(tiny_llava_dir, tmp_path, "adam", *extra, "--max_examples", "12"))  # batches: 8, 4
+    trainer = run(cli(tiny_llava_dir, tmp_path, "adam", *extra, "--max_examples", "24",
+                      "--resume", "true"))  # fmt: skip
+    assert trainer.state.global_step == 4  # 8, 4, then the short batch's other 4, then 8
+    # fitted to 4 steps: the last one still learns (fitted to 3 batches, its rate was 0)
+    decay = trainer.schedulers[0].lr_lambdas[0]
+    assert [decay(step) for step in range(4)] == [1.0, 0.75, 0.5, 0.25]
+
+
 def test_a_checkpoint_saved_before_examples_were_counted_resumes_at_its_next_batch(
     tmp_path, tiny_llava_dir
 ):

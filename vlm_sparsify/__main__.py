@@ -78,6 +78,7 @@ from vlm_sparsify.sharded_clt import shard_memory_bytes
 from vlm_sparsify.sharding import ShardedCoders, init_distributed, rank_world
 from vlm_sparsify.train_state import (
     live_parameters,
+    read_state,
     read_training_state,
     write_training_state,
 )
@@ -85,6 +86,7 @@ from vlm_sparsify.training import (
     CoderSet,
     NonFiniteLossError,
     Trainer,
+    TrainingState,
     build_coders,
     build_optimizers,
     eval_weights,
@@ -517,11 +519,12 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     coders = build_run_coders(args, model.config.get_text_config().hidden_size, device)
     if examples is None:
         examples = open_dataset()
-    total = _num_batches(examples, args)
+    # the run's length in batches, which adam's and muon's learning-rate decay is fitted to
+    seen = read_state(run_dir, args.batch_size) if args.resume else TrainingState().to_dict()
+    left = _num_batches(examples, args, seen["examples_seen"])
+    total = None if left is None else seen["batches_seen"] + left
     trainer = build_trainer(args, model, coders, total, run_dir, device)
     trainer.state.n_examples = check_same_examples(trainer, examples, dataset, run_dir)
-    left = _num_batches(examples, args, trainer.state.examples_seen)
-    total = None if left is None else trainer.state.batches_seen + left
     trainer.checkpoint = CheckpointWriter(args, run_dir, recipe_bytes, rank)
     wandb_log = None
     if args.log_to_wandb and rank == 0:

@@ -53,14 +53,25 @@ def write_resume_files(
     save_file(params, str(folder / f"{prefix}{PARAMS_FILE}"))
 
 
-def read_training_state(run_dir: Path, trainer: Trainer, prefix: str = "") -> None:
-    """Restore `trainer` from `run_dir` so that it continues exactly where it stopped (`prefix`:
-    of this process's parameter and optimizer files in a sharded run)."""
+def read_state(
+    run_dir: Path, batch_size: int, device: torch.device | str = "cpu"
+) -> dict[str, Any]:
+    """`run_dir`'s `state.pt`, as `TrainingState.from_dict` takes it."""
     if not (run_dir / STATE_FILE).is_file():
         raise FileNotFoundError(
             f"cannot resume: {run_dir} has no {STATE_FILE}; run without --resume to start anew"
         )
+    state: dict[str, Any] = load_torch(run_dir / STATE_FILE, map_location=device)
+    # saved before the count: such runs resumed at the start of their next batch
+    state.setdefault("examples_seen", state["batches_seen"] * batch_size)
+    return state
+
+
+def read_training_state(run_dir: Path, trainer: Trainer, prefix: str = "") -> None:
+    """Restore `trainer` from `run_dir` so that it continues exactly where it stopped (`prefix`:
+    of this process's parameter and optimizer files in a sharded run)."""
     device = next(trainer.coders.parameters()).device
+    state = read_state(run_dir, trainer.cfg.batch_size, device)
     params = load_safetensors(run_dir / f"{prefix}{PARAMS_FILE}", device)
     expected = trainer.coders.state_dict()
     mismatched = sorted(
@@ -74,9 +85,6 @@ def read_training_state(run_dir: Path, trainer: Trainer, prefix: str = "") -> No
             f"(first differing tensors: {mismatched[:4]}); use the same flags or a new --run_name"
         )
     trainer.coders.load_state_dict(params)
-    state: dict[str, Any] = load_torch(run_dir / STATE_FILE, map_location=device)
-    # saved before the count: such runs resumed at the start of their next batch
-    state.setdefault("examples_seen", state["batches_seen"] * trainer.cfg.batch_size)
     trainer.state = TrainingState.from_dict(state)
     for i, opt in enumerate(trainer.optimizers):
         opt.load_state_dict(load_torch(run_dir / f"{prefix}optimizer_{i}.pt", device))
