@@ -87,13 +87,11 @@ def top_examples(
     list may be shorter than `top`, or empty."""
     if top < 1:
         raise ValueError(f"--top {top}: give at least 1 sample per feature")
-    by_source: dict[int, np.ndarray] = {}
-    for ref in sorted(set(features)):
-        by_source[ref.source] = np.append(by_source.get(ref.source, []), ref.latent).astype(
-            np.int64
-        )
-    heaps: dict[FeatureRef, list[tuple[float, int, Example]]] = {
-        FeatureRef(s, int(f)): [] for s, latents in by_source.items() for f in latents
+    refs = sorted(set(features))
+    heaps: dict[FeatureRef, list[tuple[float, int, Example]]] = {ref: [] for ref in refs}
+    by_source = {
+        source: np.array([r.latent for r in refs if r.source == source], dtype=np.int64)
+        for source in dict.fromkeys(r.source for r in refs)
     }
     order = 0
     wanted = None if ids is None else set(ids)

@@ -320,15 +320,19 @@ def measure_at_size(
         note("stock_plt_tok_per_s", state["stock_tok_s"])
         note("stock_plt_peak_gib", peak_gib(device))
 
-    def clt_training() -> None:
-        """Tokens/s and peak memory of the CLT's training step."""
-        clt = make_trainer(
+    def clt_trainer() -> Any:
+        """The CLT-16 trainer of the `clt` and `profile` parts (bf16 decoders)."""
+        return make_trainer(
             model,
             hookpoints,
             train_config(bs, ef, sizes.k),
             cross_layer=sizes.cross_layer,
             decoder_dtype=torch.bfloat16,
         )
+
+    def clt_training() -> None:
+        """Tokens/s and peak memory of the CLT's training step."""
+        clt = clt_trainer()
         step = partial(clt.train_on_batch, text_batch)
         tok_s = tokens / timed_steps(step, sizes.warmup, sizes.steps, device)
         note("clt_peak_gib", peak_gib(device))
@@ -396,13 +400,7 @@ def measure_at_size(
         """torch.profiler over one CLT training step, and over the base model's and the
         open-loop replacement's greedy generation (the GPU goals still missed): kernels launched,
         time per op (`details["profile"]`)."""
-        clt = make_trainer(
-            model,
-            hookpoints,
-            train_config(bs, ef, sizes.k),
-            cross_layer=sizes.cross_layer,
-            decoder_dtype=torch.bfloat16,
-        )
+        clt = clt_trainer()
         step = partial(clt.train_on_batch, text_batch)
         step()  # warm-up
         found = {"clt_step": kernel_profile(step, device)}
