@@ -16,7 +16,7 @@ from benchmarks.adapters import get_adapter
 from benchmarks.store import FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import Coders, load_coders
 from vlm_sparsify.files import read_json
-from vlm_sparsify.loading import load_model_and_processor
+from vlm_sparsify.loading import load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import find_recipe
 
 
@@ -38,11 +38,7 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
     settings = info["settings"]
     meta = FeatureStore(Path(out) / outputs.STORE).meta  # none: captured without coders
     coders = coders or settings.get("coders")
-    recipe = (
-        find_recipe(settings["recipe"], model_id=settings["model"])
-        if settings.get("recipe")
-        else None
-    )
+    recipe = capture_recipe(info)
     model, processor, recipe = load_model_and_processor(
         settings["model"], recipe, dtype=settings.get("dtype", "auto"), device=device
     )
@@ -50,6 +46,15 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
     _check_coders(coder_set, coders, meta)
     data = get_adapter(benchmark).Data(**info["data"])
     return Run(model, processor, coder_set, recipe, settings, data)
+
+
+def capture_recipe(info: dict) -> Any:
+    """The recipe a capture used: its `--recipe` (name or file), else the one capture matched
+    from the model and recorded by name (`recipe_used`; capture.json files without it: matched
+    from the model again)."""
+    settings = info["settings"]
+    name = settings.get("recipe") or info.get("recipe_used")
+    return find_recipe(name, model_id=resolve_model(settings["model"]))
 
 
 def check_store_coders(out: Path, coders: str) -> None:

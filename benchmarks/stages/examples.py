@@ -44,13 +44,13 @@ from benchmarks.feature_examples import (
     token_strings,
     top_examples,
 )
+from benchmarks.runs import capture_recipe
 from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import layer_numbers
 from benchmarks.store import FeatureStore, StoreMeta
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import processor_class, resolve_model
-from vlm_sparsify.recipe import find_recipe
 
 ExampleRegion = Literal["all", "image", "prompt", "response", "decision"]
 
@@ -164,10 +164,8 @@ def _labels(out: Path) -> dict[str, str]:
 def _images_and_processor(out: Path, benchmark: str) -> tuple[dict[str, Path], Any]:
     """Each item's image file and the processor, as capture.json recorded the run."""
     info = outputs.capture_info(out)
-    settings = info["settings"]
-    model = resolve_model(settings["model"])
-    # the recipe capture used (recorded by name when capture matched it from the model)
-    recipe = find_recipe(settings.get("recipe") or info.get("recipe_used"), model_id=model)
+    model = resolve_model(info["settings"]["model"])
+    recipe = capture_recipe(info)
     adapter = get_adapter(benchmark)
     items = adapter.load_items(adapter.Data(**info["data"]), recipe)
     processor = processor_class(recipe).from_pretrained(model)
