@@ -254,18 +254,23 @@ def test_bad_input_ends_in_one_line(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "vlm_sparsify.fidelity"]
+    from vlm_sparsify.cli import run_cli
+
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{truncated")
     for args, message in (
-        ([str(tmp_path / "nothing")], "error: no checkpoint folder"),
         ([str(tmp_path), "--limit", "0"], "error: --limit must be at least 1, got 0"),
         ([str(tmp_path), "--plot", str(tmp_path / "no" / "x.png")], "error: --plot"),
         ([str(tmp_path / "run")], f"error: {tmp_path / 'run' / 'config.json'} is not valid JSON"),
     ):
-        done = subprocess.run([*command, *args], capture_output=True, text=True)
-        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-        assert done.stderr.strip().splitlines()[-1].startswith(message)
+        with pytest.raises(SystemExit) as exit_:  # `python -m vlm_sparsify.fidelity ARGS`
+            run_cli(lambda args=args: main(args))
+        assert str(exit_.value.code).startswith(message)
+    # the whole command: Python prints the line and exits with status 1
+    command = [sys.executable, "-m", "vlm_sparsify.fidelity", str(tmp_path / "nothing")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: no checkpoint folder")
 
 
 def test_a_run_on_an_image_folder_is_measured_on_that_folder(clt_run: Path, capsys, tmp_path):

@@ -416,8 +416,14 @@ def test_ctrl_c_during_a_checkpoint_stops_once_it_is_written_best_copy_included(
         return real_keep_best(*args)
 
     monkeypatch.setattr(cli_main, "keep_best", interrupted_keep_best)
-    with pytest.raises(KeyboardInterrupt):
-        run(cli(tiny_llava_dir, tmp_path, "run", "--save_every", "3", "--save_best", "true"))
+    # pytest started as a shell's background job inherits SIGINT ignored: Ctrl-C's handler here
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(cli(tiny_llava_dir, tmp_path, "run", "--save_every", "3", "--save_best", "true"))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     err = capsys.readouterr().err
     assert "SIGINT: stopping once the checkpoint of step 3 is written" in err
     assert f"interrupted at step 3: the checkpoint of step 3 is in {tmp_path / 'run'}" in err
@@ -426,7 +432,6 @@ def test_ctrl_c_during_a_checkpoint_stops_once_it_is_written_best_copy_included(
     for hook, tensors in weights(tmp_path / "run").items():  # RUN-best is that checkpoint
         best = load_file(tmp_path / "run-best" / hook / "sae.safetensors")
         assert all(torch.equal(best[key], value) for key, value in tensors.items()), hook
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_save_dir_that_cannot_be_written_is_named_before_the_model_loads(
