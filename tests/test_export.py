@@ -1,8 +1,6 @@
 """Export to circuit-tracer: loads with its own load_clt, holds our weights, fidelity measured."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
 from safetensors.torch import save_file
 from sparsify import SparseCoderConfig
 
+from vlm_sparsify.cli import run_cli
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.export import export_circuit_tracer, export_fidelity, fit_thresholds, main
@@ -134,13 +133,9 @@ def test_export_refuses_saes(tmp_path: Path) -> None:
         export_circuit_tracer(sae, tmp_path / "ct", [torch.zeros(8)] * 4)
     # the command says so in one line, before it would run the model for calibration
     save_coders(sae, tmp_path / "sae")
-    command = [sys.executable, "-m", "vlm_sparsify.export", "circuit-tracer"]
-    done = subprocess.run(
-        [*command, str(tmp_path / "sae"), str(tmp_path / "ct")], capture_output=True, text=True
-    )
-    assert done.returncode == 1
-    assert done.stderr.strip().splitlines()[-1].startswith("error: this run holds SAEs")
-    assert "Traceback" not in done.stderr
+    with pytest.raises(SystemExit) as exit_:  # `python -m vlm_sparsify.export` exits with it
+        run_cli(lambda: main(["circuit-tracer", str(tmp_path / "sae"), str(tmp_path / "ct")]))
+    assert str(exit_.value.code).startswith("error: this run holds SAEs")
 
 
 def test_export_warns_that_skip_connections_stay_behind(tmp_path: Path) -> None:
