@@ -229,12 +229,18 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
                 f"region {attribution_region}; run `attribute --region {config.region} --force`"
             )
         missing = set(train_group) - set(attributed)
-        if config.rank_by == "attribution" and missing:
-            raise SystemExit(
+        if missing:
+            lacks = (
                 f"{attributions} lacks {len(missing)} of the {len(train_group)} train samples "
-                f"(e.g. {sorted(missing)[0]}; attribute ran with --limit?): run attribute again"
+                f"(e.g. {sorted(missing)[0]}; attribute ran with --limit?)"
             )
-        stats.update(attribution_stats(attributions, train_group, counts.fired.shape[1:]))
+            if config.rank_by == "attribution":
+                raise SystemExit(f"{lacks}: run attribute again")
+            # a mean over the attributed part is not the train mean features.json promises
+            print(f"analyze: {lacks}: its attributions are left out; run attribute again")
+            attribution_region = None
+        else:
+            stats.update(attribution_stats(attributions, train_group, counts.fired.shape[1:]))
     elif config.rank_by == "attribution":
         raise SystemExit(f"--rank-by attribution needs {attributions}; see docs/benchmarks.md")
     _write_npz(out / outputs.FEATURE_STATS, stats)

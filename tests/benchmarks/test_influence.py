@@ -548,3 +548,24 @@ def test_fisher_matches_scipy_on_every_table_whichever_group_is_larger(n1, n2):
     a, b = (g.ravel() for g in np.meshgrid(np.arange(n1 + 1), np.arange(n2 + 1)))
     expected = [scipy_fisher([[x, n1 - x], [y, n2 - y]])[1] for x, y in zip(a, b, strict=True)]
     np.testing.assert_allclose(fisher_exact(a, n1, b, n2), expected, rtol=1e-9)
+
+
+def test_attributions_of_part_of_the_train_samples_are_left_out_not_averaged(tmp_path, capsys):
+    # `attribute --limit 3` covers g1, g2 and b1 only: a mean over them is not the mean over the
+    # train samples that features.json promises (the BAD mean would be b1's value alone).
+    write_hand_store(tmp_path)
+    save_file(
+        {
+            "sample": np.array([0, 2], dtype=np.int64),
+            "layer": np.array([0, 0], dtype=np.int64),
+            "latent": np.array([1, 1], dtype=np.int64),
+            "value": np.array([0.4, 0.8], dtype=np.float32),
+        },
+        str(tmp_path / "store" / "attributions.safetensors"),
+        metadata={"ids": json.dumps(["g1", "g2", "b1"]), "region": "response"},
+    )
+    result = run_analyze(tmp_path)
+    assert "lacks 1 of the 4 train samples" in capsys.readouterr().out
+    assert result["attribution_region"] is None
+    assert not any(key.startswith("attribution") for f in result["features"] for key in f)
+    assert "attribution" not in np.load(tmp_path / "feature_stats.npz")
