@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 from benchmarks.outputs import write_atomic
 from vlm_sparsify.recipe import Recipe
@@ -31,6 +31,25 @@ class BenchItem:
     """Text given to `Recipe.format_prompt` (any short-answer suffix included)."""
     fields: dict[str, Any] = field(default_factory=dict)
     """Benchmark fields copied into the sample's responses.jsonl record."""
+
+
+T = TypeVar("T")
+
+
+def interleave(items: Sequence[T], kind: Callable[[T], Hashable]) -> list[T]:
+    """Each kind spread evenly over the list, so that the first N items (`--limit N`) hold every
+    kind in its share: the i-th of a kind's n items goes to position (i + 0.5) / n (ties: kinds
+    in order of first appearance); within a kind, the items keep their order."""
+    by_kind: dict[Hashable, list[T]] = {}
+    for item in items:
+        by_kind.setdefault(kind(item), []).append(item)
+    groups = list(by_kind.values())
+    keyed = [
+        ((i + 0.5) / len(group), rank, i)
+        for rank, group in enumerate(groups)
+        for i in range(len(group))
+    ]
+    return [groups[rank][i] for _, rank, i in sorted(keyed)]
 
 
 def check_images(items: Sequence[BenchItem], first: int = 20) -> None:

@@ -30,6 +30,8 @@ class Generation:
     sample: CapturedSample | None
     """Its features (rows: prompt tokens without pads, then the fed response tokens), when
     captured."""
+    cut: bool = False
+    """The response reached `max_new_tokens` before the model ended it (no EOS)."""
 
 
 @torch.inference_mode()
@@ -78,10 +80,12 @@ def generate_batch(
     new_tokens = output[:, inputs["input_ids"].shape[1] :].cpu()
     texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     eos = _eos_ids(model)
-    return [
-        Generation(text.strip(), _until_eos(row.tolist(), eos), sample)
-        for text, row, sample in zip(texts, new_tokens, samples, strict=True)
-    ]
+    generations = []
+    for text, row, sample in zip(texts, new_tokens, samples, strict=True):
+        tokens = _until_eos(row.tolist(), eos)
+        cut = not (tokens and tokens[-1] in eos)  # generate stops early only once all rows end
+        generations.append(Generation(text.strip(), tokens, sample, cut))
+    return generations
 
 
 def _eos_ids(model: Any) -> set[int]:

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from benchmarks.adapters import BenchItem, Rules, Verdict, absolute_path, caption_is_good
+from benchmarks.adapters import (
+    BenchItem,
+    Rules,
+    Verdict,
+    absolute_path,
+    caption_is_good,
+    interleave,
+)
 from benchmarks.amber import items as amber_items
 from benchmarks.amber.items import (
     load_annotations,
@@ -42,7 +49,9 @@ class Data:
 
 
 def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
-    """Generative: the recipe's caption question; discriminative: the query + short-answer suffix."""
+    """Generative: the recipe's caption question; discriminative: the query + short-answer
+    suffix. The dimensions are interleaved (`interleave`: the first N items hold each in its
+    share); within a dimension, by id."""
     if not data.data_dir:
         raise ValueError("pass --data-dir pointing at AMBER's data/ folder")
     items = []
@@ -57,7 +66,7 @@ def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
         )
         fields = {"dimension": item.dimension, "image": item.image}
         items.append(BenchItem(str(item.id), Path(data.images) / item.image, question, fields))
-    return items
+    return interleave(items, lambda item: item.fields["dimension"])
 
 
 def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from benchmarks.adapters import interleave
 from vlm_sparsify.tiny.easyvqa_data import (
     CAPTION_QUESTION,
     COLORS,
@@ -66,7 +67,7 @@ def question_split(question: str, answer: str) -> str:
 
 
 def load_items(kinds: tuple[Kind, ...] = ("yes/no", "open", "caption")) -> list[Item]:
-    """Items of the test split, the kinds interleaved (`interleave_kinds`) so that the first N
+    """Items of the test split, the kinds interleaved (`benchmarks.adapters.interleave`) so that the first N
     items (`--limit`) hold every kind in its share; within a kind, questions in package order,
     captions by image id."""
     paths, labels = image_paths(SPLIT), image_labels(SPLIT)
@@ -101,19 +102,4 @@ def load_items(kinds: tuple[Kind, ...] = ("yes/no", "open", "caption")) -> list[
                     truth=(label.color, label.shape),
                 )
             )
-    return interleave_kinds(items)
-
-
-def interleave_kinds(items: list[Item]) -> list[Item]:
-    """Each kind spread evenly over the list: the i-th of a kind's n items goes to position
-    (i + 0.5) / n (ties: kinds in order of first appearance), so every prefix keeps the shares."""
-    by_kind: dict[str, list[Item]] = {}
-    for item in items:
-        by_kind.setdefault(item.kind, []).append(item)
-    keyed = [
-        ((i + 0.5) / len(group), rank, i)
-        for rank, group in enumerate(by_kind.values())
-        for i in range(len(group))
-    ]
-    groups = list(by_kind.values())
-    return [groups[rank][i] for _, rank, i in sorted(keyed)]
+    return interleave(items, lambda item: item.kind)

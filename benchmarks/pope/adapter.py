@@ -13,6 +13,7 @@ from benchmarks.adapters import (
     Verdict,
     absolute_path,
     csv_choices,
+    interleave,
     write_jsonl,
 )
 from benchmarks.pope.items import (
@@ -49,7 +50,8 @@ class Data:
 
 
 def pope_items(data: Data) -> list[PopeItem]:
-    """The official items of the chosen splits, split by split."""
+    """The official items of the chosen splits, the splits interleaved (`interleave`: the first
+    N hold each split in its share); within a split, in file order."""
     if bool(data.questions_dir) == bool(data.questions):
         raise ValueError("pass either --questions-dir DIR or --questions FILE")
     if data.questions_dir:
@@ -57,7 +59,7 @@ def pope_items(data: Data) -> list[PopeItem]:
     else:
         items = load_question_file(data.questions)
     splits = csv_choices(data.splits, SPLITS, "--splits")
-    return [item for item in items if item.split in splits]
+    return interleave([item for item in items if item.split in splits], lambda item: item.split)
 
 
 def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -236,6 +237,7 @@ def _run_batch(
                 "prompt": prompts[item.id],
                 "response": generation.response,
                 "response_token_ids": generation.tokens,
+                "cut": generation.cut,
                 **item.fields,
             }
         )
@@ -302,6 +304,16 @@ def _finish(
         "captured": len(records) - len(done),
         "skipped_image": len(skipped),
     }
+    cut = [r["id"] for r in records if r.get("cut")]  # captures before 2026-11-27: unknown
+    counts["cut_at_max_new_tokens"] = len(cut)
+    if cut:
+        warnings.warn(
+            f"{len(cut)} of {len(records)} responses reached --max-new-tokens "
+            f"{config.max_new_tokens} before the model ended them (first: {', '.join(cut[:5])}): "
+            "a cut caption names fewer objects (AMBER's CHAIR, Cover and Hal, easy-VQA's caption "
+            "score); for whole responses rerun with a larger --max-new-tokens and a new --out",
+            stacklevel=1,
+        )
     if store is not None and store.records():
         counts["bytes_per_active_feature"] = round(store.bytes_per_active_feature(), 4)
     _write_info(out, config, data, recipe, world, counts, skipped)

@@ -129,7 +129,8 @@ def test_amber_capture_resumes_exactly_scores_and_classifies(
     assert bytes_per_feature <= 4.5
 
     official = json.loads((whole / "responses_official.json").read_text())
-    assert [r["id"] for r in official] == [1, 2, 3, 1006, 8700, 13600]
+    # in item order: the dimensions interleaved (generative, state, existence, relation)
+    assert [r["id"] for r in official] == [1, 2, 1006, 8700, 13600, 3]
     capsys.readouterr()
     run(["amber", "score", "--out", str(whole), "--json", "--mode", "offline"])
     printed = json.loads(capsys.readouterr().out)
@@ -332,8 +333,14 @@ def test_pope_llava_question_file_scores_against_the_label_files(
 
 def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     out = tmp_path / "out"
-    run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir),
-         "--kinds", "yesno,caption", "--limit", "3", *GREEDY])  # fmt: skip
+    with pytest.warns(UserWarning, match=r"(\d) of 3 responses reached --max-new-tokens 5 .*first"):
+        run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir),
+             "--kinds", "yesno,caption", "--limit", "3", *GREEDY])  # fmt: skip
+    records = responses(out)
+    cut = [r["id"] for r in records.values() if r["cut"]]
+    assert cut and all(len(records[i]["response_token_ids"]) == 5 for i in cut)
+    counts = json.loads((out / "capture.json").read_text())["counts"]
+    assert counts["cut_at_max_new_tokens"] == len(cut)
     run(["easyvqa", "score", "--out", str(out)])
     assert "yes/no" in json.loads((out / "metrics.json").read_text())
     run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
@@ -580,3 +587,43 @@ def test_pope_all_runs_a_llava_question_file_with_its_label_files(
     result = json.loads((out / "classification.json").read_text())
     assert result["counts"]["total"] == 2 and result["rules"]["questions_dir"] == str(labels)
     assert {v["label"] for v in result["GOOD"] + result["BAD"]} == {"yes", "no"}
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "flags", "kind"),
+    [
+        ("amber", {"data_dir": ("amber",)}, "dimension"),
+        ("pope", {"questions_dir": ("pope", "coco")}, "split"),
+        ("pope", {"questions": ("pope-llava", "llava_pope_test.jsonl")}, "split"),
+    ],
+)
+def test_a_limit_takes_every_split_and_dimension_in_its_share(benchmark, flags, kind):
+    from collections import Counter
+
+    from benchmarks.amber.items import load_items as amber_items
+    from benchmarks.pope.items import load_question_file, load_questions_dir
+    from tests.benchmarks import shared_data
+    from vlm_sparsify.recipe import find_recipe
+
+    # in file order, `amber all`'s default --limit 600 ran 600 captions and no yes/no question,
+    # and a POPE --limit only the first split
+    adapter = get_adapter(benchmark)
+    data = adapter.Data(**{name: str(shared_data(*path)) for name, path in flags.items()})
+    items = adapter.load_items(data, find_recipe("llava"))
+    kinds = Counter(item.fields[kind] for item in items)
+    assert len(kinds) >= 3
+    for limit in (30, 600):
+        first = Counter(item.fields[kind] for item in items[:limit])
+        for name, n in kinds.items():  # each kind's share of the prefix, within one item
+            assert abs(first[name] - limit * n / len(items)) <= 1, (limit, name)
+    if benchmark == "amber":
+        in_files = [str(item.id) for item in amber_items(data.data_dir)]
+    elif data.questions_dir:
+        in_files = [f"{i.split}-{i.question_id}" for i in load_questions_dir(data.questions_dir)]
+    else:
+        in_files = [f"{i.split}-{i.question_id}" for i in load_question_file(data.questions)]
+    assert sorted(in_files) == sorted(item.id for item in items)  # each item once
+    position = {item_id: i for i, item_id in enumerate(in_files)}
+    for name in kinds:  # within a kind, the files' order
+        in_order = [position[item.id] for item in items if item.fields[kind] == name]
+        assert in_order == sorted(in_order), name
