@@ -327,3 +327,25 @@ def test_a_folder_without_coders_is_refused_before_the_model_loads(
     monkeypatch.setattr(fidelity, "load_model_and_processor", no_model)
     with pytest.raises(CheckpointError, match="holds no <hookpoint>/cfg.json"):
         main([str(clt_run.parent)])  # the save_dir, not the run
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_vl"])
+def test_left_pad_moves_every_per_token_key(family: str, tmp_path: Path) -> None:
+    """Gemma 3's token_type_ids (its image attention) and Qwen3-VL's mm_token_type_ids (its
+    mrope positions) move with the tokens: a left-padded row reads as it does alone."""
+    from tests.conftest import make_image
+    from vlm_sparsify.data import Example, collate, encode_example
+    from vlm_sparsify.random_models import build_tiny
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe(family)
+    model, processor = build_tiny(recipe)
+    image = make_image(tmp_path / "image.png")
+    questions = ("what color is the circle", "is there a red circle in the image of a cat")
+    encoded = [encode_example(Example(q, image, q), processor, recipe, 64) for q in questions]
+    batch = left_pad(collate(encoded, processor.tokenizer.pad_token_id or 0))
+    assert batch["attention_mask"][0, 0] == 0  # the first question is the shorter one
+    with torch.no_grad():
+        batched = model(**batch).logits[:, -1]
+        for row, alone in enumerate(encoded):
+            torch.testing.assert_close(batched[row], model(**alone).logits[0, -1])

@@ -43,6 +43,7 @@ from vlm_sparsify.coder_io import (
 )
 from vlm_sparsify.data import (
     EASYVQA,
+    TOKEN_KEYS,
     Example,
     collate,
     encode_example,
@@ -145,14 +146,14 @@ def layer_predictions(
 
 
 def left_pad(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Move each row's right padding to the left (for batched generation)."""
+    """Move each row's right padding to the left (for batched generation), in every per-token
+    key (`data.TOKEN_KEYS`: Gemma 3's token_type_ids, Qwen3-VL's mm_token_type_ids too)."""
     mask = inputs["attention_mask"]
     length = mask.shape[1]
     shift = length - mask.sum(1, keepdim=True)
     order = (torch.arange(length) - shift) % length
     return {
-        key: value.gather(1, order) if key in ("input_ids", "attention_mask") else value
-        for key, value in inputs.items()
+        key: value.gather(1, order) if key in TOKEN_KEYS else value for key, value in inputs.items()
     }
 
 
