@@ -455,6 +455,28 @@ def test_hooks_are_removed_on_exit(model: nn.Module) -> None:
     assert torch.equal(base, after)
 
 
+def test_a_forward_wrapped_on_the_instance_is_restored_on_exit() -> None:
+    """Open loop overrides each replaced MLP's `forward` on the instance; leaving restores what
+    was there (an accelerate hook placed on the MLP module itself lives there)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    model = tiny_llava()  # its own: the hook stays on it
+
+    class Count(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            Count.calls += 1
+            return args, kwargs
+
+    hooks.add_hook_to_module(model.get_submodule(HOOKPOINTS[1]), Count())
+    with torch.no_grad():
+        with ReplacementModel(model, make_coders("clt"), mode="open-loop"):
+            model(**batch())
+        assert Count.calls == 0  # replaced: the MLP did not run
+        model(**batch())
+    assert Count.calls == 1
+
+
 def test_layers_without_coders_are_left_alone(model: nn.Module) -> None:
     cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
     coders = randomize(PerLayerCoders(HOOKPOINTS[2:3], D, cfg), seed=4)

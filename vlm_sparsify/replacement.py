@@ -624,14 +624,19 @@ def _check_width(module: nn.Module, hookpoint: str, source: nn.Module, reads_out
 
 
 class _ForwardOverride:
-    """Replaces a module's `forward` until `remove()` (a handle like a hook's)."""
+    """Replaces a module's `forward` until `remove()` (a handle like a hook's), which restores
+    a `forward` set on the instance before (an accelerate hook on the module, say)."""
 
     def __init__(self, module: nn.Module, forward: Any):
         self.module = module
+        self.before = module.__dict__.get("forward")
         module.forward = forward  # type: ignore[method-assign]
 
     def remove(self) -> None:
-        del self.module.forward
+        if self.before is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.before  # type: ignore[method-assign]
 
 
 def has_submodule(model: nn.Module, path: str) -> bool:
