@@ -65,9 +65,11 @@ class ReplacementModel:
     an H200, open-loop generation took 1.02-1.18x the base model's time with hybrid, 1.10-1.35x
     with triton and 1.70-1.77x with fused (three runs, BENCHMARKS.md). `fused`: when no gradient
     must reach the coders' weights, decode through `CLTInference`'s wide copies of the decoders
-    (one `embedding_bag` per source), taken at the first such forward and kept while the CLT's
-    weights do not change (`fused_nbytes`: the memory they take); `triton`: the same copies, each
-    source decoded straight into the pending sums by `vlm_sparsify.triton_decode` (CUDA);
+    (one `embedding_bag` per source), taken at the first such forward and checked against the
+    CLT's weights whenever the model is hooked anew (`with rm:` or a call outside one, not at
+    each forward inside a block; `fused_nbytes`: the memory they take); `triton`: the same
+    copies, each source decoded straight into the pending sums by `vlm_sparsify.triton_decode`
+    (CUDA);
     `hybrid`: Triton in forwards of at least `hybrid_min_rows` positions (a prefill), the fused
     `embedding_bag` below (a decoding step's one row per sequence, where a Triton launch's
     overhead can cost more than the decode); `per-target`: target by target with the CLT's own
