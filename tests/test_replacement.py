@@ -730,6 +730,20 @@ def test_a_submodule_called_alone_refuses_regions_and_capture(model: nn.Module) 
     assert not torch.equal(edited, language_model(input_ids=tokens).last_hidden_state)
 
 
+def test_capture_inside_attribution_records_the_leaves_features(model: nn.Module) -> None:
+    rm = ReplacementModel(model, make_coders("clt"), mode="error")
+    with rm.attribution() as leaves, rm.capture() as capture:
+        rm(**batch())
+    samples = capture.pop_samples()
+    keep = batch()["attention_mask"].reshape(-1).bool()
+    assert len(samples) == 2 and len(leaves) == LAYERS
+    for p, acts, indices in leaves:
+        captured = torch.cat([sample.indices[:, p] for sample in samples]).long()
+        assert torch.equal(captured, indices[keep])
+        values = torch.cat([sample.values[:, p] for sample in samples])
+        assert torch.equal(values, acts.detach()[keep].bfloat16())
+
+
 def test_attribution_refuses_interventions_and_modes_added_inside_its_block(
     model: nn.Module,
 ) -> None:

@@ -159,7 +159,7 @@ class FeatureCapture:
             return []
         batch = sequence.chunks[0].regions.shape[0]
         length = max(c.past + c.regions.shape[1] for c in sequence.chunks)
-        k = next(i for i in sequence.chunks[0].indices if i is not None).shape[-1]
+        k = next((i.shape[-1] for i in sequence.chunks[0].indices if i is not None), 0)
         indices = torch.zeros(batch, length, self.num_sources, k, dtype=self.index_dtype)
         values = torch.zeros(batch, length, self.num_sources, k, dtype=self.value_dtype)
         codes = torch.zeros(batch, length, dtype=torch.int8)

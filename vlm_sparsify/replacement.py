@@ -411,6 +411,8 @@ class ReplacementModel:
         flat = x.detach().reshape(-1, x.shape[-1])
         with torch.no_grad():
             top_acts, top_indices, _ = self._encode(p, flat)
+        if self._capture is not None:
+            self._capture.record(p, top_acts, top_indices)
         leaf = top_acts.detach().requires_grad_(True)
         self._leaves.append((p, leaf, top_indices))
         own = leaf.device.type in self.attribution_own_weights_on
