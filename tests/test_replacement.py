@@ -368,6 +368,26 @@ def test_capture_is_the_exact_top_k_with_regions(model: nn.Module) -> None:
     assert second.regions == {"image": [(1, 5)], "prompt": [(0, 1), (5, 10)], "response": []}
 
 
+def test_a_static_cache_captures_as_the_dynamic_one(model: nn.Module) -> None:
+    """With `cache_implementation="static"` the model gets a 4-d attention mask (the pads are on
+    its diagonal) and the cache's length as a tensor that grows in place."""
+    edit = Intervention("add", features=3, region="response", value=2.0)
+    replacement = ReplacementModel(model, make_coders("clt"), interventions=[edit])
+    runs = []
+    with torch.no_grad():
+        for cache in ("dynamic", "static"):
+            with replacement.capture() as capture:
+                settings = {**GREEDY, "eos_token_id": None, "cache_implementation": cache}
+                tokens = replacement.generate(**batch(), **settings)
+            runs.append((tokens, capture.pop_samples()))
+    (dynamic, dynamic_samples), (static, static_samples) = runs
+    assert torch.equal(static, dynamic)
+    for a, b in zip(dynamic_samples, static_samples, strict=True):
+        assert a.regions == b.regions
+        assert torch.equal(a.token_ids, b.token_ids)
+        assert torch.equal(a.indices.sort(-1).values, b.indices.sort(-1).values)
+
+
 def test_capture_during_generate_marks_the_response(model: nn.Module) -> None:
     replacement = ReplacementModel(model, make_coders("plt"), mode="off")
     with torch.no_grad(), replacement.capture() as capture:

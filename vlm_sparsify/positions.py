@@ -123,11 +123,14 @@ class SequencePositions:
             return
         batch, n = reference.shape[:2]
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.ndim == 2:
+        if isinstance(mask, Tensor) and mask.ndim == 2:
             past = mask.shape[1] - n
         else:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
-            past = cache.get_seq_length() if cache is not None else 0
+            # a static cache's length is a tensor that grows in place: read it now
+            past = int(cache.get_seq_length()) if cache is not None else 0
+            if isinstance(mask, Tensor) and mask.ndim == 4 and mask.shape[-1] >= past + n:
+                mask = _mask_of_4d(mask, past, n)
         # generate() without a KV cache re-runs the whole sequence: still the same sequence
         if self._generate_prompt_length is not None:
             self.new_sequence = not self._generate_started
@@ -138,6 +141,15 @@ class SequencePositions:
             self.prompt_length = self._generate_prompt_length or n
         self.past = past
         self._forward = (mask, (batch, n), reference.device)
+
+
+def _mask_of_4d(mask: Tensor, past: int, n: int) -> Tensor:
+    """The `[B, past + n]` padding mask of a 4-d attention mask `[B, 1, n, positions]` (a static
+    cache's): a token is a pad when it does not attend to itself (its diagonal entry is False, or
+    not 0 in an additive float mask); earlier positions count as tokens."""
+    own = mask[:, 0, :, past : past + n].diagonal(dim1=-2, dim2=-1)
+    own = own if own.dtype == torch.bool else own == 0
+    return torch.cat([own.new_ones(own.shape[0], past), own], 1).long()
 
 
 class _GenerateWrapper:
