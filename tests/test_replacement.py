@@ -388,6 +388,31 @@ def test_a_static_cache_captures_as_the_dynamic_one(model: nn.Module) -> None:
         assert torch.equal(a.indices.sort(-1).values, b.indices.sort(-1).values)
 
 
+@pytest.mark.parametrize("family", ["gemma3", "qwen2_vl"])
+def test_a_static_cache_s_masks_per_attention_type_give_the_regions(family: str) -> None:
+    """Gemma 3 and Qwen2-VL get one 4-d mask per attention type with a static cache."""
+    from vlm_sparsify.hookpoints import mlp_hookpoints
+    from vlm_sparsify.random_models import build_tiny
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe(family)
+    vlm, processor = build_tiny(recipe)
+    d = vlm.config.get_text_config().hidden_size
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    replacement = ReplacementModel(vlm, PerLayerCoders(mlp_hookpoints(vlm, recipe), d, cfg))
+    input_ids = torch.tensor([[PAD, PAD, 20, 21, 22], [20, 21, 22, 23, 24]])  # text tokens
+    inputs = {"input_ids": input_ids, "attention_mask": (input_ids != PAD).long()}
+    regions = []
+    with torch.no_grad():
+        for cache in ("dynamic", "static"):
+            with replacement.capture() as capture:
+                settings = {**GREEDY, "eos_token_id": None, "cache_implementation": cache}
+                replacement.generate(**inputs, **settings)
+            regions.append([sample.regions for sample in capture.pop_samples()])
+    assert regions[0] == regions[1]
+    assert regions[1][0] == {"image": [], "prompt": [(0, 3)], "response": [(3, 8)]}
+
+
 def test_capture_during_generate_marks_the_response(model: nn.Module) -> None:
     replacement = ReplacementModel(model, make_coders("plt"), mode="off")
     with torch.no_grad(), replacement.capture() as capture:

@@ -123,14 +123,16 @@ class SequencePositions:
             return
         batch, n = reference.shape[:2]
         mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):  # one per attention type (Gemma 3, Qwen2-VL: static cache)
+            mask = mask.get("full_attention", next(iter(mask.values()), None))
         if isinstance(mask, Tensor) and mask.ndim == 2:
             past = mask.shape[1] - n
         else:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             # a static cache's length is a tensor that grows in place: read it now
             past = int(cache.get_seq_length()) if cache is not None else 0
-            if isinstance(mask, Tensor) and mask.ndim == 4 and mask.shape[-1] >= past + n:
-                mask = _mask_of_4d(mask, past, n)
+            is_4d = isinstance(mask, Tensor) and mask.ndim == 4 and mask.shape[-1] >= past + n
+            mask = _mask_of_4d(mask, past, n) if is_4d else None
         # generate() without a KV cache re-runs the whole sequence: still the same sequence
         if self._generate_prompt_length is not None:
             self.new_sequence = not self._generate_started
