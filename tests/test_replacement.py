@@ -439,6 +439,27 @@ def test_capture_stops_the_response_at_eos(model: nn.Module) -> None:
     assert int(first_eos[1]) <= 2
 
 
+def test_capture_stops_at_the_eos_and_refuses_the_beams_generate_really_uses() -> None:
+    """A `generation_config` passed to generate gets its unset values from the model's
+    (transformers >= 4.50): its EOS, and its beams."""
+    from transformers import GenerationConfig
+
+    model = tiny_llava()  # its own: its generation_config changes
+    replacement = ReplacementModel(model, make_coders("plt"), mode="off")
+    given = GenerationConfig(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    with torch.no_grad():
+        plain = replacement.generate(**batch(), **{**GREEDY, "eos_token_id": None})
+        model.generation_config.eos_token_id = eos = int(plain[1, 12])  # ends row 1 there
+        with replacement.capture() as capture:
+            tokens = replacement.generate(**batch(), generation_config=given)
+        model.generation_config.num_beams = 2
+        with pytest.raises(ValueError, match="beam search"), replacement.capture():
+            replacement.generate(**batch(), generation_config=given)
+    first_eos = int((tokens[1, 10:] == eos).int().argmax())
+    assert first_eos <= 2 and (tokens[1, 10 + first_eos + 1 :] == PAD).all()
+    assert capture.pop_samples()[1].regions["response"] == [(10, 10 + first_eos)]
+
+
 def test_region_intervention_touches_only_that_region(model: nn.Module) -> None:
     coders = make_coders("clt")
     inputs = batch()

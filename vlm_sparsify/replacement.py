@@ -572,8 +572,7 @@ class ReplacementModel:
         tokens = kwargs.get("input_ids", args[0] if args else None)
         if tokens is None:
             raise ValueError("ReplacementModel.generate needs input_ids (token regions)")
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        beams = self._generation_setting("num_beams", kwargs) or 1
         if self._capture is not None and beams > 1:
             raise ValueError(
                 "capture follows each row's own tokens; beam search reorders rows between "
@@ -587,9 +586,23 @@ class ReplacementModel:
             self._capture.end_sequence(self._response_stops(sequences, prompt_length, kwargs))
         return output
 
+    def _generation_setting(self, name: str, kwargs: dict) -> Any:
+        """The value of `name` that `generate(**kwargs)` uses: its keyword, else that of the
+        `generation_config` given, else the model's (transformers fills a given config's unset
+        values from the model's)."""
+        if name in kwargs:
+            return kwargs[name]
+        for config in (
+            kwargs.get("generation_config"),
+            getattr(self.model, "generation_config", None),
+        ):
+            value = getattr(config, name, None)
+            if value is not None:
+                return value
+        return None
+
     def _response_stops(self, sequences: Tensor, prompt_length: int, kwargs: dict) -> list[int]:
-        config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
-        eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+        eos = self._generation_setting("eos_token_id", kwargs)
         response = sequences[:, prompt_length:]
         if eos is None:
             return [sequences.shape[1]] * len(sequences)
