@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,14 +37,19 @@ class BenchItem:
 T = TypeVar("T")
 
 
-def interleave(items: Sequence[T], kind: Callable[[T], Hashable]) -> list[T]:
+def interleave(items: Sequence[T], kind: Callable[[T], Hashable], seed: int | None = 0) -> list[T]:
     """Each kind spread evenly over the list, so that the first N items (`--limit N`) hold every
     kind in its share: the i-th of a kind's n items goes to position (i + 0.5) / n (ties: kinds
-    in order of first appearance); within a kind, the items keep their order."""
+    in order of first appearance). Within a kind the items are shuffled with `seed` (a random
+    sample of it, over many images, where the files list an image's questions together), or keep
+    their order with `seed=None`."""
     by_kind: dict[Hashable, list[T]] = {}
     for item in items:
         by_kind.setdefault(kind(item), []).append(item)
     groups = list(by_kind.values())
+    if seed is not None:
+        for group in groups:
+            random.Random(seed).shuffle(group)
     keyed = [
         ((i + 0.5) / len(group), rank, i)
         for rank, group in enumerate(groups)

@@ -50,8 +50,8 @@ class Data:
 
 def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
     """Generative: the recipe's caption question; discriminative: the query + short-answer
-    suffix. The dimensions are interleaved (`interleave`: the first N items hold each in its
-    share); within a dimension, by id."""
+    suffix. The dimensions are interleaved (`interleave`: the first N items are a random sample of
+    each dimension, in its share)."""
     if not data.data_dir:
         raise ValueError("pass --data-dir pointing at AMBER's data/ folder")
     items = []
@@ -70,8 +70,10 @@ def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
 
 
 def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """JSON list of `{"id", "response"}` with integer ids (what `amber score` reads)."""
-    write_json(path, [{"id": int(r["id"]), "response": r["response"]} for r in records])
+    """JSON list of `{"id", "response"}` with integer ids, by id (what `amber score` and the
+    official inference.py read)."""
+    rows = [{"id": int(r["id"]), "response": r["response"]} for r in records]
+    write_json(path, sorted(rows, key=lambda row: row["id"]))
 
 
 def classify(data: Data, records: Sequence[dict[str, Any]], rules: Rules) -> list[Verdict]:

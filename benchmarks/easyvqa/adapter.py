@@ -51,8 +51,9 @@ def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
 
 
 def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
-    """JSONL of `{"id", "response"}` (what `easyvqa score` reads)."""
-    write_jsonl(path, [{"id": r["id"], "response": r["response"]} for r in records])
+    """JSONL of `{"id", "response"}` by id (what `easyvqa score` reads)."""
+    ordered = sorted(records, key=lambda r: r["id"])
+    write_jsonl(path, [{"id": r["id"], "response": r["response"]} for r in ordered])
 
 
 def classify(data: Data, records: Sequence[dict[str, Any]], rules: Rules) -> list[Verdict]:

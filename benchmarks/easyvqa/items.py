@@ -67,9 +67,8 @@ def question_split(question: str, answer: str) -> str:
 
 
 def load_items(kinds: tuple[Kind, ...] = ("yes/no", "open", "caption")) -> list[Item]:
-    """Items of the test split, the kinds interleaved (`benchmarks.adapters.interleave`) so that the first N
-    items (`--limit`) hold every kind in its share; within a kind, questions in package order,
-    captions by image id."""
+    """Items of the test split, the kinds interleaved (`benchmarks.adapters.interleave`) so that
+    the first N items (`--limit`) are a random sample of every kind, in its share."""
     paths, labels = image_paths(SPLIT), image_labels(SPLIT)
     items = []
     for index, example in enumerate(questions(SPLIT)):

@@ -50,8 +50,8 @@ class Data:
 
 
 def pope_items(data: Data) -> list[PopeItem]:
-    """The official items of the chosen splits, the splits interleaved (`interleave`: the first
-    N hold each split in its share); within a split, in file order."""
+    """The official items of the chosen splits, interleaved (`interleave`: the first N are a
+    random sample of each split, in its share)."""
     if bool(data.questions_dir) == bool(data.questions):
         raise ValueError("pass either --questions-dir DIR or --questions FILE")
     if data.questions_dir:
@@ -82,9 +82,11 @@ def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
 
 def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
     """JSONL of `{"question_id", "split", "image", "response"}` (what `pope score` reads; it
-    refuses label files whose question of that id is about another image)."""
+    refuses label files whose question of that id is about another image), split by split, each
+    in question id order: the label files' order, which the official scripts pair answers by."""
     fields = ("question_id", "split", "image", "response")
-    write_jsonl(path, [{name: record[name] for name in fields} for record in records])
+    ordered = sorted(records, key=lambda r: (SPLITS.index(r["split"]), int(r["question_id"])))
+    write_jsonl(path, [{name: record[name] for name in fields} for record in ordered])
 
 
 def with_labels(records: Sequence[dict[str, Any]], questions_dir: str) -> list[dict[str, Any]]:

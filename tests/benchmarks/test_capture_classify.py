@@ -129,8 +129,7 @@ def test_amber_capture_resumes_exactly_scores_and_classifies(
     assert bytes_per_feature <= 4.5
 
     official = json.loads((whole / "responses_official.json").read_text())
-    # in item order: the dimensions interleaved (generative, state, existence, relation)
-    assert [r["id"] for r in official] == [1, 2, 1006, 8700, 13600, 3]
+    assert [r["id"] for r in official] == [1, 2, 3, 1006, 8700, 13600]  # by id, not item order
     capsys.readouterr()
     run(["amber", "score", "--out", str(whole), "--json", "--mode", "offline"])
     printed = json.loads(capsys.readouterr().out)
@@ -623,7 +622,7 @@ def test_a_limit_takes_every_split_and_dimension_in_its_share(benchmark, flags, 
     else:
         in_files = [f"{i.split}-{i.question_id}" for i in load_question_file(data.questions)]
     assert sorted(in_files) == sorted(item.id for item in items)  # each item once
-    position = {item_id: i for i, item_id in enumerate(in_files)}
-    for name in kinds:  # within a kind, the files' order
-        in_order = [position[item.id] for item in items if item.fields[kind] == name]
-        assert in_order == sorted(in_order), name
+    # a random sample of each kind, over many images (the files list an image's questions
+    # together: in file order the first 600 came from 34 POPE or 44 AMBER images)
+    assert len({item.fields["image"] for item in items[:600]}) > 150
+    assert [i.id for i in adapter.load_items(data, find_recipe("llava"))] == [i.id for i in items]

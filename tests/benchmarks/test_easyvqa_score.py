@@ -116,6 +116,7 @@ def test_kinds_are_interleaved_so_a_limit_holds_every_kind():
     first = items[:600]
     for kind, n in counts.items():  # each kind's share of any prefix, within one item
         assert abs(sum(i.kind == kind for i in first) - 600 * n / len(items)) <= 1, kind
-    captions = [i.image_id for i in items if i.kind == "caption"]
-    assert captions == sorted(captions)  # within a kind the order is kept
+    # within a kind a seeded random sample: over many of the 1,000 test images (in package order
+    # the first 600 came from 59, and analyze's held-out split had 10 of them)
+    assert len({i.image_id for i in first}) > 400
     assert [i.id for i in load_items()] == [i.id for i in items]
