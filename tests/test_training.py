@@ -558,6 +558,27 @@ def test_a_local_dataset_folder_is_found_when_resumed_from_another_directory(
     assert trainer.state.global_step == 2
 
 
+def test_a_local_model_folder_is_found_from_another_directory(
+    tmp_path, tiny_llava_dir, monkeypatch
+):
+    """A run keeps a local MODEL folder as its absolute path, as it keeps a dataset folder:
+    kept as typed (`tiny`), fidelity and --resume from another directory looked for it on the
+    Hub."""
+    from vlm_sparsify.fidelity import main as fidelity
+
+    shutil.copytree(tiny_llava_dir, tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    args = cli("tiny", tmp_path, "rel", "--max_examples", "8")
+    run(args)
+    saved = json.loads((tmp_path / "rel" / "config.json").read_text())
+    assert saved["model"] == str((tmp_path / "tiny").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resume = ["--save_dir", str(tmp_path), "--run_name", "rel", "--resume", "true"]
+    assert run([*resume, "--max_examples", "16"]).state.global_step == 2
+    fidelity([str(tmp_path / "rel"), "--limit", "1", "--max_new_tokens", "1", "--dtype", "float32"])
+
+
 def test_the_token_reaches_the_hub_dataset_too(tmp_path, tiny_llava_dir, monkeypatch):
     """--hf_token (or HF_TOKEN) opens a gated or private Hub dataset, as it loads the model."""
     import datasets

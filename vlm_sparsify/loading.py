@@ -24,8 +24,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_model(model: str) -> str:
-    """MODEL as given, or the folder an alias names; a folder of images (no config.json) is
-    refused with the usual mistake named: the dataset given in MODEL's place."""
+    """MODEL as a run keeps it: a Hub id as given, the folder an alias names, a local folder
+    given by a relative path as its absolute path (a resumed run, fidelity and export find it
+    from any directory); a folder of images (no config.json) is refused with the usual mistake
+    named: the dataset given in MODEL's place."""
     model = MODEL_ALIASES.get(model, model)
     folder = Path(model)
     has_metadata = any((folder / name).is_file() for name in ("metadata.jsonl", "metadata.csv"))
@@ -34,6 +36,8 @@ def resolve_model(model: str) -> str:
             f"MODEL '{model}' looks like a dataset (images + metadata, no config.json); give the "
             f"model first, e.g. `python -m vlm_sparsify default {model}`"
         )
+    if folder.is_dir() and not folder.is_absolute():
+        return str(folder.resolve())
     return model
 
 
