@@ -414,3 +414,31 @@ def test_a_sigterm_to_a_worker_leaves_the_stop_to_the_training_process(llava_rec
     os.kill(batches._workers[0].pid, signal.SIGTERM)
     time.sleep(0.5)
     assert [first["batch_index"], *(b["batch_index"] for b in batches)] == [0, 1, 2]
+
+
+def test_an_image_the_processor_refuses_stops_the_run_naming_the_example(tmp_path):
+    """Qwen's image processor refuses an aspect ratio above 200: the run stopped with its bare
+    message, naming no example."""
+    from vlm_sparsify.random_models import build_tiny_processor
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe("qwen2_vl")
+    processor = build_tiny_processor(recipe)
+    examples = [
+        Example("ok.png", make_image(tmp_path / "ok.png"), "what is it?", "red"),
+        Example("thin.png", make_image(tmp_path / "thin.png", size=(1, 300)), "what?", "red"),
+    ]
+    with pytest.raises(ValueError, match=r"example thin.png: .*1x300.*aspect ratio"):
+        list(BatchStream(examples, processor, recipe, batch_size=2))
+
+
+@pytest.mark.parametrize("field", ["question", "answer"])
+def test_a_text_holding_the_image_token_is_named(tmp_path, llava_recipe, tiny_llava, field):
+    """A caption with a literal `<image>` made the processor count two image placeholders for
+    one image: its bare message named no example."""
+    _, processor = tiny_llava
+    texts = {"question": "what is it?", "answer": "red"}
+    texts[field] = "a <image> tag"
+    example = Example("html.png", make_image(tmp_path / "html.png"), **texts)
+    with pytest.raises(ValueError, match=f"example html.png: its {field} holds .*'<image>'"):
+        list(BatchStream([example], processor, llava_recipe, batch_size=1))

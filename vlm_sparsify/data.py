@@ -430,18 +430,39 @@ def encode_example(
     recipe's `answer_separator`, or as the processor's `suffix` with `answer_as_suffix`), with
     its text truncated to `ctx_len` tokens."""
     image = load_rgb(example.image)
+    check_text_has_no_image_token(example, recipe)
     text = recipe.format_prompt(example.question, processor)
     extra: dict[str, Any] = {}
     if example.answer and recipe.prompt.answer_as_suffix:
         extra["suffix"] = [example.answer]  # PaliGemma: causal answer tokens (token type 1)
     elif example.answer:
         text = f"{text}{recipe.prompt.answer_separator}{example.answer}"
-    encoded = dict(processor(images=[image], text=[text], return_tensors="pt", **extra))
+    try:
+        encoded = dict(processor(images=[image], text=[text], return_tensors="pt", **extra))
+    except ValueError as err:  # e.g. Qwen's image processor: an aspect ratio above 200
+        size = f"{image.width}x{image.height}"
+        raise ValueError(f"the processor cannot encode it (its image is {size}): {err}") from err
     # a suffix makes the processor add `labels`: training computes its own targets, and the
     # model would compute a loss of its own (of the untruncated length) from them
     encoded.pop("labels", None)
     image_id = image_token_id(processor, recipe)
     return truncate_keeping_image_tokens(encoded, image_id, ctx_len, max_positions)
+
+
+def check_text_has_no_image_token(example: Example, recipe: Recipe) -> None:
+    """An example's question and answer hold none of the recipe's image tokens: the processor
+    would take one for a second image placeholder (and refuse the example with a message that
+    names neither it nor the text)."""
+    tokens = dict.fromkeys(
+        t for t in (recipe.prompt.image_token, recipe.prompt.image_pad_token) if t
+    )
+    for name, text in (("question", example.question), ("answer", example.answer)):
+        for token in tokens:
+            if token in text:
+                raise ValueError(
+                    f"its {name} holds the recipe's image token '{token}', which the processor "
+                    "would take for an image; remove it from the text"
+                )
 
 
 def _pad_to(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -574,6 +595,8 @@ class BatchStream(IterableDataset):
                 if self.strict:
                     raise BadImageError(f"example {example.id}: {err}") from err
                 skipped.append(example.id)
+            except ValueError as err:  # the processor refused it, or the context is too short
+                raise ValueError(f"example {example.id}: {err}") from err
         batch: dict[str, Any] = {"batch_index": index, "n_examples": n_examples, "skipped": skipped}
         if encoded:
             pad_id = self.processor.tokenizer.pad_token_id or 0
