@@ -442,3 +442,30 @@ def test_a_text_holding_the_image_token_is_named(tmp_path, llava_recipe, tiny_ll
     example = Example("html.png", make_image(tmp_path / "html.png"), **texts)
     with pytest.raises(ValueError, match=f"example html.png: its {field} holds .*'<image>'"):
         list(BatchStream([example], processor, llava_recipe, batch_size=1))
+
+
+def test_a_metadata_row_of_another_schema_is_named(tmp_path):
+    """A row without `text` / `answer` among rows with them (its caption under another key)
+    trained on the question alone, silently; an empty value still does, as documented."""
+    make_image(tmp_path / "a.png")
+    rows = [{"file_name": "a.png", "text": "a red circle"},
+            {"file_name": "a.png", "question": "What is it?", "answer": ""},
+            {"file_name": "a.png", "caption": "a blue square"}]  # fmt: skip
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=r"metadata row 2 \(.*caption.*\) has no 'text' or 'an"):
+        folder_examples(tmp_path, "Describe this image.")
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    assert [e.answer for e in folder_examples(tmp_path, "Q?")] == ["a red circle", ""]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("b.png,a blue, square", r"row 1 \(line 3\) has more fields than the header"),
+     ("b.png", r"row 1 \(line 3\) has fewer fields than the header")],
+)  # fmt: skip
+def test_a_metadata_csv_row_of_another_width_is_named(tmp_path, line, message):
+    """An unquoted comma in a caption made a TypeError (a None column name); a short row an
+    empty caption."""
+    (tmp_path / "metadata.csv").write_text(f"file_name,text\na.png,a red circle\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        folder_examples(tmp_path, "Describe this image.")

@@ -111,7 +111,11 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
     elif (folder / "metadata.csv").is_file():
         # utf-8-sig: the byte-order mark that Excel puts before the first column name
         with (folder / "metadata.csv").open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows = []
+            for row in reader:
+                _check_csv_row(folder, len(rows), reader.line_num, row)
+                rows.append(row)
     else:
         raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv")
     for i, row in enumerate(rows):
@@ -129,6 +133,14 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
             f"{folder}: the metadata has no 'text' or 'answer' column with the caption or answer "
             f"(columns: {', '.join(columns)}); rename that column to 'text' (or 'answer')"
         )
+    for i, row in enumerate(rows):
+        if not {"text", "answer"} & set(row):
+            # another schema (a caption under another key): it would train on its question alone
+            raise ValueError(
+                f"{folder}: metadata row {i} ({json.dumps(row)[:80]}) has no 'text' or 'answer' "
+                "(other rows have them); give every row its caption or answer under the same "
+                'key ("" trains on the question alone)'
+            )
     return [
         Example(
             id=str(row.get("id") or row["file_name"]),
@@ -138,6 +150,23 @@ def folder_examples(folder: Path, question: str) -> list[Example]:
         )
         for i, row in enumerate(rows)
     ]
+
+
+def _check_csv_row(folder: Path, i: int, line: int, row: dict[Any, Any]) -> None:
+    """A metadata.csv row has as many fields as the header: csv.DictReader keeps the fields
+    past it under the key None (an unquoted comma in a caption) and fills a short row with
+    None."""
+    if None in row:
+        raise ValueError(
+            f"{folder}: metadata.csv row {i} (line {line}) has more fields than the header "
+            f"({json.dumps(row[None])[:60]} left over); quote a field that holds a comma"
+        )
+    if None in row.values():
+        missing = [key for key, value in row.items() if value is None]
+        raise ValueError(
+            f"{folder}: metadata.csv row {i} (line {line}) has fewer fields than the header "
+            f"(no {', '.join(missing)})"
+        )
 
 
 def _text_value(folder: Path, i: int, row: dict[str, Any], column: str) -> str:
