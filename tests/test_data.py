@@ -469,3 +469,19 @@ def test_a_metadata_csv_row_of_another_width_is_named(tmp_path, line, message):
     (tmp_path / "metadata.csv").write_text(f"file_name,text\na.png,a red circle\n{line}\n")
     with pytest.raises(ValueError, match=message):
         folder_examples(tmp_path, "Describe this image.")
+
+
+def test_an_exif_orientation_is_applied_as_datasets_and_transformers_do(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation tag was read sideways (Hugging
+    Face datasets and transformers' `load_image` turn it upright)."""
+    from PIL import ImageOps
+
+    stored = Image.open(make_image(tmp_path / "stored.png", size=(40, 32)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "photo.png", exif=exif)
+    image = load_rgb(str(tmp_path / "photo.png"))
+    assert image.size == (32, 40)
+    upright = ImageOps.exif_transpose(Image.open(tmp_path / "photo.png")).convert("RGB")
+    assert image.tobytes() == upright.tobytes()
+    assert load_rgb((tmp_path / "photo.png").read_bytes()).size == (32, 40)  # a Hub dataset's

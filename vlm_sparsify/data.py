@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_sparsify.files import read_jsonl
@@ -58,7 +58,9 @@ class ContextTooShortError(ValueError):
 
 def load_rgb(image: Any) -> Image.Image:
     """Open any image reference as RGB (grayscale, 16-bit grayscale, palette and RGBA
-    included); one too large to decode safely (PIL's decompression-bomb limit) is a bad image."""
+    included), turned upright by its EXIF orientation as Hugging Face datasets and transformers'
+    `load_image` do; one too large to decode safely (PIL's decompression-bomb limit) is a bad
+    image."""
     try:
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
@@ -69,6 +71,8 @@ def load_rgb(image: Any) -> Image.Image:
         if not isinstance(image, Image.Image):
             raise BadImageError(f"not an image: {type(image).__name__}")
         image.load()
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # a photo stored sideways
+            image = ImageOps.exif_transpose(image)  # a copy: never the caller's image
     except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(str(err)) from err
     if image.mode.startswith("I"):  # 16- or 32-bit integer grayscale
