@@ -532,6 +532,27 @@ def test_a_wrong_image_token_that_every_prompt_holds_is_refused_when_the_model_l
         load_model_and_processor(str(tmp_path), wrong, dtype="float32", device="cpu")
 
 
+@pytest.mark.parametrize("token", ["<s>", "<imgx>"])
+def test_a_wrong_image_token_under_a_chat_template_is_refused(token):
+    """With the chat template writing the prompt and the processor naming its image token id,
+    a wrong [prompt] image_token (known to the tokenizer or not) trained on unnoticed, though
+    docs/recipes.md says it stops the run."""
+    import dataclasses
+
+    recipe = find_recipe("llava_next")
+    model, processor = _tiny("llava_next")
+    check_image_token(model.config, processor, recipe)
+    wrong = dataclasses.replace(
+        recipe, prompt=dataclasses.replace(recipe.prompt, image_token=token)
+    )
+    message = (
+        rf"recipe 'llava_next': \[prompt\] image_token = '{token}' is not the placeholder this "
+        r"processor expands into image tokens \('<image>', its image_token\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        check_image_token(model.config, processor, wrong)
+
+
 def test_a_typo_in_a_tiny_config_table_names_the_table_and_the_field():
     import dataclasses
 

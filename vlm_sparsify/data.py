@@ -364,7 +364,17 @@ def _known_token_id(processor: Any, recipe: Recipe, key: str, token: str) -> int
 def check_image_token(config: Any, processor: Any, recipe: Recipe) -> None:
     """The image token the recipe (or processor) names is the one the model fills with image
     features (`config.image_token_id`): a wrong token that the tokenizer knows and every prompt
-    holds (`<|vision_start|>` for `<|image_pad|>`) would train on the wrong positions."""
+    holds (`<|vision_start|>` for `<|image_pad|>`) would train on the wrong positions. The
+    recipe's `image_token` is the placeholder the processor expands (its `image_token`): under a
+    chat template, which writes the placeholder itself, a wrong one would go unnoticed."""
+    placeholder = getattr(processor, "image_token", None)
+    if isinstance(placeholder, str) and placeholder != recipe.prompt.image_token:
+        raise ValueError(
+            f"recipe '{recipe.name}': [prompt] image_token = '{recipe.prompt.image_token}' is not "
+            f"the placeholder this processor expands into image tokens ('{placeholder}', its "
+            "image_token); name that token"
+        )
+    _known_token_id(processor, recipe, "image_token", recipe.prompt.image_token)
     expected = getattr(config, "image_token_id", None)
     if expected is None:
         return
