@@ -485,3 +485,28 @@ def test_an_exif_orientation_is_applied_as_datasets_and_transformers_do(tmp_path
     upright = ImageOps.exif_transpose(Image.open(tmp_path / "photo.png")).convert("RGB")
     assert image.tobytes() == upright.tobytes()
     assert load_rgb((tmp_path / "photo.png").read_bytes()).size == (32, 40)  # a Hub dataset's
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_hub_dataset_value_that_is_not_text_is_named(tmp_path, llava_recipe, streaming):
+    """VQAv2's `answers` (a list of dicts) or a number in the text column trained on its Python
+    repr ("{'answer': 'yes', ...}"), silently; a folder's metadata already refused it."""
+    import dataclasses
+
+    import datasets
+
+    png = make_image(tmp_path / "a.png").read_bytes()
+    answers = [[{"answer": "yes", "answer_confidence": "yes"}], [{"answer": "no"}]]
+    ds = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png, "path": None}] * 2, "answers": answers, "n": [3, 4]}
+    ).cast_column("image", datasets.Image())
+    ds.to_parquet(tmp_path / "ds.parquet")
+    for column in ("answers", "n"):
+        recipe = dataclasses.replace(
+            llava_recipe, dataset=dataclasses.replace(llava_recipe.dataset, text_column=column)
+        )
+        examples = open_examples(
+            "parquet", recipe, data_files=str(tmp_path / "ds.parquet"), streaming=streaming
+        )
+        with pytest.raises(ValueError, match=rf"example \d+ has a '{column}' that is not text"):
+            list(examples)

@@ -220,13 +220,32 @@ def hf_examples(
         for i, row in enumerate(ds):
             if i == 0 and not columns_known:
                 check_text_columns(path, recipe, list(row))
-            answer = row.get(defaults.text_column, "") if defaults.text_column else ""
-            if isinstance(answer, list):
-                answer = answer[0] if answer else ""
-            question = row.get(defaults.question_column) or defaults.question
-            yield Example(str(row.get("id", i)), row[defaults.image_column], question, answer)
+            example_id = str(row.get("id", i))
+            answer = _hub_text(path, example_id, row, "text_column", defaults.text_column)
+            question = _hub_text(path, example_id, row, "question_column", defaults.question_column)
+            yield Example(
+                example_id, row[defaults.image_column], question or defaults.question, answer
+            )
 
     return _Reiterable(generate)
+
+
+def _hub_text(path: str, example_id: str, row: dict[str, Any], key: str, column: str) -> str:
+    """A Hub dataset row's text `column` (the recipe's [dataset] `key`; "" gives ""): a list
+    gives its first entry, a missing or empty value ''; anything else (VQAv2's list of answer
+    dicts, a number) is an error, not its Python repr trained on."""
+    value = row.get(column) if column else None
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"dataset '{path}': example {example_id} has a '{column}' that is not text "
+            f"({type(value).__name__} {str(value)[:60]}); set [dataset] {key} in a recipe file "
+            "(--recipe PATH) to a column of strings (or of lists of strings: the first is used)"
+        )
+    return value
 
 
 def check_text_columns(path: str, recipe: Recipe, columns: list[str]) -> None:
