@@ -128,6 +128,18 @@ def test_a_16_bit_grayscale_image_is_scaled_to_8_bits(tmp_path):
     assert [image.getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in (0, 64, 128, 255)]
 
 
+def test_a_float_image_is_scaled_to_8_bits(tmp_path):
+    """A 32-bit float TIFF (mode F, values in 0..1) became black: PIL's conversion rounds
+    every value below 1 to 0."""
+    import numpy as np
+
+    pixels = np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32)
+    Image.fromarray(pixels, "F").save(tmp_path / "float.tif")
+    assert Image.open(tmp_path / "float.tif").mode == "F"
+    image = load_rgb(str(tmp_path / "float.tif"))
+    assert [image.getpixel((x, 0))[0] for x in range(4)] == [0, 64, 128, 255]
+
+
 def test_a_decompression_bomb_is_a_bad_image(tmp_path, llava_recipe, tiny_llava, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32 x 40 is over twice the limit
     path = make_image(tmp_path / "huge.png")

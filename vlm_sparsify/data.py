@@ -75,7 +75,7 @@ def load_rgb(image: Any) -> Image.Image:
             image = ImageOps.exif_transpose(image)  # a copy: never the caller's image
     except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(str(err)) from err
-    if image.mode.startswith("I"):  # 16- or 32-bit integer grayscale
+    if image.mode.startswith("I") or image.mode == "F":  # 16- or 32-bit grayscale
         image = _to_8_bits(image)
     if image.mode in ("RGBA", "LA", "P", "PA"):
         rgba = image.convert("RGBA")
@@ -85,11 +85,15 @@ def load_rgb(image: Any) -> Image.Image:
 
 
 def _to_8_bits(image: Image.Image) -> Image.Image:
-    """Integer grayscale (`I;16`, `I`) scaled to 8 bits: PIL's own conversion clips every value
-    above 255, which turns a 16-bit image white."""
-    pixels = np.asarray(image).astype(np.float64)
-    # 16-bit PNGs (I;16) span 0..65535; mode I holds 16-bit data too, unless it is 8-bit
+    """Integer (`I;16`, `I`) or float (`F`) grayscale scaled to 8 bits: PIL's own conversion
+    clips every value above 255, which turns a 16-bit image white, and rounds a float image's
+    0..1 to black."""
+    pixels = np.nan_to_num(np.asarray(image).astype(np.float64))
+    # 16-bit PNGs (I;16) span 0..65535; mode I holds 16-bit data too, unless it is 8-bit; a
+    # float TIFF (F) holding no value above 1 spans 0..1
     top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+    if image.mode == "F" and pixels.max() <= 1.0:
+        top = 1.0
     return Image.fromarray(np.clip(np.round(pixels * 255.0 / top), 0, 255).astype(np.uint8), "L")
 
 
