@@ -553,6 +553,25 @@ def test_a_wrong_image_token_under_a_chat_template_is_refused(token):
         check_image_token(model.config, processor, wrong)
 
 
+def test_a_missing_image_pad_token_names_the_key_to_set():
+    """Gemma 3's processor names its placeholder's id as image_token_id (as Ovis2's does): a
+    recipe without image_pad_token was told to "name that token", not which key names it."""
+    import dataclasses
+
+    recipe = find_recipe("gemma3")
+    model, processor = _tiny("gemma3")
+    wrong = dataclasses.replace(
+        recipe, prompt=dataclasses.replace(recipe.prompt, image_pad_token="")
+    )
+    message = (
+        r"the processor's image_token_id is token \d+, but the model fills token \d+ "
+        r"\('<image_soft_token>', config.image_token_id\) with image features; set \[prompt\] "
+        r"image_pad_token = '<image_soft_token>'"
+    )
+    with pytest.raises(ValueError, match=message):
+        check_image_token(model.config, processor, wrong)
+
+
 def test_a_typo_in_a_tiny_config_table_names_the_table_and_the_field():
     import dataclasses
 

@@ -413,7 +413,8 @@ def check_image_token(config: Any, processor: Any, recipe: Recipe) -> None:
         named = f"[prompt] image_token = '{recipe.prompt.image_token}'"
     raise ValueError(
         f"recipe '{recipe.name}': {named} is token {found}, but the model fills token "
-        f"{expected} ('{wanted}', config.image_token_id) with image features; name that token"
+        f"{expected} ('{wanted}', config.image_token_id) with image features; set [prompt] "
+        f"image_pad_token = '{wanted}'"
     )
 
 
