@@ -25,7 +25,12 @@ from vlm_sparsify.data import (
 )
 from vlm_sparsify.hookpoints import decoder_layers_path, mlp_hookpoints, vision_layer_paths
 from vlm_sparsify.loading import load_model_and_processor
-from vlm_sparsify.random_models import build_tiny, build_tiny_model, build_tokenizer
+from vlm_sparsify.random_models import (
+    build_tiny,
+    build_tiny_model,
+    build_tiny_processor,
+    build_tokenizer,
+)
 from vlm_sparsify.recipe import Recipe, find_recipe, shipped_recipes
 from vlm_sparsify.training import (
     build_coders,
@@ -585,6 +590,23 @@ def test_a_typo_in_a_tiny_config_table_names_the_table_and_the_field():
     )
     with pytest.raises(ValueError, match=message):
         build_tiny_model(typo)
+
+
+def test_a_typo_in_the_tiny_image_processor_table_names_the_key():
+    """An image processor keeps an unknown keyword as an attribute nobody reads: `sizee` built
+    the default 336 px processor for a 28 px model, silently."""
+    import dataclasses
+
+    recipe = find_recipe("llava")
+    image_processor = {**recipe.tiny["image_processor"]}
+    image_processor["sizee"] = image_processor.pop("size")
+    typo = dataclasses.replace(recipe, tiny={**recipe.tiny, "image_processor": image_processor})
+    message = (
+        r"recipe 'llava': \[tiny.image_processor\] sizee is not a keyword of "
+        r"CLIPImageProcessor\w* \(did you mean 'size'\?\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        build_tiny_processor(typo)
 
 
 def test_the_embedded_models_names_resolve_to_its_folder_not_the_hub():

@@ -137,9 +137,9 @@ def build_tokenizer(recipe: Recipe, extra_words: tuple[str, ...] = ()) -> PreTra
 def build_tiny_processor(recipe: Recipe) -> Any:
     tiny = recipe.tiny
     tokenizer = build_tokenizer(recipe)
-    image_processor = transformers_class(tiny["image_processor_class"])(
-        **tiny.get("image_processor", {})
-    )
+    image_processor_class = transformers_class(tiny["image_processor_class"])
+    check_image_processor_keys(recipe, image_processor_class, tiny.get("image_processor", {}))
+    image_processor = image_processor_class(**tiny.get("image_processor", {}))
     processor_kwargs = dict(tiny.get("processor", {}))
     if "chat_template" in tiny:
         processor_kwargs["chat_template"] = tiny["chat_template"]
@@ -215,6 +215,24 @@ def check_config_keys(recipe: Recipe, config: Any, values: dict[str, Any], table
         sub = getattr(config, key, None)
         if isinstance(value, dict) and hasattr(sub, "to_dict"):
             check_config_keys(recipe, sub, value, f"{table}.{key}")
+
+
+def check_image_processor_keys(recipe: Recipe, cls: type, values: dict[str, Any]) -> None:
+    """Every key of `[tiny.image_processor]` is a keyword the image processor class reads (its
+    `valid_kwargs`, where transformers declares them): it keeps an unknown keyword as an
+    attribute nobody reads, so a typo (`sizee`) would build a processor of the default size."""
+    declared = getattr(cls, "valid_kwargs", None)
+    known = set(getattr(declared, "__required_keys__", ())) | set(
+        getattr(declared, "__optional_keys__", ())
+    )
+    for key in values:
+        if known and key not in known:
+            close = get_close_matches(key, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(
+                f"recipe '{recipe.name}': [tiny.image_processor] {key} is not a keyword of "
+                f"{cls.__name__}{hint}"
+            )
 
 
 def build_tiny(recipe: Recipe, seed: int = 0) -> tuple[Any, Any]:
