@@ -16,7 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from PIL import Image
+
 from benchmarks.outputs import write_atomic
+from vlm_sparsify.data import load_rgb
 from vlm_sparsify.recipe import Recipe
 
 
@@ -56,6 +59,13 @@ def interleave(items: Sequence[T], kind: Callable[[T], Hashable], seed: int | No
         for i in range(len(group))
     ]
     return [groups[rank][i] for _, rank, i in sorted(keyed)]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A benchmark image as RGB, as LLaVA's and the benchmarks' evaluation code opens it
+    (`Image.open(path).convert("RGB")`): in its stored orientation, EXIF orientation not applied
+    (training data is turned upright); a missing or unreadable one raises `BadImageError`."""
+    return load_rgb(path, upright=False)
 
 
 def check_images(items: Sequence[BenchItem], first: int = 20) -> None:

@@ -56,11 +56,12 @@ class ContextTooShortError(ValueError):
     """The context cannot hold an example's image tokens."""
 
 
-def load_rgb(image: Any) -> Image.Image:
+def load_rgb(image: Any, upright: bool = True) -> Image.Image:
     """Open any image reference as RGB (grayscale, 16-bit grayscale, palette and RGBA
     included), turned upright by its EXIF orientation as Hugging Face datasets and transformers'
-    `load_image` do; one too large to decode safely (PIL's decompression-bomb limit) is a bad
-    image."""
+    `load_image` do (unless not `upright`: the benchmarks read images as the official evaluation
+    code does, stored orientation); one too large to decode safely (PIL's decompression-bomb
+    limit) is a bad image."""
     try:
         if isinstance(image, dict):
             image = image.get("bytes") or image.get("path")
@@ -71,7 +72,7 @@ def load_rgb(image: Any) -> Image.Image:
         if not isinstance(image, Image.Image):
             raise BadImageError(f"not an image: {type(image).__name__}")
         image.load()
-        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # a photo stored sideways
+        if upright and image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # stored sideways
             image = ImageOps.exif_transpose(image)  # a copy: never the caller's image
     except (OSError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError) as err:
         raise BadImageError(str(err)) from err

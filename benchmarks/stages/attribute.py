@@ -24,13 +24,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from benchmarks import outputs
-from benchmarks.adapters import get_adapter
+from benchmarks.adapters import get_adapter, open_image
 from benchmarks.runs import Run, check_store_coders, load_run, teacher_forced_inputs
 from benchmarks.stages import check_limit, parse_stage
 from benchmarks.stages.analyze import Region, read_attribution_meta
 from vlm_sparsify.capture import REGION_CODE, token_regions
 from vlm_sparsify.coder_io import usual_permissions
-from vlm_sparsify.data import load_rgb
 from vlm_sparsify.replacement import ReplacementModel
 
 
@@ -144,7 +143,7 @@ def attribute(out: Path, benchmark: str, config: AttributeConfig) -> Path:
     rm = ReplacementModel(run.model, run.coders, mode="error")
     ids, per_sample = [], []
     for record in tqdm(records, desc=f"{benchmark} attribute"):
-        inputs = teacher_forced_inputs(run, record, load_rgb(items[record["id"]].image))
+        inputs = teacher_forced_inputs(run, record, open_image(items[record["id"]].image))
         response = torch.tensor(record.get("response_token_ids", []), device=run.model.device)
         ids.append(record["id"])
         per_sample.append(sample_attributions(rm, inputs, response, config.region))

@@ -24,12 +24,19 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from benchmarks import outputs
-from benchmarks.adapters import Adapter, BenchItem, absolute_path, check_images, get_adapter
+from benchmarks.adapters import (
+    Adapter,
+    BenchItem,
+    absolute_path,
+    check_images,
+    get_adapter,
+    open_image,
+)
 from benchmarks.generation import generate_batch
 from benchmarks.stages import check_limit, stage_parser
 from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
-from vlm_sparsify.data import BadImageError, load_rgb
+from vlm_sparsify.data import BadImageError
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe, is_recipe_file
@@ -211,7 +218,7 @@ def _run_batch(
     ready, images, missing = [], [], []
     for item in batch:
         try:
-            images.append(load_rgb(item.image))
+            images.append(open_image(item.image))
             ready.append(item)
         except BadImageError as err:
             if config.strict:

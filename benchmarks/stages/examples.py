@@ -25,7 +25,7 @@ from typing import Any, Literal, NamedTuple
 from tqdm import tqdm
 
 from benchmarks import outputs
-from benchmarks.adapters import get_adapter
+from benchmarks.adapters import get_adapter, open_image
 from benchmarks.example_pages import (
     Card,
     FeatureSection,
@@ -48,7 +48,6 @@ from benchmarks.runs import capture_recipe
 from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import layer_numbers
 from benchmarks.store import FeatureStore, StoreMeta
-from vlm_sparsify.data import load_rgb
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import processor_class, resolve_model
 
@@ -209,7 +208,7 @@ def _sample_view(
         notes.append(f"image missing: {image_path}" if image_path else "not an item of this run")
     else:
         try:
-            image = load_rgb(image_path)
+            image = open_image(image_path)
             view = model_view(processor.image_processor, image) or image
         except (OSError, ValueError) as err:
             notes.append(f"image unreadable: {err}")

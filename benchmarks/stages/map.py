@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from benchmarks import outputs
-from benchmarks.adapters import get_adapter
+from benchmarks.adapters import get_adapter, open_image
 from benchmarks.neuron_map import (
     CoactivationStats,
     contribution,
@@ -44,7 +44,6 @@ from benchmarks.runs import load_run, read_features, teacher_forced_inputs
 from benchmarks.stages import parse_stage
 from benchmarks.stages.analyze import layer_numbers
 from vlm_sparsify.coder_io import Coders, source_weights
-from vlm_sparsify.data import load_rgb
 from vlm_sparsify.files import read_json
 
 INFO = "neuron_map_info.json"
@@ -180,7 +179,7 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
     taps = MLPTaps(run.model, hookpoints)
     try:
         for record in records:
-            run.model(**teacher_forced_inputs(run, record, load_rgb(items[record["id"]].image)))
+            run.model(**teacher_forced_inputs(run, record, open_image(items[record["id"]].image)))
             acts = torch.zeros(len(taps.mlp_inputs[hookpoints[0]]), len(features))
             for p in sorted(set(sources)):
                 columns = [j for j, s in enumerate(sources) if s == p]

@@ -45,7 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from benchmarks import outputs
-from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter
+from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter, open_image
 from benchmarks.bootstrap import FEW_GROUPS, paired_bootstrap
 from benchmarks.generation import generate_batch
 from benchmarks.neuron_map import random_neurons, scale_neurons
@@ -54,7 +54,6 @@ from benchmarks.splits import sample_images
 from benchmarks.stages import check_limit, parse_stage, stage_module
 from benchmarks.stages.plot import pyplot
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
-from vlm_sparsify.data import load_rgb
 from vlm_sparsify.files import read_json
 from vlm_sparsify.interventions import Intervention
 from vlm_sparsify.positions import check_steer_region
@@ -472,7 +471,7 @@ def _generate(
             generations = generate_batch(
                 run.model,
                 run.processor,
-                [load_rgb(item.image) for item in batch],
+                [open_image(item.image) for item in batch],
                 prompts,
                 replacement=setup.replacement,
                 interventions=setup.interventions,

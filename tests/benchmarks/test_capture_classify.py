@@ -626,3 +626,20 @@ def test_a_limit_takes_every_split_and_dimension_in_its_share(benchmark, flags, 
     # together: in file order the first 600 came from 34 POPE or 44 AMBER images)
     assert len({item.fields["image"] for item in items[:600]}) > 150
     assert [i.id for i in adapter.load_items(data, find_recipe("llava"))] == [i.id for i in items]
+
+
+def test_benchmark_images_keep_their_stored_orientation_as_the_official_eval_reads_them(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.adapters import open_image
+
+    # LLaVA's POPE / AMBER evaluation opens images with Image.open(path).convert("RGB"), EXIF
+    # orientation not applied; training data is turned upright (load_rgb)
+    stored = Image.fromarray(np.arange(6 * 4 * 3, dtype=np.uint8).reshape(4, 6, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "COCO_1.png", exif=exif)
+    official = Image.open(tmp_path / "COCO_1.png").convert("RGB")
+    assert np.array_equal(np.asarray(open_image(tmp_path / "COCO_1.png")), np.asarray(official))
+    assert load_rgb(tmp_path / "COCO_1.png").size == (4, 6)  # upright for training
