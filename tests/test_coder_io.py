@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from sparsify import SparseCoder, SparseCoderConfig
 
-from vlm_sparsify.coder_io import CheckpointError, load_coders, save_coders
+from vlm_sparsify.coder_io import CheckpointError, load_coders, load_for_finetune, save_coders
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.per_layer import PerLayerCoders
 
@@ -334,3 +334,16 @@ def test_checkpoint_files_get_the_umask_s_permissions(tmp_path: Path, kind: str)
         os.umask(mask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
     assert "sae.safetensors" in modes and set(modes.values()) == {0o644}, modes
+
+
+def test_per_layer_coders_load_in_the_order_the_caller_trained_them(tmp_path: Path) -> None:
+    # their folders carry no order: `--finetune` of a self_attn + mlp run (forward order) was
+    # refused as "other hookpoints" because the folders' natural sort puts mlp first
+    hooks = ["model.language_model.layers.0.self_attn", "model.language_model.layers.0.mlp"]
+    coders = PerLayerCoders(hooks, D, SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True))
+    save_coders(coders, tmp_path / "run")
+    assert load_coders(tmp_path / "run", hookpoints=hooks).hookpoints == hooks
+    load_for_finetune(coders, tmp_path / "run", "cpu")
+    assert load_coders(tmp_path / "run").hookpoints == hooks[::-1]  # no order asked: natural sort
+    with pytest.raises(CheckpointError, match="were requested"):
+        load_coders(tmp_path / "run", hookpoints=hooks[:1])

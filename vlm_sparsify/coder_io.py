@@ -344,6 +344,10 @@ def _read_cfgs(
                 "re-save it or point to an earlier one"
             )
     order = _hookpoint_order(run_dir, cfgs)
+    per_layer = not any(cfg.get("n_targets", 0) > 0 for cfg in cfgs.values())
+    if hookpoints is not None and per_layer and sorted(hookpoints) == sorted(order):
+        # independent coders, whose folders carry no order: the caller's (its forward order)
+        order = list(hookpoints)
     if hookpoints is not None and list(hookpoints) != order:
         raise CheckpointError(
             f"{run_dir} holds coders for {order} but {list(hookpoints)} were requested; "
