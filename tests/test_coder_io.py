@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -347,3 +348,22 @@ def test_per_layer_coders_load_in_the_order_the_caller_trained_them(tmp_path: Pa
     assert load_coders(tmp_path / "run").hookpoints == hooks[::-1]  # no order asked: natural sort
     with pytest.raises(CheckpointError, match="were requested"):
         load_coders(tmp_path / "run", hookpoints=hooks[:1])
+
+
+def test_folders_a_killed_write_left_inside_a_run_are_no_hookpoints(tmp_path: Path) -> None:
+    # RUN-best replaces a per-layer hookpoint's folder alone (`.<hookpoint>.tmp-<pid>`, then
+    # `.<hookpoint>.old-<pid>`, inside RUN-best): a kill left them, loaded as two more coders
+    from vlm_sparsify.coder_io import clean_stale_children
+
+    run = tmp_path / "run-best"
+    coders = PerLayerCoders(HOOKS, D, SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True))
+    save_coders(coders, run)
+    dead = 2**22 + 1  # above Linux's pid_max: no such process
+    shutil.copytree(run / HOOKS[0], run / f".{HOOKS[0]}.tmp-{dead}")
+    assert load_coders(run).hookpoints == HOOKS
+    (run / HOOKS[1]).rename(run / f".{HOOKS[1]}.old-{dead}")  # killed between the two renames
+    with pytest.raises(CheckpointError, match=rf"{HOOKS[1]} is missing: .*\.old-{dead} holds"):
+        load_coders(run)
+    notes = clean_stale_children(run)  # what the training CLI does when it starts again
+    assert len(notes) == 2 and sorted(p.name for p in run.iterdir()) == HOOKS
+    assert load_coders(run).hookpoints == HOOKS

@@ -189,6 +189,16 @@ def clean_stale_folders(run_dir: Path) -> list[str]:
     return done
 
 
+def clean_stale_children(folder: Path) -> list[str]:
+    """`clean_stale_folders` of every folder inside `folder` that a killed write left a
+    `.<name>.tmp-<pid>` / `.<name>.old-<pid>` beside: RUN-best, whose per-layer hookpoints are
+    replaced one by one (`best_checkpoint.keep_best`)."""
+    if not folder.is_dir():
+        return []
+    names = {f.name[1:].rpartition(".")[0] for f in folder.glob(".*.*-*") if f.is_dir()}
+    return [note for name in sorted(names) if name for note in clean_stale_folders(folder / name)]
+
+
 def clt_source_cfg(clt: CrossLayerTranscoder | ShardedCLT, p: int) -> dict[str, Any]:
     """cfg.json of CLT source p: clt-training's fields plus what `load_coders` needs."""
     return {
@@ -320,11 +330,18 @@ def _read_cfgs(
 ) -> tuple[list[str], dict[str, dict[str, Any]]]:
     """The run's hookpoints in order and their cfg.json, checked against what was asked for."""
     check_run_dir(run_dir)
-    folders = [f for f in run_dir.iterdir() if f.is_dir() and (f / CFG_FILE).exists()]
+    # hidden folders are a killed atomic write's (`.<hookpoint>.tmp-<pid>` in RUN-best), no coders
+    entries = [f for f in run_dir.iterdir() if not f.name.startswith(".")]
+    folders = [f for f in entries if f.is_dir() and (f / CFG_FILE).exists()]
+    for old in sorted(run_dir.glob(".*.old-*")):
+        name = old.name[1:].rpartition(".")[0]
+        if (old / CFG_FILE).exists() and not (run_dir / name).exists():
+            raise CheckpointError(
+                f"{run_dir / name} is missing: {old} holds its coders (a write replacing them "
+                f"was killed); rename it to {name}, or resume the run, which puts it back"
+            )
     # a coder folder that lost its cfg.json would otherwise drop out of the set unnoticed
-    if orphans := sorted(
-        f for f in run_dir.iterdir() if (f / WEIGHTS_FILE).exists() and f not in folders
-    ):
+    if orphans := sorted(f for f in entries if (f / WEIGHTS_FILE).exists() and f not in folders):
         raise CheckpointError(
             f"missing {orphans[0] / CFG_FILE} beside its {WEIGHTS_FILE}; the checkpoint is "
             "incomplete: re-save it or point to an earlier one"
