@@ -116,3 +116,16 @@ def test_a_mistyped_flag_is_one_line_with_the_closest_flag(command, typo, messag
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    "argv", [["--hf-token=hf_SECRET"], ["default", "easyvqa", "--hf-token", "hf_SECRET"]]
+)
+def test_a_mistyped_token_flag_never_echoes_the_token(argv, capsys):
+    from vlm_sparsify.__main__ import parse_run_config
+
+    with pytest.raises(SystemExit):
+        parse_run_config(argv)
+    err = capsys.readouterr().err
+    assert "unknown flag" in err and "did you mean --hf_token?" in err
+    assert "SECRET" not in err, err

@@ -117,9 +117,18 @@ class ArgumentParser(simple_parsing.ArgumentParser):
         flags = [o for action in self._actions for o in action.option_strings]
         unknown = message[len(prefix) :].split()
         hints = []
+        secret = False  # the value of a mistyped token flag is never printed
         for arg in unknown:
-            close = get_close_matches(arg.split("=", 1)[0], flags, n=1, cutoff=0.75)
-            hints.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+            if secret and not arg.startswith("-"):
+                hints.append("***")
+                secret = False
+                continue
+            name, eq, _ = arg.partition("=")
+            secret = "token" in name.lower() and arg.startswith("-")
+            shown = f"{name}=***" if secret and eq else arg
+            secret = secret and not eq
+            close = get_close_matches(name, flags, n=1, cutoff=0.75)
+            hints.append(f"{shown} (did you mean {close[0]}?)" if close else shown)
         self.exit(
             2,
             f"{self.prog}: error: unknown flag{'s' if len(unknown) > 1 else ''} "
