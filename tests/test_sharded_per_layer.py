@@ -111,3 +111,20 @@ def test_a_sharded_plt_run_loads_with_stock_sparsify(tmp_path, tiny_llava_dir):
         for key, value in two[hook].items():
             atol = 2e-3 + 1e-6 if key == "b_dec" else 1e-5  # as the data-parallel test
             torch.testing.assert_close(value, one[hook][key], atol=atol, rtol=0)
+
+
+def test_finetune_refuses_coders_of_another_kind_as_one_process_does(tmp_path) -> None:
+    from vlm_sparsify.coder_io import CheckpointError, save_coders
+    from vlm_sparsify.sharded_checkpoint import load_owned_tensors
+
+    sae_cfg = SparseCoderConfig(num_latents=32, k=4, transcode=False)
+    save_coders(PerLayerCoders(HOOKS, 8, sae_cfg), tmp_path / "sae")
+    plt_cfg = SparseCoderConfig(num_latents=32, k=4, transcode=True)
+    # an SAE's tensors have a PLT's keys and shapes: they loaded into the PLT without a word
+    with pytest.raises(CheckpointError, match="kind 'sparse autoencoders' .*'per-layer transc"):
+        load_owned_tensors(ShardedPerLayer(HOOKS, 8, plt_cfg), tmp_path / "sae")
+    saved = PerLayerCoders(HOOKS, 8, plt_cfg, init_seed=5)
+    save_coders(saved, tmp_path / "plt")
+    sharded = ShardedPerLayer(HOOKS, 8, plt_cfg)
+    load_owned_tensors(sharded, tmp_path / "plt")
+    assert torch.equal(sharded.coder(2).encoder.weight, saved.coder(2).encoder.weight)

@@ -274,12 +274,17 @@ def source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor]
     return coder.encoder.weight, coder.encoder.bias, [coder.W_dec], [coder.b_dec]
 
 
+def per_layer_kind(transcode: bool) -> str:
+    return "per-layer transcoders" if transcode else "sparse autoencoders"
+
+
 def coder_shape(coders: Coders) -> dict[str, Any]:
     """What a fine-tune must share with its checkpoint besides hookpoints and d_in."""
-    if isinstance(coders, CrossLayerTranscoder):
-        kind = "a cross-layer transcoder"
-    else:
-        kind = "per-layer transcoders" if coders.transcode else "sparse autoencoders"
+    kind = (
+        "a cross-layer transcoder"
+        if isinstance(coders, CrossLayerTranscoder)
+        else per_layer_kind(coders.transcode)
+    )
     return {
         "kind": kind,
         "cross_layer": getattr(coders, "cross_layer", 0),

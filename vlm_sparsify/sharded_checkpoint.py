@@ -32,6 +32,7 @@ from vlm_sparsify.coder_io import (
     CheckpointError,
     atomic_dir,
     clt_source_cfg,
+    per_layer_kind,
     read_clt_tensors,
     temp_dir,
     write_clt_source,
@@ -191,6 +192,14 @@ def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
                     f"{run_dir}: cannot fine-tune {hookpoint} from it ({err}); pass a run of "
                     "per-layer coders of these hookpoints and width"
                 ) from err
+            # an SAE's tensors have a PLT's keys and shapes
+            if saved.cfg.transcode != coders.cfg.transcode:
+                raise CheckpointError(
+                    f"cannot fine-tune from {run_dir}: it holds kind "
+                    f"{per_layer_kind(saved.cfg.transcode)!r} (this run: "
+                    f"{per_layer_kind(coders.cfg.transcode)!r}); pass the flags it was trained "
+                    "with (--transcode)"
+                )
         return
     clt = coders
     assert isinstance(clt, ShardedCLT)
