@@ -128,3 +128,15 @@ def test_finetune_refuses_coders_of_another_kind_as_one_process_does(tmp_path) -
     sharded = ShardedPerLayer(HOOKS, 8, plt_cfg)
     load_owned_tensors(sharded, tmp_path / "plt")
     assert torch.equal(sharded.coder(2).encoder.weight, saved.coder(2).encoder.weight)
+
+
+def test_finetune_refuses_a_run_of_other_hookpoints_as_one_process_does(tmp_path) -> None:
+    from vlm_sparsify.coder_io import CheckpointError, save_coders
+    from vlm_sparsify.sharded_checkpoint import load_owned_tensors
+
+    cfg = SparseCoderConfig(num_latents=32, k=4, transcode=True)
+    more = [*HOOKS, "model.language_model.layers.3.mlp"]
+    save_coders(PerLayerCoders(more, 8, cfg), tmp_path / "more")
+    # each process took its own hookpoints' coders: the run's others were left out unnoticed
+    with pytest.raises(CheckpointError, match="were requested"):
+        load_owned_tensors(ShardedPerLayer(HOOKS, 8, cfg), tmp_path / "more")

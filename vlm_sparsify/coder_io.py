@@ -324,10 +324,13 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
-def run_hookpoints(run_dir: Path) -> list[str]:
+def run_hookpoints(
+    run_dir: Path, hookpoints: list[str] | None = None, d_in: int | None = None
+) -> list[str]:
     """The hookpoints of a run folder, in order, after `load_coders`' checks of its cfg.json
-    files (no weights are read): a folder that is not a run (the save_dir above one) is refused."""
-    return _read_cfgs(run_dir, None, None)[0]
+    files (no weights are read): a folder that is not a run (the save_dir above one) is refused,
+    and so is one of other `hookpoints` or `d_in` when given."""
+    return _read_cfgs(run_dir, hookpoints, d_in)[0]
 
 
 def _read_cfgs(

@@ -34,6 +34,7 @@ from vlm_sparsify.coder_io import (
     clt_source_cfg,
     per_layer_kind,
     read_clt_tensors,
+    run_hookpoints,
     temp_dir,
     write_clt_source,
 )
@@ -182,6 +183,7 @@ def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
     CLT's (of the same cross_layer) read one by one from its source files, or the stock coders
     of this process's hookpoints."""
     if isinstance(coders, ShardedPerLayer):
+        run_hookpoints(Path(run_dir), coders.hookpoints, coders.d_in)  # the same, as one process
         for p in coders.owned:
             hookpoint = coders.hookpoints[p]
             try:
