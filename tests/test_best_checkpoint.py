@@ -24,3 +24,22 @@ def test_a_new_run_s_first_best_leaves_nothing_of_an_earlier_run_of_that_name(
     # later checks still replace the hookpoints that improved alone
     keep_best(run_dir, HOOKS[:2], HOOKS[1:2])
     assert load_coders(best_dir(run_dir)).hookpoints == HOOKS[:2]
+
+
+def test_what_a_killed_write_left_of_run_best_is_put_back_when_the_run_starts_again(
+    tmp_path: Path,
+) -> None:
+    from vlm_sparsify.best_checkpoint import clean_after_kill
+
+    cfg = SparseCoderConfig(num_latents=16, k=2, transcode=True)
+    run_dir = tmp_path / "run"
+    save_coders(PerLayerCoders(HOOKS, 8, cfg), run_dir)
+    save_coders(PerLayerCoders(HOOKS, 8, cfg), best_dir(run_dir))
+    dead = 2**22 + 1  # above Linux's pid_max: no such process
+    # a whole RUN-best write killed between its two renames: RUN-best waits at .run-best.old
+    best_dir(run_dir).rename(tmp_path / f".run-best.old-{dead}")
+    notes = clean_after_kill(run_dir)
+    assert notes == [
+        f"restored {best_dir(run_dir)} from .run-best.old-{dead} (a checkpoint write was killed)"
+    ]
+    assert load_coders(best_dir(run_dir)).hookpoints == HOOKS

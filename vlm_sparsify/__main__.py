@@ -30,12 +30,15 @@ from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
 from torch import nn
 
-from vlm_sparsify.best_checkpoint import best_dir, improved_since_last_check, keep_best
+from vlm_sparsify.best_checkpoint import (
+    best_dir,
+    clean_after_kill,
+    improved_since_last_check,
+    keep_best,
+)
 from vlm_sparsify.cli import ArgumentParser, Terminated, reported_interrupt, run_cli
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
-    clean_stale_children,
-    clean_stale_folders,
     load_for_finetune,
     save_coders,
     temp_dir,
@@ -473,7 +476,7 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
     token = args.hf_token or os.environ.get("HF_TOKEN")
     run_dir = Path(args.save_dir) / (args.run_name or "unnamed")
     if rank == 0:
-        for note in clean_stale_folders(run_dir) + clean_stale_children(best_dir(run_dir)):
+        for note in clean_after_kill(run_dir):
             print(note)
     check_run_folder(args, run_dir)
     if rank == 0:

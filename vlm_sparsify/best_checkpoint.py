@@ -17,7 +17,12 @@ import os
 import shutil
 from pathlib import Path
 
-from vlm_sparsify.coder_io import RUN_CONFIG_FILE, atomic_dir
+from vlm_sparsify.coder_io import (
+    RUN_CONFIG_FILE,
+    atomic_dir,
+    clean_stale_children,
+    clean_stale_folders,
+)
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.recipe import RUN_RECIPE_FILE
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
@@ -26,6 +31,13 @@ from vlm_sparsify.training import Trainer
 
 def best_dir(run_dir: Path) -> Path:
     return run_dir.parent / f"{run_dir.name}-best"
+
+
+def clean_after_kill(run_dir: Path) -> list[str]:
+    """What killed checkpoint writes left (`coder_io.clean_stale_folders`) beside RUN and
+    RUN-best, and inside RUN-best beside its hookpoint folders; returns what was done."""
+    best = best_dir(run_dir)
+    return clean_stale_folders(run_dir) + clean_stale_folders(best) + clean_stale_children(best)
 
 
 def recent_losses(trainer: Trainer) -> dict[str, float]:
