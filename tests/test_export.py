@@ -304,3 +304,17 @@ def test_calibration_activations_come_from_the_runs_own_training_positions(
     image_tokens = int((ids == processor.image_token_id).sum())
     assert rows["all", 0] - rows["text", 0] == 4 * image_tokens  # the run's --tokens
     assert rows["text", 0] - rows["text", 1] == 4 * int((ids == first).sum())  # --exclude_tokens
+
+
+def test_an_out_dir_that_is_a_file_is_refused_untouched(tmp_path: Path) -> None:
+    # it was moved aside as .notes.txt.old-<pid> and replaced (the next export deleted it)
+    clt = random_clt(cross_layer=2)
+    save_coders(clt, tmp_path / "run")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(ValueError, match=f"{notes} exists and is not a circuit-tracer export"):
+        export_circuit_tracer(clt, notes, [torch.full((8,), 0.1)] * 4)
+    with pytest.raises(ValueError, match="pass a new or empty folder"):
+        main(["circuit-tracer", str(tmp_path / "run"), str(notes)])
+    assert notes.read_text() == "keep me"
+    assert sorted(tmp_path.iterdir()) == [notes, tmp_path / "run"]

@@ -190,9 +190,10 @@ def run_model_layers(run: Path) -> int:
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """The export replaces OUT_DIR whole: refuse a folder that holds anything but an earlier
-    export (the run itself, the save_dir, a folder of other files), whose contents would go."""
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    """The export replaces OUT_DIR whole: refuse a file, or a folder that holds anything but an
+    earlier export (the run itself, the save_dir, a folder of other files), whose contents would
+    go."""
+    if not out_dir.exists() or out_dir.is_dir() and not any(out_dir.iterdir()):
         return
     config = out_dir / "config.yaml"
     earlier = config.is_file() and "model_kind: cross_layer_transcoder" in config.read_text()
