@@ -7,6 +7,7 @@ import pytest
 import torch
 from sparsify import SparseCoder, SparseCoderConfig
 
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
 from vlm_sparsify.training import loss_per_target
@@ -123,6 +124,9 @@ def test_finetune_refuses_coders_of_another_kind_as_one_process_does(tmp_path) -
     # an SAE's tensors have a PLT's keys and shapes: they loaded into the PLT without a word
     with pytest.raises(CheckpointError, match="kind 'sparse autoencoders' .*'per-layer transc"):
         load_owned_tensors(ShardedPerLayer(HOOKS, 8, plt_cfg), tmp_path / "sae")
+    save_coders(CrossLayerTranscoder(HOOKS, 8, plt_cfg, 2), tmp_path / "clt")
+    with pytest.raises(CheckpointError, match="kind 'a cross-layer transcoder' .*--cross_layer"):
+        load_owned_tensors(ShardedPerLayer(HOOKS, 8, plt_cfg), tmp_path / "clt")
     saved = PerLayerCoders(HOOKS, 8, plt_cfg, init_seed=5)
     save_coders(saved, tmp_path / "plt")
     sharded = ShardedPerLayer(HOOKS, 8, plt_cfg)

@@ -28,6 +28,7 @@ from sparsify import SparseCoder
 from torch import Tensor
 
 from vlm_sparsify.coder_io import (
+    CFG_FILE,
     RUN_CONFIG_FILE,
     CheckpointError,
     atomic_dir,
@@ -184,6 +185,12 @@ def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
     of this process's hookpoints."""
     if isinstance(coders, ShardedPerLayer):
         run_hookpoints(Path(run_dir), coders.hookpoints, coders.d_in)  # the same, as one process
+        if read_json(Path(run_dir) / coders.hookpoints[0] / CFG_FILE).get("n_targets", 0) > 0:
+            raise CheckpointError(
+                f"cannot fine-tune from {run_dir}: it holds kind 'a cross-layer transcoder' "
+                f"(this run: {per_layer_kind(coders.cfg.transcode)!r}); pass the flags it was "
+                "trained with (--cross_layer)"
+            )
         for p in coders.owned:
             hookpoint = coders.hookpoints[p]
             try:
