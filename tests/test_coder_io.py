@@ -367,3 +367,16 @@ def test_folders_a_killed_write_left_inside_a_run_are_no_hookpoints(tmp_path: Pa
     notes = clean_stale_children(run)  # what the training CLI does when it starts again
     assert len(notes) == 2 and sorted(p.name for p in run.iterdir()) == HOOKS
     assert load_coders(run).hookpoints == HOOKS
+
+
+def test_a_per_layer_file_that_disagrees_with_its_cfg_is_one_line_naming_the_tensor(
+    tmp_path: Path,
+) -> None:
+    coders = PerLayerCoders(HOOKS, D, SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True))
+    save_coders(coders, tmp_path / "run")
+    cfg_path = tmp_path / "run" / HOOKS[1] / "cfg.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "skip_connection": True}))
+    with pytest.raises(CheckpointError) as caught:
+        load_coders(tmp_path / "run")
+    message = str(caught.value)  # the command-line tools print it as their one line
+    assert "\n" not in message and 'Missing key(s) in state_dict: "W_skip"' in message, message

@@ -461,8 +461,8 @@ def _load_per_layer(
             raise unreadable(run_dir / name / WEIGHTS_FILE, "safetensors file", err) from None
         except (RuntimeError, KeyError, TypeError) as err:
             raise CheckpointError(
-                f"{run_dir / name / WEIGHTS_FILE} does not match its {CFG_FILE}: {err}; "
-                "re-save the checkpoint"
+                f"{run_dir / name / WEIGHTS_FILE} does not match its {CFG_FILE}: "
+                f"{' '.join(str(err).split())}; re-save the checkpoint"
             ) from err
         coders[name] = coder if dtype is None else coder.to(dtype)
     return PerLayerCoders.from_coders(coders)
