@@ -144,3 +144,16 @@ def test_finetune_refuses_a_run_of_other_hookpoints_as_one_process_does(tmp_path
     # each process took its own hookpoints' coders: the run's others were left out unnoticed
     with pytest.raises(CheckpointError, match="were requested"):
         load_owned_tensors(ShardedPerLayer(HOOKS, 8, cfg), tmp_path / "more")
+
+
+def test_finetune_from_coders_without_this_runs_skip_connection_is_one_line(tmp_path) -> None:
+    from vlm_sparsify.coder_io import CheckpointError, save_coders
+    from vlm_sparsify.sharded_checkpoint import load_owned_tensors
+
+    cfg = SparseCoderConfig(num_latents=32, k=4, transcode=True)
+    save_coders(PerLayerCoders(HOOKS, 8, cfg), tmp_path / "plt")
+    skip = SparseCoderConfig(num_latents=32, k=4, transcode=True, skip_connection=True)
+    with pytest.raises(CheckpointError) as caught:
+        load_owned_tensors(ShardedPerLayer(HOOKS, 8, skip), tmp_path / "plt")
+    message = str(caught.value)  # the training CLI prints it as its one line
+    assert "\n" not in message and '"W_skip"' in message, message

@@ -198,8 +198,9 @@ def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
                 coders.coder(p).load_state_dict(saved.state_dict())
             except (FileNotFoundError, RuntimeError, KeyError, SafetensorError) as err:
                 raise CheckpointError(
-                    f"{run_dir}: cannot fine-tune {hookpoint} from it ({err}); pass a run of "
-                    "per-layer coders of these hookpoints and width"
+                    f"{run_dir}: cannot fine-tune {hookpoint} from it ({' '.join(str(err).split())}"
+                    "); pass a run of per-layer coders of these hookpoints, width and skip "
+                    "connection"
                 ) from err
             # an SAE's tensors have a PLT's keys and shapes
             if saved.cfg.transcode != coders.cfg.transcode:
