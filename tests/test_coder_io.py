@@ -380,3 +380,13 @@ def test_a_per_layer_file_that_disagrees_with_its_cfg_is_one_line_naming_the_ten
         load_coders(tmp_path / "run")
     message = str(caught.value)  # the command-line tools print it as their one line
     assert "\n" not in message and 'Missing key(s) in state_dict: "W_skip"' in message, message
+
+
+def test_finetune_from_a_clt_with_post_encoder_offsets_names_them(tmp_path: Path) -> None:
+    write_clt_training_folder(tmp_path / "run", post_enc_value=0.25)
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    ours = CrossLayerTranscoder(HOOKS, D, cfg, 3)
+    # torch's first line alone ("Error(s) in loading state_dict for ...:") named nothing
+    with pytest.raises(CheckpointError, match=r"cannot fine-tune .*post_encs\.0") as caught:
+        load_for_finetune(ours, tmp_path / "run", "cpu")
+    assert "\n" not in str(caught.value)

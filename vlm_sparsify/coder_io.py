@@ -311,9 +311,10 @@ def load_for_finetune(coders: Coders, run_dir: str | Path, device: str | torch.d
         )
     try:
         coders.load_state_dict(saved.state_dict())
-    except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"cannot fine-tune from {run_dir}: {first_line}") from None
+    except RuntimeError as err:  # torch's text, joined into one line
+        raise CheckpointError(
+            f"cannot fine-tune from {run_dir}: {' '.join(str(err).split())}"
+        ) from None
 
 
 def check_run_dir(run_dir: Path) -> None:
