@@ -318,3 +318,13 @@ def test_an_out_dir_that_is_a_file_is_refused_untouched(tmp_path: Path) -> None:
         main(["circuit-tracer", str(tmp_path / "run"), str(notes)])
     assert notes.read_text() == "keep me"
     assert sorted(tmp_path.iterdir()) == [notes, tmp_path / "run"]
+
+
+def test_attention_hookpoints_are_refused_for_the_export_s_own_reason(tmp_path: Path) -> None:
+    # the message was fidelity's: "the replacement model replaces MLPs only: measure coders ..."
+    clt = random_clt(cross_layer=2)
+    clt.hookpoints = [f"model.language_model.layers.{i}.self_attn" for i in range(4)]
+    save_coders(clt, tmp_path / "attn", config={"model": "default"})
+    with pytest.raises(ValueError, match="are not MLPs .*; circuit-tracer's transcoders read") as e:
+        main(["circuit-tracer", str(tmp_path / "attn"), str(tmp_path / "ct"), "--n_layers", "4"])
+    assert "replacement model" not in str(e.value)

@@ -164,7 +164,12 @@ def check_run_mlps(run: Path, hookpoints: list[str]) -> None:
     if (run / RUN_CONFIG_FILE).is_file():
         config = read_json(run / RUN_CONFIG_FILE)
         model_id = resolve_model(config["model"])
-        check_mlp_hookpoints(hookpoints, run_recipe(run, config.get("recipe"), model_id))
+        check_mlp_hookpoints(
+            hookpoints,
+            run_recipe(run, config.get("recipe"), model_id),
+            "circuit-tracer's transcoders read and write MLPs: export coders trained on MLP "
+            "hookpoints",
+        )
 
 
 def run_model_layers(run: Path) -> int:

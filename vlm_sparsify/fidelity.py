@@ -397,15 +397,19 @@ def check_hookpoints(
         )
 
 
-def check_mlp_hookpoints(hookpoints: Sequence[str], recipe: Recipe) -> None:
+def check_mlp_hookpoints(
+    hookpoints: Sequence[str],
+    recipe: Recipe,
+    why: str = "the replacement model replaces MLPs only: measure coders trained on MLP hookpoints",
+) -> None:
     """The replacement model replaces MLPs: coders trained on other modules (`--hookpoints` of
-    `self_attn`, which training accepts) are refused before any data loads."""
+    `self_attn`, which training accepts) are refused before any data loads (`why`: the reason
+    the error gives)."""
     other = [h for h in hookpoints if not h.endswith(f".{recipe.mlp}")]
     if other:
         raise ValueError(
             f"the coders' hookpoints {other[:3]}{' ...' if len(other) > 3 else ''} are not MLPs "
-            f"(recipe '{recipe.name}': [layers] mlp = '{recipe.mlp}'); the replacement model "
-            "replaces MLPs only: measure coders trained on MLP hookpoints"
+            f"(recipe '{recipe.name}': [layers] mlp = '{recipe.mlp}'); {why}"
         )
 
 
