@@ -39,3 +39,17 @@ def test_the_save_dir_above_a_run_is_refused_before_anything_is_uploaded(
     assert sorted(uploaded["me/coders"]) == sorted(
         f"{hook}/{name}" for hook in HOOKS for name in ("cfg.json", "sae.safetensors")
     )
+
+
+def test_resume_files_in_sub_folders_stay_behind(tmp_path: Path) -> None:
+    # stock sparsify's --save_best writes RUN/best/<hookpoint>/ with its own resume files
+    run_dir = tmp_path / "run"
+    coders = PerLayerCoders(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2, transcode=True))
+    save_coders(coders, run_dir)
+    save_coders(coders, run_dir / "best" / HOOKS[0])
+    for folder in (run_dir, run_dir / "best" / HOOKS[0]):
+        for name in ("state.pt", "rank_0_state.pt", "optimizer_0.pt", "lr_scheduler_0.pt"):
+            (folder / name).write_bytes(b"")
+    files = hub.hub_files(run_dir)
+    assert not [f for f in files if f.endswith(".pt")], files
+    assert f"best/{HOOKS[0]}/{HOOKS[0]}/sae.safetensors" in files

@@ -27,7 +27,8 @@ TRAINING_ONLY = [
     "rank*-*",  # a sharded run's per-process resume files
     "rank_*_state.pt",  # stock sparsify's per-process state (a stock run uploaded with this)
 ]
-"""Resume-only files a shared copy leaves out (optimizer state is large and private)."""
+"""Resume-only files a shared copy leaves out (optimizer state is large and private), at any
+depth."""
 
 
 class HubUploadError(OSError):
@@ -42,7 +43,9 @@ class HubUploadError(OSError):
 def hub_files(run_dir: Path) -> list[str]:
     """Relative paths `push_to_hub` uploads, chosen by huggingface_hub's own filter."""
     files = sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob("*") if p.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=TRAINING_ONLY))
+    # in sub-folders too: stock sparsify's --save_best writes RUN/best/<hookpoint>/ with its own
+    patterns = [*TRAINING_ONLY, *(f"*/{pattern}" for pattern in TRAINING_ONLY)]
+    return list(filter_repo_objects(files, ignore_patterns=patterns))
 
 
 def push_to_hub(run_dir: Path, repo: str, token: str | None = None) -> str:
