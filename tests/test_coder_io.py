@@ -390,3 +390,11 @@ def test_finetune_from_a_clt_with_post_encoder_offsets_names_them(tmp_path: Path
     with pytest.raises(CheckpointError, match=r"cannot fine-tune .*post_encs\.0") as caught:
         load_for_finetune(ours, tmp_path / "run", "cpu")
     assert "\n" not in str(caught.value)
+
+
+def test_one_coders_folder_is_told_to_pass_the_run_above_it(tmp_path: Path) -> None:
+    # sparsify's load_from_disk takes RUN/<hookpoint>; load_coders said "not the save_dir above it"
+    coders = PerLayerCoders(HOOKS, D, SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True))
+    save_coders(coders, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="is one coder's folder: pass the run folder above"):
+        load_coders(tmp_path / "run" / HOOKS[0])

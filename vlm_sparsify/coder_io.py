@@ -355,6 +355,11 @@ def _read_cfgs(
             f"missing {orphans[0] / CFG_FILE} beside its {WEIGHTS_FILE}; the checkpoint is "
             "incomplete: re-save it or point to an earlier one"
         )
+    if not folders and (run_dir / CFG_FILE).is_file():
+        raise CheckpointError(
+            f"{run_dir} is one coder's folder: pass the run folder above it ({run_dir.parent}), "
+            "which holds every <hookpoint>/cfg.json"
+        )
     if not folders:
         raise CheckpointError(
             f"{run_dir} holds no <hookpoint>/{CFG_FILE}; pass a run folder written by "
