@@ -597,6 +597,16 @@ def test_the_token_reaches_the_hub_dataset_too(tmp_path, tiny_llava_dir, monkeyp
     assert calls == [("owner/gated", "hf_SECRET")]
 
 
+def test_a_token_in_data_args_is_refused_unsaved_and_unprinted(tmp_path, tiny_llava_dir):
+    """--data_args is saved in config.json (uploaded by --push_to_hub): a token=... there was a
+    TypeError traceback (token given twice), and would have been written to disk."""
+    args = cli(tiny_llava_dir, tmp_path, "tok", "--data_args", "name=x,token=hf_SECRET")
+    args[1] = "owner/gated"
+    with pytest.raises(ValueError, match="--data_args token=... would be saved .*HF_TOKEN") as e:
+        run(args)
+    assert "SECRET" not in str(e.value) and not (tmp_path / "tok").exists()
+
+
 def test_overwrite_replaces_the_runs_best_folder_too(tmp_path, tiny_llava_dir):
     """RUN-best belongs to the run: the run that replaces RUN replaces it (at its first
     checkpoint, as RUN), and a new run does not mix its coders into an earlier run's."""

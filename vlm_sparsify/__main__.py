@@ -151,7 +151,8 @@ class RunConfig(TrainConfig):
     """Stream a Hugging Face dataset instead of downloading it whole."""
 
     data_args: str = ""
-    """Extra arguments for `datasets.load_dataset`, as 'arg1=val1,arg2=val2'."""
+    """Extra arguments for `datasets.load_dataset`, as 'arg1=val1,arg2=val2' (saved in
+    config.json: no token=..., use --hf_token or HF_TOKEN)."""
 
     max_examples: int | None = None
     """Maximum number of examples to train on."""

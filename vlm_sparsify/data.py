@@ -283,9 +283,15 @@ class _Reiterable:
 
 
 def parse_data_args(text: str) -> dict[str, Any]:
-    """`--data_args 'arg1=val1,arg2=val2'` as sparsify reads it, refusing a part without '='."""
+    """`--data_args 'arg1=val1,arg2=val2'` as sparsify reads it, refusing a part without '=' and
+    a token (the run's config.json keeps --data_args)."""
     from sparsify.utils import simple_parse_args_string
 
+    if any(part.split("=", 1)[0].strip() == "token" for part in text.split(",") if "=" in part):
+        raise ValueError(
+            "--data_args token=... would be saved in the run's config.json (which --push_to_hub "
+            "uploads): pass the token with HF_TOKEN or --hf_token, which are never written"
+        )
     if bad := [part for part in text.split(",") if part.strip() and "=" not in part]:
         raise ValueError(f"--data_args '{text}': {bad[0]!r} is not arg=value (arg1=val1,arg2=val2)")
     return simple_parse_args_string(text)
@@ -347,7 +353,7 @@ def open_examples(
     elif Path(dataset).is_dir():
         examples = folder_examples(Path(dataset), recipe.dataset.question)
     else:
-        if token is not None:  # a token=... of --data_args wins
+        if token is not None:  # a caller's token=... in kwargs wins (--data_args refuses one)
             kwargs = {"token": token, **kwargs}
         return hf_examples(dataset, split, recipe, streaming, shuffle_seed, **kwargs)
     random.Random(shuffle_seed).shuffle(examples)
