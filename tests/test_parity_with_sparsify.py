@@ -27,12 +27,21 @@ def tiny_llama() -> LlamaForCausalLM:
 
 
 AUXK = dict(auxk_alpha=1 / 32, dead_feature_threshold=100)  # 64 tokens a step: dead after 2
+K_DECAY = dict(k_decay_steps=4)  # from min(64 latents, 10 x 32) = 64 down to k 4
 
 
 @pytest.mark.parametrize(
     ("transcode", "extra"),
-    [(True, {}), (False, {}), (True, AUXK), (True, {"multi_topk": True}), (False, AUXK)],
-    ids=["plt", "sae", "plt-auxk", "plt-multi-topk", "sae-auxk"],
+    [
+        (True, {}),
+        (False, {}),
+        (True, AUXK),
+        (True, {"multi_topk": True}),
+        (False, AUXK),
+        (True, K_DECAY),
+        (True, {**K_DECAY, "grad_acc_steps": 2}),
+    ],
+    ids=["plt", "sae", "plt-auxk", "plt-multi-topk", "sae-auxk", "k-decay", "k-decay-grad-acc"],
 )
 def test_plugin_matches_stock_trainer(tmp_path, transcode: bool, extra: dict):
     model = tiny_llama()
@@ -66,6 +75,7 @@ def test_plugin_matches_stock_trainer(tmp_path, transcode: bool, extra: dict):
         for chunk in ids.split(BATCH)
     ]
     trainer.fit(batches)
+    assert ours_cfg.sae.k == 4  # the run's --k (its config.json) is not the decayed k
     if "auxk_alpha" in extra:  # latents were dead at the end: AuxK was part of the loss
         assert any(
             (c > extra["dead_feature_threshold"]).any() for c in trainer.state.tokens_since_fired

@@ -1211,12 +1211,14 @@ def test_k_decays_linearly_from_ten_times_the_width_to_k():
 
     cfg = SparseCoderConfig(num_latents=64, k=2, transcode=True)
     clt = CrossLayerTranscoder(["l.0", "l.1"], 4, cfg, 2)
-    train_cfg = SimpleNamespace(k_decay_steps=10, sae=SimpleNamespace(k=2))
     ks = []
-    for step in (0, 5, 9, 10, 11):
+    for acc, step in ((1, 0), (1, 1), (1, 6), (1, 10), (1, 11), (1, 12), (2, 7), (2, 8)):
+        train_cfg = SimpleNamespace(k_decay_steps=10, sae=SimpleNamespace(k=2), grad_acc_steps=acc)
         trainer = SimpleNamespace(cfg=train_cfg, coders=clt, state=TrainingState(global_step=step))
         ks.append(Trainer.current_k(trainer))
-    assert ks == [40, 21, 6, 2, 2]  # from min(64 latents, 10 x d 4) = 40, linearly to k 2
+    # from min(64 latents, 10 x d 4) = 40, linearly to k 2; as in sparsify.Trainer, batch b
+    # trains with the k of b - 1 (that of the batch count when the last optimizer step ran)
+    assert ks == [40, 40, 21, 6, 2, 2, 21, 13]
 
 
 def test_resuming_a_run_that_has_seen_its_max_examples_says_so_and_writes_nothing(

@@ -8,6 +8,7 @@ training (global FVU denominators, summed gradients) and bit-exact resume.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -63,12 +64,15 @@ def build_coders(
     distribute: bool = False,
 ) -> CoderSet:
     """Per-layer coders for `cross_layer == 0`, else a cross-layer transcoder (with `distribute`,
-    only this process's layers of them: `ShardedPerLayer` / `ShardedCLT`)."""
+    only this process's layers of them: `ShardedPerLayer` / `ShardedCLT`). The coders get their
+    own copy of `cfg`: the trainer sets its `k` (--k_decay_steps), `cfg.k` stays the run's."""
+    if cross_layer:
+        cfg.transcode = True
+    cfg = dataclasses.replace(cfg)
     if cross_layer == 0:
         if distribute:
             return ShardedPerLayer(hookpoints, d_in, cfg, device, init_seed=init_seed)
         return PerLayerCoders(hookpoints, d_in, cfg, device, init_seed=init_seed)
-    cfg.transcode = True
     if distribute:
         return ShardedCLT(
             hookpoints,
@@ -562,12 +566,16 @@ class Trainer:
         )
 
     def current_k(self) -> int:
-        cfg = self.cfg
-        if self.state.global_step >= cfg.k_decay_steps:
+        """sparsify.Trainer's k for this batch: linear from min(latents, 10 d) to --k over
+        `k_decay_steps` batches, set at each optimizer step from the count of batches before the
+        one that stepped (so batches 0 and 1 both use the initial k)."""
+        cfg, acc = self.cfg, self.cfg.grad_acc_steps
+        step = max(self.state.global_step // acc * acc - 1, 0)
+        if step >= cfg.k_decay_steps:
             return cfg.sae.k
         latents, d_in = coder_modules(self.coders)[0].encoder.weight.shape
         initial = min(latents, d_in * 10)
-        progress = self.state.global_step / cfg.k_decay_steps
+        progress = step / cfg.k_decay_steps
         return round(initial * (1 - progress) + cfg.sae.k * progress)
 
     def train_on_batch(self, batch: dict[str, Any]) -> dict[str, Any] | None:
