@@ -40,8 +40,18 @@ K_DECAY = dict(k_decay_steps=4)  # from min(64 latents, 10 x 32) = 64 down to k 
         (False, AUXK),
         (True, K_DECAY),
         (True, {**K_DECAY, "grad_acc_steps": 2}),
+        (True, {"auxk_alpha": 1 / 32, "dead_feature_threshold": 60, "grad_acc_steps": 2}),
     ],
-    ids=["plt", "sae", "plt-auxk", "plt-multi-topk", "sae-auxk", "k-decay", "k-decay-grad-acc"],
+    ids=[
+        "plt",
+        "sae",
+        "plt-auxk",
+        "plt-multi-topk",
+        "sae-auxk",
+        "k-decay",
+        "k-decay-grad-acc",
+        "auxk-grad-acc",  # dead counts move at optimizer steps, over all their batches' tokens
+    ],
 )
 def test_plugin_matches_stock_trainer(tmp_path, transcode: bool, extra: dict):
     model = tiny_llama()

@@ -456,6 +456,9 @@ class Trainer:
     """Set by `fit`: the batches trained after the last optimizer step when the run ended
     mid-accumulation (`grad_acc_steps` > 1); the state went back to that step (`StepMark`)."""
     _step_mark: StepMark | None = field(default=None, init=False, repr=False)
+    _fired: list[Tensor] | None = field(default=None, init=False, repr=False)
+    """Per source, the latents that fired in the batches since the last optimizer step."""
+    _tokens_in_step: int = field(default=0, init=False, repr=False)
     _replacement: ReplacementModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -609,12 +612,13 @@ class Trainer:
         self._check_targets_vary(variances, n_tokens)
         fvu, indices, l0, metrics = self._losses(acts, variances)
         state.tokens_seen += n_tokens
-        self._update_dead_counts(indices, n_tokens)
+        self._note_fired(indices, n_tokens)
         state.fvu_history.append(fvu.tolist())
         state.l0_history.append(l0)
         stepped = (state.global_step + 1) % self.cfg.grad_acc_steps == 0
         if stepped:
             self._optimizer_step(acts, variances)
+            self._update_dead_counts()
         state.global_step += 1
         if stepped and self.cfg.grad_acc_steps > 1:
             self._step_mark = StepMark.of(state)
@@ -688,17 +692,30 @@ class Trainer:
             f"for {bad}; {self._checkpoint_note()}. {self._non_finite_hint()}"
         )
 
-    def _update_dead_counts(self, indices: list[Tensor], n_tokens: int) -> None:
-        """Tokens since each latent last fired: reset where it fired on any rank this step."""
-        for counts, idx in zip(self.state.tokens_since_fired, indices, strict=True):
-            fired = torch.zeros_like(counts, dtype=torch.bool)
+    def _note_fired(self, indices: list[Tensor], n_tokens: int) -> None:
+        """Remember which latents fired in this batch, and its tokens, until the optimizer step."""
+        if self._fired is None:
+            self._fired = [
+                torch.zeros_like(counts, dtype=torch.bool)
+                for counts in self.state.tokens_since_fired
+            ]
+        for fired, idx in zip(self._fired, indices, strict=True):
             fired[idx.flatten()] = True
+        self._tokens_in_step += n_tokens
+
+    def _update_dead_counts(self) -> None:
+        """At an optimizer step, as sparsify.Trainer: tokens since each latent last fired grow by
+        the step's tokens (all its `grad_acc_steps` batches) and restart where it fired in any of
+        them on any rank; the dead masks of AuxK change only here."""
+        assert self._fired is not None
+        for counts, fired in zip(self.state.tokens_since_fired, self._fired, strict=True):
             if dist.is_initialized():
                 fired_int = fired.int()
                 dist.all_reduce(fired_int, op=dist.ReduceOp.MAX)
                 fired = fired_int.bool()
-            counts += n_tokens
+            counts += self._tokens_in_step
             counts[fired] = 0
+        self._fired, self._tokens_in_step = None, 0
 
     def _optimizer_step(self, acts: Activations, variances: list[Tensor]) -> None:
         """Sum the gradients over ranks and step every optimizer and scheduler; then, with
@@ -799,6 +816,7 @@ class Trainer:
             return 0
         dropped = self.state.global_step - mark.global_step
         mark.restore(self.state)
+        self._fired, self._tokens_in_step = None, 0
         for opt in self.optimizers:
             opt.zero_grad()
         return dropped
