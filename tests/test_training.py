@@ -269,6 +269,11 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--device", "xla"], "--device xla: this torch .* cannot train on xla devices"),
         (["--device", "meta"], "--device meta: this torch .* cannot train on meta devices"),
         (["--k", "5000"], "--k 5000 exceeds the coders' 64 latents"),
+        (["--k", "20", "--multi_topk", "true"], "--multi_topk decodes the top 4 x k = 80 latents"),
+        (
+            ["--multi_topk", "true", "--k_decay_steps", "10"],
+            r"--multi_topk decodes the top 4 x k = 256 latents .* k starts at min\(64 latents",
+        ),
         (["--hookpoints", "model.vision_tower.*.layers.0.mlp"], "outside the language model's"),
         (["--data_args", "foo"], "--data_args 'foo': 'foo' is not arg=value"),
         (["--revision", "v1.0"], "--revision applies to models on the Hub, not to the local"),

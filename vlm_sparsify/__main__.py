@@ -640,6 +640,21 @@ def build_run_coders(args: RunConfig, d_in: int, device: str) -> CoderSet:
             f"--k {args.sae.k} exceeds the coders' {num_latents} latents (--num_latents, or "
             f"--expansion_factor x the model's width {d_in})"
         )
+    if args.sae.multi_topk:
+        # stock sparsify takes each token's top 4k pre-activations: more than exist is a crash
+        first_k = min(num_latents, 10 * d_in) if args.k_decay_steps else args.sae.k
+        if 4 * first_k > num_latents:
+            decay = (
+                f" (--k_decay_steps: k starts at min({num_latents} latents, 10 x the model's "
+                f"width {d_in}))"
+                if args.k_decay_steps
+                else ""
+            )
+            raise ValueError(
+                f"--multi_topk decodes the top 4 x k = {4 * first_k} latents of each token"
+                f"{decay}, but the coders have {num_latents}: a smaller --k, more latents or no "
+                "--multi_topk"
+            )
     if args.cross_layer and free is not None and args.optimizer != "muon":
         size = (len(args.hookpoints), num_latents, d_in, args.cross_layer)
         needed = (
