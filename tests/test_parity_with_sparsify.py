@@ -137,3 +137,31 @@ def test_a_run_ending_mid_accumulation_drops_the_last_batch_as_stock_does(tmp_pa
                 torch.testing.assert_close(
                     coders[hookpoint].state_dict()[key], value, atol=0, rtol=0
                 )
+
+
+@pytest.mark.parametrize("transcode", [False, True], ids=["sae", "plt"])
+def test_the_update_check_before_a_save_leaves_training_unchanged(transcode: bool):
+    # the check runs the updated coders forward on their batch (before each checkpoint); an SAE
+    # renormalised its decoder rows there too, one more time than stock sparsify does, and the
+    # sign optimizer turned those last-bit changes into different weights
+    def train(check: bool) -> dict[str, torch.Tensor]:
+        model = tiny_llama()
+        ids = torch.randint(0, 100, (BATCH * 4, SEQ), generator=torch.Generator().manual_seed(1))
+        cfg = TrainConfig(
+            SparseCoderConfig(transcode=transcode, num_latents=64, k=4),
+            batch_size=BATCH,
+            log_to_wandb=False,
+        )
+        hookpoints = [f"model.layers.{i}.mlp" for i in range(3)]
+        coders = build_coders(hookpoints, 32, cfg.sae, 0, torch.device("cpu"))
+        optimizers, schedulers = build_optimizers(cfg, coders, 4)
+        trainer = Trainer(model, coders, cfg, optimizers, schedulers)
+        for chunk in ids.split(BATCH):
+            trainer.check_update = check
+            mask = torch.ones_like(chunk, dtype=torch.bool)
+            trainer.train_on_batch({"inputs": {"input_ids": chunk}, "token_mask": mask})
+        return {k: v.clone() for k, v in coders.state_dict().items()}
+
+    unchecked, checked = train(False), train(True)
+    for key, value in unchecked.items():
+        assert torch.equal(checked[key], value), key

@@ -102,6 +102,10 @@ class CoderSet(Protocol):
         """Encode every source, decode into its targets, FVU per target."""
         ...
 
+    def before_batch(self) -> None:
+        """sparsify's per-batch hook before the forward (SAEs renormalise decoder rows)."""
+        ...
+
     def before_optimizer_step(self) -> None:
         """sparsify's pre-step hook (SAEs keep unit-norm decoder rows)."""
         ...

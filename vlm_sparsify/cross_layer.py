@@ -243,6 +243,9 @@ class CrossLayerTranscoder(nn.Module):
                 b_dec = self.source(p).b_decs[t - p]
                 b_dec.data = mean.to(b_dec.dtype).clone()  # each source owns its bias
 
+    def before_batch(self) -> None:
+        """Nothing to do (transcoder decoders are not kept unit-norm); same interface as PLTs."""
+
     def before_optimizer_step(self) -> None:
         """Nothing to do (transcoder decoders are not kept unit-norm); same interface as PLTs."""
 

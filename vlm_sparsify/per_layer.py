@@ -99,8 +99,6 @@ class PerLayerCoders(nn.Module):
         for p, (x, y, coder) in enumerate(zip(inputs, outputs, self.coders, strict=True)):
             if not self.cfg.transcode:
                 x = y
-                if self.cfg.normalize_decoder:
-                    coder.set_decoder_norm_to_unit_norm()
             variance = total_variance(y) if total_variances is None else total_variances[p]
             dead_mask = dead_masks[p] if dead_masks is not None else None
             out = coder(x=x, y=y, dead_mask=dead_mask, total_variance=variance)
@@ -118,6 +116,14 @@ class PerLayerCoders(nn.Module):
             torch.stack(auxk) if dead_masks is not None else None,
             torch.stack(multi) if self.cfg.multi_topk else None,
         )
+
+    @torch.no_grad()
+    def before_batch(self) -> None:
+        """sparsify.Trainer's per-batch hook, before the forward: SAEs renormalise their decoder
+        rows (once per batch, not per --micro_acc_steps chunk nor in the update check)."""
+        if self.cfg.normalize_decoder and not self.cfg.transcode:
+            for _, coder in self.items():
+                coder.set_decoder_norm_to_unit_norm()
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

@@ -172,6 +172,9 @@ class ShardedCLT(ShardedCoders):
     def has_post_encoder_scale(self, p: int) -> bool:
         return False
 
+    def before_batch(self) -> None:
+        """Nothing to do (transcoder decoders are not kept unit-norm)."""
+
     def before_optimizer_step(self) -> None:
         """Nothing to do (transcoder decoders are not kept unit-norm)."""
 

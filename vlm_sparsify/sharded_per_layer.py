@@ -138,6 +138,11 @@ class ShardedPerLayer(ShardedCoders):
         )
 
     @torch.no_grad()
+    def before_batch(self) -> None:
+        """SAEs renormalise their decoder rows (`PerLayerCoders.before_batch`)."""
+        self.local.before_batch()
+
+    @torch.no_grad()
     def before_optimizer_step(self) -> None:
         """SAEs keep unit-norm decoder rows (`PerLayerCoders.before_optimizer_step`)."""
         self.local.before_optimizer_step()

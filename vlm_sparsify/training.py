@@ -608,6 +608,7 @@ class Trainer:
         self.coders.cfg.k = self.current_k()
         if state.global_step == 0 and not self.cfg.finetune:
             self.coders.init_biases(acts.inputs, acts.outputs, global_mean_reducer(n_local, device))
+        self.coders.before_batch()
         variances = total_variances(acts.outputs)
         self._check_targets_vary(variances, n_tokens)
         fvu, indices, l0, metrics = self._losses(acts, variances)
