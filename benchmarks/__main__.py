@@ -14,7 +14,12 @@ from vlm_sparsify.cli import USER_ERRORS, run_cli
 def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     usage = f"usage: python -m benchmarks {{{','.join(BENCHMARKS)}}} {{{','.join(STAGES)}}} [flags]"
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+    if any(arg in ("-h", "--help") for arg in argv[:2]) and (
+        len(argv) < 2 or argv[1] not in STAGES
+    ):  # `--help` before a stage: what the stages are (a stage's own `--help` gives its flags)
+        print(usage)
+        raise SystemExit(0)
+    if len(argv) < 2:
         raise SystemExit(usage)
     benchmark, stage, rest = argv[0], argv[1], argv[2:]
     if benchmark not in BENCHMARKS:

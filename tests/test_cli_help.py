@@ -44,6 +44,16 @@ def test_benchmark_stage_help(benchmark, stage, capsys):
     assert "--out" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["-h"], ["easyvqa", "--help"], ["pope", "-h"]])
+def test_benchmarks_help_without_a_stage(argv, capsys):
+    """`python -m benchmarks easyvqa --help` said "unknown stage '--help'" and exited 1."""
+    with pytest.raises(SystemExit) as exit_:
+        run_benchmarks(argv)
+    assert exit_.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "usage: python -m benchmarks" in out and all(stage in out for stage in STAGES)
+
+
 def test_tiny_cli_takes_the_architecture_flags():
     config, shape = parse_args(["--patch_size", "16", "--max_positions", "64", "--seed", "3"])
     assert (shape.patch_size, shape.max_positions, shape.num_image_tokens) == (16, 64, 16)
