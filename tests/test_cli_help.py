@@ -32,7 +32,9 @@ def test_module_help(module, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     assert exit_.value.code in (0, None)
-    assert MODULES[module] in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert MODULES[module] in out
+    assert out.startswith(f"usage: python -m {module} ")  # not `usage: evaluate.py`
 
 
 @pytest.mark.parametrize("benchmark", BENCHMARKS)

@@ -135,7 +135,9 @@ def check_finite(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from vlm_sparsify.bench_gpu import PARTS as GPU_PARTS
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_sparsify.bench", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--gpu", action="store_true", help="LLaVA-1.5-7B size on a CUDA GPU")
     parser.add_argument(

@@ -71,7 +71,9 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm_sparsify.tiny.evaluate", description=__doc__
+    )
     parser.add_argument("model", nargs="?", default=str(SHIPPED))
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--blank", action="store_true", help="grey images instead of the real ones")
