@@ -3,7 +3,7 @@ reads, a CLT in clt-training's (`coder_io.load_coders(snapshot_download(REPO))` 
 docs/checkpoints.md).
 
 `python -m vlm_sparsify.hub RUN REPO` uploads a finished run (what `--push_to_hub REPO` does at
-the end of training), with the token of HF_TOKEN or `huggingface-cli login`.
+the end of training), with the token of HF_TOKEN or `hf auth login`.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def push_to_hub(run_dir: Path, repo: str, token: str | None = None) -> str:
         raise HubUploadError(
             f"the run is saved in {run_dir}, but uploading it to {repo} failed ({reason}); "
             f"upload it later with `python -m vlm_sparsify.hub {run_dir} {repo}` (token: "
-            "HF_TOKEN or `huggingface-cli login`)",
+            "HF_TOKEN or `hf auth login`)",
             reason,
         ) from None
     return f"https://huggingface.co/{repo}"
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         prog="python -m vlm_sparsify.hub",
         description="Upload a run folder (coders, configs, summary; no optimizer state) to a "
-        "Hub repository, with the token of HF_TOKEN or `huggingface-cli login`.",
+        "Hub repository, with the token of HF_TOKEN or `hf auth login`.",
     )
     parser.add_argument("run", type=Path, metavar="RUN", help="the run folder (SAVE_DIR/RUN_NAME)")
     parser.add_argument("repo", metavar="REPO", help="the Hub repository, e.g. user/my-coders")
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> str:
     except HubUploadError as err:  # its "upload it later" would name this very command
         raise HubUploadError(
             f"uploading {args.run} to {args.repo} failed ({err.reason}); check the network and "
-            "the token (HF_TOKEN or `huggingface-cli login`), then run this command again",
+            "the token (HF_TOKEN or `hf auth login`), then run this command again",
             err.reason,
         ) from None
     print(f"Uploaded {args.run} to {url}")
