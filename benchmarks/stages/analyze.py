@@ -169,6 +169,37 @@ def small_groups_warning(n_good: int, n_bad: int) -> str | None:
     )
 
 
+CONFOUNDED_SHARES = 0.5
+"""GOOD shares of two kinds of sample (classify's groups) further apart than this, each over at
+least MIN_GROUP train samples, make analyze warn that kind and GOOD / BAD are confounded."""
+
+
+def kinds_confound_warning(train_group: dict[str, int], kinds: dict[str, str]) -> str | None:
+    """A warning when the train samples' GOOD share differs by more than CONFOUNDED_SHARES
+    between kinds (AMBER's dimensions, easy-VQA's kinds, POPE's splits): a feature that tells
+    the kinds apart (a caption prompt from a yes/no question) then separates GOOD from BAD too."""
+    by_kind: dict[str, list[int]] = {}
+    for sample_id, group in train_group.items():
+        if sample_id in kinds:
+            by_kind.setdefault(kinds[sample_id], []).append(group)
+    shares = {
+        kind: sum(group == GOOD for group in members) / len(members)
+        for kind, members in by_kind.items()
+        if len(members) >= MIN_GROUP
+    }
+    if len(shares) < 2 or max(shares.values()) - min(shares.values()) <= CONFOUNDED_SHARES:
+        return None
+    listed = ", ".join(
+        f"{kind} {sum(g == GOOD for g in by_kind[kind])}/{sum(g == BAD for g in by_kind[kind])}"
+        for kind in sorted(shares, key=shares.get)
+    )
+    return (
+        f"GOOD / BAD train samples by kind ({listed}): the kinds' GOOD shares differ so much that "
+        "features telling the kinds apart rank as GOOD / BAD features; to compare like with like, "
+        "capture one kind into its own --out (AMBER --subset generative or discriminative, easy-VQA --kinds, POPE --splits)"
+    )
+
+
 def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     store = FeatureStore(out / outputs.STORE)
     groups = _read_classification(out / outputs.CLASSIFICATION)
@@ -209,6 +240,9 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     few = small_groups_warning(len(train_group) - n_bad, n_bad)
     if few:
         print(f"analyze: warning: {few}")
+    confound = kinds_confound_warning(train_group, _read_sample_kinds(out / outputs.CLASSIFICATION))
+    if confound:
+        print(f"analyze: warning: {confound}")
     counts = firing_counts(store, train_group, config.region)
     stats = feature_scores(counts, config.eps)
     stats["p_value"] = fisher_exact(
@@ -391,6 +425,17 @@ def _read_classification(path: Path) -> dict[str, int]:
         for item in data.get(label, []):
             groups[str(item["id"])] = group
     return groups
+
+
+def _read_sample_kinds(path: Path) -> dict[str, str]:
+    """Each sample's kind (classify's group), for files classify wrote since 2026-11-27."""
+    document = read_json(path)
+    return {
+        str(item["id"]): str(item["group"])
+        for label in ("GOOD", "BAD")
+        for item in document[label]
+        if "group" in item
+    }
 
 
 def _split_json(split: Split, groups: dict[str, int]) -> dict:

@@ -35,7 +35,7 @@ def classification(verdicts: list[Verdict], rules: Rules) -> dict:
     groups: dict[str, Counter] = {}
     for verdict in verdicts:
         label = "GOOD" if verdict.good else "BAD"
-        result[label].append({"id": verdict.id, **verdict.metrics})
+        result[label].append({"id": verdict.id, "group": verdict.group, **verdict.metrics})
         groups.setdefault(verdict.group, Counter())[label] += 1
     result["rules"] = asdict(rules)
     result["counts"] = {

@@ -345,6 +345,8 @@ def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
     result = json.loads((out / "classification.json").read_text())
     assert result["counts"]["total"] == 3 and result["rules"]["caption_rule"] == "no-hallucination"
+    kinds = {s["group"] for label in ("GOOD", "BAD") for s in result[label]}  # analyze reads them
+    assert kinds <= {"yes/no", "caption"} and kinds
     written = (out / "classification.json").stat().st_mtime_ns
     run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
     assert (out / "classification.json").stat().st_mtime_ns == written  # analyze stays current
@@ -643,3 +645,21 @@ def test_benchmark_images_keep_their_stored_orientation_as_the_official_eval_rea
     official = Image.open(tmp_path / "COCO_1.png").convert("RGB")
     assert np.array_equal(np.asarray(open_image(tmp_path / "COCO_1.png")), np.asarray(official))
     assert load_rgb(tmp_path / "COCO_1.png").size == (4, 6)  # upright for training
+
+
+def test_analyze_warns_when_the_kinds_good_shares_differ_widely():
+    from benchmarks.influence import BAD, GOOD
+    from benchmarks.stages.analyze import kinds_confound_warning
+
+    # AMBER with the tiny model: every caption BAD, nearly every existence answer GOOD
+    groups = {f"c{i}": BAD for i in range(12)} | {f"e{i}": GOOD for i in range(20)}
+    groups |= {"e20": BAD}
+    kinds = {i: ("generative" if i.startswith("c") else "existence") for i in groups}
+    warning = kinds_confound_warning(groups, kinds)
+    assert warning and "generative 0/12, existence 20/1" in warning and "--subset" in warning
+    # kinds alike, or too few samples of one kind: no warning
+    alike = {i: (GOOD if int(i[1:]) % 2 else BAD) for i in groups}
+    assert kinds_confound_warning(alike, kinds) is None
+    few = {i: g for i, g in groups.items() if i.startswith("e") or i in ("c0", "c1")}
+    assert kinds_confound_warning(few, kinds) is None
+    assert kinds_confound_warning(groups, {}) is None  # a classification.json of before
