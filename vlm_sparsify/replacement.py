@@ -69,12 +69,11 @@ class ReplacementModel:
     CLT's weights whenever the model is hooked anew (`with rm:` or a call outside one, not at
     each forward inside a block; `fused_nbytes`: the memory they take); `triton`: the same
     copies, each source decoded straight into the pending sums by `vlm_sparsify.triton_decode`
-    (CUDA);
-    `hybrid`: Triton in forwards of at least `hybrid_min_rows` positions (a prefill), the fused
-    `embedding_bag` below (a decoding step's one row per sequence, where a Triton launch's
-    overhead can cost more than the decode); `per-target`: target by target with the CLT's own
-    weights. Forwards that train the coders (grad enabled, weights requiring grad: end-to-end
-    training) always use the CLT's own weights.
+    (CUDA); `hybrid`: Triton in forwards of at least `hybrid_min_rows` positions (a prefill),
+    the fused `embedding_bag` below (a decoding step's one row per sequence, where a Triton
+    launch's overhead can cost more than the decode); `per-target`: target by target with the
+    CLT's own weights. Forwards that train the coders (grad enabled, weights requiring grad:
+    end-to-end training) always use the CLT's own weights.
     """
 
     hybrid_min_rows = 128

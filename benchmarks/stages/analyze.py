@@ -196,13 +196,14 @@ def kinds_confound_warning(train_group: dict[str, int], kinds: dict[str, str]) -
     return (
         f"GOOD / BAD train samples by kind ({listed}): the kinds' GOOD shares differ so much that "
         "features telling the kinds apart rank as GOOD / BAD features; to compare like with like, "
-        "capture one kind into its own --out (AMBER --subset generative or discriminative, easy-VQA --kinds, POPE --splits)"
+        "capture one kind into its own --out (AMBER --subset generative or discriminative, "
+        "easy-VQA --kinds, POPE --splits)"
     )
 
 
 def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     store = FeatureStore(out / outputs.STORE)
-    groups = _read_classification(out / outputs.CLASSIFICATION)
+    groups, kinds = _read_classification(out / outputs.CLASSIFICATION)
     stored = store.ids()
     labelled = [sample_id for sample_id in stored if sample_id in groups]
     if not labelled:
@@ -240,7 +241,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     few = small_groups_warning(len(train_group) - n_bad, n_bad)
     if few:
         print(f"analyze: warning: {few}")
-    confound = kinds_confound_warning(train_group, _read_sample_kinds(out / outputs.CLASSIFICATION))
+    confound = kinds_confound_warning(train_group, kinds)
     if confound:
         print(f"analyze: warning: {confound}")
     counts = firing_counts(store, train_group, config.region)
@@ -416,26 +417,19 @@ def _feature_json(
     return feature
 
 
-def _read_classification(path: Path) -> dict[str, int]:
+def _read_classification(path: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Each sample's label (GOOD / BAD) and its kind (classify's group; written since
+    2026-11-27, so an older file gives none)."""
     if not path.exists():
         raise SystemExit(f"missing {path}: run `classify` first")
     data = read_json(path)
-    groups = {}
+    groups, kinds = {}, {}
     for label, group in (("GOOD", GOOD), ("BAD", BAD)):
         for item in data.get(label, []):
             groups[str(item["id"])] = group
-    return groups
-
-
-def _read_sample_kinds(path: Path) -> dict[str, str]:
-    """Each sample's kind (classify's group), for files classify wrote since 2026-11-27."""
-    document = read_json(path)
-    return {
-        str(item["id"]): str(item["group"])
-        for label in ("GOOD", "BAD")
-        for item in document[label]
-        if "group" in item
-    }
+            if "group" in item:
+                kinds[str(item["id"])] = str(item["group"])
+    return groups, kinds
 
 
 def _split_json(split: Split, groups: dict[str, int]) -> dict:

@@ -1,7 +1,8 @@
 """`python -m benchmarks BENCH classify --out DIR [rules]`: GOOD / BAD per captured sample.
 
 Reads `DIR/responses.jsonl` and the data flags recorded in `DIR/capture.json`; writes
-`DIR/classification.json` = `{"GOOD": [{"id", ...metrics}], "BAD": [...], "rules", "counts"}`.
+`DIR/classification.json` = `{"GOOD": [{"id", "group", ...metrics}], "BAD": [...], "rules",
+"counts"}`.
 Rules (docs/benchmarks.md, "Capture and classify"; those not given as recorded in
 classification.json): POPE and yes/no questions GOOD when the official parser's answer is right;
 AMBER discriminative when the exact "Yes" / "No" is right; open questions when the first word is
