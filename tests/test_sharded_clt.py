@@ -340,10 +340,10 @@ def test_finetune_reads_each_processs_own_tensors_of_a_clt_run(tmp_path, monkeyp
             assert torch.equal(b, saved.sources[p].b_decs[t - p])
             loaded += 1
     assert loaded == 3 + 3  # sources 1, 2, 3 reach layer 3; 2, 3, 4 reach layer 4
-    with pytest.raises(CheckpointError, match="cross_layer 3, not 2"):
+    with pytest.raises(CheckpointError, match=r"cross_layer 3 \(this run: 2\)"):
         load_owned_tensors(ShardedCLT(HOOKS, 8, cfg, 2), tmp_path / "run")
     wider = SparseCoderConfig(num_latents=64, k=4, transcode=True)
-    with pytest.raises(CheckpointError, match="pass the checkpoint's --num_latents"):
+    with pytest.raises(CheckpointError, match=r"num_latents 32 \(this run: 64\); pass the flags"):
         load_owned_tensors(ShardedCLT(HOOKS, 8, wider, 3), tmp_path / "run")
 
 

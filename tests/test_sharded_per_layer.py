@@ -146,7 +146,7 @@ def test_finetune_refuses_a_run_of_other_hookpoints_as_one_process_does(tmp_path
         load_owned_tensors(ShardedPerLayer(HOOKS, 8, cfg), tmp_path / "more")
 
 
-def test_finetune_from_coders_without_this_runs_skip_connection_is_one_line(tmp_path) -> None:
+def test_finetune_names_the_skip_connection_and_width_that_differ_in_one_line(tmp_path) -> None:
     from vlm_sparsify.coder_io import CheckpointError, save_coders
     from vlm_sparsify.sharded_checkpoint import load_owned_tensors
 
@@ -156,4 +156,8 @@ def test_finetune_from_coders_without_this_runs_skip_connection_is_one_line(tmp_
     with pytest.raises(CheckpointError) as caught:
         load_owned_tensors(ShardedPerLayer(HOOKS, 8, skip), tmp_path / "plt")
     message = str(caught.value)  # the training CLI prints it as its one line
-    assert "\n" not in message and '"W_skip"' in message, message
+    assert "\n" not in message and "skip_connection False (this run: True)" in message, message
+    # one process's check, field by field, before any weight is read
+    wider = SparseCoderConfig(num_latents=64, k=4, transcode=True)
+    with pytest.raises(CheckpointError, match=r"num_latents 32 \(this run: 64\); pass the flags"):
+        load_owned_tensors(ShardedPerLayer(HOOKS, 8, wider), tmp_path / "plt")

@@ -35,6 +35,7 @@ from vlm_sparsify.cross_layer import (
 from vlm_sparsify.files import open_safetensors, read_json, unreadable
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.sharded_clt import ShardedCLT
+from vlm_sparsify.sharding import ShardedCoders
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -278,27 +279,43 @@ def per_layer_kind(transcode: bool) -> str:
     return "per-layer transcoders" if transcode else "sparse autoencoders"
 
 
-def coder_shape(coders: Coders) -> dict[str, Any]:
+def coder_shape(coders: Coders | ShardedCoders) -> dict[str, Any]:
     """What a fine-tune must share with its checkpoint besides hookpoints and d_in."""
-    kind = (
-        "a cross-layer transcoder"
-        if isinstance(coders, CrossLayerTranscoder)
-        else per_layer_kind(coders.transcode)
-    )
+    clt = isinstance(coders, CrossLayerTranscoder | ShardedCLT)
+    if isinstance(coders, ShardedCoders):
+        cfg, d_in = coders.cfg, coders.d_in
+        num_latents = (
+            getattr(coders, "num_latents", 0) or cfg.num_latents or d_in * cfg.expansion_factor
+        )
+    else:
+        cfg, num_latents = coders.cfg, int(_first_source(coders).encoder.weight.shape[0])
     return {
-        "kind": kind,
+        "kind": "a cross-layer transcoder" if clt else per_layer_kind(cfg.transcode),
         "cross_layer": getattr(coders, "cross_layer", 0),
-        "num_latents": int(_first_source(coders).encoder.weight.shape[0]),
-        "skip_connection": bool(coders.cfg.skip_connection),
+        "num_latents": int(num_latents),
+        "skip_connection": bool(cfg.skip_connection),
     }
 
 
-def load_for_finetune(coders: Coders, run_dir: str | Path, device: str | torch.device) -> None:
-    """`--finetune RUN`: copy RUN's coders into `coders` by hookpoint name (RUN must hold the
-    same hookpoints, in the same order); any difference is one CheckpointError naming it."""
-    d_in = int(_first_source(coders).encoder.weight.shape[1])
-    saved = load_coders(run_dir, device=device, hookpoints=coders.hookpoints, d_in=d_in)
-    ours, theirs = coder_shape(coders), coder_shape(saved)
+def saved_shape(run_dir: str | Path, hookpoints: list[str], d_in: int) -> dict[str, Any]:
+    """`coder_shape` of the run in `run_dir` from its cfg.json files alone (no weights read),
+    after `load_coders`' checks that it holds these hookpoints of this d_in."""
+    run_dir = Path(run_dir)
+    order, cfgs = _read_cfgs(run_dir, hookpoints, d_in)
+    first = cfgs[order[0]]
+    clt = any(cfg.get("n_targets", 0) > 0 for cfg in cfgs.values())
+    return {
+        "kind": "a cross-layer transcoder"
+        if clt
+        else per_layer_kind(first.get("transcode", False)),
+        "cross_layer": _check_clt_cfg(run_dir, order, cfgs) if clt else 0,
+        "num_latents": int(first.get("num_latents") or d_in * first.get("expansion_factor", 32)),
+        "skip_connection": bool(first.get("skip_connection", False)),
+    }
+
+
+def check_finetune_shape(run_dir: str | Path, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+    """One CheckpointError naming every `coder_shape` field in which RUN differs from this run."""
     differing = [
         f"{key} {theirs[key]!r} (this run: {ours[key]!r})"
         for key in ours
@@ -309,6 +326,14 @@ def load_for_finetune(coders: Coders, run_dir: str | Path, device: str | torch.d
             f"cannot fine-tune from {run_dir}: it holds {'; '.join(differing)}; pass the flags "
             "it was trained with (--cross_layer, --transcode, --num_latents, --skip_connection)"
         )
+
+
+def load_for_finetune(coders: Coders, run_dir: str | Path, device: str | torch.device) -> None:
+    """`--finetune RUN`: copy RUN's coders into `coders` by hookpoint name (RUN must hold the
+    same hookpoints, in the same order); any difference is one CheckpointError naming it."""
+    d_in = int(_first_source(coders).encoder.weight.shape[1])
+    saved = load_coders(run_dir, device=device, hookpoints=coders.hookpoints, d_in=d_in)
+    check_finetune_shape(run_dir, coder_shape(coders), coder_shape(saved))
     try:
         coders.load_state_dict(saved.state_dict())
     except RuntimeError as err:  # torch's text, joined into one line

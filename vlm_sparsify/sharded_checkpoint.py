@@ -28,14 +28,14 @@ from sparsify import SparseCoder
 from torch import Tensor
 
 from vlm_sparsify.coder_io import (
-    CFG_FILE,
     RUN_CONFIG_FILE,
     CheckpointError,
     atomic_dir,
+    check_finetune_shape,
     clt_source_cfg,
-    per_layer_kind,
+    coder_shape,
     read_clt_tensors,
-    run_hookpoints,
+    saved_shape,
     temp_dir,
     write_clt_source,
 )
@@ -180,17 +180,12 @@ def read_sharded_training_state(run_dir: Path, trainer: Trainer) -> None:
 
 @torch.no_grad()
 def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
-    """`--finetune RUN`: this process's tensors of a run of the same hookpoints and width: a
-    CLT's (of the same cross_layer) read one by one from its source files, or the stock coders
-    of this process's hookpoints."""
+    """`--finetune RUN`: this process's tensors of a run of the same hookpoints and shape
+    (`coder_shape`, read from RUN's cfg.json files first, as one process checks it): a CLT's read
+    one by one from its source files, or the stock coders of this process's hookpoints."""
+    ours = coder_shape(coders)
+    check_finetune_shape(run_dir, ours, saved_shape(run_dir, coders.hookpoints, coders.d_in))
     if isinstance(coders, ShardedPerLayer):
-        run_hookpoints(Path(run_dir), coders.hookpoints, coders.d_in)  # the same, as one process
-        if read_json(Path(run_dir) / coders.hookpoints[0] / CFG_FILE).get("n_targets", 0) > 0:
-            raise CheckpointError(
-                f"cannot fine-tune from {run_dir}: it holds kind 'a cross-layer transcoder' "
-                f"(this run: {per_layer_kind(coders.cfg.transcode)!r}); pass the flags it was "
-                "trained with (--cross_layer)"
-            )
         for p in coders.owned:
             hookpoint = coders.hookpoints[p]
             try:
@@ -202,14 +197,6 @@ def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
                     "); pass a run of per-layer coders of these hookpoints, width and skip "
                     "connection"
                 ) from err
-            # an SAE's tensors have a PLT's keys and shapes
-            if saved.cfg.transcode != coders.cfg.transcode:
-                raise CheckpointError(
-                    f"cannot fine-tune from {run_dir}: it holds kind "
-                    f"{per_layer_kind(saved.cfg.transcode)!r} (this run: "
-                    f"{per_layer_kind(coders.cfg.transcode)!r}); pass the flags it was trained "
-                    "with (--transcode)"
-                )
         return
     clt = coders
     assert isinstance(clt, ShardedCLT)
@@ -226,8 +213,8 @@ def load_owned_tensors(coders: ShardedCoders, run_dir: str | Path) -> None:
             target = clt.source_tensor(p, key)
             if value.shape != target.shape:
                 raise CheckpointError(
-                    f"{run_dir}: {clt.hookpoints[p]} {key} has shape {list(value.shape)}, this "
-                    f"run's is {list(target.shape)}; pass the checkpoint's --num_latents"
+                    f"{run_dir}: {clt.hookpoints[p]} {key} has shape {list(value.shape)}, not "
+                    f"{list(target.shape)} as its cfg.json says; re-save the checkpoint"
                 )
             target.copy_(value)
 
