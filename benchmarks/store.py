@@ -333,7 +333,9 @@ class FeatureStore:
         lines, start = [], 0
         for sample in batch:
             stop = start + sample.indices.shape[0]
-            regions = {name: [list(map(int, span)) for span in spans]
+            # (start, stop) tuples, as `_parse_record` reads them back: the writer's records
+            # stay in memory and must equal a reader's
+            regions = {name: [(int(a), int(b)) for a, b in spans]
                        for name, spans in sample.regions.items()}  # fmt: skip
             record = SampleRecord(sample.id, shard, start, stop, regions)
             lines.append(json.dumps(asdict(record)) + "\n")

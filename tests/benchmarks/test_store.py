@@ -46,6 +46,9 @@ def test_round_trip_is_exact(tmp_path, num_latents):
     assert max(s[1].max() for s in samples) > 32767
     store.append(samples[:2])
     store.append(samples[2:])
+    # the writer reads back what a reader opening the folder reads (its index kept in memory)
+    for stored, original in zip(store, samples, strict=True):
+        assert_same(stored, original)
 
     reopened = FeatureStore(tmp_path / "store")
     assert reopened.meta.index_dtype == ("int16" if num_latents <= 65536 else "int32")
