@@ -280,6 +280,7 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--exclude_tokens", "5", "99999"], r"--exclude_tokens \[99999\] are not token ids"),
         (["--dtype", "bfloat16", "--device", "cpu"], "--dtype bfloat16 trains on a GPU only"),
         (["--decoder_dtype", "float16"], "--decoder_dtype float16 sets a cross-layer"),
+        (["--cross_layer", "2", "--transcode", "false"], "--transcode false: --cross_layer 2 tr"),
         (["--data_args", "name=x", "--streaming", "true"], "--data_args, --streaming apply to"),
     ]:
         with pytest.raises(ValueError, match=message):

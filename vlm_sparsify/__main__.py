@@ -488,6 +488,12 @@ def train(args: RunConfig, given: set[str]) -> Trainer:
             f"--decoder_dtype {args.decoder_dtype} sets a cross-layer transcoder's decoders; "
             "per-layer coders (no --cross_layer) are sparsify's, in float32: leave it out"
         )
+    if "transcode" in given and not args.sae.transcode and args.cross_layer:
+        raise ValueError(
+            f"--transcode false: --cross_layer {args.cross_layer} trains a cross-layer "
+            "transcoder, which reads each MLP's input and predicts its output; leave "
+            "--transcode out, or train per-layer SAEs without --cross_layer"
+        )
     # read now: every checkpoint keeps the recipe it trained with (RUN/recipe.toml)
     recipe_bytes = recipe_file.read_bytes() if recipe_file is not None else None
     dataset = args.dataset or recipe.dataset.path
