@@ -87,6 +87,7 @@ def main(argv: list[str], benchmark: str) -> None:
     config, data = parse_args(argv, adapter, benchmark)
     config = with_absolute_paths(config)
     check_limit(config.limit)
+    check_mode(config)
     try:
         counts = capture(benchmark, adapter, config, data)
     except (ValueError, FileNotFoundError) as err:
@@ -131,6 +132,16 @@ def rank_batches(todo: Sequence[BenchItem], rank: int, world: int, batch_size: i
     mine = list(todo[rank::world])
     n_batches = math.ceil(math.ceil(len(todo) / world) / batch_size)
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
+
+
+def check_mode(config: CaptureConfig) -> None:
+    """A replacement mode other than the exact `error` needs coders: without them the base model
+    generates, and capture.json would record a mode that never ran."""
+    if config.mode != "error" and not config.coders:
+        raise ValueError(
+            f"--mode {config.mode} runs the coders of --coders RUN, and none was given: give "
+            "--coders, or leave --mode out to generate with the base model"
+        )
 
 
 def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) -> dict | None:

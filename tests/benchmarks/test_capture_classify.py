@@ -450,6 +450,14 @@ def test_a_negative_limit_is_refused_not_read_as_a_slice_from_the_end(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("mode", ["open-loop", "off"])
+def test_a_replacement_mode_without_coders_is_refused(tmp_path, mode):
+    # without --coders the base model generates: capture.json would record a mode never used
+    with pytest.raises(SystemExit, match=f"--mode {mode} runs the coders of --coders RUN"):
+        run(["easyvqa", "capture", "--out", str(tmp_path / "out"), "--mode", mode, "--limit", "1"])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "flags, error",
     [
