@@ -281,6 +281,10 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--dtype", "bfloat16", "--device", "cpu"], "--dtype bfloat16 trains on a GPU only"),
         (["--decoder_dtype", "float16"], "--decoder_dtype float16 sets a cross-layer"),
         (["--cross_layer", "2", "--transcode", "false"], "--transcode false: --cross_layer 2 tr"),
+        (
+            ["--loss_fn", "ce", "--transcode", "true", "--tokens", "image"],
+            "--tokens image: --loss_fn ce is the cross-entropy of every next text token",
+        ),
         (["--data_args", "name=x", "--streaming", "true"], "--data_args, --streaming apply to"),
     ]:
         with pytest.raises(ValueError, match=message):

@@ -230,6 +230,12 @@ class RunConfig(TrainConfig):
             self.micro_acc_steps,
             local_terms=self.auxk_alpha > 0 or self.sae.multi_topk,
         )
+        if self.loss_fn == "ce" and self.tokens == "image":
+            raise ValueError(
+                "--tokens image: --loss_fn ce is the cross-entropy of every next text token, "
+                "which --tokens does not restrict (image tokens have no next-token target); "
+                "use --loss_fn kl to train on image positions end to end, or leave --tokens out"
+            )
         if self.distribute_modules:
             check_distributable(self)
         check_values(self)
