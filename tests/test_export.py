@@ -328,3 +328,16 @@ def test_attention_hookpoints_are_refused_for_the_export_s_own_reason(tmp_path: 
     with pytest.raises(ValueError, match="are not MLPs .*; circuit-tracer's transcoders read") as e:
         main(["circuit-tracer", str(tmp_path / "attn"), str(tmp_path / "ct"), "--n_layers", "4"])
     assert "replacement model" not in str(e.value)
+
+
+def test_calibration_examples_are_checked_before_the_model_runs(tmp_path: Path) -> None:
+    save_coders(random_clt(cross_layer=2), tmp_path / "run", config={"model": "default"})
+    command = ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--n_layers", "4"]
+    for count in ("0", "-3"):  # were torch.cat / islice errors from inside the calibration
+        with pytest.raises(ValueError, match=f"--calibration_examples must be >= 1, got {count}"):
+            main([*command, "--calibration_examples", count])
+    save_file({f"inputs.{h}": torch.randn(64, 8) for h in HOOKS}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(ValueError, match="--calibration_examples .* --calibration FILE .* one"):
+        main([*command, "--calibration", str(tmp_path / "c.safetensors"),
+              "--calibration_examples", "8"])  # fmt: skip
+    assert not (tmp_path / "ct").exists()

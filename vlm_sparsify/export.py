@@ -317,7 +317,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         "second half measures fidelity (default: activations of the run's own model on "
         "--calibration_examples examples of its dataset)",
     )
-    parser.add_argument("--calibration_examples", type=int, default=64)
+    parser.add_argument(
+        "--calibration_examples",
+        type=int,
+        default=None,
+        help="examples of the run's own dataset whose activations calibrate (default: 64; "
+        "not with --calibration)",
+    )
     parser.add_argument(
         "--threshold",
         choices=["feature", "layer"],
@@ -336,6 +342,14 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser.add_argument("--feature_output_hook", default="hook_mlp_out")
     parser.add_argument("--model_name", default=None)
     args = parser.parse_args(argv)
+    if args.calibration is not None and args.calibration_examples is not None:
+        raise ValueError(
+            "--calibration_examples counts examples of the run's own data, and --calibration "
+            "FILE gives the activations instead: pass only one"
+        )
+    examples = 64 if args.calibration_examples is None else args.calibration_examples
+    if examples < 1:
+        raise ValueError(f"--calibration_examples must be >= 1, got {examples}")
 
     _check_out_dir(args.out_dir)  # before calibrating: that runs the model
     coders = load_coders(args.run)
@@ -354,9 +368,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     if args.calibration is None:
         from vlm_sparsify.run_activations import run_activations
 
-        inputs, outputs = run_activations(
-            args.run, coders.hookpoints, num_examples=args.calibration_examples
-        )
+        inputs, outputs = run_activations(args.run, coders.hookpoints, num_examples=examples)
     else:
         d_in = source_weights(coders, 0)[0].shape[1]
         inputs, outputs = _load_calibration(args.calibration, coders.hookpoints, d_in)
