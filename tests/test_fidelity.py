@@ -260,6 +260,8 @@ def test_bad_input_ends_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "run" / "config.json").write_text("{truncated")
     for args, message in (
         ([str(tmp_path), "--limit", "0"], "error: --limit must be at least 1, got 0"),
+        # 0 measured the image positions alone (no prompt, no answer), as if that were the run
+        ([str(tmp_path), "--ctx_len", "0"], "error: --ctx_len must be at least 1, got 0"),
         ([str(tmp_path), "--plot", str(tmp_path / "no" / "x.png")], "error: --plot"),
         ([str(tmp_path / "run")], f"error: {tmp_path / 'run' / 'config.json'} is not valid JSON"),
     ):

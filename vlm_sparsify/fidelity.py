@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prog="python -m vlm_sparsify.fidelity",
         description=FidelityConfig.__doc__,
     )
-    for name in ("limit", "batch_size", "max_new_tokens"):
+    for name in ("limit", "batch_size", "max_new_tokens", "ctx_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.plot and not Path(args.plot).parent.is_dir():
