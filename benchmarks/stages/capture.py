@@ -87,7 +87,7 @@ def main(argv: list[str], benchmark: str) -> None:
     config, data = parse_args(argv, adapter, benchmark)
     config = with_absolute_paths(config)
     check_limit(config.limit)
-    check_mode(config)
+    check_options(config)
     try:
         counts = capture(benchmark, adapter, config, data)
     except (ValueError, FileNotFoundError) as err:
@@ -134,9 +134,14 @@ def rank_batches(todo: Sequence[BenchItem], rank: int, world: int, batch_size: i
     return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
 
 
-def check_mode(config: CaptureConfig) -> None:
-    """A replacement mode other than the exact `error` needs coders: without them the base model
-    generates, and capture.json would record a mode that never ran."""
+def check_options(config: CaptureConfig) -> None:
+    """Options refused before anything loads or capture.json records them (a folder keeps its
+    settings): positive counts, and a replacement mode other than the exact `error` only with
+    coders (without them the base model generates, and the mode recorded never ran)."""
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(config, name) < 1:
+            flag = f"--{name.replace('_', '-')}"
+            raise ValueError(f"{flag} {getattr(config, name)}: give a positive number")
     if config.mode != "error" and not config.coders:
         raise ValueError(
             f"--mode {config.mode} runs the coders of --coders RUN, and none was given: give "

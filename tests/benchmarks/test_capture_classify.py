@@ -450,6 +450,18 @@ def test_a_negative_limit_is_refused_not_read_as_a_slice_from_the_end(tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, error",
+    [(["--batch-size", "0"], "--batch-size 0: give a positive number"),  # was ZeroDivisionError
+     (["--max-new-tokens", "-2"], "--max-new-tokens -2: give a positive number")],
+)  # fmt: skip
+def test_bad_counts_are_refused_before_capture_json_is_written(tmp_path, flags, error):
+    # a capture.json recording them made the folder refuse the corrected command's settings
+    with pytest.raises(SystemExit, match=error):
+        run(["easyvqa", "capture", "--out", str(tmp_path / "out"), "--limit", "1", *flags])
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("mode", ["open-loop", "off"])
 def test_a_replacement_mode_without_coders_is_refused(tmp_path, mode):
     # without --coders the base model generates: capture.json would record a mode never used
