@@ -116,7 +116,11 @@ POSITIVE = ("batch_size", "max_new_tokens", "train_examples", "k", "target_featu
 
 def check_options(config: AllConfig) -> None:
     """The options the stages would reject after training: the factors, the dtype, the counts."""
-    parse_factors(config.factors)
+    if max(parse_factors(config.factors)) == 1:  # map's --factor: 1 would scale nothing
+        raise ValueError(
+            f"--factors {config.factors!r}: map checks its neurons with the largest, 1 scales "
+            "nothing; add a factor other than 1 (e.g. 0,0.5,2,4)"
+        )
     pick_dtype(config.dtype, torch.device("cpu"))
     check_limit(config.limit)
     for name in POSITIVE:

@@ -21,6 +21,7 @@ coactivation, contribution}], verification: {cosine_top, cosine_random, random_s
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,12 +82,18 @@ class MapConfig:
 
 
 def check_config(config: MapConfig) -> None:
-    """Counts below 1 (a negative --samples would slice from the end of the train samples)."""
+    """Counts below 1 (a negative --samples would slice from the end of the train samples), and
+    a --factor the check cannot measure with (1 changes nothing; NaN and inf no finite change)."""
     for flag, value in (("--samples", config.samples), ("--top-k", config.top_k),
                         ("--verify-tokens", config.verify_tokens),
                         ("--random-sets", config.random_sets)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{flag} {value}: give a positive number")
+    if not math.isfinite(config.factor) or config.factor == 1:
+        raise ValueError(
+            f"--factor {config.factor:g}: give a finite factor other than 1 (the check scales the "
+            "mapped neurons by it and measures the MLP output's change), e.g. 4"
+        )
 
 
 def main(argv: list[str], benchmark: str) -> None:

@@ -476,6 +476,10 @@ def test_a_replacement_mode_without_coders_is_refused(tmp_path, mode):
         (["--factors", "0,x"], "easyvqa all: --factors '0,x': give non-negative numbers"),
         (["--factors", "0,-2"], "easyvqa all: --factors '0,-2': give non-negative numbers"),
         (["--factors", "0,2,2"], "easyvqa all: --factors '0,2,2': 2 given twice"),
+        (
+            ["--factors", "0,1"],
+            "easyvqa all: --factors '0,1': map checks its neurons with the largest, 1 sca",
+        ),
         (["--dtype", "float13"], "easyvqa all: unknown dtype 'float13'"),
         (["--batch-size", "0"], "easyvqa all: --batch-size 0: give a positive number"),
         (["--limit", "-5"], "easyvqa all: --limit -5: give a positive number"),

@@ -130,3 +130,13 @@ def test_counts_below_one_are_refused_before_anything_is_read(tmp_path, flag, va
 
     with pytest.raises(SystemExit, match=f"{flag} {value}: give a positive number"):
         run(["easyvqa", "map", "--out", str(tmp_path / "nothing"), flag, value])
+
+
+@pytest.mark.parametrize("value", ["1", "nan", "inf"])
+def test_a_factor_the_check_cannot_measure_is_refused(tmp_path, value):
+    """`--factor 1` scales nothing and `nan` / `inf` give no finite change: the check wrote
+    cosines of 0.0 (and `"amplification_factor": NaN`) as if it had measured them."""
+    from benchmarks.__main__ import run
+
+    with pytest.raises(SystemExit, match=f"--factor {value}: give a finite factor other than 1"):
+        run(["easyvqa", "map", "--out", str(tmp_path / "nothing"), "--factor", value])
