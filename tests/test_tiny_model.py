@@ -223,3 +223,13 @@ def test_cpu_training_is_repeatable_bit_for_bit(tmp_path, few_images):
     first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("limit", ["0", "-5"])
+def test_evaluate_refuses_a_limit_below_one(limit, capsys):
+    # -5 evaluated all but the last five examples (a slice from the end), 0 printed {}
+    from vlm_sparsify.tiny.evaluate import main
+
+    with pytest.raises(SystemExit):
+        main(["--limit", limit])
+    assert f"--limit {limit}: give a positive number of examples" in capsys.readouterr().err

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blank", action="store_true", help="grey images instead of the real ones")
     parser.add_argument("--limit", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:  # a negative one would slice from the end
+        parser.error(f"--limit {args.limit}: give a positive number of examples, or leave it out")
     model, processor = load_tiny(args.model)
     print(json.dumps(evaluate(model, processor, args.split, args.blank, args.limit), indent=2))
 
