@@ -215,6 +215,9 @@ def test_unknown_gpu_parts_and_parts_without_gpu_are_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--parts", "stock"])
     assert "--parts picks parts of --gpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # was torch's RuntimeError traceback from set_num_threads
+        main(["--threads", "0"])
+    assert "--threads 0: give a positive number" in capsys.readouterr().err
 
 
 def test_tokens_per_second_counts_the_batches_asked_for_and_the_waits():

@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.parts is not None and not args.gpu:
         parser.error("--parts picks parts of --gpu; the CPU figures run together")
+    if args.threads < 1:
+        parser.error(f"--threads {args.threads}: give a positive number of torch CPU threads")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
