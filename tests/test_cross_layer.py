@@ -119,6 +119,10 @@ def test_init_biases_centres_encoders_and_splits_target_means() -> None:
         torch.testing.assert_close(out.predictions[t], y.mean(0).expand_as(y), atol=1e-5, rtol=0)
     torch.testing.assert_close(clt.sources[1].b_decs[0], ys[1].mean(0) / 2)
     torch.testing.assert_close(clt.sources[0].b_decs[0], ys[0].mean(0))
+    # Sources 0 and 1 both reach target 1 with equal biases, but each owns its tensor
+    with torch.no_grad():
+        clt.sources[0].b_decs[1].add_(1.0)
+    torch.testing.assert_close(clt.sources[1].b_decs[0], ys[1].mean(0) / 2)
 
 
 @pytest.mark.parametrize("local_terms", [False, True], ids=["fvu", "fvu-auxk-multi-topk"])
@@ -265,17 +269,22 @@ def test_predict_adds_each_sources_skip_connection_on_its_own_input() -> None:
         torch.testing.assert_close(clt.predict(encoded, t, inputs), out.predictions[t])
 
 
-def test_post_encoder_offset_leaves_zero_valued_topk_slots_at_zero() -> None:
+@pytest.mark.parametrize("scales", [False, True])
+def test_post_encoder_offset_leaves_zero_valued_topk_slots_at_zero(scales: bool) -> None:
+    """clt-training's post-encoder: (act + offset * (act > 0)) * scale."""
     source = CLTSource(4, 8, n_targets=1)
-    source.add_post_encoder(scales=False)
+    source.add_post_encoder(scales=scales)
     torch.manual_seed(0)
     with torch.no_grad():
         source.W_decs[0].normal_()
         source.b_decs[0].normal_()
         source.post_encs[0].fill_(0.5)
+        if scales:
+            source.post_enc_scales[0].fill_(3.0)
     acts, indices = torch.tensor([[2.0, 0.0]]), torch.tensor([[1, 3]])  # slot 2: nothing fired
-    assert source.target_acts(0, acts, indices).tolist() == [[2.5, 0.0]]
-    expected = 2.5 * source.W_decs[0][1] + source.b_decs[0]
+    value = 7.5 if scales else 2.5
+    assert source.target_acts(0, acts, indices).tolist() == [[value, 0.0]]
+    expected = value * source.W_decs[0][1] + source.b_decs[0]
     torch.testing.assert_close(source.decode_target(0, acts, indices)[0], expected.detach())
 
 
@@ -289,3 +298,34 @@ def test_auxk_is_scaled_down_when_fewer_latents_than_k_aux_are_dead():
     loss = auxk_loss(W_dec, pre, torch.zeros(1, d), torch.tensor(1.0), dead)
     # only latent 2 (pre-activation 2) decodes: squared error 4, scaled by 1 dead / k_aux 4
     torch.testing.assert_close(loss, torch.tensor(1.0))
+
+
+def test_auxk_of_a_source_decodes_through_its_own_layer_decoder() -> None:
+    """Source 0's AuxK predicts its own layer's residual with W_decs[0], not a later target's."""
+    cfg = SparseCoderConfig(num_latents=16, k=2, transcode=True)
+    clt = CrossLayerTranscoder(HOOKS3, 4, cfg, cross_layer=2)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in clt.parameters():
+            parameter.normal_()
+    xs, ys = random_acts(4, 3, 8, 4)
+    dead = [torch.arange(16) % 2 == 0 for _ in range(3)]
+    before = clt(xs, ys, dead_masks=dead).auxk_loss
+    with torch.no_grad():
+        clt.sources[0].W_decs[1].mul_(3.0)  # source 0 -> target 1 only
+    after = clt(xs, ys, dead_masks=dead).auxk_loss
+    assert before[0] > 0
+    torch.testing.assert_close(after[0], before[0])
+    assert not torch.allclose(after[1], before[1])  # target 1's residual moved
+
+
+def test_free_cpu_memory_is_bytes_between_free_pages_and_physical_memory() -> None:
+    import os
+
+    from vlm_sparsify.cross_layer import free_memory_bytes
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    free = free_memory_bytes(torch.device("cpu"))
+    assert free is not None
+    # MemAvailable counts free pages and reclaimable caches, in kB in /proc/meminfo
+    assert page * os.sysconf("SC_AVPHYS_PAGES") / 2 < free <= page * os.sysconf("SC_PHYS_PAGES")
