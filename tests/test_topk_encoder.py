@@ -61,6 +61,21 @@ def test_encode_topk_is_the_fused_encoder():
     assert torch.equal(groups.top_indices, fused_encoder(x, weight, bias, 16, "groupmax")[1])
 
 
+@pytest.mark.parametrize("shape", [(64,), (2, 5, 64)], ids=["one-row", "batch-by-token"])
+def test_encode_topk_outside_autograd_takes_any_leading_dimensions(shape):
+    """As `fused_encoder`: x `[..., d]` gives top-k and pre-activations `[..., k]` / `[..., M]`."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=generator)
+    weight = torch.randn(512, 64, generator=generator)
+    bias = torch.randn(512, generator=generator)
+    fast = encode_topk(x, weight, bias, 24, "topk")
+    stock = fused_encoder(x, weight, bias, 24, "topk")
+    assert fast.top_acts.shape == stock.top_acts.shape == (*shape[:-1], 24)
+    torch.testing.assert_close(fast.pre_acts, stock.pre_acts)
+    torch.testing.assert_close(sorted_values(fast.top_acts), sorted_values(stock.top_acts))
+    assert torch.equal(fast.pre_acts.gather(-1, fast.top_indices), fast.top_acts)
+
+
 @pytest.mark.parametrize("transcode", [False, True])
 def test_per_layer_encode_is_stock_sparse_coder_encode(transcode):
     from sparsify import SparseCoderConfig

@@ -7,7 +7,6 @@ the same k values from a quarter of the candidates (see its docstring).
 """
 
 import torch
-import torch.nn.functional as F
 from sparsify.fused_encoder import EncoderOutput, fused_encoder
 from torch import Tensor
 
@@ -22,14 +21,16 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, activation: str
     )
     if needs_grad or activation != "topk":
         return fused_encoder(x, weight, bias, k, activation)  # type: ignore[arg-type]
-    if x.dim() == 2:
-        # addmm with the ReLU as its epilogue: one cuBLASLt kernel on CUDA where F.linear and
-        # relu_ launch two (a decoding step is launch-bound); on the CPU addmm, then relu_
-        pre_acts = torch._addmm_activation(bias, x, weight.t())
-    else:
-        pre_acts = F.linear(x, weight, bias).relu_()  # a fresh tensor: no copy for the ReLU
+    # addmm with the ReLU as its epilogue: one cuBLASLt kernel on CUDA where F.linear and
+    # relu_ launch two (a decoding step is launch-bound); on the CPU addmm, then relu_
+    pre_acts = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t())
     top_acts, top_indices = topk_rows(pre_acts, k)
-    return EncoderOutput(top_acts, top_indices, pre_acts)
+    if x.dim() == 2:
+        return EncoderOutput(top_acts, top_indices, pre_acts)
+    rows = x.shape[:-1]  # as fused_encoder: any leading dimensions
+    return EncoderOutput(
+        top_acts.view(*rows, k), top_indices.view(*rows, k), pre_acts.view(*rows, -1)
+    )
 
 
 def topk_rows(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
