@@ -61,6 +61,22 @@ def test_encode_topk_is_the_fused_encoder():
     assert torch.equal(groups.top_indices, fused_encoder(x, weight, bias, 16, "groupmax")[1])
 
 
+@pytest.mark.parametrize("needs_grad", ["x", "weight", "bias"])
+def test_encode_topk_is_sparsifys_own_whenever_one_input_needs_a_gradient(needs_grad):
+    """Its sparse backward: the output (order included) is fused_encoder's."""
+    generator = torch.Generator().manual_seed(4)
+    tensors = {
+        "x": torch.randn(20, 64, generator=generator),
+        "weight": torch.randn(512, 64, generator=generator),
+        "bias": torch.randn(512, generator=generator),
+    }
+    tensors[needs_grad].requires_grad_(True)
+    fast = encode_topk(*tensors.values(), 24, "topk")
+    stock = fused_encoder(*tensors.values(), 24, "topk")
+    assert all(torch.equal(a, b) for a, b in zip(fast, stock, strict=True))
+    assert fast.top_acts.grad_fn is not None
+
+
 @pytest.mark.parametrize("shape", [(64,), (2, 5, 64)], ids=["one-row", "batch-by-token"])
 def test_encode_topk_outside_autograd_takes_any_leading_dimensions(shape):
     """As `fused_encoder`: x `[..., d]` gives top-k and pre-activations `[..., k]` / `[..., M]`."""
