@@ -124,3 +124,45 @@ def test_current_notices_every_kind_of_weight_change() -> None:
     fused = CLTInference(clt)
     clt.double()  # new storage
     assert not fused.current()
+
+
+def test_a_decoding_step_after_the_prefill_decodes_its_own_rows() -> None:
+    """The bag offsets kept per shape: a prefill of 9 rows, then steps of 1 and 2 rows."""
+    clt = random_clt()
+    fused = CLTInference(clt)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for rows in (9, 1, 2, 9):
+            x = torch.randn(rows, D, generator=generator)
+            for p in range(len(HOOKS)):
+                acts, indices, _ = clt.encode(p, x)
+                expected = torch.stack(clt.decode(p, acts, indices), 1)
+                assert torch.equal(fused.decode(p, acts, indices), expected)
+
+
+def test_triton_decodes_into_targets_only_sources_without_post_encoders(monkeypatch) -> None:
+    """Per-target activation offsets make a source's decode non-linear: no direct decode."""
+    import vlm_sparsify.triton_decode
+
+    monkeypatch.setattr(vlm_sparsify.triton_decode, "check_available", lambda device: None)
+    clt = random_clt()
+    clt.sources[1].add_post_encoder(scales=False)
+    triton = CLTInference(clt, kernel="triton")
+    assert [triton.direct(p) for p in range(4)] == [True, False, True, True]
+    assert not any(CLTInference(clt).direct(p) for p in range(4))
+
+
+def test_encoder_copies_in_another_dtype_count_in_nbytes(monkeypatch) -> None:
+    """On CUDA the encoders are copied in bf16: `nbytes` and `copy_nbytes` count them."""
+    import vlm_sparsify.clt_inference
+
+    monkeypatch.setattr(vlm_sparsify.clt_inference, "_encoder_dtype", lambda w: torch.bfloat16)
+    clt = random_clt()
+    fused = CLTInference(clt)
+    encoder_bytes = sum(s.encoder.weight.numel() + s.encoder.bias.numel() for s in clt.sources)
+    assert fused.nbytes == 2 * encoder_bytes  # nothing decoded yet
+    with torch.no_grad():
+        for p in range(len(HOOKS)):
+            fused.decode(p, *fused.encode(p, torch.randn(3, D))[:2])
+    fused.target_biases()
+    assert fused.nbytes == CLTInference.copy_nbytes(clt)
