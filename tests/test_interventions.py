@@ -80,6 +80,27 @@ def test_region_limits_the_edit_to_its_tokens() -> None:
         torch.testing.assert_close(change, expected)
 
 
+@pytest.mark.parametrize(
+    ("op", "value", "factor"), [("zero", None, 0.0), ("scale", 3.0, 3.0)], ids=["zero", "scale"]
+)
+def test_a_regional_scale_or_zero_leaves_other_tokens_alone(op, value, factor) -> None:
+    acts, indices = sparse_features()
+    for region, row in (("image", 0), ("prompt", 1), ("response", 2)):
+        edit = Intervention(op, features=(4, 2), region=region, value=value)
+        new_acts, new_indices = apply_interventions([edit], acts, indices, REGIONS)
+        expected = dense(acts, indices)
+        expected[row, [4, 2]] *= factor
+        torch.testing.assert_close(dense(new_acts, new_indices), expected)
+
+
+def test_all_among_other_regions_edits_every_token() -> None:
+    acts, indices = sparse_features()
+    edit = Intervention("zero", features=4, region=("image", "all"))
+    assert not edit.regional and edit.region_codes() is None
+    new_acts, new_indices = apply_interventions([edit], acts, indices, None)
+    assert dense(new_acts, new_indices)[:, 4].tolist() == [0.0, 0.0, 0.0]
+
+
 def test_decision_region_follows_the_decision_mask_and_joins_other_regions() -> None:
     acts, indices = sparse_features()
     decision = torch.tensor([False, True, True])  # the last prompt token and a response token
@@ -110,6 +131,8 @@ def test_layers_resolve_by_position_and_hookpoint() -> None:
         Intervention("zero", features=1, layers="model.layers.1.mlp").source_positions(HOOKPOINTS)
     with pytest.raises(ValueError, match="source layer 5 out of range 0..1: integer layers are "):
         Intervention("zero", features=1, layers=5).source_positions(HOOKPOINTS)
+    with pytest.raises(ValueError, match="source layer 2 out of range 0..1"):
+        Intervention("zero", features=1, layers=2).source_positions(HOOKPOINTS)
 
 
 def test_invalid_interventions_are_rejected() -> None:
@@ -121,6 +144,12 @@ def test_invalid_interventions_are_rejected() -> None:
         Intervention("zero", features=(1, 1))
     with pytest.raises(ValueError, match="one value or one per feature"):
         Intervention("set", features=(1, 2, 3), value=(1.0, 2.0))
+    with pytest.raises(ValueError, match="one value or one per feature"):
+        Intervention("scale", features=(1, 2), value=())
+    with pytest.raises(ValueError, match="indices are >= 0, got -1"):
+        Intervention("zero", features=-1)
+    with pytest.raises(ValueError, match="indices are integers, got True"):
+        Intervention("zero", features=True)
 
 
 def test_region_ranges_are_runs_without_pads() -> None:
