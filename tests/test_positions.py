@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from benchmarks.neuron_map import scale_neurons
 from tests.test_clt_free import firing_features
 from tests.test_replacement import GREEDY, HOOKPOINTS, batch, make_coders, tiny_llava
+from vlm_sparsify.capture import REGION_CODE
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
 from vlm_sparsify.interventions import Intervention
 from vlm_sparsify.positions import SequencePositions
@@ -158,3 +159,77 @@ def test_unknown_steering_region_is_refused(model: nn.Module) -> None:
     neurons = scale_neurons(model, {HOOKPOINTS[1]: [1]}, 2.0, region="prompt")
     with pytest.raises(ValueError, match="Unknown steering region"), neurons:
         pass
+
+
+def test_a_forward_without_attention_mask_decides_at_its_last_token() -> None:
+    positions = SequencePositions()
+    positions.observe(nn.Module(), (), {"input_ids": torch.ones(2, 4, dtype=torch.long)})
+    assert positions.decision.tolist() == [[False, False, False, True]] * 2
+
+
+def test_a_step_with_a_cache_outside_generate_continues_the_sequence() -> None:
+    positions, module = SequencePositions(), nn.Module()
+    positions.observe(
+        module, (), {"input_ids": torch.ones(1, 3), "attention_mask": torch.ones(1, 3)}
+    )
+    assert positions.new_sequence and positions.decision.tolist() == [[False, False, True]]
+    positions.observe(
+        module, (), {"input_ids": torch.ones(1, 1), "attention_mask": torch.ones(1, 4)}
+    )
+    assert not positions.new_sequence and (positions.past, positions.prompt_length) == (3, 3)
+    assert positions.regions.tolist() == [[REGION_CODE["response"]]]
+
+
+class CachedPromptModel(nn.Module):
+    """A model whose `generate` finds its first 3 prompt positions in a cache already: its first
+    forward feeds the last 2 only (as HF generate does with a reused prompt cache)."""
+
+    def __init__(self, positions: SequencePositions):
+        super().__init__()
+        self.positions = positions
+
+    def forward(self, **kwargs) -> None:
+        return None
+
+    def generate(self, attention_mask: Tensor, **tokens: Tensor) -> tuple[int, list]:
+        ((name, prompt),) = tokens.items()
+        self(**{name: prompt[:, 3:]}, attention_mask=attention_mask)
+        return self.positions.prompt_length, self.positions.regions.tolist()
+
+
+@pytest.mark.parametrize("name", ["input_ids", "inputs_embeds"])
+def test_inside_generate_the_prompt_is_what_generate_was_given(name: str) -> None:
+    positions = SequencePositions()
+    model = CachedPromptModel(positions)
+    prompt = torch.ones(1, 5, dtype=torch.long) if name == "input_ids" else torch.ones(1, 5, 8)
+    with positions.following(model):
+        length, regions = model.generate(attention_mask=torch.ones(1, 5), **{name: prompt})
+    assert (length, regions) == (5, [[REGION_CODE["prompt"]] * 2])
+
+
+def test_a_generate_wrapped_on_the_instance_is_restored_on_exit() -> None:
+    positions = SequencePositions()
+    model = CachedPromptModel(positions)
+    own = model.__dict__["generate"] = lambda **kwargs: "own"
+    with positions.following(model):
+        assert model.generate is not own
+    assert model.generate is own
+
+
+def test_the_4d_mask_of_an_additive_float_mask_marks_pads_and_keeps_the_past() -> None:
+    from vlm_sparsify.positions import _mask_of_4d
+
+    blocked = torch.finfo(torch.float32).min
+    # two new tokens after 3 cached positions; the second does not attend to itself: a pad
+    mask = torch.tensor([[0.0, 0.0, 0.0, 0.0, blocked], [0.0, 0.0, 0.0, blocked, blocked]])
+    assert _mask_of_4d(mask[None, None], past=3, n=2).tolist() == [[1, 1, 1, 1, 0]]
+
+
+def test_a_hook_with_fewer_rows_than_the_forward_is_told_so() -> None:
+    from vlm_sparsify.positions import decision_rows
+
+    positions = SequencePositions()
+    positions.observe(nn.Module(), (), {"input_ids": torch.ones(2, 4, dtype=torch.long)})
+    assert decision_rows(positions, 8).flatten().tolist() == [0.0, 0.0, 0.0, 1.0] * 2
+    with pytest.raises(ValueError, match="a hook saw 4 token rows where the forward had 8"):
+        decision_rows(positions, 4)
