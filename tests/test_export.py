@@ -34,6 +34,7 @@ def test_export_loads_in_circuit_tracer_with_our_weights(tmp_path: Path) -> None
     export_circuit_tracer(clt, tmp_path / "ct", thresholds, model_name="llava-hf/llava-1.5-7b-hf")
     config = yaml.safe_load((tmp_path / "ct" / "config.yaml").read_text())
     assert config["model_kind"] == "cross_layer_transcoder"
+    assert config["model_name"] == "llava-hf/llava-1.5-7b-hf"
     assert (config["feature_input_hook"], config["feature_output_hook"]) == (
         "mlp.hook_in",
         "hook_mlp_out",
@@ -123,6 +124,81 @@ def test_feature_thresholds_imitate_the_coders_own_selection_groupmax_too() -> N
     fidelity = export_fidelity(coders, thresholds, [tokens(100)])
     assert fidelity["fvu_export_vs_topk"][0] < 1e-10
     assert fidelity["l0_export"] == [2.0]
+
+
+def test_best_separation_cuts_at_the_fewest_disagreements() -> None:
+    from vlm_sparsify.export import _best_separation
+
+    values = torch.tensor([[1.0, 0.5, 0, 0], [2, 1, 1, 0], [3, 2, 2, 3], [4, 3, 3, 3]])
+    positive = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1]]).bool()
+    cut, ever = _best_separation(values, positive)
+    # column 0: cutting at 1.5 misses one token (3), as cutting at 3.5 does: the lower cut wins;
+    # columns 1 and 2 always positive: below every value (never below 0); column 3: clean cut
+    torch.testing.assert_close(cut, torch.tensor([1.5, 0.5 - 1e-6, 0.0, 1.5]), atol=1e-7, rtol=0)
+    assert cut.min() == 0.0 and ever.all()
+
+
+def test_feature_thresholds_ignore_top_k_slots_holding_zero() -> None:
+    """With one positive pre-activation, TopK's second slot holds a zero: not a selection."""
+    from vlm_sparsify.per_layer import PerLayerCoders
+
+    coders = PerLayerCoders(HOOKS[:1], 4, SparseCoderConfig(num_latents=4, k=2, transcode=True))
+    with torch.no_grad():
+        coders[HOOKS[0]].encoder.weight.copy_(torch.eye(4))
+        coders[HOOKS[0]].encoder.bias.zero_()
+    two_fire = torch.tensor([[-1.0, 5.0, 3.0, -1.0]]).expand(11, 4)
+    one_fires = torch.tensor([[-1.0, 5.0, -1.0, -1.0]]).expand(10, 4)
+    (threshold,) = fit_thresholds(coders, [torch.cat([two_fire, one_fires])], "feature")
+    # latents 0 and 3 never fire: the layer value, median of (2nd + 3rd largest) / 2 = 1.5;
+    # latent 2 fires at 3 and is 0 elsewhere: cut at 1.5; latent 1 always fires: below 5
+    torch.testing.assert_close(threshold, torch.tensor([1.5, 5.0 - 1e-6, 1.5, 1.5]))
+
+
+def test_jumprelu_features_fire_strictly_above_their_threshold() -> None:
+    """As circuit-tracer's JumpReLU (x * (x > threshold)): a pre-activation at it stays off."""
+    from vlm_sparsify.export import jumprelu_predictions
+    from vlm_sparsify.per_layer import PerLayerCoders
+
+    coders = PerLayerCoders(HOOKS[:1], 4, SparseCoderConfig(num_latents=4, k=2, transcode=True))
+    with torch.no_grad():
+        coders[HOOKS[0]].encoder.weight.copy_(torch.eye(4))
+        coders[HOOKS[0]].encoder.bias.zero_()
+    _, l0 = jumprelu_predictions(coders, [torch.ones(4)], [torch.tensor([[1.0, 2.0, 1.0, 0.5]])])
+    assert l0 == [1.0]
+
+
+def test_model_layers_are_distinct() -> None:
+    from vlm_sparsify.export import model_layers
+
+    assert model_layers(HOOKS[1:3], 4) == [1, 2]
+    with pytest.raises(ValueError, match=r"hookpoints are layers \[1, 1\]"):
+        model_layers([HOOKS[1], HOOKS[1]], 4)
+
+
+def test_cli_fits_on_the_first_half_and_measures_on_the_held_out_half(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    clt = random_clt(cross_layer=2, latents=32, k=4)
+    save_coders(clt, tmp_path / "run")
+    g = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(64, 8, generator=g) for _ in HOOKS]
+    with torch.no_grad():  # outputs the TopK coder predicts exactly, row for row
+        encoded = [clt.encode(p, x) for p, x in enumerate(inputs)]
+        outputs = [clt.predict(encoded, t) for t in range(len(HOOKS))]
+    tensors = {f"inputs.{h}": x for h, x in zip(HOOKS, inputs, strict=True)}
+    save_file(tensors | {f"outputs.{HOOKS[0]}": outputs[0]}, str(tmp_path / "some.safetensors"))
+    tensors |= {f"outputs.{h}": y for h, y in zip(HOOKS, outputs, strict=True)}
+    save_file(tensors, str(tmp_path / "calib.safetensors"))
+    args = ["circuit-tracer", str(tmp_path / "run"), "--n_layers", "4", "--calibration"]
+    result = main([*args[:2], str(tmp_path / "ct"), *args[2:], str(tmp_path / "calib.safetensors")])
+    assert max(result["fvu_topk"]) < 1e-10  # outputs and inputs of the same held-out rows
+    fitted = fit_thresholds(clt, [x[:32] for x in inputs])
+    for p, threshold in enumerate(fitted):
+        on_disk = load_file(str(tmp_path / "ct" / f"W_enc_{p}.safetensors"))[f"threshold_{p}"]
+        assert torch.equal(on_disk, threshold)
+    # outputs of some hookpoints only: fidelity against the coder alone
+    result = main([*args[:2], str(tmp_path / "ct2"), *args[2:], str(tmp_path / "some.safetensors")])
+    assert set(result) == {"fvu_export_vs_topk", "l0_export"}
 
 
 def test_export_refuses_saes(tmp_path: Path) -> None:
