@@ -328,13 +328,13 @@ def test_checkpoint_files_get_the_umask_s_permissions(tmp_path: Path, kind: str)
         if kind == "clt"
         else PerLayerCoders(hookpoints, 4, cfg)
     )
-    mask = os.umask(0o022)
+    mask = os.umask(0o027)  # group may read, others not: not the usual 0o022
     try:
         run = save_coders(coders, tmp_path / "run", config={"k": 2})
     finally:
         os.umask(mask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in run.rglob("*") if p.is_file()}
-    assert "sae.safetensors" in modes and set(modes.values()) == {0o644}, modes
+    assert "sae.safetensors" in modes and set(modes.values()) == {0o640}, modes
 
 
 def test_per_layer_coders_load_in_the_order_the_caller_trained_them(tmp_path: Path) -> None:
@@ -398,3 +398,122 @@ def test_one_coders_folder_is_told_to_pass_the_run_above_it(tmp_path: Path) -> N
     save_coders(coders, tmp_path / "run")
     with pytest.raises(CheckpointError, match="is one coder's folder: pass the run folder above"):
         load_coders(tmp_path / "run" / HOOKS[0])
+
+
+def test_loading_casts_decoders_to_dtype_unless_decoder_dtype_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run")
+    as_double = load_coders(tmp_path / "run", dtype=torch.float64)
+    assert {p.dtype for p in as_double.parameters()} == {torch.float64}
+    mixed = load_coders(tmp_path / "run", decoder_dtype=torch.bfloat16)
+    assert mixed.sources[1].W_decs[1].dtype == torch.bfloat16
+    assert (
+        mixed.sources[1].encoder.weight.dtype == mixed.sources[1].b_decs[1].dtype == torch.float32
+    )
+
+
+def test_post_encoder_offsets_and_scales_round_trip(tmp_path: Path) -> None:
+    clt = trained_like_clt(cross_layer=2)
+    clt.sources[1].add_post_encoder(scales=True)
+    with torch.no_grad():
+        for param in (*clt.sources[1].post_encs, *clt.sources[1].post_enc_scales):
+            param.uniform_(0.5, 1.5)
+    save_coders(clt, tmp_path / "run")
+    cfgs = [json.loads((tmp_path / "run" / h / "cfg.json").read_text()) for h in HOOKS]
+    assert [cfg["post_encoder_scale"] for cfg in cfgs] == [False, True, False, False]
+    loaded = load_coders(tmp_path / "run")
+    assert [loaded.has_post_encoder_scale(p) for p in range(4)] == [False, True, False, False]
+    xs, ys = acts(1)
+    torch.testing.assert_close(loaded(xs, ys).predictions, clt(xs, ys).predictions)
+
+
+def test_a_clt_reaching_beyond_its_last_layer_keeps_its_cross_layer(tmp_path: Path) -> None:
+    """cross_layer 16 over 4 hookpoints has the targets of cross_layer 4, but a fine-tune with
+    --cross_layer 16 must find 16."""
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    save_coders(CrossLayerTranscoder(HOOKS, D, cfg, 16), tmp_path / "run")
+    assert load_coders(tmp_path / "run").cross_layer == 16
+
+
+def test_folders_without_a_listed_order_load_in_natural_order(tmp_path: Path) -> None:
+    hooks = [f"model.language_model.layers.{i}.mlp" for i in (2, 10)]
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    save_coders(PerLayerCoders(hooks, D, cfg), tmp_path / "run")
+    assert load_coders(tmp_path / "run").hookpoints == hooks
+
+
+def test_a_clt_missing_a_listed_hookpoint_folder_is_named(tmp_path: Path) -> None:
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / HOOKS[3])
+    with pytest.raises(CheckpointError, match="lists hookpoints .* the run folder is incomplete"):
+        load_coders(tmp_path / "run")
+
+
+def test_a_clt_is_refused_in_another_hookpoint_order(tmp_path: Path) -> None:
+    """A CLT's sources reach the next ones: its order is its own (per-layer coders take the
+    caller's)."""
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run")
+    with pytest.raises(CheckpointError, match="were requested"):
+        load_coders(tmp_path / "run", hookpoints=HOOKS[::-1])
+
+
+def test_k_may_equal_the_latents_and_expansion_factor_counts_them(tmp_path: Path) -> None:
+    from vlm_sparsify.coder_io import _check_cfg
+
+    path = tmp_path / "cfg.json"
+    _check_cfg(path, {"d_in": 4, "k": 8, "num_latents": 8})
+    _check_cfg(path, {"d_in": 4, "k": 32, "num_latents": 0, "expansion_factor": 8})
+    with pytest.raises(CheckpointError, match="k 33 must be between 1 and the coder's 32 latents"):
+        _check_cfg(path, {"d_in": 4, "k": 33, "num_latents": 0, "expansion_factor": 8})
+
+
+def test_a_save_killed_between_its_renames_leaves_the_old_checkpoint_to_put_back(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from vlm_sparsify import coder_io
+
+    old = trained_like_clt(cross_layer=2)
+    save_coders(old, tmp_path / "run")
+    real_replace = os.replace
+
+    def killed_at_the_second_rename(src, dst) -> None:
+        if Path(src).name.startswith(".run.tmp-"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(coder_io.os, "replace", killed_at_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        save_coders(trained_like_clt(cross_layer=1), tmp_path / "run")
+    monkeypatch.undo()
+    assert not (tmp_path / "run").exists()
+    (note,) = coder_io.clean_stale_folders(tmp_path / "run")  # as the next save of RUN does
+    assert note.startswith(f"restored {tmp_path / 'run'}")
+    xs, ys = acts(2)
+    torch.testing.assert_close(load_coders(tmp_path / "run")(xs, ys).fvu, old(xs, ys).fvu)
+
+
+@pytest.mark.parametrize("change", ["num_latents", "skip_connection"])
+def test_finetune_from_coders_of_another_shape_names_it(tmp_path: Path, change: str) -> None:
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run")
+    options = {"num_latents": 2 * LATENTS} if change == "num_latents" else {"skip_connection": True}
+    cfg = SparseCoderConfig(**{"num_latents": LATENTS, "k": K, "transcode": True} | options)
+    with pytest.raises(CheckpointError, match=f"cannot fine-tune .* {change} "):
+        load_for_finetune(CrossLayerTranscoder(HOOKS, D, cfg, 2), tmp_path / "run", "cpu")
+
+
+def test_a_sharded_read_checks_cross_layer_and_post_encoder_offsets(tmp_path: Path) -> None:
+    from vlm_sparsify.coder_io import read_clt_tensors
+
+    clt = trained_like_clt(cross_layer=2)
+    save_coders(clt, tmp_path / "run")
+    got = read_clt_tensors(tmp_path / "run", HOOKS, D, 2, {1: ["W_decs.1"]})
+    assert torch.equal(got[1]["W_decs.1"], clt.sources[1].W_decs[1].detach())
+    with pytest.raises(CheckpointError, match="cross_layer 2, not 3; pass --cross_layer 2"):
+        read_clt_tensors(tmp_path / "run", HOOKS, D, 3, {1: ["W_decs.1"]})
+    clt.sources[0].add_post_encoder(scales=False)
+    with torch.no_grad():
+        clt.sources[0].post_encs[0].fill_(0.25)
+    save_coders(clt, tmp_path / "run")
+    with pytest.raises(CheckpointError, match="per-target activation offsets"):
+        read_clt_tensors(tmp_path / "run", HOOKS, D, 2, {0: ["W_decs.0"]})
