@@ -439,6 +439,20 @@ def test_capture_stops_the_response_at_eos(model: nn.Module) -> None:
     assert int(first_eos[1]) <= 2
 
 
+def test_capture_keeps_the_whole_response_of_rows_without_eos(model: nn.Module) -> None:
+    replacement = ReplacementModel(model, make_coders("plt"), mode="off")
+    with torch.no_grad():
+        plain = replacement.generate(**batch(), **{**GREEDY, "eos_token_id": None})
+        eos = min(set(range(PAD + 1, 100)) - set(plain[:, 10:].flatten().tolist()))
+        with replacement.capture() as capture:
+            replacement.generate(**batch(), **{**GREEDY, "eos_token_id": eos})
+    new = GREEDY["max_new_tokens"] - 1  # no row ends: every fed-back token is response
+    assert [s.regions["response"] for s in capture.pop_samples()] == [
+        [(8, 8 + new)],
+        [(10, 10 + new)],
+    ]
+
+
 def test_capture_stops_at_the_eos_and_refuses_the_beams_generate_really_uses() -> None:
     """A `generation_config` passed to generate gets its unset values from the model's
     (transformers >= 4.50): its EOS, and its beams."""
@@ -698,6 +712,28 @@ def test_fused_copies_that_would_crowd_the_gpu_give_way_to_per_target(
         monkeypatch.setattr(replacement_module, "free_memory_bytes", lambda device: 2**40)
         torch.testing.assert_close(rm(**inputs).logits, expected, atol=1e-5, rtol=1e-5)
     assert rm.fused_nbytes > 0
+
+
+def test_fused_copies_are_refused_above_half_the_free_memory(model: nn.Module, monkeypatch) -> None:
+    import vlm_sparsify.replacement as replacement_module
+    from vlm_sparsify.clt_inference import CLTInference
+
+    coders = make_coders("clt")
+    needed = CLTInference.copy_nbytes(coders)
+    monkeypatch.setattr(replacement_module, "free_memory_bytes", lambda device: 3 * needed // 2)
+    rm = ReplacementModel(model, coders)
+    with torch.no_grad(), pytest.warns(UserWarning, match="decoding target by target instead"):
+        rm(**batch())
+    assert rm.fused_nbytes == 0
+
+
+def test_off_ignores_interventions(model: nn.Module) -> None:
+    zero_all = Intervention("zero", features=tuple(range(LATENTS)))
+    with torch.no_grad():
+        expected = model(**batch()).logits
+        for kind in ("plt", "clt"):
+            rm = ReplacementModel(model, make_coders(kind), mode="off")
+            torch.testing.assert_close(rm(**batch(), interventions=zero_all).logits, expected)
 
 
 def test_benchmark_reports_a_ratio(model: nn.Module) -> None:
