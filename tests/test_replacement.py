@@ -672,6 +672,50 @@ def test_one_replacement_model_hooks_a_model_at_a_time(model: nn.Module) -> None
         assert not torch.equal(plt(**inputs).logits, alone)
 
 
+def test_capture_blocks_nest_and_the_outer_one_resumes(model: nn.Module) -> None:
+    replacement = ReplacementModel(model, make_coders("plt"), mode="off")
+    with torch.no_grad(), replacement.capture() as outer:
+        replacement(**batch())
+        with replacement.capture() as inner:
+            replacement(**batch())
+        replacement(**batch())
+    assert (len(outer.pop_samples()), len(inner.pop_samples())) == (4, 2)
+
+
+def test_attribution_refuses_standing_interventions(model: nn.Module) -> None:
+    replacement = ReplacementModel(
+        model, make_coders("clt"), mode="error", interventions=[Intervention("zero", 1)]
+    )
+    with pytest.raises(ValueError, match="no interventions"), replacement.attribution():
+        pass
+
+
+def test_interventions_must_be_intervention_objects(model: nn.Module) -> None:
+    replacement = ReplacementModel(model, make_coders("plt"))
+    with pytest.raises(TypeError, match="interventions are Intervention objects, got 'zero'"):
+        replacement.interventions = ["zero"]  # type: ignore[list-item]
+
+
+def test_an_older_config_s_image_token_index_gives_the_image_tokens() -> None:
+    from types import SimpleNamespace
+
+    model = nn.Module()
+    model.mlp = nn.Sequential(nn.Linear(D, 2 * D), nn.Linear(2 * D, D))
+    model.config = SimpleNamespace(image_token_index=IMAGE)  # no image_token_id
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K, transcode=True)
+    assert ReplacementModel(model, PerLayerCoders(["mlp"], D, cfg)).image_token_id == IMAGE
+
+
+def test_coders_that_train_get_gradients_through_their_own_weights(model: nn.Module) -> None:
+    """End-to-end training: grad enabled and weights requiring grad skip the fused copies."""
+    clt = make_coders("clt")
+    try:
+        ReplacementModel(model, clt)(**batch()).logits.square().sum().backward()
+        assert all(W.grad is not None and W.grad.abs().sum() > 0 for W in clt.sources[0].W_decs)
+    finally:
+        model.zero_grad(set_to_none=True)
+
+
 def test_capture_refuses_beam_search(model: nn.Module) -> None:
     replacement = ReplacementModel(model, make_coders("plt"), mode="off")
     with replacement.capture(), pytest.raises(ValueError, match="num_beams=1"):
