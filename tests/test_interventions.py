@@ -150,6 +150,14 @@ def test_invalid_interventions_are_rejected() -> None:
         Intervention("zero", features=-1)
     with pytest.raises(ValueError, match="indices are integers, got True"):
         Intervention("zero", features=True)
+    with pytest.raises(ValueError, match="layers is empty"):
+        Intervention("zero", features=1, layers=[])
+    with pytest.raises(ValueError, match="region is empty"):
+        Intervention("zero", features=1, region=[])
+    with pytest.raises(ValueError, match="a zero intervention takes no value"):
+        Intervention("zero", features=1, value=2.0)
+    with pytest.raises(ValueError, match="a add intervention needs a value"):
+        Intervention("add", features=1)
 
 
 def test_region_ranges_are_runs_without_pads() -> None:
