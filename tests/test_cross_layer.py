@@ -329,3 +329,36 @@ def test_free_cpu_memory_is_bytes_between_free_pages_and_physical_memory() -> No
     assert free is not None
     # MemAvailable counts free pages and reclaimable caches, in kB in /proc/meminfo
     assert page * os.sysconf("SC_AVPHYS_PAGES") / 2 < free <= page * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_the_callers_total_variances_are_the_fvu_denominators() -> None:
+    """The trainer passes each target's variance over all processes' tokens: FVU and multi-TopK
+    FVU divide by it, not by this batch's own."""
+    from vlm_sparsify.coder_set import total_variance
+
+    xs, ys = random_acts(5, 3, 32, 8)
+    cfg = SparseCoderConfig(num_latents=32, k=2, transcode=True, multi_topk=True)
+    clt = CrossLayerTranscoder(HOOKS3, 8, cfg, cross_layer=2)
+    clt.init_biases(xs, ys)
+    own = clt(xs, ys)
+    doubled = clt(xs, ys, total_variances=[2 * total_variance(y) for y in ys])
+    torch.testing.assert_close(doubled.fvu, own.fvu / 2)
+    torch.testing.assert_close(doubled.multi_topk_fvu, own.multi_topk_fvu / 2)
+
+
+def test_invalid_clt_settings_are_refused() -> None:
+    from vlm_sparsify.cross_layer import coder_memory_bytes
+
+    cfg = SparseCoderConfig(num_latents=4, k=1, transcode=True)
+    with pytest.raises(ValueError, match="cross_layer must be >= 0, got -1"):
+        n_targets_per_source(3, -1)
+    with pytest.raises(ValueError, match="cross_layer must be >= 1 for a CLT, got 0"):
+        CrossLayerTranscoder(HOOKS3, 2, cfg, 0)
+    with pytest.raises(ValueError, match="set cfg.transcode=True"):
+        CrossLayerTranscoder(HOOKS3, 2, SparseCoderConfig(num_latents=4, k=1), 2)
+    with pytest.raises(ValueError, match="Unknown optimizer 'sgd'"):
+        coder_memory_bytes(1, 1, 4, 2, "sgd")
+    clt = CrossLayerTranscoder(HOOKS3, 2, cfg, 2)
+    encoded = [None, clt.encode(1, torch.ones(1, 2)), None]
+    with pytest.raises(ValueError, match=r"target 1 \(.*layers.1.mlp\) needs source 0 encoded"):
+        clt.predict(encoded, 1)
