@@ -173,6 +173,28 @@ def test_model_layers_are_distinct() -> None:
     assert model_layers(HOOKS[1:3], 4) == [1, 2]
     with pytest.raises(ValueError, match=r"hookpoints are layers \[1, 1\]"):
         model_layers([HOOKS[1], HOOKS[1]], 4)
+    with pytest.raises(ValueError, match=r"hookpoints are layers \[None, 1\]"):
+        model_layers(["model.language_model.mlp", HOOKS[1]], 4)
+
+
+def test_the_cli_checks_the_layers_before_calibrating(tmp_path: Path, monkeypatch) -> None:
+    import vlm_sparsify.run_activations
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("calibrated (runs the model) before checking the layers")
+
+    monkeypatch.setattr(vlm_sparsify.run_activations, "run_activations", calibrate)
+    save_coders(random_clt(cross_layer=2), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"layers \[0, 1, 2, 3\], but .* layers 0..2"):
+        main(["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--n_layers", "3"])
+
+
+def test_an_out_dir_with_another_config_yaml_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "ct" / "config.yaml").write_text("model_kind: transcoder_set\n")
+    with pytest.raises(ValueError, match="is not a circuit-tracer export"):
+        export_circuit_tracer(random_clt(cross_layer=2), tmp_path / "ct", [torch.zeros(8)] * 4)
+    assert (tmp_path / "ct" / "config.yaml").read_text() == "model_kind: transcoder_set\n"
 
 
 def test_cli_fits_on_the_first_half_and_measures_on_the_held_out_half(tmp_path: Path) -> None:
