@@ -517,3 +517,17 @@ def test_a_sharded_read_checks_cross_layer_and_post_encoder_offsets(tmp_path: Pa
     save_coders(clt, tmp_path / "run")
     with pytest.raises(CheckpointError, match="per-target activation offsets"):
         read_clt_tensors(tmp_path / "run", HOOKS, D, 2, {0: ["W_decs.0"]})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("normalize_io", True), ("per_source_tied", True), ("activation", "relu")],
+)
+def test_clt_training_options_we_do_not_implement_are_named(
+    tmp_path: Path, option: str, value
+) -> None:
+    save_coders(trained_like_clt(cross_layer=2), tmp_path / "run")
+    path = tmp_path / "run" / HOOKS[1] / "cfg.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {option: value}))
+    with pytest.raises(CheckpointError, match=f"{option}={value!r} is not supported"):
+        load_coders(tmp_path / "run")
