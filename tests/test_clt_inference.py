@@ -166,3 +166,13 @@ def test_encoder_copies_in_another_dtype_count_in_nbytes(monkeypatch) -> None:
             fused.decode(p, *fused.encode(p, torch.randn(3, D))[:2])
     fused.target_biases()
     assert fused.nbytes == CLTInference.copy_nbytes(clt)
+
+
+def test_copies_of_a_bf16_clt_count_their_float32_biases() -> None:
+    clt = random_clt().bfloat16()
+    fused = CLTInference(clt)
+    with torch.no_grad():
+        for p in range(len(HOOKS)):
+            fused.decode(p, *fused.encode(p, torch.randn(3, D))[:2])
+    fused.target_biases()
+    assert fused.nbytes == CLTInference.copy_nbytes(clt)
