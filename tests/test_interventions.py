@@ -156,7 +156,7 @@ def test_invalid_interventions_are_rejected() -> None:
         Intervention("zero", features=1, region=[])
     with pytest.raises(ValueError, match="a zero intervention takes no value"):
         Intervention("zero", features=1, value=2.0)
-    with pytest.raises(ValueError, match="a add intervention needs a value"):
+    with pytest.raises(ValueError, match="an intervention op='add' needs a value"):
         Intervention("add", features=1)
 
 

@@ -83,7 +83,7 @@ class Intervention:
             object.__setattr__(self, "value", 0.0)
             return
         if self.value is None:
-            raise ValueError(f"a {self.op} intervention needs a value")
+            raise ValueError(f"an intervention op={self.op!r} needs a value")
         values = tuple(_number(v) for v in _items(self.value))
         if len(values) not in (1, len(features)):
             raise ValueError(f"give one value or one per feature ({len(features)}), got {values}")
