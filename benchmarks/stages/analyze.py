@@ -211,7 +211,19 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
             f"no sample of {out / outputs.CLASSIFICATION} is in the feature store {store.path}; "
             "run capture and classify on the same --out"
         )
-    images = sample_images(outputs.read_append_log(out / outputs.RESPONSES))
+    responses = outputs.read_append_log(out / outputs.RESPONSES)
+    answered = {str(record["id"]) for record in responses}
+    # a stored sample without a response line is one an interrupted capture will redo
+    unlabelled = [
+        sample_id for sample_id in stored if sample_id in answered and sample_id not in groups
+    ]
+    if unlabelled:
+        raise SystemExit(
+            f"{len(unlabelled)} of the {len(answered)} captured samples have no GOOD / BAD label "
+            f"in {out / outputs.CLASSIFICATION} (first: {', '.join(unlabelled[:3])}): capture "
+            f"added them after classify ran; run classify --out {out} again"
+        )
+    images = sample_images(responses)
     split = split_ids(labelled, config.held_out_fraction, config.split_seed, images)
     if split.group_by != "image" and config.held_out_fraction > 0:
         print(

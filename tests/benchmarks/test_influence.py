@@ -569,3 +569,22 @@ def test_attributions_of_part_of_the_train_samples_are_left_out_not_averaged(tmp
     assert result["attribution_region"] is None
     assert not any(key.startswith("attribution") for f in result["features"] for key in f)
     assert "attribution" not in np.load(tmp_path / "feature_stats.npz")
+
+
+def test_analyze_refuses_captured_samples_that_classify_has_not_labelled(tmp_path):
+    # capture extended (a larger --limit) after classify: analyze would silently leave the new
+    # samples out of both groups
+    write_hand_store(tmp_path)
+    records = [{"id": sample_id, "response": "yes"} for sample_id in HAND_SAMPLES]
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    stale = {"GOOD": [{"id": "g1"}, {"id": "g2"}], "BAD": [{"id": "b1"}]}
+    (tmp_path / "classification.json").write_text(json.dumps(stale))
+    with pytest.raises(SystemExit, match=r"1 of the 4 captured samples have no GOOD / BAD label "
+                       r".*\(first: b2\).*run classify --out"):  # fmt: skip
+        run_analyze(tmp_path)
+    assert not (tmp_path / "features.json").exists()
+    # a stored sample without its response line (a capture killed between the two writes, which
+    # it redoes) is no captured sample yet: left out, as classify leaves it
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    result = run_analyze(tmp_path)
+    assert (result["total_good_samples"], result["total_bad_samples"]) == (2, 1)
