@@ -657,6 +657,19 @@ def test_a_file_where_the_run_folder_would_be_is_left_alone(tmp_path, tiny_llava
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
 
 
+def test_a_run_name_that_makes_the_run_folder_the_save_dir_is_refused(tmp_path, tiny_llava_dir):
+    # `--run_name .` is the save dir itself: a checkpoint replaces its run folder whole, so
+    # with --overwrite it deleted every other run there; `..` is the folder above it
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "cfg.json").write_text("{}")
+    for name in (".", "./", "..", "sub/../.."):
+        for flags in ([], ["--overwrite", "true"], ["--resume", "true"]):
+            with pytest.raises(ValueError, match=r"is the --save_dir .* or a folder above it"):
+                run(cli(tiny_llava_dir, tmp_path, name, *flags))
+    assert (tmp_path / "other" / "cfg.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
 def test_no_training_position_is_an_error_not_an_untrained_run(
     tmp_path, tiny_llava_dir, tiny_llava
 ):

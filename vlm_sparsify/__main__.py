@@ -830,6 +830,14 @@ def check_run_folder(args: RunConfig, run_dir: Path) -> None:
     """A new run does not replace an existing run folder unless told to (--overwrite)."""
     if args.resume and args.overwrite:
         raise ValueError("--resume continues the run and --overwrite replaces it: pass one")
+    save_dir = Path(args.save_dir).resolve()
+    if run_dir.resolve() in (save_dir, *save_dir.parents):  # `--run_name .` or `..`
+        raise ValueError(
+            f"--run_name '{args.run_name}' makes the run folder {run_dir}, which is the "
+            f"--save_dir {args.save_dir} or a folder above it: a checkpoint replaces its run "
+            "folder whole, with every other run in it; pass the name of a folder inside "
+            "--save_dir"
+        )
     if run_dir.exists() and not run_dir.is_dir():  # a checkpoint would move it aside
         raise ValueError(
             f"{run_dir} is a file, not a run folder; pass another --run_name or --save_dir"
