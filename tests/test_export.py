@@ -262,6 +262,18 @@ def test_calibration_of_another_width_or_length_is_one_error_naming_it(tmp_path:
     assert not (tmp_path / "ct").exists()
 
 
+def test_out_of_range_numbers_and_a_folder_as_calibration_file_are_named(tmp_path: Path) -> None:
+    save_coders(random_clt(cross_layer=2), tmp_path / "run")
+    command = ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct")]
+    # before: "a model with -1 layers" (--calibration_examples: the test below)
+    with pytest.raises(ValueError, match="--n_layers must be at least 1, got 0"):
+        main([*command, "--n_layers", "0"])
+    (tmp_path / "acts").mkdir()  # before: "No such device (os error 19)", naming nothing
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path / 'acts'} is a folder, not a "):
+        main([*command, "--n_layers", "4", "--calibration", str(tmp_path / "acts")])
+    assert not (tmp_path / "ct").exists()
+
+
 def test_a_failed_export_leaves_the_previous_one_and_no_temporary_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -432,7 +444,9 @@ def test_calibration_examples_are_checked_before_the_model_runs(tmp_path: Path) 
     save_coders(random_clt(cross_layer=2), tmp_path / "run", config={"model": "default"})
     command = ["circuit-tracer", str(tmp_path / "run"), str(tmp_path / "ct"), "--n_layers", "4"]
     for count in ("0", "-3"):  # were torch.cat / islice errors from inside the calibration
-        with pytest.raises(ValueError, match=f"--calibration_examples must be >= 1, got {count}"):
+        with pytest.raises(
+            ValueError, match=f"--calibration_examples must be at least 1, got {count}"
+        ):
             main([*command, "--calibration_examples", count])
     save_file({f"inputs.{h}": torch.randn(64, 8) for h in HOOKS}, str(tmp_path / "c.safetensors"))
     with pytest.raises(ValueError, match="--calibration_examples .* --calibration FILE .* one"):

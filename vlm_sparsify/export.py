@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
         )
     examples = 64 if args.calibration_examples is None else args.calibration_examples
     if examples < 1:
-        raise ValueError(f"--calibration_examples must be >= 1, got {examples}")
+        raise ValueError(f"--calibration_examples must be at least 1, got {examples}")
+    if args.n_layers is not None and args.n_layers < 1:
+        raise ValueError(f"--n_layers must be at least 1, got {args.n_layers}")
 
     _check_out_dir(args.out_dir)  # before calibrating: that runs the model
     coders = load_coders(args.run)

@@ -72,8 +72,15 @@ def load_torch(path: str | Path, map_location: Any = None) -> Any:
         raise unreadable(path, "torch file", err) from None
 
 
+def _not_a_folder(path: str | Path) -> None:
+    """safetensors reads a folder as 'No such device (os error 19)', naming nothing."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a safetensors file")
+
+
 def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Every tensor of a .safetensors file."""
+    _not_a_folder(path)
     try:
         return load_file(str(path), device=str(device))
     except SafetensorError as err:
@@ -83,6 +90,7 @@ def load_safetensors(path: str | Path, device: str | torch.device = "cpu") -> di
 @contextmanager
 def open_safetensors(path: str | Path, device: str | torch.device = "cpu") -> Iterator[Any]:
     """`safe_open(path)`, its errors (on opening or reading a tensor) naming the file."""
+    _not_a_folder(path)
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             yield f
