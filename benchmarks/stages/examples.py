@@ -84,6 +84,8 @@ def examples(out: Path, benchmark: str, config: ExamplesConfig) -> Path:
             f"--top {config.top} / --plot-features {config.plot_features}: give --top >= 1 and "
             "--plot-features >= 0"
         )
+    if config.dpi < 1:  # matplotlib's error would come after every example is found
+        raise ValueError(f"--dpi {config.dpi}: give a positive resolution, e.g. 100")
     store = FeatureStore(out / outputs.STORE)  # a missing store: capture without --coders
     layers = layer_numbers(store.meta.hookpoints)
     described = _selected(out, store.meta) if not config.features else {}

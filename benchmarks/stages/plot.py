@@ -44,6 +44,8 @@ def main(argv: list[str], benchmark: str) -> None:
     config = parse_stage(argv, benchmark, "plot", PlotConfig)
     if config.top < 1:  # a negative one would slice from the end of the lists
         raise ValueError(f"--top {config.top}: give a positive number of features")
+    if config.dpi < 1:
+        raise ValueError(f"--dpi {config.dpi}: give a positive resolution, e.g. 120")
     out = Path(config.out)
     source = out / outputs.FEATURES
     if not source.exists():

@@ -235,3 +235,13 @@ def test_features_per_layer_with_nothing_selected_shows_every_layer_and_says_why
         (ax,) = figure.axes
         assert not ax.axison and [t.get_text() for t in ax.texts] == texts
         plot.pyplot().close(figure)
+
+
+@pytest.mark.parametrize("stage", ["plot", "examples"])
+def test_a_dpi_below_one_is_refused_before_anything_is_read(tmp_path, stage):
+    """examples --dpi 0 ended with matplotlib's 'dpi must be positive' (no flag named) after
+    finding every feature's examples and writing its page."""
+    from benchmarks.__main__ import run
+
+    with pytest.raises(SystemExit, match="--dpi 0: give a positive resolution"):
+        run(["easyvqa", stage, "--out", str(tmp_path), "--dpi", "0"])
