@@ -687,3 +687,18 @@ def test_analyze_warns_when_the_kinds_good_shares_differ_widely():
     few = {i: g for i, g in groups.items() if i.startswith("e") or i in ("c0", "c1")}
     assert kinds_confound_warning(few, kinds) is None
     assert kinds_confound_warning(groups, {}) is None  # a classification.json of before
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--batch-size", "-1"], "--batch-size -1: give a positive number"),  # "no readable image"
+        (["--max-new-tokens", "0"], "--max-new-tokens 0: give a positive number"),
+        (["--dtype", "float13"], "unknown dtype 'float13'"),
+    ],
+)
+def test_capture_refuses_a_bad_option_before_anything_is_written(tmp_path, flags, error):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=f"easyvqa capture: {error}"):
+        run(["easyvqa", "capture", "--out", str(out), "--limit", "2", *flags])
+    assert not out.exists()
