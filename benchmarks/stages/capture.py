@@ -34,7 +34,7 @@ from benchmarks.adapters import (
 )
 from benchmarks.generation import generate_batch
 from benchmarks.stages import check_limit, stage_parser
-from benchmarks.store import VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
+from benchmarks.store import INDEX, VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError
 from vlm_sparsify.files import read_json
@@ -271,8 +271,16 @@ def _run_batch(
 
 
 def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
+    """A capture into `out` must keep the settings of what is captured there; a capture that
+    failed before its first batch was written binds nothing (its store's meta.json goes too)."""
     path = out / outputs.CAPTURE
     if not path.exists():
+        return
+    index = out / outputs.STORE / INDEX
+    if not outputs.read_append_log(out / outputs.RESPONSES) and not (
+        index.is_file() and index.read_bytes().strip()
+    ):
+        (out / outputs.STORE / "meta.json").unlink(missing_ok=True)
         return
     before = read_json(path)
     now = {**{key: getattr(config, key) for key in RESUME_KEYS}, "data": asdict(data)}

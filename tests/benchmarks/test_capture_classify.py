@@ -702,3 +702,32 @@ def test_capture_refuses_a_bad_option_before_anything_is_written(tmp_path, flags
     with pytest.raises(SystemExit, match=f"easyvqa capture: {error}"):
         run(["easyvqa", "capture", "--out", str(out), "--limit", "2", *flags])
     assert not out.exists()
+
+
+def test_a_capture_that_failed_before_its_first_batch_binds_no_setting(
+    tmp_path, tiny_llava_dir, coders_dir, monkeypatch
+):
+    # capture.json and the store's meta.json are written before the first batch: a failure there
+    # (an out-of-memory, a dtype the device lacks, ...) made the rerun with a fixed setting
+    # refused as 'captured with other settings', the folder unusable
+    import benchmarks.stages.capture as capture_stage
+
+    out = tmp_path / "out"
+    argv = ["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+            str(coders_dir), "--limit", "2", *GREEDY]  # fmt: skip
+
+    def fails(*args, **kwargs):
+        raise ValueError("out of memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(capture_stage, "generate_batch", fails)
+        with pytest.raises(SystemExit, match="out of memory"):
+            run([*argv, "--max-new-tokens", "3", "--value-dtype", "float32"])
+    assert (out / "capture.json").is_file() and (out / "store" / "meta.json").is_file()
+    run(argv)
+    info = json.loads((out / "capture.json").read_text())
+    assert info["settings"]["max_new_tokens"] == 5 and info["counts"]["responses"] == 2
+    assert json.loads((out / "store" / "meta.json").read_text())["value_dtype"] == "bfloat16"
+    # once something is captured, its settings bind the folder
+    with pytest.raises(SystemExit, match="captured with other settings"):
+        run([*argv, "--max-new-tokens", "3"])
