@@ -53,3 +53,17 @@ def test_resume_files_in_sub_folders_stay_behind(tmp_path: Path) -> None:
     files = hub.hub_files(run_dir)
     assert not [f for f in files if f.endswith(".pt")], files
     assert f"best/{HOOKS[0]}/{HOOKS[0]}/sae.safetensors" in files
+
+
+def test_a_repository_name_the_hub_cannot_hold_is_named_before_anything(tmp_path, tiny_llava_dir):
+    # it failed at the upload, as 'check the network and the token', and with --push_to_hub
+    # only after the whole training
+    from tests.test_training import cli
+    from vlm_sparsify.__main__ import run
+
+    for repo in ("my coders", "me/my/coders"):
+        with pytest.raises(ValueError, match=f"'{repo}' is not a Hub repository id .*user/name"):
+            hub.main([str(tmp_path / "nothing"), repo])
+        with pytest.raises(ValueError, match=f"--push_to_hub '{repo}' is not a Hub repository"):
+            run(cli(tiny_llava_dir, tmp_path, "r", "--push_to_hub", repo))
+    assert not any(tmp_path.iterdir())

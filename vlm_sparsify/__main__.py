@@ -60,7 +60,7 @@ from vlm_sparsify.data import (
 from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.files import read_json
 from vlm_sparsify.hookpoints import select_hookpoints
-from vlm_sparsify.hub import push_to_hub
+from vlm_sparsify.hub import check_repo_id, push_to_hub
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import (
     RUN_RECIPE_FILE,
@@ -239,6 +239,8 @@ class RunConfig(TrainConfig):
         if self.distribute_modules:
             check_distributable(self)
         check_values(self)
+        if self.push_to_hub:
+            check_repo_id(self.push_to_hub, "--push_to_hub")
         if self.device:
             check_device(self.device)
         if len(self.init_seeds) > 1:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import HFValidationError, filter_repo_objects, validate_repo_id
 
 from vlm_sparsify.cli import run_cli
 from vlm_sparsify.coder_io import run_hookpoints
@@ -38,6 +38,18 @@ class HubUploadError(OSError):
     def __init__(self, message: str, reason: str = ""):
         super().__init__(message)
         self.reason = reason
+
+
+def check_repo_id(repo: str, flag: str = "") -> None:
+    """`repo` is a name the Hub can hold (`namespace/name` or `name`), checked before any work:
+    the upload that would refuse it comes at the end of a training."""
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as err:
+        raise ValueError(
+            f"{flag + ' ' if flag else ''}'{repo}' is not a Hub repository id "
+            f"({str(err).strip().splitlines()[0]}); give one such as user/name"
+        ) from None
 
 
 def hub_files(run_dir: Path) -> list[str]:
@@ -81,6 +93,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("run", type=Path, metavar="RUN", help="the run folder (SAVE_DIR/RUN_NAME)")
     parser.add_argument("repo", metavar="REPO", help="the Hub repository, e.g. user/my-coders")
     args = parser.parse_args(argv)
+    check_repo_id(args.repo)
     run_hookpoints(args.run)  # never the save_dir: its runs' resume files would go up
     try:
         url = push_to_hub(args.run, args.repo, os.environ.get("HF_TOKEN"))
