@@ -88,7 +88,7 @@ def capture_info(out: str | Path) -> dict[str, Any]:
     path = Path(out) / CAPTURE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}: run `capture --out {out}` first")
-    return read_json(path)
+    return read_json(path, keys=("data",))
 
 
 def check_score_out(out: str | None, **response_flags: str | None) -> None:

@@ -83,7 +83,7 @@ def read_features(out: Path) -> dict:
     path = out / outputs.FEATURES
     if not path.exists():
         raise FileNotFoundError(f"missing {path}: run `analyze` first")
-    return read_json(path)
+    return read_json(path, keys=("features",))
 
 
 def teacher_forced_inputs(run: Run, record: dict, image: Any) -> dict[str, Tensor]:

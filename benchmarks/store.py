@@ -210,7 +210,9 @@ class FeatureStore:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if meta_path.exists():
-            stored = StoreMeta.from_json(read_json(meta_path))
+            stored = StoreMeta.from_json(
+                read_json(meta_path, keys=("hookpoints", "k", "num_latents"))
+            )
             old = meta is not None and stored.fingerprint is None  # older than fingerprints
             if old:
                 stored.fingerprint = meta.fingerprint  # type: ignore[union-attr]

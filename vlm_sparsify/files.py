@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,25 @@ def unreadable(path: str | Path, what: str, err: BaseException) -> UnreadableFil
     )
 
 
-def read_json(path: str | Path) -> Any:
-    """`path`'s JSON; malformed JSON is an error naming the file and the place."""
+def read_json(path: str | Path, keys: Collection[str] | None = None) -> Any:
+    """`path`'s JSON; malformed JSON is an error naming the file and the place. With `keys`,
+    the document must be an object holding them (else an error naming the file: another
+    tool's file, or one edited by hand)."""
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UnreadableFileError(f"{path} is not valid JSON: {err}") from None
+    if keys is not None:
+        if not isinstance(data, dict):
+            what = f"holds a JSON {type(data).__name__} where an object is expected"
+        elif missing := [key for key in keys if key not in data]:
+            what = f"lacks {', '.join(missing)}"
+        else:
+            return data
+        raise UnreadableFileError(
+            f"{path} {what}: not the file this tool wrote (damaged, or edited by hand)"
+        )
+    return data
 
 
 def read_jsonl(path: str | Path) -> list[Any]:

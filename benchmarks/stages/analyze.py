@@ -107,7 +107,7 @@ def recorded_parameters(path: Path) -> dict:
     """The `parameters` of an earlier features.json that are still AnalyzeConfig fields."""
     if not path.exists():
         return {}
-    recorded = read_json(path).get("parameters", {})
+    recorded = read_json(path, keys=()).get("parameters", {})
     names = {f.name for f in fields(AnalyzeConfig)} - {"out", "force"}
     return {key: value for key, value in recorded.items() if key in names}
 
@@ -434,7 +434,7 @@ def _read_classification(path: Path) -> tuple[dict[str, int], dict[str, str]]:
     2026-11-27, so an older file gives none)."""
     if not path.exists():
         raise SystemExit(f"missing {path}: run `classify` first")
-    data = read_json(path)
+    data = read_json(path, keys=())
     groups, kinds = {}, {}
     for label, group in (("GOOD", GOOD), ("BAD", BAD)):
         for item in data.get(label, []):
@@ -469,7 +469,7 @@ def _up_to_date(target: Path, config: AnalyzeConfig, out: Path) -> bool:
     newest = max((p.stat().st_mtime for p in inputs if p.exists()), default=0.0)
     if target.stat().st_mtime <= newest:
         return False
-    recorded = read_json(target)
+    recorded = read_json(target, keys=())
     return (
         recorded.get("parameters") == _parameters(config)
         and recorded.get("analysis_version") == ANALYSIS_VERSION

@@ -282,7 +282,7 @@ def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
     ):
         (out / outputs.STORE / "meta.json").unlink(missing_ok=True)
         return
-    before = read_json(path)
+    before = read_json(path, keys=("settings", "data"))
     now = {**{key: getattr(config, key) for key in RESUME_KEYS}, "data": asdict(data)}
     # a capture.json of an older version may hold relative paths: read from here, as its run was
     recorded = replace(config, **{key: before["settings"].get(key) for key in RESUME_KEYS})

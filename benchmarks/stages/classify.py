@@ -72,7 +72,7 @@ def recorded_rules(path: Path) -> dict:
     """The `rules` of an earlier classification.json that are still `Rules` fields."""
     if not path.is_file():
         return {}
-    recorded = read_json(path).get("rules", {})
+    recorded = read_json(path, keys=()).get("rules", {})
     return {key: value for key, value in recorded.items() if key in {f.name for f in fields(Rules)}}
 
 

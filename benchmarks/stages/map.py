@@ -312,4 +312,4 @@ def _up_to_date(out: Path, config: MapConfig) -> bool:
         return False
     if target.stat().st_mtime <= features.stat().st_mtime:
         return False
-    return read_json(info).get("parameters") == _parameters(config)
+    return read_json(info, keys=()).get("parameters") == _parameters(config)

@@ -50,7 +50,7 @@ def main(argv: list[str], benchmark: str) -> None:
     source = out / outputs.FEATURES
     if not source.exists():
         raise SystemExit(f"missing {source}: run `analyze` first")
-    result = read_json(source)
+    result = read_json(source, keys=("features", "total_good_samples", "total_bad_samples"))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     title = plot_title(result, benchmark)

@@ -338,7 +338,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     adapter = get_adapter(benchmark)
     items = held_out_items(adapter.load_items(run.data, run.recipe), held_out, out)
     items = items[: config.limit]
-    rules = Rules(**read_json(out / outputs.CLASSIFICATION)["rules"])
+    rules = Rules(**read_json(out / outputs.CLASSIFICATION, keys=("rules",))["rules"])
     generated: dict[str, dict[str, Any]] = {}
     images: dict[str, str] = {}
     todo = list(conditions(config, by_direction))

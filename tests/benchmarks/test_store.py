@@ -198,3 +198,27 @@ def test_the_index_past_16_bits_round_trips_at_65537_latents(tmp_path):
     sample = ("s0", indices, torch.ones(1, 3, 2, dtype=torch.bfloat16), {"response": [(0, 1)]})
     store.append([sample])
     assert_same(FeatureStore(tmp_path / "store").load("s0"), sample)
+
+
+@pytest.mark.parametrize(
+    ("stage", "file", "text", "error"),
+    [
+        ("classify", "capture.json", "[]", "capture.json holds a JSON list where an object is"),
+        ("classify", "capture.json", '{"settings": {}}', "capture.json lacks data: not the file"),
+        ("analyze", "classification.json", "[]", "classification.json holds a JSON list"),
+        ("plot", "features.json", "{}", "features.json lacks features, total_good_samples"),
+        ("analyze", "store/meta.json", "[1]", "meta.json holds a JSON list where an object is"),
+    ],
+)
+def test_a_json_file_of_another_shape_is_one_line_naming_it(tmp_path, stage, file, text, error):
+    """Valid JSON that is not the file the stage wrote (a list, a missing key) ended in a
+    TypeError / AttributeError / KeyError traceback."""
+    from benchmarks.__main__ import run
+
+    make_store(tmp_path / "store", num_latents=16).append([topk_sample("a", 5, 16, 4, 0)])
+    (tmp_path / "capture.json").write_text('{"settings": {}, "data": {}}')
+    (tmp_path / "classification.json").write_text('{"GOOD": [{"id": "a"}], "BAD": []}')
+    (tmp_path / file).write_text(text)
+    with pytest.raises(SystemExit, match=f"easyvqa {stage}: .*{error}"):
+        run(["easyvqa", stage, "--out", str(tmp_path), "--force"] if stage == "analyze"
+            else ["easyvqa", stage, "--out", str(tmp_path)])  # fmt: skip
