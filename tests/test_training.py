@@ -1356,3 +1356,22 @@ def test_a_run_of_the_embedded_model_names_it_default_and_resumes_from_that(tmp_
     assert saved["model"] == "default"  # not this machine's path to the package
     trainer = run([*flags, "--max_examples", "16", "--resume", "true"])
     assert trainer.state.batches_seen == 2
+
+
+def test_a_run_config_json_of_another_shape_is_one_line_naming_it(tmp_path, tiny_llava_dir):
+    # a JSON list there ended --resume, fidelity and export in AttributeError / TypeError tracebacks
+    from sparsify import SparseCoderConfig
+
+    from vlm_sparsify import export, fidelity
+    from vlm_sparsify.coder_io import save_coders
+    from vlm_sparsify.per_layer import PerLayerCoders
+
+    coders = PerLayerCoders(HOOKS, 32, SparseCoderConfig(num_latents=16, k=2, transcode=True))
+    save_coders(coders, tmp_path / "r", config=[])  # type: ignore[arg-type]
+    error = "config.json holds a JSON list where an object is expected"
+    with pytest.raises(ValueError, match=error):
+        run(cli(tiny_llava_dir, tmp_path, "r", "--resume", "true"))
+    with pytest.raises(ValueError, match=error):
+        fidelity.main([str(tmp_path / "r")])
+    with pytest.raises(ValueError, match=error):
+        export.main(["circuit-tracer", str(tmp_path / "r"), str(tmp_path / "ct")])

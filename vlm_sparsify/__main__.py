@@ -433,7 +433,7 @@ def apply_saved_settings(args: RunConfig, run_dir: Path, given: set[str]) -> dic
         raise FileNotFoundError(
             f"cannot resume: {path} does not exist; run without --resume to start anew"
         )
-    saved = read_json(path)
+    saved = read_json(path, keys=("hookpoints",))
     flat = {**{k: v for k, v in saved.items() if k != "sae"}, **saved.get("sae", {})}
     conflicts = []
     for key, value in flat.items():

@@ -200,7 +200,7 @@ class FeatureSteerer(nn.Module):
             raise FileNotFoundError(
                 f"no {CONFIG_FILE} in {folder}; pass a folder FeatureSteerer.save wrote"
             )
-        config = read_json(folder / CONFIG_FILE)
+        config = read_json(folder / CONFIG_FILE, keys=())
         tensors = load_file(str(folder / WEIGHTS_FILE), device=str(device))
         features = [SteeredFeature(**f) for f in config["features"]]
         return cls(

@@ -162,7 +162,7 @@ def check_run_mlps(run: Path, hookpoints: list[str]) -> None:
     from vlm_sparsify.fidelity import check_mlp_hookpoints
 
     if (run / RUN_CONFIG_FILE).is_file():
-        config = read_json(run / RUN_CONFIG_FILE)
+        config = read_json(run / RUN_CONFIG_FILE, keys=("model",))
         model_id = resolve_model(config["model"])
         check_mlp_hookpoints(
             hookpoints,
@@ -179,7 +179,7 @@ def run_model_layers(run: Path) -> int:
             f"{run} has no config.json naming its model, whose every decoder layer circuit-tracer's "
             "CLT must cover: pass --n_layers N (the model's decoder layers)"
         )
-    config = read_json(run / RUN_CONFIG_FILE)
+    config = read_json(run / RUN_CONFIG_FILE, keys=("model",))
     model_id = resolve_model(config["model"])
     try:
         model_config = transformers.AutoConfig.from_pretrained(

@@ -418,7 +418,7 @@ def _run_config(run: Path) -> dict[str, Any]:
     cfg.json files that fail before the model loads (minutes for a 7B model)."""
     check_run_dir(run)
     path = run / RUN_CONFIG_FILE
-    config = read_json(path) if path.is_file() else {}
+    config = read_json(path, keys=()) if path.is_file() else {}
     run_hookpoints(run)  # the save_dir above a run, a cfg.json missing or damaged
     return config
 

@@ -330,7 +330,7 @@ def _local_config(model_id: str) -> dict[str, Any] | None:
     """`config.json` of a local model folder (no network, no remote code)."""
     config = Path(model_id) / "config.json"
     if config.is_file():
-        return read_json(config)
+        return read_json(config, keys=())
     return None
 
 

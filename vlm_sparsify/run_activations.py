@@ -29,7 +29,7 @@ def run_config(run_dir: Path) -> dict:
             "data to calibrate on; pass --calibration ACTS.safetensors (inputs.<hookpoint> "
             "[N, d]: MLP inputs of the model the coders were trained on) instead"
         )
-    return read_json(path)
+    return read_json(path, keys=())
 
 
 @torch.no_grad()
