@@ -27,8 +27,8 @@ from benchmarks.stages import check_limit, stage_module, stage_parser
 from benchmarks.stages.analyze import RankBy, Region
 from benchmarks.stages.steer import parse_factors
 from vlm_sparsify.__main__ import run as train
-from vlm_sparsify.coder_io import CheckpointError, load_coders
-from vlm_sparsify.files import load_torch
+from vlm_sparsify.coder_io import RUN_CONFIG_FILE, CheckpointError, load_coders
+from vlm_sparsify.files import load_torch, read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, pick_dtype
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.train_state import STATE_FILE
@@ -185,12 +185,33 @@ def run_all(
 TRAIN_BATCH = 16
 
 
+def check_trained_settings(config: AllConfig, run_dir: Path) -> None:
+    """The CLT in `run_dir` has the shape asked for: one of another --num-latents, --k or
+    --cross-layer would be taken as it is (finished) by every later stage."""
+    path = run_dir / RUN_CONFIG_FILE
+    saved = read_json(path, keys=()) if path.is_file() else {}
+    sae = saved.get("sae", {})
+    asked = {
+        "--num-latents": (config.num_latents, sae.get("num_latents")),
+        "--k": (config.k, sae.get("k")),
+        "--cross-layer": (config.cross_layer, saved.get("cross_layer")),
+    }
+    differ = [f"{flag} {now} (trained: {was})" for flag, (now, was) in asked.items()
+              if was is not None and now != was]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"{run_dir} holds a CLT trained with other settings: {'; '.join(differ)}; pass the "
+            "trained values, or another --out (or --coders RUN for coders of your own)"
+        )
+
+
 def train_coders(config: AllConfig, run_dir: Path) -> Path:
     """A small CLT on the model's own dataset, unless `run_dir` already holds it trained; an
     interrupted training resumes."""
     resume = False
     try:
         load_coders(run_dir)
+        check_trained_settings(config, run_dir)
         state = load_torch(run_dir / STATE_FILE)
         if state["global_step"] >= math.ceil(config.train_examples / TRAIN_BATCH):
             print(f"== coders: {run_dir} exists, not retrained")

@@ -731,3 +731,29 @@ def test_a_capture_that_failed_before_its_first_batch_binds_no_setting(
     # once something is captured, its settings bind the folder
     with pytest.raises(SystemExit, match="captured with other settings"):
         run([*argv, "--max-new-tokens", "3"])
+
+
+def test_all_refuses_coders_in_out_trained_with_other_settings(tmp_path, monkeypatch):
+    # OUT/coders held a finished CLT of 64 latents: `all --num-latents 128` reused it silently
+    # ("exists, not retrained") and every later stage ran on the 64-latent CLT
+    from sparsify import SparseCoderConfig
+
+    import benchmarks.stages.all as all_stage
+    from vlm_sparsify.coder_io import save_coders
+    from vlm_sparsify.cross_layer import CrossLayerTranscoder
+
+    hooks = [f"model.language_model.layers.{i}.mlp" for i in range(2)]
+    clt = CrossLayerTranscoder(hooks, 8, SparseCoderConfig(num_latents=64, k=4, transcode=True), 2)
+    config = {"sae": {"num_latents": 64, "k": 4}, "cross_layer": 2, "hookpoints": hooks}
+
+    def state(folder):
+        torch.save({"global_step": 10**6}, folder / "state.pt")
+
+    out = tmp_path / "out"
+    save_coders(clt, out / "coders", config=config, write_extra=state)
+    monkeypatch.setattr(all_stage, "train", lambda argv: pytest.fail("trained"))
+    with pytest.raises(SystemExit, match=r"easyvqa all: .*coders holds a CLT trained with other "
+                       r"settings: --num-latents 128 \(trained: 64\); --k 8 \(trained: 4\)"):  # fmt: skip
+        run(["easyvqa", "all", "--out", str(out), "--num-latents", "128", "--k", "8",
+             "--cross-layer", "2"])  # fmt: skip
+    assert not (out / "capture.json").exists()
