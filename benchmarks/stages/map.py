@@ -108,8 +108,9 @@ def main(argv: list[str], benchmark: str) -> None:
         entries, info = neuron_map(out, config, benchmark)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"{benchmark} map: {err}") from err
-    outputs.write_json(out / outputs.NEURON_MAP, entries)
+    # the map last: a kill between the two leaves it older than features.json, so it is redone
     outputs.write_json(out / INFO, info)
+    outputs.write_json(out / outputs.NEURON_MAP, entries)
     summary = info["summary"]
     print(
         f"map: {len(entries)} features, {summary['targets']} (feature, target) pairs; mean cosine "

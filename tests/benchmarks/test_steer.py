@@ -428,3 +428,57 @@ def test_steer_scores_a_llava_question_file_capture_with_classify_s_label_files(
     metrics = _official_metrics("pope", folder, out, Rules(questions_dir=str(labels)))
     assert metrics["random"]["n"] == 2 and metrics["random"]["accuracy"] == 0.5
     assert "no label" in _official_metrics("pope", folder, out, Rules())["error"]
+
+
+def test_a_map_killed_between_its_two_files_is_redone(
+    tmp_path: Path, tiny_llava, tiny_llava_dir, llava_recipe, monkeypatch, capsys
+):
+    # neuron_map.json was written before neuron_map_info.json: a kill between them left a new
+    # map beside the previous run's info, which the next map took as up to date
+    import os
+
+    import benchmarks.stages.map as map_stage
+
+    model, _ = tiny_llava
+    hookpoints = mlp_hookpoints(model, llava_recipe)
+    cfg = SparseCoderConfig(num_latents=16, k=4, transcode=True)
+    coders = build_coders(hookpoints, model.config.text_config.hidden_size, cfg, cross_layer=1,
+                          device=torch.device("cpu"))  # fmt: skip
+    coders_dir = save_coders(coders, tmp_path / "coders")
+    out = tmp_path / "out"
+    run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+         str(coders_dir), "--kinds", "yesno", "--limit", "3", *GREEDY])  # fmt: skip
+    ids = [json.loads(line)["id"] for line in (out / "responses.jsonl").read_text().splitlines()]
+
+    def analyzed(n_features: int, when: float) -> None:
+        features = [{"layer": 0, "feature_idx": i, "hookpoint": hookpoints[0],
+                     "direction": "good"} for i in range(n_features)]  # fmt: skip
+        path = out / "features.json"
+        path.write_text(json.dumps({"features": features, "split": {"held_out_ids": ids[:1]}}))
+        os.utime(path, (when, when))
+
+    command = ["easyvqa", "map", "--out", str(out), "--top-k", "2", "--random-sets", "1",
+               "--samples", "2", "--verify-tokens", "8", "--device", "cpu"]  # fmt: skip
+    analyzed(1, 1e9)
+    run(command)
+    for name in ("neuron_map.json", "neuron_map_info.json"):  # as if mapped long ago
+        os.utime(out / name, (1.2e9, 1.2e9))
+    analyzed(2, 1.5e9)  # then analyze ran again
+    write_json = map_stage.outputs.write_json
+    calls = []
+
+    def killed_at_the_second(path, data):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_json(path, data)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(map_stage.outputs, "write_json", killed_at_the_second)
+        with pytest.raises(KeyboardInterrupt):
+            run(command)
+    capsys.readouterr()
+    run(command)
+    assert "up to date" not in capsys.readouterr().out
+    info = json.loads((out / "neuron_map_info.json").read_text())
+    assert info["summary"]["targets"] == 2 == len(json.loads((out / "neuron_map.json").read_text()))
