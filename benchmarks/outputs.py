@@ -83,12 +83,38 @@ def read_append_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def capture_info(out: str | Path) -> dict[str, Any]:
-    """capture.json of an output folder (`settings`, `data`, `counts`)."""
+def capture_info(out: str | Path, benchmark: str | None = None) -> dict[str, Any]:
+    """capture.json of an output folder (`settings`, `data`, `counts`); with `benchmark`, a
+    capture of another benchmark is refused (`check_benchmark`)."""
     path = Path(out) / CAPTURE
     if not path.is_file():
         raise FileNotFoundError(f"missing {path}: run `capture --out {out}` first")
-    return read_json(path, keys=("data",))
+    info = read_json(path, keys=("data",))
+    if benchmark is not None:
+        check_benchmark(path, info["data"], benchmark)
+    return info
+
+
+def check_benchmark(path: Path, data: dict[str, Any], benchmark: str) -> None:
+    """`data` (capture.json's data flags, at `path`) are `benchmark`'s: an --out captured for
+    another benchmark has other flags (easy-VQA's kinds, POPE's questions and images, ...)."""
+    from dataclasses import fields
+
+    from benchmarks import BENCHMARKS
+    from benchmarks.adapters import get_adapter
+
+    def flags(name: str) -> set[str]:
+        return {f.name for f in fields(get_adapter(name).Data)}
+
+    if set(data) <= flags(benchmark):
+        return
+    other = [name for name in BENCHMARKS if name != benchmark and set(data) <= flags(name)]
+    whose = f"a capture of {other[0]}" if other else "a capture of another benchmark"
+    raise ValueError(
+        f"{path} is {whose} (data flags {sorted(data)}), not of {benchmark}: run "
+        f"`python -m benchmarks {other[0] if other else 'BENCHMARK'} ...` on it, or capture "
+        f"{benchmark} into another --out"
+    )
 
 
 def check_score_out(out: str | None, **response_flags: str | None) -> None:

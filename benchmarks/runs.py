@@ -34,7 +34,7 @@ class Run:
 
 def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) -> Run:
     """Model and coders as `capture` used them (capture.json), `coders` overriding."""
-    info = outputs.capture_info(out)
+    info = outputs.capture_info(out, benchmark)
     settings = info["settings"]
     meta = FeatureStore(Path(out) / outputs.STORE).meta  # none: captured without coders
     coders = coders or settings.get("coders")

@@ -301,7 +301,7 @@ def main(argv: list[str], benchmark: str = "amber") -> None:
     try:
         check_score_out(args.out, responses=args.responses)
         if args.out:
-            args.data_dir = args.data_dir or capture_info(args.out)["data"]["data_dir"]
+            args.data_dir = args.data_dir or capture_info(args.out, "amber")["data"]["data_dir"]
             args.responses = official_responses(args.out)
         if not (args.data_dir and args.responses):
             raise ValueError("pass --data-dir DIR --responses FILE, or --out DIR")

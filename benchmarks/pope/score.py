@@ -277,7 +277,7 @@ def llava_answers(
 
 def _score_capture(out: str, questions_dir: str | None) -> dict[str, Any]:
     """Score a capture folder's answers, only the questions it answered (e.g. with --limit)."""
-    data = capture_info(out)["data"]
+    data = capture_info(out, "pope")["data"]
     if questions_dir:
         items = load_questions_dir(questions_dir)
     elif data.get("questions_dir"):

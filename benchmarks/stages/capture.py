@@ -171,7 +171,7 @@ def capture(benchmark: str, adapter: Adapter, config: CaptureConfig, data: Any) 
     done: set[str] = set()
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        _check_resume(out, config, data)
+        _check_resume(out, config, data, benchmark)
         _write_info(out, config, data, recipe.name, world, counts=None, skipped=[])
         if replacement is not None:
             meta = StoreMeta(
@@ -270,7 +270,7 @@ def _run_batch(
     return records, samples, missing
 
 
-def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
+def _check_resume(out: Path, config: CaptureConfig, data: Any, benchmark: str) -> None:
     """A capture into `out` must keep the settings of what is captured there; a capture that
     failed before its first batch was written binds nothing (its store's meta.json goes too)."""
     path = out / outputs.CAPTURE
@@ -283,6 +283,7 @@ def _check_resume(out: Path, config: CaptureConfig, data: Any) -> None:
         (out / outputs.STORE / "meta.json").unlink(missing_ok=True)
         return
     before = read_json(path, keys=("settings", "data"))
+    outputs.check_benchmark(path, before["data"], benchmark)
     now = {**{key: getattr(config, key) for key in RESUME_KEYS}, "data": asdict(data)}
     # a capture.json of an older version may hold relative paths: read from here, as its run was
     recorded = replace(config, **{key: before["settings"].get(key) for key in RESUME_KEYS})

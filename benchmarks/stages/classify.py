@@ -83,7 +83,7 @@ def main(argv: list[str], benchmark: str) -> None:
         check_rules(rules)
         if rules.questions_dir and "questions_dir" not in {f.name for f in fields(adapter.Data)}:
             raise ValueError(f"--questions-dir is POPE's (its label files); {benchmark} has none")
-        data = adapter.Data(**outputs.capture_info(out)["data"])
+        data = adapter.Data(**outputs.capture_info(out, benchmark)["data"])
         records = outputs.read_append_log(out / outputs.RESPONSES)
         if not records:
             raise ValueError(f"{out / outputs.RESPONSES} holds no responses: run capture first")

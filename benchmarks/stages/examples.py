@@ -164,7 +164,7 @@ def _labels(out: Path) -> dict[str, str]:
 
 def _images_and_processor(out: Path, benchmark: str) -> tuple[dict[str, Path], Any]:
     """Each item's image file and the processor, as capture.json recorded the run."""
-    info = outputs.capture_info(out)
+    info = outputs.capture_info(out, benchmark)
     model = resolve_model(info["settings"]["model"])
     recipe = capture_recipe(info)
     adapter = get_adapter(benchmark)

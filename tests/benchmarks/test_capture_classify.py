@@ -757,3 +757,15 @@ def test_all_refuses_coders_in_out_trained_with_other_settings(tmp_path, monkeyp
         run(["easyvqa", "all", "--out", str(out), "--num-latents", "128", "--k", "8",
              "--cross-layer", "2"])  # fmt: skip
     assert not (out / "capture.json").exists()
+
+
+@pytest.mark.parametrize("stage", ["classify", "score"])
+def test_an_out_of_another_benchmark_is_named(tmp_path, stage):
+    # pope's stages on an easy-VQA --out ended in "Data.__init__() got an unexpected keyword
+    # argument 'kinds'" or KeyError 'questions' tracebacks
+    (tmp_path / "capture.json").write_text(
+        json.dumps({"settings": {"model": "default"}, "data": {"kinds": "yesno"}})
+    )
+    with pytest.raises(SystemExit, match=f"pope {stage}: .*capture.json is a capture of easyvqa "
+                       r"\(data flags \['kinds'\]\), not of pope"):  # fmt: skip
+        run(["pope", stage, "--out", str(tmp_path)])
