@@ -327,3 +327,42 @@ def test_a_noun_similar_to_a_hallucination_entry_counts_for_cognition() -> None:
     assert judgement.hallucinated == [1]
     assert judgement.covered == [0]
     assert judgement.cognition == [1]
+
+
+def test_a_noun_similar_to_a_truth_entry_covers_it_and_is_no_hallucination() -> None:
+    # official mode: spaCy similarity to a truth word (not only an exact match) clears the noun
+    association = {"cat": [], "dog": [], "puppy": []}
+    judgement = judge_caption(
+        "A puppy sleeps.", ["dog"], ["cat"], association, [], _PuppyIsADogLexicon()
+    )
+    assert judgement.hallucinated == [0]
+    assert judgement.covered == [1]
+    assert judgement.cognition == [0]
+
+
+class _PuppyIsLikeCatLexicon(_PuppyIsADogLexicon):
+    """spaCy stand-in that also finds "puppy" similar to "cat"."""
+
+    def similar(self, word1: str, word2: str) -> bool:
+        return word1 == word2 or {word1, word2} == {"puppy", "cat"}
+
+
+def test_a_hallucination_entry_is_marked_both_exactly_and_by_similarity() -> None:
+    # The official script marks the first exact hallu-list match AND the first similar entry: with
+    # "cat" (similar) listed before "puppy" (exact), both objects count for Cog.
+    association = {"cat": [], "dog": [], "puppy": []}
+    judgement = judge_caption(
+        "A puppy sleeps.", ["dog"], ["cat", "puppy"], association, [], _PuppyIsLikeCatLexicon()
+    )
+    assert judgement.hallucinated == [1]
+    assert judgement.cognition == [1, 1]
+
+
+def test_attribute_aggregate_sums_all_three_dimensions_counters(data: dict) -> None:
+    # Official: the attribute rates always add state, number and action counters, so with state
+    # items alone the absent dimensions' 0.001 starts still enter the denominators:
+    # accuracy 1/(1 + 0.003) -> 99.7 (state alone: 1/1.001 -> 99.9).
+    result = _score(data, [{"id": 1005, "response": "Yes"}])["discriminative"]
+    assert data["annotations"][1004]["truth"] == "yes"
+    assert result["state"]["accuracy"] == 99.9
+    assert result["attribute"]["accuracy"] == 99.7
