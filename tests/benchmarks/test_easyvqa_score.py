@@ -76,6 +76,8 @@ def test_captions_scored_the_amber_way():
     # as documented, each caption counts a word once (AMBER would count "green" twice: 2 / 3)
     repeated = caption_metrics(["a green circle, a green one."], [("blue", "circle")])
     assert repeated["chair"] == pytest.approx(1 / 2)
+    # Cover divides by the truth words (2), not by the words the caption mentions (1)
+    assert caption_metrics(["a blue shape."], [("blue", "circle")])["cover"] == pytest.approx(1 / 2)
 
 
 def test_cli_scores_a_responses_file(tmp_path, capsys):
@@ -100,6 +102,14 @@ def test_cli_rejects_unknown_ids(tmp_path):
     path = tmp_path / "responses.jsonl"
     path.write_text(json.dumps({"id": "nope", "response": "yes"}) + "\n")
     with pytest.raises(SystemExit, match="not easy-VQA items"):
+        easyvqa_score.main(["--responses", str(path)])
+
+
+def test_cli_rejects_a_repeated_id(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    first = load_items()[0].id
+    path.write_text("".join(json.dumps({"id": first, "response": r}) + "\n" for r in ("yes", "no")))
+    with pytest.raises(ValueError, match=f"duplicate id '{first}'"):
         easyvqa_score.main(["--responses", str(path)])
 
 
