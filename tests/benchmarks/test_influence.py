@@ -418,6 +418,13 @@ def test_split_is_deterministic_and_order_free():
     again = split_ids(list(reversed(ids)) + ["new"], held_out_fraction=0.25, seed=3)
     assert set(again.held_out) - {"new"} == set(split.held_out)
     assert set(split_ids(ids, 0.25, seed=4).held_out) != set(split.held_out)
+    # each side keeps the ids' order
+    assert split.train == [i for i in ids if i in set(split.train)]
+    assert [i for i in again.train if i != "new"] == [
+        i for i in reversed(ids) if i in set(split.train)
+    ]
+    with pytest.raises(ValueError, match="held_out_fraction must be in"):
+        split_ids(ids, held_out_fraction=1.0)
 
 
 def test_split_by_image_keeps_each_image_on_one_side():
@@ -444,6 +451,7 @@ def test_split_by_image_keeps_each_image_on_one_side():
     assert {images[i] for i in by_id.train} & {images[i] for i in by_id.held_out}
     # easy-VQA names its images by number; a record naming none is split on its own
     assert sample_images([{"id": "q1", "image_id": 7}, {"id": "q2"}]) == {"q1": "image_id:7"}
+    assert sample_images([{"id": "q0", "image_id": 0}]) == {"q0": "image_id:0"}  # easy-VQA's first
     assert split_ids(["q1", "q2"], 0.5, groups={"q1": "image_id:7"}).group_by == "mixed"
 
 

@@ -12,7 +12,7 @@ import torch
 from sparsify import SparseCoderConfig
 
 from benchmarks.__main__ import run
-from benchmarks.bootstrap import paired_bootstrap
+from benchmarks.bootstrap import Delta, paired_bootstrap
 from benchmarks.stages.steer import (
     few_images_warning,
     interventions_for,
@@ -61,6 +61,7 @@ def test_bootstrap_by_image_resamples_whole_images() -> None:
     assert 2.5 < ratio < 4.0
     normal_width = 2 * 1.96 * per_image.std() / np.sqrt(40)
     assert 0.8 * normal_width < by_image.high - by_image.low < 1.2 * normal_width
+    assert by_image.n == by_sample.n == 400  # samples, not images
     # one sample per image is the sample-level bootstrap, draw for draw
     assert paired_bootstrap(baseline, differences, 500, groups=[str(i) for i in range(400)]) == (
         paired_bootstrap(baseline, differences, 500)
@@ -293,6 +294,30 @@ def test_bootstrap_by_image_weighs_each_resampled_image_by_its_samples() -> None
     result = paired_bootstrap(np.zeros(199), differences, n_resamples=2000, groups=images)
     assert result.delta == pytest.approx(100 / 199)
     assert 0.0 <= result.low <= result.delta <= result.high <= 1.0
+
+
+def test_bootstrap_groups_need_not_be_contiguous() -> None:
+    """Samples of one image may come in any order: interleaving them (the same first appearance
+    of each image) gives the same draws as listing them image by image."""
+    interleaved = paired_bootstrap(
+        np.zeros(5), [1.0, 0.0, 1.0, 0.0, 0.0], n_resamples=300, groups=["x", "y", "x", "y", "y"]
+    )
+    contiguous = paired_bootstrap(
+        np.zeros(5), [1.0, 1.0, 0.0, 0.0, 0.0], n_resamples=300, groups=["x", "x", "y", "y", "y"]
+    )
+    assert interleaved == contiguous
+
+
+def test_bootstrap_draws_every_sample_and_follows_its_seed() -> None:
+    differences = np.zeros(10)
+    differences[-1] = 1.0  # only the last sample changes: some resamples must hold it
+    result = paired_bootstrap(np.zeros(10), differences, n_resamples=2000)
+    assert result.high > 0.0
+    spread = np.random.default_rng(0).normal(size=50)
+    assert paired_bootstrap(np.zeros(50), spread, 200, seed=1) != paired_bootstrap(
+        np.zeros(50), spread, 200, seed=2
+    )
+    assert paired_bootstrap([], []) == Delta(0.0, 0.0, 0.0, 0)
 
 
 def test_the_bootstrap_interval_has_its_nominal_quantiles():
