@@ -17,6 +17,7 @@ from benchmarks.influence import (
     benjamini_hochberg,
     feature_scores,
     fisher_exact,
+    group_means,
     round_robin,
 )
 from benchmarks.splits import sample_images, split_ids
@@ -249,6 +250,28 @@ def test_firing_counts_chunking_does_not_change_results():
         hits = (indices[row_sample == sample, layer] == latent).any(-1)
         fired[groups[sample]] += hits.any()
     np.testing.assert_array_equal(whole.fired[:, layer, latent], fired)
+
+
+def test_a_sample_without_rows_still_counts_in_its_group():
+    # sample 1 (BAD) has no row in the region: it fires nothing, and bad_freq is 1 / 2, not 1 / 1
+    counts = FiringCounts.zeros(1, 3)
+    indices = np.array([[[0]], [[0]], [[0]]])
+    values = np.ones((3, 1, 1))
+    counts.add(indices, values, np.array([0, 2, 3]), np.array([0, 1, 1, 0]))
+    np.testing.assert_array_equal(counts.n_samples, [2, 2])
+    np.testing.assert_array_equal(counts.fired[:, 0, 0], [2, 1])
+    assert feature_scores(counts, eps=1e-6)["bad_freq"][0, 0] == 0.5
+
+
+def test_group_means_leave_out_samples_of_group_minus_one():
+    # samples 0, 1 GOOD, 2 BAD, 3 not counted (-1); entries (sample, layer, latent, value)
+    sample, layer = np.array([0, 1, 2, 3]), np.array([0, 0, 1, 0])
+    latent, value = np.array([1, 1, 0, 1]), np.array([2.0, 4.0, 5.0, 100.0])
+    means = group_means(sample, layer, latent, value, np.array([0, 0, 1, -1]), (2, 2))
+    expected = np.zeros((2, 2, 2))
+    expected[0, 0, 1] = (2.0 + 4.0) / 2
+    expected[1, 1, 0] = 5.0
+    np.testing.assert_allclose(means, expected)
 
 
 def test_zero_valued_topk_slots_do_not_fire():
@@ -551,7 +574,7 @@ def test_fisher_matches_scipy_on_large_tables_whose_extreme_probabilities_underf
     assert fisher_exact(np.array([1500]), 1500, np.array([0]), 1500)[0] == 0.0
 
 
-@pytest.mark.parametrize(("n1", "n2"), [(30, 20), (20, 30), (5, 40)])
+@pytest.mark.parametrize(("n1", "n2"), [(30, 20), (20, 30), (5, 40), (12, 12)])
 def test_fisher_matches_scipy_on_every_table_whichever_group_is_larger(n1, n2):
     a, b = (g.ravel() for g in np.meshgrid(np.arange(n1 + 1), np.arange(n2 + 1)))
     expected = [scipy_fisher([[x, n1 - x], [y, n2 - y]])[1] for x, y in zip(a, b, strict=True)]
