@@ -76,7 +76,9 @@ def test_resume_skips_stored_ids(tmp_path):
     assert reopened.append([b, c]) == 1
     assert reopened.append([a]) == 0
     assert FeatureStore(tmp_path / "store").ids() == ["a", "b", "c"]
-    assert len(list((tmp_path / "store" / "shards").iterdir())) == 2
+    assert reopened.append([topk_sample("d", 4, 65536, 4, seed=5)] * 2) == 1  # once per batch
+    assert FeatureStore(tmp_path / "store").ids() == ["a", "b", "c", "d"]
+    assert len(list((tmp_path / "store" / "shards").iterdir())) == 3
 
 
 def test_orphan_shard_is_ignored_and_overwritten(tmp_path):
@@ -150,6 +152,11 @@ def test_a_truncated_shard_is_an_error_naming_it(tmp_path):
     path.write_bytes(store.shard_path(0).read_bytes())  # a whole shard, but too short for b
     with pytest.raises(ValueError, match=r"00001\.safetensors holds 4 rows.*'b' at rows 0..40"):
         FeatureStore(tmp_path / "store").load("b")
+    # one row short: an index line claiming a row past the shard's end is refused too
+    index = store.index_path.read_text().replace('"stop": 4,', '"stop": 5,')
+    store.index_path.write_text(index)
+    with pytest.raises(ValueError, match=r"00000\.safetensors holds 4 rows.*'a' at rows 0..5"):
+        FeatureStore(tmp_path / "store").load("a")
 
 
 def test_bytes_per_active_feature(tmp_path):
@@ -175,6 +182,13 @@ def test_mismatched_meta_and_shapes_are_refused(tmp_path):
         store.append([(sample_id, indices[..., :2], values[..., :2], regions)])
     with pytest.raises(ValueError, match="region 'response'"):
         store.append([(sample_id, indices, values, {"response": [(3, 9)]})])
+    with pytest.raises(ValueError, match="region 'response'"):  # one row past its 4
+        store.append([(sample_id, indices, values, {"response": [(3, 5)]})])
+    too_large = indices.clone()
+    too_large[0, 0, 0] = 65536  # one past the last latent
+    with pytest.raises(ValueError, match="latent index outside"):
+        store.append([(sample_id, too_large, values, regions)])
+    assert store.ids() == []
     with pytest.raises(FileNotFoundError, match="meta.json"):
         FeatureStore(tmp_path / "elsewhere")
 
