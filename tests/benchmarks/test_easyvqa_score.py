@@ -130,3 +130,39 @@ def test_kinds_are_interleaved_so_a_limit_holds_every_kind():
     # the first 600 came from 59, and analyze's held-out split had 10 of them)
     assert len({i.image_id for i in first}) > 400
     assert [i.id for i in load_items()] == [i.id for i in items]
+
+
+def test_classify_verdicts_follow_each_kind_s_rule():
+    """easy-VQA's GOOD / BAD per sample on hand-written responses: yes/no by POPE's parser, open
+    by the first word, captions by the colour / shape words against the image's truth."""
+    from benchmarks.adapters import Rules
+    from benchmarks.easyvqa.adapter import Data, classify
+    from benchmarks.stages.classify import classification
+
+    def record(id: str, kind: str, response: str, answer: str, truth=("red", "triangle")):
+        split = "caption" if kind == "caption" else "color"
+        return {"id": id, "kind": kind, "split": split, "response": response, "answer": answer,
+                "truth": list(truth)}  # fmt: skip
+
+    records = [
+        record("y1", "yes/no", "There is no blue shape.", "no"),  # POPE parser: "no"
+        record("y2", "yes/no", "Yes", "no"),
+        record("o1", "open", "Red.", "red"),
+        record("c1", "caption", "a red triangle next to a green one.", ""),  # green hallucinated
+        record("c2", "caption", "a red shape.", ""),  # cover 1 of 2 truth words
+    ]
+    verdicts = {v.id: v for v in classify(Data(), records, Rules())}
+    assert {i: v.good for i, v in verdicts.items()} == {
+        "y1": True, "y2": False, "o1": True, "c1": False, "c2": True
+    }  # fmt: skip
+    assert (verdicts["c1"].metrics["hallucinated"], verdicts["c1"].metrics["cover"]) == (1, 1.0)
+    assert (verdicts["c2"].metrics["hallucinated"], verdicts["c2"].metrics["cover"]) == (0, 0.5)
+    strict = {v.id: v.good for v in classify(Data(), records, Rules(min_cover=0.6))}
+    assert (strict["c1"], strict["c2"]) == (False, False)
+    counts = classification(list(verdicts.values()), Rules())["counts"]
+    assert counts["groups"] == {
+        "yes/no": {"GOOD": 1, "BAD": 1},
+        "open": {"GOOD": 1, "BAD": 0},
+        "caption": {"GOOD": 1, "BAD": 1},
+    }
+    assert (counts["GOOD"], counts["BAD"], counts["total"]) == (3, 2, 5)
