@@ -687,6 +687,9 @@ def test_analyze_warns_when_the_kinds_good_shares_differ_widely():
     few = {i: g for i, g in groups.items() if i.startswith("e") or i in ("c0", "c1")}
     assert kinds_confound_warning(few, kinds) is None
     assert kinds_confound_warning(groups, {}) is None  # a classification.json of before
+    # GOOD shares exactly 0.5 apart (10/0 against 5/5): not "more than" 0.5, no warning
+    half = {f"c{i}": GOOD for i in range(10)} | {f"e{i}": i % 2 for i in range(10)}
+    assert kinds_confound_warning(half, kinds) is None
 
 
 @pytest.mark.parametrize(

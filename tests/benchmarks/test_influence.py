@@ -492,8 +492,17 @@ def test_analyze_splits_by_the_images_of_responses_jsonl(tmp_path, capsys):
     (tmp_path / "classification.json").write_text(json.dumps(labels))
     (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     analyze.main(["--out", str(tmp_path), "--held-out-fraction", "0.5"], benchmark="t")
-    split = json.loads((tmp_path / "features.json").read_text())["split"]
+    result = json.loads((tmp_path / "features.json").read_text())
+    split = result["split"]
     held_out = set(split["held_out_ids"])
+    # the statistics come from the train samples alone; the held-out counts are by label
+    bad = {item["id"] for item in labels["BAD"]}
+    assert result["total_bad_samples"] == len(bad - held_out)
+    assert result["total_good_samples"] == 300 - len(held_out) - len(bad - held_out)
+    assert (split["held_out_bad"], split["held_out_good"]) == (
+        len(bad & held_out),
+        len(held_out - bad),
+    )
     image = {r["id"]: r["image"] for r in records}
     assert split["group_by"] == "image"
     assert 0 < len(held_out) < 300
@@ -600,6 +609,51 @@ def test_attributions_of_part_of_the_train_samples_are_left_out_not_averaged(tmp
     assert result["attribution_region"] is None
     assert not any(key.startswith("attribution") for f in result["features"] for key in f)
     assert "attribution" not in np.load(tmp_path / "feature_stats.npz")
+
+
+def test_a_train_split_of_one_label_is_refused(tmp_path):
+    write_hand_store(tmp_path)
+    for label, other in (("GOOD", "BAD"), ("BAD", "GOOD")):
+        everyone = [{"id": i} for i in HAND_SAMPLES]
+        (tmp_path / "classification.json").write_text(json.dumps({label: everyone, other: []}))
+        with pytest.raises(SystemExit, match="separating the two needs both"):
+            run_analyze(tmp_path, "--force")
+
+
+def test_significant_means_q_value_at_most_the_fdr():
+    stats = {"p_value": np.array([[0.01, 0.01]]), "q_value": np.array([[0.04, 0.2]])}
+    features = [
+        analyze._feature_json(stats, 0, latent, "good", [4], ["layers.4.mlp"], 0.05)
+        for latent in (0, 1)
+    ]
+    assert [f["significant"] for f in features] == [True, False]
+
+
+def test_layer_numbers_are_the_last_integer_of_distinct_names():
+    assert analyze.layer_numbers(["model.layers.3.mlp", "model.layers.12.mlp"]) == [3, 12]
+    assert analyze.layer_numbers(["blocks.0.layers.5", "blocks.1.layers.6"]) == [5, 6]
+    # numbers repeated (a vision and a text layer 3) or missing: positions instead
+    assert analyze.layer_numbers(["vision.layers.3", "text.layers.3"]) == [0, 1]
+    assert analyze.layer_numbers(["mlp", "layers.2.mlp"]) == [0, 1]
+
+
+def test_pooled_attribution_is_the_mean_over_every_train_sample(tmp_path):
+    # three GOOD samples with attribution 1 and one BAD with 5 on (layer 0, latent 2); a fifth
+    # sample outside the train split (-1) does not count: pooled = 8 / 4, not (1 + 5) / 2
+    path = tmp_path / "attributions.safetensors"
+    save_file(
+        {
+            "sample": np.arange(5, dtype=np.int64),
+            "layer": np.zeros(5, dtype=np.int64),
+            "latent": np.full(5, 2, dtype=np.int64),
+            "value": np.array([1.0, 1.0, 1.0, 5.0, 100.0], dtype=np.float32),
+        },
+        str(path),
+        metadata={"ids": json.dumps(["a", "b", "c", "d", "e"])},
+    )
+    stats = analyze.attribution_stats(path, {"a": 0, "b": 0, "c": 0, "d": 1}, (1, 3))
+    assert stats["attribution_good"][0, 2] == 1.0 and stats["attribution_bad"][0, 2] == 5.0
+    assert stats["attribution"][0, 2] == 2.0
 
 
 def test_analyze_refuses_captured_samples_that_classify_has_not_labelled(tmp_path):
