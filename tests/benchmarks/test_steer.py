@@ -507,3 +507,34 @@ def test_a_map_killed_between_its_two_files_is_redone(
     assert "up to date" not in capsys.readouterr().out
     info = json.loads((out / "neuron_map_info.json").read_text())
     assert info["summary"]["targets"] == 2 == len(json.loads((out / "neuron_map.json").read_text()))
+
+
+def test_report_rates_deltas_and_changed_responses_by_hand() -> None:
+    """`_report` on made-up verdicts: four held-out samples, a and b of one image."""
+    from benchmarks.stages.steer import Condition, SteerConfig, _report
+
+    def entry(name: str, kind: str, good: list[int], responses: str) -> dict:
+        return {
+            "condition": Condition(name, kind, "good" if name != "baseline" else "", 2.0),
+            "responses": dict(zip("abcd", responses, strict=True)),
+            "good": dict(zip("abcd", map(float, good), strict=True)),
+            "official": None,
+            "n_features": 2,
+        }
+
+    generated = {
+        "baseline": entry("baseline", "baseline", [1, 0, 0, 1], "ynny"),
+        "good-features-x2": entry("good-features-x2", "features", [1, 1, 1, 1], "yyyy"),
+        "good-control-x2": entry("good-control-x2", "control", [1, 0, 1, 1], "ynyy"),
+    }
+    config = SteerConfig(out="unused", factors="2", bootstrap=200)
+    images = {"a": "image:1.jpg", "b": "image:1.jpg", "c": "image:2.jpg", "d": "image:3.jpg"}
+    report = _report(generated, config, "t", 4, {}, images)
+    assert report["baseline"]["good_rate"] == 0.5 and report["bootstrap"]["groups"] == 3
+    features, control = report["features"][0], report["control"][0]
+    assert (features["good_rate"], control["good_rate"]) == (1.0, 0.75)
+    assert (features["changed_responses"], control["changed_responses"]) == (2, 1)
+    assert features["delta_vs_baseline"]["delta"] == pytest.approx(0.5)
+    assert features["delta_vs_control"]["delta"] == pytest.approx(0.25)
+    assert control["delta_vs_baseline"]["delta"] == pytest.approx(0.25)
+    assert "delta_vs_control" not in control
