@@ -526,6 +526,7 @@ def test_report_rates_deltas_and_changed_responses_by_hand() -> None:
         "baseline": entry("baseline", "baseline", [1, 0, 0, 1], "ynny"),
         "good-features-x2": entry("good-features-x2", "features", [1, 1, 1, 1], "yyyy"),
         "good-control-x2": entry("good-control-x2", "control", [1, 0, 1, 1], "ynyy"),
+        "good-clt_free-x2": entry("good-clt_free-x2", "clt_free", [1, 1, 1, 0], "yyyn"),
     }
     config = SteerConfig(out="unused", factors="2", bootstrap=200)
     images = {"a": "image:1.jpg", "b": "image:1.jpg", "c": "image:2.jpg", "d": "image:3.jpg"}
@@ -538,3 +539,41 @@ def test_report_rates_deltas_and_changed_responses_by_hand() -> None:
     assert features["delta_vs_control"]["delta"] == pytest.approx(0.25)
     assert control["delta_vs_baseline"]["delta"] == pytest.approx(0.25)
     assert "delta_vs_control" not in control
+    assert report["clt_free"][0]["same_responses_as_features"] == 0.75
+
+
+def test_mapped_neurons_are_those_of_the_direction_s_features() -> None:
+    def entry(direction: str, hookpoint: str, neurons: list[int]) -> dict:
+        top = [{"neuron_idx": n} for n in neurons]
+        return {"feature": {"direction": direction},
+                "targets": [{"target_hookpoint": hookpoint, "top_mlp_neurons": top}]}  # fmt: skip
+
+    neuron_map = [
+        entry("good", "mlp0", [3, 1]),
+        entry("bad", "mlp0", [7]),
+        entry("good", "mlp1", [2]),
+    ]
+    assert mapped_neurons(neuron_map, "good") == {"mlp0": [1, 3], "mlp1": [2]}
+    assert mapped_neurons(neuron_map, "bad") == {"mlp0": [7]}
+
+
+def test_few_images_warning_below_twenty_images() -> None:
+    assert "one image" in few_images_warning(1)
+    assert "only 19 images" in few_images_warning(19)
+    assert few_images_warning(20) is None
+
+
+def test_the_control_condition_steers_the_control_features() -> None:
+    from benchmarks.stages.steer import Condition, _setup
+
+    features = {"good": [{"hookpoint": "h0", "feature_idx": 3}]}
+    control = {"good": [{"hookpoint": "h0", "feature_idx": 9}]}
+    spec = {}
+    for kind in ("features", "control"):
+        setup = _setup(
+            Condition(f"good-{kind}-x2", kind, "good", 2.0), None, "replacement", features,
+            control, {}, {}, "decision",
+        )  # fmt: skip
+        assert setup.replacement == "replacement"
+        spec[kind] = (setup.spec["features"], setup.interventions[0].features)
+    assert spec == {"features": ([("h0", 3)], (3,)), "control": ([("h0", 9)], (9,))}
