@@ -139,3 +139,31 @@ def test_region_rows_follow_capture_regions():
     assert region_rows(ids, 5, 9, "all").all()
     # rows 4 and 5 predict the response tokens 5 and 6; row 6's prediction is never read
     assert region_rows(ids, 5, 9, "decision").tolist() == [0, 0, 0, 0, 1, 1, 0]
+
+
+def test_sample_attributions_are_activation_times_gradient():
+    """On a stand-in replacement model whose objective is 2 a + b (a, b: the two activations of
+    row 1): activation x gradient is 3 x 2 for latent 2 and 4 x 1 for latent 3."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from benchmarks.stages.attribute import sample_attributions
+
+    class StandIn:
+        num_latents, image_token_id = 4, None
+
+        @contextmanager
+        def attribution(self):
+            self.leaves = []
+            yield self.leaves
+
+        def __call__(self, input_ids):
+            acts = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], requires_grad=True)
+            self.leaves.append((0, acts, torch.tensor([[0, 1], [2, 3], [0, 3]])))
+            mask = torch.zeros(1, 3, 3)
+            mask[0, 1, 1] = 1.0  # row 1 predicts the response token 1
+            return SimpleNamespace(logits=mask * (2 * acts[1, 0] + acts[1, 1]))
+
+    inputs = {"input_ids": torch.tensor([[5, 6, 7]])}
+    result = sample_attributions(StandIn(), inputs, torch.tensor([1]), "all")
+    assert result == {(0, 2): 6.0, (0, 3): 4.0}
