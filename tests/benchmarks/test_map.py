@@ -140,3 +140,14 @@ def test_a_factor_the_check_cannot_measure_is_refused(tmp_path, value):
 
     with pytest.raises(SystemExit, match=f"--factor {value}: give a finite factor other than 1"):
         run(["easyvqa", "map", "--out", str(tmp_path / "nothing"), "--factor", value])
+
+
+def test_top_neurons_rank_by_signed_score_and_scaling_reaches_every_listed_neuron() -> None:
+    # a large negative score (a neuron that writes against the decoder) is not a top neuron
+    assert top_neurons(torch.tensor([0.1, -5.0, 2.0, 2.0]), 3) == [2, 3, 0]
+    mlp = gated_mlp()
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        acts = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+        expected = acts[:, [1, 5]] @ mlp.down_proj.weight[:, [1, 5]].T  # zeroing them removes this
+    torch.testing.assert_close(output_change(mlp, x, [5, 1], 0.0), -expected)
