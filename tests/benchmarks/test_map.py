@@ -151,3 +151,27 @@ def test_top_neurons_rank_by_signed_score_and_scaling_reaches_every_listed_neuro
         acts = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
         expected = acts[:, [1, 5]] @ mlp.down_proj.weight[:, [1, 5]].T  # zeroing them removes this
     torch.testing.assert_close(output_change(mlp, x, [5, 1], 0.0), -expected)
+
+
+def test_scaling_at_the_decision_positions_leaves_the_other_tokens_alone() -> None:
+    from torch import nn
+
+    from benchmarks.neuron_map import scale_neurons
+
+    class Root(nn.Module):  # a root model whose forward names its input_ids, as a VLM's does
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = gated_mlp()
+
+        def forward(self, input_ids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return self.mlp(x)
+
+    root, x = Root(), torch.randn(1, 4, 4)
+    x[..., 0] = x[..., 0].abs() + 1.0  # neuron 0 active on every token
+    with torch.no_grad():
+        clean = root(input_ids=torch.zeros(1, 4, dtype=torch.long), x=x)
+        with scale_neurons(root, {"mlp": [0]}, 0.0, "decision"):
+            steered = root(input_ids=torch.zeros(1, 4, dtype=torch.long), x=x)
+    # a 4-token prompt: only its last token is a decision position
+    torch.testing.assert_close(steered[:, :3], clean[:, :3])
+    assert not torch.allclose(steered[:, 3], clean[:, 3])
