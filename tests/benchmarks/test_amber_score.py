@@ -366,3 +366,10 @@ def test_attribute_aggregate_sums_all_three_dimensions_counters(data: dict) -> N
     assert data["annotations"][1004]["truth"] == "yes"
     assert result["state"]["accuracy"] == 99.9
     assert result["attribute"]["accuracy"] == 99.7
+
+
+def test_annotations_out_of_id_order_are_refused(tmp_path) -> None:
+    annotations = [{"id": 1, "type": "generative"}, {"id": 3, "type": "generative"}]
+    (tmp_path / "annotations.json").write_text(json.dumps(annotations))
+    with pytest.raises(ValueError, match="entry 1 has id 3, not 2"):
+        amber.load_annotations(tmp_path)

@@ -334,3 +334,15 @@ def test_responses_about_other_images_than_the_label_files_are_refused(tmp_path)
     gqa = str(shared_data("pope", "gqa"))
     with pytest.raises(SystemExit, match="random question 1: COCO_val2014_000000310196.jpg"):
         run(["pope", "score", "--out", str(out), "--questions-dir", gqa])
+
+
+def test_label_files_are_checked_one_per_split_with_yes_no_labels(tmp_path) -> None:
+    row = {"question_id": 1, "image": "x.jpg", "text": "Is there a dog?", "label": "yes"}
+    (tmp_path / "coco_pope_random.json").write_text(json.dumps(row))
+    (tmp_path / "gqa_pope_seem_random.json").write_text(json.dumps(row))
+    with pytest.raises(ValueError, match="several files for one split"):
+        load_questions_dir(tmp_path)
+    (tmp_path / "gqa_pope_seem_random.json").unlink()
+    (tmp_path / "coco_pope_random.json").write_text(json.dumps({**row, "label": "Yes"}))
+    with pytest.raises(ValueError, match="label must be 'yes' or 'no', got 'Yes'"):
+        load_questions_dir(tmp_path)

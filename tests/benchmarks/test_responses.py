@@ -74,3 +74,9 @@ def test_score_out_refuses_a_responses_file_too(tmp_path, benchmark: str, extra:
     if extra:  # a question file alone is refused as well: it only reads a --responses file
         with pytest.raises(SystemExit, match="--question-file with --out"):
             run([benchmark, "score", *extra, "--out", str(out)])
+
+
+def test_a_json_array_after_blank_space_is_read_as_an_array(tmp_path) -> None:
+    path = tmp_path / "responses.json"
+    path.write_text('\n  [{"id": 1, "response": "Yes"},\n {"id": 2, "response": "No"}]\n')
+    assert load_records(path) == [{"id": 1, "response": "Yes"}, {"id": 2, "response": "No"}]
