@@ -25,3 +25,10 @@ def test_a_batch_of_two_images_generates_one_answer_per_prompt(family):
     for image, prompt, together in zip(images, prompts, batch, strict=True):
         [alone] = generate_batch(model, processor, [image], [prompt], max_new_tokens=3)
         assert alone.tokens == together.tokens
+
+
+def test_a_row_ends_at_its_first_eos_kept():
+    from benchmarks.generation import _until_eos
+
+    assert _until_eos([5, 2, 7, 0, 0], {2, 7}) == [5, 2]  # the EOS stays: the response ended
+    assert _until_eos([5, 6, 8], {2}) == [5, 6, 8]  # no EOS: cut at max_new_tokens
