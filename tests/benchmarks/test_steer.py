@@ -540,6 +540,11 @@ def test_report_rates_deltas_and_changed_responses_by_hand() -> None:
     assert control["delta_vs_baseline"]["delta"] == pytest.approx(0.25)
     assert "delta_vs_control" not in control
     assert report["clt_free"][0]["same_responses_as_features"] == 0.75
+    # the intervals resample whole images: with a, b and c of one image, two images to draw
+    three = {"a": "image:1.jpg", "b": "image:1.jpg", "c": "image:1.jpg", "d": "image:2.jpg"}
+    grouped = _report(generated, config, "t", 4, {}, three)["features"][0]["delta_vs_baseline"]
+    assert (grouped["ci_low"], grouped["ci_high"]) == (0.0, pytest.approx(2 / 3))
+    assert features["delta_vs_baseline"]["ci_high"] == 1.0  # three images: c drawn three times
 
 
 def test_mapped_neurons_are_those_of_the_direction_s_features() -> None:
