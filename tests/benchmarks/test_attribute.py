@@ -75,11 +75,9 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     assert ids == [r["id"] for r in records]
     assert set(coo["sample"].tolist()) <= {0, 1, 2} and len(coo["value"]) > 0
 
-    # the largest attribution of sample 0, checked against a real scaled run of the model
-    first = coo["sample"] == 0
-    j = int(coo["value"][first].abs().argmax())
-    p, latent, value = (int(coo["layer"][first][j]), int(coo["latent"][first][j]),
-                        float(coo["value"][first][j]))  # fmt: skip
+    # the three largest attributions of sample 0: each is the derivative of the objective under
+    # scaling that feature in a real run of the model (central differences: this random CLT makes
+    # the objective so curved that eps 1e-3 is already 6% off for the third, 1e-4 within 0.1%)
     loaded = load_run(out, "easyvqa", None, "cpu")
     item = {i.id: i for i in get_adapter("easyvqa").load_items(loaded.data, loaded.recipe)}
     record = records[0]
@@ -87,17 +85,21 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     response = torch.tensor(record["response_token_ids"])
     prompt_length = inputs["input_ids"].shape[1] - len(response)
 
-    def objective(scale: float) -> float:
+    def objective(p: int, latent: int, scale: float) -> float:
         edit = Intervention("scale", features=latent, layers=p, value=scale)
         rm = ReplacementModel(loaded.model, loaded.coders, mode="error", interventions=[edit])
         with torch.no_grad():
-            logits = rm(**inputs).logits
+            logits = rm(**inputs).logits.double()
         return float(answer_logit_difference(logits, response, prompt_length))
 
-    eps = 1e-3
-    finite_difference = (objective(1 + eps) - objective(1 - eps)) / (2 * eps)
-    assert abs(value) > 1e-4
-    assert finite_difference == pytest.approx(value, rel=0.05, abs=1e-5)
+    first = coo["sample"] == 0
+    eps = 1e-4
+    for j in coo["value"][first].abs().argsort(descending=True)[:3].tolist():
+        p, latent = int(coo["layer"][first][j]), int(coo["latent"][first][j])
+        value = float(coo["value"][first][j])
+        slope = (objective(p, latent, 1 + eps) - objective(p, latent, 1 - eps)) / (2 * eps)
+        assert abs(value) > 1e-4
+        assert slope == pytest.approx(value, rel=0.02), (p, latent)
     # the default region (decision) is recomputed, recorded, and leaves out the image rows
     run(["easyvqa", "attribute", "--out", str(out)])
     with safe_open(str(out / "store" / "attributions.safetensors"), "pt") as f:
