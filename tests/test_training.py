@@ -1375,3 +1375,30 @@ def test_a_run_config_json_of_another_shape_is_one_line_naming_it(tmp_path, tiny
         fidelity.main([str(tmp_path / "r")])
     with pytest.raises(ValueError, match=error):
         export.main(["circuit-tracer", str(tmp_path / "r"), str(tmp_path / "ct")])
+
+
+@pytest.mark.parametrize("change", ["width", "hookpoints"])
+def test_resume_names_coders_that_differ_from_the_saved_ones_before_loading(tmp_path, change):
+    # the shape and key checks of `read_training_state` (a copied train_params file, or a
+    # sharded run resumed with another number of processes), not torch's size-mismatch error
+    from types import SimpleNamespace
+
+    from sparsify import SparseCoderConfig
+
+    from vlm_sparsify.per_layer import PerLayerCoders
+    from vlm_sparsify.train_state import live_parameters, read_training_state, write_resume_files
+
+    cfg = SparseCoderConfig(num_latents=16, k=2, transcode=True)
+    saved = PerLayerCoders(HOOKS, 8, cfg)
+    trainer = SimpleNamespace(coders=saved, optimizers=[], schedulers=[])
+    write_resume_files(tmp_path, trainer, live_parameters(trainer))
+    torch.save(training.TrainingState().to_dict(), tmp_path / "state.pt")
+    if change == "width":
+        other = PerLayerCoders(HOOKS, 8, SparseCoderConfig(num_latents=32, k=2, transcode=True))
+    else:
+        other = PerLayerCoders(HOOKS[:2], 8, cfg)
+    resumed = SimpleNamespace(
+        coders=other, cfg=SimpleNamespace(batch_size=8), optimizers=[], schedulers=[]
+    )
+    with pytest.raises(ValueError, match="its coders differ from this run's settings"):
+        read_training_state(tmp_path, resumed)
