@@ -43,3 +43,21 @@ def test_what_a_killed_write_left_of_run_best_is_put_back_when_the_run_starts_ag
         f"restored {best_dir(run_dir)} from .run-best.old-{dead} (a checkpoint write was killed)"
     ]
     assert load_coders(best_dir(run_dir)).hookpoints == HOOKS
+
+
+def test_an_end_to_end_run_compares_its_mean_loss_since_the_last_check() -> None:
+    from types import SimpleNamespace
+
+    from vlm_sparsify.best_checkpoint import improved_since_last_check
+    from vlm_sparsify.training import TrainingState
+
+    # steps 2 and 3 since the check at step 1: their mean (3.0), not step 1's 9.0 with them
+    state = TrainingState(global_step=3, best_checked_step=1, loss_history=[9.0, 2.0, 4.0])
+    trainer = SimpleNamespace(state=state, cfg=SimpleNamespace(loss_fn="kl"))
+    assert improved_since_last_check(trainer) == [""]  # type: ignore[arg-type]
+    assert state.best_loss == {"": 3.0} and state.best_checked_step == 3
+    state.global_step, state.loss_history = 4, [*state.loss_history, 3.0]
+    assert improved_since_last_check(trainer) == []  # type: ignore[arg-type]  # 3.0 is no lower
+    state.global_step, state.loss_history = 5, [*state.loss_history, 2.5]
+    assert improved_since_last_check(trainer) == [""]  # type: ignore[arg-type]
+    assert state.best_loss == {"": 2.5}
