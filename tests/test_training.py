@@ -1402,3 +1402,28 @@ def test_resume_names_coders_that_differ_from_the_saved_ones_before_loading(tmp_
     )
     with pytest.raises(ValueError, match="its coders differ from this run's settings"):
         read_training_state(tmp_path, resumed)
+
+
+def test_summary_counts_latents_at_the_horizon_as_dead_and_averages_the_last_window():
+    from types import SimpleNamespace
+
+    from vlm_sparsify.training import Trainer, TrainingState
+
+    state = TrainingState(
+        tokens_seen=100,
+        tokens_since_fired=[torch.tensor([0, 50, 100, 100])],
+        fvu_history=[[9.0], [1.0], [3.0]],
+        l0_history=[[9.0], [2.0], [4.0]],
+    )
+    coders = SimpleNamespace(hookpoints=["h"], n_targets=lambda p: 1)
+
+    def summary(threshold: int) -> dict:
+        cfg = SimpleNamespace(dead_feature_threshold=threshold)
+        trainer = SimpleNamespace(state=state, coders=coders, cfg=cfg)
+        return Trainer.summary(trainer, window=2)[0]  # type: ignore[arg-type]
+
+    row = summary(50)  # 50 tokens without firing is dead; never fired: all 100 tokens
+    assert (row["dead_pct"], row["never_fired_pct"]) == (75.0, 50.0)
+    assert (row["fvu"], row["l0"]) == (2.0, 3.0)  # the last 2 steps only
+    # a threshold above the run's tokens: dead means never fired in the whole run
+    assert summary(10**7)["dead_pct"] == 50.0
