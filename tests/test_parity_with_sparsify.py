@@ -42,6 +42,7 @@ K_DECAY = dict(k_decay_steps=4)  # from min(64 latents, 10 x 32) = 64 down to k 
         (True, K_DECAY),
         (True, {**K_DECAY, "grad_acc_steps": 2}),
         (True, {"auxk_alpha": 1 / 32, "dead_feature_threshold": 60, "grad_acc_steps": 2}),
+        (True, {"micro_acc_steps": 2}),
     ],
     ids=[
         "plt",
@@ -52,6 +53,7 @@ K_DECAY = dict(k_decay_steps=4)  # from min(64 latents, 10 x 32) = 64 down to k 
         "k-decay",
         "k-decay-grad-acc",
         "auxk-grad-acc",  # dead counts move at optimizer steps, over all their batches' tokens
+        "micro-acc",  # every chunk's FVU divides by the whole batch's variance
     ],
 )
 def test_plugin_matches_stock_trainer(tmp_path, transcode: bool, extra: dict):
