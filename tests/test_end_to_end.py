@@ -98,6 +98,20 @@ def test_ce_counts_only_positions_whose_next_token_is_text():
     ]
 
 
+def test_ce_scores_each_position_s_logits_against_the_token_after_it():
+    from vlm_sparsify.end_to_end import ce_sum
+
+    input_ids = torch.tensor([[3, 1, 4, 1, 5]])
+    # position i's logits point at token i + 1: a near-zero loss (against token i: not)
+    logits = torch.zeros(1, 5, 8)
+    logits[0, torch.arange(4), input_ids[0, 1:]] = 30.0
+    positions = torch.tensor([[True, True, False, True]])
+    total = ce_sum(logits, input_ids, positions)
+    expected = F.cross_entropy(logits[0, [0, 1, 3]], input_ids[0, [1, 2, 4]], reduction="sum")
+    torch.testing.assert_close(total, expected)
+    assert float(total) < 1e-6
+
+
 def test_ce_training_runs_and_records_its_loss(shipped, batch):
     trainer = e2e_trainer(shipped, "ce", 3)
     losses = [trainer.train_on_batch(batch)["ce"] for _ in range(3)]
