@@ -138,3 +138,13 @@ def test_nan_end_to_end_loss_stops_before_the_backward(shipped, batch, monkeypat
     with pytest.raises(training.NonFiniteLossError, match="end-to-end kl"):
         trainer.train_on_batch(batch)
     assert trainer.state.loss_history == []
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_a_finetune_keeps_its_loaded_biases_at_step_0(shipped, batch, finetune):
+    # (in this file for its trained model and batch) a new run sets them from the first batch
+    trainer = e2e_trainer(shipped, "fvu", 0, grad_acc_steps=2, finetune=finetune)
+    before = [t.detach().clone() for t in trainer.coders.parameters()]
+    trainer.train_on_batch(batch)  # step 0, no optimizer step yet (accumulating)
+    after = list(trainer.coders.parameters())
+    assert all(map(torch.equal, before, after)) == finetune
