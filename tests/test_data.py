@@ -128,6 +128,19 @@ def test_a_16_bit_grayscale_image_is_scaled_to_8_bits(tmp_path):
     assert [image.getpixel((x, 0)) for x in range(4)] == [(v, v, v) for v in (0, 64, 128, 255)]
 
 
+def test_a_32_bit_integer_image_is_scaled_by_what_it_holds():
+    """Mode I (what `convert("I")` and some decoders give for 16-bit grayscale) holding values
+    above 255 is 16-bit data, scaled down; holding none, 8-bit data, kept as it is."""
+    import numpy as np
+
+    deep = Image.fromarray(np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.int32), "I")
+    shallow = Image.fromarray(np.array([[0, 64, 128, 255]], dtype=np.int32), "I")
+    for image in (deep, shallow):
+        assert image.mode == "I"
+        rgb = load_rgb(image)
+        assert [rgb.getpixel((x, 0))[0] for x in range(4)] == [0, 64, 128, 255]
+
+
 def test_a_float_image_is_scaled_to_8_bits(tmp_path):
     """A 32-bit float TIFF (mode F, values in 0..1) became black: PIL's conversion rounds
     every value below 1 to 0."""
