@@ -109,6 +109,11 @@ def test_model_context_bounds_image_plus_text(tmp_path, llava_recipe):
     assert encoded["input_ids"].shape == (1, 600)
     with pytest.raises(ContextTooShortError, match="576 image tokens"):
         encode_example(example, processor, llava_recipe, ctx_len=512, max_positions=500)
+    # exactly the image tokens: no room for one text token (the prompt would be cut away)
+    with pytest.raises(ContextTooShortError, match="576 image tokens"):
+        encode_example(example, processor, llava_recipe, ctx_len=512, max_positions=576)
+    encoded = encode_example(example, processor, llava_recipe, ctx_len=512, max_positions=577)
+    assert encoded["input_ids"].shape == (1, 577)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "LA", "I;16"])
