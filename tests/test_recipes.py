@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +32,13 @@ from vlm_sparsify.random_models import (
     build_tiny_processor,
     build_tokenizer,
 )
-from vlm_sparsify.recipe import Recipe, find_recipe, shipped_recipes
+from vlm_sparsify.recipe import (
+    Recipe,
+    RecipeError,
+    check_train_value,
+    find_recipe,
+    shipped_recipes,
+)
 from vlm_sparsify.training import (
     build_coders,
     collect_activations,
@@ -252,6 +259,17 @@ def test_a_malformed_recipe_is_one_line_naming_table_and_key(tmp_path, old, new,
     with pytest.raises(ValueError, match=message) as err:
         find_recipe(str(path))
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_under_a_chat_template_the_template_needs_no_image_token(tmp_path):
+    """The chat template writes the prompt (and its image placeholder): `template` is not used,
+    so a template without the image token is no error there."""
+    text = LLAVA_TOML.read_text()
+    old = 'template = "USER: <image>\\n{question} ASSISTANT:"'
+    assert old in text
+    path = tmp_path / "chat.toml"
+    path.write_text(text.replace(old, 'use_chat_template = true\ntemplate = "{question}"'))
+    assert find_recipe(str(path)).prompt.use_chat_template
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -617,3 +635,30 @@ def test_the_embedded_models_names_resolve_to_its_folder_not_the_hub():
     assert find_recipe(model_id=resolve_model("vlm_sparsify/tiny-easyvqa-llava")).name == (
         "tiny_llava"
     )
+
+
+@dataclass
+class _Flags:
+    lr: float = 1e-3
+    k: int = 32
+    layers: list[int] = field(default_factory=list)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "ok"),
+    [
+        ("lr", 3, True),  # TOML's 3 for 3.0
+        ("lr", 2e-4, True),
+        ("lr", True, False),  # a bool is an int to Python, not a learning rate
+        ("k", True, False),
+        ("k", 1.5, False),
+        ("layers", [0, 2], True),
+        ("layers", [0, False], False),
+    ],
+)
+def test_a_train_value_of_the_wrong_type_is_refused(key, value, ok):
+    if ok:
+        check_train_value("r", key, value, _Flags())
+    else:
+        with pytest.raises(RecipeError, match=rf"\[train\] {key} = .* is not a valid --{key}"):
+            check_train_value("r", key, value, _Flags())
