@@ -662,3 +662,30 @@ def test_a_train_value_of_the_wrong_type_is_refused(key, value, ok):
     else:
         with pytest.raises(RecipeError, match=rf"\[train\] {key} = .* is not a valid --{key}"):
             check_train_value("r", key, value, _Flags())
+
+
+@pytest.mark.parametrize(
+    ("model_type", "architectures", "text_only"),
+    [
+        ("gemma3_text", [], True),
+        ("llama", ["LlamaForCausalLM"], True),  # a text-only model_type without "_text"
+        ("qwen2_vl", ["Qwen2VLForConditionalGeneration"], False),
+    ],
+)
+def test_a_model_of_another_type_is_named_text_only_by_its_type_or_class(
+    model_type, architectures, text_only
+):
+    from vlm_sparsify.recipe import model_type_mismatch
+
+    config = {"model_type": model_type, "architectures": architectures}
+    message = str(model_type_mismatch("m", config, find_recipe("llava")))
+    assert ("a text-only model" in message) == text_only
+    assert ("pass --recipe" in message) != text_only
+
+
+def test_a_recipes_mlp_path_is_read(tmp_path):
+    text = LLAVA_TOML.read_text()
+    assert 'mlp = "mlp"' in text
+    path = tmp_path / "ffn.toml"
+    path.write_text(text.replace('mlp = "mlp"', 'mlp = "feed_forward"'))
+    assert find_recipe(str(path)).mlp == "feed_forward"
