@@ -689,3 +689,29 @@ def test_a_recipes_mlp_path_is_read(tmp_path):
     path = tmp_path / "ffn.toml"
     path.write_text(text.replace('mlp = "mlp"', 'mlp = "feed_forward"'))
     assert find_recipe(str(path)).mlp == "feed_forward"
+
+
+def test_select_hookpoints_orders_dedups_and_strides():
+    from vlm_sparsify.hookpoints import select_hookpoints
+
+    recipe = find_recipe("llava")
+    model = build_tiny_model(recipe, _tokenizer_only(recipe))
+    mlps = mlp_hookpoints(model, recipe)
+    assert len(mlps) >= 2
+    assert select_hookpoints(model, recipe) == mlps
+    assert select_hookpoints(model, recipe, layer_stride=2) == mlps[::2]
+    assert select_hookpoints(model, recipe, layers=[1, 0, 1]) == mlps[:2]
+    # patterns name modules in any order; the forward's order (attention before MLP) is kept
+    layers = decoder_layers_path(model, recipe)
+    both = select_hookpoints(model, recipe, hookpoints=[f"{layers}.0.mlp", f"{layers}.0.self_attn"])
+    assert both == [f"{layers}.0.self_attn", f"{layers}.0.mlp"]
+    strided = select_hookpoints(model, recipe, hookpoints=[f"{layers}.*.mlp"], layer_stride=2)
+    assert strided == mlps[::2]
+    with pytest.raises(ValueError, match=rf"--layers \[{len(mlps)}\] out of range"):
+        select_hookpoints(model, recipe, layers=[len(mlps)])
+    with pytest.raises(ValueError, match="outside the language model's decoder layers"):
+        select_hookpoints(model, recipe, hookpoints=["*vision_tower*mlp"])
+    # a layer count that disagrees with the text config is refused
+    model.config.get_text_config().num_hidden_layers = len(mlps) + 1
+    with pytest.raises(ValueError, match=f"holds {len(mlps)} layers but the text config says"):
+        mlp_hookpoints(model, recipe)
