@@ -67,3 +67,18 @@ def test_a_repository_name_the_hub_cannot_hold_is_named_before_anything(tmp_path
         with pytest.raises(ValueError, match=f"--push_to_hub '{repo}' is not a Hub repository"):
             run(cli(tiny_llava_dir, tmp_path, "r", "--push_to_hub", repo))
     assert not any(tmp_path.iterdir())
+
+
+def test_a_failed_upload_never_shows_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    class Refusing:
+        def __init__(self, token: str | None = None):
+            self.token = token
+
+        def create_repo(self, repo: str, exist_ok: bool = False) -> None:
+            raise PermissionError(f"401 Unauthorized: token {self.token} is invalid")
+
+    monkeypatch.setattr(hub, "HfApi", Refusing)
+    with pytest.raises(hub.HubUploadError) as err:
+        hub.push_to_hub(tmp_path, "me/coders", token="hf_secret123")
+    assert "hf_secret123" not in str(err.value) and "hf_secret123" not in err.value.reason
+    assert "token *** is invalid" in err.value.reason and str(tmp_path) in str(err.value)
