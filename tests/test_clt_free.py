@@ -29,13 +29,14 @@ def firing_features(model: nn.Module, coders: nn.Module) -> dict[int, list[int]]
 
 
 def steering(firing: dict[int, list[int]]) -> tuple[list[SteeredFeature], list[Intervention]]:
-    """Amplify, suppress and add features of sources 0, 1 and 2, both ways."""
-    edits = [(0, "scale", 4.0), (1, "scale", 0.0), (2, "add", 1.5)]
+    """Amplify, suppress, add and zero features of sources 0, 1, 2 and 3, both ways."""
+    edits = [(0, "scale", 4.0), (1, "scale", 0.0), (2, "add", 1.5), (3, "zero", 0.0)]
     features, interventions = [], []
     for p, op, value in edits:
         latents = firing[p][:2]
         features += [SteeredFeature(HOOKPOINTS[p], f, value, op) for f in latents]
-        interventions.append(Intervention(op, tuple(latents), layers=p, value=value))
+        given = {} if op == "zero" else {"value": value}
+        interventions.append(Intervention(op, tuple(latents), layers=p, **given))
     return features, interventions
 
 
