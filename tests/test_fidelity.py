@@ -351,3 +351,32 @@ def test_left_pad_moves_every_per_token_key(family: str, tmp_path: Path) -> None
         batched = model(**batch).logits[:, -1]
         for row, alone in enumerate(encoded):
             torch.testing.assert_close(batched[row], model(**alone).logits[0, -1])
+
+
+def test_layer_predictions_sum_every_source_reaching_a_target_by_hand() -> None:
+    """A CLT target's prediction: the sum over the sources reaching it of their top-k decoder
+    rows, decoder biases and skip connections, each source encoding its own recorded input."""
+    from vlm_sparsify.fidelity import layer_predictions
+
+    hooks = [f"layers.{i}.mlp" for i in range(3)]
+    cfg = SparseCoderConfig(num_latents=16, k=3, transcode=True, skip_connection=True)
+    clt = CrossLayerTranscoder(hooks, 6, cfg, 2)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in clt.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    inputs = [torch.randn(5, 6, generator=generator) for _ in hooks]
+    expected = [torch.zeros(5, 6) for _ in hooks]
+    for p, x in enumerate(inputs):
+        source = clt.sources[p]
+        pre = torch.relu(x @ source.encoder.weight.T + source.encoder.bias)
+        values, indices = pre.topk(3, dim=1)
+        for i in range(len(source.W_decs)):  # targets p, p + 1 within reach
+            dense = torch.zeros(5, 16).scatter(1, indices, values)
+            skip = x @ source.W_skips[i].T
+            expected[p + i] += dense @ source.W_decs[i] + source.b_decs[i] + skip
+    with torch.no_grad():
+        predictions = layer_predictions(clt, inputs, outputs=[])
+    assert len(predictions) == 3
+    for got, want in zip(predictions, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
