@@ -253,3 +253,84 @@ def test_tokens_per_second_counts_the_batches_asked_for_and_the_waits():
         tokens_per_second(Trainer(), batches(2), 3, torch.device("cpu"))
     with pytest.raises(ValueError, match="more than the 3 batches expected"):
         tokens_per_second(Trainer(), batches(4), 3, torch.device("cpu"))
+
+
+def test_paired_ratio_is_the_median_of_the_per_pair_ratios():
+    """Each pair's own ratio, then their median: not the mean, not the ratio of the medians."""
+    from vlm_sparsify.bench_steps import Paired
+
+    paired = Paired([2.0, 3.0, 10.0], [1.0, 3.0, 2.0])  # pair ratios 2, 1, 5
+    assert paired.ratio == 2.0  # mean 8/3, ratio of medians 1.5, reference / candidate 0.5
+    assert paired.summary() == {
+        "candidate_s": 3.0,
+        "reference_s": 2.0,
+        "ratio": 2.0,
+        "ratio_of_medians": 1.5,
+        "n": 3,
+    }
+    assert Paired([1.0], [2.0]) + Paired([3.0], [4.0]) == Paired([1.0, 3.0], [2.0, 4.0])
+
+
+def test_alternate_steps_swaps_the_order_each_step_and_drops_the_warm_up():
+    """ABBA...: each time goes to its own function whichever ran first; warm-up pairs untimed."""
+    import time
+
+    import torch
+
+    from vlm_sparsify.bench_steps import alternate_steps
+
+    calls: list[str] = []
+
+    def candidate() -> None:
+        calls.append("c")
+        time.sleep(0.01)
+
+    def reference() -> None:
+        calls.append("r")
+
+    paired = alternate_steps(candidate, reference, steps=3, warmup=2, device=torch.device("cpu"))
+    assert calls == ["c", "r", "r", "c", "c", "r", "r", "c", "c", "r"]
+    assert len(paired.candidate) == len(paired.reference) == 3
+    assert min(paired.candidate) >= 0.01 > max(paired.reference)
+
+
+def test_a_figure_exactly_at_its_goal_passes():
+    from vlm_sparsify.bench import goal_status
+
+    assert goal_status("clt_vs_plt_step", 2.0) == ("<= 2", "PASS")
+    assert goal_status("clt_vs_plt_step", 2.01)[1] == "MISS"
+    assert goal_status("pipeline_vs_pretokenized", 0.95) == (">= 0.95", "PASS")
+    assert goal_status("pipeline_vs_pretokenized", 0.94)[1] == "MISS"
+    assert goal_status("analyze_tiny_s", 1.0) == ("", "")
+
+
+def test_non_finite_figures_are_refused():
+    from vlm_sparsify.bench import check_finite
+
+    check_finite({"a": 1.0, "machine": {"cpu": "x"}})
+    with pytest.raises(RuntimeError, match=r"\['b'\]"):
+        check_finite({"a": 1.0, "b": float("nan")})
+
+
+def test_pipeline_blocks_alternate_which_runs_first_after_every_batch_trained_once():
+    """Every batch trains once untimed; then live / pretokenized blocks, ABBA by round."""
+    import torch
+
+    from vlm_sparsify.bench_steps import pipeline_vs_pretokenized
+
+    seen: list[str] = []
+
+    class Trainer:
+        def train_on_batch(self, batch: dict) -> None:
+            seen.append(batch["source"])
+
+    def batch(source: str) -> dict:
+        return {"source": source, "token_mask": torch.ones(1, 2, dtype=torch.bool)}
+
+    pretokenized = [batch("pre"), batch("pre")]
+    paired, _ = pipeline_vs_pretokenized(
+        Trainer(), lambda: [batch("live"), batch("live")], pretokenized, 2, torch.device("cpu")
+    )
+    blocks = [seen[i] for i in range(0, len(seen), 2)]
+    assert blocks == ["pre", "live", "pre", "pre", "live"]
+    assert len(paired.candidate) == len(paired.reference) == 2

@@ -811,6 +811,41 @@ def test_benchmark_alternates_the_order_of_each_repeat(
     assert result["ratio_min"] <= result["ratio"] <= result["ratio_max"]
 
 
+def test_benchmark_ratios_are_per_repeat_and_the_later_tokens_exclude_each_run_s_own_prefill(
+    model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a fake clock: base takes 1 s to prefill and 2 s in all, the replacement 3 s and 7 s
+    (repeat 0) or 3 s and 9 s (repeat 1): ratios 3.5 and 4.5, later tokens 4 and 6 over 1."""
+    import vlm_sparsify.bench_steps as bench_steps
+
+    now = [0.0]
+    generate = model.generate
+    calls = [0]
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        hooked = getattr(model, "_vlm_sparsify_replacement", None) is not None
+        whole = kwargs["max_new_tokens"] == 2
+        calls[0] += 1
+        if hooked:
+            now[0] += (9.0 if calls[0] > 6 else 7.0) if whole else 3.0
+        else:
+            now[0] += 2.0 if whole else 1.0
+        return generate(*args, **kwargs)
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return now[0]
+
+    monkeypatch.setattr(model, "generate", timed)
+    monkeypatch.setattr(bench_steps, "time", Clock)
+    result = benchmark_generate(model, make_coders("clt"), batch(), max_new_tokens=2, repeats=2)
+    assert (result["ratio_min"], result["ratio_max"]) == (3.5, 4.5)
+    assert result["ratio"] == 4.0 and result["prefill_ratio"] == 3.0
+    assert result["per_token_ratio"] == 5.0  # (7 - 3) / 1 and (9 - 3) / 1
+    assert result["base_s"] == 2.0 and result["replacement_prefill_s"] == 3.0
+
+
 @pytest.mark.parametrize("decoder", ["fused", "per-target", "fused-own-weights"])
 def test_attribution_gradients_match_a_finite_difference(
     model: nn.Module, decoder: str, monkeypatch: pytest.MonkeyPatch
