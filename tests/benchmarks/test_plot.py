@@ -128,6 +128,25 @@ def test_features_ranked_by_attribution_are_shown_by_the_attribution_difference(
     assert plot.selection_label(result, "good") == "goodness score"
 
 
+def test_top_features_bars_are_the_attribution_difference_they_were_ranked_by(monkeypatch):
+    def feature(idx, direction, attribution_good, attribution_bad):
+        return {"layer": 0, "feature_idx": idx, "direction": direction,
+                "goodness_score": 9.0, "badness_score": 9.0,
+                "attribution_good": attribution_good, "attribution_bad": attribution_bad}  # fmt: skip
+
+    result = {
+        "parameters": {"rank_by": "attribution"},
+        "features": [feature(1, "good", 0.5, 0.0), feature(2, "bad", 0.0, 0.25)],
+    }
+    figures = drawn_figures(monkeypatch)
+    plot.plot_top_features(result, None, "t", 5, 60)
+    good, bad = figures[0].axes
+    assert [bar.get_width() for bar in good.patches] == [0.5]
+    assert [bar.get_width() for bar in bad.patches] == [0.25]
+    assert bad.get_xlabel() == "attribution_bad - attribution_good"
+    plot.pyplot().close(figures[0])
+
+
 def test_heatmap_leaves_the_activation_of_a_group_where_the_feature_never_fires_blank():
     features = [
         {"good_freq": 0.5, "bad_freq": 0.0, "good_avg_activation": 2.0, "bad_avg_activation": 0.0}
