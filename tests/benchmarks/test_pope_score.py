@@ -346,3 +346,22 @@ def test_label_files_are_checked_one_per_split_with_yes_no_labels(tmp_path) -> N
     (tmp_path / "coco_pope_random.json").write_text(json.dumps({**row, "label": "Yes"}))
     with pytest.raises(ValueError, match="label must be 'yes' or 'no', got 'Yes'"):
         load_questions_dir(tmp_path)
+
+
+def test_the_official_file_lists_split_by_split_in_numeric_question_id_order(tmp_path) -> None:
+    """The label files' order (random, popular, adversarial; ids as numbers), whatever the
+    capture's interleaved order."""
+    from benchmarks.pope.adapter import write_official
+
+    order = [("adversarial", 2), ("random", 10), ("popular", 1), ("random", 9)]
+    records = [
+        {"question_id": q, "split": s, "image": f"{q}.jpg", "label": "yes", "response": "Yes",
+         "id": f"{s}-{q}"}
+        for s, q in order
+    ]  # fmt: skip
+    write_official(records, tmp_path / "official.jsonl")
+    official = load_records(tmp_path / "official.jsonl")
+    assert [(r["split"], r["question_id"]) for r in official] == [
+        ("random", 9), ("random", 10), ("popular", 1), ("adversarial", 2)
+    ]  # fmt: skip
+    assert set(official[0]) == {"question_id", "split", "image", "response"}
