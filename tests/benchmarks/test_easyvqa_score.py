@@ -166,3 +166,11 @@ def test_classify_verdicts_follow_each_kind_s_rule():
         "caption": {"GOOD": 1, "BAD": 1},
     }
     assert (counts["GOOD"], counts["BAD"], counts["total"]) == (3, 2, 5)
+
+
+@pytest.mark.parametrize("kinds", ["", ",", " , "])
+def test_a_kinds_flag_naming_no_kind_is_refused(kinds):
+    from benchmarks.easyvqa.adapter import Data
+
+    with pytest.raises(ValueError, match="--kinds"):
+        Data(kinds=kinds)  # else it would run no item at all
