@@ -147,6 +147,27 @@ def test_top_features_bars_are_the_attribution_difference_they_were_ranked_by(mo
     plot.pyplot().close(figures[0])
 
 
+def test_significant_bars_are_solid_and_the_others_hatched():
+    assert plot.bar_style({"significant": True}, "bad") == {
+        "color": plot.COLORS["bad"], "edgecolor": "black", "hatch": ""
+    }  # fmt: skip
+    assert plot.bar_style({"significant": False}, "good")["hatch"] == "///"
+
+
+def test_volcano_marks_significance_by_the_q_value_and_plots_minus_log10_p(monkeypatch):
+    # both fire; p 0.01 for each, but only the first survives the FDR (q 0.02 vs 0.2)
+    stats = {"good_freq": np.array([0.5, 0.5]), "bad_freq": np.array([0.1, 0.1]),
+             "p_value": np.array([0.01, 0.01]), "q_value": np.array([0.02, 0.2])}  # fmt: skip
+    result = {"features": [], "parameters": {"fdr": 0.05, "eps": 0.01}}
+    figures = drawn_figures(monkeypatch)
+    plot.plot_volcano(result, stats, None, "t", 60)
+    rest, significant = figures[0].axes[0].collections[:2]
+    assert len(rest.get_offsets()) == len(significant.get_offsets()) == 1
+    assert significant.get_offsets()[0, 1] == pytest.approx(2.0)  # -log10 0.01
+    assert rest.get_offsets()[0, 1] == pytest.approx(2.0)
+    plot.pyplot().close(figures[0])
+
+
 def test_heatmap_leaves_the_activation_of_a_group_where_the_feature_never_fires_blank():
     features = [
         {"good_freq": 0.5, "bad_freq": 0.0, "good_avg_activation": 2.0, "bad_avg_activation": 0.0}
