@@ -216,6 +216,14 @@ def test_llava_7b_decoder_size() -> None:
     assert mem["decoder_weights"] // 2 == 392 * 8192 * 4096  # 13.15e9 parameters
 
 
+def normal_parameters(module: torch.nn.Module) -> None:
+    """Every parameter drawn from N(0, 1) after seed 0 (transcoder decoders start at zero)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.normal_()
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_cpu_decode_of_a_source_equals_decoding_each_target(grad: bool) -> None:
     """CPU `decode` flattens the bags once for all targets: bit for bit `decode_target`'s."""
@@ -253,10 +261,7 @@ def test_training_that_cannot_fit_stops_before_allocating() -> None:
 def test_predict_adds_each_sources_skip_connection_on_its_own_input() -> None:
     cfg = SparseCoderConfig(num_latents=16, k=2, transcode=True, skip_connection=True)
     clt = CrossLayerTranscoder(HOOKS3, 4, cfg, cross_layer=2)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in clt.parameters():
-            parameter.normal_()
+    normal_parameters(clt)
     inputs, outputs = random_acts(1, 3, 5, 4)
     encoded = [clt.encode(p, x) for p, x in enumerate(inputs)]
     out = clt(inputs, outputs)
@@ -304,10 +309,7 @@ def test_auxk_of_a_source_decodes_through_its_own_layer_decoder() -> None:
     """Source 0's AuxK predicts its own layer's residual with W_decs[0], not a later target's."""
     cfg = SparseCoderConfig(num_latents=16, k=2, transcode=True)
     clt = CrossLayerTranscoder(HOOKS3, 4, cfg, cross_layer=2)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for parameter in clt.parameters():
-            parameter.normal_()
+    normal_parameters(clt)
     xs, ys = random_acts(4, 3, 8, 4)
     dead = [torch.arange(16) % 2 == 0 for _ in range(3)]
     before = clt(xs, ys, dead_masks=dead).auxk_loss

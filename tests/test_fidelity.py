@@ -356,16 +356,14 @@ def test_left_pad_moves_every_per_token_key(family: str, tmp_path: Path) -> None
 def test_layer_predictions_sum_every_source_reaching_a_target_by_hand() -> None:
     """A CLT target's prediction: the sum over the sources reaching it of their top-k decoder
     rows, decoder biases and skip connections, each source encoding its own recorded input."""
+    from tests.test_cross_layer import normal_parameters
     from vlm_sparsify.fidelity import layer_predictions
 
     hooks = [f"layers.{i}.mlp" for i in range(3)]
     cfg = SparseCoderConfig(num_latents=16, k=3, transcode=True, skip_connection=True)
     clt = CrossLayerTranscoder(hooks, 6, cfg, 2)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in clt.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    inputs = [torch.randn(5, 6, generator=generator) for _ in hooks]
+    normal_parameters(clt)
+    inputs = [torch.randn(5, 6) for _ in hooks]
     expected = [torch.zeros(5, 6) for _ in hooks]
     for p, x in enumerate(inputs):
         source = clt.sources[p]
