@@ -302,15 +302,13 @@ def saved_shape(run_dir: str | Path, hookpoints: list[str], d_in: int) -> dict[s
     after `load_coders`' checks that it holds these hookpoints of this d_in."""
     run_dir = Path(run_dir)
     order, cfgs = _read_cfgs(run_dir, hookpoints, d_in)
-    first = cfgs[order[0]]
+    saved = _coder_config(cfgs[order[0]])
     clt = any(cfg.get("n_targets", 0) > 0 for cfg in cfgs.values())
     return {
-        "kind": "a cross-layer transcoder"
-        if clt
-        else per_layer_kind(first.get("transcode", False)),
+        "kind": "a cross-layer transcoder" if clt else per_layer_kind(saved.transcode),
         "cross_layer": _check_clt_cfg(run_dir, order, cfgs) if clt else 0,
-        "num_latents": int(first.get("num_latents") or d_in * first.get("expansion_factor", 32)),
-        "skip_connection": bool(first.get("skip_connection", False)),
+        "num_latents": saved.num_latents or d_in * saved.expansion_factor,
+        "skip_connection": saved.skip_connection,
     }
 
 
@@ -527,6 +525,12 @@ def _check_clt_cfg(run_dir: Path, order: list[str], cfgs: dict[str, dict[str, An
     return cross_layer
 
 
+def _coder_config(cfg: dict[str, Any]) -> SparseCoderConfig:
+    """The SparseCoderConfig fields of a cfg.json (ours, stock sparsify's or clt-training's)."""
+    known = {f.name for f in dataclasses.fields(SparseCoderConfig)}
+    return SparseCoderConfig.from_dict({k: v for k, v in cfg.items() if k in known})
+
+
 def _load_clt(
     run_dir: Path,
     order: list[str],
@@ -537,10 +541,7 @@ def _load_clt(
 ) -> CrossLayerTranscoder:
     cross_layer = _check_clt_cfg(run_dir, order, cfgs)
     first = cfgs[order[0]]
-    known = {f.name for f in dataclasses.fields(SparseCoderConfig)}
-    cfg = SparseCoderConfig.from_dict(
-        {k: v for k, v in first.items() if k in known} | {"transcode": True}
-    )
+    cfg = dataclasses.replace(_coder_config(first), transcode=True)
     if len({c["d_in"] for c in cfgs.values()}) != 1:
         raise CheckpointError(f"{run_dir}: sources differ in d_in; a CLT needs one width")
     with torch.device("meta"):
