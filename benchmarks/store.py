@@ -34,6 +34,7 @@ from vlm_sparsify.files import read_json
 
 Regions = dict[str, list[tuple[int, int]]]
 INDEX = "index.jsonl"
+META = "meta.json"
 VALUE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -208,7 +209,7 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike, meta: StoreMeta | None = None):
         self.path = Path(path)
-        meta_path = self.path / "meta.json"
+        meta_path = self.path / META
         if meta_path.exists():
             stored = StoreMeta.from_json(
                 read_json(meta_path, keys=("hookpoints", "k", "num_latents"))
@@ -308,7 +309,7 @@ class FeatureStore:
         if pairs == 0:
             raise ValueError(f"feature store {self.path} holds no samples")
         shard_bytes = sum(self.shard_path(s).stat().st_size for s in {r.shard for r in records})
-        other = self.index_path.stat().st_size + (self.path / "meta.json").stat().st_size
+        other = self.index_path.stat().st_size + (self.path / META).stat().st_size
         return (shard_bytes + other) / pairs
 
     # ----------------------------------------------------------------- writing

@@ -34,7 +34,7 @@ from benchmarks.adapters import (
 )
 from benchmarks.generation import generate_batch
 from benchmarks.stages import check_limit, stage_parser
-from benchmarks.store import INDEX, VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
+from benchmarks.store import INDEX, META, VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError
 from vlm_sparsify.files import read_json
@@ -280,7 +280,7 @@ def _check_resume(out: Path, config: CaptureConfig, data: Any, benchmark: str) -
     if not outputs.read_append_log(out / outputs.RESPONSES) and not (
         index.is_file() and index.read_bytes().strip()
     ):
-        (out / outputs.STORE / "meta.json").unlink(missing_ok=True)
+        (out / outputs.STORE / META).unlink(missing_ok=True)
         return
     before = read_json(path, keys=("settings", "data"))
     outputs.check_benchmark(path, before["data"], benchmark)
