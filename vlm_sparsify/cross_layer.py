@@ -112,7 +112,8 @@ class CLTSource(nn.Module):
         """Contribution to target i (hookpoint p+i), decoder bias included, as float32."""
         W_dec = self.W_decs[i]
         acts = self.target_acts(i, top_acts, top_indices).to(W_dec.dtype)
-        return decoder_impl(top_indices, acts, W_dec.mT).float() + self.b_decs[i]
+        # one kernel for the cast to float32 and the bias (type promotion; the same values)
+        return torch.add(decoder_impl(top_indices, acts, W_dec.mT), self.b_decs[i].float())
 
     def decode(
         self, top_acts: Tensor, top_indices: Tensor, embedding_bag: bool = False, bias: bool = True
@@ -124,31 +125,39 @@ class CLTSource(nn.Module):
         sparsify's decoder is torch's embedding_bag (`sparse_decode`, bit-identical to
         `decode_target`).
         """
-        parts = [
+        return [
             sparse_decode(
-                W_dec, self.target_acts(i, top_acts, top_indices), top_indices, embedding_bag
+                W_dec,
+                self.target_acts(i, top_acts, top_indices),
+                top_indices,
+                embedding_bag,
+                b_dec if bias else None,
             )
-            for i, W_dec in enumerate(self.W_decs)
+            for i, (W_dec, b_dec) in enumerate(zip(self.W_decs, self.b_decs, strict=True))
         ]
-        if not bias:
-            return parts
-        return [part + b_dec for part, b_dec in zip(parts, self.b_decs, strict=True)]
 
 
 def sparse_decode(
-    W_dec: Tensor, values: Tensor, indices: Tensor, embedding_bag: bool = False
+    W_dec: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    embedding_bag: bool = False,
+    bias: Tensor | None = None,
 ) -> Tensor:
-    """sum_j values[:, j] * W_dec[indices[:, j]] as float32: sparsify's Triton decoder on a GPU
-    unless `embedding_bag`, else torch's embedding_bag (what sparsify uses on the CPU)."""
+    """sum_j values[:, j] * W_dec[indices[:, j]] (+ bias) as float32: sparsify's Triton decoder
+    on a GPU unless `embedding_bag`, else torch's embedding_bag (what sparsify uses on the CPU).
+    With a bias, the cast to float32 and the addition are one kernel (type promotion: the same
+    values as casting first; with bf16 decoders a [tokens, d] float32 pass less per decoder)."""
     acts = values.to(W_dec.dtype)
     if indices.device.type != "cpu" and not embedding_bag:
-        return decoder_impl(indices, acts, W_dec.mT).float()
-    rows, k = indices.shape
-    offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
-    bags = torch.embedding_bag(
-        W_dec, indices.reshape(-1), offsets, False, 0, False, acts.reshape(-1), False
-    )
-    return bags[0].float()
+        decoded = decoder_impl(indices, acts, W_dec.mT)
+    else:
+        rows, k = indices.shape
+        offsets = torch.arange(0, rows * k, k, dtype=indices.dtype, device=indices.device)
+        decoded = torch.embedding_bag(
+            W_dec, indices.reshape(-1), offsets, False, 0, False, acts.reshape(-1), False
+        )[0]
+    return decoded.float() if bias is None else torch.add(decoded, bias.float())
 
 
 def auxk_loss(

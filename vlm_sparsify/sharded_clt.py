@@ -311,8 +311,7 @@ class ShardedCLT(ShardedCoders):
         total = None
         for p in self.sources_reaching(t):
             W_dec, b_dec = self.decoder(p, t)
-            part = sparse_decode(W_dec, features[p].values, features[p].indices)
-            part = part + b_dec
+            part = sparse_decode(W_dec, features[p].values, features[p].indices, bias=b_dec)
             total = part if total is None else total + part
         assert total is not None
         return total
