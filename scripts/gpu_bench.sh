@@ -1,7 +1,7 @@
 #!/bin/bash
-# `bench --gpu`, then the Triton kernels' tests compiled for this GPU, on a GPU machine without
+# `bench --gpu`, then the tests that need a GPU, on a GPU machine without
 # network, from the wheels `make gpu-wheels` put in .whl/ (torch comes with the machine). Writes
-# bench.json, bench.log and triton_tests.log to $OUT (default: ./gpu-out).
+# bench.json, bench.log and gpu_tests.log to $OUT (default: ./gpu-out).
 # Usage: bash scripts/gpu_bench.sh [SECONDS [BENCH ARGS...]]   (the bench's time limit, default
 # 420; e.g. `bash scripts/gpu_bench.sh 200 --parts stock,clt` to measure some parts again)
 set -u
@@ -24,9 +24,11 @@ timeout "$LIMIT" python3 -P -m vlm_sparsify.bench --gpu --json "$@" > "$OUT/benc
 echo "bench rc=$? t=$(( $(date +%s) - T0 ))s"
 grep "\[gpu\]" "$OUT/bench.log"
 tail -3 "$OUT/bench.log"
-# the Triton kernels against torch, compiled for this GPU (on CPUs they run in the interpreter);
-# TRITON_TESTS=0 skips them (they passed on the H200 in earlier runs) to save device time
-[ "${TRITON_TESTS:-1}" = 0 ] && exit 0
-timeout 150 python3 -P -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 \
-    | tail -15 | tee "$OUT/triton_tests.log"
-echo "triton tests t=$(( $(date +%s) - T0 ))s"
+# the tests that need a GPU: CUDA graphs of decoding steps, and (unless TRITON_TESTS=0, to save
+# device time: they passed on the H200 in earlier runs) the Triton kernels against torch,
+# compiled for this GPU (on CPUs they run in the interpreter)
+TESTS="tests/test_decode_graphs.py"
+[ "${TRITON_TESTS:-1}" = 0 ] || TESTS="$TESTS tests/test_triton_kernels.py"
+timeout 150 python3 -P -m pytest -q -p no:cacheprovider $TESTS 2>&1 \
+    | tail -15 | tee "$OUT/gpu_tests.log"
+echo "gpu tests t=$(( $(date +%s) - T0 ))s"

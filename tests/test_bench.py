@@ -183,7 +183,8 @@ def test_gpu_profile_part_records_where_the_time_goes():
         assert profile["wall_ms"] > 0 and profile["time_of"] == "cpu"
         assert profile["device_kernels"] is None  # counted on a GPU only
         top = profile["top"]
-        assert 0 < len(top) <= 15 and all(row["calls"] >= 1 for row in top)
+        most = 40 if name == "clt_step" else 15  # the training step's breakdown in more detail
+        assert 0 < len(top) <= most and all(row["calls"] >= 1 for row in top)
         assert [row["ms"] for row in top] == sorted((row["ms"] for row in top), reverse=True)
     assert found["new_tokens"] == 2
 

@@ -349,17 +349,19 @@ def measure_at_size(
                 device, decoder_dtype=torch.bfloat16,
             )  # fmt: skip
         gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
-        variants: list[tuple[str, Mode, Decoder]] = [
-            # the default: hybrid where triton runs (a CUDA GPU), else fused
-            ("replacement_vs_base_generate", "open-loop", "auto"),
-            ("replacement_error_vs_base_generate", "error", "auto"),
-            ("replacement_fused_vs_base_generate", "open-loop", "fused"),
+        variants: list[tuple[str, Mode, Decoder, bool]] = [
+            # the default: hybrid where triton runs (a CUDA GPU), else fused; decoding steps
+            # replayed from CUDA graphs
+            ("replacement_vs_base_generate", "open-loop", "auto", True),
+            ("replacement_eager_vs_base_generate", "open-loop", "auto", False),
+            ("replacement_error_vs_base_generate", "error", "auto", True),
+            ("replacement_fused_vs_base_generate", "open-loop", "fused", True),
         ]
         if triton_runs:
-            variants.append(("replacement_triton_vs_base_generate", "open-loop", "triton"))
-        for key, mode, decoder in variants:
+            variants.append(("replacement_triton_vs_base_generate", "open-loop", "triton", True))
+        for key, mode, decoder, graphs in variants:
             timing = benchmark_generate(
-                model, coders, gen_inputs, mode=mode, decoder=decoder, **gen
+                model, coders, gen_inputs, mode=mode, decoder=decoder, cuda_graphs=graphs, **gen
             )
             note(key, timing["ratio"])
             details[key] = timing
@@ -403,7 +405,7 @@ def measure_at_size(
         clt = clt_trainer()
         step = partial(clt.train_on_batch, text_batch)
         step()  # warm-up
-        found = {"clt_step": kernel_profile(step, device)}
+        found = {"clt_step": kernel_profile(step, device, top=40)}
         coders = clt.coders
         del clt, step  # the optimizer state: the replacement's copies need the room
         coders.requires_grad_(False)

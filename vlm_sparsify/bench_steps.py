@@ -380,6 +380,7 @@ def benchmark_generate(
     repeats: int = 5,
     capture: bool = False,
     decoder: Decoder = "auto",
+    cuda_graphs: bool = True,
 ) -> dict[str, Any]:
     """Greedy `generate` time of the replacement model over the base model's (same run).
 
@@ -389,7 +390,9 @@ def benchmark_generate(
     of the repeat's own ratio, as `Paired.ratio` (neighbours in time share the machine's load);
     `ratio_of_medians`, `ratio_min` and `ratio_max` show how much the repeats agree.
     """
-    replacement = ReplacementModel(model, coders, mode=mode, decoder=decoder)
+    replacement = ReplacementModel(
+        model, coders, mode=mode, decoder=decoder, cuda_graphs=cuda_graphs
+    )
     device = next(model.parameters()).device
 
     def timed(run: Any, new_tokens: int) -> float:
@@ -436,4 +439,6 @@ def benchmark_generate(
         "per_token_ratio": later.ratio if min(later.reference) > 0 else float("nan"),
         "repeats": repeats,
         "decoder": replacement.decoder_in_use,
+        "cuda_graphs": graphs.captured if (graphs := replacement.decode_graphs) else 0,
+        "cuda_graphs_failed": graphs.failed if graphs else None,
     }

@@ -195,13 +195,21 @@ class CLTInference:
             out, top_indices, top_acts, wide[:, columns], biases[columns] if bias else None
         )
 
+    kept_offset_rows = 256
+    """`_offsets` of at most this many rows (decoding steps) are kept for good: a CUDA graph of a
+    decoding step (`vlm_sparsify.decode_graphs`) reads them at a fixed address."""
+
     def _offsets(self, rows: int, k: int, like: Tensor) -> Tensor:
-        """Start of each row's bag in the flattened `[rows * k]` indices (kept per shape)."""
+        """Start of each row's bag in the flattened `[rows * k]` indices (kept per shape: every
+        small one, `kept_offset_rows`, and the last larger one)."""
         key = (rows, k, like.dtype, like.device)
         offsets = self._offset_cache.get(key)
         if offsets is None:
             offsets = torch.arange(0, rows * k, k, dtype=like.dtype, device=like.device)
-            self._offset_cache = {key: offsets}  # one shape at a time: the last one
+            if rows > self.kept_offset_rows:  # a prefill's: one at a time, the last one
+                cache = self._offset_cache.items()
+                self._offset_cache = {s: o for s, o in cache if s[0] <= self.kept_offset_rows}
+            self._offset_cache[key] = offsets
         return offsets
 
     @torch.no_grad()

@@ -38,6 +38,7 @@ from vlm_sparsify.capture import FeatureCapture
 from vlm_sparsify.clt_inference import CLTInference, Kernel
 from vlm_sparsify.coder_io import Coders
 from vlm_sparsify.cross_layer import CrossLayerTranscoder, free_memory_bytes
+from vlm_sparsify.decode_graphs import DecodeGraphs
 from vlm_sparsify.interventions import Intervention, apply_interventions
 from vlm_sparsify.positions import SequencePositions
 from vlm_sparsify.triton_decode import available as triton_available
@@ -74,12 +75,21 @@ class ReplacementModel:
     launch's overhead can cost more than the decode); `per-target`: target by target with the
     CLT's own weights. Forwards that train the coders (grad enabled, weights requiring grad:
     end-to-end training) always use the CLT's own weights.
+    `cuda_graphs` (CLTs through the copies on a CUDA GPU): open-loop decoding steps (forwards
+    that continue a KV cache) of fewer than `graph_max_rows` positions with nothing captured or
+    edited replay each layer's work from a CUDA graph recorded at its first such step
+    (`vlm_sparsify.decode_graphs`: the same kernels, without the per-call Python and launches a
+    decoding step waits for); False runs them eagerly.
     """
 
     hybrid_min_rows = 128
     """`decoder="hybrid"`: forwards with at least this many positions (all sequences together)
     decode with the Triton kernel (a prefill of 8 prompts has ~5,000; a decoding step one per
     sequence)."""
+
+    graph_max_rows = 128
+    """`cuda_graphs`: open-loop decoding steps of fewer positions than this (all sequences
+    together) replay CUDA graphs of each layer's work (`vlm_sparsify.decode_graphs`)."""
 
     full_ring_bytes = 64 * 2**20
     """Forwards whose pending sums for every target fit in this many bytes (a decoding step:
@@ -99,6 +109,7 @@ class ReplacementModel:
         interventions: Sequence[Intervention] = (),
         image_token_id: int | None = None,
         decoder: Decoder = "auto",
+        cuda_graphs: bool = True,
     ):
         self._installs = 0
         self.mode = mode
@@ -148,6 +159,9 @@ class ReplacementModel:
             check_available(next(coders.parameters()).device)
         self._hybrid = False  # this install's copies: Triton in prefills only (resolved decoder)
         self._inference: CLTInference | None = None
+        self.cuda_graphs = cuda_graphs
+        self._graphs: DecodeGraphs | None = None  # of this install's copies (cuda_graphs)
+        self._graphed = False  # this forward replays self._graphs
         self._use_fused = False  # this forward decodes through self._inference
         self._fused_checked = False  # self._inference checked against the weights this install
         self._copies_refused = False  # this install: too little free memory for the copies
@@ -340,25 +354,86 @@ class ReplacementModel:
 
     def _open_loop(self, p: int, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Stands in for MLP p's forward in open-loop mode: the coders' prediction from x."""
-        prediction = self._replace(p, None, (x,), x)
+        if p == 0:
+            self._start_layers()
+            self._graphed = self._start_graphed(x)
+        if self._graphed:
+            assert self._graphs is not None
+            prediction = self._graphs.run(p, x.reshape(-1, x.shape[-1]))
+            if prediction is not None:
+                return prediction.view(x.shape)
+            self._graphed = False  # recording failed: the rest of the forward eagerly, same ring
+        prediction = self._layer(p, (x,), x)
         assert prediction is not None
         return prediction
 
     def _replace(
         self, p: int, module: nn.Module | None, args: tuple, output: Tensor
     ) -> Tensor | None:
-        if p == 0:  # each forward starts afresh (even one of the language model alone)
-            self._ring = None
-            self._use_fused = (
-                self._fused
-                and not self._copies_refused
-                and not (torch.is_grad_enabled() and self._weights_train)
-            )
-            if self._use_fused and not self._fused_checked:
-                self._take_inference_copies()
-            # open loop through the copies: the ring starts at the decoder biases' sums, so
-            # each source decodes without its biases (one kernel less per source)
-            self._ring_bias = self._use_fused and self.mode == "open-loop"
+        """Forward hook of MLP p (modes other than open loop, and SAEs)."""
+        if p == 0:
+            self._start_layers()
+        return self._layer(p, args, output)
+
+    def _start_layers(self) -> None:
+        """At the first hookpoint of each forward (even one of the language model alone): the
+        ring starts afresh, and whether this forward decodes through the copies."""
+        self._ring = None
+        self._graphed = False
+        self._use_fused = (
+            self._fused
+            and not self._copies_refused
+            and not (torch.is_grad_enabled() and self._weights_train)
+        )
+        if self._use_fused and not self._fused_checked:
+            self._take_inference_copies()
+        # open loop through the copies: the ring starts at the decoder biases' sums, so
+        # each source decodes without its biases (one kernel less per source)
+        self._ring_bias = self._use_fused and self.mode == "open-loop"
+
+    def _start_graphed(self, x: Tensor) -> bool:
+        """Whether this open-loop forward replays CUDA graphs of its layers (`cuda_graphs`: a
+        decoding step through the copies, nothing recorded or edited, no gradient); if so the
+        ring is the graphs' fixed one, set to the targets' summed biases."""
+        graphs = self._graphs
+        if graphs is None or graphs.failed or not self._use_fused or not x.is_cuda:
+            return False
+        if self._interventions or self._capture is not None or self._leaves is not None:
+            return False
+        d, targets = x.shape[-1], len(self.hookpoints)
+        rows = x.numel() // d
+        if rows >= self.graph_max_rows or rows * targets * d * 4 > self.full_ring_bytes:
+            return False
+        if self._positions.past == 0:  # not a decoding step: a shape that may not come again
+            return False
+        if torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+            return False
+        assert self._inference is not None
+        start = self._inference.target_biases()
+        self._ring = graphs.ring(x.reshape(rows, d), targets, start)
+        self._depth = targets
+        return True
+
+    def _graph_step(self, p: int, x: Tensor, ring: Tensor) -> Tensor:
+        """Layer p's open-loop work on rows x, adding into `ring` (what a graph records)."""
+        pending, self._ring = self._ring, ring
+        try:
+            return self._predict(p, x)
+        finally:
+            self._ring = pending
+
+    def _predict(self, p: int, x: Tensor) -> Tensor:
+        """Open loop without edits or capture: layer p's prediction `[N, d]` from its MLP input
+        rows x, after adding source p's parts to the ring."""
+        top_acts, top_indices, _ = self._encode(p, x)
+        self._add_open_loop(p, x, top_acts, top_indices)
+        prediction = self._take(p, x.dtype)
+        assert prediction is not None
+        return prediction
+
+    def _layer(self, p: int, args: tuple, output: Tensor) -> Tensor | None:
+        """MLP p's output in this mode: the prediction (open loop), the output corrected by the
+        edits' effect (error), or None (unchanged)."""
         mode = self.mode
         if self._leaves is not None:
             return self._attribution_step(p, args[0], output)
@@ -369,28 +444,18 @@ class ReplacementModel:
             top_acts, top_indices, _ = self._encode(p, x)
             if self._capture is not None:
                 self._capture.record(p, top_acts, top_indices)
-            direct = self._use_fused and self._inference.direct(p)  # type: ignore[union-attr]
-            if direct and self._hybrid:
-                direct = x.shape[0] >= self.hybrid_min_rows
             if mode == "open-loop":
                 if edits:
                     top_acts, top_indices = apply_interventions(
                         edits, top_acts, top_indices, self._regions, self._decision
                     )
-                skips = self._skip(p, x) if self._skip is not None else []
-                bias = not self._ring_bias
-                if direct:
-                    self._decode_into_ring(p, top_acts, top_indices, bias=bias)
-                    if skips:
-                        self._accumulate(p, torch.stack(skips, 1))
-                else:
-                    parts = self._decode(p, top_acts, top_indices, bias=bias)
-                    self._accumulate(p, parts + torch.stack(skips, 1) if skips else parts)
+                self._add_open_loop(p, x, top_acts, top_indices)
             elif edits:
                 edited = apply_interventions(
                     edits, top_acts, top_indices, self._regions, self._decision
                 )
-                if direct:  # decode(edited) - decode(clean) = decode(edited) + decode(-clean)
+                if self._direct(p, x.shape[0]):
+                    # decode(edited) - decode(clean) = decode(edited) + decode(-clean)
                     self._decode_into_ring(p, *edited, bias=False)
                     self._decode_into_ring(p, -top_acts, top_indices, bias=False)
                 else:
@@ -403,6 +468,26 @@ class ReplacementModel:
         if prediction is not None:
             return output + prediction.view(output.shape)
         return None
+
+    def _direct(self, p: int, rows: int) -> bool:
+        """Whether source p decodes straight into the ring (the Triton kernel) in a forward of
+        `rows` positions."""
+        direct = self._use_fused and self._inference.direct(p)  # type: ignore[union-attr]
+        if direct and self._hybrid:
+            direct = rows >= self.hybrid_min_rows
+        return direct
+
+    def _add_open_loop(self, p: int, x: Tensor, top_acts: Tensor, top_indices: Tensor) -> None:
+        """Add source p's open-loop parts (decoded features, skip terms) to its targets' sums."""
+        skips = self._skip(p, x) if self._skip is not None else []
+        bias = not self._ring_bias
+        if self._direct(p, x.shape[0]):
+            self._decode_into_ring(p, top_acts, top_indices, bias=bias)
+            if skips:
+                self._accumulate(p, torch.stack(skips, 1))
+        else:
+            parts = self._decode(p, top_acts, top_indices, bias=bias)
+            self._accumulate(p, parts + torch.stack(skips, 1) if skips else parts)
 
     def _attribution_step(self, p: int, x: Tensor, output: Tensor) -> Tensor:
         assert self._leaves is not None
@@ -433,7 +518,7 @@ class ReplacementModel:
         inference = self._inference
         if inference is not None and inference.current() and inference.kernel == kernel:
             return
-        self._inference = None  # free the stale copies before taking new ones
+        self._inference = self._graphs = None  # free the stale copies before taking new ones
         clt = self.coders
         assert isinstance(clt, CrossLayerTranscoder)
         free = free_memory_bytes(device)
@@ -451,6 +536,8 @@ class ReplacementModel:
             self._use_fused = False
             return
         self._inference = CLTInference(clt, kernel)
+        if self.cuda_graphs and device.type == "cuda":
+            self._graphs = DecodeGraphs(self._graph_step, self._inference)
 
     def _encode(self, p: int, x: Tensor) -> Any:
         """Source p's top-k features of the MLP input rows x `[N, d]`."""
@@ -476,6 +563,13 @@ class ReplacementModel:
         assert bias, "the biases are left out only by the copies"
         parts = self.coders.decode(p, top_acts, top_indices)
         return parts[0].unsqueeze(1) if len(parts) == 1 else torch.stack(parts, 1)
+
+    @property
+    def decode_graphs(self) -> DecodeGraphs | None:
+        """The CUDA graphs of this install's copies (`cuda_graphs`; None before the first hooked
+        call, on a CPU, or without copies): `captured` counts them, `failed` says why recording
+        failed, if it did."""
+        return self._graphs
 
     @property
     def decoder_in_use(self) -> Decoder:
