@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from schedulefree import ScheduleFreeWrapper
 from sparsify import SparseCoderConfig
 from sparsify.sign_sgd import SignSGD
 
@@ -14,6 +13,7 @@ from vlm_sparsify.cross_layer import (
     training_memory_bytes,
 )
 from vlm_sparsify.per_layer import PerLayerCoders
+from vlm_sparsify.schedule_free import ScheduleFreeSignSGD
 
 HOOKS3 = ["model.language_model.layers.0.mlp", "model.language_model.layers.1.mlp", "l.2.mlp"]
 
@@ -194,7 +194,7 @@ def test_memory_formula_matches_measured_bytes(optimizer: str) -> None:
     )
     xs, ys = random_acts(3, hooks, 32, d)
     if optimizer == "signum":
-        opt = ScheduleFreeWrapper(SignSGD(clt.parameters(), lr=1e-3), momentum=0.95)
+        opt = ScheduleFreeSignSGD(SignSGD(clt.parameters(), lr=1e-3), momentum=0.95)
         opt.train()
     else:
         opt = torch.optim.Adam(clt.parameters(), lr=1e-3)

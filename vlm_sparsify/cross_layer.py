@@ -381,7 +381,8 @@ class CrossLayerTranscoder(nn.Module):
 
 OPTIMIZER_STATE_COPIES = {"signum": 1, "adam": 2}
 """Full-size state tensors per parameter, in the parameter's dtype: signum = SignSGD (no state)
-inside schedulefree's ScheduleFreeWrapper (one buffer `z`); adam = exp_avg + exp_avg_sq."""
+under schedule-free averaging (`ScheduleFreeSignSGD`: one buffer `z`); adam = exp_avg +
+exp_avg_sq."""
 
 
 def training_memory_bytes(

@@ -32,6 +32,7 @@ from vlm_sparsify.data import shared_prefix_length
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
 from vlm_sparsify.per_layer import PerLayerCoders
 from vlm_sparsify.replacement import ReplacementModel
+from vlm_sparsify.schedule_free import ScheduleFreeSignSGD
 from vlm_sparsify.sharded_clt import ShardedCLT
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
 from vlm_sparsify.sharding import ShardedCoders
@@ -107,7 +108,8 @@ def build_optimizers(
         case "signum":
             lr = cfg.lr or 5e-3 / (latents / 2**14) ** 0.5
             groups = [{"params": m.parameters(), "lr": lr} for m in modules]
-            opt = ScheduleFreeWrapper(SignSGD(groups), momentum=0.95)
+            # stock's ScheduleFreeWrapper(SignSGD) step, bit for bit, without its buffer swaps
+            opt = ScheduleFreeSignSGD(SignSGD(groups), momentum=0.95)
             opt.train()
             return [opt], []
         case "adam":
