@@ -76,7 +76,7 @@ def test_steps_match_the_stock_wrapper_bit_for_bit(dtype, settings):
         wrap(ScheduleFreeWrapper, params, **settings),
     )
     for step in range(8):
-        if step == 3:  # an evaluation in the middle, as eval_weights does, then back to training
+        if step == 3:  # to the averaged point x and back to y, mid-run
             for opt in (ours, stock):
                 opt.eval()
             assert_same(ours, stock)
