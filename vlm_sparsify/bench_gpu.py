@@ -355,10 +355,10 @@ def measure_at_size(
             ("replacement_vs_base_generate", "open-loop", "auto", True),
             ("replacement_eager_vs_base_generate", "open-loop", "auto", False),
             ("replacement_error_vs_base_generate", "error", "auto", True),
-            ("replacement_fused_vs_base_generate", "open-loop", "fused", True),
         ]
         if triton_runs:
             variants.append(("replacement_triton_vs_base_generate", "open-loop", "triton", True))
+        variants.append(("replacement_fused_vs_base_generate", "open-loop", "fused", True))
         for key, mode, decoder, graphs in variants:
             timing = benchmark_generate(
                 model, coders, gen_inputs, mode=mode, decoder=decoder, cuda_graphs=graphs, **gen

@@ -18,7 +18,10 @@ shape's fixed ring of pending sums. The replacement resets that ring at each for
 Everything a graph reads must outlive it at a fixed address: its input buffer, its shape's ring,
 the coders' weights and the inference copies (`owner`, kept referenced here; the replacement
 makes a new `DecodeGraphs` whenever it takes new copies) and the small index tensors the copies
-cache for good (`CLTInference._offsets`).
+cache for good (`CLTInference._offsets`). The replacement passes `step` with each call rather
+than storing it here: a bound method kept by an object its instance holds would make a reference
+cycle, and a dropped replacement model would keep its copies (26 GB for a CLT-16 on LLaVA-7B)
+until the garbage collector's next full pass.
 """
 
 from __future__ import annotations
@@ -55,8 +58,7 @@ class DecodeGraphs:
     """Forward shapes whose graphs are kept (the oldest is dropped): a decoding step's rows are
     the batch's sequences, so a generation meets one."""
 
-    def __init__(self, step: Step, owner: Any):
-        self._step = step
+    def __init__(self, owner: Any):
         self._owner = owner  # the inference copies the graphs read: alive as long as they are
         self._shapes: OrderedDict[tuple, _Shape] = OrderedDict()
         self._current: _Shape | None = None
@@ -85,33 +87,34 @@ class DecodeGraphs:
         shape.ring.copy_(start)
         return shape.ring
 
-    def run(self, p: int, x: Tensor) -> Tensor | None:
-        """Layer p's prediction for x `[N, d]` from its graph, recorded at its first call; None
-        when recording fails (`failed` says why; the caller runs `step` eagerly on the ring)."""
+    def run(self, p: int, x: Tensor, step: Step) -> Tensor | None:
+        """Layer p's prediction for x `[N, d]` from its graph of `step`, recorded at its first
+        call; None when recording fails (`failed` says why; the caller runs `step` eagerly on the
+        ring)."""
         shape = self._current
         assert shape is not None, "ring() begins each forward"
         graph = shape.graphs.get(p)
         if graph is None:
-            return self._capture(p, x, shape)
+            return self._capture(p, x, shape, step)
         shape.inputs[p].copy_(x)
         graph.replay()
         return shape.outputs[p].clone()
 
-    def _capture(self, p: int, x: Tensor, shape: _Shape) -> Tensor | None:
+    def _capture(self, p: int, x: Tensor, shape: _Shape, step: Step) -> Tensor | None:
         """Record layer p's graph, then replay it on x (the ring holds this forward's sums)."""
         static = x.clone()
         scratch = torch.empty_like(shape.ring)  # warm-ups add here, not to the pending sums
-        self._step(p, static, scratch)  # the lazy copies and index tensors, on the ambient stream
+        step(p, static, scratch)  # the lazy copies and index tensors, on the ambient stream
         ambient = torch.cuda.current_stream(x.device)
         side = torch.cuda.Stream(x.device)
         side.wait_stream(ambient)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(side):
-                self._step(p, static, scratch)
+                step(p, static, scratch)
                 graph.capture_begin(pool=shape.pool, capture_error_mode="thread_local")
                 try:
-                    output = self._step(p, static, shape.ring)
+                    output = step(p, static, shape.ring)
                 finally:
                     graph.capture_end()
         except RuntimeError as error:

@@ -359,7 +359,7 @@ class ReplacementModel:
             self._graphed = self._start_graphed(x)
         if self._graphed:
             assert self._graphs is not None
-            prediction = self._graphs.run(p, x.reshape(-1, x.shape[-1]))
+            prediction = self._graphs.run(p, x.reshape(-1, x.shape[-1]), self._graph_step)
             if prediction is not None:
                 return prediction.view(x.shape)
             self._graphed = False  # recording failed: the rest of the forward eagerly, same ring
@@ -537,7 +537,7 @@ class ReplacementModel:
             return
         self._inference = CLTInference(clt, kernel)
         if self.cuda_graphs and device.type == "cuda":
-            self._graphs = DecodeGraphs(self._graph_step, self._inference)
+            self._graphs = DecodeGraphs(self._inference)
 
     def _encode(self, p: int, x: Tensor) -> Any:
         """Source p's top-k features of the MLP input rows x `[N, d]`."""
