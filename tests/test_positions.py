@@ -163,6 +163,7 @@ def test_unknown_steering_region_is_refused(model: nn.Module) -> None:
 
 def test_a_forward_without_attention_mask_decides_at_its_last_token() -> None:
     positions = SequencePositions()
+    assert positions.length is None  # before any forward
     positions.observe(nn.Module(), (), {"input_ids": torch.ones(2, 4, dtype=torch.long)})
     assert positions.decision.tolist() == [[False, False, False, True]] * 2
 
@@ -173,10 +174,12 @@ def test_a_step_with_a_cache_outside_generate_continues_the_sequence() -> None:
         module, (), {"input_ids": torch.ones(1, 3), "attention_mask": torch.ones(1, 3)}
     )
     assert positions.new_sequence and positions.decision.tolist() == [[False, False, True]]
+    assert positions.length == 3
     positions.observe(
         module, (), {"input_ids": torch.ones(1, 1), "attention_mask": torch.ones(1, 4)}
     )
     assert not positions.new_sequence and (positions.past, positions.prompt_length) == (3, 3)
+    assert positions.length == 1  # a decoding step (what CUDA graphs of the replacement need)
     assert positions.regions.tolist() == [[REGION_CODE["response"]]]
 
 

@@ -50,6 +50,11 @@ class SequencePositions:
         self._model: nn.Module | None = None
 
     @property
+    def length(self) -> int | None:
+        """Positions per sequence in the last forward (1 at a decoding step; None before one)."""
+        return None if self._forward is None else self._forward[1][1]
+
+    @property
     def regions(self) -> Tensor | None:
         """Region codes `[B, n]` (int8, `capture.REGION_CODE`) of the last forward's tokens
         (computed at the first request; None when the forward had no tokens)."""

@@ -76,7 +76,7 @@ class ReplacementModel:
     CLT's own weights. Forwards that train the coders (grad enabled, weights requiring grad:
     end-to-end training) always use the CLT's own weights.
     `cuda_graphs` (CLTs through the copies on a CUDA GPU): open-loop decoding steps (forwards
-    that continue a KV cache) of fewer than `graph_max_rows` positions with nothing captured or
+    of one new position per sequence after a KV cache) of fewer than `graph_max_rows` positions with nothing captured or
     edited replay each layer's work from a CUDA graph recorded at its first such step
     (`vlm_sparsify.decode_graphs`: the same kernels, without the per-call Python and launches a
     decoding step waits for); False runs them eagerly.
@@ -404,7 +404,10 @@ class ReplacementModel:
         rows = x.numel() // d
         if rows >= self.graph_max_rows or rows * targets * d * 4 > self.full_ring_bytes:
             return False
-        if self._positions.past == 0:  # not a decoding step: a shape that may not come again
+        positions = self._positions
+        if positions.past == 0 or positions.length != 1:
+            # not a decoding step (one new position per sequence): a shape that may not come
+            # again (a prefill, assisted decoding's candidates)
             return False
         if torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
             return False
