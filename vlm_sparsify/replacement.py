@@ -76,10 +76,10 @@ class ReplacementModel:
     CLT's own weights. Forwards that train the coders (grad enabled, weights requiring grad:
     end-to-end training) always use the CLT's own weights.
     `cuda_graphs` (CLTs through the copies on a CUDA GPU): open-loop decoding steps (forwards
-    of one new position per sequence after a KV cache) of fewer than `graph_max_rows` positions with nothing captured or
-    edited replay each layer's work from a CUDA graph recorded at its first such step
-    (`vlm_sparsify.decode_graphs`: the same kernels, without the per-call Python and launches a
-    decoding step waits for); False runs them eagerly.
+    of one new position per sequence after a KV cache) of fewer than `graph_max_rows` positions
+    with nothing captured or edited replay each layer's work from a CUDA graph recorded at its
+    first such step (`vlm_sparsify.decode_graphs`: the same kernels, without the per-call Python
+    and launches a decoding step waits for); False runs them eagerly.
     """
 
     hybrid_min_rows = 128
