@@ -11,7 +11,7 @@ from sparsify import SparseCoderConfig
 
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.cross_layer import CrossLayerTranscoder
-from vlm_sparsify.fidelity import FidelityTotals, left_pad, main
+from vlm_sparsify.fidelity import FidelityTotals, left_pad, main, region_masks
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.per_layer import PerLayerCoders
 
@@ -378,3 +378,26 @@ def test_layer_predictions_sum_every_source_reaching_a_target_by_hand() -> None:
     assert len(predictions) == 3
     for got, want in zip(predictions, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_region_masks_by_hand() -> None:
+    """Two right-padded rows, image token 5: prompts of 4 and 3 tokens, answers after them."""
+    ids = torch.tensor([[1, 5, 5, 7, 8, 9], [1, 5, 7, 8, 9, 0]])
+    mask = ids != 0  # row 1 is padded by one
+    scored, regions, rows = region_masks(ids, mask, torch.tensor([4, 3]), image_id=5)
+    F, T = False, True
+    assert scored.tolist() == [[T, T, T, T, T], [T, T, T, T, F]]
+    assert rows["all"].tolist() == [[T] * 6, [T, T, T, T, T, F]]  # padding in no region
+    assert rows["image"].tolist() == [[F, T, T, F, F, F], [F, T, F, F, F, F]]
+    assert rows["prompt"].tolist() == [[T, F, F, F, F, F], [T, F, F, F, F, F]]
+    # the answer starts at the position that predicts its first token (prompt length - 1)
+    assert rows["answer"].tolist() == [[F, F, F, T, T, T], [F, F, T, T, T, F]]
+    # scored positions, row 0 then row 1 (row 1's last real token predicts padding: not scored)
+    assert regions["image"].tolist() == [F, T, T, F, F, F, T, F, F]
+    assert regions["prompt"].tolist() == [T, F, F, F, F, T, F, F, F]
+    assert regions["answer"].tolist() == [F, F, F, T, T, F, F, T, T]
+    # an image token where the answer starts counts as answer: the regions partition the rows
+    _, _, rows = region_masks(ids, mask, torch.tensor([3, 2]), image_id=5)
+    assert (rows["image"] & rows["answer"]).sum() == 0
+    parts = rows["image"].int() + rows["prompt"].int() + rows["answer"].int()
+    assert torch.equal(parts.bool(), rows["all"]) and parts.max() == 1

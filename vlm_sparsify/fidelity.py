@@ -321,28 +321,10 @@ def measure_fidelity(
             replaced = replacement(**inputs).logits
         finally:
             recorder.remove()
-        # position i predicts token i + 1: score where both are real tokens
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        scored = mask[:, :-1] & mask[:, 1:]
         answer_start = torch.tensor([p["input_ids"].shape[1] for p in prompts], device=device)
-        positions = torch.arange(ids.shape[1] - 1, device=device)
-        is_image = ids[:, :-1] == image_id
-        is_answer = positions >= answer_start[:, None] - 1
-        regions = {
-            "image": is_image[scored],
-            "prompt": (~is_image & ~is_answer)[scored],
-            "answer": is_answer[scored],
-        }
+        scored, regions, row_masks = region_masks(ids, mask, answer_start, image_id)
         totals.add_positions(base[:, :-1][scored], replaced[:, :-1][scored], regions)
-        # every real token's MLP rows, in its position's region (as for top-1 and KL above)
-        rows_image = ids == image_id
-        rows_answer = torch.arange(ids.shape[1], device=device) >= answer_start[:, None] - 1
-        row_masks = {
-            "all": mask,
-            "image": mask & rows_image,
-            "prompt": mask & ~rows_image & ~rows_answer,
-            "answer": mask & rows_answer,
-        }
         totals.add_layers(
             recorder.outputs,
             layer_predictions(coders, recorder.inputs, recorder.outputs),
@@ -366,6 +348,31 @@ def measure_fidelity(
         "examples": len(examples),
         **totals.result(coders.hookpoints),
     }
+
+
+def region_masks(
+    ids: Tensor, mask: Tensor, answer_start: Tensor, image_id: int | None
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    """Where a right-padded batch `ids` `[B, T]` (`mask`: real tokens) is scored, and its regions.
+
+    Position i predicts token i + 1, so a position is scored where both are real tokens
+    (`scored` `[B, T - 1]`); `regions` (image / prompt / answer) are masks over the scored
+    positions, flattened. A position is in the answer from the one that predicts the answer's
+    first token (`answer_start - 1`, each row's prompt length less one) on; else image if its
+    token is the image token, else prompt. `row_masks` `[B, T]` put every real token's MLP row
+    in its position's region the same way, with "all" the real tokens (padding nowhere).
+    """
+    scored = mask[:, :-1] & mask[:, 1:]
+    rows_image = ids == image_id
+    rows_answer = torch.arange(ids.shape[1], device=ids.device) >= answer_start[:, None] - 1
+    row_masks = {
+        "all": mask,
+        "image": mask & rows_image & ~rows_answer,
+        "prompt": mask & ~rows_image & ~rows_answer,
+        "answer": mask & rows_answer,
+    }
+    regions = {name: rows[:, :-1][scored] for name, rows in row_masks.items() if name != "all"}
+    return scored, regions, row_masks
 
 
 def _response(tokens: Tensor, prompt_length: int, pad_id: int) -> Tensor:
