@@ -29,16 +29,17 @@ lint: install
 bench: install
 	$(PY) -m vlm_sparsify.bench $(ARGS)
 
-# The Triton inference decoder's tests (vlm_sparsify/triton_decode.py) on the CPU, through
-# Triton's interpreter, in a venv of their own (with triton installed, sparsify would pick its
-# Triton kernels for CPU tensors; the suite above skips these tests without a GPU).
+# The Triton tests (vlm_sparsify/triton_decode.py's decoder, topk_encoder.py's weight gradient) on
+# the CPU, through Triton's interpreter, in a venv of their own (with triton installed, sparsify
+# would pick its Triton kernels for CPU tensors; the suite above skips these tests without a GPU).
 TRITON_VENV ?= .venv-triton
 test-triton:
 	test -x $(TRITON_VENV)/bin/python || (python3 -m venv $(TRITON_VENV) \
 		&& $(TRITON_VENV)/bin/pip install -q torch==2.13.0 triton \
 		&& $(TRITON_VENV)/bin/pip install -q -e ".[test]")
 	TRITON_INTERPRET=1 SPARSIFY_DISABLE_TRITON=1 $(TRITON_VENV)/bin/python -m pytest -q \
-		tests/test_triton_kernels.py tests/test_replacement.py tests/test_bench.py -k triton $(ARGS)
+		tests/test_triton_kernels.py tests/test_topk_encoder_backward.py tests/test_replacement.py \
+		tests/test_bench.py -k "triton or encoder_backward" $(ARGS)
 
 # Wheels for `scripts/gpu_bench.sh` on a GPU machine without network (torch comes with the
 # machine): this package and the pure-Python dependencies it lacks, at the venv's versions.

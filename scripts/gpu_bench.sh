@@ -24,10 +24,11 @@ timeout "$LIMIT" python3 -P -m vlm_sparsify.bench --gpu --json "$@" > "$OUT/benc
 echo "bench rc=$? t=$(( $(date +%s) - T0 ))s"
 grep "\[gpu\]" "$OUT/bench.log"
 tail -3 "$OUT/bench.log"
-# the tests that need a GPU: CUDA graphs of decoding steps, and (unless TRITON_TESTS=0, to save
-# device time: they passed on the H200 in earlier runs) the Triton kernels against torch,
-# compiled for this GPU (on CPUs they run in the interpreter)
-TESTS="tests/test_decode_graphs.py"
+# the tests that need a GPU: CUDA graphs of decoding steps, the encoder's Triton weight gradient
+# (not yet run on a GPU), and (unless TRITON_TESTS=0, to save device time: they passed on the H200
+# in earlier runs) the Triton kernels against torch, compiled for this GPU (on CPUs they run in
+# the interpreter)
+TESTS="tests/test_decode_graphs.py tests/test_topk_encoder_backward.py"
 [ "${TRITON_TESTS:-1}" = 0 ] || TESTS="$TESTS tests/test_triton_kernels.py"
 timeout 150 python3 -P -m pytest -q -p no:cacheprovider $TESTS 2>&1 \
     | tail -15 | tee "$OUT/gpu_tests.log"
