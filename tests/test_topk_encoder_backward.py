@@ -63,13 +63,13 @@ def gradients(
     autocast: bool = False,
     device: str = DEVICE,
 ) -> tuple[tuple[Tensor, ...], tuple[Tensor, Tensor, Tensor]]:
-    """`encode`'s outputs, and the gradients of x, weight and bias for a seeded random gradient
-    of the top-k values, given transposed (not contiguous, as autograd may hand it over)."""
+    """`encode`'s outputs, and the gradients of x, weight and bias for `upstream_gradient` of the
+    top-k values, given through their transpose (so not contiguous, as autograd may hand it)."""
     leaves = [t.detach().to(device).requires_grad_() for t in (x, weight, bias)]
     with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
         out = encode(*leaves, k, "topk")
-    upstream = torch.randn(k, x.shape[0], generator=torch.Generator().manual_seed(7))
-    (out.top_acts.T.float() * upstream.to(device)).sum().backward()
+    upstream = upstream_gradient(x.shape[0], k).to(device)
+    (out.top_acts.T.float() * upstream).sum().backward()
     grads = tuple(leaf.grad.cpu() for leaf in leaves)
     return tuple(t.detach().cpu() for t in out), grads  # type: ignore[return-value]
 
@@ -82,20 +82,18 @@ def backward_name(x: Tensor, weight: Tensor, bias: Tensor, k: int, device: str =
     return type(out.top_acts.grad_fn).__name__
 
 
-def reference_gradients(
-    x: Tensor, weight: Tensor, indices: Tensor, grad_values: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """float64 gradients of x, weight and bias through a dense [N, M] gradient of the latents."""
+def upstream_gradient(rows: int, k: int) -> Tensor:
+    """The seeded gradient `gradients` gives the top-k values, transposed: `[k, rows]`."""
+    return torch.randn(k, rows, generator=torch.Generator().manual_seed(7))
+
+
+def reference_weight_gradient(x: Tensor, weight: Tensor, values: Tensor, indices: Tensor) -> Tensor:
+    """float64 weight gradient through a dense `[N, M]` gradient of the latents, from the
+    gradient autograd gives the top-k values (`upstream_gradient` in their dtype)."""
+    grad_values = upstream_gradient(*values.shape).T.to(values.dtype)
     dense = torch.zeros(x.shape[0], weight.shape[0], dtype=torch.float64)
     dense.scatter_add_(1, indices, grad_values.double())
-    return dense @ weight.double(), dense.T @ x.double(), dense.sum(0)
-
-
-def upstream_of(values: Tensor) -> Tensor:
-    """The gradient `gradients` gives the top-k values, in their dtype (as autograd does)."""
-    k, rows = values.shape[1], values.shape[0]
-    upstream = torch.randn(k, rows, generator=torch.Generator().manual_seed(7))
-    return upstream.T.to(values.dtype)
+    return dense.T @ x.double()
 
 
 @needs_triton
@@ -120,7 +118,7 @@ def test_triton_backward_matches_fused_encoder(triton_on_cpu, rows, latents, d, 
     torch.testing.assert_close(grad_weight, stock_grads[1], rtol=1e-5, atol=1e-6)
     assert grad_weight.dtype == weight.dtype and grad_weight.shape == weight.shape
     assert torch.all(grad_weight[counts == 0] == 0)
-    expected = reference_gradients(x, weight, indices, upstream_of(ours[0]))[1]
+    expected = reference_weight_gradient(x, weight, *ours[:2])
     torch.testing.assert_close(grad_weight.double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -147,7 +145,7 @@ def test_bf16_weight_gradient_is_as_close_to_float64_as_stocks(
     assert_stocks(our_grads[0], stock_grads[0])
     assert_stocks(our_grads[2], stock_grads[2])
     assert our_grads[1].dtype == weight_dtype
-    expected = reference_gradients(x, weight, ours[1], upstream_of(ours[0]))[1]
+    expected = reference_weight_gradient(x, weight, *ours[:2])
     # stock rounds each bf16 product to bf16 before its float32 sum (and with bf16 weights each
     # partial sum); Triton's interpreter stores float32 into bf16 by truncation, not to nearest
     if x_dtype == torch.bfloat16 and not (INTERPRETED and weight_dtype == torch.bfloat16):
@@ -182,7 +180,7 @@ def test_clt_parameter_gradients_match_stocks_encoder(triton_on_cpu, monkeypatch
     monkeypatch.setattr(topk_encoder, "triton_backward_applies", lambda *args: False)
     stock = parameter_grads()
     assert ours.keys() == stock.keys() and any("encoder" in name for name in ours)
-    # on CUDA under bf16 autocast stock rounds each encoder product to bf16 (module docstring)
+    # on CUDA the forward runs under bf16 autocast and atomics add in no fixed order
     tolerance = 1e-5 if DEVICE == "cpu" else 1e-2
     for name in ours:
         torch.testing.assert_close(ours[name], stock[name], rtol=tolerance, atol=tolerance)
