@@ -220,3 +220,12 @@ def test_triton_backward_applies_only_to_shapes_the_kernel_takes(triton_on_cpu):
     assert not triton_backward_applies(x, weight, 4, "groupmax")
     assert not triton_backward_applies(x[None], weight, 4, "topk")
     assert not triton_backward_applies(torch.empty(5, 8, device="meta"), weight, 4, "topk")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the switch is for CUDA tensors")
+def test_the_cuda_switch_turns_the_triton_backward_off(monkeypatch):
+    """`TRITON_WEIGHT_GRADIENT` False (SPARSIFY_DISABLE_TRITON=1 at import): stock's backward."""
+    x, weight, bias = encoder_inputs(33, 64, 24, seed=11)
+    assert backward_name(x, weight, bias, 5, device="cuda") == "TopKEncoderBackward"
+    monkeypatch.setattr(topk_encoder, "TRITON_WEIGHT_GRADIENT", False)
+    assert backward_name(x, weight, bias, 5, device="cuda") == "FusedEncoderBackward"

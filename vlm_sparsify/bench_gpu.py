@@ -6,10 +6,12 @@ Llama-7B text model (32 layers x 4096) + CLIP ViT-L/14-336 vision tower in bf16 
 - stock sparsify's PLT alone and our CLT (32 layers x 8,192 latents x cross_layer 16, bf16
   decoders) alone: tokens/s and `torch.cuda.max_memory_allocated` of each, one after the other
   (both together do not fit one GPU; on a GPU with less than ~115 GiB, e.g. an H100, every coder
-  is 4,096 latents wide: `fit_to_memory`);
+  is 4,096 latents wide: `fit_to_memory`); the CLT again with sparsify's encoder backward
+  (`topk_encoder.TRITON_WEIGHT_GRADIENT` off: what the Triton weight gradient saves);
 - replacement-model (CLT) greedy generation vs the base model (576 image tokens + prompt), with
-  the default decoder (`auto`: hybrid here), the fused `embedding_bag` decoders and the Triton
-  decoder alone (each split into the prefill's ratio and the later tokens');
+  the default decoder (`auto`: hybrid here) with and without CUDA graphs of decoding steps, in
+  error mode, and with the Triton decoder and the fused `embedding_bag` decoders alone (each
+  split into the prefill's ratio and the later tokens');
 - the multimodal pipeline (easy-VQA images resized to 336 px by the processor in DataLoader
   workers) vs the same batches pre-tokenized, feeding the plugin's PLT step;
 - `profile`: torch.profiler over one CLT training step and over base and open-loop generation
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from vlm_sparsify import topk_encoder
 from vlm_sparsify.bench_steps import (
     benchmark_generate,
     kernel_profile,
@@ -337,9 +340,20 @@ def measure_at_size(
         tok_s = tokens / timed_steps(step, sizes.warmup, sizes.steps, device)
         note("clt_peak_gib", peak_gib(device))
         note("clt_tok_per_s", tok_s)
-        state["coders"] = clt.coders  # trained a few steps: the replacement model's CLT
         if "stock_tok_s" in state:
             note("clt_vs_stock_plt_tok_per_s", tok_s / state["stock_tok_s"])
+        if device.type == "cuda" and topk_encoder.TRITON_WEIGHT_GRADIENT:
+            # the same trainer with sparsify's encoder backward (index_add_): what TopKEncoder's
+            # Triton weight gradient saves
+            topk_encoder.TRITON_WEIGHT_GRADIENT = False
+            try:
+                reset_peak(device)
+                stock_encoder = tokens / timed_steps(step, sizes.warmup, sizes.steps, device)
+            finally:
+                topk_encoder.TRITON_WEIGHT_GRADIENT = True
+            note("clt_sparsify_encoder_tok_per_s", stock_encoder)
+            note("clt_sparsify_encoder_peak_gib", peak_gib(device))
+        state["coders"] = clt.coders  # trained a few steps: the replacement model's CLT
 
     def generation() -> None:
         coders = state.pop("coders", None)

@@ -19,6 +19,7 @@ either), so on CUDA the weight gradient is not bit for bit stock's. On the CPU t
 stock's `fused_encoder`, bit for bit.
 """
 
+import os
 from types import SimpleNamespace
 
 import torch
@@ -29,6 +30,11 @@ from vlm_sparsify.triton_decode import available as triton_available
 
 BLOCK_SIZE = 4
 """Members of each of `topk_rows`' blocks: it keeps k blocks, so BLOCK_SIZE * k candidates."""
+
+TRITON_WEIGHT_GRADIENT = os.environ.get("SPARSIFY_DISABLE_TRITON") != "1"
+"""Train CUDA tensors with `TopKEncoder` (the default). Off with SPARSIFY_DISABLE_TRITON=1, as
+sparsify's own Triton decoder, or by setting it False (`bench --gpu` measures the CLT step both
+ways: `clt_sparsify_encoder_tok_per_s`)."""
 
 TRITON_BACKWARD_ON_CPU = False
 """Let `encode_topk` train CPU tensors with `TopKEncoder` too when TRITON_INTERPRET=1 (Triton's
@@ -65,7 +71,9 @@ def triton_backward_applies(x: Tensor, weight: Tensor, k: int, activation: str) 
     """Whether `encode_topk` trains with `TopKEncoder`: TopK, triton importable, the tensors on
     CUDA (or on the CPU under TRITON_INTERPRET=1 with `TRITON_BACKWARD_ON_CPU`), and shapes the
     kernel takes (x `[N, d]`, num_latents a multiple of 8, N * k < 2**31)."""
-    on_device = x.device.type == "cuda" or (x.device.type == "cpu" and TRITON_BACKWARD_ON_CPU)
+    on_device = (x.device.type == "cuda" and TRITON_WEIGHT_GRADIENT) or (
+        x.device.type == "cpu" and TRITON_BACKWARD_ON_CPU
+    )
     return (
         activation == "topk"
         and on_device
