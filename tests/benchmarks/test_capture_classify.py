@@ -772,3 +772,71 @@ def test_an_out_of_another_benchmark_is_named(tmp_path, stage):
     with pytest.raises(SystemExit, match=f"pope {stage}: .*capture.json is a capture of easyvqa "
                        r"\(data flags \['kinds'\]\), not of pope"):  # fmt: skip
         run(["pope", stage, "--out", str(tmp_path)])
+
+
+def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
+    import benchmarks.stages.all as all_stage
+    from benchmarks.stages.all import AllConfig, run_all
+
+    ran: dict[str, list[str]] = {}
+
+    class Recorded:
+        def __init__(self, stage: str) -> None:
+            self.stage = stage
+
+        def main(self, argv: list[str], benchmark: str) -> None:
+            ran[self.stage] = argv
+
+    monkeypatch.setattr(all_stage, "stage_module", lambda benchmark, stage: Recorded(stage))
+    monkeypatch.setattr(all_stage, "train", lambda argv: pytest.fail("trained"))
+    out = str(tmp_path / "out")
+    config = AllConfig(out=out, coders="C", model="M", recipe="llava", limit=9, device="cpu",
+                       batch_size=3, region="response", target_features=2, rank_by="attribution",
+                       factors="0,3,0.5", bootstrap=7, seed=5)  # fmt: skip
+    run_all(config, "pope", ["--splits", "random"], ["--questions-dir", "L"])
+    assert ran == {
+        "capture": ["--out", out, "--model", "M", "--recipe", "llava", "--coders", "C", "--limit",
+                    "9", "--device", "cpu", "--dtype", "auto", "--batch-size", "3",
+                    "--max-new-tokens", "32", "--splits", "random"],
+        "score": ["--out", out, "--questions-dir", "L"],
+        "classify": ["--out", out, "--questions-dir", "L"],
+        "attribute": ["--out", out, "--coders", "C", "--region", "response", "--device", "cpu"],
+        "analyze": ["--out", out, "--region", "response", "--target-features", "2", "--split-seed",
+                    "5", "--rank-by", "attribution"],
+        "plot": ["--out", out],
+        "examples": ["--out", out],
+        "map": ["--out", out, "--coders", "C", "--factor", "3.0", "--device", "cpu", "--seed", "5"],
+        "steer": ["--out", out, "--coders", "C", "--factors", "0,3,0.5", "--device", "cpu",
+                  "--bootstrap", "7", "--seed", "5", "--batch-size", "3", "--region", "all"],
+    }  # fmt: skip
+    assert list(ran) == ["capture", "score", "classify", "attribute", "analyze", "plot",
+                         "examples", "map", "steer"]  # fmt: skip
+    run_all(AllConfig(out=out, coders="C", limit=None), "easyvqa")
+    assert "--limit" not in ran["capture"] and ran["score"] == ["--out", out]
+    assert ran["steer"][-2:] == ["--region", "decision"]  # analyze's default region
+
+
+def test_all_reuses_a_finished_clt_and_resumes_an_unfinished_one(tmp_path, monkeypatch):
+    import benchmarks.stages.all as all_stage
+    from benchmarks.stages.all import AllConfig, train_coders
+    from vlm_sparsify.cross_layer import CrossLayerTranscoder
+
+    hooks = [f"model.language_model.layers.{i}.mlp" for i in range(2)]
+    clt = CrossLayerTranscoder(hooks, 8, SparseCoderConfig(num_latents=64, k=4, transcode=True), 2)
+    saved = {"sae": {"num_latents": 64, "k": 4}, "cross_layer": 2, "hookpoints": hooks}
+    config = AllConfig(out=str(tmp_path), num_latents=64, k=4, cross_layer=2, train_examples=40)
+    trained: list[list[str]] = []
+    monkeypatch.setattr(all_stage, "train", trained.append)
+    run_dir = tmp_path / "coders"
+    for steps in (3, 2):  # 40 examples in batches of 16: 3 steps; the 2-step one resumes
+        save_coders(clt, run_dir, config=saved,
+                    write_extra=lambda folder, steps=steps: torch.save({"global_step": steps},
+                                                                       folder / "state.pt"))  # fmt: skip
+        assert train_coders(config, run_dir) == run_dir
+    [argv] = trained  # only the unfinished one trains, resuming
+    assert argv[argv.index("--resume") + 1] == "true"
+    for flag, value in [("--cross_layer", "2"), ("--num_latents", "64"), ("--k", "4"),
+                        ("--max_examples", "40"), ("--run_name", "coders")]:  # fmt: skip
+        assert argv[argv.index(flag) + 1] == value
+    train_coders(config, tmp_path / "fresh")  # nothing there: trained from the start
+    assert "--resume" not in trained[-1]
