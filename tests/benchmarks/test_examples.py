@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import html
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from PIL import Image
 from benchmarks import outputs
 from benchmarks.__main__ import run
 from benchmarks.feature_examples import (
+    Example,
     FeatureRef,
     parse_feature_refs,
     patch_grid,
@@ -26,6 +30,7 @@ from tests.benchmarks.test_capture_classify import GREEDY
 from vlm_sparsify.data import load_rgb
 
 HOOKPOINTS = [f"model.language_model.layers.{i}.mlp" for i in range(2)]
+SPAN = re.compile(r'<span class="([^"]*)" style="([^"]*)" title="([^"]*)">([^<]*)</span>')
 
 
 def sample(sample_id: str, rows: list[dict[int, float]], source: int = 0, k: int = 2):
@@ -71,6 +76,16 @@ def test_top_examples_rank_by_peak_keep_store_order_on_ties_and_skip_silent_samp
     ]  # fmt: skip
     with pytest.raises(ValueError, match="--top 0"):
         top_examples(store, refs, top=0)
+
+
+def test_top_examples_keep_to_the_given_ids_and_pass_over_samples_without_the_region(tmp_path):
+    store = FeatureStore(tmp_path / "store", StoreMeta(HOOKPOINTS, 2, 100, "float32"))
+    store.append([sample("a", [{7: 4.0}, {}]), sample("b", [{}, {7: 1.0}])])
+    ref = FeatureRef(0, 7)
+    assert [e.sample_id for e in top_examples(store, [ref], top=2)[ref]] == ["a", "b"]
+    assert [e.sample_id for e in top_examples(store, [ref], top=2, ids=["b"])[ref]] == ["b"]
+    # no sample has image rows: none is ranked (an empty region has no peak)
+    assert top_examples(store, [ref], top=2, region="image") == {ref: []}
 
 
 def test_patch_grid_only_for_one_block_of_the_given_shape():
@@ -187,6 +202,9 @@ def test_token_strings_read_as_the_decoded_text(kind):
     assert not any("\ufffd" in s or "\u0120" in s or "\u2581" in s or "<0x" in s for s in strings)
     # the token that completes the emoji holds it; no token holds a byte of it alone
     assert sum("🙂" in s for s in strings) == 1
+    # cut inside the emoji: the last token shows the broken character as decode does
+    cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    assert "".join(token_strings(tokenizer, ids[:cut])) == tokenizer.decode(ids[:cut])
     # image rows keep their vocabulary piece (drawn as one chip, never decoded)
     image = tokenizer.convert_tokens_to_ids("<image>")
     assert token_strings(tokenizer, [image, image], skip=[0, 1]) == ["<image>", "<image>"]
@@ -224,6 +242,7 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
     document = json.loads((out / "examples" / "examples.json").read_text())
     [feature] = document["features"]
     assert (feature["layer"], feature["feature_idx"]) == (1, latent)
+    assert feature["hookpoint"] == store.meta.hookpoints[1]
     labels = json.loads((out / outputs.CLASSIFICATION).read_text())
     label_of = {str(v["id"]): name for name in ("GOOD", "BAD") for v in labels[name]}
     # the peaks, recomputed from the store sample by sample
@@ -271,6 +290,83 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
     run(["easyvqa", "examples", "--out", str(out), "--features", f"L1/F{latent}", "--top", "1"])
     [shown] = json.loads((out / "examples" / "examples.json").read_text())["features"][0]["samples"]
     assert shown["note"] == f"no line in {outputs.RESPONSES}: tokens not shown"
+
+
+def test_examples_stage_shows_the_analyzed_features_by_decoder_layer_over_the_region(
+    tmp_path, tiny_llava, tiny_llava_dir, llava_recipe
+):
+    """Coders of layer 1 only (store source 0 is decoder layer 1); the features analyze selected,
+    in features.json's order; ranked over the response rows."""
+    from sparsify import SparseCoderConfig
+
+    from vlm_sparsify.coder_io import save_coders
+    from vlm_sparsify.hookpoints import mlp_hookpoints
+    from vlm_sparsify.training import build_coders
+
+    model, _ = tiny_llava
+    hookpoint = mlp_hookpoints(model, llava_recipe)[1]
+    cfg = SparseCoderConfig(num_latents=16, k=4)
+    coders = build_coders([hookpoint], model.config.text_config.hidden_size, cfg, cross_layer=1,
+                          device=torch.device("cpu"))  # fmt: skip
+    layer_1_coders = save_coders(coders, tmp_path / "coders")
+    out = tmp_path / "out"
+    run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+         str(layer_1_coders), "--kinds", "yesno,caption", "--limit", "4", *GREEDY])  # fmt: skip
+    store = FeatureStore(out / outputs.STORE)
+    assert store.meta.hookpoints == [hookpoint]
+    # the response rows' peak of every latent, per sample
+    peaks: dict[int, dict[str, tuple[float, int]]] = {}
+    for stored in store:
+        response = np.concatenate([np.arange(a, b) for a, b in stored.regions["response"]])
+        for latent in range(16):
+            acts = ((stored.indices[:, 0] == latent) * stored.values[:, 0].float()).sum(1).numpy()
+            row = int(response[np.argmax(acts[response])])
+            if acts[row] > 0:
+                peaks.setdefault(latent, {})[stored.id] = (float(acts[row]), row)
+    first, second = sorted(peaks, key=lambda latent: -len(peaks[latent]))[:2]
+    selected = [
+        {"hookpoint": hookpoint, "feature_idx": latent, "layer": 1, "direction": direction,
+         "good_freq": good, "bad_freq": bad}
+        for latent, direction, good, bad in [(second, "bad", 0.125, 0.5), (first, "good", 0.75, 0.25)]
+    ]  # fmt: skip
+    (out / outputs.FEATURES).write_text(json.dumps({"features": selected}))
+    run(["easyvqa", "examples", "--out", str(out), "--region", "response", "--top", "2",
+         "--plot-features", "0"])  # fmt: skip
+
+    document = json.loads((out / "examples" / "examples.json").read_text())
+    assert (document["region"], document["top"]) == ("response", 2)
+    assert [(f["layer"], f["hookpoint"], f["feature_idx"]) for f in document["features"]] == [
+        (1, hookpoint, second), (1, hookpoint, first)
+    ]  # fmt: skip
+    records = {r["id"]: r for r in outputs.read_append_log(out / outputs.RESPONSES)}
+    images, processor = _images_and_processor(out, "easyvqa")
+    for feature in document["features"]:
+        ranked = sorted(peaks[feature["feature_idx"]].items(), key=lambda s: -s[1][0])[:2]
+        shown = feature["samples"]
+        assert [(s["id"], s["peak_row"]) for s in shown] == [(i, row) for i, (_, row) in ranked]
+        assert [s["peak"] for s in shown] == pytest.approx([p for _, (p, _) in ranked])
+        for shown_sample in shown:
+            stored = store.load(shown_sample["id"])
+            [(a, b)] = stored.regions["image"]
+            image = load_rgb(images[stored.id])
+            rows = stored.indices.shape[0]
+            ids, shape = sample_tokens(processor, records[stored.id], image, rows, b - a)
+            strings = token_strings(processor.tokenizer, ids, skip=range(a, b))
+            assert shown_sample["peak_token"] == strings[shown_sample["peak_row"]]
+            acts = (stored.indices[:, 0] == feature["feature_idx"]) * stored.values[:, 0].float()
+            grid = acts.sum(1)[a:b].reshape(shape).numpy().round(4)
+            np.testing.assert_allclose(shown_sample["image_grid"], grid, atol=1e-4)
+    page = (out / "examples" / "index.html").read_text()
+    assert page.index(f"L1/F{second}") < page.index(f"L1/F{first}")
+    assert f"{hookpoint} · selected for BAD · fires in 12.5% of GOOD and 50.0% of BAD" in page
+    assert "selected for GOOD · fires in 75.0% of GOOD and 25.0% of BAD samples" in page
+    assert not (out / "plots" / "feature_examples.png").exists()  # --plot-features 0
+    # the PNG holds the first --plot-features features: one row, 2.1 + 0.5 inches high
+    run(["easyvqa", "examples", "--out", str(out), "--plot-features", "1", "--dpi", "20"])
+    with Image.open(out / "plots" / "feature_examples.png") as png:
+        assert png.size[1] == 52
+    with pytest.raises(SystemExit, match="--plot-features -1: give --top >= 1 and --plot-fe"):
+        run(["easyvqa", "examples", "--out", str(out), "--plot-features", "-1"])
 
 
 def test_a_missing_image_is_noted_on_its_card_and_the_page_still_renders(tmp_path, tiny_llava):
@@ -343,3 +439,82 @@ def test_the_colour_scale_covers_tokens_outside_the_ranking_region(tmp_path):
     assert [(e.sample_id, e.peak) for e in ranked] == [("a", 3.0), ("b", 2.0)]
     assert colour_scale(ranked) == 9.0  # the prompt row of a: brighter than any response peak
     assert colour_scale([]) == 0.0
+
+
+def test_the_page_marks_the_peak_the_image_chip_and_the_response_tokens(tmp_path, monkeypatch):
+    from benchmarks.example_pages import Card, FeatureSection, colours, plot_grid, write_page
+
+    regions = {"prompt": [(0, 1)], "image": [(1, 3)], "response": [(3, 5)]}
+    tokens = ["Is", "<image>", "<image>", " red", " yes"]
+    # peak on a response token; the image chip shows its highest row (row 2), not its first
+    in_text = Example("t", 4.0, 4, np.array([0, 1, 3, 0, 4], np.float32), regions)
+    # peak on the first image row: the chip holds it
+    in_image = Example("i", 3.0, 1, np.array([0, 3, 1, 2, 0], np.float32), regions)
+    cards = [Card(in_text, "GOOD", None, tokens), Card(in_image, "BAD", None, tokens)]
+    sections = [FeatureSection("L2/F7", "h", cards, 4.0), FeatureSection("L3/F1", "h", [], 1.0)]
+    write_page(tmp_path / "page.html", "t", "i", sections)
+    page = (tmp_path / "page.html").read_text()
+    cards_html = page.split('<div class="card ')[1:]
+    text_spans, image_spans = (SPAN.findall(c) for c in cards_html)
+    assert [(c, t) for c, _, _, t in text_spans] == [
+        ("tok", "Is"), ("tok img", "[image x2]"), ("tok resp", " red"), ("tok peak resp", " yes")
+    ]  # fmt: skip
+    assert text_spans[1][2] == "image tokens 1-2: peak 3"
+    # shaded by activation / scale: row 4 (4 of 4) brightest, the chip (3 of 4) at 0.75; row 0
+    # and row 3 (silent) unshaded
+    for (_, style, _, _), level in zip(text_spans, [None, 0.75, None, 1.0], strict=True):
+        if level is None:
+            assert style == ""
+        else:
+            rgb = colours(np.array(level))
+            assert style.startswith(f"background: rgb({rgb[0]},{rgb[1]},{rgb[2]});")
+    assert html.escape("peak 4 at 'yes'") in cards_html[0]
+    assert [c for c, _, _, _ in image_spans][:2] == ["tok", "tok peak img"]
+    assert "peak 3 at image" in cards_html[1]
+    # every feature has its link and anchor; only the one without cards says it fires nowhere
+    for anchor in ("L2-F7", "L3-F1"):
+        assert f'href="#{anchor}"' in page and f'<section id="{anchor}">' in page
+    assert page.count("fires in none of the samples") == 1
+    assert page.split('<section id="L3-F1">')[1].count("fires in none") == 1
+    # a crash while the page is written leaves the old page whole
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(outputs.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        write_page(tmp_path / "page.html", "t", "i", sections[1:])
+    assert (tmp_path / "page.html").read_text() == page
+    # rows of 2 and 0 cards in one plot
+    plot_grid(tmp_path / "plot.png", "t", sections, 40)
+    with Image.open(tmp_path / "plot.png") as png:
+        assert png.size[0] > 100
+
+
+def test_the_model_view_undoes_the_processors_normalization(tiny_llava):
+    from benchmarks.example_pages import model_view
+
+    image_processor = tiny_llava[1].image_processor
+    image = Image.new("RGB", (40, 64), (200, 30, 90))
+    unscaled = copy.deepcopy(image_processor)  # pixels as 0-255 values, not normalized
+    unscaled.do_rescale, unscaled.do_normalize = False, False
+    for processor in (image_processor, unscaled):
+        view = np.asarray(model_view(processor, image)).astype(int)
+        size = processor.crop_size
+        assert view.shape == (size["height"], size["width"], 3)
+        assert np.abs(view - [200, 30, 90]).max() <= 1
+
+
+def test_overlay_tints_each_patch_by_its_activation_over_the_scale():
+    from benchmarks.example_pages import colours, overlay
+
+    grey = np.array([100, 100, 100])
+    picture = overlay(Image.new("RGB", (30, 10), tuple(grey)), np.array([[0.0, 1.0, 4.0]]), 4.0)
+    assert picture.size == (224, 75)  # 1 row of 3 patches
+    pixels = np.asarray(picture).astype(float)
+    # silent: dimmed to 45 %; lit: the colour of activation / scale over 30-65 % of the pixel
+    assert np.abs(pixels[37, 37] - grey * 0.45).max() <= 2
+    for x, level in [(112, 0.25), (186, 1.0)]:
+        alpha = 0.3 + 0.35 * level
+        expected = colours(np.array(level)) * alpha + grey * (1 - alpha)
+        assert np.abs(pixels[37, x] - expected).max() <= 2, level
