@@ -363,6 +363,28 @@ def test_ranks_get_interleaved_items_and_the_same_number_of_batches():
     assert rank_batches(todo, 0, 1, 2) == [["a", "b"], ["c", "d"], ["e"]]
 
 
+def test_amber_items_of_each_subset_ask_the_recipes_questions(amber_dir, llava_recipe):
+    from benchmarks.amber.adapter import Data, load_items
+
+    data, images = amber_dir
+    items = {subset: load_items(Data(str(data), str(images), subset), llava_recipe)
+             for subset in ("generative", "discriminative", "all")}  # fmt: skip
+    assert sorted(int(i.id) for i in items["generative"]) == [*GENERATIVE]
+    assert sorted(int(i.id) for i in items["discriminative"]) == [*DISCRIMINATIVE]
+    assert sorted(int(i.id) for i in items["all"]) == [*GENERATIVE, *DISCRIMINATIVE]
+    prompt = llava_recipe.prompt
+    for item in items["all"]:
+        number = int(item.id)
+        assert item.image == images / f"AMBER_{number}.jpg"
+        if number in GENERATIVE:
+            assert item.question == prompt.caption_question
+            assert item.fields == {"dimension": "generative", "image": f"AMBER_{number}.jpg"}
+        else:
+            assert item.question == DISCRIMINATIVE[number][1] + prompt.short_answer_suffix
+    dimensions = {i.id: i.fields["dimension"] for i in items["discriminative"]}
+    assert dimensions == {"1006": "state", "8700": "existence", "13600": "relation"}
+
+
 def test_amber_classify_rules_on_known_responses(tmp_path, amber_dir, capsys):
     """Hand-written responses: the verdicts follow the official per-sample rules."""
     data, images = amber_dir
