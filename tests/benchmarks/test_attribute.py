@@ -81,9 +81,13 @@ def test_attributions_predict_the_effect_of_scaling_a_feature(
     loaded = load_run(out, "easyvqa", None, "cpu")
     item = {i.id: i for i in get_adapter("easyvqa").load_items(loaded.data, loaded.recipe)}
     record = records[0]
-    inputs = teacher_forced_inputs(loaded, record, load_rgb(item[record["id"]].image))
+    image = load_rgb(item[record["id"]].image)
+    inputs = teacher_forced_inputs(loaded, record, image)
     response = torch.tensor(record["response_token_ids"])
     prompt_length = inputs["input_ids"].shape[1] - len(response)
+    # the whole response follows the prompt as the processor builds it
+    prompt = loaded.processor(images=[image], text=[record["prompt"]], return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == prompt["input_ids"][0].tolist() + response.tolist()
 
     def objective(p: int, latent: int, scale: float) -> float:
         edit = Intervention("scale", features=latent, layers=p, value=scale)
