@@ -423,6 +423,12 @@ def test_amber_classify_rules_on_known_responses(tmp_path, amber_dir, capsys):
     metrics = json.loads((out / "classification.json").read_text())
     sample = next(s for s in metrics["BAD"] + metrics["GOOD"] if s["id"] == "2")
     assert (sample["nouns"], sample["hallucinated"], sample["cover"]) == (2, 1, 0.5)
+    assert sample["chair"] == 0.5
+    # "Some grass.": one noun of the caption, against two truth objects
+    sample = next(s for s in metrics["BAD"] + metrics["GOOD"] if s["id"] == "3")
+    assert (sample["nouns"], sample["hallucinated"], sample["cover"], sample["chair"]) == (
+        1, 0, 0.5, 0.0
+    )  # fmt: skip
 
 
 def test_torchrun_shards_over_two_ranks_and_matches_one_process(
