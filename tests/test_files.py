@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -38,6 +40,20 @@ def test_read_json_names_the_file_and_what_is_wrong(tmp_path):
     path.write_bytes(b'{"name": "caf\xe9"}')  # Latin-1, not UTF-8
     with pytest.raises(UnreadableFileError, match=rf"{path} is not valid JSON"):
         read_json(path)
+
+
+def test_read_json_reads_utf8_with_a_byte_order_mark_and_utf16(tmp_path):
+    """The bytes decide, not the locale: a file saved by an editor that writes a BOM, and JSON's
+    other encodings, read as the same document."""
+    path = tmp_path / "features.json"
+    document = {"name": "café", "layers": [0, 3]}
+    for data in (
+        json.dumps(document, ensure_ascii=False).encode("utf-8"),
+        b"\xef\xbb\xbf" + json.dumps(document, ensure_ascii=False).encode("utf-8"),
+        json.dumps(document, ensure_ascii=False).encode("utf-16"),
+    ):
+        path.write_bytes(data)
+        assert read_json(path) == document
 
 
 def test_read_jsonl_skips_blank_lines_and_a_byte_order_mark_and_numbers_lines_from_1(tmp_path):

@@ -34,11 +34,12 @@ def unreadable(path: str | Path, what: str, err: BaseException) -> UnreadableFil
 
 
 def read_json(path: str | Path, keys: Collection[str] | None = None) -> Any:
-    """`path`'s JSON; malformed JSON is an error naming the file and the place. With `keys`,
+    """`path`'s JSON (UTF-8, with or without a byte-order mark, whatever the locale; UTF-16 and
+    32 as JSON allows); malformed JSON is an error naming the file and the place. With `keys`,
     the document must be an object holding them (else an error naming the file: another
     tool's file, or one edited by hand)."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes())  # bytes: json detects the encoding
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UnreadableFileError(f"{path} is not valid JSON: {err}") from None
     if keys is not None:
