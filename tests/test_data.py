@@ -2,6 +2,7 @@
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -83,6 +84,33 @@ def test_a_dataset_that_is_neither_a_folder_nor_reachable_says_both(monkeypatch,
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(OSError, match=r"DATASET 'my_images' \(no such local folder either\): "):
         open_examples("my_images", llava_recipe)
+
+
+class TextSpy:
+    """A processor that records the text it is given (and otherwise is the real one)."""
+
+    def __init__(self, processor: LlavaProcessor):
+        self.processor, self.texts = processor, []
+
+    def __call__(self, **kwargs):
+        self.texts.extend(kwargs["text"])
+        return self.processor(**kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.processor, name)
+
+
+@pytest.mark.parametrize("separator", [" ", "", "\n"])
+def test_the_answer_follows_the_prompt_after_the_recipe_s_separator(
+    tmp_path, llava_recipe, separator
+):
+    recipe = replace(llava_recipe, prompt=replace(llava_recipe.prompt, answer_separator=separator))
+    spy = TextSpy(llava15_processor(recipe))
+    image = make_image(tmp_path / "photo.png", size=(336, 336))
+    prompt = recipe.format_prompt("what shape?", spy)
+    encode_example(Example("q", image, "what shape?", "a circle"), spy, recipe, ctx_len=512)
+    encode_example(Example("q", image, "what shape?"), spy, recipe, ctx_len=512)  # no answer
+    assert spy.texts == [f"{prompt}{separator}a circle", prompt]
 
 
 def test_long_question_keeps_all_576_image_tokens(tmp_path, llava_recipe):
