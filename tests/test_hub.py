@@ -50,8 +50,12 @@ def test_resume_files_in_sub_folders_stay_behind(tmp_path: Path) -> None:
     for folder in (run_dir, run_dir / "best" / HOOKS[0]):
         for name in ("state.pt", "rank_0_state.pt", "optimizer_0.pt", "lr_scheduler_0.pt"):
             (folder / name).write_bytes(b"")
+    # a sharded run's per-process resume files (sharded_checkpoint: rank<r>-<name>)
+    for name in ("rank0-optimizer_0.pt", "rank1-shard.json", "rank0-train_params.safetensors"):
+        (run_dir / name).write_bytes(b"")
+    (run_dir / "train_params.safetensors").write_bytes(b"")
     files = hub.hub_files(run_dir)
-    assert not [f for f in files if f.endswith(".pt")], files
+    assert not [f for f in files if f.endswith(".pt") or "rank" in f or "train_params" in f], files
     assert f"best/{HOOKS[0]}/{HOOKS[0]}/sae.safetensors" in files
 
 
