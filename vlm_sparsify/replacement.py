@@ -379,7 +379,6 @@ class ReplacementModel:
         """At the first hookpoint of each forward (even one of the language model alone): the
         ring starts afresh, and whether this forward decodes through the copies."""
         self._ring = None
-        self._graphed = False
         self._use_fused = (
             self._fused
             and not self._copies_refused
