@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import timedelta
 from functools import cache, partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -28,7 +28,6 @@ from simple_parsing import field
 from simple_parsing.help_formatter import SimpleHelpFormatter
 from simple_parsing.helpers import list_field
 from sparsify.config import TrainConfig
-from torch import nn
 
 from vlm_sparsify.best_checkpoint import (
     best_dir,
@@ -42,6 +41,7 @@ from vlm_sparsify.coder_io import (
     load_for_finetune,
     save_coders,
     temp_dir,
+    whole_coders,
 )
 from vlm_sparsify.cross_layer import (
     check_training_fits,
@@ -97,6 +97,9 @@ from vlm_sparsify.training import (
 )
 from vlm_sparsify.wandb_log import WandbLog
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 DecoderDtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
@@ -105,6 +108,9 @@ class RunConfig(TrainConfig):
     """Train sparsify coders (SAEs, PLTs, CLTs) on a vision-language model. The recipe's [train]
     table (docs/recipes.md) replaces the defaults of the flags it names; --resume takes every
     flag left out from the run's config.json."""
+
+    if TYPE_CHECKING:  # a field of sparsify's TrainConfig (untyped), assigned below
+        finetune: str | None = None
 
     init_seeds: list[int] = list_field(0)
     """Random seed of the coders' initialisation: one per run (for several seeds, one run
@@ -221,7 +227,8 @@ class RunConfig(TrainConfig):
         if self.finetune and not Path(self.finetune).is_dir():
             # `--finetune RUN`, named as --resume names it: a run of --save_dir
             in_save_dir = Path(self.save_dir) / self.finetune
-            self.finetune = str(in_save_dir) if in_save_dir.is_dir() else self.finetune
+            if in_save_dir.is_dir():
+                self.finetune = str(in_save_dir)
         if self.cross_layer < 0:
             raise ValueError("--cross_layer must be >= 0")
         # the trainer checks the coders (transcoders) once the recipe's defaults apply
@@ -620,7 +627,7 @@ def resolve_recipe(
 
 def choose_hookpoints(
     args: RunConfig,
-    model: nn.Module,
+    model: PreTrainedModel,
     recipe: Recipe,
     saved: dict[str, Any] | None,
     given: set[str],
@@ -696,7 +703,7 @@ def build_run_coders(args: RunConfig, d_in: int, device: str) -> CoderSet:
 
 def build_trainer(
     args: RunConfig,
-    model: nn.Module,
+    model: PreTrainedModel,
     coders: CoderSet,
     total: int | None,
     run_dir: Path,
@@ -722,7 +729,7 @@ def build_trainer(
     elif args.finetune and isinstance(coders, ShardedCoders):
         load_owned_tensors(coders, args.finetune)
     elif args.finetune:
-        load_for_finetune(coders, args.finetune, device)
+        load_for_finetune(whole_coders(coders), args.finetune, device)
     return trainer
 
 
@@ -762,7 +769,10 @@ class CheckpointWriter:
         state = partial(self.write_state, trainer, params, trainer.summary())
         with eval_weights(trainer.optimizers):
             save_coders(
-                trainer.coders, self.run_dir, config=run_config_dict(self.args), write_extra=state
+                whole_coders(trainer.coders),
+                self.run_dir,
+                config=run_config_dict(self.args),
+                write_extra=state,
             )
 
     def write_state(

@@ -56,7 +56,7 @@ class CLTInference:
             case "triton":
                 from vlm_sparsify.triton_decode import check_available
 
-                check_available(clt.sources[0].encoder.weight.device)
+                check_available(clt.source(0).encoder.weight.device)
             case other:
                 raise ValueError(
                     f"Unknown CLT inference kernel '{other}'; use embedding_bag or triton"
@@ -64,20 +64,20 @@ class CLTInference:
         self.kernel: Kernel = kernel
         self.clt = clt
         self._key = _weights_key(clt)
-        self.encoder_dtype = _encoder_dtype(clt.sources[0].encoder.weight)
+        self.encoder_dtype = _encoder_dtype(clt.source(0).encoder.weight)
         self.encoders = [
             (
                 source.encoder.weight.detach().to(self.encoder_dtype),
                 source.encoder.bias.detach().to(self.encoder_dtype),
             )
-            for source in clt.sources
+            for source in clt.source_modules()
         ]
         self._offset_cache: dict[tuple, Tensor] = {}
         # read once: module attribute lookups cost more than a decoding step's tensor work
-        self.n_targets = [source.n_targets for source in clt.sources]
+        self.n_targets = [source.n_targets for source in clt.source_modules()]
         self._k, self._activation = clt.cfg.k, clt.cfg.activation
         # per-target activation offsets make a source's decode non-linear in its activations
-        self._direct = [kernel == "triton" and s.post_encs is None for s in clt.sources]
+        self._direct = [kernel == "triton" and s.post_encs is None for s in clt.source_modules()]
         self._target_biases: Tensor | None = None
         self.decoders: dict[int, tuple[Tensor, Tensor] | None] = {}
         """Per source, once it has decoded: (wide decoders [M, n * d], biases [n * d] float32),
@@ -90,7 +90,7 @@ class CLTInference:
         total = sum(w.nbytes + b.nbytes for w, b in filter(None, self.decoders.values()))
         if self._target_biases is not None:
             total += self._target_biases.nbytes
-        if self.encoder_dtype != self.clt.sources[0].encoder.weight.dtype:
+        if self.encoder_dtype != self.clt.source(0).encoder.weight.dtype:
             total += sum(w.nbytes + b.nbytes for w, b in self.encoders)
         return total
 
@@ -100,14 +100,16 @@ class CLTInference:
         are summed (`nbytes` then)."""
         total = len(clt.hookpoints) * clt.d_in * 4 + sum(
             W.nbytes + b.numel() * 4  # biases are copied in float32
-            for s in clt.sources
+            for s in clt.source_modules()
             if s.post_encs is None  # decoded target by target: not copied
             for W, b in zip(s.W_decs, s.b_decs, strict=True)
         )
-        weight = clt.sources[0].encoder.weight
+        weight = clt.source(0).encoder.weight
         dtype = _encoder_dtype(weight)
         if dtype != weight.dtype:
-            encoders = sum(s.encoder.weight.numel() + s.encoder.bias.numel() for s in clt.sources)
+            encoders = sum(
+                s.encoder.weight.numel() + s.encoder.bias.numel() for s in clt.source_modules()
+            )
             total += encoders * dtype.itemsize
         return total
 
@@ -130,7 +132,7 @@ class CLTInference:
             self.decoders[p] = self._wide(p)
         decoders = self.decoders[p]
         if decoders is None:
-            source = self.clt.sources[p]
+            source = self.clt.source(p)
             parts = source.decode(top_acts, top_indices, embedding_bag=True, bias=bias)
             return torch.stack(parts, 1)
         wide, biases = decoders
@@ -157,9 +159,9 @@ class CLTInference:
         if self._target_biases is None:
             clt = self.clt
             totals = torch.zeros(
-                len(clt.hookpoints), clt.d_in, device=clt.sources[0].encoder.weight.device
+                len(clt.hookpoints), clt.d_in, device=clt.source(0).encoder.weight.device
             )
-            for p, source in enumerate(clt.sources):
+            for p, source in enumerate(clt.source_modules()):
                 for i, b_dec in enumerate(source.b_decs):
                     totals[p + i] += b_dec.detach().float()
             self._target_biases = totals
@@ -214,7 +216,7 @@ class CLTInference:
 
     @torch.no_grad()
     def _wide(self, p: int) -> tuple[Tensor, Tensor] | None:
-        source = self.clt.sources[p]
+        source = self.clt.source(p)
         if source.post_encs is not None:
             return None
         wide = torch.cat([W.detach() for W in source.W_decs], dim=1)

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from sparsify import SparseCoder, SparseCoderConfig
 from torch import Tensor
 
+from vlm_sparsify.coder_set import CoderSet
 from vlm_sparsify.cross_layer import (
     CLTSource,
     CrossLayerTranscoder,
@@ -45,6 +46,14 @@ Coders = PerLayerCoders | CrossLayerTranscoder
 """A whole coder set in one process, as `load_coders` returns it: the two implementations of
 `coder_set.InferenceCoderSet` (the sharded ones, `ShardedCLT` / `ShardedPerLayer`, implement
 only the training half, `coder_set.CoderSet`, and are saved by `sharded_checkpoint`)."""
+
+
+def whole_coders(coders: CoderSet) -> Coders:
+    """`coders` as the whole coder set it is; a sharded one (or another kind) is a TypeError."""
+    if not isinstance(coders, PerLayerCoders | CrossLayerTranscoder):
+        raise TypeError(f"expected a whole coder set in one process, got {type(coders).__name__}")
+    return coders
+
 
 # clt-training stores these as aliases of index 0 (`W_dec` is `W_decs.0`): never needed
 _CLT_TRAINING_ALIASES = ("W_dec", "b_dec", "W_skip")
@@ -252,8 +261,8 @@ def load_coders(
     return _load_per_layer(run_dir, order, device, dtype)
 
 
-def _first_source(coders: Coders) -> torch.nn.Module:
-    return coders.sources[0] if isinstance(coders, CrossLayerTranscoder) else coders.coders[0]
+def _first_source(coders: Coders) -> SparseCoder | CLTSource:
+    return coders.source(0) if isinstance(coders, CrossLayerTranscoder) else coders.coder(0)
 
 
 def source_weights(coders: Coders, p: int) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:

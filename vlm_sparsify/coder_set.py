@@ -5,8 +5,8 @@ A leaf module: the coder sets (`PerLayerCoders`, `CrossLayerTranscoder`, `Sharde
 `ShardedPerLayer`) import it, it imports none of them.
 """
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from sparsify import SparseCoderConfig
 from sparsify.fused_encoder import EncoderOutput
@@ -109,6 +109,30 @@ class CoderSet(Protocol):
     def before_optimizer_step(self) -> None:
         """sparsify's pre-step hook (SAEs keep unit-norm decoder rows)."""
         ...
+
+    # every coder set is an nn.Module: what training calls of the Module
+
+    def __call__(
+        self,
+        inputs: list[Tensor],
+        outputs: list[Tensor],
+        total_variances: list[Tensor] | None = None,
+        dead_masks: list[Tensor] | None = None,
+    ) -> CoderSetOutput:
+        """`forward` through the Module's hooks."""
+        ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
+
+    def named_parameters(
+        self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_dict(self, *, prefix: str = "", keep_vars: bool = False) -> dict[str, Any]: ...
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any: ...
 
 
 @runtime_checkable

@@ -218,6 +218,10 @@ class CrossLayerTranscoder(nn.Module):
         """Source p's module."""
         return cast(CLTSource, self.sources[p])
 
+    def source_modules(self) -> list[CLTSource]:
+        """Every source's module, in model order."""
+        return [self.source(p) for p in range(len(self.sources))]
+
     def items(self) -> list[tuple[str, CLTSource]]:
         return [(hookpoint, self.source(p)) for p, hookpoint in enumerate(self.hookpoints)]
 

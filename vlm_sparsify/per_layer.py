@@ -76,7 +76,7 @@ class PerLayerCoders(nn.Module):
     ) -> None:
         """sparsify.Trainer's step-0 init: centre the encoder (transcoders), b_dec = mean(y)."""
         reduce_mean = reduce_mean or (lambda t: t)
-        for x, y, coder in zip(inputs, outputs, self.coders, strict=True):
+        for x, y, (_, coder) in zip(inputs, outputs, self.items(), strict=True):
             if self.cfg.transcode:
                 centre_encoder(coder.encoder, reduce_mean(x.mean(0)).to(coder.dtype))
             coder.b_dec.data = reduce_mean(y.mean(0)).to(coder.dtype)

@@ -52,6 +52,7 @@ from vlm_sparsify.sharding import (
     Features,
     ShardedCoders,
     gather_rows,
+    gathered,
     shard_layers,
     share_features,
     sum_at,
@@ -220,7 +221,7 @@ class ShardedCLT(ShardedCoders):
         for p in self.owned:
             encoder = self.layer(p).encoder
             encoded[p] = encode_topk(
-                world_x[p], encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation
+                gathered(world_x[p]), encoder.weight, encoder.bias, self.cfg.k, self.cfg.activation
             )
         n_world, k = sum(counts), self.cfg.k
         device = inputs[0].device
@@ -251,7 +252,7 @@ class ShardedCLT(ShardedCoders):
                     auxk_loss(
                         self.decoder(p, p)[0],
                         encoded[p].pre_acts.detach(),  # the fused encoder ignores its gradient
-                        world_y[p] - preds[p],
+                        gathered(world_y[p]) - preds[p],
                         total_variances[p],
                         dead,
                     )

@@ -11,13 +11,21 @@ all-reduced: each coder lives on one process and its gradient comes from the who
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from sparsify import SparseCoder, SparseCoderConfig
 from torch import Tensor
 
 from vlm_sparsify.coder_set import CoderSetOutput, MeanReducer, centre_encoder, total_variance
 from vlm_sparsify.per_layer import PerLayerCoders
-from vlm_sparsify.sharding import ShardedCoders, gather_rows, share_features, token_counts
+from vlm_sparsify.sharding import (
+    ShardedCoders,
+    gather_rows,
+    gathered,
+    share_features,
+    token_counts,
+)
 
 
 class ShardedPerLayer(ShardedCoders):
@@ -97,14 +105,20 @@ class ShardedPerLayer(ShardedCoders):
         )
         owned = self.owned
 
-        def pick(values: list[Tensor] | None) -> list[Tensor] | None:
-            return None if values is None else [values[p] for p in owned]  # type: ignore[misc]
+        def pick(values: Sequence[Tensor | None]) -> list[Tensor]:
+            """The owned layers' entries (rows gathered here, never None)."""
+            return [gathered(values[p]) for p in owned]
 
         if total_variances is None:
             total_variances = [
                 torch.zeros((), device=device) if y is None else total_variance(y) for y in world_y
             ]
-        out = self.local(pick(world_x), pick(world_y), pick(total_variances), pick(dead_masks))  # type: ignore[arg-type]
+        out = self.local(
+            pick(world_x),
+            pick(world_y),
+            pick(total_variances),
+            None if dead_masks is None else pick(dead_masks),
+        )
         mine = {p: i for i, p in enumerate(owned)}
         zero = torch.zeros((), device=device)
         width = out.latent_indices[0].shape[-1] if owned else self.cfg.k
@@ -122,19 +136,20 @@ class ShardedPerLayer(ShardedCoders):
         ]
         everyone = range(len(self.hookpoints))
 
-        def spread(values: Tensor | None) -> Tensor | None:
+        def spread(values: Tensor) -> Tensor:
             """Per-hookpoint figures of the owned coders, zero for the others."""
-            if values is None:
-                return None
             return torch.stack([values[mine[p]] if p in mine else zero for p in everyone])
 
+        def spread_optional(values: Tensor | None) -> Tensor | None:
+            return None if values is None else spread(values)
+
         return CoderSetOutput(
-            spread(out.fvu),  # type: ignore[arg-type]
+            spread(out.fvu),
             [f.values[lo:hi] for f in features],
             [f.indices[lo:hi] for f in features],
             [out.predictions[mine[p]] if p in mine else outputs[p][:0] for p in everyone],
-            spread(out.auxk_loss),
-            spread(out.multi_topk_fvu),
+            spread_optional(out.auxk_loss),
+            spread_optional(out.multi_topk_fvu),
         )
 
     @torch.no_grad()

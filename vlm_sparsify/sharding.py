@@ -16,6 +16,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from sparsify import SparseCoderConfig
 from torch import Tensor, nn
 
 
@@ -77,6 +78,12 @@ def shard_layers(weights: list[int], world: int) -> list[int]:
 class ShardedCoders(nn.Module):
     """Base of the sharded coder sets: `owners[l]` is the rank holding layer l, `owned` this
     process's layers."""
+
+    # set by both subclasses
+    cfg: SparseCoderConfig
+    d_in: int
+    device: torch.device
+    dtype: torch.dtype
 
     def __init__(self, hookpoints: list[str], weights: list[int]):
         super().__init__()
@@ -155,6 +162,13 @@ def gather_rows(x: Tensor, counts: list[int], dst: int) -> Tensor | None:
     if parts is None:
         return None
     return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
+
+
+def gathered(rows: Tensor | None) -> Tensor:
+    """`gather_rows`' result at its `dst` (this process), where it is never None."""
+    if rows is None:
+        raise RuntimeError("these rows were gathered at another process")
+    return rows
 
 
 def sum_at(x: Tensor, dst: int) -> Tensor:

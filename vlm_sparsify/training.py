@@ -13,11 +13,12 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from schedulefree import ScheduleFreeWrapper
+from sparsify import SparseCoder
 from sparsify.config import SparseCoderConfig, TrainConfig
 from sparsify.muon import Muon
 from sparsify.sign_sgd import SignSGD
@@ -26,8 +27,9 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from vlm_sparsify.cli import interrupts_deferred
+from vlm_sparsify.coder_io import whole_coders
 from vlm_sparsify.coder_set import CoderSet, MeanReducer, total_variance
-from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.cross_layer import CLTSource, CrossLayerTranscoder
 from vlm_sparsify.data import shared_prefix_length
 from vlm_sparsify.end_to_end import check_end_to_end, end_to_end_sum
 from vlm_sparsify.per_layer import PerLayerCoders
@@ -36,6 +38,9 @@ from vlm_sparsify.schedule_free import ScheduleFreeSignSGD
 from vlm_sparsify.sharded_clt import ShardedCLT
 from vlm_sparsify.sharded_per_layer import ShardedPerLayer
 from vlm_sparsify.sharding import ShardedCoders
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -89,13 +94,17 @@ def build_coders(
     )
 
 
-def coder_modules(coders: CoderSet) -> list[nn.Module]:
+def coder_modules(coders: CoderSet) -> list[SparseCoder | CLTSource]:
     """One module per source (per owned layer when sharded): one optimizer parameter group."""
     if isinstance(coders, ShardedCLT):
-        return list(coders.layers.values())
+        return [coders.layer(t) for t in coders.owned]
     if isinstance(coders, ShardedPerLayer):
-        return list(coders.local.coders)
-    return list(coders.coders if isinstance(coders, PerLayerCoders) else coders.sources)
+        coders = coders.local
+    if isinstance(coders, PerLayerCoders):
+        return [coders.coder(p) for p in range(len(coders.hookpoints))]
+    if isinstance(coders, CrossLayerTranscoder):
+        return coders.source_modules()
+    raise TypeError(f"unknown coder set {type(coders).__name__}")
 
 
 def build_optimizers(
@@ -136,7 +145,7 @@ def build_optimizers(
 
 @torch.no_grad()
 def collect_activations(
-    model: nn.Module,
+    model: PreTrainedModel,
     hookpoints: list[str],
     inputs: dict[str, Tensor],
     mask: Tensor,
@@ -152,7 +161,7 @@ def collect_activations(
 
 @torch.no_grad()
 def collect_activations_and_logits(
-    model: nn.Module,
+    model: PreTrainedModel,
     hookpoints: list[str],
     inputs: dict[str, Tensor],
     mask: Tensor,
@@ -163,7 +172,7 @@ def collect_activations_and_logits(
 
 
 def _forward_with_capture(
-    model: nn.Module,
+    model: PreTrainedModel,
     hookpoints: list[str],
     inputs: dict[str, Tensor],
     mask: Tensor,
@@ -175,19 +184,22 @@ def _forward_with_capture(
     last = hookpoints[-1]
 
     def make_hook(name: str):
+        expected = (*mask.shape, width)
+
+        def checked(what: str, t: Any) -> Tensor:
+            if not isinstance(t, Tensor) or tuple(t.shape) != expected:
+                shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise HookpointError(
+                    f"hookpoint {name}: its {what} is {shape}, not [batch, seq, "
+                    f"{width}]; coders train on modules that read and write the residual "
+                    "stream, such as the MLPs"
+                )
+            return t
+
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             # decoder layers pass attention its hidden states by keyword
-            x = args[0] if args else kwargs.get("hidden_states")
-            y = output[0] if isinstance(output, tuple) else output
-            expected = (*mask.shape, width)
-            for what, t in (("input", x), ("output", y)):
-                if not isinstance(t, Tensor) or tuple(t.shape) != expected:
-                    shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                    raise HookpointError(
-                        f"hookpoint {name}: its {what} is {shape}, not [batch, seq, "
-                        f"{width}]; coders train on modules that read and write the residual "
-                        "stream, such as the MLPs"
-                    )
+            x = checked("input", args[0] if args else kwargs.get("hidden_states"))
+            y = checked("output", output[0] if isinstance(output, tuple) else output)
             captured[name] = (x.flatten(0, 1)[flat_mask], y.flatten(0, 1)[flat_mask])
             if stop_early and name == last:
                 raise _StopForward
@@ -351,7 +363,12 @@ class StepMark(NamedTuple):
     def restore(self, state: TrainingState) -> None:
         state.global_step, state.batches_seen = self.global_step, self.batches_seen
         state.examples_seen, state.tokens_seen = self.examples_seen, self.tokens_seen
-        histories = (state.skipped, state.fvu_history, state.l0_history, state.loss_history)
+        histories: tuple[list[Any], ...] = (
+            state.skipped,
+            state.fvu_history,
+            state.l0_history,
+            state.loss_history,
+        )
         for history, length in zip(histories, self.lengths, strict=True):
             del history[length:]
         for counts, saved in zip(state.tokens_since_fired, self.tokens_since_fired, strict=True):
@@ -437,7 +454,7 @@ def eval_weights(optimizers: list[Any]) -> Iterator[None]:
 class Trainer:
     """Drives the loop over a stream of batches; checkpoints through a callback."""
 
-    model: nn.Module
+    model: PreTrainedModel
     coders: CoderSet
     cfg: TrainConfig
     optimizers: list[Any]
@@ -750,9 +767,10 @@ class Trainer:
         """Backward of the end-to-end loss (docs: end_to_end.py); returns its global mean
         (`model_inputs` None: this rank has no examples this step and only joins the sums)."""
         if self._replacement is None:
-            # training sends gradients into the coders' own weights: no inference copies
+            # training sends gradients into the coders' own weights: no inference copies (and
+            # whole coders: sparsify's TrainConfig refuses --distribute_modules with kl / ce)
             self._replacement = ReplacementModel(
-                self.model, self.coders, mode="open-loop", decoder="per-target"
+                self.model, whole_coders(self.coders), mode="open-loop", decoder="per-target"
             )
         if model_inputs is None or mask is None:
             device = next(self.coders.parameters()).device
