@@ -53,13 +53,13 @@ def token_regions(
 
 def region_ranges(codes: Tensor) -> Regions:
     """Runs of equal region code in a 1-D tensor, as `{region: [(start, stop), ...]}`."""
-    codes = codes.tolist()
+    values: list[int] = codes.tolist()
     ranges: Regions = {name: [] for name in REGIONS[1:]}
     start = 0
-    for i in range(1, len(codes) + 1):
-        if i == len(codes) or codes[i] != codes[start]:
-            if codes[start] != REGION_CODE["pad"]:
-                ranges[REGIONS[codes[start]]].append((start, i))
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            if values[start] != REGION_CODE["pad"]:
+                ranges[REGIONS[values[start]]].append((start, i))
             start = i
     return ranges
 
@@ -170,10 +170,11 @@ class FeatureCapture:
             if chunk.token_ids is not None:
                 token_ids[:, span] = chunk.token_ids.cpu()
             for s in range(self.num_sources):
-                if chunk.indices[s] is None:
+                chunk_indices, chunk_values = chunk.indices[s], chunk.values[s]
+                if chunk_indices is None or chunk_values is None:
                     raise RuntimeError(f"source {s} recorded nothing in a forward; hooks missing?")
-                indices[:, span, s] = chunk.indices[s].cpu()
-                values[:, span, s] = chunk.values[s].cpu()
+                indices[:, span, s] = chunk_indices.cpu()
+                values[:, span, s] = chunk_values.cpu()
         if sequence.stops is not None:
             after = torch.arange(length) >= torch.tensor(sequence.stops)[:, None]
             codes = codes.masked_fill(after, REGION_CODE["pad"])

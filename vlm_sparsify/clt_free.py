@@ -283,10 +283,10 @@ class FeatureSteerer(nn.Module):
                 part = delta @ self._buffer(hookpoint, f"decoder.{i}")
                 before = self._pending.get(target)
                 self._pending[target] = part if before is None else before + part
-        part = self._pending.pop(hookpoint, None)
-        if part is None:
+        pending = self._pending.pop(hookpoint, None)
+        if pending is None:
             return None
-        return output + part.view(output.shape).to(output.dtype)
+        return output + pending.view(output.shape).to(output.dtype)
 
 
 def _key(hookpoint: str) -> str:

@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
             "(fvu_topk) as well as the export's",
             stacklevel=1,
         )
+    outputs: list[Tensor] | None
     if args.calibration is None:
         from vlm_sparsify.run_activations import run_activations
 

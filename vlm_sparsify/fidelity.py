@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,12 @@ from vlm_sparsify.data import (
 )
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
+from vlm_sparsify.positions import generate_method
 from vlm_sparsify.recipe import Recipe, find_recipe, run_recipe
 from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel, has_submodule
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 REGIONS = ("image", "prompt", "answer")
 
@@ -124,9 +128,7 @@ class _LayerRecorder:
 
 
 @torch.no_grad()
-def layer_predictions(
-    coders: nn.Module, inputs: list[Tensor], outputs: list[Tensor]
-) -> list[Tensor]:
+def layer_predictions(coders: Coders, inputs: list[Tensor], outputs: list[Tensor]) -> list[Tensor]:
     """Each target's prediction from the recorded rows of every source reaching it: the MLP
     inputs for transcoders, the MLP outputs for SAEs."""
     dtype = next(coders.parameters()).dtype
@@ -288,7 +290,7 @@ class FidelityTotals:
 
 @torch.no_grad()
 def measure_fidelity(
-    model: nn.Module,
+    model: PreTrainedModel,
     processor: Any,
     recipe: Recipe,
     coders: Coders,
@@ -314,7 +316,8 @@ def measure_fidelity(
             encode_example(Example(e.id, e.image, e.question), processor, recipe, ctx_len)
             for e in chunk
         ]
-        inputs = {k: v.to(device) for k, v in collate(full, pad_id).items()}
+        # model inputs, spread into calls (typed Any: a tensor could not fill `interventions`)
+        inputs: dict[str, Any] = {k: v.to(device) for k, v in collate(full, pad_id).items()}
         base = model(**inputs).logits
         recorder = _LayerRecorder(model, coders.hookpoints)
         try:
@@ -331,9 +334,13 @@ def measure_fidelity(
             {name: rows.reshape(-1) for name, rows in row_masks.items()},
             unembedding,
         )
-        generation_inputs = {k: v.to(device) for k, v in left_pad(collate(prompts, pad_id)).items()}
-        settings = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-        base_tokens = model.generate(**generation_inputs, **settings)
+        generation_inputs: dict[str, Any] = {
+            k: v.to(device) for k, v in left_pad(collate(prompts, pad_id)).items()
+        }
+        settings: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id
+        )
+        base_tokens = generate_method(model)(**generation_inputs, **settings)
         replaced_tokens = replacement.generate(**generation_inputs, **settings)
         prompt_length = generation_inputs["input_ids"].shape[1]
         for a, b in zip(base_tokens, replaced_tokens, strict=True):
@@ -522,9 +529,9 @@ def _print_table(result: dict[str, Any]) -> None:
     ):
         print(f"  {title:<{width + 2}}  {columns}")
         for hookpoint, value in result[key].items():
-            by_region = [result[f"{key}_by_region"][name][hookpoint] for name in REGIONS]
+            per_region = [result[f"{key}_by_region"][name][hookpoint] for name in REGIONS]
             print(
-                f"    {hookpoint:<{width}}  {number(value)}  " + "  ".join(map(number, by_region))
+                f"    {hookpoint:<{width}}  {number(value)}  " + "  ".join(map(number, per_region))
             )
 
 

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, cast
 
 from torch import nn
 
 from vlm_sparsify.recipe import Recipe
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+def _layer_list(model: nn.Module, path: str) -> nn.ModuleList:
+    """The layers at `path`, a ModuleList path that `_first_existing` returned."""
+    return cast(nn.ModuleList, model.get_submodule(path))
 
 
 def _first_existing(model: nn.Module, candidates: tuple[str, ...], what: str) -> str:
@@ -27,15 +36,15 @@ def decoder_layers_path(model: nn.Module, recipe: Recipe) -> str:
     return _first_existing(model, recipe.decoder_layers, "decoder-layer")
 
 
-def num_text_layers(model: nn.Module) -> int:
+def num_text_layers(model: PreTrainedModel) -> int:
     """Layer count of the language model (`LlavaConfig` has no `num_hidden_layers`)."""
     return int(model.config.get_text_config().num_hidden_layers)
 
 
-def mlp_hookpoints(model: nn.Module, recipe: Recipe) -> list[str]:
+def mlp_hookpoints(model: PreTrainedModel, recipe: Recipe) -> list[str]:
     """Every language-model MLP, in layer order."""
     layers = decoder_layers_path(model, recipe)
-    count = len(model.get_submodule(layers))
+    count = len(_layer_list(model, layers))
     expected = num_text_layers(model)
     if count != expected:
         raise ValueError(f"{layers} holds {count} layers but the text config says {expected}")
@@ -55,11 +64,11 @@ def vision_layer_paths(model: nn.Module, recipe: Recipe) -> list[str]:
     if not recipe.vision_layers:
         return []
     layers = _first_existing(model, recipe.vision_layers, "vision-layer")
-    return [f"{layers}.{i}" for i in range(len(model.get_submodule(layers)))]
+    return [f"{layers}.{i}" for i in range(len(_layer_list(model, layers)))]
 
 
 def select_hookpoints(
-    model: nn.Module,
+    model: PreTrainedModel,
     recipe: Recipe,
     hookpoints: list[str] | None = None,
     layers: list[int] | None = None,
@@ -80,12 +89,12 @@ def select_hookpoints(
                 f"e.g. '{example}'"
             )
         # coders train on the language model's token positions, inside its decoder layers
-        layers = decoder_layers_path(model, recipe)
-        outside = [name for name in found if not name.startswith(f"{layers}.")]
+        decoder = decoder_layers_path(model, recipe)
+        outside = [name for name in found if not name.startswith(f"{decoder}.")]
         if outside:
             raise ValueError(
                 f"--hookpoints {hookpoints} match {outside[:3]}, outside the language model's "
-                f"decoder layers ({layers}); coders train on modules of those layers, e.g. "
+                f"decoder layers ({decoder}); coders train on modules of those layers, e.g. "
                 f"'{example}'"
             )
         return found[::layer_stride]

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -88,6 +88,11 @@ class Intervention:
         if len(values) not in (1, len(features)):
             raise ValueError(f"give one value or one per feature ({len(features)}), got {values}")
         object.__setattr__(self, "value", values[0] if len(values) == 1 else values)
+
+    @property
+    def feature_indices(self) -> tuple[int, ...]:
+        """`features` as `__post_init__` stores them: distinct ints, at least one."""
+        return cast(tuple[int, ...], self.features)
 
     def source_positions(self, hookpoints: Sequence[str]) -> list[int]:
         """Positions of the source hookpoints this intervention edits."""
@@ -197,13 +202,13 @@ def apply_interventions(
     for intervention in interventions:
         features, value, codes = _as_tensors(intervention, top_acts.device, top_acts.dtype)
         rows = None
-        if codes is not None and token_regions is None:
-            raise ValueError(
-                f"{intervention} edits some token regions, but this forward's regions are unknown "
-                "(a submodule such as the language model called alone, or a forward without "
-                "input_ids or inputs_embeds): call the root model"
-            )
         if codes is not None:
+            if token_regions is None:
+                raise ValueError(
+                    f"{intervention} edits some token regions, but this forward's regions are "
+                    "unknown (a submodule such as the language model called alone, or a forward "
+                    "without input_ids or inputs_embeds): call the root model"
+                )
             rows = torch.isin(token_regions, codes)
             if intervention.at_decision:
                 if decision is None:

@@ -136,8 +136,10 @@ class SequencePositions:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
             # a static cache's length is a tensor that grows in place: read it now
             past = int(cache.get_seq_length()) if cache is not None else 0
-            is_4d = isinstance(mask, Tensor) and mask.ndim == 4 and mask.shape[-1] >= past + n
-            mask = _mask_of_4d(mask, past, n) if is_4d else None
+            if isinstance(mask, Tensor) and mask.ndim == 4 and mask.shape[-1] >= past + n:
+                mask = _mask_of_4d(mask, past, n)
+            else:
+                mask = None
         # generate() without a KV cache re-runs the whole sequence: still the same sequence
         if self._generate_prompt_length is not None:
             self.new_sequence = not self._generate_started
@@ -159,6 +161,14 @@ def _mask_of_4d(mask: Tensor, past: int, n: int) -> Tensor:
     return torch.cat([own.new_ones(own.shape[0], past), own], 1).long()
 
 
+def generate_method(model: nn.Module) -> Callable[..., Any]:
+    """`model.generate` (a transformers model's, from `GenerationMixin`)."""
+    generate = model.generate
+    if not callable(generate):  # nn.Module types an attribute as a tensor or a module
+        raise TypeError(f"{type(model).__name__} has no generate method")
+    return generate
+
+
 class _GenerateWrapper:
     """Calls `generating(prompt_length)` around every `model.generate`, until `remove()`.
 
@@ -171,7 +181,7 @@ class _GenerateWrapper:
         self.model, self.generating = model, generating
         if _GENERATE_HOOKS not in model.__dict__:
             callbacks: list[Callable[[int], Any]] = []
-            original = model.generate
+            original = generate_method(model)
 
             @wraps(original)
             def generate(*args: Any, **kwargs: Any) -> Any:

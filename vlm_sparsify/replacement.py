@@ -32,15 +32,16 @@ from functools import partial
 from typing import Any, Literal, get_args
 
 import torch
+from sparsify import SparseCoder
 from torch import Tensor, nn
 
 from vlm_sparsify.capture import FeatureCapture
 from vlm_sparsify.clt_inference import CLTInference, Kernel
 from vlm_sparsify.coder_io import Coders
-from vlm_sparsify.cross_layer import CrossLayerTranscoder, free_memory_bytes
+from vlm_sparsify.cross_layer import CLTSource, CrossLayerTranscoder, free_memory_bytes
 from vlm_sparsify.decode_graphs import DecodeGraphs
 from vlm_sparsify.interventions import Intervention, apply_interventions
-from vlm_sparsify.positions import SequencePositions
+from vlm_sparsify.positions import SequencePositions, generate_method
 from vlm_sparsify.triton_decode import available as triton_available
 
 Mode = Literal["open-loop", "error", "off"]
@@ -213,7 +214,7 @@ class ReplacementModel:
             )
         per_source: list[list[Intervention]] = [[] for _ in self.hookpoints]
         for intervention in interventions:
-            highest = max(intervention.features)  # type: ignore[type-var]
+            highest = max(intervention.feature_indices)
             for p in intervention.source_positions(self.hookpoints):
                 if highest >= self._widths[p]:
                     raise ValueError(
@@ -675,7 +676,8 @@ class ReplacementModel:
             )
         prompt_length = tokens.shape[1]
         with self._hooked(), self.intervene(interventions):
-            output = self.model.generate(*args, **kwargs)  # the prompt length: SequencePositions
+            # read inside: the hooks wrap `generate` (the prompt length: SequencePositions)
+            output = generate_method(self.model)(*args, **kwargs)
         if self._capture is not None:
             sequences = output if isinstance(output, Tensor) else output.sequences
             self._capture.end_sequence(self._response_stops(sequences, prompt_length, kwargs))
@@ -721,7 +723,9 @@ def _as_list(interventions: Intervention | Sequence[Intervention]) -> list[Inter
     return interventions
 
 
-def _check_width(module: nn.Module, hookpoint: str, source: nn.Module, reads_output: bool) -> None:
+def _check_width(
+    module: nn.Module, hookpoint: str, source: SparseCoder | CLTSource, reads_output: bool
+) -> None:
     """Clear error when a coder's width is not its MLP's (coders of another model)."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -742,13 +746,13 @@ class _ForwardOverride:
     def __init__(self, module: nn.Module, forward: Any):
         self.module = module
         self.before = module.__dict__.get("forward")
-        module.forward = forward  # type: ignore[method-assign]
+        module.forward = forward
 
     def remove(self) -> None:
         if self.before is None:
             del self.module.forward
         else:
-            self.module.forward = self.before  # type: ignore[method-assign]
+            self.module.forward = self.before
 
 
 def has_submodule(model: nn.Module, path: str) -> bool:
