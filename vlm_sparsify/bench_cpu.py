@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,12 +23,17 @@ from vlm_sparsify.bench_steps import (
     sharded_vs_data_parallel,
     train_config,
 )
+from vlm_sparsify.coder_io import Coders
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
 from vlm_sparsify.data import BatchStream, Example, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import Recipe, find_recipe
-from vlm_sparsify.replacement import ReplacementModel
+from vlm_sparsify.replacement import Mode, ReplacementModel
 from vlm_sparsify.topk_encoder import topk_rows
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ class CpuSizes:
         )
 
 
-def load_bench_model() -> tuple[nn.Module, Any, Recipe, str]:
+def load_bench_model() -> tuple[PreTrainedModel, Any, Recipe, str]:
     """The shipped tiny easy-VQA LLaVA; until it exists, a random model of its architecture."""
     recipe = find_recipe("tiny_llava")
     if (Path(DEFAULT_MODEL) / "config.json").is_file():
@@ -90,7 +95,7 @@ def load_bench_model() -> tuple[nn.Module, Any, Recipe, str]:
 
 
 def easyvqa_batch(
-    examples: list[Example], processor: Any, recipe: Recipe, model: nn.Module
+    examples: list[Example], processor: Any, recipe: Recipe, model: PreTrainedModel
 ) -> dict[str, Any]:
     """One training batch (image + question + answer) through the real pipeline."""
     stream = BatchStream(
@@ -135,7 +140,7 @@ def pruned_vs_torch_topk(rows: int, latents: int, k: int, pairs: int) -> Paired:
 
 def store_bytes_per_active(
     model: nn.Module,
-    coders: nn.Module,
+    coders: Coders,
     examples: list[Example],
     processor: Any,
     recipe: Recipe,
@@ -152,8 +157,10 @@ def store_bytes_per_active(
         for first in range(0, len(examples), batch_size):
             chunk = examples[first : first + batch_size]
             with replacement.capture() as features:
+                # model inputs (typed Any: a tensor could not fill `interventions`)
+                inputs: dict[str, Any] = generation_inputs(chunk, processor, recipe)
                 replacement.generate(
-                    **generation_inputs(chunk, processor, recipe),
+                    **inputs,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                 )
@@ -218,19 +225,30 @@ def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
     # (c, d) generation: replacement (CLT) vs base; capture on vs off
     log("(c) replacement vs base generate ...")
     inputs = generation_inputs(examples[: sizes.generate_batch], processor, recipe)
-    gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
-    for key, mode, capture in (
+    clt_coders = clt.coders
+    if not isinstance(clt_coders, CrossLayerTranscoder):  # built without `distribute`
+        raise TypeError(f"expected a CrossLayerTranscoder, got {type(clt_coders).__name__}")
+    generations: tuple[tuple[str, Mode, bool], ...] = (
         ("replacement_vs_base_generate", "open-loop", False),
         ("replacement_error_vs_base_generate", "error", False),
         ("capture_vs_base_generate", "off", True),
         ("replacement_capture_vs_base_generate", "open-loop", True),
-    ):
-        timing = benchmark_generate(model, clt.coders, inputs, mode=mode, capture=capture, **gen)
+    )
+    for key, mode, capture in generations:
+        timing = benchmark_generate(
+            model,
+            clt_coders,
+            inputs,
+            mode=mode,
+            capture=capture,
+            max_new_tokens=sizes.max_new_tokens,
+            repeats=sizes.generate_repeats,
+        )
         results[key] = timing["ratio"]
         details[key] = timing
 
     # (c') the encoder's top-k alone, at the prefill's and a decoding step's row counts
-    latents = clt.coders.num_latents
+    latents = clt_coders.num_latents
     for key, rows in (
         ("topk_pruned_vs_torch_prefill", inputs["input_ids"].numel()),
         ("topk_pruned_vs_torch_decode", sizes.generate_batch),
@@ -243,7 +261,7 @@ def run_cpu(sizes: CpuSizes, log: Any) -> dict[str, Any]:
     log("(e) feature store bytes ...")
     results["store_bytes_per_active"] = store_bytes_per_active(
         model,
-        clt.coders,
+        clt_coders,
         examples[: sizes.store_samples],
         processor,
         recipe,

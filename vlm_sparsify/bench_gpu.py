@@ -30,10 +30,9 @@ from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from vlm_sparsify import topk_encoder
@@ -46,13 +45,18 @@ from vlm_sparsify.bench_steps import (
     sync,
     train_config,
 )
+from vlm_sparsify.coder_io import whole_coders
 from vlm_sparsify.cross_layer import training_memory_bytes
 from vlm_sparsify.data import BatchStream, batch_loader, easyvqa_examples, load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
+from vlm_sparsify.random_models import token_id
 from vlm_sparsify.recipe import find_recipe
 from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel
 from vlm_sparsify.training import build_coders
 from vlm_sparsify.triton_decode import runs_on as triton_runs_on
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration
 
 NO_CUDA = (
     "--gpu needs a CUDA device and torch sees none (torch.cuda.is_available() is False); "
@@ -157,7 +161,7 @@ def fit_to_memory(sizes: GpuSizes, memory_bytes: int) -> GpuSizes:
     )
 
 
-def build_llava(sizes: GpuSizes, device: torch.device) -> tuple[nn.Module, Any]:
+def build_llava(sizes: GpuSizes, device: torch.device) -> tuple[LlavaForConditionalGeneration, Any]:
     """Random bf16 LLaVA-1.5 of `sizes` and a processor whose image token matches its config."""
     from transformers import (
         CLIPImageProcessor,
@@ -207,7 +211,7 @@ def build_llava(sizes: GpuSizes, device: torch.device) -> tuple[nn.Module, Any]:
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE),
+        image_token_index=token_id(tokenizer, IMAGE),
         image_seq_length=(sizes.image_size // patch) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -362,7 +366,6 @@ def measure_at_size(
                 hookpoints, sizes.hidden, train_config(bs, ef, sizes.k).sae, sizes.cross_layer,
                 device, decoder_dtype=torch.bfloat16,
             )  # fmt: skip
-        gen = dict(max_new_tokens=sizes.max_new_tokens, repeats=sizes.generate_repeats)
         variants: list[tuple[str, Mode, Decoder, bool]] = [
             # the default: hybrid where triton runs (a CUDA GPU), else fused; decoding steps
             # replayed from CUDA graphs
@@ -375,7 +378,14 @@ def measure_at_size(
         variants.append(("replacement_fused_vs_base_generate", "open-loop", "fused", True))
         for key, mode, decoder, graphs in variants:
             timing = benchmark_generate(
-                model, coders, gen_inputs, mode=mode, decoder=decoder, cuda_graphs=graphs, **gen
+                model,
+                coders,
+                gen_inputs,
+                mode=mode,
+                decoder=decoder,
+                cuda_graphs=graphs,
+                max_new_tokens=sizes.max_new_tokens,
+                repeats=sizes.generate_repeats,
             )
             note(key, timing["ratio"])
             details[key] = timing
@@ -419,15 +429,17 @@ def measure_at_size(
         clt = clt_trainer()
         step = partial(clt.train_on_batch, text_batch)
         step()  # warm-up
-        found = {"clt_step": kernel_profile(step, device, top=40)}
-        coders = clt.coders
+        found: dict[str, Any] = {"clt_step": kernel_profile(step, device, top=40)}
+        coders = whole_coders(clt.coders)
         del clt, step  # the optimizer state: the replacement's copies need the room
         coders.requires_grad_(False)
         for param in coders.parameters():
             param.grad = None
         reset_peak(device)
         new_tokens = max(sizes.max_new_tokens, 2)
-        gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        gen: dict[str, Any] = dict(
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
         replacement = ReplacementModel(model, coders, mode="open-loop")
         with torch.inference_mode():
             for name, generate in (("base", model.generate), ("open_loop", replacement.generate)):

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
@@ -27,6 +27,9 @@ from torch.utils.data import Dataset
 from vlm_sparsify.coder_io import Coders
 from vlm_sparsify.replacement import Decoder, Mode, ReplacementModel
 from vlm_sparsify.training import Trainer, build_coders, build_optimizers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def sync(device: torch.device) -> None:
@@ -154,7 +157,7 @@ def train_config(
 
 
 def make_trainer(
-    model: nn.Module,
+    model: PreTrainedModel,
     hookpoints: list[str],
     cfg: TrainConfig,
     cross_layer: int = 0,
@@ -172,7 +175,7 @@ def make_trainer(
 
 
 def plugin_vs_stock_steps(
-    model: nn.Module,
+    model: PreTrainedModel,
     hookpoints: list[str],
     input_ids: Tensor,
     batch_size: int,
@@ -200,8 +203,8 @@ def plugin_vs_stock_steps(
     cfg = train_config(batch_size, expansion_factor, k, relative_hookpoints(model, hookpoints))
     data = InterleavedBatches(input_ids, batch_size, device, plugin_step)
     with quiet():
-        stock = StockTrainer(cfg, data, model)  # type: ignore[arg-type]
-        stock.save = lambda: None  # type: ignore[method-assign]
+        stock = StockTrainer(cfg, data, model)
+        stock.save = lambda: None
         stock.fit()
     data.boundary(None)
     return Paired(data.plugin_times[warmup:], data.stock_times[warmup:])
@@ -275,10 +278,11 @@ def tokens_per_second(
     for i in range(n_batches):
         if i:
             asked = time.perf_counter()
-            batch = next(iterator, None)
+            following = next(iterator, None)
             waited += time.perf_counter() - asked
-            if batch is None:
+            if following is None:
                 raise ValueError(f"the pipeline made {i} batches, {n_batches} expected")
+            batch = following
         trainer.train_on_batch(batch)
         tokens += int(batch["token_mask"].sum())
     sync(device)

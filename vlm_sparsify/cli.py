@@ -27,10 +27,11 @@ def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
     line."""
     formatted = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
+    caught: tuple[type[Exception], ...] = (*USER_ERRORS, *errors)
     try:
         with sigterm_as_interrupt():
             main()
-    except (*USER_ERRORS, *errors) as err:
+    except caught as err:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt as err:
         if not getattr(err, "reported", False):

@@ -62,7 +62,7 @@ def _dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
-def processor_class(recipe: Recipe) -> type:
+def processor_class(recipe: Recipe) -> type[Any]:
     """The class that loads the recipe's processor: with `[model] image_only_processor`, the
     concrete processor class (`AutoProcessor` resolved through `config.model_type`) without its
     video slot, so that transformers does not look for a video processor (which needs

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from vlm_sparsify.recipe import Recipe, transformers_class
 
@@ -149,7 +149,7 @@ def build_tiny_processor(recipe: Recipe) -> Any:
     return processor_class(image_processor=image_processor, tokenizer=tokenizer, **processor_kwargs)
 
 
-def without_video_slot(processor_class: type) -> type:
+def without_video_slot(processor_class: type[Any]) -> type[Any]:
     """`processor_class` with only its image processor and tokenizer as sub-processors.
 
     transformers 5.x checks every sub-processor slot against its base class, and without
@@ -173,10 +173,18 @@ def without_video_slot(processor_class: type) -> type:
     )
 
 
+def token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    """The id of one token (`convert_tokens_to_ids` of a string, not of a list)."""
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int):
+        raise ValueError(f"{token!r} is not one token: its ids are {found}")
+    return found
+
+
 def _token_ids(recipe: Recipe, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     """Config fields that must name token ids of the tokenizer we just built."""
     return {
-        field: tokenizer.convert_tokens_to_ids(token)
+        field: token_id(tokenizer, token)
         for field, token in recipe.tiny.get("token_id_fields", {}).items()
     }
 

@@ -80,10 +80,10 @@ class Recipe:
     def matches(self, model_id: str) -> bool:
         return any(fnmatchcase(model_id, pattern) for pattern in self.model_ids)
 
-    def resolve_model_class(self) -> type:
+    def resolve_model_class(self) -> type[Any]:
         return transformers_class(self.model_class)
 
-    def resolve_processor_class(self) -> type:
+    def resolve_processor_class(self) -> type[Any]:
         return transformers_class(self.processor_class)
 
     def format_prompt(self, question: str, processor: Any = None) -> str:
@@ -103,7 +103,7 @@ class Recipe:
         return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def transformers_class(name: str) -> type:
+def transformers_class(name: str) -> type[Any]:
     """Resolve a class name inside `transformers` only: recipes never import arbitrary code."""
     obj = getattr(transformers, name, None)
     if not isinstance(obj, type):

@@ -54,7 +54,7 @@ def encode_topk(x: Tensor, weight: Tensor, bias: Tensor, k: int, activation: str
     if needs_grad and triton_backward_applies(x, weight, k, activation):
         return EncoderOutput(*TopKEncoder.apply(x, weight, bias, k, activation))
     if needs_grad or activation != "topk":
-        return fused_encoder(x, weight, bias, k, activation)  # type: ignore[arg-type]
+        return fused_encoder(x, weight, bias, k, activation)
     # addmm with the ReLU as its epilogue: one cuBLASLt kernel on CUDA where F.linear and
     # relu_ launch two (a decoding step is launch-bound); on the CPU addmm, then relu_
     pre_acts = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t())
@@ -90,7 +90,7 @@ class TopKEncoder(FusedEncoder):
     docstring): grad_weight[m] = sum of grad_values[n, j] * input[n] over indices[n, j] == m."""
 
     @staticmethod
-    def backward(ctx, grad_values, grad_indices, grad_preacts):  # type: ignore[override]
+    def backward(ctx, grad_values, grad_indices, grad_preacts):
         from sparsify.xformers import embedding_bag_bw_rev_indices  # imports triton
 
         input, weight, _, indices = ctx.saved_tensors

@@ -15,7 +15,14 @@ from PIL import Image
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from vlm_sparsify.tiny.easyvqa_data import Example, captions, image_paths, prompt_for, questions
+from vlm_sparsify.tiny.easyvqa_data import (
+    Example,
+    Split,
+    captions,
+    image_paths,
+    prompt_for,
+    questions,
+)
 
 SHIPPED = Path(__file__).parent / "easyvqa_llava"
 BLANK_GREY = (128, 128, 128)
@@ -49,7 +56,7 @@ def is_correct(example: Example, response: str) -> bool:
 def evaluate(
     model: LlavaForConditionalGeneration,
     processor: LlavaProcessor,
-    split: str = "test",
+    split: Split = "test",
     blank: bool = False,
     limit: int | None = None,
     batch_size: int = 256,

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -193,7 +194,8 @@ def train(config: TrainConfig, shape: TinyShape = TinyShape()) -> LlavaForCondit
     torch.manual_seed(config.seed)
     device = resolve_device(config.device)
     processor = build_processor(shape)
-    model = build_model(shape).to(device)
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose type binds no `self`
+    model = build_model(shape).to(device)  # type: ignore[arg-type]
     examples, image_ids = training_examples(config.counterfactual)
     paths = image_paths("train")
     pixels = load_pixels(processor, [paths[i] for i in image_ids]).to(device)
@@ -213,7 +215,11 @@ def train(config: TrainConfig, shape: TinyShape = TinyShape()) -> LlavaForCondit
     # (correct, is yes/no) of the last ~2,000 rows, kept on the device: read every 50 steps
     recent: deque[tuple[Tensor, Tensor]] = deque(maxlen=max(1, 2000 // config.batch_size))
     progress = tqdm(range(config.steps), desc="tiny llava", mininterval=5)
-    record = {"config": asdict(config), "shape": asdict(shape), "device": str(device)}
+    record: dict[str, Any] = {
+        "config": asdict(config),
+        "shape": asdict(shape),
+        "device": str(device),
+    }
     for step in progress:
         rows = sample_batch(generator, data, step, config)
         loss, correct = answer_loss(model, data, pixels, rows, on_device)
