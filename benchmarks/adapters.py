@@ -14,7 +14,7 @@ import random
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 from PIL import Image
 
@@ -138,7 +138,15 @@ def check_rules(rules: Rules) -> None:
 
 
 def get_adapter(benchmark: str) -> Adapter:
-    return importlib.import_module(f"benchmarks.{benchmark}.adapter")  # type: ignore[return-value]
+    return importlib.import_module(f"benchmarks.{benchmark}.adapter")
+
+
+@overload
+def absolute_path(path: str) -> str: ...
+
+
+@overload
+def absolute_path(path: None) -> None: ...
 
 
 def absolute_path(path: str | None) -> str | None:

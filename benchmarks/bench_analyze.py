@@ -44,7 +44,7 @@ def build_synthetic_store(
             regions = {"prompt": [(0, prompt)], "response": [(prompt, rows)]}
             batch.append((f"s{i}", indices, values, regions))
         store.append(batch)
-    labels = {"GOOD": [], "BAD": []}
+    labels: dict[str, list[dict[str, str]]] = {"GOOD": [], "BAD": []}
     for i in range(samples):
         labels["GOOD" if i % 2 == 0 else "BAD"].append({"id": f"s{i}"})
     (out / outputs.CLASSIFICATION).write_text(json.dumps(labels))

@@ -110,8 +110,8 @@ def overlay(view: Image.Image, grid: np.ndarray | None, scale: float) -> Image.I
     level = np.clip(grid / scale, 0, 1) if scale > 0 else np.zeros_like(grid)
     tint = Image.fromarray(colours(level)).resize(size, Image.Resampling.NEAREST)
     # lit patches at most 65 % tinted, so what lies under the peak stays visible
-    alpha = np.where(level > 0, 0.3 + 0.35 * level, 0.55)
-    alpha = Image.fromarray((alpha * 255).astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
+    opacity = np.where(level > 0, 0.3 + 0.35 * level, 0.55)
+    alpha = Image.fromarray((opacity * 255).astype(np.uint8)).resize(size, Image.Resampling.NEAREST)
     dark = Image.new("RGB", picture.size, (0, 0, 0))
     silent = Image.composite(dark, picture, alpha)
     lit = Image.composite(tint, picture, alpha)

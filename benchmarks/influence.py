@@ -139,10 +139,10 @@ def benjamini_hochberg(p_values: np.ndarray, tested: np.ndarray | None = None) -
     count); the others get q = 1.
     """
     if tested is not None:
-        q_values = np.ones(np.shape(p_values))
+        q_tested = np.ones(np.shape(p_values))
         mask = np.asarray(tested, dtype=bool)
-        q_values[mask] = benjamini_hochberg(np.asarray(p_values)[mask])
-        return q_values
+        q_tested[mask] = benjamini_hochberg(np.asarray(p_values)[mask])
+        return q_tested
     flat = np.asarray(p_values, dtype=np.float64).ravel()
     m = flat.size
     order = np.argsort(flat, kind="stable")

@@ -171,7 +171,7 @@ def scale_neurons(
             if not indices:
                 continue
             down = model.get_submodule(path).get_submodule("down_proj")
-            index = torch.tensor(sorted(set(indices)), device=down.weight.device)
+            index = torch.tensor(sorted(set(indices)), device=down.get_parameter("weight").device)
             hook = _scaling_hook(index, factor, positions)
             handles.append(down.register_forward_pre_hook(hook))
         yield

@@ -20,10 +20,12 @@ would count a repeat twice and wrap id 0 around to the last item).
 
 import argparse
 import json
+import operator
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +119,15 @@ def judge_caption(
     for index, noun in enumerate(nouns):
         if noun in safe_words:
             continue
+        same = partial(operator.eq, noun)
+        similar = partial(lexicon.similar, noun)
         if noun in present.words:
-            present.mark_first(lambda word, noun=noun: word == noun)
+            present.mark_first(same)
             continue
         if noun in absent.words:
-            absent.mark_first(lambda word, noun=noun: word == noun)
-        absent.mark_first(lambda word, noun=noun: lexicon.similar(noun, word))
-        if present.mark_first(lambda word, noun=noun: lexicon.similar(noun, word)):
+            absent.mark_first(same)
+        absent.mark_first(similar)
+        if present.mark_first(similar):
             continue
         hallucinated[index] = 1
     return CaptionJudgement(hallucinated, present.marks, absent.marks)

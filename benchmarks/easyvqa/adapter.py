@@ -14,7 +14,7 @@ from benchmarks.pope.score import parse_answer
 from vlm_sparsify.recipe import Recipe
 
 OFFICIAL_FILE = "responses_official.jsonl"
-KINDS = {"yesno": "yes/no", "open": "open", "caption": "caption"}
+KINDS: dict[str, easyvqa_items.Kind] = {"yesno": "yes/no", "open": "open", "caption": "caption"}
 
 
 @dataclass

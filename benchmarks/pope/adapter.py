@@ -52,12 +52,12 @@ class Data:
 def pope_items(data: Data) -> list[PopeItem]:
     """The official items of the chosen splits, interleaved (`interleave`: the first N are a
     random sample of each split, in its share)."""
-    if bool(data.questions_dir) == bool(data.questions):
-        raise ValueError("pass either --questions-dir DIR or --questions FILE")
-    if data.questions_dir:
+    if data.questions_dir and not data.questions:
         items = load_questions_dir(data.questions_dir)
-    else:
+    elif data.questions and not data.questions_dir:
         items = load_question_file(data.questions)
+    else:
+        raise ValueError("pass either --questions-dir DIR or --questions FILE")
     splits = csv_choices(data.splits, SPLITS, "--splits")
     return interleave([item for item in items if item.split in splits], lambda item: item.split)
 

@@ -164,16 +164,14 @@ def score(items: Sequence[PopeItem], responses: Sequence[dict[str, Any]]) -> dic
     """`{split: {accuracy, precision, recall, f1, yes_ratio, n}, ..., "mean_f1"}` (fractions)."""
     result: dict[str, Any] = {}
     for split, pairs in pair_by_id(items, responses).items():
+        labels = [item.label for item, _ in pairs if item.label is not None]
         unlabelled = [item.question_id for item, _ in pairs if item.label is None]
         if unlabelled:
             raise ValueError(
                 f"{len(unlabelled)} {split} questions have no label (e.g. question "
                 f"{unlabelled[0]}): score against the label files, --questions-dir DIR"
             )
-        metrics = confusion(
-            [parse_answer(response) for _, response in pairs],
-            [item.label for item, _ in pairs],
-        )
+        metrics = confusion([parse_answer(response) for _, response in pairs], labels)
         result[split] = metrics.as_dict()
     splits = [s for s in SPLITS if s in result]
     result["mean_f1"] = sum(result[s]["f1"] for s in splits) / len(splits) if splits else 0.0

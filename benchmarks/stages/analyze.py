@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from safetensors import safe_open
@@ -191,7 +191,7 @@ def kinds_confound_warning(train_group: dict[str, int], kinds: dict[str, str]) -
         return None
     listed = ", ".join(
         f"{kind} {sum(g == GOOD for g in by_kind[kind])}/{sum(g == BAD for g in by_kind[kind])}"
-        for kind in sorted(shares, key=shares.get)
+        for kind in sorted(shares, key=lambda kind: shares[kind])
     )
     return (
         f"GOOD / BAD train samples by kind ({listed}): the kinds' GOOD shares differ so much that "
@@ -404,8 +404,8 @@ def _feature_json(
     layers: list[int],
     hookpoints: list[str],
     fdr: float,
-) -> dict:
-    feature = {"layer": layers[position], "feature_idx": latent}
+) -> dict[str, Any]:
+    feature: dict[str, Any] = {"layer": layers[position], "feature_idx": latent}
     for name in (
         "goodness_score",
         "badness_score",
@@ -479,7 +479,7 @@ def _up_to_date(target: Path, config: AnalyzeConfig, out: Path) -> bool:
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as file:
-        np.savez(file, **arrays)
+        np.savez(file, allow_pickle=True, **arrays)  # (numpy's default)
     tmp.replace(path)
 
 

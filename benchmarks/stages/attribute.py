@@ -17,6 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -73,13 +74,19 @@ def region_rows(
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return (positions >= prompt_length - 1) & (positions < input_ids.shape[1] - 1)
     codes = token_regions(
-        input_ids, None, tuple(input_ids.shape), 0, prompt_length, image_id, input_ids.device
+        input_ids,
+        None,
+        (input_ids.shape[0], input_ids.shape[1]),
+        0,
+        prompt_length,
+        image_id,
+        input_ids.device,
     )
     return codes[0] == REGION_CODE[region]
 
 
 def sample_attributions(
-    rm: ReplacementModel, inputs: dict[str, Tensor], response: Tensor, region: Region
+    rm: ReplacementModel, inputs: dict[str, Any], response: Tensor, region: Region
 ) -> dict[tuple[int, int], float]:
     """{(source position, latent): activation x gradient summed over the region's tokens}."""
     prompt_length = inputs["input_ids"].shape[1] - len(response)

@@ -430,11 +430,11 @@ def _setup(
             edits = interventions_for(chosen, factor, region)
             return Setup(replacement, edits, nullcontext, spec)
         case "neurons" | "neurons_control":
-            chosen = (neurons if kind == "neurons" else neuron_control)[condition.direction]
-            if not chosen:
+            scaled = (neurons if kind == "neurons" else neuron_control)[condition.direction]
+            if not scaled:
                 return None
-            spec["neurons"] = chosen
-            return Setup(None, [], lambda: scale_neurons(run.model, chosen, factor, region), spec)
+            spec["neurons"] = scaled
+            return Setup(None, [], lambda: scale_neurons(run.model, scaled, factor, region), spec)
         case "clt_free":
             steered = [SteeredFeature(f["hookpoint"], f["feature_idx"], factor) for f in features]
             steerer = FeatureSteerer.from_coders(run.coders, steered)
