@@ -23,8 +23,10 @@ demo: install
 test: install
 	$(PY) -m pytest -q $(ARGS)
 
+# ruff, then mypy on vlm_sparsify and benchmarks ([tool.mypy] in pyproject.toml; the same check
+# is a test, tests/test_typing.py)
 lint: install
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(PY) -m mypy
 
 bench: install
 	$(PY) -m vlm_sparsify.bench $(ARGS)
