@@ -215,8 +215,8 @@ class FeatureStore:
                 read_json(meta_path, keys=("hookpoints", "k", "num_latents"))
             )
             old = meta is not None and stored.fingerprint is None  # older than fingerprints
-            if old:
-                stored.fingerprint = meta.fingerprint  # type: ignore[union-attr]
+            if meta is not None and old:
+                stored.fingerprint = meta.fingerprint
             if meta is not None and meta != stored:
                 raise ValueError(
                     f"feature store {self.path} was written with {stored}, not {meta}; "

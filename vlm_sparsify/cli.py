@@ -103,6 +103,7 @@ def _one_line_warning(
 
 def reported_interrupt(err: KeyboardInterrupt) -> KeyboardInterrupt:
     """Mark Ctrl-C as told to the user (the tool printed its own line): `run_cli` adds none."""
+    # a flag on this instance (KeyboardInterrupt declares no such field), read with getattr
     err.reported = True  # type: ignore[attr-defined]
     return err
 

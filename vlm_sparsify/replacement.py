@@ -475,7 +475,10 @@ class ReplacementModel:
     def _direct(self, p: int, rows: int) -> bool:
         """Whether source p decodes straight into the ring (the Triton kernel) in a forward of
         `rows` positions."""
-        direct = self._use_fused and self._inference.direct(p)  # type: ignore[union-attr]
+        if not self._use_fused:
+            return False
+        assert self._inference is not None  # set with _use_fused
+        direct = self._inference.direct(p)
         if direct and self._hybrid:
             direct = rows >= self.hybrid_min_rows
         return direct
