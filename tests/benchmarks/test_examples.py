@@ -518,3 +518,22 @@ def test_overlay_tints_each_patch_by_its_activation_over_the_scale():
         alpha = 0.3 + 0.35 * level
         expected = colours(np.array(level)) * alpha + grey * (1 - alpha)
         assert np.abs(pixels[37, x] - expected).max() <= 2, level
+
+
+def test_a_card_shows_the_image_as_the_model_saw_it_not_the_file(tmp_path, tiny_llava):
+    """The card's picture is the processor's view (CLIP: short side resized, centre cropped), so
+    a wide image loses its sides: only what the vision tower saw is tinted by the feature."""
+    from benchmarks.stages.examples import _card
+
+    _, processor = tiny_llava
+    stripes = np.zeros((64, 256, 3), np.uint8)  # the centre 64 x 64: x 96-160
+    stripes[:, :80] = (220, 20, 20)
+    stripes[:, 80:176] = (20, 220, 20)
+    stripes[:, 176:] = (20, 20, 220)
+    Image.fromarray(stripes).save(tmp_path / "wide.png")
+    example = Example("s1", 2.0, 1, np.array([0.0, 2.0, 1.0], np.float32), {"prompt": [(0, 3)]})
+    card = _card(example, {}, {}, {"s1": tmp_path / "wide.png"}, processor, {}, 2.0)
+    picture = np.asarray(card.picture).astype(int)
+    assert picture.shape == (224, 224, 3)  # no image tokens: the view alone, square
+    for x in (3, 112, 220):  # the red and blue sides were cropped away: green edge to edge
+        assert np.abs(picture[112, x] - [20, 220, 20]).max() <= 10, x
