@@ -52,6 +52,18 @@ def test_read_append_log_ignores_only_a_torn_last_line(tmp_path):
         outputs.read_append_log(path)
 
 
+def test_read_append_log_refuses_a_blank_line_inside_the_log(tmp_path):
+    """append_lines writes whole lines only: a blank line before the last is corruption (or a
+    hand edit), named with its file and line, not skipped; the final newline is no blank line."""
+    path = tmp_path / "responses.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n')
+    assert outputs.read_append_log(path) == [{"id": "a"}, {"id": "b"}]
+    for blank in ("", "  ", "\t"):
+        path.write_text(f'{{"id": "a"}}\n{blank}\n{{"id": "b"}}\n')
+        with pytest.raises(ValueError, match=r"responses.jsonl:2: not a JSON object"):
+            outputs.read_append_log(path)
+
+
 def test_the_official_response_file_and_why_it_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="run `capture --out"):
         outputs.official_responses(tmp_path)
