@@ -37,6 +37,21 @@ def test_items_and_id_ranges() -> None:
     }
     for item in items:
         assert item.id in expected.get(item.dimension, amber.ATTRIBUTE_IDS)
+    # each range holds exactly its dimension's ids (not one more, not one fewer)
+    ids_of: dict[str, set[int]] = {}
+    for item in items:
+        group = item.dimension if item.dimension in expected else "attribute"
+        ids_of.setdefault(group, set()).add(item.id)
+    assert ids_of == {
+        name: set(ids) for name, ids in {**expected, "attribute": amber.ATTRIBUTE_IDS}.items()
+    }
+    # the image comes from the query file: the yes/no items ask about the 1,004 caption images
+    assert (items[1004].id, items[1004].image) == (1005, "AMBER_1.jpg")
+    assert (items[-1].id, items[-1].image) == (15220, "AMBER_1004.jpg")
+    assert {item.image for item in items} == {f"AMBER_{i}.jpg" for i in amber.GENERATIVE_IDS}
+    # generative items carry the absent-but-likely objects; discriminative ones a yes / no truth
+    assert items[0].truth[:2] == ["sky", "forest"] and items[0].hallu[:2] == ["cloud", "sun"]
+    assert (items[1004].truth, items[1004].hallu) == ("yes", None)
     assert len(amber.vocabulary_of(amber.load_association(shared_data("amber")))) == 418
 
 
@@ -373,3 +388,19 @@ def test_annotations_out_of_id_order_are_refused(tmp_path) -> None:
     (tmp_path / "annotations.json").write_text(json.dumps(annotations))
     with pytest.raises(ValueError, match="entry 1 has id 3, not 2"):
         amber.load_annotations(tmp_path)
+
+
+def test_safe_words_are_the_lines_as_the_official_script_reads_them(tmp_path) -> None:
+    # inference.py: `for line in file: safe_words.append(line.split("\n")[0])`: a blank line
+    # and trailing spaces are kept as they are
+    (tmp_path / "safe_words.txt").write_text("orange\nsign \n\nrange")
+    assert amber.load_safe_words(tmp_path) == ["orange", "sign ", "", "range"]
+    assert amber.load_safe_words(shared_data("amber"))[:3] == ["orange", "snack", "line"]
+
+
+def test_a_missing_data_file_names_the_data_dir_flag(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="annotations.json not found; pass --data-dir"):
+        amber.load_items(tmp_path)
+    (tmp_path / "annotations.json").write_text("[]")
+    with pytest.raises(FileNotFoundError, match="query_all.json not found; pass --data-dir"):
+        amber.load_items(tmp_path)

@@ -385,6 +385,19 @@ def test_amber_items_of_each_subset_ask_the_recipes_questions(amber_dir, llava_r
     assert dimensions == {"1006": "state", "8700": "existence", "13600": "relation"}
 
 
+def test_amber_data_paths_are_absolute_and_a_data_dir_is_required(
+    tmp_path, monkeypatch, llava_recipe
+):
+    from benchmarks.amber.adapter import Data, load_items
+
+    monkeypatch.chdir(tmp_path)
+    data = Data("data", "images")  # as capture.json records them, for stages run elsewhere
+    assert (data.data_dir, data.images) == (str(tmp_path / "data"), str(tmp_path / "images"))
+    (tmp_path / "annotations.json").write_text("[]")  # not read: --data-dir is missing
+    with pytest.raises(ValueError, match="pass --data-dir pointing at AMBER's data/ folder"):
+        load_items(Data(), llava_recipe)
+
+
 def test_amber_classify_rules_on_known_responses(tmp_path, amber_dir, capsys):
     """Hand-written responses: the verdicts follow the official per-sample rules."""
     data, images = amber_dir
@@ -394,7 +407,7 @@ def test_amber_classify_rules_on_known_responses(tmp_path, amber_dir, capsys):
     (out / "capture.json").write_text(json.dumps(captured))
     answers = {
         1: "The sky above the grass.",  # truth sky, grass: covered, nothing hallucinated
-        2: "A cat on the grass.",  # truth dog, grass: cat is hallucinated
+        2: "A cat on the grass by a car.",  # truth dog, grass: cat and car are hallucinated
         3: "Some grass.",  # truth tree, grass: cover 0.5 (case matters: "Grass" would not)
         1006: "No",  # truth no
         8700: "yes",  # truth yes, but only "Yes" counts officially
@@ -413,22 +426,31 @@ def test_amber_classify_rules_on_known_responses(tmp_path, amber_dir, capsys):
         assert result["counts"]["total"] == 6
         return {s["id"]: label for label in ("GOOD", "BAD") for s in result[label]}
 
+    def answer_of_8700() -> tuple[str, str, bool]:
+        result = json.loads((out / "classification.json").read_text())
+        [sample] = [s for s in result["GOOD"] + result["BAD"] if s["id"] == "8700"]
+        return sample["answer"], sample["truth"], sample["correct"]
+
     default = verdicts()
     assert default == {"1": "GOOD", "2": "BAD", "3": "GOOD", "1006": "GOOD", "8700": "BAD",
                        "13600": "BAD"}  # fmt: skip
+    assert answer_of_8700() == ("yes", "yes", False)  # the answer judged, beside the truth
     strict = verdicts("--min-cover", "1.0", "--normalize")
     assert (strict["3"], strict["8700"]) == ("BAD", "GOOD")
+    assert answer_of_8700() == ("Yes", "yes", True)  # normalized
     assert verdicts("--caption-rule", "cover")["2"] == "BAD"  # --min-cover 1.0 kept
     assert verdicts("--min-cover", "0.5")["2"] == "GOOD"  # dog missed, grass covered
     metrics = json.loads((out / "classification.json").read_text())
     sample = next(s for s in metrics["BAD"] + metrics["GOOD"] if s["id"] == "2")
-    assert (sample["nouns"], sample["hallucinated"], sample["cover"]) == (2, 1, 0.5)
-    assert sample["chair"] == 0.5
+    # CHAIR divides by the caption's 3 nouns (not the 2 truth objects); cog: both hallu entries
+    assert (sample["nouns"], sample["hallucinated"], sample["cover"]) == (3, 2, 0.5)
+    assert (sample["chair"], sample["cog"]) == (pytest.approx(2 / 3), 1.0)
     # "Some grass.": one noun of the caption, against two truth objects
     sample = next(s for s in metrics["BAD"] + metrics["GOOD"] if s["id"] == "3")
     assert (sample["nouns"], sample["hallucinated"], sample["cover"], sample["chair"]) == (
         1, 0, 0.5, 0.0
     )  # fmt: skip
+    assert sample["cog"] == 0.0  # neither cat nor car
 
 
 def test_torchrun_shards_over_two_ranks_and_matches_one_process(
