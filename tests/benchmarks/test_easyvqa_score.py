@@ -1,10 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from benchmarks.easyvqa import score as easyvqa_score
 from benchmarks.easyvqa.items import Item, load_items, question_split
 from benchmarks.easyvqa.score import caption_metrics, mentioned_words, parse_open, score
+from vlm_sparsify.tiny.easyvqa_data import COLORS, SHAPES, image_labels, image_paths
 
 
 def _item(id: str, kind: str, answer: str, split: str, truth=("blue", "circle")) -> Item:
@@ -157,6 +159,9 @@ def test_classify_verdicts_follow_each_kind_s_rule():
     }  # fmt: skip
     assert (verdicts["c1"].metrics["hallucinated"], verdicts["c1"].metrics["cover"]) == (1, 1.0)
     assert (verdicts["c2"].metrics["hallucinated"], verdicts["c2"].metrics["cover"]) == (0, 0.5)
+    # the item's answer is the truth, beside the answer read from the response
+    assert (verdicts["y1"].metrics["truth"], verdicts["y1"].metrics["answer"]) == ("no", "no")
+    assert (verdicts["o1"].metrics["truth"], verdicts["o1"].metrics["answer"]) == ("red", "red")
     strict = {v.id: v.good for v in classify(Data(), records, Rules(min_cover=0.6))}
     assert (strict["c1"], strict["c2"]) == (False, False)
     counts = classification(list(verdicts.values()), Rules())["counts"]
@@ -174,3 +179,76 @@ def test_a_kinds_flag_naming_no_kind_is_refused(kinds):
 
     with pytest.raises(ValueError, match="--kinds"):
         Data(kinds=kinds)  # else it would run no item at all
+
+
+def test_question_items_carry_their_image_s_colour_then_shape():
+    items = load_items()
+    truth_of = {i.image_id: i.truth for i in items if i.kind == "caption"}
+    questions = [i for i in items if i.kind != "caption"]
+    labelled = [i for i in questions if i.image_id in truth_of]
+    assert len(labelled) > 0.9 * len(questions)  # ~7% of images have no label
+    for item in labelled:  # (colour, shape): the caption's truth of the same image
+        assert item.truth == truth_of[item.image_id]
+        assert item.truth[0] in COLORS and item.truth[1] in SHAPES
+    assert all(i.truth == () for i in questions if i.image_id not in truth_of)
+
+
+def test_an_item_keeps_its_id_whichever_kinds_are_chosen():
+    """`easyvqa score` reads the ids against every item: a capture of some kinds must name its
+    questions as the full list does."""
+    everything = {i.id: i for i in load_items()}
+    for kinds in (("yes/no",), ("open",), ("caption",), ("open", "caption")):
+        chosen = load_items(kinds)
+        assert {i.kind for i in chosen} == set(kinds)
+        assert len(chosen) == sum(i.kind in kinds for i in everything.values())
+        assert all(everything[i.id] == i for i in chosen)
+
+
+def test_items_ask_about_their_own_image_and_every_labelled_image_is_captioned():
+    items = load_items()
+    assert all(Path(i.image).name == f"{i.image_id}.png" for i in items)
+    assert all(Path(i.image) == Path(image_paths("test")[i.image_id]) for i in items)
+    captions = [i for i in items if i.kind == "caption"]
+    assert sorted(i.image_id for i in captions) == sorted(image_labels("test"))
+    assert {i.id for i in captions} == {f"c{n:04d}" for n in image_labels("test")}
+
+
+def test_the_adapter_asks_the_recipe_s_questions_and_records_each_item_s_truth(llava_recipe):
+    from benchmarks.easyvqa.adapter import Data
+    from benchmarks.easyvqa.adapter import load_items as bench_items
+
+    items = load_items()
+    by_id = {i.id: i for i in items}
+    bench = bench_items(Data(), llava_recipe)
+    assert [b.id for b in bench] == [i.id for i in items]  # interleaved as the items are
+    prompt = llava_recipe.prompt
+    for b in bench:
+        item = by_id[b.id]
+        assert b.image == Path(item.image)
+        if item.kind == "caption":
+            assert b.question == prompt.caption_question
+        else:
+            assert b.question == item.question + prompt.short_answer_suffix
+        assert b.fields == {"kind": item.kind, "split": item.split, "image_id": item.image_id,
+                            "answer": item.answer, "truth": list(item.truth)}  # fmt: skip
+    splits = {(b.fields["kind"], b.fields["split"]) for b in bench}
+    assert splits == {("yes/no", "color"), ("yes/no", "shape"), ("yes/no", "negated"),
+                      ("open", "color"), ("open", "shape"), ("caption", "caption")}  # fmt: skip
+    for flag, kinds in (("open", {"open"}), ("yesno,caption", {"yes/no", "caption"})):
+        assert {b.fields["kind"] for b in bench_items(Data(kinds=flag), llava_recipe)} == kinds
+
+
+def test_the_official_file_lists_id_and_response_by_id(tmp_path):
+    from benchmarks.easyvqa.adapter import write_official
+
+    records = [
+        {"id": i, "response": r, "kind": "open"}
+        for i, r in (("q00002", "red"), ("c0001", "a"), ("q00001", "no"))
+    ]
+    write_official(records, tmp_path / "official.jsonl")
+    lines = (tmp_path / "official.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"id": "c0001", "response": "a"},
+        {"id": "q00001", "response": "no"},
+        {"id": "q00002", "response": "red"},
+    ]
