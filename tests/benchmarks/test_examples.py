@@ -537,3 +537,9 @@ def test_a_card_shows_the_image_as_the_model_saw_it_not_the_file(tmp_path, tiny_
     assert picture.shape == (224, 224, 3)  # no image tokens: the view alone, square
     for x in (3, 112, 220):  # the red and blue sides were cropped away: green edge to edge
         assert np.abs(picture[112, x] - [20, 220, 20]).max() <= 10, x
+
+
+@pytest.mark.parametrize("top", ["0", "-2"])
+def test_a_top_of_no_samples_is_refused_before_the_store_is_read(tmp_path, top):
+    with pytest.raises(SystemExit, match=f"--top {top} / --plot-features 8: give --top >= 1"):
+        run(["easyvqa", "examples", "--out", str(tmp_path), "--top", top])
