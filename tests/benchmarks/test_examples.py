@@ -272,6 +272,15 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
         assert [i for i, t in enumerate(ids) if t == image_token] == list(range(a, b))
     page = (out / "examples" / "index.html").read_text()
     assert all(s["id"] in page for s in shown) and page.count('<div class="card ') == len(shown)
+    # each card's peak is shaded on the feature's scale: the top sample's peak is the brightest
+    from benchmarks.example_pages import colours
+
+    assert len(shown) >= 2
+    for card, shown_sample in zip(page.split('<div class="card ')[1:], shown, strict=True):
+        [style] = [style for kind, style, _, _ in SPAN.findall(card) if "peak" in kind.split()]
+        rgb = re.match(r"background: rgb\((\d+),(\d+),(\d+)\);", style).groups()
+        level = shown_sample["peak"] / shown[0]["peak"]
+        assert np.abs(np.array(rgb, int) - colours(np.array(level))).max() <= 3, level
     assert f"L1/F{latent}" in page and "data:image/jpeg;base64," in page
     with Image.open(out / "plots" / "feature_examples.png") as png:
         assert png.size[0] > 100 and png.size[1] > 100
