@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -166,6 +167,22 @@ def test_unknown_model_lists_the_recipes_and_the_flag(tmp_path):
     message = str(err.value)
     assert "--recipe PATH" in message
     assert all(name in message for name in RECIPES)
+
+
+def test_a_mistyped_model_folder_is_named_as_a_path_not_as_an_unknown_model(tmp_path):
+    # `python -m vlm_sparsify ./vlm_sparsify/tiny/easyvqa_llav` said "no recipe matches model
+    # ...; pass --recipe NAME", sending the user after a recipe when the path was wrong
+    shipped = Path(__file__).parents[1] / "vlm_sparsify" / "tiny" / "easyvqa_llava"
+    assert find_recipe(model_id=str(shipped)).name == "tiny_llava"
+    for typo in (str(shipped)[:-1], str(tmp_path / "nomodel"), "./my-model"):
+        with pytest.raises(
+            FileNotFoundError, match=f"no model folder '{re.escape(typo)}'.* not a Hub id"
+        ):
+            find_recipe(model_id=typo)
+    with pytest.raises(FileNotFoundError, match="has no config.json: not a model folder"):
+        find_recipe(model_id=str(tmp_path))  # a folder, but nothing saved in it
+    with pytest.raises(ValueError, match="no recipe matches model 'acme/vista-7b'"):
+        find_recipe(model_id="acme/vista-7b")  # a Hub id no recipe knows: the recipes' message
 
 
 def test_unknown_recipe_name_lists_the_recipes():

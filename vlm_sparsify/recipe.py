@@ -334,6 +334,23 @@ def _local_config(model_id: str) -> dict[str, Any] | None:
     return None
 
 
+def _check_model_path(model_id: str) -> None:
+    """A model no recipe matches that is a folder without config.json, or no folder and no Hub
+    id either (`./my-model`, `/data/llava`): a wrong path, not a model that needs a recipe."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(model_id).is_dir():
+        raise FileNotFoundError(
+            f"'{model_id}' has no config.json: not a model folder (save_pretrained writes one)"
+        )
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"no model folder '{model_id}', and it is not a Hub id either: check the path"
+        ) from None
+
+
 def model_type_mismatch(
     model_id: str, config: dict[str, Any], recipe: Recipe, why: str = ""
 ) -> ValueError:
@@ -399,6 +416,8 @@ def find_recipe(
             )
         if candidates:
             return candidates[0]
+    if model_id and not model_type:
+        _check_model_path(model_id)
     described = f"model_type '{model_type}'" if model_type else "no local config.json"
     raise ValueError(
         f"no recipe matches model '{model_id}' ({described}); known: "
