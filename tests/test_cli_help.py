@@ -2,6 +2,7 @@
 `python -m vlm_sparsify.tiny --help`)."""
 
 import json
+import re
 import runpy
 import sys
 from dataclasses import asdict
@@ -128,6 +129,25 @@ def test_a_mistyped_flag_is_one_line_with_the_closest_flag(command, typo, messag
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize(
+    ("flag", "instead"),
+    [
+        (["--text_column", "caption"], r"recipe's \[dataset\] text_column .*--recipe PATH"),
+        (["--load_in_8bit"], "no quantised models: --dtype"),
+        (["--data_preprocessing_num_proc=8"], "--num_workers DataLoader workers"),
+    ],
+)
+def test_a_stock_sparsify_flag_not_taken_says_what_to_use_instead(flag, instead, capsys):
+    # the README lists these three as refused, each with its replacement; the error said only
+    # "unknown flag --text_column", as for a typo, leaving a sparsify user to find out why
+    with pytest.raises(SystemExit) as exit_:
+        train(flag)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stock sparsify's flag, not taken here" in err, err
+    assert re.search(instead, err), err
 
 
 @pytest.mark.parametrize(

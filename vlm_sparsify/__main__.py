@@ -962,11 +962,24 @@ class HelpFormatter(SimpleHelpFormatter):
         return super()._format_args(action, default_metavar)
 
 
+SPARSIFY_FLAGS_NOT_TAKEN = {
+    "--text_column": "give the recipe's [dataset] text_column in a recipe file, --recipe PATH "
+    "(docs/recipes.md)",
+    "--load_in_8bit": "no quantised models: --dtype",
+    "--data_preprocessing_num_proc": "nothing is pre-tokenised, the processor runs in "
+    "--num_workers DataLoader workers",
+}
+"""`python -m sparsify` flags refused here (an error, not ignored), with what to use instead."""
+
+
 def parse_run_config(argv: list[str]) -> tuple[RunConfig, set[str]]:
     """The run's settings and the names of those given on the command line (a positional counts
     when it is not its default)."""
     parser = ArgumentParser(
-        prog="python -m vlm_sparsify", allow_abbrev=False, formatter_class=HelpFormatter
+        prog="python -m vlm_sparsify",
+        allow_abbrev=False,
+        formatter_class=HelpFormatter,
+        not_taken=SPARSIFY_FLAGS_NOT_TAKEN,
     )
     parser.add_arguments(RunConfig, dest="config")
     args: RunConfig = parser.parse_args(argv).config

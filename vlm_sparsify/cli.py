@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from difflib import get_close_matches
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import simple_parsing
 
@@ -110,7 +110,14 @@ def reported_interrupt(err: KeyboardInterrupt) -> KeyboardInterrupt:
 
 class ArgumentParser(simple_parsing.ArgumentParser):
     """simple-parsing's parser; a mistyped flag is one line with the closest flag, not the whole
-    usage (tens of lines) followed by argparse's bare `unrecognized arguments`."""
+    usage (tens of lines) followed by argparse's bare `unrecognized arguments`.
+
+    `not_taken` maps flags of another tool this one refuses (stock sparsify's) to what to use
+    instead, said in place of the closest flag."""
+
+    def __init__(self, *args: Any, not_taken: dict[str, str] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.not_taken = not_taken or {}
 
     def error(self, message: str) -> NoReturn:
         prefix = "unrecognized arguments: "
@@ -130,7 +137,12 @@ class ArgumentParser(simple_parsing.ArgumentParser):
             shown = f"{name}=***" if secret and eq else arg
             secret = secret and not eq
             close = get_close_matches(name, flags, n=1, cutoff=0.75)
-            hints.append(f"{shown} (did you mean {close[0]}?)" if close else shown)
+            if name in self.not_taken:
+                hints.append(
+                    f"{shown} (stock sparsify's flag, not taken here: {self.not_taken[name]})"
+                )
+            else:
+                hints.append(f"{shown} (did you mean {close[0]}?)" if close else shown)
         self.exit(
             2,
             f"{self.prog}: error: unknown flag{'s' if len(unknown) > 1 else ''} "
