@@ -120,7 +120,8 @@ class ReplacementModel:
         missing = [h for h in self.hookpoints if not has_submodule(model, h)]
         if missing:
             raise ValueError(
-                f"coder hookpoints {missing} are not modules of {type(model).__name__}; "
+                f"coder hookpoints {missing} are not modules of {type(model).__name__}: these "
+                "coders were trained on another model (more layers, other module paths); "
                 "hookpoints are paths from the root model, e.g. model.language_model.layers.0.mlp"
             )
         attention = [

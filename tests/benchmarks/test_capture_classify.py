@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -755,6 +756,27 @@ def test_capture_refuses_a_bad_option_before_anything_is_written(tmp_path, flags
     with pytest.raises(SystemExit, match=f"easyvqa capture: {error}"):
         run(["easyvqa", "capture", "--out", str(out), "--limit", "2", *flags])
     assert not out.exists()
+
+
+def test_coders_of_a_deeper_model_are_named_as_another_model_s(
+    tmp_path, tiny_llava, tiny_llava_dir, llava_recipe
+):
+    # coders of a model with one more layer: capture said the last hookpoint is "not a module;
+    # hookpoints are paths from the root model", as if its name were mistyped
+    model, _ = tiny_llava
+    hookpoints = mlp_hookpoints(model, llava_recipe)
+    last = len(hookpoints) - 1
+    deeper = [*hookpoints, hookpoints[-1].replace(f".{last}.mlp", f".{last + 1}.mlp")]
+    cfg = SparseCoderConfig(num_latents=LATENTS, k=K)
+    d_in = model.config.text_config.hidden_size
+    coders = build_coders(deeper, d_in, cfg, cross_layer=2, device=torch.device("cpu"))
+    run_dir = save_coders(coders, tmp_path / "deeper")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=rf"\['{re.escape(deeper[-1])}'\] are not modules of "
+                       r"LlavaForConditionalGeneration: these coders were trained on another "
+                       "model"):  # fmt: skip
+        run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir),
+             "--coders", str(run_dir), "--limit", "2", *GREEDY])  # fmt: skip
 
 
 def test_a_capture_that_failed_before_its_first_batch_binds_no_setting(
