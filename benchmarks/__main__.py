@@ -10,6 +10,19 @@ from benchmarks import BENCHMARKS, STAGES
 from benchmarks.stages import stage_module
 from vlm_sparsify.cli import USER_ERRORS, run_cli
 
+STAGE_HELP = {
+    "capture": "generate the responses (and, with --coders RUN, store the coders' features)",
+    "score": "the benchmark's official metrics of the responses",
+    "classify": "label each sample GOOD / BAD",
+    "attribute": "activation x gradient of each feature on the answer (needs the store)",
+    "analyze": "features that tell GOOD from BAD samples, with FDR control",
+    "plot": "PNG charts of analyze's features",
+    "examples": "each feature's top samples: an HTML page with image patches and tokens",
+    "map": "each feature's MLP neurons, checked on the model",
+    "steer": "scale features / neurons on held-out samples, with random controls",
+    "all": "every stage above in order (trains a small CLT first without --coders)",
+}
+
 
 def run(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
@@ -17,7 +30,12 @@ def run(argv: list[str] | None = None) -> None:
     if any(arg in ("-h", "--help") for arg in argv[:2]) and (
         len(argv) < 2 or argv[1] not in STAGES
     ):  # `--help` before a stage: what the stages are (a stage's own `--help` gives its flags)
-        print(usage)
+        width = max(map(len, STAGES))
+        stages = "\n".join(f"  {stage:<{width}}  {STAGE_HELP[stage]}" for stage in STAGES)
+        print(
+            f"{usage}\n\nstages, in the order they run:\n{stages}\n\n"
+            "flags: python -m benchmarks BENCH STAGE --help; details: docs/benchmarks.md"
+        )
         raise SystemExit(0)
     if len(argv) < 2:
         raise SystemExit(usage)

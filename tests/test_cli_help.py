@@ -57,6 +57,18 @@ def test_benchmarks_help_without_a_stage(argv, capsys):
     assert "usage: python -m benchmarks" in out and all(stage in out for stage in STAGES)
 
 
+def test_benchmarks_help_says_what_each_stage_does_and_where_the_flags_are(capsys):
+    # `python -m benchmarks --help` printed the usage line alone: stage names, no order, no
+    # word of what they do or that each stage has a --help of its own
+    with pytest.raises(SystemExit):
+        run_benchmarks(["--help"])
+    lines = capsys.readouterr().out.splitlines()
+    described = [line.split()[0] for line in lines if line.startswith("  ")]
+    assert described == list(STAGES)  # one line each, in the order they run
+    assert any("python -m benchmarks BENCH STAGE --help" in line for line in lines)
+    assert any("docs/benchmarks.md" in line for line in lines)
+
+
 def test_tiny_cli_takes_the_architecture_flags():
     config, shape = parse_args(["--patch_size", "16", "--max_positions", "64", "--seed", "3"])
     assert (shape.patch_size, shape.max_positions, shape.num_image_tokens) == (16, 64, 16)
