@@ -49,7 +49,7 @@ def main(argv: list[str], benchmark: str) -> None:
     out = Path(config.out)
     source = out / outputs.FEATURES
     if not source.exists():
-        raise SystemExit(f"missing {source}: run `analyze` first")
+        raise FileNotFoundError(f"missing {source}: run `analyze` first")
     result = read_json(source, keys=("features", "total_good_samples", "total_bad_samples"))
     plots = out / "plots"
     plots.mkdir(exist_ok=True)

@@ -95,6 +95,15 @@ def test_a_truncated_output_file_is_named_in_one_line(tmp_path):
         run(["easyvqa", "plot", "--out", str(tmp_path)])
 
 
+def test_plot_before_analyze_is_one_line_prefixed_like_every_stage(tmp_path):
+    # "missing .../features.json: run `analyze` first" alone: the other stages say which
+    # benchmark and stage spoke (`easyvqa map: missing ...`)
+    from benchmarks.__main__ import run
+
+    with pytest.raises(SystemExit, match=r"^easyvqa plot: missing .*features.json: run `analyze`"):
+        run(["easyvqa", "plot", "--out", str(tmp_path)])
+
+
 @pytest.mark.parametrize("top", ["0", "-3"])
 def test_a_top_below_one_is_refused_before_anything_is_read(tmp_path, top):
     """`--top -3` drew all but the last 3 features of each direction, titled as the top ones."""
