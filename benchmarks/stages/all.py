@@ -183,6 +183,7 @@ def run_all(
 
 
 TRAIN_BATCH = 16
+TRAIN_SAVE_EVERY = 50  # steps: the default 2,000 examples are 125
 
 
 def check_trained_settings(config: AllConfig, run_dir: Path) -> None:
@@ -227,6 +228,7 @@ def train_coders(config: AllConfig, run_dir: Path) -> Path:
         "--num_latents", str(config.num_latents), "--k", str(config.k),
         "--max_examples", str(config.train_examples), "--batch_size", str(TRAIN_BATCH),
         "--num_workers", "0", "--log_to_wandb", "false", "--lr", "2e-3",
+        "--save_every", str(TRAIN_SAVE_EVERY),  # sparsify's 1000 steps: no checkpoint to resume
         *(["--recipe", config.recipe] if config.recipe else []),
         *(["--device", config.device] if config.device else []),
         *(["--resume", "true"] if resume else []),
