@@ -8,7 +8,7 @@ import sys
 
 from benchmarks import BENCHMARKS, STAGES
 from benchmarks.stages import stage_module
-from vlm_sparsify.cli import USER_ERRORS, run_cli
+from vlm_sparsify.cli import USER_ERRORS, Terminated, reported_interrupt, run_cli
 
 STAGE_HELP = {
     "capture": "generate the responses (and, with --coders RUN, store the coders' features)",
@@ -22,6 +22,11 @@ STAGE_HELP = {
     "steer": "scale features / neurons on held-out samples, with random controls",
     "all": "every stage above in order (trains a small CLT first without --coders)",
 }
+
+
+RESUMABLE = ("capture", "steer", "all")
+"""Stages whose rerun goes on from what an interrupted run wrote (capture's batches, steer's
+conditions, all's stages and CLT checkpoints); the others start over."""
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -51,6 +56,16 @@ def run(argv: list[str] | None = None) -> None:
         module.main(rest, benchmark=benchmark)
     except USER_ERRORS as err:  # bad input or a missing earlier stage: one line, no traceback
         raise SystemExit(f"{benchmark} {stage}: {err}") from None
+    except KeyboardInterrupt as err:
+        if stage not in RESUMABLE:
+            raise
+        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
+        print(
+            f"\n{benchmark} {stage}: {how}; what it wrote is kept: rerun the same command to go "
+            "on from there",
+            file=sys.stderr,
+        )
+        raise reported_interrupt(err) from None
 
 
 if __name__ == "__main__":

@@ -780,6 +780,39 @@ def test_coders_of_a_deeper_model_are_named_as_another_model_s(
              "--coders", str(run_dir), "--limit", "2", *GREEDY])  # fmt: skip
 
 
+def test_ctrl_c_in_capture_says_the_rerun_goes_on_and_it_does(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys
+):
+    # Ctrl-C said "interrupted (Ctrl-C)" alone, where training says where its checkpoint is and
+    # how to go on; capture keeps every batch written, and the same command resumes
+    import benchmarks.stages.capture as capture_stage
+    from vlm_sparsify.cli import run_cli
+
+    out = tmp_path / "out"
+    argv = ["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir),
+            "--limit", "4", *GREEDY]  # fmt: skip
+    generate = capture_stage.generate_batch
+    calls: list[int] = []
+
+    def second_batch_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(capture_stage, "generate_batch", second_batch_interrupted)
+        with pytest.raises(SystemExit) as stop:
+            run_cli(lambda: run(argv))
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("easyvqa capture: interrupted (Ctrl-C); what it wrote is kept")
+    assert "rerun the same command to go on" in err[-1] and len(responses(out)) == 2
+    run(argv)
+    assert len(responses(out)) == 4
+    assert json.loads((out / "capture.json").read_text())["counts"]["resumed"] == 2
+
+
 def test_a_capture_that_failed_before_its_first_batch_binds_no_setting(
     tmp_path, tiny_llava_dir, coders_dir, monkeypatch
 ):
