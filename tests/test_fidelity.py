@@ -289,6 +289,29 @@ def test_a_run_on_an_image_folder_is_measured_on_that_folder(clt_run: Path, caps
     assert result["top1_agreement"] == 1.0
 
 
+def test_a_missing_image_is_skipped_and_counted_as_training_does(clt_run: Path, capsys, tmp_path):
+    # training skips (and counts) a folder's missing or unreadable images; fidelity on that
+    # run's folder stopped at the first one: "error: [Errno 2] No such file or directory"
+    from tests.conftest import make_image
+
+    rows = []
+    for i in range(3):
+        make_image(tmp_path / f"{i}.png", seed=i)
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": "a red circle"}))
+    rows.insert(1, json.dumps({"file_name": "gone.png", "text": "a blue square"}))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows.append(json.dumps({"file_name": "broken.png", "text": "a green circle"}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows))
+    with pytest.warns(UserWarning, match=r"skipped 2 of 5 examples .*missing or unreadable.*gone"):
+        result = run_fidelity(clt_run, "error", capsys, "--dataset", str(tmp_path), "--limit", "5")
+    assert result["examples"] == 3 and result["skipped_images"] == 2
+    assert result["top1_agreement"] == 1.0
+    for name in ("0", "1", "2"):
+        (tmp_path / f"{name}.png").unlink()
+    with pytest.raises(ValueError, match="no readable image among the 5 examples"):
+        run_fidelity(clt_run, "error", capsys, "--dataset", str(tmp_path), "--limit", "5")
+
+
 def test_coders_of_another_model_are_refused_before_any_data_loads(clt_run: Path, tmp_path):
     from vlm_sparsify.coder_io import CheckpointError
 

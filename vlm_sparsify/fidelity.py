@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -44,6 +45,7 @@ from vlm_sparsify.coder_io import (
 from vlm_sparsify.data import (
     EASYVQA,
     TOKEN_KEYS,
+    BadImageError,
     Example,
     collate,
     encode_example,
@@ -309,9 +311,17 @@ def measure_fidelity(
     totals = FidelityTotals(len(coders.hookpoints))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     unembedding = head.weight.detach() if head is not None else None
+    skipped: list[str] = []  # missing or unreadable images: skipped and counted, as in training
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        full = [encode_example(e, processor, recipe, ctx_len) for e in chunk]
+        chunk, full = [], []
+        for example in examples[start : start + batch_size]:
+            try:
+                full.append(encode_example(example, processor, recipe, ctx_len))
+                chunk.append(example)
+            except BadImageError:
+                skipped.append(str(example.id))
+        if not chunk:
+            continue
         prompts = [
             encode_example(Example(e.id, e.image, e.question), processor, recipe, ctx_len)
             for e in chunk
@@ -349,10 +359,21 @@ def measure_fidelity(
             )
             totals.matches += int(same)
         totals.generations += len(chunk)
+    if len(skipped) == len(examples):
+        raise ValueError(
+            f"no readable image among the {len(examples)} examples (first: {skipped[0]})"
+        )
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} of {len(examples)} examples with missing or unreadable "
+            f"images (first: {skipped[0]}), as training skips them",
+            stacklevel=2,
+        )
     return {
         "mode": mode,
         "decoder": replacement.decoder_in_use,
-        "examples": len(examples),
+        "examples": len(examples) - len(skipped),
+        "skipped_images": len(skipped),
         **totals.result(coders.hookpoints),
     }
 
