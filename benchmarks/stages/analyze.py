@@ -207,7 +207,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     stored = store.ids()
     labelled = [sample_id for sample_id in stored if sample_id in groups]
     if not labelled:
-        raise SystemExit(
+        raise ValueError(
             f"no sample of {out / outputs.CLASSIFICATION} is in the feature store {store.path}; "
             "run capture and classify on the same --out"
         )
@@ -218,7 +218,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
         sample_id for sample_id in stored if sample_id in answered and sample_id not in groups
     ]
     if unlabelled:
-        raise SystemExit(
+        raise ValueError(
             f"{len(unlabelled)} of the {len(answered)} captured samples have no GOOD / BAD label "
             f"in {out / outputs.CLASSIFICATION} (first: {', '.join(unlabelled[:3])}): capture "
             f"added them after classify ran; run classify --out {out} again"
@@ -246,7 +246,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     train_group = {sample_id: groups[sample_id] for sample_id in split.train}
     n_bad = sum(group == BAD for group in train_group.values())
     if not n_bad or n_bad == len(train_group):
-        raise SystemExit(
+        raise ValueError(
             f"the train split holds {len(train_group) - n_bad} GOOD and {n_bad} BAD samples: "
             "separating the two needs both; capture more items or change the classify rules"
         )
@@ -271,7 +271,7 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
     if attributions.exists():
         attribution_region, attributed = read_attribution_meta(attributions)
         if config.rank_by == "attribution" and attribution_region != config.region:
-            raise SystemExit(
+            raise ValueError(
                 f"--rank-by attribution with --region {config.region}, but {attributions} sums "
                 f"region {attribution_region}; run `attribute --region {config.region} --force`"
             )
@@ -282,14 +282,16 @@ def analyze(out: Path, config: AnalyzeConfig, dataset: str) -> dict:
                 f"(e.g. {sorted(missing)[0]}; attribute ran with --limit?)"
             )
             if config.rank_by == "attribution":
-                raise SystemExit(f"{lacks}: run attribute again")
+                raise ValueError(f"{lacks}: run attribute again")
             # a mean over the attributed part is not the train mean features.json promises
             print(f"analyze: {lacks}: its attributions are left out; run attribute again")
             attribution_region = None
         else:
             stats.update(attribution_stats(attributions, train_group, counts.fired.shape[1:]))
     elif config.rank_by == "attribution":
-        raise SystemExit(f"--rank-by attribution needs {attributions}; see docs/benchmarks.md")
+        raise FileNotFoundError(
+            f"--rank-by attribution needs {attributions}: run `attribute` first"
+        )
     _write_npz(out / outputs.FEATURE_STATS, stats)
     selected = select_features(stats, config)
     layers = layer_numbers(store.meta.hookpoints)
@@ -433,7 +435,7 @@ def _read_classification(path: Path) -> tuple[dict[str, int], dict[str, str]]:
     """Each sample's label (GOOD / BAD) and its kind (classify's group; written since
     2026-11-27, so an older file gives none)."""
     if not path.exists():
-        raise SystemExit(f"missing {path}: run `classify` first")
+        raise FileNotFoundError(f"missing {path}: run `classify` first")
     data = read_json(path, keys=())
     groups, kinds = {}, {}
     for label, group in (("GOOD", GOOD), ("BAD", BAD)):

@@ -208,7 +208,7 @@ def test_attribution_ranking(tmp_path):
     )
     result = run_analyze(tmp_path, "--rank-by", "attribution", "--target-features", "1")
     assert result["attribution_region"] == "response"
-    with pytest.raises(SystemExit, match="attribute --region decision --force"):
+    with pytest.raises(ValueError, match="attribute --region decision --force"):
         run_analyze(tmp_path, "--rank-by", "attribution", "--region", "decision")
     picked = {(f["direction"], f["layer"], f["feature_idx"]): f for f in result["features"]}
     assert set(picked) == {("good", 4, 1), ("good", 7, 3), ("bad", 4, 3), ("bad", 7, 0)}
@@ -616,8 +616,24 @@ def test_a_train_split_of_one_label_is_refused(tmp_path):
     for label, other in (("GOOD", "BAD"), ("BAD", "GOOD")):
         everyone = [{"id": i} for i in HAND_SAMPLES]
         (tmp_path / "classification.json").write_text(json.dumps({label: everyone, other: []}))
-        with pytest.raises(SystemExit, match="separating the two needs both"):
+        with pytest.raises(ValueError, match="separating the two needs both"):
             run_analyze(tmp_path, "--force")
+
+
+def test_analyze_errors_are_one_line_naming_the_benchmark_and_stage(tmp_path):
+    # analyze raised its own SystemExit lines, the only stage whose errors did not say which
+    # stage spoke ("easyvqa analyze: ..."): inside `all` they read as the previous stage's
+    from benchmarks.__main__ import run
+
+    write_hand_store(tmp_path)
+    (tmp_path / "classification.json").unlink()
+    with pytest.raises(SystemExit, match=r"^easyvqa analyze: missing .*classification.json: "
+                       "run `classify` first"):  # fmt: skip
+        run(["easyvqa", "analyze", "--out", str(tmp_path)])
+    everyone = [{"id": i} for i in HAND_SAMPLES]
+    (tmp_path / "classification.json").write_text(json.dumps({"GOOD": everyone, "BAD": []}))
+    with pytest.raises(SystemExit, match="^easyvqa analyze: the train split holds .* both"):
+        run(["easyvqa", "analyze", "--out", str(tmp_path), "--held-out-fraction", "0"])
 
 
 def test_significant_means_q_value_at_most_the_fdr():
@@ -664,7 +680,7 @@ def test_analyze_refuses_captured_samples_that_classify_has_not_labelled(tmp_pat
     (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     stale = {"GOOD": [{"id": "g1"}, {"id": "g2"}], "BAD": [{"id": "b1"}]}
     (tmp_path / "classification.json").write_text(json.dumps(stale))
-    with pytest.raises(SystemExit, match=r"1 of the 4 captured samples have no GOOD / BAD label "
+    with pytest.raises(ValueError, match=r"1 of the 4 captured samples have no GOOD / BAD label "
                        r".*\(first: b2\).*run classify --out"):  # fmt: skip
         run_analyze(tmp_path)
     assert not (tmp_path / "features.json").exists()
