@@ -4,6 +4,7 @@ forcing of its samples (prompt + generated response) for the stages that re-run 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,15 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
     """Model and coders as `capture` used them (capture.json), `coders` overriding."""
     info = outputs.capture_info(out, benchmark)
     settings = info["settings"]
+    mode = settings.get("mode", "error")
+    if mode != "error":
+        warnings.warn(
+            f"{out} was captured with --mode {mode}: its stored features and GOOD / BAD labels "
+            "are the replacement's, while attribute, map and steer run the original model "
+            "(error mode: the original stream and answers); capture with --mode error to "
+            "compare like with like",
+            stacklevel=2,
+        )
     meta = FeatureStore(Path(out) / outputs.STORE).meta  # none: captured without coders
     coders = coders or settings.get("coders")
     recipe = capture_recipe(info)

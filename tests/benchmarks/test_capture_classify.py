@@ -813,6 +813,20 @@ def test_ctrl_c_in_capture_says_the_rerun_goes_on_and_it_does(
     assert json.loads((out / "capture.json").read_text())["counts"]["resumed"] == 2
 
 
+def test_stages_on_an_open_loop_capture_warn_that_they_run_the_original_model(
+    tmp_path, tiny_llava_dir, coders_dir
+):
+    # capture --mode open-loop stores the replacement's features and labels its answers, while
+    # attribute (and map, steer) teacher-force the original model in error mode: nothing said so
+    out = tmp_path / "out"
+    run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
+         str(coders_dir), "--mode", "open-loop", "--limit", "2", *GREEDY])  # fmt: skip
+    run(["easyvqa", "classify", "--out", str(out)])
+    with pytest.warns(UserWarning, match="captured with --mode open-loop: .* original model"):
+        run(["easyvqa", "attribute", "--out", str(out), "--device", "cpu"])
+    assert (out / "store" / "attributions.safetensors").is_file()  # a warning, not a refusal
+
+
 def test_a_capture_that_failed_before_its_first_batch_binds_no_setting(
     tmp_path, tiny_llava_dir, coders_dir, monkeypatch
 ):
