@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from benchmarks import outputs
 from benchmarks.adapters import get_adapter, open_image
@@ -186,7 +187,7 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
     items = {item.id: item for item in get_adapter(benchmark).load_items(run.data, run.recipe)}
     taps = MLPTaps(run.model, hookpoints)
     try:
-        for record in records:
+        for record in tqdm(records, desc=f"{benchmark} map"):
             run.model(**teacher_forced_inputs(run, record, open_image(items[record["id"]].image)))
             acts = torch.zeros(len(taps.mlp_inputs[hookpoints[0]]), len(features))
             for p in sorted(set(sources)):

@@ -189,6 +189,8 @@ def test_steer_end_to_end_on_a_tiny_run(
     assert [t["target_layer"] for t in neuron_map[0]["targets"]] == [0, 1]
     assert len(neuron_map[0]["targets"][0]["top_mlp_neurons"]) == 3
     assert -1 <= neuron_map[0]["targets"][0]["verification"]["cosine_top"] <= 1
+    # a progress bar over the train samples it teacher-forces, as attribute has (none before)
+    assert re.search(r"easyvqa map: 100%.* 2/2 ", capsys.readouterr().err)
 
     capsys.readouterr()
     run(["easyvqa", "steer", "--out", str(out), "--factors", "0,3", "--bootstrap", "50",
