@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from simple_parsing import field, parse
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from vlm_sparsify.cli import run_cli
 from vlm_sparsify.coder_io import (
@@ -312,6 +313,7 @@ def measure_fidelity(
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     unembedding = head.weight.detach() if head is not None else None
     skipped: list[str] = []  # missing or unreadable images: skipped and counted, as in training
+    progress = tqdm(total=len(examples), desc="fidelity", unit="example")
     for start in range(0, len(examples), batch_size):
         chunk, full = [], []
         for example in examples[start : start + batch_size]:
@@ -321,6 +323,7 @@ def measure_fidelity(
             except BadImageError:
                 skipped.append(str(example.id))
         if not chunk:
+            progress.update(len(examples[start : start + batch_size]))
             continue
         prompts = [
             encode_example(Example(e.id, e.image, e.question), processor, recipe, ctx_len)
@@ -359,6 +362,8 @@ def measure_fidelity(
             )
             totals.matches += int(same)
         totals.generations += len(chunk)
+        progress.update(len(examples[start : start + batch_size]))
+    progress.close()
     if len(skipped) == len(examples):
         raise ValueError(
             f"no readable image among the {len(examples)} examples (first: {skipped[0]})"
