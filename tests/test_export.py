@@ -1,6 +1,7 @@
 """Export to circuit-tracer: loads with its own load_clt, holds our weights, fidelity measured."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -414,6 +415,19 @@ def test_calibration_activations_come_from_the_runs_own_training_positions(
     image_tokens = int((ids == processor.image_token_id).sum())
     assert rows["all", 0] - rows["text", 0] == 4 * image_tokens  # the run's --tokens
     assert rows["text", 0] - rows["text", 1] == 4 * int((ids == first).sum())  # --exclude_tokens
+
+
+def test_calibration_shows_its_progress(tmp_path, tiny_llava_dir, capsys):
+    # export's calibration ran the model over its examples silently (minutes at 7B size)
+    from vlm_sparsify.run_activations import run_activations
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps({"model": str(tiny_llava_dir), "dataset": "easyvqa"})
+    )
+    run_activations(run, ["model.language_model.layers.0.mlp"], num_examples=4, batch_size=2)
+    assert re.search(r"calibration: 100%.* 4/4 ", capsys.readouterr().err)
 
 
 def test_an_out_dir_that_is_a_file_is_refused_untouched(tmp_path: Path) -> None:

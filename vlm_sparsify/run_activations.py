@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from vlm_sparsify.coder_io import RUN_CONFIG_FILE
 from vlm_sparsify.data import BatchStream, open_examples, parse_data_args
@@ -80,8 +81,10 @@ def run_activations(
     )
     inputs: list[list[Tensor]] = [[] for _ in hookpoints]
     outputs: list[list[Tensor]] = [[] for _ in hookpoints]
+    progress = tqdm(total=num_examples, desc="calibration", unit="example")
     for batch in stream:
-        if "inputs" not in batch:
+        if "inputs" not in batch:  # every image of the batch unreadable
+            progress.update(batch["n_examples"])
             continue
         model_inputs = {k: v.to(model.device) for k, v in batch["inputs"].items()}
         xs, ys = collect_activations(
@@ -90,4 +93,6 @@ def run_activations(
         for p, (x, y) in enumerate(zip(xs, ys, strict=True)):
             inputs[p].append(x.float().cpu())
             outputs[p].append(y.float().cpu())
+        progress.update(batch["n_examples"])
+    progress.close()
     return [torch.cat(x) for x in inputs], [torch.cat(y) for y in outputs]
