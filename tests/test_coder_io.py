@@ -198,7 +198,8 @@ def test_mismatched_checkpoints_name_the_file_and_fix(tmp_path: Path) -> None:
     save_coders(clt, tmp_path / "run")
     with pytest.raises(CheckpointError, match="were requested"):
         load_coders(tmp_path / "run", hookpoints=HOOKS[:3])
-    with pytest.raises(CheckpointError, match="MLP width is 16"):
+    # one width, not a {hookpoint: width} dict of every folder in file-system order
+    with pytest.raises(CheckpointError, match=rf"has d_in {D} but the model's MLP width is 16"):
         load_coders(tmp_path / "run", d_in=16)
     weights = tmp_path / "run" / HOOKS[1] / "sae.safetensors"
     save_file({"encoder.weight": torch.zeros(LATENTS, D + 1)}, str(weights))

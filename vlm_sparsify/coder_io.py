@@ -418,8 +418,9 @@ def _read_cfgs(
         )
     widths = {name: cfg["d_in"] for name, cfg in cfgs.items()}
     if d_in is not None and set(widths.values()) != {d_in}:
+        shown = widths[order[0]] if len(set(widths.values())) == 1 else widths
         raise CheckpointError(
-            f"{run_dir} has d_in {widths} but the model's MLP width is {d_in}; "
+            f"{run_dir} has d_in {shown} but the model's MLP width is {d_in}; "
             "these coders were trained on another model"
         )
     return order, cfgs
