@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None, benchmark: str = "easyvqa") -> None:
     items = load_items()
     unknown = sorted(set(responses) - {item.id for item in items})
     if unknown:
-        raise SystemExit(f"{len(unknown)} response ids are not easy-VQA items, e.g. {unknown[:3]}")
+        raise ValueError(f"{len(unknown)} response ids are not easy-VQA items, e.g. {unknown[:3]}")
     results = score(items, responses)
     if args.out:
         write_json(Path(args.out) / METRICS, results)

@@ -103,8 +103,12 @@ def test_cli_scores_a_responses_file(tmp_path, capsys):
 def test_cli_rejects_unknown_ids(tmp_path):
     path = tmp_path / "responses.jsonl"
     path.write_text(json.dumps({"id": "nope", "response": "yes"}) + "\n")
-    with pytest.raises(SystemExit, match="not easy-VQA items"):
+    with pytest.raises(ValueError, match="not easy-VQA items"):
         easyvqa_score.main(["--responses", str(path)])
+    from benchmarks.__main__ import run  # one line naming the stage, as its other errors
+
+    with pytest.raises(SystemExit, match=r"^easyvqa score: 1 response ids are not easy-VQA"):
+        run(["easyvqa", "score", "--responses", str(path)])
 
 
 def test_cli_rejects_a_repeated_id(tmp_path):
