@@ -91,6 +91,83 @@ def test_checkpoints_load_and_resume_is_exact(
         assert [ours.n_targets(p) for p in range(3)] == [3, 2, 1]
 
 
+def signal_at_batch(monkeypatch, n: int, times: int = 1):
+    """Make the n-th `Trainer.train_on_batch` call send this process SIGINT `times` times as it
+    starts (a real Ctrl-C inside a step); returns the original method, to put back."""
+    import signal
+
+    original = training.Trainer.train_on_batch
+    calls = {"n": 0}
+
+    def interrupted(self, batch):
+        calls["n"] += 1
+        if calls["n"] == n:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
+        return original(self, batch)
+
+    monkeypatch.setattr(training.Trainer, "train_on_batch", interrupted)
+    return original
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt here (pytest started as a shell's background job inherits
+    it ignored), and is put back after."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run put it back
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize(
+    ("extra", "saved"),
+    [
+        (("--cross_layer", "3"), 5),
+        # mid-accumulation the 5th batch's gradient is dropped: step 4 is saved, resume redoes 5
+        (("--grad_acc_steps", "2"), 4),
+    ],
+    ids=["clt", "grad-acc"],
+)
+def test_ctrl_c_in_a_step_saves_where_the_run_stopped_and_resume_is_exact(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys, ctrl_c_raises, extra, saved
+):
+    # sparsify's --save_every 1000 never comes in 6 steps: without the save on Ctrl-C the
+    # interrupted run kept nothing and --resume started over
+    extra = ("--transcode", "true", *extra)
+    run(cli(tiny_llava_dir, tmp_path, "whole", *extra))
+    original = signal_at_batch(monkeypatch, 5)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        run(cli(tiny_llava_dir, tmp_path, "split", *extra))
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping once step 5 is done (again to stop at once)" in err
+    split = tmp_path / "split"
+    assert f"interrupted at step {saved}: the checkpoint of step {saved} is in {split}" in err
+    assert torch.load(split / "state.pt", weights_only=True)["global_step"] == saved
+    monkeypatch.setattr(training.Trainer, "train_on_batch", original)
+    run(cli(tiny_llava_dir, tmp_path, "split", *extra, "--resume", "true"))
+    whole = weights(tmp_path / "whole")
+    for hook, tensors in weights(split).items():
+        for key, value in tensors.items():
+            assert torch.equal(value, whole[hook][key]), (hook, key)
+
+
+def test_a_second_ctrl_c_stops_the_step_at_once_and_saves_nothing_half_done(
+    tmp_path, tiny_llava_dir, monkeypatch, capsys, ctrl_c_raises
+):
+    signal_at_batch(monkeypatch, 5, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(cli(tiny_llava_dir, tmp_path, "run", "--transcode", "true", "--save_every", "3"))
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping once step 5 is done (again to stop at once)" in err
+    # step 5 did not finish: the periodic checkpoint of step 3 stays the one to resume
+    assert f"interrupted at step 4: the checkpoint of step 3 is in {tmp_path / 'run'}" in err
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["global_step"] == 3
+
+
 def test_checkpoints_wait_for_the_optimizer_step_so_resume_is_exact(
     tmp_path, tiny_llava_dir, monkeypatch, capsys
 ):
@@ -402,11 +479,13 @@ def test_sigterm_to_the_run_and_its_workers_ends_it_as_ctrl_c_does(tmp_path, tin
     assert done.returncode == 143, done.stderr[-800:]
     # the DataLoader worker got it too: it leaves the stop to the training process
     assert "DataLoader worker" not in done.stderr and "Traceback" not in done.stderr
+    # it came in step 5: the step ends and is saved (the periodic checkpoint was step 3's)
+    assert "SIGTERM: stopping once step 5 is done" in done.stderr
     last = done.stderr.rstrip("\n").split("\n")[-1]
     assert last.startswith(
-        f"terminated (SIGTERM) at step 4: the checkpoint of step 3 is in {tmp_path / 'run'}"
+        f"terminated (SIGTERM) at step 5: the checkpoint of step 5 is in {tmp_path / 'run'}"
     ), done.stderr[-800:]
-    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["global_step"] == 3
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["global_step"] == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing half-written
 
 

@@ -67,9 +67,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 @contextmanager
-def interrupts_deferred(what: str) -> Iterator[None]:
+def interrupts_deferred(what: str, second_stops: bool = False) -> Iterator[None]:
     """Ctrl-C and SIGTERM take effect when the block ends, not inside it (`what`: the work it
-    does, named when one comes); the block runs in full unless it fails."""
+    does, named when one comes); the block runs in full unless it fails. With `second_stops`,
+    a second one takes effect at once (a block that may hang, such as a training step waiting
+    on other processes, can still be stopped)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -77,7 +79,14 @@ def interrupts_deferred(what: str) -> Iterator[None]:
 
     def defer(signum: int, frame: object) -> None:
         if not caught:
-            print(f"\n{signal.Signals(signum).name}: stopping once {what} is done", file=sys.stderr)
+            again = " (again to stop at once)" if second_stops else ""
+            print(
+                f"\n{signal.Signals(signum).name}: stopping once {what} is done{again}",
+                file=sys.stderr,
+            )
+        elif second_stops:
+            signal.signal(signum, previous[signal.Signals(signum)])
+            signal.raise_signal(signum)
         caught.append(signum)
 
     handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]

@@ -474,6 +474,8 @@ class Trainer:
     dropped_batches: int = 0
     """Set by `fit`: the batches trained after the last optimizer step when the run ended
     mid-accumulation (`grad_acc_steps` > 1); the state went back to that step (`StepMark`)."""
+    _in_step: bool = field(default=False, init=False, repr=False)
+    """Inside a step: Ctrl-C that stops the run there (a second one) leaves nothing to save."""
     _step_mark: StepMark | None = field(default=None, init=False, repr=False)
     _fired: list[Tensor] | None = field(default=None, init=False, repr=False)
     """Per source, the latents that fired in the batches since the last optimizer step."""
@@ -801,9 +803,14 @@ class Trainer:
         )
         if self.cfg.grad_acc_steps > 1:
             self._step_mark = StepMark.of(self.state)
+        self._in_step = False
         try:
             self._fit_loop(batches, pbar, total)
-        finally:  # ends the bar's line: an error, or Ctrl-C's note, is printed on its own
+        except KeyboardInterrupt:
+            pbar.close()  # ends the bar's line: Ctrl-C's note is printed on its own
+            self._save_interrupted()
+            raise
+        finally:  # ends the bar's line: an error is printed on its own
             pbar.close()
         self.dropped_batches = self._end_at_optimizer_step()
         if self.state.global_step == 0 and self.dropped_batches:
@@ -850,13 +857,18 @@ class Trainer:
             last = total is not None and self.state.batches_seen + 1 >= total
             self.check_update = bool(self.checkpoint) and upcoming % self.cfg.grad_acc_steps == 0
             self.check_update &= save_due or upcoming % self.cfg.save_every == 0 or last
-            metrics = self.train_on_batch(batch)
-            pbar.update()
-            if metrics:
-                pbar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+            # Ctrl-C or SIGTERM in a step stops the run after it (a second one at once), so
+            # that `fit` can save where it stopped (`_save_interrupted`)
+            self._in_step = True
+            with interrupts_deferred(f"step {upcoming}", second_stops=True):
+                metrics = self.train_on_batch(batch)
+                pbar.update()
+                if metrics:
+                    pbar.set_postfix({k: f"{v:.3f}" for k, v in metrics.items()})
+                if self.on_step and metrics:
+                    self.on_step(self, metrics)
+                self._in_step = False  # a deferred Ctrl-C comes as the block ends, after this
             step = self.state.global_step
-            if self.on_step and metrics:
-                self.on_step(self, metrics)
             if not (self.checkpoint and metrics):
                 continue
             save_due = save_due or step % self.cfg.save_every == 0
@@ -865,6 +877,21 @@ class Trainer:
             if save_due and step % self.cfg.grad_acc_steps == 0:
                 self._save()
                 save_due = False
+
+    def _save_interrupted(self) -> None:
+        """Ctrl-C or SIGTERM came between two steps (`_fit_loop` defers it to the end of a
+        step): a single process saves a checkpoint there, at the last optimizer step
+        (`_end_at_optimizer_step`), so that --resume goes on where the run stopped, bit for bit
+        as one uninterrupted run. Not after a second Ctrl-C that stopped a step half-way, nor
+        across processes (they would have to agree on the step), where the last periodic
+        checkpoint stays the one to resume."""
+        if self._in_step or self.checkpoint is None:
+            return
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return
+        self.dropped_batches = self._end_at_optimizer_step()
+        if self.state.global_step not in (0, self.saved_step):
+            self._save()
 
     def _save(self) -> None:
         """A checkpoint, written whole: Ctrl-C or SIGTERM during it (its copy to RUN-best
