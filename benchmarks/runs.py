@@ -31,6 +31,8 @@ class Run:
     recipe: Any
     settings: dict
     data: Any
+    coders_path: str
+    """The coders' run folder: `--coders`, else the one capture used."""
 
 
 def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) -> Run:
@@ -55,7 +57,7 @@ def load_run(out: Path, benchmark: str, coders: str | None, device: str | None) 
     coder_set = load_coders(coders, device=model.device)
     _check_coders(coder_set, coders, meta)
     data = get_adapter(benchmark).Data(**info["data"])
-    return Run(model, processor, coder_set, recipe, settings, data)
+    return Run(model, processor, coder_set, recipe, settings, data, str(coders))
 
 
 def capture_recipe(info: dict) -> Any:

@@ -261,6 +261,7 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
         )
     info = {
         "parameters": _parameters(config),
+        "coders": run.coders_path,  # the parameters' `coders` is None when capture's are used
         "samples": len(records),
         "tokens": next(iter(stats.values())).n_tokens if stats else 0,
         "summary": {

@@ -509,6 +509,8 @@ def test_a_map_killed_between_its_two_files_is_redone(
     assert "up to date" not in capsys.readouterr().out
     info = json.loads((out / "neuron_map_info.json").read_text())
     assert info["summary"]["targets"] == 2 == len(json.loads((out / "neuron_map.json").read_text()))
+    # no --coders: the info names the coders capture used, not None
+    assert info["parameters"]["coders"] is None and info["coders"] == str(coders_dir)
 
 
 def test_report_rates_deltas_and_changed_responses_by_hand() -> None:
