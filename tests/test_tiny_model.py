@@ -233,3 +233,14 @@ def test_evaluate_refuses_a_limit_below_one(limit, capsys):
     with pytest.raises(SystemExit):
         main(["--limit", limit])
     assert f"--limit {limit}: give a positive number of examples" in capsys.readouterr().err
+
+
+def test_evaluate_limits_each_kind_and_counts_them() -> None:
+    # --limit took the first N examples of the split, all yes/no questions, and printed
+    # accuracies without counts
+    from vlm_sparsify.tiny.evaluate import evaluate
+
+    model, processor = load_tiny()
+    result = evaluate(model, processor, "test", limit=2)
+    assert sorted(result) == ["caption", "open", "yes/no"]
+    assert all(r["n"] == 2 and 0 <= r["accuracy"] <= 1 for r in result.values())

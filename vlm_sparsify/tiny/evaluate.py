@@ -1,6 +1,8 @@
 """Accuracy of a tiny easy-VQA LLaVA on a split, by greedy generation (optionally blank images).
 
-`python -m vlm_sparsify.tiny.evaluate [MODEL_DIR] [--split test] [--blank] [--limit N]`
+`python -m vlm_sparsify.tiny.evaluate [MODEL_DIR] [--split test] [--blank] [--limit N]` prints
+`{kind: {"accuracy", "n"}}` for yes/no, open and caption examples (`--limit`: the first N of
+each kind).
 """
 
 from __future__ import annotations
@@ -60,9 +62,13 @@ def evaluate(
     blank: bool = False,
     limit: int | None = None,
     batch_size: int = 256,
-) -> dict[str, float]:
-    """Exact-match accuracy per kind (yes/no, open, caption) over the split's examples."""
-    examples = (list(questions(split)) + list(captions(split)))[:limit]
+) -> dict[str, dict[str, float]]:
+    """Exact-match accuracy and count per kind (yes/no, open, caption) over the split's examples
+    (the first `limit` of each kind: the split lists every question before any caption)."""
+    by_kind: dict[str, list[Example]] = defaultdict(list)
+    for example in [*questions(split), *captions(split)]:
+        by_kind[example.kind].append(example)
+    examples = [e for kind in sorted(by_kind) for e in by_kind[kind][:limit]]
     paths = image_paths(split)
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in tqdm(range(0, len(examples), batch_size), desc=f"evaluate {split}"):
@@ -74,7 +80,7 @@ def evaluate(
         responses = answer(model, processor, images, [prompt_for(e.question) for e in batch])
         for example, response in zip(batch, responses, strict=True):
             hits[example.kind].append(is_correct(example, response))
-    return {kind: sum(v) / len(v) for kind, v in sorted(hits.items())}
+    return {kind: {"accuracy": sum(v) / len(v), "n": len(v)} for kind, v in sorted(hits.items())}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", nargs="?", default=str(SHIPPED))
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--blank", action="store_true", help="grey images instead of the real ones")
-    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument(
+        "--limit", type=int, default=None, help="at most this many examples of each kind"
+    )
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:  # a negative one would slice from the end
         parser.error(f"--limit {args.limit}: give a positive number of examples, or leave it out")
