@@ -130,9 +130,10 @@ def examples(out: Path, benchmark: str, config: ExamplesConfig) -> Path:
         shown = sections[: config.plot_features]
         written.append(plot_grid(plots / "feature_examples.png", heading, shown, config.dpi))
     empty = sum(1 for s in sections if not s.cards)
+    silent = f" ({empty} firing in no sample of region {config.region})" if empty else ""
     print(
-        f"examples: {len(sections)} features ({empty} fire in no sample of region "
-        f"{config.region}) -> {', '.join(map(str, written))}"
+        f"examples: {len(sections)} feature{'s' * (len(sections) != 1)}{silent} -> "
+        f"{', '.join(map(str, written))}"
     )
     return page
 

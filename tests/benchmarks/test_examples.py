@@ -226,7 +226,7 @@ def test_token_strings_of_a_word_level_tokenizer_join_with_spaces(tiny_llava):
     ]  # fmt: skip
 
 
-def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):  # noqa: F811
+def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir, capsys):  # noqa: F811
     out = tmp_path / "out"
     run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
          str(coders_dir), "--kinds", "yesno,caption", "--limit", "4", *GREEDY])  # fmt: skip
@@ -237,7 +237,17 @@ def test_examples_stage_on_a_real_capture(tmp_path, tiny_llava_dir, coders_dir):
     latent = int(torch.mode(first.indices[:, 1].flatten()).values)
     with pytest.raises(SystemExit, match="run `analyze` first, or name --features"):
         run(["easyvqa", "examples", "--out", str(out)])
+    # a latent of source 1 that fires nowhere (the coders are random: one of 128 with k 16
+    # in four samples stays silent in practice)
+    fired = {int(i) for stored in store for i in stored.indices[:, 1].flatten()}
+    silent = sorted(set(range(store.meta.num_latents)) - fired)
+    if silent:
+        capsys.readouterr()
+        run(["easyvqa", "examples", "--out", str(out), "--features", f"L1/F{silent[0]}"])
+        printed = capsys.readouterr().out
+        assert "examples: 1 feature (1 firing in no sample of region all) -> " in printed
     run(["easyvqa", "examples", "--out", str(out), "--features", f"L1/F{latent}", "--top", "3"])
+    assert "examples: 1 feature -> " in capsys.readouterr().out  # was '(0 fire in no sample ...)'
 
     document = json.loads((out / "examples" / "examples.json").read_text())
     [feature] = document["features"]
