@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from safetensors import safe_open
@@ -481,7 +481,9 @@ def _up_to_date(target: Path, config: AnalyzeConfig, out: Path) -> bool:
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as file:
-        np.savez(file, allow_pickle=True, **arrays)  # (numpy's default)
+        # (as Any: numpy 2's savez also takes allow_pickle, which a dict of arrays cannot fill;
+        # passing it would store an array of that name under numpy 1.26)
+        np.savez(file, **cast(dict[str, Any], arrays))
     tmp.replace(path)
 
 
