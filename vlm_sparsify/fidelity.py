@@ -315,15 +315,16 @@ def measure_fidelity(
     skipped: list[str] = []  # missing or unreadable images: skipped and counted, as in training
     progress = tqdm(total=len(examples), desc="fidelity", unit="example")
     for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
         chunk, full = [], []
-        for example in examples[start : start + batch_size]:
+        for example in batch:
             try:
                 full.append(encode_example(example, processor, recipe, ctx_len))
                 chunk.append(example)
             except BadImageError:
                 skipped.append(str(example.id))
         if not chunk:
-            progress.update(len(examples[start : start + batch_size]))
+            progress.update(len(batch))
             continue
         prompts = [
             encode_example(Example(e.id, e.image, e.question), processor, recipe, ctx_len)
@@ -362,7 +363,7 @@ def measure_fidelity(
             )
             totals.matches += int(same)
         totals.generations += len(chunk)
-        progress.update(len(examples[start : start + batch_size]))
+        progress.update(len(batch))
     progress.close()
     if len(skipped) == len(examples):
         raise ValueError(
