@@ -8,7 +8,7 @@ import sys
 
 from benchmarks import BENCHMARKS, STAGES
 from benchmarks.stages import stage_module
-from vlm_sparsify.cli import USER_ERRORS, Terminated, reported_interrupt, run_cli
+from vlm_sparsify.cli import USER_ERRORS, how_stopped, reported_interrupt, run_cli
 
 STAGE_HELP = {
     "capture": "generate the responses (and, with --coders RUN, store the coders' features)",
@@ -59,10 +59,9 @@ def run(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt as err:
         if stage not in RESUMABLE:
             raise
-        how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
         print(
-            f"\n{benchmark} {stage}: {how}; what it wrote is kept: rerun the same command to go "
-            "on from there",
+            f"\n{benchmark} {stage}: {how_stopped(err)}; what it wrote is kept: rerun the same "
+            "command to go on from there",
             file=sys.stderr,
         )
         raise reported_interrupt(err) from None

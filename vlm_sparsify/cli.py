@@ -35,8 +35,7 @@ def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
         raise SystemExit(f"error: {err}") from None
     except KeyboardInterrupt as err:
         if not getattr(err, "reported", False):
-            how = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
-            print(f"\n{how}", file=sys.stderr)
+            print(f"\n{how_stopped(err)}", file=sys.stderr)
         raise SystemExit(143 if isinstance(err, Terminated) else 130) from None
     finally:
         warnings.formatwarning = formatted
@@ -46,6 +45,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler stopping the job, such as SLURM at its time limit, or `kill`), raised
     where Ctrl-C would be: the same cleanup (a checkpoint being written is removed, the last one
     kept) and the same note on where the work is."""
+
+
+def how_stopped(err: KeyboardInterrupt) -> str:
+    """'terminated (SIGTERM)' or 'interrupted (Ctrl-C)', for the line a tool ends with."""
+    return "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted (Ctrl-C)"
 
 
 @contextmanager
