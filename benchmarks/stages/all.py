@@ -25,7 +25,7 @@ import torch
 from benchmarks.adapters import check_images, get_adapter
 from benchmarks.stages import check_limit, stage_module, stage_parser
 from benchmarks.stages.analyze import RankBy, Region
-from benchmarks.stages.steer import parse_factors
+from benchmarks.stages.steer import SteerOp, parse_factors
 from vlm_sparsify.__main__ import run as train
 from vlm_sparsify.coder_io import RUN_CONFIG_FILE, CheckpointError, load_coders
 from vlm_sparsify.files import load_torch, read_json
@@ -78,6 +78,9 @@ class AllConfig:
     (activation x gradient of the answer's logit difference, mean over GOOD minus over BAD)."""
     factors: str = "0,0.5,2,4"
     """Steering factors (map uses the largest as its amplification factor)."""
+    steer_op: SteerOp = "scale"
+    """steer's --op: scale the selected features, or clamp them to the factor times their
+    typical activation (features only: the neurons conditions are left out)."""
     bootstrap: int = 1000
     """Bootstrap resamples (steer)."""
     seed: int = 0
@@ -173,7 +176,8 @@ def run_all(
                  "--seed", str(config.seed)]),
         ("steer", ["--coders", coders, "--factors", config.factors, *device,
                    "--bootstrap", str(config.bootstrap), "--seed", str(config.seed),
-                   "--batch-size", str(config.batch_size), "--region", steer_region]),
+                   "--batch-size", str(config.batch_size), "--region", steer_region,
+                   "--op", config.steer_op]),
     ]  # fmt: skip
     for stage, argv in stages:
         start = time.perf_counter()

@@ -2,18 +2,21 @@
 
 Reruns the benchmark on the HELD-OUT samples of `DIR/features.json` (never used to select the
 features) under these conditions, each direction (`good` features, `bad` features) at each factor
-of `--factors` (scale: 0 = zero them, 0.5 = halve, 2 / 4 = amplify):
+of `--factors`, applied as `--op` says: `scale` (the default; 0 = zero the features, 0.5 = halve,
+2 / 4 = amplify) or `clamp` (set each feature to the factor times its typical activation, its mean
+activation when it fires in the analysed samples, at every steered token, whether it fired there
+or not: a feature that rarely fires at the steered tokens can only be steered this way):
 
-- `features`: the replacement model in error mode, the direction's features scaled at their
+- `features`: the replacement model in error mode, the direction's features edited at their
   source (every target layer follows);
 - `control`: as many random features (never one selected for either direction), each from the
   same source layer as the one it stands for and matched on firing frequency (drawn, seeded, among the few latents that fired in the analysed
-  samples with the frequency closest to its own; not on activation size or decoder norm), scaled
+  samples with the frequency closest to its own; not on activation size or decoder norm), edited
   the same way;
 - `neurons`: the original model with the direction's mapped MLP neurons (`DIR/neuron_map.json`)
-  scaled at the `down_proj` input;
+  scaled at the `down_proj` input (`--op scale` only: neurons have no recorded typical activation);
 - `neurons_control`: as many random neurons per target MLP as `neurons` scales there, drawn
-  (seeded) among those neither direction maps, scaled the same way;
+  (seeded) among those neither direction maps, scaled the same way (`--op scale` only);
 - `clt_free`: the original model with a `FeatureSteerer` (exact mode) for the same features and
   factor: it should answer as `features` does, without the coders;
 
@@ -26,7 +29,9 @@ GOOD rate, whose delta to the baseline (and, for `features` / `neurons`, to its 
 the same factor) gets a paired bootstrap interval that resamples whole images (the held-out split
 is by image, and one image's samples are not independent).
 Writes `DIR/steer/<condition>/` (responses, official file, metrics), `DIR/steering.json` and
-`DIR/plots/steering.png`; a condition whose folder is complete is not generated again.
+`DIR/plots/steering.png` (`--op clamp`: `steering_clamp.json`, `plots/steering_clamp.png`, and
+conditions named `<direction>-<kind>-clamp<factor>`); a condition whose folder is complete is not
+generated again.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 from tqdm import tqdm
@@ -60,6 +65,10 @@ from vlm_sparsify.positions import check_steer_region
 from vlm_sparsify.replacement import ReplacementModel
 
 STEERING = "steering.json"
+"""The report of `--op scale`; `--op clamp` writes `steering_clamp.json` (`report_name`)."""
+SteerOp = Literal["scale", "clamp"]
+NEURON_KINDS = ("neurons", "neurons_control")
+"""The conditions that edit MLP neurons, which `--op clamp` leaves out."""
 KINDS = ("features", "control", "neurons", "neurons_control", "clt_free")
 DIRECTIONS = ("good", "bad")
 """Feature lists of features.json; a direction's random controls are drawn with seed + its place."""
@@ -78,7 +87,13 @@ class SteerConfig:
     coders: str | None = None
     """Coder run folder (default: the one capture used)."""
     factors: str = "0,0.5,2,4"
-    """Comma-separated scale factors."""
+    """Comma-separated factors: of the activation (--op scale) or of the typical activation
+    (--op clamp)."""
+    op: SteerOp = "scale"
+    """scale: multiply each steered feature's activation by the factor (0 zeroes it); clamp: set
+    it to the factor times its typical activation (its mean when it fires in the analysed
+    samples) at every steered token, fired or not. clamp steers features only: the neurons
+    conditions are left out."""
     region: str = "decision"
     """Token positions steered in every condition: decision (the last prompt token and every
     response token) or all."""
@@ -109,6 +124,18 @@ class Condition:
     kind: str
     direction: str
     factor: float
+    op: str = "scale"
+
+
+def condition_name(direction: str, kind: str, factor: float, op: str = "scale") -> str:
+    """`good-features-x2` (scale) or `good-features-clamp2` (clamp): the condition's folder."""
+    return f"{direction}-{kind}-{'x' if op == 'scale' else 'clamp'}{factor:g}"
+
+
+def report_name(op: str) -> str:
+    """steering.json for `--op scale`, steering_clamp.json for `--op clamp`: the two reports
+    (and their plots) sit side by side."""
+    return STEERING if op == "scale" else f"steering_{op}.json"
 
 
 def main(argv: list[str], benchmark: str) -> None:
@@ -195,16 +222,28 @@ def random_control(
 
 
 def interventions_for(
-    features: Sequence[dict], factor: float, region: str = "decision"
+    features: Sequence[dict], factor: float, region: str = "decision", op: str = "scale"
 ) -> list[Intervention]:
-    """One scale intervention per source hookpoint, on the tokens of `region`."""
-    by_source: dict[str, list[int]] = {}
+    """One intervention per source hookpoint, on the tokens of `region`: each feature scaled by
+    `factor` (op scale), or set to `factor` times its `reference` (op clamp)."""
+    by_source: dict[str, list[dict]] = {}
     for feature in features:
-        by_source.setdefault(feature["hookpoint"], []).append(feature["feature_idx"])
+        by_source.setdefault(feature["hookpoint"], []).append(feature)
     return [
-        Intervention("scale", tuple(latents), layers=hookpoint, region=region, value=factor)
-        for hookpoint, latents in by_source.items()
+        Intervention(
+            "scale" if op == "scale" else "set",
+            tuple(f["feature_idx"] for f in chosen),
+            layers=hookpoint,
+            region=region,
+            value=factor if op == "scale" else tuple(clamped(f, factor) for f in chosen),
+        )
+        for hookpoint, chosen in by_source.items()
     ]
+
+
+def clamped(feature: dict, factor: float) -> float:
+    """The activation `--op clamp` sets `feature` to: `factor` times its typical activation."""
+    return factor * feature["reference"]
 
 
 def mapped_neurons(neuron_map: Sequence[dict], direction: str) -> dict[str, list[int]]:
@@ -264,20 +303,47 @@ def random_neuron_control(
     }
 
 
-def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list[Condition]:
+def steered_kinds(config: SteerConfig) -> list[str]:
+    """The conditions of `--kinds` that `--op` can steer (clamp: not the neurons ones)."""
     kinds = unique_choices(config.kinds, KINDS, "--kinds")
+    return [k for k in kinds if config.op == "scale" or k not in NEURON_KINDS]
+
+
+def conditions(config: SteerConfig, by_direction: dict[str, list[dict]]) -> list[Condition]:
+    kinds = steered_kinds(config)
     result = [Condition("baseline", "baseline", "", 1.0)]
     for direction, features in by_direction.items():
         if not features:
             continue
         for factor in parse_factors(config.factors):
             for kind in kinds:
-                result.append(Condition(f"{direction}-{kind}-x{factor:g}", kind, direction, factor))
+                name = condition_name(direction, kind, factor, config.op)
+                result.append(Condition(name, kind, direction, factor, config.op))
     return result
+
+
+def typical_activation(out: Path) -> np.ndarray:
+    """`[S, L]` mean activation of each latent over the analysed samples where it fires (each
+    sample's mean over its firing tokens; feature_stats.npz's good and bad averages weighted by
+    how many GOOD and BAD samples it fired in); 0 for a latent that never fired."""
+    path = out / outputs.FEATURE_STATS
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--op clamp sets features to a multiple of their typical activation, read from "
+            f"{path}, which is missing: run `analyze` first"
+        )
+    stats = np.load(path)
+    result = read_features(out)
+    good = stats["good_freq"] * result["total_good_samples"]
+    bad = stats["bad_freq"] * result["total_bad_samples"]
+    total = stats["good_avg_activation"] * good + stats["bad_avg_activation"] * bad
+    return np.divide(total, good + bad, out=np.zeros(total.shape), where=good + bad > 0)
 
 
 def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     unique_choices(config.kinds, KINDS, "--kinds")  # bad flags fail before the model loads
+    if config.op not in get_args(SteerOp):
+        raise ValueError(f"--op {config.op!r}: use scale or clamp")
     unique_choices(config.directions, DIRECTIONS, "--directions")
     parse_factors(config.factors)
     check_steer_region(config.region)
@@ -296,6 +362,13 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         raise ValueError(
             f"{out / outputs.FEATURES} has no held-out ids; rerun analyze with --held-out-fraction > 0"
         )
+    left_out = [k for k in unique_choices(config.kinds, KINDS, "--kinds") if k in NEURON_KINDS]
+    if config.op == "clamp" and left_out:
+        print(
+            f"steer: --op clamp steers features only; leaving out {', '.join(left_out)} "
+            "(neurons have no recorded typical activation: steer them with --op scale)"
+        )
+    reference = typical_activation(out) if config.op == "clamp" else None
     neuron_map = _read_neuron_map(out, config, result["features"])
     run = load_run(out, benchmark, config.coders, config.device)
     hookpoints = list(run.coders.hookpoints)
@@ -321,6 +394,11 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         selected, replacement.num_latents, config.seed, _firing_frequency(out)
     )
     control = {d: all_controls[d] for d in directions}
+    if reference is not None:
+        by_direction, control = (
+            {d: _with_reference(fs, reference) for d, fs in chosen.items()}
+            for chosen in (by_direction, control)
+        )
     all_neurons = {d: mapped_neurons(neuron_map or [], d) for d in DIRECTIONS}
     sizes = {
         hookpoint: run.model.get_submodule(hookpoint).get_submodule("down_proj").in_features
@@ -366,14 +444,34 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         }
     progress.close()
     report = _report(generated, config, benchmark, len(items), control, images)
-    report["control_neurons"] = neuron_control
+    report["control_neurons"] = neuron_control if config.op == "scale" else {}
     report["feature_region"] = result.get("parameters", {}).get("region")
     report["steer_region"] = config.region
-    outputs.write_json(out / STEERING, report)
+    if reference is not None:
+        report["clamped_features"] = {
+            d: [{key: f[key] for key in ("layer", "feature_idx", "hookpoint", "reference")}
+                for f in fs]
+            for d, fs in by_direction.items()
+        }  # fmt: skip
+    name = report_name(config.op)
+    outputs.write_json(out / name, report)
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
-    plot_steering(report, plots / "steering.png")
+    plot_steering(report, plots / name.replace(".json", ".png"))
     return report
+
+
+def _with_reference(features: Sequence[dict], reference: np.ndarray) -> list[dict]:
+    """The features, each with its typical activation (`reference`, for --op clamp); a note
+    names those that never fired in the analysed samples, which clamping can only zero."""
+    result = [{**f, "reference": float(reference[f["source"], f["feature_idx"]])} for f in features]
+    silent = [f"{f['hookpoint']}:{f['feature_idx']}" for f in result if f["reference"] == 0]
+    if silent:
+        print(
+            f"steer: {', '.join(silent)} never fired in the analysed samples: no typical "
+            "activation, so --op clamp sets them to 0"
+        )
+    return result
 
 
 def held_out_items(items: Sequence, held_out: Sequence[str], out: Path) -> list:
@@ -420,6 +518,8 @@ def _setup(
     kind, factor = condition.kind, condition.factor
     features = by_direction.get(condition.direction, [])
     spec: dict[str, Any] = {**asdict(condition)}
+    if condition.op == "scale":  # as condition.json was before --op, so those folders are kept
+        del spec["op"]
     if kind == "baseline":
         return Setup(None, [], nullcontext, spec)
     spec["region"] = region  # steered tokens
@@ -427,7 +527,9 @@ def _setup(
         case "features" | "control":
             chosen = features if kind == "features" else control[condition.direction]
             spec["features"] = [(f["hookpoint"], f["feature_idx"]) for f in chosen]
-            edits = interventions_for(chosen, factor, region)
+            if condition.op == "clamp":
+                spec["values"] = [clamped(f, factor) for f in chosen]
+            edits = interventions_for(chosen, factor, region, condition.op)
             return Setup(replacement, edits, nullcontext, spec)
         case "neurons" | "neurons_control":
             scaled = (neurons if kind == "neurons" else neuron_control)[condition.direction]
@@ -436,7 +538,12 @@ def _setup(
             spec["neurons"] = scaled
             return Setup(None, [], lambda: scale_neurons(run.model, scaled, factor, region), spec)
         case "clt_free":
-            steered = [SteeredFeature(f["hookpoint"], f["feature_idx"], factor) for f in features]
+            steered = [
+                SteeredFeature(f["hookpoint"], f["feature_idx"], factor)
+                if condition.op == "scale"
+                else SteeredFeature(f["hookpoint"], f["feature_idx"], clamped(f, factor), "set")
+                for f in features
+            ]
             steerer = FeatureSteerer.from_coders(run.coders, steered)
             spec["features"] = [(f.hookpoint, f.feature_idx) for f in steered]
             return Setup(None, [], lambda: steerer.attach(run.model, region), spec)
@@ -565,6 +672,7 @@ def _report(
     report: dict[str, Any] = {
         "benchmark": benchmark,
         "metric": "good_rate",
+        "op": config.op,
         "metric_definition": "share of held-out samples GOOD under classification.json's rules",
         "held_out_samples": n_items,
         "factors": parse_factors(config.factors),
@@ -593,6 +701,7 @@ def _report(
                         "hookpoint",
                         "frequency",
                         "feature_frequency",
+                        "reference",
                     )
                     if key in f
                 }
@@ -616,11 +725,12 @@ def _report(
             "changed_responses": sum(entry["responses"][i] != base["responses"][i] for i in ids),
             "official": entry["official"],
         }
-        twin = f"{condition.direction}-{CONTROL_OF.get(condition.kind)}-x{condition.factor:g}"
+        direction, factor, op = condition.direction, condition.factor, condition.op
+        twin = condition_name(direction, CONTROL_OF.get(condition.kind, ""), factor, op)
         if condition.kind in CONTROL_OF and twin in generated:
             control_scores = [generated[twin]["good"][i] for i in ids]
             row["delta_vs_control"] = delta(scores, control_scores)
-        features = f"{condition.direction}-features-x{condition.factor:g}"
+        features = condition_name(direction, "features", factor, op)
         if condition.kind == "clt_free" and features in generated:
             same = [entry["responses"][i] == generated[features]["responses"][i] for i in ids]
             row["same_responses_as_features"] = float(np.mean(same)) if ids else 1.0
@@ -645,7 +755,8 @@ def format_table(report: dict) -> str:
     base = report["baseline"]
     groups = report["bootstrap"].get("groups", base["n"])
     lines = [
-        f"steer {report['benchmark']}: {report['held_out_samples']} held-out samples, metric "
+        f"steer {report['benchmark']} ({_op_text(report.get('op', 'scale'))}): "
+        f"{report['held_out_samples']} held-out samples, metric "
         f"GOOD rate, baseline {base['good_rate']:.3f}; deltas with "
         f"{report['bootstrap']['confidence']:.0%} paired bootstrap intervals over "
         f"{groups} images"
@@ -663,6 +774,16 @@ def format_table(report: dict) -> str:
                 f"  {_delta_text(row.get('delta_vs_control'))}"
             )
     return "\n".join(lines)
+
+
+def _op_verb(op: str) -> str:
+    return "scaled" if op == "scale" else "clamped (x typical activation)"
+
+
+def _op_text(op: str) -> str:
+    return "features scaled by the factor" if op == "scale" else (
+        "features clamped to the factor x their typical activation"
+    )  # fmt: skip
 
 
 def _delta_text(delta: dict | None) -> str:
@@ -687,7 +808,8 @@ def measured_points(
 
 def plot_steering(report: dict, path: Path, dpi: int = 120) -> Path:
     """GOOD-rate delta vs factor per direction, for each condition and its random control.
-    Only measured factors get points; the baseline (x1, zero by definition) is the line at 0."""
+    Only measured factors get points; the baseline (the unedited model: x1 when scaling, zero by
+    definition) is the line at 0."""
     present = {row["direction"] for kind in KINDS for row in report[kind]}
     directions = [d for d in ("good", "bad") if d in present]
     factors = sorted(report["factors"])
@@ -697,7 +819,8 @@ def plot_steering(report: dict, path: Path, dpi: int = 120) -> Path:
     )
     kinds = [k for k in KINDS if report[k]]
     for ax, direction in zip(axes[0], directions, strict=False):
-        ax.axhline(0, color="black", lw=0.8, label="baseline (x1, reference)")
+        reference = "x1" if report.get("op", "scale") == "scale" else "no edit"
+        ax.axhline(0, color="black", lw=0.8, label=f"baseline ({reference}, reference)")
         for i, kind in enumerate(kinds):
             rows = [r for r in report[kind] if r["direction"] == direction]
             xs, ys, low, high = measured_points(rows, factors)
@@ -706,7 +829,10 @@ def plot_steering(report: dict, path: Path, dpi: int = 120) -> Path:
                         ls="--" if kind in ("clt_free", *CONTROL_OF.values()) else "-",
                         label=kind.replace("_", " "))  # fmt: skip
         ax.set_xticks(range(len(factors)), [f"x{f:g}" for f in factors])
-        ax.set_xlabel("scale factor")
+        ax.set_xlabel(
+            "scale factor" if report.get("op", "scale") == "scale"
+            else "clamp factor (x typical activation)"
+        )  # fmt: skip
         ax.set_ylabel("GOOD rate - baseline")
         ax.set_title(f"steering {direction.upper()} features")
         ax.grid(axis="y", alpha=0.3)
@@ -716,7 +842,8 @@ def plot_steering(report: dict, path: Path, dpi: int = 120) -> Path:
     fig.suptitle(
         f"{report['benchmark']}: {report['held_out_samples']} held-out samples ({good} GOOD / "
         f"{base['n'] - good} BAD at baseline)\nfeatures from region "
-        f"{report.get('feature_region')}, steered at {report.get('steer_region', 'all')} tokens, "
+        f"{report.get('feature_region')}, {_op_verb(report.get('op', 'scale'))} at "
+        f"{report.get('steer_region', 'all')} tokens, "
         f"{report['bootstrap']['confidence']:.0%} CI"
     )
     fig.tight_layout()

@@ -912,7 +912,7 @@ def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     config = AllConfig(out=out, coders="C", model="M", recipe="llava", limit=9, device="cpu",
                        batch_size=3, region="response", target_features=2, rank_by="attribution",
-                       factors="0,3,0.5", bootstrap=7, seed=5)  # fmt: skip
+                       factors="0,3,0.5", bootstrap=7, seed=5, steer_op="clamp")  # fmt: skip
     run_all(config, "pope", ["--splits", "random"], ["--questions-dir", "L"])
     assert ran == {
         "capture": ["--out", out, "--model", "M", "--recipe", "llava", "--coders", "C", "--limit",
@@ -927,13 +927,14 @@ def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
         "examples": ["--out", out],
         "map": ["--out", out, "--coders", "C", "--factor", "3.0", "--device", "cpu", "--seed", "5"],
         "steer": ["--out", out, "--coders", "C", "--factors", "0,3,0.5", "--device", "cpu",
-                  "--bootstrap", "7", "--seed", "5", "--batch-size", "3", "--region", "all"],
+                  "--bootstrap", "7", "--seed", "5", "--batch-size", "3", "--region", "all",
+                  "--op", "clamp"],
     }  # fmt: skip
     assert list(ran) == ["capture", "score", "classify", "attribute", "analyze", "plot",
                          "examples", "map", "steer"]  # fmt: skip
     run_all(AllConfig(out=out, coders="C", limit=None), "easyvqa")
     assert "--limit" not in ran["capture"] and ran["score"] == ["--out", out]
-    assert ran["steer"][-2:] == ["--region", "decision"]  # analyze's default region
+    assert ran["steer"][-4:] == ["--region", "decision", "--op", "scale"]  # the defaults
 
 
 def test_all_reuses_a_finished_clt_and_resumes_an_unfinished_one(tmp_path, monkeypatch):

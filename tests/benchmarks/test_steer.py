@@ -14,12 +14,15 @@ from sparsify import SparseCoderConfig
 from benchmarks.__main__ import run
 from benchmarks.bootstrap import Delta, paired_bootstrap
 from benchmarks.stages.steer import (
+    SteerConfig,
+    conditions,
     few_images_warning,
     interventions_for,
     mapped_neurons,
     measured_points,
     random_control,
     random_neuron_control,
+    typical_activation,
 )
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.hookpoints import mlp_hookpoints
@@ -91,6 +94,58 @@ def test_random_control_keeps_count_and_layers_and_avoids_the_features() -> None
     assert all(c["feature_idx"] not in (3, 4) for c in without[:2])
     [first, second] = interventions_for(control, 2.0)
     assert first.layers == "h0" and len(first.features) == 2 and first.value == 2.0
+
+
+def test_clamping_sets_each_feature_to_the_factor_times_its_typical_activation() -> None:
+    features = [
+        {"hookpoint": "h0", "feature_idx": 3, "reference": 2.0},
+        {"hookpoint": "h1", "feature_idx": 5, "reference": 0.5},
+        {"hookpoint": "h0", "feature_idx": 9, "reference": 4.0},
+    ]
+    first, second = interventions_for(features, 3.0, "all", op="clamp")
+    assert (first.op, first.layers, first.features, first.value) == (
+        "set",
+        "h0",
+        (3, 9),
+        (6.0, 12.0),
+    )
+    assert (second.op, second.layers, second.features, second.value) == ("set", "h1", (5,), 1.5)
+    assert first.region == "all"
+    [scaled, _] = interventions_for(features, 3.0)  # the default still scales
+    assert (scaled.op, scaled.value) == ("scale", 3.0)
+
+
+def test_clamp_conditions_leave_the_neurons_out_and_have_names_of_their_own() -> None:
+    by_direction = {"good": [{"hookpoint": "h0", "feature_idx": 1}], "bad": []}
+    names = [c.name for c in conditions(SteerConfig(out="o", factors="0,2"), by_direction)]
+    assert "good-neurons-x2" in names and "good-features-x0" in names
+    clamp = conditions(SteerConfig(out="o", factors="0,2", op="clamp"), by_direction)
+    assert [c.name for c in clamp] == ["baseline"] + [
+        f"good-{kind}-clamp{factor}"
+        for factor in (0, 2)
+        for kind in ("features", "control", "clt_free")
+    ]
+    assert {c.op for c in clamp[1:]} == {"clamp"}
+
+
+def test_typical_activation_weighs_good_and_bad_averages_by_the_samples_fired_in(
+    tmp_path: Path,
+) -> None:
+    # 10 GOOD, 30 BAD samples; latent 0 fired in 5 GOOD (mean 2.0) and 15 BAD (mean 4.0):
+    # (5 * 2 + 15 * 4) / 20 = 3.5; latent 1 only in GOOD; latent 2 never
+    stats = {
+        "good_freq": np.array([[0.5, 0.2, 0.0]]),
+        "bad_freq": np.array([[0.5, 0.0, 0.0]]),
+        "good_avg_activation": np.array([[2.0, 7.0, 0.0]]),
+        "bad_avg_activation": np.array([[4.0, 0.0, 0.0]]),
+    }
+    with pytest.raises(FileNotFoundError, match="--op clamp .*feature_stats.npz.* run `analyze`"):
+        typical_activation(tmp_path)
+    np.savez(tmp_path / "feature_stats.npz", **stats)
+    (tmp_path / "features.json").write_text(
+        json.dumps({"features": [], "total_good_samples": 10, "total_bad_samples": 30})
+    )
+    assert typical_activation(tmp_path) == pytest.approx(np.array([[3.5, 7.0, 0.0]]))
 
 
 def test_random_control_is_matched_on_firing_frequency() -> None:
@@ -243,6 +298,44 @@ def test_steer_end_to_end_on_a_tiny_run(
     assert baseline.stat().st_mtime_ns == written[baseline]
     assert steered.stat().st_mtime_ns != written[steered]
     assert json.loads((out / "steering.json").read_text())["steer_region"] == "all"
+    # a scale condition records no op: folders written before --op existed are kept
+    assert "op" not in json.loads(
+        (out / "steer" / "good-features-x3" / "condition.json").read_text()
+    )
+
+    # --op clamp: each feature set to 3 x its typical activation (feature_stats.npz) at the
+    # decision tokens; the neurons conditions are left out; a report of its own
+    num_latents = 64
+    typical = np.stack([1.0 + np.arange(num_latents) / 8, 0.5 + np.arange(num_latents) / 16])
+    np.savez(out / "feature_stats.npz", good_freq=np.full((2, num_latents), 0.5),
+             bad_freq=np.zeros((2, num_latents)), good_avg_activation=typical,
+             bad_avg_activation=np.zeros((2, num_latents)))  # fmt: skip
+    totals = {"total_good_samples": 2, "total_bad_samples": 0}
+    (out / "features.json").write_text(json.dumps({"features": features, "split": split, **totals}))
+    scale_report = (out / "steering.json").read_text()
+    capsys.readouterr()
+    run(["easyvqa", "steer", "--out", str(out), "--op", "clamp", "--factors", "3",
+         "--directions", "good", "--bootstrap", "50", "--device", "cpu", "--batch-size", "4"])  # fmt: skip
+    assert "--op clamp steers features only; leaving out neurons, neurons_control" in (
+        capsys.readouterr().out
+    )
+    clamp = json.loads((out / "steering_clamp.json").read_text())
+    assert clamp["op"] == "clamp" and clamp["neurons"] == [] and clamp["control_neurons"] == {}
+    assert [row["name"] for kind in ("features", "control", "clt_free") for row in clamp[kind]] == [
+        "good-features-clamp3", "good-control-clamp3", "good-clt_free-clamp3"
+    ]  # fmt: skip
+    expected = [float(typical[0, 1]), float(typical[1, 2])]  # features (layer 0, 1), (layer 1, 2)
+    assert [f["reference"] for f in clamp["clamped_features"]["good"]] == expected
+    spec = json.loads((out / "steer" / "good-features-clamp3" / "condition.json").read_text())
+    assert spec["op"] == "clamp" and spec["values"] == pytest.approx([3 * r for r in expected])
+    for chosen in clamp["control_features"]["good"]:  # its own typical activation
+        assert chosen["reference"] == typical[chosen["layer"], chosen["feature_idx"]]
+    # the CLT-free module sets the same features to the same values in the original model
+    assert clamp["clt_free"][0]["same_responses_as_features"] == 1.0
+    assert clamp["features"][0]["changed_responses"] > 0  # clamping moves the answers
+    assert (out / "steering.json").read_text() == scale_report
+    assert (out / "plots" / "steering_clamp.png").stat().st_size > 10_000
+    assert baseline.stat().st_mtime_ns == written[baseline]
     # coders other than the store's are refused: its feature indices are not theirs
     with torch.no_grad():
         coders.sources[0].encoder.bias.add_(0.01)
@@ -251,7 +344,7 @@ def test_steer_end_to_end_on_a_tiny_run(
         run(["easyvqa", "map", "--out", str(out), "--coders", str(other), "--device", "cpu"])
     # held-out ids that are no item of the data steer loads (flags changed since capture)
     (out / "features.json").write_text(
-        json.dumps({"features": features, "split": {"held_out_ids": ["caption-nothing"]}})
+        json.dumps({"features": features, "split": {"held_out_ids": ["caption-nothing"]}, **totals})
     )
     with pytest.raises(SystemExit, match="none of the 1 held-out ids .* is an item of the data"):
         run(["easyvqa", "steer", "--out", str(out), "--kinds", "features", "--device", "cpu"])
