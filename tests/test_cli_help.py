@@ -19,6 +19,7 @@ MODULES = {
     "vlm_sparsify.tiny": "--patch_size",
     "vlm_sparsify.tiny.evaluate": "--blank",
     "vlm_sparsify.fidelity": "--mode",
+    "vlm_sparsify.ask": "--edit",
     "vlm_sparsify.bench": "--gpu",
     "vlm_sparsify.export": "circuit-tracer",
     "vlm_sparsify.hub": "REPO",

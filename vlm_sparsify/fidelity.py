@@ -454,7 +454,7 @@ def check_mlp_hookpoints(
         )
 
 
-def _run_config(run: Path) -> dict[str, Any]:
+def run_config(run: Path) -> dict[str, Any]:
     """The run's config.json ({} without one), after the checks of its folder and its coders'
     cfg.json files that fail before the model loads (minutes for a 7B model)."""
     check_run_dir(run)
@@ -462,6 +462,41 @@ def _run_config(run: Path) -> dict[str, Any]:
     config = read_json(path, keys=()) if path.is_file() else {}
     run_hookpoints(run)  # the save_dir above a run, a cfg.json missing or damaged
     return config
+
+
+@dataclass
+class RunModel:
+    """A run's coders on the model they replace MLPs of (`load_run_model`)."""
+
+    model: PreTrainedModel
+    processor: Any
+    recipe: Recipe
+    coders: Coders
+    model_id: str
+    trained: dict[str, Any]
+    """The run's config.json ({} without one)."""
+
+
+def load_run_model(
+    run: Path, model: str = "", recipe: str = "", dtype: str = "auto", device: str = ""
+) -> RunModel:
+    """The model (`model`, else the run's, else the embedded default), its processor and recipe
+    (`recipe`, else the run's, else matched from the model) and the run's coders in eval mode on
+    its device, after the checks that the coders replace MLPs of this model."""
+    trained = run_config(run)
+    model_id = resolve_model(model or trained.get("model") or DEFAULT_MODEL)
+    if recipe:
+        chosen = find_recipe(recipe, model_id=model_id)
+    else:
+        chosen = run_recipe(run, trained.get("recipe"), model_id)
+    vlm, processor, chosen = load_model_and_processor(
+        model_id, chosen, dtype=dtype, device=device or None
+    )
+    d_model = vlm.config.get_text_config().hidden_size
+    coders = load_coders(run, device=next(vlm.parameters()).device, d_in=d_model).eval()
+    check_hookpoints(vlm, coders.hookpoints, model_id)  # before any data is opened
+    check_mlp_hookpoints(coders.hookpoints, chosen)
+    return RunModel(vlm, processor, chosen, coders, model_id, trained)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -479,20 +514,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.plot and not Path(args.plot).parent.is_dir():
         raise FileNotFoundError(f"--plot {args.plot}: no folder {Path(args.plot).parent}")
     run = Path(args.run)
-    trained = _run_config(run)
-    model_id = resolve_model(args.model or trained.get("model") or DEFAULT_MODEL)
-    if args.recipe:
-        recipe = find_recipe(args.recipe, model_id=model_id)
-    else:
-        recipe = run_recipe(run, trained.get("recipe"), model_id)
-    model, processor, recipe = load_model_and_processor(
-        model_id, recipe, dtype=args.dtype, device=args.device or None
-    )
-    device = next(model.parameters()).device
-    d_model = model.config.get_text_config().hidden_size
-    coders = load_coders(run, device=device, d_in=d_model).eval()
-    check_hookpoints(model, coders.hookpoints, model_id)  # before any data is opened
-    check_mlp_hookpoints(coders.hookpoints, recipe)
+    loaded = load_run_model(run, args.model, args.recipe, args.dtype, args.device)
+    model, processor, recipe, coders = loaded.model, loaded.processor, loaded.recipe, loaded.coders
+    model_id, trained = loaded.model_id, loaded.trained
     dataset = args.dataset or trained.get("dataset") or recipe.dataset.path
     split = args.split or held_out_split(dataset, recipe)
     examples = list(islice(open_examples(dataset, recipe, split=split or None), args.limit))

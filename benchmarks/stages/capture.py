@@ -32,12 +32,12 @@ from benchmarks.adapters import (
     get_adapter,
     open_image,
 )
-from benchmarks.generation import generate_batch
 from benchmarks.stages import check_limit, stage_parser
 from benchmarks.store import INDEX, META, VALUE_DTYPES, FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError
 from vlm_sparsify.files import read_json
+from vlm_sparsify.generation import generate_batch
 from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
 from vlm_sparsify.recipe import find_recipe, is_recipe_file
 from vlm_sparsify.replacement import ReplacementModel

@@ -52,7 +52,6 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter, open_image
 from benchmarks.bootstrap import FEW_GROUPS, paired_bootstrap
-from benchmarks.generation import generate_batch
 from benchmarks.neuron_map import random_neurons, scale_neurons
 from benchmarks.runs import Run, load_run, read_features
 from benchmarks.splits import sample_images
@@ -60,6 +59,7 @@ from benchmarks.stages import check_limit, parse_stage, stage_module
 from benchmarks.stages.plot import pyplot
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
 from vlm_sparsify.files import read_json
+from vlm_sparsify.generation import generate_batch
 from vlm_sparsify.interventions import Intervention
 from vlm_sparsify.positions import check_steer_region
 from vlm_sparsify.replacement import ReplacementModel

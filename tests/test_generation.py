@@ -1,4 +1,4 @@
-"""Batched greedy generation for the benchmark stages, across model families."""
+"""Batched greedy generation (`generate_batch`), across model families."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.generation import generate_batch
+from vlm_sparsify.generation import generate_batch
 from vlm_sparsify.random_models import build_tiny
 from vlm_sparsify.recipe import find_recipe
 
@@ -28,7 +28,7 @@ def test_a_batch_of_two_images_generates_one_answer_per_prompt(family):
 
 
 def test_a_row_ends_at_its_first_eos_kept():
-    from benchmarks.generation import _until_eos
+    from vlm_sparsify.generation import _until_eos
 
     assert _until_eos([5, 2, 7, 0, 0], {2, 7}) == [5, 2]  # the EOS stays: the response ended
     assert _until_eos([5, 6, 8], {2}) == [5, 6, 8]  # no EOS: cut at max_new_tokens

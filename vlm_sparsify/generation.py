@@ -1,6 +1,7 @@
-"""Batched greedy generation for benchmark stages, with the base model or a ReplacementModel.
+"""Batched greedy generation, with the base model or a ReplacementModel.
 
-`generate_batch` is what `capture` and `steer` share: one batch of (image, prompt) pairs, left
+`generate_batch` is what the benchmark stages `capture` and `steer` and `python -m
+vlm_sparsify.ask` share: one batch of (image, prompt) pairs, left
 padded, decoded greedily; through a `ReplacementModel` when given (with optional interventions
 for this call), whose sparse features are captured when asked.
 """
