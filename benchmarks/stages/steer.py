@@ -344,6 +344,11 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
     unique_choices(config.kinds, KINDS, "--kinds")  # bad flags fail before the model loads
     if config.op not in get_args(SteerOp):
         raise ValueError(f"--op {config.op!r}: use scale or clamp")
+    if not steered_kinds(config):
+        raise ValueError(
+            f"--op clamp steers features only, and --kinds {config.kinds!r} names none: add "
+            "features, control or clt_free"
+        )
     unique_choices(config.directions, DIRECTIONS, "--directions")
     parse_factors(config.factors)
     check_steer_region(config.region)
@@ -627,7 +632,7 @@ def _read_neuron_map(out: Path, config: SteerConfig, features: list[dict]) -> li
     """neuron_map.json, when it maps exactly the `features` of features.json (refused when the
     neurons conditions would use a map of other features, e.g. made before analyze ran again)."""
     path = out / outputs.NEURON_MAP
-    wanted = {"neurons", "neurons_control"} & set(unique_choices(config.kinds, KINDS, "--kinds"))
+    wanted = set(NEURON_KINDS) & set(steered_kinds(config))
     if not path.exists():
         if wanted:
             print(f"steer: no {path}; skipping the neurons condition (run `map` first)")

@@ -370,6 +370,9 @@ def test_bad_steer_flags_fail_before_anything_is_read(tmp_path: Path) -> None:
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--bootstrap", "0"])
     with pytest.raises(SystemExit, match="--batch-size 0: give a positive number"):
         run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--batch-size", "0"])
+    with pytest.raises(SystemExit, match="--op clamp steers features only, and --kinds 'neurons'"):
+        run(["easyvqa", "steer", "--out", str(tmp_path / "nothing"), "--op", "clamp", "--kinds",
+             "neurons"])  # fmt: skip
 
 
 def test_bootstrap_refuses_no_resamples_and_a_confidence_outside_0_1() -> None:
@@ -504,6 +507,14 @@ def test_a_neuron_map_of_other_features_is_refused_before_the_model_loads(tmp_pa
     (tmp_path / "neuron_map.json").write_text(json.dumps(old))
     with pytest.raises(SystemExit, match="neuron_map.json maps other features than"):
         run(["easyvqa", "steer", "--out", str(tmp_path)])
+    # --op clamp leaves the neurons conditions out: the old map is not read, capture.json is
+    np.savez(tmp_path / "feature_stats.npz", **{
+        name: np.ones((1, 8)) for name in
+        ("good_freq", "bad_freq", "good_avg_activation", "bad_avg_activation")})  # fmt: skip
+    totals = {"total_good_samples": 1, "total_bad_samples": 1}
+    (tmp_path / "features.json").write_text(json.dumps({**analysed, **totals}))
+    with pytest.raises(SystemExit, match="capture.json"):
+        run(["easyvqa", "steer", "--out", str(tmp_path), "--op", "clamp"])
 
 
 def test_held_out_items_refuses_none_and_notes_the_missing(tmp_path: Path, capsys) -> None:
