@@ -7,10 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from sparsify import SparseCoderConfig
 
+from vlm_sparsify.cross_layer import CrossLayerTranscoder
+from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.random_models import build_tiny
-from vlm_sparsify.recipe import find_recipe
+from vlm_sparsify.recipe import Recipe, find_recipe
+from vlm_sparsify.training import build_coders
 
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
@@ -37,6 +42,22 @@ def tiny_llava_dir(tmp_path_factory, tiny_llava) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def random_clt(model, recipe: Recipe, num_latents: int = 64, k: int = 8) -> CrossLayerTranscoder:
+    """A CLT (cross_layer 2) on `model`'s MLPs with seeded random weights, its encoders strong
+    enough that features fire and edits change answers."""
+    hookpoints = mlp_hookpoints(model, recipe)
+    cfg = SparseCoderConfig(num_latents=num_latents, k=k, transcode=True)
+    coders = build_coders(hookpoints, model.config.text_config.hidden_size, cfg, cross_layer=2,
+                          device=torch.device("cpu"))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in coders.named_parameters():
+            scale = 0.5 if "encoder" in name else 0.3
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    assert isinstance(coders, CrossLayerTranscoder)
+    return coders
 
 
 def make_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (32, 40), seed: int = 0):

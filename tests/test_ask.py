@@ -8,30 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from sparsify import SparseCoderConfig
 
+from tests.conftest import random_clt
 from vlm_sparsify.ask import Edit, main, parse_edit
 from vlm_sparsify.clt_free import FeatureSteerer, SteeredFeature
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.generation import generate_batch
-from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.loading import load_model_and_processor
-from vlm_sparsify.training import build_coders
 
 
 @pytest.fixture(scope="module")
 def clt_run(tmp_path_factory, tiny_llava, llava_recipe) -> tuple[Path, object]:
     """A CLT with random weights (encoders strong enough to fire) on the tiny model's MLPs."""
-    model, _ = tiny_llava
-    hookpoints = mlp_hookpoints(model, llava_recipe)
-    cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True)
-    coders = build_coders(hookpoints, model.config.text_config.hidden_size, cfg, cross_layer=2,
-                          device=torch.device("cpu"))  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in coders.named_parameters():
-            scale = 0.5 if "encoder" in name else 0.3
-            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    coders = random_clt(tiny_llava[0], llava_recipe)
     return save_coders(coders, tmp_path_factory.mktemp("ask") / "clt"), coders
 
 

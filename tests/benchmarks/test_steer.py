@@ -24,6 +24,7 @@ from benchmarks.stages.steer import (
     random_neuron_control,
     typical_activation,
 )
+from tests.conftest import random_clt
 from vlm_sparsify.coder_io import save_coders
 from vlm_sparsify.hookpoints import mlp_hookpoints
 from vlm_sparsify.training import build_coders
@@ -200,17 +201,8 @@ GREEDY = ["--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu", "--dt
 def test_steer_end_to_end_on_a_tiny_run(
     tmp_path: Path, tiny_llava, tiny_llava_dir, llava_recipe, capsys
 ):
-    model, _ = tiny_llava
-    hookpoints = mlp_hookpoints(model, llava_recipe)
-    cfg = SparseCoderConfig(num_latents=64, k=8, transcode=True)
-    coders = build_coders(hookpoints, model.config.text_config.hidden_size, cfg, cross_layer=2,
-                          device=torch.device("cpu"))  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in coders.named_parameters():
-            param.copy_(
-                torch.randn(param.shape, generator=generator) * (0.5 if "encoder" in name else 0.3)
-            )
+    coders = random_clt(tiny_llava[0], llava_recipe)
+    hookpoints = list(coders.hookpoints)
     coders_dir = save_coders(coders, tmp_path / "coders")
     out = tmp_path / "out"
     run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir), "--coders",
