@@ -60,6 +60,29 @@ def random_clt(model, recipe: Recipe, num_latents: int = 64, k: int = 8) -> Cros
     return coders
 
 
+@pytest.fixture(scope="session")
+def sharded_first_step(tmp_path_factory, tiny_llava_dir):
+    """`first_step(cross_layer)`: the save_dir of a two-process `--distribute_modules` run of one
+    step (8 examples) with `sharded_flags(cross_layer)`, its run folder `sharded` (and
+    `sharded-best`), launched once per session: torchrun's start is most of a run's time. The
+    CLI tests compare it with one process's step; the resume test goes on from (a copy of) it.
+    Read it, never write into it."""
+    from tests.test_sharded_clt import sharded_flags, torchrun
+
+    made: dict[str, Path] = {}
+
+    def first_step(cross_layer: str) -> Path:
+        if cross_layer not in made:
+            save_dir = tmp_path_factory.mktemp(f"sharded_first_step_{cross_layer}")
+            port = {"2": 29541, "0": 29545}[cross_layer]
+            extra = (*sharded_flags(cross_layer), "--distribute_modules", "true")
+            torchrun(tiny_llava_dir, save_dir, "sharded", *extra, "--max_examples", "8", port=port)
+            made[cross_layer] = save_dir
+        return made[cross_layer]
+
+    return first_step
+
+
 def make_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (32, 40), seed: int = 0):
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)

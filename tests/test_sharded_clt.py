@@ -125,6 +125,13 @@ def test_build_coders_shards_clts_and_per_layer_coders() -> None:
         ShardedCLT(HOOKS, 8, SparseCoderConfig(num_latents=16, k=2, transcode=True, skip_connection=True), 2)  # fmt: skip
 
 
+def sharded_flags(cross_layer: str) -> tuple[str, ...]:
+    """The flags of the sharded runs of conftest's `sharded_first_step` (less
+    `--distribute_modules true`), which the tests here and in test_sharded_per_layer pass too."""
+    return ("--transcode", "true", "--cross_layer", cross_layer, "--save_every", "1",
+            "--save_best", "true")  # fmt: skip
+
+
 def torchrun(folder, save_dir, run_name: str, *extra: str, port: int) -> None:
     from tests.test_training import cli
 
@@ -217,16 +224,14 @@ def test_two_gloo_processes_compute_the_whole_batchs_gradients(tmp_path) -> None
 
 @pytest.mark.slow
 def test_two_gloo_processes_sharing_the_layers_train_what_one_process_trains(
-    tmp_path, tiny_llava_dir
+    tmp_path, tiny_llava_dir, sharded_first_step
 ):
     """Through the CLI: one step on the same global batch (the gradients themselves are
     compared above); the checkpoint is the usual CLT run."""
     from tests.test_training import HOOKS, cli, weights
 
-    extra = ("--transcode", "true", "--cross_layer", "2", "--max_examples", "8")
-    run(cli(tiny_llava_dir, tmp_path, "one", *extra))
-    torchrun(tiny_llava_dir, tmp_path, "two", *extra, "--distribute_modules", "true", port=29541)
-    one, two = tmp_path / "one", tmp_path / "two"
+    run(cli(tiny_llava_dir, tmp_path, "one", *sharded_flags("2"), "--max_examples", "8"))
+    one, two = tmp_path / "one", sharded_first_step("2") / "sharded"  # the same flags, 2 processes
     assert json.loads((two / "rank1-shard.json").read_text())["owners"] == [0, 0, 1]
     summaries = [json.loads((r / "summary.json").read_text()) for r in (one, two)]
     for a, b in zip(*summaries, strict=True):
@@ -248,18 +253,24 @@ def test_two_gloo_processes_sharing_the_layers_train_what_one_process_trains(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cross_layer", ["3", "0"], ids=["clt", "plt"])
-def test_a_sharded_run_resumes_bit_for_bit(tmp_path, tiny_llava_dir, cross_layer):
+@pytest.mark.parametrize("cross_layer", ["2", "0"], ids=["clt", "plt"])
+def test_a_sharded_run_resumes_bit_for_bit(
+    tmp_path, tiny_llava_dir, sharded_first_step, cross_layer
+):
+    import shutil
+
     from tests.test_training import HOOKS, cli, weights
 
-    extra = ("--transcode", "true", "--cross_layer", cross_layer, "--distribute_modules",
-             "true", "--save_every", "1", "--save_best", "true")  # fmt: skip
-    port = 29542 if cross_layer == "3" else 29552
+    extra = (*sharded_flags(cross_layer), "--distribute_modules", "true")
+    port = 29542 if cross_layer == "2" else 29552
     # 28 examples: the last batch of 8 leaves rank 1 without any (it steps with no tokens)
     torchrun(tiny_llava_dir, tmp_path, "whole", *extra, "--max_examples", "28", port=port)
-    torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "16", port=port + 1)
+    # the split run's first part, 8 examples: the CLI tests' two-process run (a copy of it)
+    first = sharded_first_step(cross_layer)
+    shutil.copytree(first / "sharded", tmp_path / "split")
+    shutil.copytree(first / "sharded-best", tmp_path / "split-best")
     state = torch.load(tmp_path / "split" / "state.pt", weights_only=True)
-    assert state["global_step"] == 2
+    assert state["global_step"] == 1
     torchrun(tiny_llava_dir, tmp_path, "split", *extra, "--max_examples", "28", "--resume",
              "true", port=port + 2)  # fmt: skip
     assert torch.load(tmp_path / "whole" / "state.pt", weights_only=True)["global_step"] == 4

@@ -105,24 +105,23 @@ def test_two_gloo_processes_compute_the_whole_batchs_gradients(
 
 
 @pytest.mark.slow
-def test_a_sharded_plt_run_loads_with_stock_sparsify(tmp_path, tiny_llava_dir):
-    from tests.test_sharded_clt import torchrun
+def test_a_sharded_plt_run_loads_with_stock_sparsify(tmp_path, tiny_llava_dir, sharded_first_step):
+    from tests.test_sharded_clt import sharded_flags
     from tests.test_training import cli, weights
     from vlm_sparsify.__main__ import run
 
-    extra = ("--transcode", "true", "--max_examples", "8")
-    run(cli(tiny_llava_dir, tmp_path, "one", *extra))
-    torchrun(tiny_llava_dir, tmp_path, "two", *extra, "--distribute_modules", "true", port=29545)
-    summaries = [json.loads((tmp_path / r / "summary.json").read_text()) for r in ("one", "two")]
+    run(cli(tiny_llava_dir, tmp_path, "one", *sharded_flags("0"), "--max_examples", "8"))
+    one, two = tmp_path / "one", sharded_first_step("0") / "sharded"  # the same flags, 2 processes
+    summaries = [json.loads((r / "summary.json").read_text()) for r in (one, two)]
     for a, b in zip(*summaries, strict=True):
         assert a["fvu"] == pytest.approx(b["fvu"], rel=1e-5)
-    loaded = SparseCoder.load_many(str(tmp_path / "two"), local=True)
+    loaded = SparseCoder.load_many(str(two), local=True)
     assert sorted(loaded) == sorted(HOOKS)
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    reference, sharded = weights(one), weights(two)
     for hook in HOOKS:
-        for key, value in two[hook].items():
+        for key, value in sharded[hook].items():
             atol = 2e-3 + 1e-6 if key == "b_dec" else 1e-5  # as the data-parallel test
-            torch.testing.assert_close(value, one[hook][key], atol=atol, rtol=0)
+            torch.testing.assert_close(value, reference[hook][key], atol=atol, rtol=0)
 
 
 def test_finetune_refuses_coders_of_another_kind_as_one_process_does(tmp_path) -> None:
