@@ -83,6 +83,32 @@ def sharded_first_step(tmp_path_factory, tiny_llava_dir):
     return first_step
 
 
+def gloo_worker(rank: int, init_file: str, out: str) -> None:
+    """One of two gloo processes: the sharded CLT's step and the sharded per-layer coders' steps
+    of the gradient tests (`gloo_step` / `gloo_steps` of test_sharded_clt / _per_layer)."""
+    import torch.distributed as dist
+
+    from tests import test_sharded_clt, test_sharded_per_layer
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        test_sharded_clt.gloo_step(rank, out)
+        test_sharded_per_layer.gloo_steps(rank, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def gloo_steps(tmp_path_factory) -> Path:
+    """The folder of `gloo_worker`'s results, from one launch of two processes for the session
+    (starting them is most of the time); each gradient test asserts on its own files."""
+    import torch.multiprocessing as mp
+
+    folder = tmp_path_factory.mktemp("gloo_steps")
+    mp.spawn(gloo_worker, args=(str(folder / "init"), str(folder)), nprocs=2)
+    return folder
+
+
 def make_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (32, 40), seed: int = 0):
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)

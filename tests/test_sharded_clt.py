@@ -145,25 +145,19 @@ def torchrun(folder, save_dir, run_name: str, *extra: str, port: int) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def worker(rank: int, init_file: str, out: str) -> None:
-    """One of two gloo processes: a sharded CLT's step on its half of the batch."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        whole, sharded = pair(3, multi_topk=True)
-        inputs, outputs, variances, dead = step_data(whole, sharded)
-        half = slice(0, 24) if rank == 0 else slice(24, 40)  # ranks hold unequal token counts
-        fvu, indices, l0, auxk = loss_per_target(
-            sharded, [x[half] for x in inputs], [y[half] for y in outputs], variances,
-            dead_masks=dead, auxk_alpha=1 / 32,
-        )  # fmt: skip
-        grads = {k: p.grad for k, p in sharded.named_parameters()}
-        torch.save(
-            {"fvu": fvu, "auxk": auxk, "indices": indices, "grads": grads}, f"{out}/{rank}.pt"
-        )
-    finally:
-        dist.destroy_process_group()
+def gloo_step(rank: int, out: str) -> None:
+    """In one of two gloo processes (conftest's `gloo_steps`): a sharded CLT's step on its half
+    of the batch, saved as `clt-{rank}.pt`."""
+    whole, sharded = pair(3, multi_topk=True)
+    inputs, outputs, variances, dead = step_data(whole, sharded)
+    half = slice(0, 24) if rank == 0 else slice(24, 40)  # ranks hold unequal token counts
+    fvu, indices, l0, auxk = loss_per_target(
+        sharded, [x[half] for x in inputs], [y[half] for y in outputs], variances,
+        dead_masks=dead, auxk_alpha=1 / 32,
+    )  # fmt: skip
+    grads = {k: p.grad for k, p in sharded.named_parameters()}
+    result = {"fvu": fvu, "auxk": auxk, "indices": indices, "grads": grads}
+    torch.save(result, f"{out}/clt-{rank}.pt")
 
 
 def step_data(whole: CrossLayerTranscoder, sharded: ShardedCLT):
@@ -186,13 +180,10 @@ def step_data(whole: CrossLayerTranscoder, sharded: ShardedCLT):
     return inputs, outputs, variances, dead
 
 
-def test_two_gloo_processes_compute_the_whole_batchs_gradients(tmp_path) -> None:
+def test_two_gloo_processes_compute_the_whole_batchs_gradients(gloo_steps: Path) -> None:
     """Features broadcast, target FVUs on the gathered batch, feature gradients summed back at
     the source's owner: each parameter's gradient is the one-process CLT's on the whole batch."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in (0, 1)]
+    results = [torch.load(gloo_steps / f"clt-{r}.pt", weights_only=True) for r in (0, 1)]
     whole, sharded = pair(3, multi_topk=True)
     inputs, outputs, variances, dead = step_data(whole, sharded)
     fvu, indices, _, auxk = loss_per_target(

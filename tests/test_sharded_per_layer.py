@@ -51,43 +51,28 @@ def test_one_process_takes_the_per_layer_step_bit_for_bit(transcode: bool) -> No
             assert torch.equal(a.grad, b.grad), (p, name)
 
 
-def worker(rank: int, init_file: str, out: str) -> None:
-    """One of two gloo processes: the sharded per-layer step on its share of the batch, for PLTs
-    and then SAEs (one launch: starting the processes is most of the time)."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        for transcode in (True, False):
-            whole, sharded = pair(transcode)
-            inputs, outputs, variances, dead = step_data(whole, sharded)
-            half = slice(0, 24) if rank == 0 else slice(24, 40)  # unequal token counts
-            fvu, indices, _, auxk = loss_per_target(
-                sharded, [x[half] for x in inputs], [y[half] for y in outputs], variances,
-                dead_masks=dead, auxk_alpha=1 / 32,
-            )  # fmt: skip
-            grads = {p: [q.grad for q in sharded.coder(p).parameters()] for p in sharded.owned}
-            result = {"fvu": fvu, "auxk": auxk, "indices": indices, "grads": grads}
-            torch.save(result, f"{out}/{transcode}-{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def two_process_steps(tmp_path_factory) -> Path:
-    """The folder of both processes' results, `{transcode}-{rank}.pt`, from one launch."""
-    import torch.multiprocessing as mp
-
-    folder = tmp_path_factory.mktemp("gloo_per_layer")
-    mp.spawn(worker, args=(str(folder / "init"), str(folder)), nprocs=2)
-    return folder
+def gloo_steps(rank: int, out: str) -> None:
+    """In one of two gloo processes (conftest's `gloo_steps`): the sharded per-layer step on its
+    share of the batch, for PLTs and SAEs, saved as `per_layer-{transcode}-{rank}.pt`."""
+    for transcode in (True, False):
+        whole, sharded = pair(transcode)
+        inputs, outputs, variances, dead = step_data(whole, sharded)
+        half = slice(0, 24) if rank == 0 else slice(24, 40)  # unequal token counts
+        fvu, indices, _, auxk = loss_per_target(
+            sharded, [x[half] for x in inputs], [y[half] for y in outputs], variances,
+            dead_masks=dead, auxk_alpha=1 / 32,
+        )  # fmt: skip
+        grads = {p: [q.grad for q in sharded.coder(p).parameters()] for p in sharded.owned}
+        result = {"fvu": fvu, "auxk": auxk, "indices": indices, "grads": grads}
+        torch.save(result, f"{out}/per_layer-{transcode}-{rank}.pt")
 
 
 @pytest.mark.parametrize("transcode", [True, False], ids=["plt", "sae"])
 def test_two_gloo_processes_compute_the_whole_batchs_gradients(
-    two_process_steps: Path, transcode: bool
+    gloo_steps: Path, transcode: bool
 ) -> None:
-    results = [torch.load(two_process_steps / f"{transcode}-{r}.pt", weights_only=True) for r in (0, 1)]  # fmt: skip
+    saved = [gloo_steps / f"per_layer-{transcode}-{r}.pt" for r in (0, 1)]
+    results = [torch.load(path, weights_only=True) for path in saved]
     whole, sharded = pair(transcode)
     inputs, outputs, variances, dead = step_data(whole, sharded)
     fvu, indices, _, auxk = loss_per_target(
