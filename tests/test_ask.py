@@ -111,6 +111,8 @@ def test_bad_edits_and_inputs_are_one_line_naming_them(tmp_path, clt_run) -> Non
         ("0:1:set", "set needs a value"),
         ("0:1:zero=2", "zero takes no value"),
         ("0:1:add=much", "'much' is not a number"),
+        ("0:1:set=nan", "'0:1:set=nan': 'nan' is not a finite number"),
+        ("0:1:scale=inf", "'0:1:scale=inf': 'inf' is not a finite number"),
         (f"{len(hooks)}:1:zero", f"the run has {len(hooks)} sources"),
         ("mlp:1:zero", "'mlp' is neither a source position nor one of the run's hookpoints"),
     ):

@@ -16,6 +16,7 @@ to 40), `0:12:scale=0.5`, `2:7:zero`.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ def parse_edit(text: str, hookpoints: list[str]) -> Edit:
             value = float(value_text)
         except ValueError:
             raise ValueError(f"--edit {text!r}: {value_text!r} is not a number") from None
+        if not math.isfinite(value):  # refused here, not after the model loads and answers
+            raise ValueError(f"--edit {text!r}: {value_text!r} is not a finite number")
     return Edit(text, layer, int(feature_text), cast(Op, op), value)
 
 
