@@ -132,5 +132,11 @@ def test_bad_edits_and_inputs_are_one_line_naming_them(tmp_path, clt_run) -> Non
         main([str(run), "--image", str(image)])
     with pytest.raises(ValueError, match="--region 'answer'"):
         main([str(run), "--image", str(image), "--question", "q", "--region", "answer"])
+    for device, message in (
+        ("gpu", "'gpu' is not a torch device"),
+        ("cuda:99", "cuda:99: torch .* sees \\d+ CUDA"),
+    ):
+        with pytest.raises(ValueError, match=f"--device {message}"):
+            main([str(run), "--image", str(image), "--question", "q", "--device", device])
     with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
         main([str(tmp_path / "nothing"), "--image", str(image), "--question", "q"])

@@ -61,7 +61,12 @@ from vlm_sparsify.end_to_end import check_end_to_end
 from vlm_sparsify.files import read_json
 from vlm_sparsify.hookpoints import select_hookpoints
 from vlm_sparsify.hub import check_repo_id, push_to_hub
-from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, resolve_model
+from vlm_sparsify.loading import (
+    DEFAULT_MODEL,
+    check_device,
+    load_model_and_processor,
+    resolve_model,
+)
 from vlm_sparsify.recipe import (
     RUN_RECIPE_FILE,
     Recipe,
@@ -303,35 +308,6 @@ def check_values(args: RunConfig, recipe: str = "", from_recipe: Collection[str]
             f"{torch.finfo(torch.float32).max:.3g})",
             " (leave it out for sparsify's default)",
         )
-
-
-def check_device(name: str) -> None:
-    """`--device`: a device torch knows and this machine has."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(
-            f"--device '{name}' is not a torch device (e.g. cpu, cuda, cuda:1)"
-        ) from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if (device.index or 0) >= count:
-            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
-            raise ValueError(
-                f"--device {name}: torch ({torch.__version__}, built {build}) sees {count} CUDA "
-                "GPU(s); leave --device out to use the CPU"
-            )
-    elif device.type != "cpu":
-        try:  # torch raises any of several errors for a backend it was not built with (mps, xpu)
-            torch.empty(0, device=device)
-            usable = device.type != "meta"  # its tensors hold no values
-        except Exception:
-            usable = False
-        if not usable:
-            raise ValueError(
-                f"--device {name}: this torch ({torch.__version__}) cannot train on "
-                f"{device.type} devices; leave --device out to use a CUDA GPU or the CPU"
-            )
 
 
 def check_dtype(dtype: str, device: torch.device) -> None:

@@ -41,8 +41,39 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def check_device(name: str) -> None:
+    """`--device`: a device torch knows and this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(
+            f"--device '{name}' is not a torch device (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+            raise ValueError(
+                f"--device {name}: torch ({torch.__version__}, built {build}) sees {count} CUDA "
+                "GPU(s); leave --device out to use the CPU"
+            )
+    elif device.type != "cpu":
+        try:  # torch raises any of several errors for a backend it was not built with (mps, xpu)
+            torch.empty(0, device=device)
+            usable = device.type != "meta"  # its tensors hold no values
+        except Exception:
+            usable = False
+        if not usable:
+            raise ValueError(
+                f"--device {name}: this torch ({torch.__version__}) cannot train on "
+                f"{device.type} devices; leave --device out to use a CUDA GPU or the CPU"
+            )
+
+
 def pick_device(device: str | None = None) -> torch.device:
+    """`device` after `check_device`; none: cuda if available, else cpu."""
     if device:
+        check_device(device)
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
