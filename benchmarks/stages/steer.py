@@ -551,6 +551,8 @@ def _setup(
             ]
             steerer = FeatureSteerer.from_coders(run.coders, steered)
             spec["features"] = [(f.hookpoint, f.feature_idx) for f in steered]
+            if condition.op == "clamp":  # as features': new typical activations generate it again
+                spec["values"] = [f.value for f in steered]
             return Setup(None, [], lambda: steerer.attach(run.model, region), spec)
         case other:
             raise ValueError(f"Unknown steering condition '{other}'")

@@ -682,3 +682,29 @@ def test_the_control_condition_steers_the_control_features() -> None:
         assert setup.replacement == "replacement"
         spec[kind] = (setup.spec["features"], setup.interventions[0].features)
     assert spec == {"features": ([("h0", 3)], (3,)), "control": ([("h0", 9)], (9,))}
+
+
+def test_a_clamp_condition_records_the_values_it_sets_so_new_ones_generate_it_again(
+    tiny_llava, llava_recipe
+) -> None:
+    """A clamp condition's folder is reused only for the same clamped values: the typical
+    activations move when analyze runs again on other samples, with the same features."""
+    from types import SimpleNamespace
+
+    from benchmarks.stages.steer import Condition, _setup
+
+    coders = random_clt(tiny_llava[0], llava_recipe)
+    run = SimpleNamespace(coders=coders)
+    hookpoint = coders.hookpoints[0]
+    for kind in ("features", "clt_free"):
+        values = []
+        for reference in (1.5, 2.5):
+            features = {
+                "good": [{"hookpoint": hookpoint, "feature_idx": 3, "reference": reference}]
+            }
+            setup = _setup(
+                Condition(f"good-{kind}-clamp2", kind, "good", 2.0, "clamp"), run, None,
+                features, {}, {}, {}, "decision",
+            )  # fmt: skip
+            values.append(setup.spec.get("values"))
+        assert values == [[3.0], [5.0]], kind
