@@ -19,7 +19,7 @@ STAGE_HELP = {
     "plot": "PNG charts of analyze's features",
     "examples": "each feature's top samples: an HTML page with image patches and tokens",
     "map": "each feature's MLP neurons, checked on the model",
-    "steer": "scale features / neurons on held-out samples, with random controls",
+    "steer": "scale or clamp features (scale neurons) on held-out samples, with random controls",
     "all": "every stage above in order (trains a small CLT first without --coders)",
 }
 

@@ -66,6 +66,8 @@ def test_benchmarks_help_says_what_each_stage_does_and_where_the_flags_are(capsy
     lines = capsys.readouterr().out.splitlines()
     described = [line.split()[0] for line in lines if line.startswith("  ")]
     assert described == list(STAGES)  # one line each, in the order they run
+    steer = next(line for line in lines if line.split()[:1] == ["steer"])
+    assert "clamp" in steer  # steer --op clamp, not scaling only
     assert any("python -m benchmarks BENCH STAGE --help" in line for line in lines)
     assert any("docs/benchmarks.md" in line for line in lines)
 
