@@ -123,6 +123,10 @@ def test_bad_edits_and_inputs_are_one_line_naming_them(tmp_path, clt_run) -> Non
     # checked before the model loads (no --model: it would load the embedded default)
     with pytest.raises(ValueError, match=f"'9:1:zero': the run has {len(hooks)} sources"):
         main([str(run), "--image", str(image), "--question", "q", "--edit", "9:1:zero"])
+    # a repeated --edit adds its edits to the earlier ones (argparse kept the last --edit only)
+    with pytest.raises(ValueError, match=f"'9:1:zero': the run has {len(hooks)} sources"):
+        main([str(run), "--image", str(image), "--question", "q", "--edit", "9:1:zero",
+              "--edit", "0:1:zero"])  # fmt: skip
     with pytest.raises(ValueError, match="--image .*missing.png"):
         main([str(run), "--image", str(tmp_path / "missing.png"), "--question", "q"])
     (tmp_path / "broken.png").write_bytes(b"not a png")

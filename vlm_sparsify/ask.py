@@ -45,9 +45,9 @@ class AskConfig:
     """The image file (required)."""
     question: str = ""
     """The question about it (required), put in the recipe's prompt format."""
-    edit: list[str] = field(default_factory=list, metavar="L:F:OP[=V]")
-    """Feature edits, each LAYER:FEATURE:OP[=VALUE] (e.g. 3:140:set=40 0:12:zero); none: only
-    the answer and its features."""
+    edit: list[str] = field(default_factory=list, metavar="L:F:OP[=V]", action="extend")
+    """Feature edits, each LAYER:FEATURE:OP[=VALUE] (e.g. 3:140:set=40 0:12:zero; a repeated
+    --edit adds its own); none: only the answer and its features."""
     region: str = "decision"
     """Tokens the edits apply to: decision (the last prompt token and every response token),
     response, prompt, image or all."""
