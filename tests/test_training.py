@@ -343,8 +343,8 @@ def test_bad_values_are_named_before_training(tmp_path, tiny_llava_dir):
         (["--ctx_len", "0"], "--ctx_len must be >= 1"),
         (["--device", "cuda:99"], "--device cuda:99: torch .* sees \\d+ CUDA GPU"),
         (["--device", "gpu"], "--device 'gpu' is not a torch device"),
-        (["--device", "xla"], "--device xla: this torch .* cannot train on xla devices"),
-        (["--device", "meta"], "--device meta: this torch .* cannot train on meta devices"),
+        (["--device", "xla"], "--device xla: this torch .* cannot run models on xla devices"),
+        (["--device", "meta"], "--device meta: this torch .* cannot run models on meta devices"),
         (["--k", "5000"], "--k 5000 exceeds the coders' 64 latents"),
         (["--k", "20", "--multi_topk", "true"], "--multi_topk decodes the top 4 x k = 80 latents"),
         (

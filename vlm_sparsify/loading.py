@@ -65,7 +65,7 @@ def check_device(name: str) -> None:
             usable = False
         if not usable:
             raise ValueError(
-                f"--device {name}: this torch ({torch.__version__}) cannot train on "
+                f"--device {name}: this torch ({torch.__version__}) cannot run models on "
                 f"{device.type} devices; leave --device out to use a CUDA GPU or the CPU"
             )
 
