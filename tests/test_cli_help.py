@@ -128,6 +128,22 @@ def analyze(argv: list[str]) -> object:
     return run_benchmarks(["easyvqa", "analyze", "--out", "x", *argv])
 
 
+def steer(argv: list[str]) -> object:
+    return run_benchmarks(["easyvqa", "steer", "--out", "x", *argv])
+
+
+def ask(argv: list[str]) -> object:
+    from vlm_sparsify.ask import main
+
+    return main(["run", *argv])
+
+
+def fidelity(argv: list[str]) -> object:
+    from vlm_sparsify.fidelity import main
+
+    return main(["run", *argv])
+
+
 @pytest.mark.parametrize(
     ("command", "typo", "message"),
     [
@@ -136,6 +152,11 @@ def analyze(argv: list[str]) -> object:
         (analyze, "--target-featuers=4",
          "unknown flag --target-featuers=4 (did you mean --target-features?)"),
         (train, "--zzz", "unknown flag --zzz; `python -m vlm_sparsify --help`"),
+        # an abbreviation is a typo too: argparse read `--factor 2` as `--factors 2`
+        (steer, "--factor=2", "unknown flag --factor=2 (did you mean --factors?)"),
+        (ask, "--qestion=q", "unknown flag --qestion=q (did you mean --question?); "
+         "`python -m vlm_sparsify.ask --help` lists them"),
+        (fidelity, "--limt=2", "unknown flag --limt=2 (did you mean --limit?)"),
     ],
 )  # fmt: skip
 def test_a_mistyped_flag_is_one_line_with_the_closest_flag(command, typo, message, capsys):
@@ -176,3 +197,15 @@ def test_a_mistyped_token_flag_never_echoes_the_token(argv, capsys):
     err = capsys.readouterr().err
     assert "unknown flag" in err and "did you mean --hf_token?" in err
     assert "SECRET" not in err, err
+
+
+def test_ask_and_fidelity_take_flags_with_dashes_as_the_other_tools_do() -> None:
+    from vlm_sparsify.ask import main as ask_main
+
+    # both spellings parse (the run is then missing: the flags were taken)
+    for ask_flag, fidelity_flag in (("--max-new-tokens", "--batch-size"),
+                                    ("--max_new_tokens", "--batch_size")):  # fmt: skip
+        with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+            ask_main(["nowhere", "--image", "i.png", "--question", "q", ask_flag, "3"])
+        with pytest.raises(FileNotFoundError, match="no checkpoint folder"):
+            fidelity([fidelity_flag, "2"])

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
 
 import torch
-from simple_parsing import field, parse
+from simple_parsing import field
 
 from vlm_sparsify.capture import CapturedSample
-from vlm_sparsify.cli import run_cli
+from vlm_sparsify.cli import parse_config, run_cli
 from vlm_sparsify.coder_io import run_hookpoints
 from vlm_sparsify.data import BadImageError, load_rgb
 from vlm_sparsify.fidelity import load_run_model
@@ -155,12 +154,7 @@ def top_features(sample: CapturedSample, hookpoints: list[str], count: int) -> l
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`python -m vlm_sparsify.ask RUN ...` (AskConfig): print the answers and features; returns
     them as the JSON object `--json` prints."""
-    args = parse(
-        AskConfig,
-        args=sys.argv[1:] if argv is None else argv,
-        prog="python -m vlm_sparsify.ask",
-        description=AskConfig.__doc__,
-    )
+    args = parse_config(AskConfig, argv, "python -m vlm_sparsify.ask")
     if not args.image or not args.question:
         raise ValueError("give --image FILE and --question TEXT")
     if args.top < 0 or args.max_new_tokens < 1:

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from difflib import get_close_matches
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import simple_parsing
 
@@ -17,6 +17,9 @@ USER_ERRORS = (ValueError, OSError)
 """What bad input raises (a wrong path, a corrupt file, a setting that cannot work). Every OSError
 counts (FileNotFoundError, PermissionError, IsADirectoryError, a full disk, a network error
 downloading from the Hub): each names the path or address at fault, which the user fixes."""
+
+
+ConfigT = TypeVar("ConfigT")
 
 
 def run_cli(main: Callable[[], object], *errors: type[Exception]) -> None:
@@ -126,9 +129,11 @@ class ArgumentParser(simple_parsing.ArgumentParser):
     usage (tens of lines) followed by argparse's bare `unrecognized arguments`.
 
     `not_taken` maps flags of another tool this one refuses (stock sparsify's) to what to use
-    instead, said in place of the closest flag."""
+    instead, said in place of the closest flag. Abbreviated flags are not taken (argparse would
+    read `steer --factor 2` as `--factors 2`): they get the closest flag too."""
 
     def __init__(self, *args: Any, not_taken: dict[str, str] | None = None, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.not_taken = not_taken or {}
 
@@ -161,3 +166,17 @@ class ArgumentParser(simple_parsing.ArgumentParser):
             f"{self.prog}: error: unknown flag{'s' if len(unknown) > 1 else ''} "
             f"{', '.join(hints)}; `{self.prog} --help` lists them\n",
         )
+
+
+def parse_config(config_class: type[ConfigT], argv: list[str] | None, prog: str) -> ConfigT:
+    """A tool's `config_class` from `argv` (`sys.argv[1:]` when None) with `ArgumentParser`: flags
+    spelt with dashes or underscores, none abbreviated, the closest flag for a mistyped one; the
+    class's docstring is the description."""
+    parser = ArgumentParser(
+        prog=prog,
+        description=config_class.__doc__,
+        add_option_string_dash_variants=simple_parsing.DashVariant.UNDERSCORE_AND_DASH,
+    )
+    dataclass: type = config_class  # simple-parsing types it as a dataclass, not any ConfigT
+    parser.add_arguments(dataclass, dest="config")
+    return parser.parse_args(sys.argv[1:] if argv is None else argv).config

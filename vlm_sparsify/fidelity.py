@@ -21,7 +21,6 @@ of what the MLPs write that the logits read the errors carry.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from simple_parsing import field, parse
+from simple_parsing import field
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vlm_sparsify.cli import run_cli
+from vlm_sparsify.cli import parse_config, run_cli
 from vlm_sparsify.coder_io import (
     RUN_CONFIG_FILE,
     Coders,
@@ -502,12 +501,7 @@ def load_run_model(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`python -m vlm_sparsify.fidelity RUN ...` (FidelityConfig): measure, print the table (or
     one JSON object), draw `--plot`; returns the measurements."""
-    args = parse(
-        FidelityConfig,
-        args=sys.argv[1:] if argv is None else argv,
-        prog="python -m vlm_sparsify.fidelity",
-        description=FidelityConfig.__doc__,
-    )
+    args = parse_config(FidelityConfig, argv, "python -m vlm_sparsify.fidelity")
     for name in ("limit", "batch_size", "max_new_tokens", "ctx_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
