@@ -77,7 +77,8 @@ class AllConfig:
     """analyze's ranking: goodness (the seed's frequency x activation score) or attribution
     (activation x gradient of the answer's logit difference, mean over GOOD minus over BAD)."""
     factors: str = "0,0.5,2,4"
-    """Steering factors (map uses the largest as its amplification factor)."""
+    """Steering factors (with --steer-op scale, map uses the largest as its amplification
+    factor)."""
     steer_op: SteerOp = "scale"
     """steer's --op: scale the selected features, or clamp them to the factor times their
     typical activation (features only: the neurons conditions are left out)."""
@@ -119,7 +120,8 @@ POSITIVE = ("batch_size", "max_new_tokens", "train_examples", "k", "target_featu
 
 def check_options(config: AllConfig) -> None:
     """The options the stages would reject after training: the factors, the dtype, the counts."""
-    if max(parse_factors(config.factors)) == 1:  # map's --factor: 1 would scale nothing
+    largest = max(parse_factors(config.factors))
+    if config.steer_op == "scale" and largest == 1:  # map's --factor: 1 would scale nothing
         raise ValueError(
             f"--factors {config.factors!r}: map checks its neurons with the largest, 1 scales "
             "nothing; add a factor other than 1 (e.g. 0,0.5,2,4)"
@@ -161,6 +163,8 @@ def run_all(
     limit = ["--limit", str(config.limit)] if config.limit else []
     factors = parse_factors(config.factors)
     steer_region = "decision" if config.region == "decision" else "all"  # steer's two regions
+    # map checks its neurons at the factor steer scales them by; clamp steers no neurons
+    map_factor = ["--factor", str(max(factors))] if config.steer_op == "scale" else []
     stages = [
         ("capture", ["--model", config.model, *recipe, "--coders", coders, *limit, *device,
                      "--dtype", config.dtype, "--batch-size", str(config.batch_size),
@@ -172,7 +176,7 @@ def run_all(
                      "--split-seed", str(config.seed), "--rank-by", config.rank_by]),
         ("plot", []),
         ("examples", []),
-        ("map", ["--coders", coders, "--factor", str(max(factors)), *device,
+        ("map", ["--coders", coders, *map_factor, *device,
                  "--seed", str(config.seed)]),
         ("steer", ["--coders", coders, "--factors", config.factors, *device,
                    "--bootstrap", str(config.bootstrap), "--seed", str(config.seed),

@@ -925,7 +925,8 @@ def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
                     "5", "--rank-by", "attribution"],
         "plot": ["--out", out],
         "examples": ["--out", out],
-        "map": ["--out", out, "--coders", "C", "--factor", "3.0", "--device", "cpu", "--seed", "5"],
+        # clamp steers no neurons: map checks them at its own default factor
+        "map": ["--out", out, "--coders", "C", "--device", "cpu", "--seed", "5"],
         "steer": ["--out", out, "--coders", "C", "--factors", "0,3,0.5", "--device", "cpu",
                   "--bootstrap", "7", "--seed", "5", "--batch-size", "3", "--region", "all",
                   "--op", "clamp"],
@@ -935,6 +936,7 @@ def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
     run_all(AllConfig(out=out, coders="C", limit=None), "easyvqa")
     assert "--limit" not in ran["capture"] and ran["score"] == ["--out", out]
     assert ran["steer"][-4:] == ["--region", "decision", "--op", "scale"]  # the defaults
+    assert ran["map"][4:6] == ["--factor", "4.0"]  # scaling: the largest steering factor
 
 
 def test_all_reuses_a_finished_clt_and_resumes_an_unfinished_one(tmp_path, monkeypatch):
@@ -977,3 +979,12 @@ def test_all_checkpoints_its_clt_before_the_end_so_an_interrupted_one_resumes(
     [argv] = trained
     steps = math.ceil(int(argv[argv.index("--max_examples") + 1]) / TRAIN_BATCH)
     assert int(argv[argv.index("--save_every") + 1]) < steps
+
+
+def test_all_takes_clamp_factors_of_1_which_steer_no_neurons() -> None:
+    from benchmarks.stages.all import AllConfig, check_options
+
+    # clamp1 sets a feature to its typical activation; map then checks at its own factor
+    check_options(AllConfig(out="o", factors="0,1", steer_op="clamp"))
+    with pytest.raises(ValueError, match="map checks its neurons with the largest, 1 scales"):
+        check_options(AllConfig(out="o", factors="0,1"))
