@@ -94,7 +94,9 @@ def test_ask_answers_as_the_model_lists_its_features_and_edits_them_as_the_steer
     assert "replacement (open-loop):" in printed
     assert len([line for line in printed.splitlines() if line.endswith(".mlp")]) == 2
     # a feature beyond the coders' width, found once they are loaded
-    with pytest.raises(ValueError, match="'0:64:zero': the coders have 64 latents per source"):
+    with pytest.raises(
+        ValueError, match="'0:64:zero': .* edits feature 64 but the coder at .* has 64 latents"
+    ):
         main([str(run), *flags, "--edit", "0:64:zero"])
 
 

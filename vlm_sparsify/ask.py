@@ -170,12 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise BadImageError(f"--image {args.image}: {err}") from None
     loaded = load_run_model(run, args.model, args.recipe, args.dtype, args.device)
     replacement = ReplacementModel(loaded.model, loaded.coders, mode=args.mode)
-    for edit in edits:
-        if edit.feature >= replacement.num_latents:
-            raise ValueError(
-                f"--edit {edit.text!r}: the coders have {replacement.num_latents} latents per "
-                "source"
-            )
+    interventions = [edit.intervention(args.region) for edit in edits]
+    for edit, intervention in zip(edits, interventions, strict=True):
+        try:  # before any answer is generated
+            replacement.check_interventions([intervention])
+        except ValueError as err:
+            raise ValueError(f"--edit {edit.text!r}: {err}") from None
     prompt = loaded.recipe.format_prompt(args.question, loaded.processor)
 
     def answer(**kwargs: Any) -> Any:
@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["answer"] = unedited.response
     result["top_features"] = top_features(unedited.sample, hookpoints, args.top)
     if edits:
-        interventions = [edit.intervention(args.region) for edit in edits]
         result["edits"] = [edit.text for edit in edits]
         result["region"] = args.region
         result["edited"] = answer(replacement=replacement, interventions=interventions).response

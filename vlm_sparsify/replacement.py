@@ -213,6 +213,15 @@ class ReplacementModel:
             raise RuntimeError(
                 "attribution runs without interventions: intervene outside `rm.attribution()`"
             )
+        self._per_source = self.check_interventions(interventions)
+        self._interventions = list(interventions)
+        self._regional = any(i.regional for i in interventions)
+
+    def check_interventions(
+        self, interventions: Sequence[Intervention]
+    ) -> list[list[Intervention]]:
+        """`interventions` by source position, after checking each edits only features its
+        sources' coders have (a clear error names the feature and the coder's width)."""
         per_source: list[list[Intervention]] = [[] for _ in self.hookpoints]
         for intervention in interventions:
             highest = max(intervention.feature_indices)
@@ -223,9 +232,7 @@ class ReplacementModel:
                         f"{self.hookpoints[p]} has {self._widths[p]} latents"
                     )
                 per_source[p].append(intervention)
-        self._interventions = list(interventions)
-        self._per_source = per_source
-        self._regional = any(i.regional for i in interventions)
+        return per_source
 
     @contextmanager
     def intervene(
