@@ -12,6 +12,7 @@ from vlm_sparsify.loading import (
     DEFAULT_MODEL,
     load_model_and_processor,
     pick_dtype,
+    portable_model,
     resolve_model,
 )
 
@@ -40,6 +41,18 @@ def test_model_names_resolve_to_what_a_run_records(tmp_path, monkeypatch):
         resolve_model("tiny")
     (tmp_path / "tiny" / "config.json").write_text("{}")  # a model folder that holds a metadata.csv
     assert resolve_model("tiny") == str(tmp_path.resolve() / "tiny")
+
+
+def test_files_record_the_embedded_model_by_name_so_a_moved_checkout_finds_it(tmp_path):
+    assert portable_model(DEFAULT_MODEL) == portable_model("default") == "default"
+    assert portable_model("llava-hf/llava-1.5-7b-hf") == "llava-hf/llava-1.5-7b-hf"
+    assert portable_model(str(tmp_path)) == str(tmp_path)
+    # a file an older version wrote from a checkout since moved: its path to the embedded model
+    moved = tmp_path / "old-checkout" / "vlm_sparsify" / "tiny" / "easyvqa_llava"
+    assert resolve_model(str(moved)) == DEFAULT_MODEL
+    assert portable_model(str(moved)) == "default"
+    (tmp_path / "elsewhere" / "easyvqa_llava").mkdir(parents=True)  # any other folder is kept
+    assert resolve_model(str(tmp_path / "elsewhere" / "easyvqa_llava")).startswith(str(tmp_path))
 
 
 def test_the_model_loads_frozen_in_eval_mode_in_the_dtype_asked(tiny_llava_dir, monkeypatch):

@@ -65,6 +65,7 @@ from vlm_sparsify.loading import (
     DEFAULT_MODEL,
     check_device,
     load_model_and_processor,
+    portable_model,
     resolve_model,
 )
 from vlm_sparsify.recipe import (
@@ -447,8 +448,7 @@ def run_config_dict(args: RunConfig) -> dict[str, Any]:
     `default` (its folder's path is this machine's)."""
     config = asdict(args)
     config.pop("hf_token", None)
-    if config["model"] == DEFAULT_MODEL:
-        config["model"] = "default"
+    config["model"] = portable_model(config["model"])
     return config
 
 

@@ -20,6 +20,8 @@ MODEL_ALIASES = {"default": DEFAULT_MODEL, "vlm_sparsify/tiny-easyvqa-llava": DE
 """Short names for MODEL: `default` (or its id, `vlm_sparsify/tiny-easyvqa-llava`, which is not
 on the Hub) is the embedded tiny easy-VQA LLaVA."""
 
+_EMBEDDED_PARTS = Path(DEFAULT_MODEL).parts[-3:]
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -30,6 +32,8 @@ def resolve_model(model: str) -> str:
     named: the dataset given in MODEL's place."""
     model = MODEL_ALIASES.get(model, model)
     folder = Path(model)
+    if folder.is_absolute() and not folder.exists() and folder.parts[-3:] == _EMBEDDED_PARTS:
+        return DEFAULT_MODEL  # another install's embedded model (a file written before the move)
     has_metadata = any((folder / name).is_file() for name in ("metadata.jsonl", "metadata.csv"))
     if has_metadata and not (folder / "config.json").is_file():
         raise ValueError(
@@ -39,6 +43,13 @@ def resolve_model(model: str) -> str:
     if folder.is_dir() and not folder.is_absolute():
         return str(folder.resolve())
     return model
+
+
+def portable_model(model: str) -> str:
+    """MODEL as a file records it: `resolve_model`'s, with the embedded model as `default` (its
+    folder is where this checkout or install happens to be; a moved one must still find it)."""
+    resolved = resolve_model(model)
+    return "default" if Path(resolved).resolve() == Path(DEFAULT_MODEL).resolve() else resolved
 
 
 def check_device(name: str) -> None:

@@ -38,7 +38,7 @@ from vlm_sparsify.coder_io import load_coders
 from vlm_sparsify.data import BadImageError
 from vlm_sparsify.files import read_json
 from vlm_sparsify.generation import generate_batch
-from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor
+from vlm_sparsify.loading import DEFAULT_MODEL, load_model_and_processor, portable_model
 from vlm_sparsify.recipe import find_recipe, is_recipe_file
 from vlm_sparsify.replacement import ReplacementModel
 from vlm_sparsify.sharding import init_distributed
@@ -106,12 +106,13 @@ def main(argv: list[str], benchmark: str) -> None:
 
 def with_absolute_paths(config: CaptureConfig) -> CaptureConfig:
     """`config` with its local paths (the coders, a model folder, a recipe file) made absolute:
-    map, steer and attribute read them from capture.json, maybe from another directory."""
-    model, recipe = config.model, config.recipe
+    map, steer and attribute read them from capture.json, maybe from another directory. The
+    embedded model is kept as `default` (a moved checkout still finds it)."""
+    recipe = config.recipe
     return replace(
         config,
         coders=absolute_path(config.coders),
-        model=absolute_path(model) if Path(model).is_dir() else model,
+        model=portable_model(config.model),
         recipe=absolute_path(recipe) if recipe and is_recipe_file(recipe) else recipe,
     )
 

@@ -20,12 +20,13 @@ from transformers import LlavaForConditionalGeneration
 from benchmarks.__main__ import run
 from benchmarks.adapters import get_adapter
 from benchmarks.pope.score import parse_answer
-from benchmarks.stages.capture import rank_batches
+from benchmarks.stages.capture import CaptureConfig, rank_batches, with_absolute_paths
 from benchmarks.store import FeatureStore
 from tests.conftest import REPO, SHARED_DATA, make_image
 from vlm_sparsify.coder_io import load_coders, save_coders
 from vlm_sparsify.data import load_rgb
 from vlm_sparsify.hookpoints import mlp_hookpoints
+from vlm_sparsify.loading import DEFAULT_MODEL
 from vlm_sparsify.training import build_coders
 
 LATENTS, K = 128, 16
@@ -263,6 +264,15 @@ def test_capture_records_absolute_paths_for_the_later_stages(
     monkeypatch.chdir(tmp_path / "elsewhere")
     run(["pope", "score", "--out", str(tmp_path / "out")])
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["random"]["n"] == 1
+
+
+def test_capture_records_the_embedded_model_by_name_not_by_this_checkouts_path(tmp_path):
+    # the package's folder was recorded before: a moved checkout's later stages could not load
+    # it and its resumed capture was refused as "captured with other settings"
+    assert with_absolute_paths(CaptureConfig(out="out")).model == "default"
+    moved = tmp_path / "before-the-move" / "vlm_sparsify" / "tiny" / "easyvqa_llava"
+    assert with_absolute_paths(CaptureConfig(out="out", model=str(moved))).model == "default"
+    assert with_absolute_paths(CaptureConfig(out="out", model=DEFAULT_MODEL)).model == "default"
 
 
 def test_pope_llava_question_file_scores_against_the_label_files(
