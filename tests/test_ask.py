@@ -100,12 +100,15 @@ def test_ask_answers_as_the_model_lists_its_features_and_edits_them_as_the_steer
         main([str(run), *flags, "--edit", "0:64:zero"])
 
 
-def test_bad_edits_and_inputs_are_one_line_naming_them(tmp_path, clt_run) -> None:
+def test_bad_edits_and_inputs_are_one_line_naming_them(tmp_path, clt_run, capsys) -> None:
     run, coders = clt_run
     hooks = list(coders.hookpoints)
     name = f"{hooks[1]}:4:scale=0.5"
     assert parse_edit(name, hooks) == Edit(name, hooks[1], 4, "scale", 0.5)
     assert parse_edit("0:7:zero", hooks) == Edit("0:7:zero", 0, 7, "zero", None)
+    last = len(hooks) - 1  # counted from the end as Python does
+    assert parse_edit("-1:7:zero", hooks) == Edit("-1:7:zero", last, 7, "zero", None)
+    assert parse_edit(f"-{len(hooks)}:7:zero", hooks).layer == 0
     for text, message in (
         ("3:1", "give LAYER:FEATURE:OP"),
         ("0:1:boost=2", "Unknown intervention op 'boost'"),
@@ -116,6 +119,7 @@ def test_bad_edits_and_inputs_are_one_line_naming_them(tmp_path, clt_run) -> Non
         ("0:1:set=nan", "'0:1:set=nan': 'nan' is not a finite number"),
         ("0:1:scale=inf", "'0:1:scale=inf': 'inf' is not a finite number"),
         (f"{len(hooks)}:1:zero", f"the run has {len(hooks)} sources"),
+        (f"-{len(hooks) + 1}:1:zero", f"or -1 to -{len(hooks)} from the last"),
         ("mlp:1:zero", "'mlp' is neither a source position nor one of the run's hookpoints"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -125,6 +129,12 @@ def test_bad_edits_and_inputs_are_one_line_naming_them(tmp_path, clt_run) -> Non
     # checked before the model loads (no --model: it would load the embedded default)
     with pytest.raises(ValueError, match=f"'9:1:zero': the run has {len(hooks)} sources"):
         main([str(run), "--image", str(image), "--question", "q", "--edit", "9:1:zero"])
+    with pytest.raises(ValueError, match=f"'-9:1:zero': the run has {len(hooks)} sources"):
+        main([str(run), "--image", str(image), "--question", "q", "--edit=-9:1:zero"])
+    # argparse reads a value that starts with '-' as a flag: the error says how to give it
+    with pytest.raises(SystemExit):
+        main([str(run), "--image", str(image), "--question", "q", "--edit", "-1:1:zero"])
+    assert "'-' is given as --FLAG=VALUE" in capsys.readouterr().err
     # a repeated --edit adds its edits to the earlier ones (argparse kept the last --edit only)
     with pytest.raises(ValueError, match=f"'9:1:zero': the run has {len(hooks)} sources"):
         main([str(run), "--image", str(image), "--question", "q", "--edit", "9:1:zero",

@@ -8,7 +8,8 @@ with `--edit`, generates again with those features edited before they are decode
 target layer of a CLT follows), on the tokens of `--region`.
 
 An edit is `LAYER:FEATURE:OP[=VALUE]`: LAYER is the source's position among the run's hookpoints
-(0, 1, ...) or its hookpoint name, FEATURE a latent index, OP `scale`, `add`, `set` or `zero`
+(0, 1, ...; -1 the last, written `--edit=-1:...` so that it is not read as a flag) or its
+hookpoint name, FEATURE a latent index, OP `scale`, `add`, `set` or `zero`
 (`vlm_sparsify.interventions.Intervention`), e.g. `3:140:set=40` (clamp feature 140 of source 3
 to 40), `0:12:scale=0.5`, `2:7:zero`.
 """
@@ -96,13 +97,14 @@ def parse_edit(text: str, hookpoints: list[str]) -> Edit:
         check_op(op)
     except ValueError as err:
         raise ValueError(f"--edit {text!r}: {err}") from None
-    if layer_text.isdigit():
-        layer: int | str = int(layer_text)
-        if cast(int, layer) >= len(hookpoints):
+    if layer_text.removeprefix("-").isdigit():  # -1: the last source, as Python counts
+        position = int(layer_text)
+        if not -len(hookpoints) <= position < len(hookpoints):
             raise ValueError(
                 f"--edit {text!r}: the run has {len(hookpoints)} sources (layers 0 to "
-                f"{len(hookpoints) - 1})"
+                f"{len(hookpoints) - 1}, or -1 to -{len(hookpoints)} from the last)"
             )
+        layer: int | str = position % len(hookpoints)
     elif layer_text in hookpoints:
         layer = layer_text
     else:

@@ -159,8 +159,12 @@ class ArgumentParser(simple_parsing.ArgumentParser):
                 hints.append(
                     f"{shown} (stock sparsify's flag, not taken here: {self.not_taken[name]})"
                 )
+            elif close:
+                hints.append(f"{shown} (did you mean {close[0]}?)")
+            elif arg[1:2].isdigit():  # argparse reads `--edit -1:3:zero` as two flags
+                hints.append(f"{shown} (a value that starts with '-' is given as --FLAG=VALUE)")
             else:
-                hints.append(f"{shown} (did you mean {close[0]}?)" if close else shown)
+                hints.append(shown)
         self.exit(
             2,
             f"{self.prog}: error: unknown flag{'s' if len(unknown) > 1 else ''} "
