@@ -63,6 +63,7 @@ def test_every_family_of_the_issue_is_shipped():
         "llava_onevision",
         "qwen3_vl",
         "internvl",
+        "vipllava",
     }
 
 
@@ -103,6 +104,8 @@ def test_lookup_by_path(tmp_path):
         ("Qwen/Qwen3-VL-32B-Instruct-FP8", "qwen3_vl"),
         ("OpenGVLab/InternVL3-1B-hf", "internvl"),
         ("OpenGVLab/InternVL3-78B-hf", "internvl"),
+        ("llava-hf/vip-llava-7b-hf", "vipllava"),
+        ("llava-hf/vip-llava-13b-hf", "vipllava"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
