@@ -64,6 +64,7 @@ def test_every_family_of_the_issue_is_shipped():
         "qwen3_vl",
         "internvl",
         "vipllava",
+        "aya_vision",
     }
 
 
@@ -106,6 +107,8 @@ def test_lookup_by_path(tmp_path):
         ("OpenGVLab/InternVL3-78B-hf", "internvl"),
         ("llava-hf/vip-llava-7b-hf", "vipllava"),
         ("llava-hf/vip-llava-13b-hf", "vipllava"),
+        ("CohereLabs/aya-vision-8b", "aya_vision"),
+        ("CohereForAI/aya-vision-32b", "aya_vision"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
