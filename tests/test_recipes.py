@@ -65,6 +65,7 @@ def test_every_family_of_the_issue_is_shipped():
         "internvl",
         "vipllava",
         "aya_vision",
+        "glm4v",
     }
 
 
@@ -109,6 +110,8 @@ def test_lookup_by_path(tmp_path):
         ("llava-hf/vip-llava-13b-hf", "vipllava"),
         ("CohereLabs/aya-vision-8b", "aya_vision"),
         ("CohereForAI/aya-vision-32b", "aya_vision"),
+        ("zai-org/GLM-4.1V-9B-Thinking", "glm4v"),
+        ("THUDM/GLM-4.1V-9B-Base", "glm4v"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
@@ -520,6 +523,7 @@ def test_paligemma_answer_is_causal_and_its_labels_are_dropped():
         ("llava_onevision", "LlavaOnevisionVideoProcessor"),
         ("qwen3_vl", "Qwen3VLVideoProcessor"),
         ("internvl", "InternVLVideoProcessor"),
+        ("glm4v", "Glm4vVideoProcessor"),
     ],
 )
 def test_image_only_processors_round_trip_through_from_pretrained_without_torchvision(
