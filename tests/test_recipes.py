@@ -66,6 +66,7 @@ def test_every_family_of_the_issue_is_shipped():
         "vipllava",
         "aya_vision",
         "glm4v",
+        "ovis2",
     }
 
 
@@ -112,6 +113,8 @@ def test_lookup_by_path(tmp_path):
         ("CohereForAI/aya-vision-32b", "aya_vision"),
         ("zai-org/GLM-4.1V-9B-Thinking", "glm4v"),
         ("THUDM/GLM-4.1V-9B-Base", "glm4v"),
+        ("thisisiron/Ovis2-1B-hf", "ovis2"),
+        ("thisisiron/Ovis2-34B-hf", "ovis2"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
@@ -408,10 +411,15 @@ def test_image_mask_selects_the_tokens_the_model_fills_with_image_features(name)
     pad_id = processor.tokenizer.convert_tokens_to_ids(pad_token)
     assert image_mask.sum(1).tolist() == (batch["input_ids"] == pad_id).sum(1).tolist()
     assert (image_mask.sum(1) > 0).all()
-    # the model overwrites the token embedding exactly where the mask says image
+    # the model overwrites the token embedding exactly where the mask says image, and at the
+    # image delimiters its config names as visual indicators (Ovis2's <IMG_START>, ...: fixed
+    # visual-table embeddings, checked below not to come from the pixels)
+    indicators = torch.tensor(getattr(model.config, "visual_indicator_token_ids", None) or [])
+    delimiters = torch.isin(batch["input_ids"], indicators.long())
+    assert delimiters.any() == (len(indicators) > 0)
     before = _first_layer_inputs(model, recipe, batch)
     embedded = model.get_input_embeddings()(batch["input_ids"])
-    assert torch.equal((before - embedded).abs().amax(-1) > 0, image_mask)
+    assert torch.equal((before - embedded).abs().amax(-1) > 0, image_mask | delimiters)
     # and what it writes there comes from the pixels (LLaVA-NeXT's row-end tokens do not)
     after = _first_layer_inputs(model, recipe, {**batch, "pixel_values": -batch["pixel_values"]})
     from_pixels = (before - after).abs().amax(-1) > 0
