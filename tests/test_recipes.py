@@ -67,6 +67,7 @@ def test_every_family_of_the_issue_is_shipped():
         "aya_vision",
         "glm4v",
         "ovis2",
+        "smolvlm",
     }
 
 
@@ -115,6 +116,10 @@ def test_lookup_by_path(tmp_path):
         ("THUDM/GLM-4.1V-9B-Base", "glm4v"),
         ("thisisiron/Ovis2-1B-hf", "ovis2"),
         ("thisisiron/Ovis2-34B-hf", "ovis2"),
+        ("HuggingFaceTB/SmolVLM2-2.2B-Instruct", "smolvlm"),
+        ("HuggingFaceTB/SmolVLM2-500M-Video-Instruct", "smolvlm"),
+        ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct", "smolvlm"),
+        ("HuggingFaceTB/SmolVLM-500M-Instruct", "idefics3"),
     ],
 )
 def test_lookup_by_model_id_matches_exactly_one_recipe(model_id, name):
