@@ -25,6 +25,7 @@ from vlm_sparsify.data import (
     image_token_id,
     token_mask,
 )
+from vlm_sparsify.generation import generate_batch
 from vlm_sparsify.hookpoints import decoder_layers_path, mlp_hookpoints, vision_layer_paths
 from vlm_sparsify.loading import load_model_and_processor
 from vlm_sparsify.random_models import (
@@ -40,6 +41,7 @@ from vlm_sparsify.recipe import (
     find_recipe,
     shipped_recipes,
 )
+from vlm_sparsify.replacement import ReplacementModel
 from vlm_sparsify.training import (
     build_coders,
     collect_activations,
@@ -430,6 +432,51 @@ def test_image_mask_selects_the_tokens_the_model_fills_with_image_features(name)
     from_pixels = (before - after).abs().amax(-1) > 0
     assert not (from_pixels & ~image_mask).any()
     assert (from_pixels.sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_the_replacement_model_runs_every_recipe(name):
+    """What the benchmarks and `ask` do with a recipe's model: error mode gives its logits and
+    its greedy answers to a left-padded batch of two images, capturing features whose image
+    region is where the model's image tokens are; open loop generates the same with and without
+    the KV cache, and is not the model."""
+    recipe = find_recipe(name)
+    _require(recipe)
+    model, processor = _tiny(name)
+    cfg = SparseCoderConfig(num_latents=32, k=4, transcode=True)
+    hidden = model.config.get_text_config().hidden_size
+    coders = build_coders(mlp_hookpoints(model, recipe), hidden, cfg, cross_layer=2,
+                          device=torch.device("cpu"))  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in coders.parameters():
+            param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+    images = _images()
+    prompts = [recipe.format_prompt(q, processor) for q in ("what is it?", "and this one, here?")]
+    error = ReplacementModel(model, coders, mode="error")
+    base = generate_batch(model, processor, images, prompts, max_new_tokens=4)
+    got = generate_batch(model, processor, images, prompts, replacement=error, capture=True,
+                         value_dtype=torch.float32, max_new_tokens=4)  # fmt: skip
+    assert [g.tokens for g in got] == [g.tokens for g in base]
+    image_id = image_token_id(processor, recipe)
+    for generation in got:
+        sample = generation.sample
+        assert sample is not None
+        image = torch.zeros(len(sample.token_ids), dtype=torch.bool)
+        for start, stop in sample.regions["image"]:
+            image[start:stop] = True
+        assert torch.equal(image, sample.token_ids == image_id) and image.any()
+
+    inputs = processor(images=[[i] for i in images], text=prompts, return_tensors="pt",
+                       padding=True, padding_side="left")  # fmt: skip
+    open_loop = ReplacementModel(model, coders, mode="open-loop")
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        assert (error(**inputs).logits - logits).abs().max() <= 1e-4
+        assert (open_loop(**inputs).logits - logits).abs().max() > 1e-2
+        cached = open_loop.generate(**inputs, **greedy, use_cache=True)
+        assert torch.equal(cached, open_loop.generate(**inputs, **greedy, use_cache=False))
 
 
 @pytest.mark.parametrize("name", RECIPES)
