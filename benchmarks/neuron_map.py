@@ -32,6 +32,21 @@ from vlm_sparsify.positions import SequencePositions, check_steer_region, decisi
 Projection = Literal["cosine", "lstsq"]
 
 
+def down_projection(model: nn.Module, hookpoint: str) -> nn.Linear:
+    """The `down_proj` of the MLP at `hookpoint`: its input is the neuron activations, its weight
+    columns their output directions. An MLP without one (GPT-2's `c_proj`, LFM2's `w2`) is
+    refused in one line: map and neuron steering know the gated MLPs' layout only."""
+    mlp = model.get_submodule(hookpoint)
+    down = getattr(mlp, "down_proj", None)
+    if not isinstance(down, nn.Linear):
+        raise ValueError(
+            f"the MLP at {hookpoint} ({type(mlp).__name__}) has no down_proj Linear layer, where "
+            "map reads its neuron activations and output directions (every shipped recipe's "
+            "MLP has one); map and neuron steering do not support this model"
+        )
+    return down
+
+
 def projection_weights(
     decoder: Tensor, down_weight: Tensor, method: Projection = "cosine"
 ) -> Tensor:
@@ -170,7 +185,7 @@ def scale_neurons(
         for path, indices in neurons.items():
             if not indices:
                 continue
-            down = model.get_submodule(path).get_submodule("down_proj")
+            down = down_projection(model, path)
             index = torch.tensor(sorted(set(indices)), device=down.get_parameter("weight").device)
             hook = _scaling_hook(index, factor, positions)
             handles.append(down.register_forward_pre_hook(hook))

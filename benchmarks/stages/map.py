@@ -37,6 +37,7 @@ from benchmarks.neuron_map import (
     CoactivationStats,
     contribution,
     direction_cosine,
+    down_projection,
     output_change,
     projection_weights,
     random_neurons,
@@ -129,11 +130,11 @@ class MLPTaps:
         self.neuron_acts: dict[str, Tensor] = {}
         self.handles = []
         for hookpoint in hookpoints:
+            down = down_projection(model, hookpoint)
             mlp = model.get_submodule(hookpoint)
             self.handles.append(
                 mlp.register_forward_pre_hook(self._keep(self.mlp_inputs, hookpoint))
             )
-            down = mlp.get_submodule("down_proj")
             self.handles.append(
                 down.register_forward_pre_hook(self._keep(self.neuron_acts, hookpoint))
             )
@@ -174,7 +175,7 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
     sources = [hookpoints.index(f["hookpoint"]) for f in features]
     reach = [list(range(p, p + coders.n_targets(p))) for p in sources]
     reaching = {t: [j for j, ts in enumerate(reach) if t in ts] for t in range(len(hookpoints))}
-    n_neurons = run.model.get_submodule(hookpoints[0]).down_proj.weight.shape[1]
+    n_neurons = down_projection(run.model, hookpoints[0]).in_features
     stats = {t: CoactivationStats.zeros(len(js), n_neurons) for t, js in reaching.items() if js}
     kept_x: dict[int, list[Tensor]] = {t: [] for t in stats}
     kept_f: dict[int, list[Tensor]] = {t: [] for t in stats}
@@ -215,7 +216,7 @@ def neuron_map(out: Path, config: MapConfig, benchmark: str) -> tuple[list[dict]
         for t in reach[j]:
             column = reaching[t].index(j)
             mlp = run.model.get_submodule(hookpoints[t])
-            down = mlp.down_proj.weight.detach().float().cpu()
+            down = down_projection(run.model, hookpoints[t]).weight.detach().float().cpu()
             decoder = W_decs[t - p][latent].detach().float().cpu()
             weight = projection_weights(decoder, down, config.projection)
             coact = correlations[t][column]

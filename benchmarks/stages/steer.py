@@ -52,7 +52,7 @@ from tqdm import tqdm
 from benchmarks import outputs
 from benchmarks.adapters import Adapter, Rules, csv_choices, get_adapter, open_image
 from benchmarks.bootstrap import FEW_GROUPS, paired_bootstrap
-from benchmarks.neuron_map import random_neurons, scale_neurons
+from benchmarks.neuron_map import down_projection, random_neurons, scale_neurons
 from benchmarks.runs import Run, load_run, read_features
 from benchmarks.splits import sample_images
 from benchmarks.stages import check_limit, parse_stage, stage_module
@@ -406,7 +406,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         )
     all_neurons = {d: mapped_neurons(neuron_map or [], d) for d in DIRECTIONS}
     sizes = {
-        hookpoint: run.model.get_submodule(hookpoint).get_submodule("down_proj").in_features
+        hookpoint: down_projection(run.model, hookpoint).in_features
         for chosen in all_neurons.values()
         for hookpoint in chosen
     }

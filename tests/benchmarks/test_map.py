@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -175,3 +176,22 @@ def test_scaling_at_the_decision_positions_leaves_the_other_tokens_alone() -> No
     # a 4-token prompt: only its last token is a decision position
     torch.testing.assert_close(steered[:, :3], clean[:, :3])
     assert not torch.allclose(steered[:, 3], clean[:, 3])
+
+
+def test_an_mlp_without_down_proj_is_refused_naming_it() -> None:
+    from benchmarks.neuron_map import down_projection
+
+    class GatedMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.down_proj = nn.Linear(8, 4)
+
+    class GPT2StyleMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c_proj = nn.Linear(8, 4)
+
+    model = nn.ModuleDict({"gated": GatedMLP(), "gpt2": GPT2StyleMLP()})
+    assert down_projection(model, "gated") is model["gated"].down_proj
+    with pytest.raises(ValueError, match=r"MLP at gpt2 \(GPT2StyleMLP\) has no down_proj"):
+        down_projection(model, "gpt2")
