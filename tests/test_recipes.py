@@ -17,6 +17,7 @@ from PIL import Image
 from sparsify.config import SparseCoderConfig
 from torch import nn
 
+from benchmarks.neuron_map import down_projection
 from vlm_sparsify.data import (
     Example,
     check_image_token,
@@ -436,15 +437,17 @@ def test_image_mask_selects_the_tokens_the_model_fills_with_image_features(name)
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_the_replacement_model_runs_every_recipe(name):
-    """What the benchmarks and `ask` do with a recipe's model: error mode gives its logits and
-    its greedy answers to a left-padded batch of two images, capturing features whose image
-    region is where the model's image tokens are; open loop generates the same with and without
-    the KV cache, and is not the model."""
+    """What the benchmarks and `ask` do with a recipe's model (map finds its MLPs' neurons at
+    their down_proj): error mode gives its logits and its greedy answers to a left-padded batch
+    of two images, capturing features whose image region is where the model's image tokens are;
+    open loop generates the same with and without the KV cache, and is not the model."""
     recipe = find_recipe(name)
     _require(recipe)
     model, processor = _tiny(name)
     cfg = SparseCoderConfig(num_latents=32, k=4, transcode=True)
     hidden = model.config.get_text_config().hidden_size
+    for hookpoint in mlp_hookpoints(model, recipe):  # where map reads its neurons
+        assert down_projection(model, hookpoint).out_features == hidden
     coders = build_coders(mlp_hookpoints(model, recipe), hidden, cfg, cross_layer=2,
                           device=torch.device("cpu"))  # fmt: skip
     generator = torch.Generator().manual_seed(0)
