@@ -16,6 +16,7 @@ from benchmarks import outputs
 from benchmarks.adapters import get_adapter
 from benchmarks.store import FeatureStore, StoreMeta, coder_fingerprint
 from vlm_sparsify.coder_io import Coders, load_coders
+from vlm_sparsify.data import TOKEN_KEYS
 from vlm_sparsify.files import read_json
 from vlm_sparsify.loading import load_model_and_processor, resolve_model
 from vlm_sparsify.recipe import find_recipe
@@ -99,12 +100,27 @@ def read_features(out: Path) -> dict:
 
 
 def teacher_forced_inputs(run: Run, record: dict, image: Any) -> dict[str, Tensor]:
-    """Prompt + generated response tokens of one sample, as one unpadded model input."""
-    inputs = run.processor(images=[image], text=[record["prompt"]], return_tensors="pt")
+    """Prompt + generated response tokens of one sample, as one unpadded model input.
+
+    Every processor output goes to the model, as in capture (Qwen's image_grid_thw, Idefics3's
+    pixel_attention_mask, LLaVA-NeXT's image_sizes); its per-token keys (`data.TOKEN_KEYS`) go
+    on over the response as generation extends them: attended, text (Gemma 3's token type and
+    Qwen's mm_token_type 0), in PaliGemma's causal suffix (its token type 1).
+    """
+    inputs = dict(run.processor(images=[image], text=[record["prompt"]], return_tensors="pt"))
+    inputs.pop("labels", None)  # PaliGemma's processor adds them: the model would compute a loss
     response = torch.tensor([record.get("response_token_ids", [])], dtype=torch.long)
-    input_ids = torch.cat([inputs["input_ids"], response], dim=1)
+    suffix_type = 1 if run.recipe.prompt.answer_as_suffix else 0
+    fills = {
+        "input_ids": response,
+        "attention_mask": torch.ones_like(response),
+        "token_type_ids": torch.full_like(response, suffix_type),
+    }
+    for key in TOKEN_KEYS:
+        if key in inputs:
+            fill = fills.get(key, torch.zeros_like(response)).to(inputs[key].dtype)
+            inputs[key] = torch.cat([inputs[key], fill], dim=1)
     return {
-        "input_ids": input_ids.to(run.model.device),
-        "attention_mask": torch.ones_like(input_ids).to(run.model.device),
-        "pixel_values": inputs["pixel_values"].to(run.model.device, run.model.dtype),
+        key: value.to(run.model.device, run.model.dtype if value.is_floating_point() else None)
+        for key, value in inputs.items()
     }

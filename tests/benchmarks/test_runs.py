@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ from benchmarks.adapters import get_adapter
 from benchmarks.runs import capture_recipe, load_run, read_features, teacher_forced_inputs
 from tests.benchmarks.test_attribute import coders_dir  # noqa: F401 (fixture)
 from tests.benchmarks.test_capture_classify import GREEDY
+from tests.test_recipes import _images, _tiny
 from vlm_sparsify.data import load_rgb
+from vlm_sparsify.recipe import find_recipe
 
 
 def test_capture_recipe_is_the_flag_then_the_recorded_match_then_the_model_s(tmp_path):
@@ -101,3 +104,27 @@ def test_the_store_s_coders_are_recognised_in_layer_order_past_layer_nine():
         checked = other if wrong is meta else coders
         with pytest.raises(ValueError, match="--coders run are not the coders the feature store"):
             _check_coders(checked, "run", wrong)
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "gemma3", "idefics3", "llava_next", "paligemma"])
+def test_teacher_forcing_gives_the_logits_of_greedy_generation_in_every_family(name):
+    """attribute and map re-run a sample as prompt + response in one forward: the model must
+    see the image as generation did (Qwen's image_grid_thw, Idefics3's pixel_attention_mask,
+    LLaVA-NeXT's image_sizes, Gemma 3's token types) and the response as generated tokens
+    (PaliGemma's causal suffix), so each response row's logits are generation's."""
+    recipe = find_recipe(name)
+    model, processor = _tiny(name)
+    image = _images()[0]
+    prompt = recipe.format_prompt("is there a red circle?", processor)
+    encoded = processor(images=[[image]], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**encoded, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    response = generated.sequences[0, encoded["input_ids"].shape[1] :].tolist()
+    loaded = SimpleNamespace(model=model, processor=processor, recipe=recipe)
+    inputs = teacher_forced_inputs(loaded, {"prompt": prompt, "response_token_ids": response},
+                                   image)  # fmt: skip
+    assert inputs["input_ids"][0, -3:].tolist() == response
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -4:-1]
+    torch.testing.assert_close(logits, torch.cat(generated.logits), rtol=1e-4, atol=1e-4)
