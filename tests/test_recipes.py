@@ -335,15 +335,7 @@ def _require(recipe: Recipe) -> None:
 
 @cache
 def _tiny(name: str) -> tuple[Any, Any]:
-    model, processor = build_tiny(find_recipe(name))
-    # weights that initialise to zero (Gemma 3's image projection) would make every image
-    # feature zero, and the image tokens indistinguishable from any other input
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2 and not param.any():
-                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
-    return model, processor
+    return build_tiny(find_recipe(name))
 
 
 def _vision_depth(config: Any) -> int:

@@ -204,7 +204,19 @@ def build_tiny_model(recipe: Recipe, processor: Any | None = None, seed: int = 0
     check_config_keys(recipe, config, tiny["config"], "tiny.config")
     torch.manual_seed(seed)
     model = recipe.resolve_model_class()(config)
+    fill_zero_weights(model, seed)
     return model.eval().requires_grad_(False)
+
+
+def fill_zero_weights(model: Any, seed: int = 0) -> None:
+    """Give every weight matrix that initialises to zero small random values: Gemma 3's image
+    projection starts at zero, so its image tokens would all be the same vector and nothing of
+    the image would reach the language model (InternVL's position embeddings too)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.ndim >= 2 and not param.any():
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
 
 
 def check_config_keys(recipe: Recipe, config: Any, values: dict[str, Any], table: str) -> None:
