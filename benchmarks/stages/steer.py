@@ -303,6 +303,26 @@ def random_neuron_control(
     }
 
 
+def neuron_controls(
+    config: SteerConfig,
+    all_neurons: dict[str, dict[str, list[int]]],
+    sizes: dict[str, int],
+    directions: Sequence[str],
+) -> dict[str, dict[str, list[int]]]:
+    """The random neuron control of each of `directions` (`random_neuron_control`, never a
+    neuron mapped for either direction); none unless `neurons_control` is steered, so a model
+    with too few unmapped neurons (a tiny one) still steers its features."""
+    if "neurons_control" not in steered_kinds(config):
+        return {}
+    return {
+        d: random_neuron_control(
+            all_neurons[d], sizes, config.seed + DIRECTIONS.index(d), all_neurons[other]
+        )
+        for d, other in zip(DIRECTIONS, DIRECTIONS[::-1], strict=True)
+        if d in directions
+    }
+
+
 def steered_kinds(config: SteerConfig) -> list[str]:
     """The conditions of `--kinds` that `--op` can steer (clamp: not the neurons ones)."""
     kinds = unique_choices(config.kinds, KINDS, "--kinds")
@@ -411,13 +431,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         for hookpoint in chosen
     }
     neurons = {d: all_neurons[d] for d in directions}
-    neuron_control = {
-        d: random_neuron_control(
-            all_neurons[d], sizes, config.seed + DIRECTIONS.index(d), all_neurons[other]
-        )
-        for d, other in zip(DIRECTIONS, DIRECTIONS[::-1], strict=True)
-        if d in directions
-    }
+    neuron_control = neuron_controls(config, all_neurons, sizes, directions)
     adapter = get_adapter(benchmark)
     items = held_out_items(adapter.load_items(run.data, run.recipe), held_out, out)
     items = items[: config.limit]
@@ -449,7 +463,7 @@ def steer(out: Path, config: SteerConfig, benchmark: str) -> dict:
         }
     progress.close()
     report = _report(generated, config, benchmark, len(items), control, images)
-    report["control_neurons"] = neuron_control if config.op == "scale" else {}
+    report["control_neurons"] = neuron_control
     report["feature_region"] = result.get("parameters", {}).get("region")
     report["steer_region"] = config.region
     if reference is not None:

@@ -103,8 +103,11 @@ def test_random_neurons_are_seeded_distinct_and_exclude() -> None:
     assert picks != random_neurons(20, 5, [0, 1, 2], seed=4)
     # too few left: an error, not a smaller random set compared as if it were as large
     assert sorted(random_neurons(6, 2, [0, 1, 2, 3], seed=0)) == [4, 5]
-    with pytest.raises(ValueError, match="3 random neurons: only 2 of 6 are not excluded"):
+    with pytest.raises(ValueError, match="3 random neurons: only 2 of 6 are not excluded") as err:
         random_neurons(6, 3, [0, 1, 2, 3], seed=0)
+    # `all` takes no --top-k: the way out names the stages to rerun (a tiny model's 64 neurons)
+    assert "rerun `map` with a lower --top-k, then `steer`" in str(err.value)
+    assert "`steer --kinds features,control,clt_free`" in str(err.value)
 
 
 def test_a_feature_that_never_fires_falls_back_to_the_neurons_overall_mean():

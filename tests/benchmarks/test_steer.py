@@ -20,6 +20,7 @@ from benchmarks.stages.steer import (
     interventions_for,
     mapped_neurons,
     measured_points,
+    neuron_controls,
     random_control,
     random_neuron_control,
     typical_activation,
@@ -487,6 +488,24 @@ def test_a_neuron_control_never_holds_a_neuron_mapped_for_either_direction() -> 
         control = random_neuron_control(mapped["good"], {"mlp.0": 12}, seed, exclude=mapped["bad"])
         assert len(control["mlp.0"]) == 3
         assert set(control["mlp.0"]) <= {0, 8, 9, 10, 11}
+
+
+def test_neuron_controls_are_drawn_only_when_their_condition_is_steered() -> None:
+    """A tiny model's MLP has too few unmapped neurons for a random control: steering without
+    the neurons conditions (--kinds, or --op clamp) must not need one."""
+    mapped = {"good": {"mlp.0": [0, 1, 2]}, "bad": {"mlp.0": [3, 4]}}
+    sizes = {"mlp.0": 6}  # 1 neuron left for 3 + 2 controls
+    with pytest.raises(ValueError, match="3 random neurons: only 1 of 6 are not excluded"):
+        neuron_controls(SteerConfig(out="o"), mapped, sizes, ["good", "bad"])
+    for config in (
+        SteerConfig(out="o", kinds="features,control,clt_free"),
+        SteerConfig(out="o", kinds="neurons"),
+        SteerConfig(out="o", op="clamp"),
+    ):
+        assert neuron_controls(config, mapped, sizes, ["good", "bad"]) == {}
+    control = neuron_controls(SteerConfig(out="o"), mapped, {"mlp.0": 9}, ["bad"])
+    assert list(control) == ["bad"] and len(control["bad"]["mlp.0"]) == 2
+    assert set(control["bad"]["mlp.0"]) <= {5, 6, 7, 8}
 
 
 def test_a_neuron_map_of_other_features_is_refused_before_the_model_loads(tmp_path: Path) -> None:
