@@ -1,6 +1,7 @@
 """Pictures and a page of the samples where features fire most (`examples` stage).
 
-`model_view` is the image as the model saw it (the processor's pixels, de-normalized);
+`model_view` is the image as the model saw it (the processor's pixels, de-normalized; for a tiled
+image, the frame of the view drawn);
 `overlay` colours its patches by a feature's activation; `write_page` writes one self-contained
 HTML page (images inline) with, per feature, its top samples: image, GOOD / BAD, peak, and the
 sample's tokens shaded by the feature's activation (hover for the value); `plot_grid` draws the
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.feature_examples import Example, patch_grid
+from benchmarks.feature_examples import Example, ViewGrid, patch_grid
 
 CMAP = "inferno"
 """Colour map of activations (dark: silent, bright: the feature's highest shown)."""
@@ -43,8 +44,9 @@ class Card:
     tokens: list[str] | None
     """One string per store row (None: the ids could not be rebuilt)."""
     note: str = ""
-    grid_shape: tuple[int, int] | None = None
-    """The image's token grid (rows, columns) when the processor reported one."""
+    grid_shape: tuple[int, int] | ViewGrid | None = None
+    """The image's token grid (rows, columns) when the processor reported one; for a tiled image,
+    the grid of the view drawn."""
 
 
 @dataclass
@@ -60,10 +62,17 @@ class FeatureSection:
     """Activation that maps to the brightest colour (`colour_scale`)."""
 
 
-def model_view(image_processor: Any, image: Image.Image) -> Image.Image | None:
+def model_view(
+    image_processor: Any, image: Image.Image, frame: int | None = None
+) -> Image.Image | None:
     """The image as the vision tower saw it: the processor's resized / cropped pixels, with its
-    normalization undone. None when its output is not one [3, H, W] image (tiles, videos)."""
+    normalization undone. None when its output is not one [3, H, W] image (tiles, videos), unless
+    `frame` picks one of its [1, frames, 3, H, W] (a tiled image's view, `ViewGrid.frame`)."""
     pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    if frame is not None:
+        if pixels.ndim != 5 or pixels.shape[0] != 1 or not 0 <= frame < pixels.shape[1]:
+            return None
+        pixels = pixels[:, frame]
     if pixels.ndim != 4 or pixels.shape[0] != 1 or pixels.shape[1] != 3:
         return None
     array = pixels[0].float().numpy().transpose(1, 2, 0)
@@ -122,7 +131,10 @@ def overlay(view: Image.Image, grid: np.ndarray | None, scale: float) -> Image.I
 
 
 def card_picture(
-    view: Image.Image | None, example: Example, scale: float, shape: tuple[int, int] | None = None
+    view: Image.Image | None,
+    example: Example,
+    scale: float,
+    shape: tuple[int, int] | ViewGrid | None = None,
 ) -> Image.Image | None:
     if view is None:
         return None

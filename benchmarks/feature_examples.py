@@ -5,7 +5,9 @@ activation, the image tokens laid out on the image's patch grid, and the samples
 with the highest activation over a token region; `sample_tokens` rebuilds the token ids behind a
 sample's store rows (prompt through the processor, then the generated tokens but the last) and the
 layout of its image tokens as the processor reports it; `patch_grid` puts the image-token
-activations on that rows x columns grid (LLaVA-1.5: 576 = 24 x 24; the tiny model: 8 x 8).
+activations on that rows x columns grid (LLaVA-1.5: 576 = 24 x 24; the tiny model: 8 x 8). An
+image split into tiles or crops has no such grid: `view_grid` finds the tokens of its one view of
+the whole image (Idefics3 / SmolVLM's global image) and their grid.
 """
 
 from __future__ import annotations
@@ -143,13 +145,34 @@ def _offer(
         heapq.heapreplace(heap, item)
 
 
+@dataclass(frozen=True)
+class ViewGrid:
+    """The tokens of one view of a tiled or cropped image that lie on a grid over a whole frame of
+    the processor's pixels (`view_grid`)."""
+
+    shape: tuple[int, int]
+    """Rows, columns (row-major, as the towers emit them)."""
+    start: int
+    """Row (token position in the sample) of the grid's first token."""
+    frame: int
+    """The pixel frame the grid lies on: `pixel_values[0, frame]`."""
+    view: str
+    """What is drawn and what not, for the card (e.g. `global view drawn; tiles not drawn`)."""
+
+
 def patch_grid(
-    activations: np.ndarray, regions: Regions, shape: tuple[int, int] | None
+    activations: np.ndarray, regions: Regions, shape: tuple[int, int] | ViewGrid | None
 ) -> np.ndarray | None:
     """The image tokens' activations on the image's token grid `shape` (rows, columns; row-major,
     as the towers emit them; from `sample_tokens`). None without a shape, or when the sample has
-    no single block of image tokens of that size."""
+    no single block of image tokens of that size. A `ViewGrid` takes its tokens from its `start`,
+    which must lie within one block of image tokens."""
     spans = regions.get("image", [])
+    if isinstance(shape, ViewGrid):
+        start, stop = shape.start, shape.start + shape.shape[0] * shape.shape[1]
+        if stop > start and any(a <= start and stop <= b for a, b in spans):
+            return activations[start:stop].reshape(shape.shape)
+        return None
     if shape is None or len(spans) != 1:
         return None
     start, stop = spans[0]
@@ -159,18 +182,22 @@ def patch_grid(
 
 
 def sample_tokens(
-    processor: Any, record: dict, image: Any, rows: int, image_tokens: int
-) -> tuple[list[int] | None, tuple[int, int] | None]:
+    processor: Any, record: dict, image: Any, rows: int, image_tokens: int, views: bool = False
+) -> tuple[list[int] | None, tuple[int, int] | ViewGrid | None]:
     """The token ids of a sample's `rows` store rows: its prompt through the processor (image
     tokens expanded, as capture fed it), then its generated tokens but the last (never fed to the
     model); None when they do not add up to `rows` (e.g. a processor that changed since). And the
-    grid (rows, columns) of its `image_tokens` image tokens (`grid_shape`), None when unknown."""
+    grid (rows, columns) of its `image_tokens` image tokens (`grid_shape`), None when unknown;
+    with `views`, failing that, the grid of one view of a tiled image (`view_grid`)."""
     inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
     prompt = inputs["input_ids"][0].tolist()
     tokens = prompt + list(record.get("response_token_ids", []))[:-1]
     if len(tokens) != rows:
         return None, None
-    return tokens, grid_shape(processor, inputs, image_tokens)
+    shape = grid_shape(processor, inputs, image_tokens)
+    if shape is None and views:
+        return tokens, view_grid(processor, inputs)
+    return tokens, shape
 
 
 def grid_shape(processor: Any, inputs: Any, image_tokens: int) -> tuple[int, int] | None:
@@ -191,6 +218,52 @@ def grid_shape(processor: Any, inputs: Any, image_tokens: int) -> tuple[int, int
     if one_image and "image_sizes" not in inputs and side * side == image_tokens > 0:
         return side, side
     return None
+
+
+def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
+    """Where the tokens of one view of the whole image lie and on what grid, for processors that
+    split an image into tiles or crops, as their token layout is written (transformers' processing
+    and modeling code); None for any other processor, or any layout not exactly as expected (a
+    wrong overlay is worse than none).
+
+    Idefics3 / SmolVLM: `<fake_token_around_image><row_R_col_C>` + `image_seq_len` image tokens per
+    tile, then `<fake_token_around_image><global-img>` + `image_seq_len` tokens of the global
+    image (the whole image squashed to a square `max_image_size`, the last pixel frame; without
+    splitting, the only one), in the frames' order; pixel shuffle leaves them row-major on a
+    square grid."""
+    from transformers import Idefics3Processor, SmolVLMProcessor
+
+    if isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
+        return _global_view(processor, inputs)
+    return None
+
+
+def _global_view(processor: Any, inputs: Any) -> ViewGrid | None:
+    """Idefics3 / SmolVLM's global image: the `image_seq_len` image tokens after `<global-img>`."""
+    ids = inputs["input_ids"]
+    pixels = inputs.get("pixel_values")
+    if len(ids) != 1 or pixels is None or pixels.ndim != 5 or pixels.shape[:1] != (1,):
+        return None
+    tag = getattr(processor, "global_image_tag", None) or processor.global_image_token
+    tag_id, image_id = processor.tokenizer.convert_tokens_to_ids(tag), processor.image_token_id
+    ids = ids[0].tolist()
+    count, side = processor.image_seq_len, math.isqrt(processor.image_seq_len)
+    frames, height, width = pixels.shape[1], pixels.shape[-2], pixels.shape[-1]
+    tags = [i for i, t in enumerate(ids) if t == tag_id]
+    if len(tags) != 1 or side * side != count or height != width:
+        return None
+    start = tags[0] + 1
+    block = ids[start : start + count + 1]
+    if block[:count] != [image_id] * count or block[count:] == [image_id]:
+        return None  # not exactly `image_seq_len` image tokens after the tag
+    if ids.count(image_id) != frames * count:  # a frame per image_seq_len tokens, none padding
+        return None
+    mask = inputs.get("pixel_attention_mask")
+    if mask is not None and not bool(mask[0, -1].all()):
+        return None
+    tiled = frames > 1
+    view = "global view drawn; tiles not drawn" if tiled else ""
+    return ViewGrid((side, side), start, frames - 1, view)
 
 
 CONTEXT = 8

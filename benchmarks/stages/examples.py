@@ -38,6 +38,7 @@ from benchmarks.example_pages import (
 from benchmarks.feature_examples import (
     Example,
     FeatureRef,
+    ViewGrid,
     parse_feature_refs,
     patch_grid,
     sample_tokens,
@@ -180,8 +181,8 @@ class _SampleView(NamedTuple):
     view: Any
     """The image as the model saw it (None: missing)."""
     tokens: list[str] | None
-    shape: tuple[int, int] | None
-    """Its image tokens' grid (rows, columns), when known."""
+    shape: tuple[int, int] | ViewGrid | None
+    """Its image tokens' grid (rows, columns), or one view's of a tiled image, when known."""
     notes: list[str]
 
 
@@ -222,18 +223,20 @@ def _sample_view(
     elif image is not None:
         image_tokens = spans[0][1] - spans[0][0] if len(spans) == 1 else 0
         rows = len(example.activations)
-        ids, shape = sample_tokens(processor, record, image, rows, image_tokens)
+        ids, shape = sample_tokens(processor, record, image, rows, image_tokens, views=True)
         if ids is None:
             notes.append("tokens could not be rebuilt (processor changed since capture?)")
         else:
             image_rows = [r for a, b in spans for r in range(a, b)]
             tokens = token_strings(processor.tokenizer, ids, skip=image_rows)
-    if (
-        tokens is not None
-        and spans
-        and patch_grid(example.activations, example.regions, shape) is None
-    ):
-        notes.append("image tokens form no single patch grid (tiles, crops): patches not drawn")
+        if isinstance(shape, ViewGrid):  # drawn on that view's frame of pixels, or not at all
+            frame = model_view(processor.image_processor, image, shape.frame)
+            view, shape = (view, None) if frame is None else (frame, shape)
+    if tokens is not None and spans:
+        if patch_grid(example.activations, example.regions, shape) is None:
+            notes.append("image tokens form no single patch grid (tiles, crops): patches not drawn")
+        elif isinstance(shape, ViewGrid) and shape.view:
+            notes.append(shape.view)
     return _SampleView(view, tokens, shape, notes)
 
 

@@ -562,3 +562,117 @@ def test_a_card_shows_the_image_as_the_model_saw_it_not_the_file(tmp_path, tiny_
 def test_a_top_of_no_samples_is_refused_before_the_store_is_read(tmp_path, top):
     with pytest.raises(SystemExit, match=f"--top {top} / --plot-features 8: give --top >= 1"):
         run(["easyvqa", "examples", "--out", str(tmp_path), "--top", top])
+
+
+def fed_embeddings(model, inputs) -> torch.Tensor:
+    """[T, D] what the language model is fed at every position (image features scattered in)."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"][0].detach().clone()
+
+    handle = model.get_decoder().register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["embeds"]
+
+
+def tokens_fed_by(model, inputs, frame: int, box: tuple[int, int, int, int]) -> list[int]:
+    """The positions whose input changes when only pixels `box` (top, left, bottom, right) of
+    pixel frame `frame` change: found by the model itself, not from the token layout. The vision
+    tower's attention outputs are zeroed first, so a patch reaches its own token(s) only."""
+    for name, module in model.named_modules():
+        if "vision" in name and name.endswith(("out_proj", "o_proj")):
+            torch.nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    before = fed_embeddings(model, inputs)
+    changed = dict(inputs)
+    pixels = inputs["pixel_values"].clone()
+    top, left, bottom, right = box
+    pixels[0, frame, :, top:bottom, left:right] += 1.5
+    changed["pixel_values"] = pixels
+    after = fed_embeddings(model, changed)
+    return torch.nonzero((after - before).abs().amax(-1) > 1e-6).flatten().tolist()
+
+
+def check_view_overlay(name: str, size: tuple[int, int]):
+    """Each cell of the drawn view's grid holds the activation of the token that the model feeds
+    from that cell of the view's pixel frame; returns the grid and the processor's inputs."""
+    from benchmarks.feature_examples import ViewGrid
+    from vlm_sparsify.random_models import build_tiny
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe(name)
+    model, processor = build_tiny(recipe)
+    image = Image.new("RGB", size, (200, 30, 30))
+    record = {"prompt": recipe.format_prompt("what shape?", processor), "response_token_ids": [5]}
+    inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    image_id = model.config.image_token_id
+    image_rows = [i for i, t in enumerate(ids) if t == image_id]
+    spans = [(r, r + 1) for r in image_rows]  # one span per token: any block split is allowed
+    tokens, grid = sample_tokens(processor, record, image, len(ids), 0, views=True)
+    assert tokens == ids and isinstance(grid, ViewGrid), name
+    acts = np.random.default_rng(0).random(len(ids)).astype(np.float32)
+    drawn = patch_grid(acts, {"image": _merged(spans)}, grid)
+    rows, columns = grid.shape
+    height, width = inputs["pixel_values"].shape[-2:]
+    for r in range(rows):
+        for c in range(columns):
+            box = (r * height // rows, c * width // columns,
+                   (r + 1) * height // rows, (c + 1) * width // columns)  # fmt: skip
+            fed = tokens_fed_by(model, inputs, grid.frame, box)
+            assert len(fed) == 1 and fed[0] in image_rows, (name, r, c, fed)
+            assert drawn[r, c] == acts[fed[0]], (name, r, c)
+    return grid, inputs
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Adjacent spans as one, as the store records regions."""
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_idefics3_tiles_draw_the_global_view_on_its_grid(name):
+    grid, inputs = check_view_overlay(name, (40, 64))
+    frames = inputs["pixel_values"].shape[1]
+    assert frames == 5 and grid.frame == 4  # 2 x 2 tiles, then the global image
+    assert grid.view == "global view drawn; tiles not drawn"
+
+
+def test_a_tiled_card_tints_its_global_view_and_says_the_tiles_are_not_drawn(tmp_path):
+    from benchmarks.stages.examples import _card
+    from vlm_sparsify.random_models import build_tiny_processor
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe("idefics3")
+    processor = build_tiny_processor(recipe)
+    halves = np.zeros((40, 64, 3), np.uint8)
+    halves[:, :32] = (220, 20, 20)
+    halves[:, 32:] = (20, 20, 220)
+    Image.fromarray(halves).save(tmp_path / "wide.png")
+    record = {"prompt": recipe.format_prompt("what shape?", processor), "response_token_ids": [5]}
+    ids = processor(images=[Image.fromarray(halves)], text=[record["prompt"]])["input_ids"][0]
+    image_id = processor.image_token_id
+    spans = _merged([(i, i + 1) for i, t in enumerate(ids) if t == image_id])
+    assert len(spans) == 5  # 4 tiles and the global image
+    acts = np.zeros(len(ids), np.float32)
+    acts[spans[-1][1] - 1] = 2.0  # the global image's bottom-right token
+    acts[spans[0][0]] = 2.0  # a tile's token: not drawn
+    example = Example("s1", 2.0, spans[-1][1] - 1, acts, {"image": spans})
+    card = _card(example, {}, {"s1": record}, {"s1": tmp_path / "wide.png"}, processor, {}, 2.0)
+    assert card.note == "global view drawn; tiles not drawn"
+    picture = np.asarray(card.picture).astype(int)
+    assert picture.shape == (224, 224, 3)  # the global image: the whole image squashed square
+    assert picture[-10, -10].sum() > picture[10, 10].sum() + 200  # lit there, dimmed elsewhere
+    assert picture[150, 10, 0] > picture[150, 10, 2] and picture[150, 210, 2] > 60  # both halves
