@@ -7,7 +7,8 @@ sample's store rows (prompt through the processor, then the generated tokens but
 layout of its image tokens as the processor reports it; `patch_grid` puts the image-token
 activations on that rows x columns grid (LLaVA-1.5: 576 = 24 x 24; the tiny model: 8 x 8). An
 image split into tiles or crops has no such grid: `view_grid` finds the tokens of its one view of
-the whole image (Idefics3 / SmolVLM's global image) and their grid.
+the whole image (Idefics3 / SmolVLM's global image, LLaVA-NeXT / OneVision's base view) and their
+grid.
 """
 
 from __future__ import annotations
@@ -230,11 +231,23 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
     tile, then `<fake_token_around_image><global-img>` + `image_seq_len` tokens of the global
     image (the whole image squashed to a square `max_image_size`, the last pixel frame; without
     splitting, the only one), in the frames' order; pixel shuffle leaves them row-major on a
-    square grid."""
-    from transformers import Idefics3Processor, SmolVLMProcessor
+    square grid.
+
+    LLaVA-NeXT / LLaVA-OneVision (anyres): one block of image tokens, the base view's first (the
+    whole image resized to the vision tower's input, pixel frame 0; `pack_image_features` puts
+    its features before the crops', with no newline tokens among them), row-major on the tower's
+    patch grid; then the crops' tokens with a newline token closing each row."""
+    from transformers import (
+        Idefics3Processor,
+        LlavaNextProcessor,
+        LlavaOnevisionProcessor,
+        SmolVLMProcessor,
+    )
 
     if isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
         return _global_view(processor, inputs)
+    if isinstance(processor, (LlavaNextProcessor, LlavaOnevisionProcessor)):
+        return _base_view(processor, inputs)
     return None
 
 
@@ -264,6 +277,39 @@ def _global_view(processor: Any, inputs: Any) -> ViewGrid | None:
     tiled = frames > 1
     view = "global view drawn; tiles not drawn" if tiled else ""
     return ViewGrid((side, side), start, frames - 1, view)
+
+
+def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:
+    """LLaVA-NeXT / OneVision's base view: the first tokens of the image's block, as many as the
+    processor counts for it (`_get_number_of_features`' base features) when they are exactly the
+    tower's patches (no CLS among them)."""
+    ids = inputs["input_ids"]
+    pixels, sizes = inputs.get("pixel_values"), inputs.get("image_sizes")
+    if len(ids) != 1 or pixels is None or pixels.ndim != 5 or pixels.shape[0] != 1:
+        return None
+    if sizes is None or len(sizes) != 1:
+        return None
+    height, width = pixels.shape[-2], pixels.shape[-1]
+    cls_dropped = processor.vision_feature_select_strategy == "default"
+    if hasattr(processor, "num_image_tokens"):  # OneVision: no CLS (SigLIP), a square grid
+        side = math.isqrt(processor.num_image_tokens or 0)
+        if cls_dropped or side * side != processor.num_image_tokens or height != width:
+            return None
+        shape = (side, side)
+    else:  # LLaVA-NeXT: the base's patches + num_additional_image_tokens, less a dropped CLS
+        patch = processor.patch_size
+        extra = processor.num_additional_image_tokens - int(cls_dropped)
+        if not patch or extra != 0 or height % patch or width % patch:
+            return None
+        shape = (height // patch, width // patch)
+    rows = [i for i, t in enumerate(ids[0].tolist()) if t == processor.image_token_id]
+    if not rows or rows != list(range(rows[0], rows[0] + len(rows))):
+        return None  # not one block of image tokens
+    if len(rows) <= shape[0] * shape[1]:  # the crops' (or a lone base's newline) follow the base
+        return None
+    crops = pixels.shape[1] > 1
+    view = "base view (whole image) drawn; high-resolution crops not drawn" if crops else ""
+    return ViewGrid(shape, rows[0], 0, view)
 
 
 CONTEXT = 8

@@ -676,3 +676,28 @@ def test_a_tiled_card_tints_its_global_view_and_says_the_tiles_are_not_drawn(tmp
     assert picture.shape == (224, 224, 3)  # the global image: the whole image squashed square
     assert picture[-10, -10].sum() > picture[10, 10].sum() + 200  # lit there, dimmed elsewhere
     assert picture[150, 10, 0] > picture[150, 10, 2] and picture[150, 210, 2] > 60  # both halves
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+@pytest.mark.parametrize("size", [(40, 64), (100, 60), (16, 16)])
+def test_anyres_crops_draw_the_base_view_on_its_grid(name, size):
+    grid, inputs = check_view_overlay(name, size)
+    assert grid.frame == 0 and grid.shape == (2, 2)  # the tiny towers: 28 pixels, patches of 14
+    assert inputs["pixel_values"].shape[1] > 1  # crops follow the base
+    assert grid.view == "base view (whole image) drawn; high-resolution crops not drawn"
+
+
+def test_an_anyres_base_view_with_a_cls_token_among_its_tokens_is_not_drawn():
+    from benchmarks.feature_examples import view_grid
+    from vlm_sparsify.random_models import build_tiny_processor
+    from vlm_sparsify.recipe import find_recipe
+
+    image = Image.new("RGB", (40, 64), (200, 30, 30))
+    for name, strategy in [("llava_next", "full"), ("llava_onevision", "default")]:
+        recipe = find_recipe(name)
+        processor = build_tiny_processor(recipe)
+        text = recipe.format_prompt("what shape?", processor)
+        assert view_grid(processor, processor(images=[image], text=[text], return_tensors="pt"))
+        processor.vision_feature_select_strategy = strategy  # LLaVA-NeXT: 4 patches + CLS
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        assert view_grid(processor, inputs) is None, name
