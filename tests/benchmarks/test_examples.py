@@ -602,6 +602,7 @@ def tokens_fed_by(model, inputs, frame: int, box: tuple[int, int, int, int]) -> 
 def check_view_overlay(name: str, size: tuple[int, int]):
     """Each cell of the drawn view's grid holds the activation of the token that the model feeds
     from that cell of the view's pixel frame; returns the grid and the processor's inputs."""
+    from benchmarks.example_pages import model_view
     from benchmarks.feature_examples import ViewGrid
     from vlm_sparsify.random_models import build_tiny
     from vlm_sparsify.recipe import find_recipe
@@ -617,6 +618,12 @@ def check_view_overlay(name: str, size: tuple[int, int]):
     spans = [(r, r + 1) for r in image_rows]  # one span per token: any block split is allowed
     tokens, grid = sample_tokens(processor, record, image, len(ids), 0, views=True)
     assert tokens == ids and isinstance(grid, ViewGrid), name
+    # the picture drawn is that pixel frame, as the processor gave it to the model
+    frame = inputs["pixel_values"][:, grid.frame]
+    pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels[:, grid.frame], frame)
+    view = model_view(processor.image_processor, image, grid.frame)
+    assert view is not None and view.size == (frame.shape[-1], frame.shape[-2])
     acts = np.random.default_rng(0).random(len(ids)).astype(np.float32)
     drawn = patch_grid(acts, {"image": _merged(spans)}, grid)
     rows, columns = grid.shape
