@@ -67,12 +67,14 @@ def model_view(
 ) -> Image.Image | None:
     """The image as the vision tower saw it: the processor's resized / cropped pixels, with its
     normalization undone. None when its output is not one [3, H, W] image (tiles, videos), unless
-    `frame` picks one of its [1, frames, 3, H, W] (a tiled image's view, `ViewGrid.frame`)."""
+    `frame` picks one of its [1, frames, 3, H, W] or [frames, 3, H, W] (a tiled image's view,
+    `ViewGrid.frame`)."""
     pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     if frame is not None:
-        if pixels.ndim != 5 or pixels.shape[0] != 1 or not 0 <= frame < pixels.shape[1]:
+        frames = pixels[0] if pixels.ndim == 5 and pixels.shape[0] == 1 else pixels
+        if frames.ndim != 4 or not 0 <= frame < frames.shape[0]:
             return None
-        pixels = pixels[:, frame]
+        pixels = frames[frame : frame + 1]
     if pixels.ndim != 4 or pixels.shape[0] != 1 or pixels.shape[1] != 3:
         return None
     array = pixels[0].float().numpy().transpose(1, 2, 0)

@@ -7,8 +7,8 @@ sample's store rows (prompt through the processor, then the generated tokens but
 layout of its image tokens as the processor reports it; `patch_grid` puts the image-token
 activations on that rows x columns grid (LLaVA-1.5: 576 = 24 x 24; the tiny model: 8 x 8). An
 image split into tiles or crops has no such grid: `view_grid` finds the tokens of its one view of
-the whole image (Idefics3 / SmolVLM's global image, LLaVA-NeXT / OneVision's base view) and their
-grid.
+the whole image (Idefics3 / SmolVLM's global image, LLaVA-NeXT / OneVision's base view, InternVL's
+thumbnail) and their grid.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ class ViewGrid:
     start: int
     """Row (token position in the sample) of the grid's first token."""
     frame: int
-    """The pixel frame the grid lies on: `pixel_values[0, frame]`."""
+    """The pixel frame the grid lies on: `pixel_values[0, frame]` ([1, frames, 3, H, W]), or
+    `pixel_values[frame]` ([frames, 3, H, W], InternVL)."""
     view: str
     """What is drawn and what not, for the card (e.g. `global view drawn; tiles not drawn`)."""
 
@@ -236,9 +237,15 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
     LLaVA-NeXT / LLaVA-OneVision (anyres): one block of image tokens, the base view's first (the
     whole image resized to the vision tower's input, pixel frame 0; `pack_image_features` puts
     its features before the crops', with no newline tokens among them), row-major on the tower's
-    patch grid; then the crops' tokens with a newline token closing each row."""
+    patch grid; then the crops' tokens with a newline token closing each row.
+
+    InternVL: `<img>` + `image_seq_length` tokens per tile + `</img>`, the tiles in the pixel
+    frames' order ([tiles, 3, H, W]); with several tiles the image processor always appends a
+    thumbnail (the whole image squashed to a tile), the last frame and the block's last tokens,
+    row-major on a square grid (pixel shuffle)."""
     from transformers import (
         Idefics3Processor,
+        InternVLProcessor,
         LlavaNextProcessor,
         LlavaOnevisionProcessor,
         SmolVLMProcessor,
@@ -248,6 +255,8 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
         return _global_view(processor, inputs)
     if isinstance(processor, (LlavaNextProcessor, LlavaOnevisionProcessor)):
         return _base_view(processor, inputs)
+    if isinstance(processor, InternVLProcessor):
+        return _thumbnail_view(processor, inputs)
     return None
 
 
@@ -310,6 +319,23 @@ def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:
     crops = pixels.shape[1] > 1
     view = "base view (whole image) drawn; high-resolution crops not drawn" if crops else ""
     return ViewGrid(shape, rows[0], 0, view)
+
+
+def _thumbnail_view(processor: Any, inputs: Any) -> ViewGrid | None:
+    """InternVL's thumbnail: the last `image_seq_length` tokens of the image's one block."""
+    ids, pixels = inputs["input_ids"], inputs.get("pixel_values")
+    if len(ids) != 1 or pixels is None or pixels.ndim != 4 or pixels.shape[1] != 3:
+        return None
+    frames, height, width = pixels.shape[0], pixels.shape[-2], pixels.shape[-1]
+    count = processor.image_seq_length
+    side = math.isqrt(count)
+    if frames < 2 or side * side != count or height != width:
+        return None  # one tile: no thumbnail (`grid_shape` draws it)
+    rows = [i for i, t in enumerate(ids[0].tolist()) if t == processor.image_token_id]
+    if len(rows) != frames * count or rows != list(range(rows[0], rows[0] + len(rows))):
+        return None
+    view = "thumbnail (whole image) drawn; tiles not drawn"
+    return ViewGrid((side, side), rows[-count], frames - 1, view)
 
 
 CONTEXT = 8

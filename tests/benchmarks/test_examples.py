@@ -580,12 +580,17 @@ def fed_embeddings(model, inputs) -> torch.Tensor:
     return seen["embeds"]
 
 
+def frames_of(pixels: torch.Tensor) -> torch.Tensor:
+    """[frames, 3, H, W] of one image's pixels ([1, frames, 3, H, W] or, InternVL, as they are)."""
+    return pixels[0] if pixels.ndim == 5 else pixels
+
+
 def tokens_fed_by(model, inputs, frame: int, box: tuple[int, int, int, int]) -> list[int]:
     """The positions whose input changes when only pixels `box` (top, left, bottom, right) of
     pixel frame `frame` change: found by the model itself, not from the token layout. The vision
     tower's attention outputs are zeroed first, so a patch reaches its own token(s) only."""
     for name, module in model.named_modules():
-        if "vision" in name and name.endswith(("out_proj", "o_proj")):
+        if "vision" in name and name.endswith(("out_proj", "o_proj", "attention.projection_layer")):
             torch.nn.init.zeros_(module.weight)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
@@ -593,7 +598,7 @@ def tokens_fed_by(model, inputs, frame: int, box: tuple[int, int, int, int]) -> 
     changed = dict(inputs)
     pixels = inputs["pixel_values"].clone()
     top, left, bottom, right = box
-    pixels[0, frame, :, top:bottom, left:right] += 1.5
+    frames_of(pixels)[frame, :, top:bottom, left:right] += 1.5
     changed["pixel_values"] = pixels
     after = fed_embeddings(model, changed)
     return torch.nonzero((after - before).abs().amax(-1) > 1e-6).flatten().tolist()
@@ -619,9 +624,9 @@ def check_view_overlay(name: str, size: tuple[int, int]):
     tokens, grid = sample_tokens(processor, record, image, len(ids), 0, views=True)
     assert tokens == ids and isinstance(grid, ViewGrid), name
     # the picture drawn is that pixel frame, as the processor gave it to the model
-    frame = inputs["pixel_values"][:, grid.frame]
+    frame = frames_of(inputs["pixel_values"])[grid.frame]
     pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    assert torch.equal(pixels[:, grid.frame], frame)
+    assert torch.equal(frames_of(pixels)[grid.frame], frame)
     view = model_view(processor.image_processor, image, grid.frame)
     assert view is not None and view.size == (frame.shape[-1], frame.shape[-2])
     acts = np.random.default_rng(0).random(len(ids)).astype(np.float32)
@@ -708,3 +713,10 @@ def test_an_anyres_base_view_with_a_cls_token_among_its_tokens_is_not_drawn():
         processor.vision_feature_select_strategy = strategy  # LLaVA-NeXT: 4 patches + CLS
         inputs = processor(images=[image], text=[text], return_tensors="pt")
         assert view_grid(processor, inputs) is None, name
+
+
+def test_internvl_tiles_draw_the_thumbnail_on_its_grid():
+    grid, inputs = check_view_overlay("internvl", (40, 100))
+    frames = inputs["pixel_values"].shape[0]
+    assert frames > 2 and grid.frame == frames - 1 and grid.shape == (2, 2)
+    assert grid.view == "thumbnail (whole image) drawn; tiles not drawn"
