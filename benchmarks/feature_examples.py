@@ -184,20 +184,20 @@ def patch_grid(
 
 
 def sample_tokens(
-    processor: Any, record: dict, image: Any, rows: int, image_tokens: int, views: bool = False
+    processor: Any, record: dict, image: Any, rows: int, image_tokens: int
 ) -> tuple[list[int] | None, tuple[int, int] | ViewGrid | None]:
     """The token ids of a sample's `rows` store rows: its prompt through the processor (image
     tokens expanded, as capture fed it), then its generated tokens but the last (never fed to the
     model); None when they do not add up to `rows` (e.g. a processor that changed since). And the
-    grid (rows, columns) of its `image_tokens` image tokens (`grid_shape`), None when unknown;
-    with `views`, failing that, the grid of one view of a tiled image (`view_grid`)."""
+    grid (rows, columns) of its `image_tokens` image tokens (`grid_shape`), else the grid of one
+    view of a tiled image (`view_grid`), None when unknown."""
     inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
     prompt = inputs["input_ids"][0].tolist()
     tokens = prompt + list(record.get("response_token_ids", []))[:-1]
     if len(tokens) != rows:
         return None, None
     shape = grid_shape(processor, inputs, image_tokens)
-    if shape is None and views:
+    if shape is None:
         return tokens, view_grid(processor, inputs)
     return tokens, shape
 

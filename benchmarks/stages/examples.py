@@ -223,7 +223,7 @@ def _sample_view(
     elif image is not None:
         image_tokens = spans[0][1] - spans[0][0] if len(spans) == 1 else 0
         rows = len(example.activations)
-        ids, shape = sample_tokens(processor, record, image, rows, image_tokens, views=True)
+        ids, shape = sample_tokens(processor, record, image, rows, image_tokens)
         if ids is None:
             notes.append("tokens could not be rebuilt (processor changed since capture?)")
         else:
