@@ -118,6 +118,42 @@ def test_a_cli_warning_is_one_line_without_python_source():
     assert done.stderr == "warning: the recipe is guessed; pass --recipe\n"
 
 
+@pytest.mark.parametrize("as_tool", [True, False])
+def test_ctrl_c_while_a_tool_loads_torch_is_one_line_not_a_traceback(as_tool):
+    """Under `python -m` (runpy holds "-m" in sys.argv[0] while it imports the package) Ctrl-C
+    during the package's imports ends with status 130 and one line; imported as a library, the
+    package leaves Ctrl-C alone (KeyboardInterrupt), and after the imports so does a tool."""
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins, os, signal, sys\n"
+        f"sys.argv = {['-m'] if as_tool else ['lib']!r}\n"
+        "real = builtins.__import__\n"
+        "def ctrl_c_at_torch(name, *args, **kwargs):\n"
+        "    if name == 'torch':\n"
+        "        builtins.__import__ = real\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = ctrl_c_at_torch\n"
+        "try:\n"
+        "    import vlm_sparsify\n"
+        "except KeyboardInterrupt:\n"
+        "    print('KeyboardInterrupt', file=sys.stderr)\n"
+        "    sys.exit(3)\n"
+        "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if as_tool:
+        assert (done.returncode, done.stderr, done.stdout) == (130, "\ninterrupted (Ctrl-C)\n", "")
+    else:
+        assert (done.returncode, done.stderr) == (3, "KeyboardInterrupt\n")
+    code = "import sys\nsys.argv = ['-m']\nimport signal, vlm_sparsify\n"
+    code += "print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout == "True\n"
+
+
 def train(argv: list[str]) -> object:
     from vlm_sparsify.__main__ import run
 
