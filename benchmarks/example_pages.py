@@ -1,7 +1,7 @@
 """Pictures and a page of the samples where features fire most (`examples` stage).
 
 `model_view` is the image as the model saw it (the processor's pixels, de-normalized; for a tiled
-image, the frame of the view drawn);
+image, the frame of the view drawn, or its tiles stitched);
 `overlay` colours its patches by a feature's activation; `write_page` writes one self-contained
 HTML page (images inline) with, per feature, its top samples: image, GOOD / BAD, peak, and the
 sample's tokens shaded by the feature's activation (hover for the value); `plot_grid` draws the
@@ -63,18 +63,28 @@ class FeatureSection:
 
 
 def model_view(
-    image_processor: Any, image: Image.Image, frame: int | None = None
+    image_processor: Any,
+    image: Image.Image,
+    frame: int | None = None,
+    tiles: tuple[int, int] = (1, 1),
 ) -> Image.Image | None:
     """The image as the vision tower saw it: the processor's resized / cropped pixels, with its
     normalization undone. None when its output is not one [3, H, W] image (tiles, videos), unless
     `frame` picks one of its [1, frames, 3, H, W] or [frames, 3, H, W] (a tiled image's view,
-    `ViewGrid.frame`)."""
+    `ViewGrid.frame`); with `tiles` (rows, columns), that frame and the next, row-major, stitched
+    into one picture (`ViewGrid.tiles`)."""
     pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     if frame is not None:
         frames = pixels[0] if pixels.ndim == 5 and pixels.shape[0] == 1 else pixels
-        if frames.ndim != 4 or not 0 <= frame < frames.shape[0]:
+        rows, columns = tiles
+        stop = frame + rows * columns
+        if frames.ndim != 4 or rows < 1 or columns < 1 or not 0 <= frame < stop <= len(frames):
             return None
-        pixels = frames[frame : frame + 1]
+        grid = frames[frame:stop].reshape(rows, columns, *frames.shape[1:])
+        # [rows, columns, 3, h, w] -> [3, rows * h, columns * w]
+        pixels = grid.permute(2, 0, 3, 1, 4).reshape(
+            1, frames.shape[1], -1, columns * frames.shape[-1]
+        )
     if pixels.ndim != 4 or pixels.shape[0] != 1 or pixels.shape[1] != 3:
         return None
     array = pixels[0].float().numpy().transpose(1, 2, 0)

@@ -6,9 +6,9 @@ with the highest activation over a token region; `sample_tokens` rebuilds the to
 sample's store rows (prompt through the processor, then the generated tokens but the last) and the
 layout of its image tokens as the processor reports it; `patch_grid` puts the image-token
 activations on that rows x columns grid (LLaVA-1.5: 576 = 24 x 24; the tiny model: 8 x 8). An
-image split into tiles or crops has no such grid: `view_grid` finds the tokens of its one view of
-the whole image (Idefics3 / SmolVLM's global image, LLaVA-NeXT / OneVision's base view, InternVL's
-thumbnail) and their grid.
+image split into tiles or crops has no such grid: `view_grid` finds the tokens of one view of
+the whole image (Idefics3 / SmolVLM's tiles stitched, LLaVA-NeXT / OneVision's base view,
+InternVL's thumbnail) and their grid.
 """
 
 from __future__ import annotations
@@ -149,17 +149,23 @@ def _offer(
 @dataclass(frozen=True)
 class ViewGrid:
     """The tokens of one view of a tiled or cropped image that lie on a grid over a whole frame of
-    the processor's pixels (`view_grid`)."""
+    the processor's pixels (`view_grid`), or over several frames stitched (a tiled image's tiles)."""
 
     shape: tuple[int, int]
-    """Rows, columns (row-major, as the towers emit them)."""
+    """Rows, columns of the whole grid (row-major, as the towers emit them); with tiles, the
+    stitched grid: each tile's rows x columns times `tiles`."""
     start: int
     """Row (token position in the sample) of the grid's first token."""
     frame: int
     """The pixel frame the grid lies on: `pixel_values[0, frame]` ([1, frames, 3, H, W]), or
-    `pixel_values[frame]` ([frames, 3, H, W], InternVL)."""
+    `pixel_values[frame]` ([frames, 3, H, W], InternVL); with tiles, the first tile's frame."""
     view: str
-    """What is drawn and what not, for the card (e.g. `global view drawn; tiles not drawn`)."""
+    """What is drawn and what not, for the card (e.g. `tiles drawn (2 x 3); global view not
+    drawn`)."""
+    tiles: tuple[int, int] = (1, 1)
+    """Tile rows, columns: frames `frame` on, row-major, stitched into one picture."""
+    starts: tuple[int, ...] = ()
+    """With tiles, each tile's first token, row-major (tile 0's is `start`)."""
 
 
 def patch_grid(
@@ -168,13 +174,25 @@ def patch_grid(
     """The image tokens' activations on the image's token grid `shape` (rows, columns; row-major,
     as the towers emit them; from `sample_tokens`). None without a shape, or when the sample has
     no single block of image tokens of that size. A `ViewGrid` takes its tokens from its `start`,
-    which must lie within one block of image tokens."""
+    which must lie within one block of image tokens (with tiles, each tile's tokens from its start,
+    stitched)."""
     spans = regions.get("image", [])
     if isinstance(shape, ViewGrid):
-        start, stop = shape.start, shape.start + shape.shape[0] * shape.shape[1]
-        if stop > start and any(a <= start and stop <= b for a, b in spans):
-            return activations[start:stop].reshape(shape.shape)
-        return None
+        tile_rows, tile_columns = shape.tiles
+        rows, columns = shape.shape[0] // tile_rows, shape.shape[1] // tile_columns
+        starts = shape.starts or (shape.start,)
+        if len(starts) != tile_rows * tile_columns or rows * columns == 0:
+            return None
+        grid = np.zeros(shape.shape, activations.dtype)
+        for tile, start in enumerate(starts):
+            stop = start + rows * columns
+            if not any(a <= start and stop <= b for a, b in spans):
+                return None
+            top, left = tile // tile_columns * rows, tile % tile_columns * columns
+            grid[top : top + rows, left : left + columns] = activations[start:stop].reshape(
+                rows, columns
+            )
+        return grid
     if shape is None or len(spans) != 1:
         return None
     start, stop = spans[0]
@@ -228,11 +246,14 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
     and modeling code); None for any other processor, or any layout not exactly as expected (a
     wrong overlay is worse than none).
 
-    Idefics3 / SmolVLM: `<fake_token_around_image><row_R_col_C>` + `image_seq_len` image tokens per
-    tile, then `<fake_token_around_image><global-img>` + `image_seq_len` tokens of the global
-    image (the whole image squashed to a square `max_image_size`, the last pixel frame; without
-    splitting, the only one), in the frames' order; pixel shuffle leaves them row-major on a
-    square grid.
+    Idefics3 / SmolVLM: the image processor resizes the image to a multiple of the tile side
+    (`max_image_size`) and splits it into R x C square tiles, row-major in the pixel frames, then
+    appends the global image (the whole image squashed to one tile) as the last frame; the
+    processor writes `<fake_token_around_image><row_r_col_c>` + `image_seq_len` image tokens per
+    tile in that order, then `<fake_token_around_image><global-img>` + `image_seq_len` tokens of
+    the global image (without splitting, the only frame). Pixel shuffle leaves each frame's tokens
+    row-major on a square grid. The tiles are drawn, stitched into one R x C picture of the
+    resized image (a finer view than the global one); an image not split, its global image.
 
     LLaVA-NeXT / LLaVA-OneVision (anyres): one block of image tokens, the base view's first (the
     whole image resized to the vision tower's input, pixel frame 0; `pack_image_features` puts
@@ -252,7 +273,7 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
     )
 
     if isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
-        return _global_view(processor, inputs)
+        return _idefics3_view(processor, inputs)
     if isinstance(processor, (LlavaNextProcessor, LlavaOnevisionProcessor)):
         return _base_view(processor, inputs)
     if isinstance(processor, InternVLProcessor):
@@ -260,8 +281,13 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
     return None
 
 
-def _global_view(processor: Any, inputs: Any) -> ViewGrid | None:
-    """Idefics3 / SmolVLM's global image: the `image_seq_len` image tokens after `<global-img>`."""
+_TILE_TAG = re.compile(r"^<row_(\d+)_col_(\d+)>$")
+
+
+def _idefics3_view(processor: Any, inputs: Any) -> ViewGrid | None:
+    """Idefics3 / SmolVLM: the tiles stitched (each `<row_R_col_C>` tag followed by its
+    `image_seq_len` image tokens, row-major, one pixel frame each, before the global image's),
+    or, for an image not split, the global image: the `image_seq_len` tokens after `<global-img>`."""
     ids = inputs["input_ids"]
     pixels = inputs.get("pixel_values")
     if len(ids) != 1 or pixels is None or pixels.ndim != 5 or pixels.shape[:1] != (1,):
@@ -274,18 +300,33 @@ def _global_view(processor: Any, inputs: Any) -> ViewGrid | None:
     tags = [i for i, t in enumerate(ids) if t == tag_id]
     if len(tags) != 1 or side * side != count or height != width:
         return None
-    start = tags[0] + 1
-    block = ids[start : start + count + 1]
-    if block[:count] != [image_id] * count or block[count:] == [image_id]:
-        return None  # not exactly `image_seq_len` image tokens after the tag
     if ids.count(image_id) != frames * count:  # a frame per image_seq_len tokens, none padding
         return None
     mask = inputs.get("pixel_attention_mask")
-    if mask is not None and not bool(mask[0, -1].all()):
+    if mask is not None and not bool(mask[0].all()):
         return None
-    tiled = frames > 1
-    view = "global view drawn; tiles not drawn" if tiled else ""
-    return ViewGrid((side, side), start, frames - 1, view)
+    tiles = []  # (row, column, first token) per <row_R_col_C> tag, in the prompt's order
+    pieces = processor.tokenizer.convert_ids_to_tokens(ids)
+    for position, piece in enumerate(pieces):
+        match = _TILE_TAG.match(piece) if isinstance(piece, str) else None
+        if match:
+            tiles.append((int(match[1]), int(match[2]), position + 1))
+    starts = [start for _, _, start in tiles] + [tags[0] + 1]
+    for start in starts:  # exactly `image_seq_len` image tokens after each tag
+        block = ids[start : start + count + 1]
+        if block[:count] != [image_id] * count or block[count:] == [image_id]:
+            return None
+    if not tiles:
+        return ViewGrid((side, side), starts[0], frames - 1, "") if frames == 1 else None
+    rows, columns = max(r for r, _, _ in tiles), max(c for _, c, _ in tiles)
+    row_major = [(r, c) for r in range(1, rows + 1) for c in range(1, columns + 1)]
+    if [(r, c) for r, c, _ in tiles] != row_major or frames != rows * columns + 1:
+        return None
+    if starts[-2] >= starts[-1]:  # the tiles come before the global image
+        return None
+    view = f"tiles drawn ({rows} x {columns}); global view not drawn"
+    shape = (rows * side, columns * side)
+    return ViewGrid(shape, starts[0], 0, view, (rows, columns), tuple(starts[:-1]))
 
 
 def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:

@@ -610,9 +610,10 @@ def tokens_fed_by(model, inputs, frame: int, box: tuple[int, int, int, int]) -> 
     return torch.nonzero((after - before).abs().amax(-1) > 1e-6).flatten().tolist()
 
 
-def check_view_overlay(name: str, size: tuple[int, int]):
+def check_view_overlay(name: str, size: tuple[int, int], splitting: bool = True):
     """Each cell of the drawn view's grid holds the activation of the token that the model feeds
-    from that cell of the view's pixel frame; returns the grid and the processor's inputs."""
+    from that cell of the view's pixel frame (tiles: of the tile's frame, the tiles stitched
+    row-major); returns the grid and the processor's inputs."""
     from benchmarks.example_pages import model_view
     from benchmarks.feature_examples import ViewGrid
     from vlm_sparsify.random_models import build_tiny
@@ -620,6 +621,8 @@ def check_view_overlay(name: str, size: tuple[int, int]):
 
     recipe = find_recipe(name)
     model, processor = build_tiny(recipe)
+    if not splitting:
+        processor.image_processor.do_image_splitting = False
     image = Image.new("RGB", size, (200, 30, 30))
     record = {"prompt": recipe.format_prompt("what shape?", processor), "response_token_ids": [5]}
     inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
@@ -629,23 +632,37 @@ def check_view_overlay(name: str, size: tuple[int, int]):
     spans = [(r, r + 1) for r in image_rows]  # one span per token: any block split is allowed
     tokens, grid = sample_tokens(processor, record, image, len(ids), 0)
     assert tokens == ids and isinstance(grid, ViewGrid), name
-    # the picture drawn is that pixel frame, as the processor gave it to the model
-    frame = frames_of(inputs["pixel_values"])[grid.frame]
+    tile_rows, tile_columns = grid.tiles
+    # the picture drawn is those pixel frames, as the processor gave them to the model, stitched
+    frames = frames_of(inputs["pixel_values"])
     pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    assert torch.equal(frames_of(pixels)[grid.frame], frame)
-    view = model_view(processor.image_processor, image, grid.frame)
-    assert view is not None and view.size == (frame.shape[-1], frame.shape[-2])
+    assert torch.equal(frames_of(pixels), frames)
+    view = model_view(processor.image_processor, image, grid.frame, grid.tiles)
+    height, width = frames.shape[-2:]
+    assert view is not None and view.size == (width * tile_columns, height * tile_rows)
+    stitched = model_view(processor.image_processor, image, None)
+    for tile in range(tile_rows * tile_columns):
+        alone = model_view(processor.image_processor, image, grid.frame + tile)
+        top, left = tile // tile_columns * height, tile % tile_columns * width
+        box = (left, top, left + width, top + height)
+        assert alone is not None and stitched is None
+        assert np.array_equal(np.asarray(view.crop(box)), np.asarray(alone)), (name, tile)
     acts = np.random.default_rng(0).random(len(ids)).astype(np.float32)
     drawn = patch_grid(acts, {"image": _merged(spans)}, grid)
-    rows, columns = grid.shape
-    height, width = inputs["pixel_values"].shape[-2:]
-    for r in range(rows):
-        for c in range(columns):
-            box = (r * height // rows, c * width // columns,
-                   (r + 1) * height // rows, (c + 1) * width // columns)  # fmt: skip
-            fed = tokens_fed_by(model, inputs, grid.frame, box)
+    assert drawn is not None and drawn.shape == grid.shape
+    rows, columns = grid.shape[0] // tile_rows, grid.shape[1] // tile_columns  # per tile
+    seen = set()
+    for r in range(grid.shape[0]):
+        for c in range(grid.shape[1]):
+            tile = r // rows * tile_columns + c // columns
+            local_r, local_c = r % rows, c % columns
+            box = (local_r * height // rows, local_c * width // columns,
+                   (local_r + 1) * height // rows, (local_c + 1) * width // columns)  # fmt: skip
+            fed = tokens_fed_by(model, inputs, grid.frame + tile, box)
             assert len(fed) == 1 and fed[0] in image_rows, (name, r, c, fed)
             assert drawn[r, c] == acts[fed[0]], (name, r, c)
+            seen.add(fed[0])
+    assert len(seen) == grid.shape[0] * grid.shape[1]  # each cell its own token
     return grid, inputs
 
 
@@ -661,39 +678,59 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
-def test_idefics3_tiles_draw_the_global_view_on_its_grid(name):
-    grid, inputs = check_view_overlay(name, (40, 64))
+@pytest.mark.parametrize(
+    "size, tiles",
+    [((40, 64), (2, 2)), ((80, 20), (1, 2)), ((20, 40), (2, 1))],  # (width, height): (rows, cols)
+)
+def test_idefics3_tiles_are_drawn_stitched_on_their_grid(name, size, tiles):
+    grid, inputs = check_view_overlay(name, size)
     frames = inputs["pixel_values"].shape[1]
-    assert frames == 5 and grid.frame == 4  # 2 x 2 tiles, then the global image
-    assert grid.view == "global view drawn; tiles not drawn"
+    assert frames == tiles[0] * tiles[1] + 1 and grid.frame == 0  # the tiles, then the global
+    assert grid.tiles == tiles and grid.shape == (tiles[0] * 2, tiles[1] * 2)  # 4 tokens a tile
+    assert grid.view == f"tiles drawn ({tiles[0]} x {tiles[1]}); global view not drawn"
 
 
-def test_a_tiled_card_tints_its_global_view_and_says_the_tiles_are_not_drawn(tmp_path):
+@pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
+def test_an_idefics3_image_not_split_draws_its_global_view(name):
+    grid, inputs = check_view_overlay(name, (40, 64), splitting=False)
+    assert inputs["pixel_values"].shape[1] == 1 and grid.frame == 0 and grid.tiles == (1, 1)
+    assert grid.shape == (2, 2) and grid.view == ""
+
+
+def test_a_tiled_card_tints_its_tiles_stitched_and_says_the_global_view_is_not_drawn(tmp_path):
     from benchmarks.stages.examples import _card
     from vlm_sparsify.random_models import build_tiny_processor
     from vlm_sparsify.recipe import find_recipe
 
     recipe = find_recipe("idefics3")
     processor = build_tiny_processor(recipe)
-    halves = np.zeros((40, 64, 3), np.uint8)
-    halves[:, :32] = (220, 20, 20)
-    halves[:, 32:] = (20, 20, 220)
-    Image.fromarray(halves).save(tmp_path / "wide.png")
+    quadrants = np.zeros((40, 64, 3), np.uint8)
+    quadrants[:20, :32] = (220, 20, 20)  # red, green / blue, yellow
+    quadrants[:20, 32:] = (20, 220, 20)
+    quadrants[20:, :32] = (20, 20, 220)
+    quadrants[20:, 32:] = (220, 220, 20)
+    Image.fromarray(quadrants).save(tmp_path / "quadrants.png")
     record = {"prompt": recipe.format_prompt("what shape?", processor), "response_token_ids": [5]}
-    ids = processor(images=[Image.fromarray(halves)], text=[record["prompt"]])["input_ids"][0]
+    ids = processor(images=[Image.fromarray(quadrants)], text=[record["prompt"]])["input_ids"][0]
     image_id = processor.image_token_id
     spans = _merged([(i, i + 1) for i, t in enumerate(ids) if t == image_id])
-    assert len(spans) == 5  # 4 tiles and the global image
+    assert len(spans) == 5  # 2 x 2 tiles and the global image
     acts = np.zeros(len(ids), np.float32)
-    acts[spans[-1][1] - 1] = 2.0  # the global image's bottom-right token
-    acts[spans[0][0]] = 2.0  # a tile's token: not drawn
-    example = Example("s1", 2.0, spans[-1][1] - 1, acts, {"image": spans})
-    card = _card(example, {}, {"s1": record}, {"s1": tmp_path / "wide.png"}, processor, {}, 2.0)
-    assert card.note == "global view drawn; tiles not drawn"
+    acts[spans[3][1] - 1] = 2.0  # the bottom-right tile's bottom-right token
+    acts[spans[-1][0]] = 2.0  # the global image's first token: not drawn
+    example = Example("s1", 2.0, spans[3][1] - 1, acts, {"image": spans})
+    images = {"s1": tmp_path / "quadrants.png"}
+    card = _card(example, {}, {"s1": record}, images, processor, {}, 2.0)
+    assert card.note == "tiles drawn (2 x 2); global view not drawn"
     picture = np.asarray(card.picture).astype(int)
-    assert picture.shape == (224, 224, 3)  # the global image: the whole image squashed square
+    assert picture.shape == (224, 224, 3)  # the tiles of the image resized to 112 x 112
     assert picture[-10, -10].sum() > picture[10, 10].sum() + 200  # lit there, dimmed elsewhere
-    assert picture[150, 10, 0] > picture[150, 10, 2] and picture[150, 210, 2] > 60  # both halves
+    card.picture.save(tmp_path / "card.png")
+    # each quadrant's colour where the image has it (dimmed: the feature is silent there)
+    red, green, blue = picture[20, 20], picture[20, 200], picture[150, 20]
+    assert red[0] > red[1] + 20 and red[0] > red[2] + 20
+    assert green[1] > green[0] + 20 and green[1] > green[2] + 20
+    assert blue[2] > blue[0] + 20 and blue[2] > blue[1] + 20
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
