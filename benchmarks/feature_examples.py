@@ -154,8 +154,9 @@ class ViewGrid:
     shape: tuple[int, int]
     """Rows, columns of the whole grid (row-major, as the towers emit them); with tiles, the
     stitched grid: each tile's rows x columns times `tiles`."""
-    start: int
-    """Row (token position in the sample) of the grid's first token."""
+    starts: tuple[int, ...]
+    """Row (token position in the sample) of the grid's first token; with tiles, of each tile's,
+    row-major."""
     frame: int
     """The pixel frame the grid lies on: `pixel_values[0, frame]` ([1, frames, 3, H, W]), or
     `pixel_values[frame]` ([frames, 3, H, W], InternVL); with tiles, the first tile's frame."""
@@ -164,8 +165,6 @@ class ViewGrid:
     drawn`)."""
     tiles: tuple[int, int] = (1, 1)
     """Tile rows, columns: frames `frame` on, row-major, stitched into one picture."""
-    starts: tuple[int, ...] = ()
-    """With tiles, each tile's first token, row-major (tile 0's is `start`)."""
 
 
 def patch_grid(
@@ -173,18 +172,16 @@ def patch_grid(
 ) -> np.ndarray | None:
     """The image tokens' activations on the image's token grid `shape` (rows, columns; row-major,
     as the towers emit them; from `sample_tokens`). None without a shape, or when the sample has
-    no single block of image tokens of that size. A `ViewGrid` takes its tokens from its `start`,
-    which must lie within one block of image tokens (with tiles, each tile's tokens from its start,
-    stitched)."""
+    no single block of image tokens of that size. A `ViewGrid` takes its tokens from its `starts`
+    (one per tile, stitched), each run within one block of image tokens."""
     spans = regions.get("image", [])
     if isinstance(shape, ViewGrid):
         tile_rows, tile_columns = shape.tiles
         rows, columns = shape.shape[0] // tile_rows, shape.shape[1] // tile_columns
-        starts = shape.starts or (shape.start,)
-        if len(starts) != tile_rows * tile_columns or rows * columns == 0:
+        if len(shape.starts) != tile_rows * tile_columns or rows * columns == 0:
             return None
         grid = np.zeros(shape.shape, activations.dtype)
-        for tile, start in enumerate(starts):
+        for tile, start in enumerate(shape.starts):
             stop = start + rows * columns
             if not any(a <= start and stop <= b for a, b in spans):
                 return None
@@ -317,7 +314,7 @@ def _idefics3_view(processor: Any, inputs: Any) -> ViewGrid | None:
         if block[:count] != [image_id] * count or block[count:] == [image_id]:
             return None
     if not tiles:
-        return ViewGrid((side, side), starts[0], frames - 1, "") if frames == 1 else None
+        return ViewGrid((side, side), (starts[0],), frames - 1, "") if frames == 1 else None
     rows, columns = max(r for r, _, _ in tiles), max(c for _, c, _ in tiles)
     row_major = [(r, c) for r in range(1, rows + 1) for c in range(1, columns + 1)]
     if [(r, c) for r, c, _ in tiles] != row_major or frames != rows * columns + 1:
@@ -326,7 +323,7 @@ def _idefics3_view(processor: Any, inputs: Any) -> ViewGrid | None:
         return None
     view = f"tiles drawn ({rows} x {columns}); global view not drawn"
     shape = (rows * side, columns * side)
-    return ViewGrid(shape, starts[0], 0, view, (rows, columns), tuple(starts[:-1]))
+    return ViewGrid(shape, tuple(starts[:-1]), 0, view, (rows, columns))
 
 
 def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:
@@ -359,7 +356,7 @@ def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:
         return None
     crops = pixels.shape[1] > 1
     view = "base view (whole image) drawn; high-resolution crops not drawn" if crops else ""
-    return ViewGrid(shape, rows[0], 0, view)
+    return ViewGrid(shape, (rows[0],), 0, view)
 
 
 def _thumbnail_view(processor: Any, inputs: Any) -> ViewGrid | None:
@@ -376,7 +373,7 @@ def _thumbnail_view(processor: Any, inputs: Any) -> ViewGrid | None:
     if len(rows) != frames * count or rows != list(range(rows[0], rows[0] + len(rows))):
         return None
     view = "thumbnail (whole image) drawn; tiles not drawn"
-    return ViewGrid((side, side), rows[-count], frames - 1, view)
+    return ViewGrid((side, side), (rows[-count],), frames - 1, view)
 
 
 CONTEXT = 8
