@@ -148,8 +148,9 @@ def training_peak_bytes(sizes: GpuSizes) -> int:
 def fit_to_memory(sizes: GpuSizes, memory_bytes: int) -> GpuSizes:
     """`sizes` with the widest of num_latents, /2, /4 whose CLT training fits `memory_bytes`.
 
-    The CLT-16 at 8,192 latents peaks at ~114 GiB: it fits an H200, not an H100 (80 GB), where
-    every coder of the run (stock PLT, plugin PLT, CLT) is 4,096 latents wide instead.
+    The CLT-16 at 8,192 latents peaks at ~108 GiB (~114 with sparsify's encoder backward): it
+    fits an H200, not an H100 (80 GB), where every coder of the run (stock PLT, plugin PLT, CLT)
+    is 4,096 latents wide instead.
     """
     for divisor in (1, 2, 4):
         fitted = replace(sizes, num_latents=sizes.num_latents // divisor)
