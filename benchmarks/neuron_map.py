@@ -141,7 +141,8 @@ def random_neurons(n_neurons: int, k: int, exclude: Sequence[int], seed: int) ->
     if len(allowed) < k:
         raise ValueError(
             f"{k} random neurons: only {len(allowed)} of {n_neurons} are not excluded "
-            "(map fewer neurons: rerun `map` with a lower --top-k, then `steer`; or leave the "
+            "(map fewer neurons: rerun `map` with a lower --top-k, then `steer` (in `all`: "
+            "--map-top-k); or leave the "
             "neurons conditions out: `steer --kinds features,control,clt_free`)"
         )
     generator = torch.Generator().manual_seed(seed)

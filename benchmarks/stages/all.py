@@ -79,6 +79,9 @@ class AllConfig:
     factors: str = "0,0.5,2,4"
     """Steering factors (with --steer-op scale, map uses the largest as its amplification
     factor)."""
+    map_top_k: int = 10
+    """Neurons map keeps per target layer for each direction (map's --top-k; steer's neuron
+    control then draws as many among the rest: lower it for a model with few MLP neurons)."""
     steer_op: SteerOp = "scale"
     """steer's --op: scale the selected features, or clamp them to the factor times their
     typical activation (features only: the neurons conditions are left out)."""
@@ -114,7 +117,15 @@ def data_flags(data: Any) -> list[str]:
     return flags
 
 
-POSITIVE = ("batch_size", "max_new_tokens", "train_examples", "k", "target_features", "bootstrap")
+POSITIVE = (
+    "batch_size",
+    "max_new_tokens",
+    "train_examples",
+    "k",
+    "target_features",
+    "map_top_k",
+    "bootstrap",
+)
 """Options whose stage (or training) fails on zero or less."""
 
 
@@ -176,7 +187,7 @@ def run_all(
                      "--split-seed", str(config.seed), "--rank-by", config.rank_by]),
         ("plot", []),
         ("examples", []),
-        ("map", ["--coders", coders, *map_factor, *device,
+        ("map", ["--coders", coders, *map_factor, "--top-k", str(config.map_top_k), *device,
                  "--seed", str(config.seed)]),
         ("steer", ["--coders", coders, "--factors", config.factors, *device,
                    "--bootstrap", str(config.bootstrap), "--seed", str(config.seed),

@@ -545,6 +545,7 @@ def test_a_replacement_mode_without_coders_is_refused(tmp_path, mode):
         (["--dtype", "float13"], "easyvqa all: unknown dtype 'float13'"),
         (["--batch-size", "0"], "easyvqa all: --batch-size 0: give a positive number"),
         (["--limit", "-5"], "easyvqa all: --limit -5: give a positive number"),
+        (["--map-top-k", "0"], "easyvqa all: --map-top-k 0: give a positive number"),
         (["--k", "64", "--num-latents", "32"], "easyvqa all: --k 64 exceeds --num-latents 32"),
     ],
 )
@@ -922,7 +923,8 @@ def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     config = AllConfig(out=out, coders="C", model="M", recipe="llava", limit=9, device="cpu",
                        batch_size=3, region="response", target_features=2, rank_by="attribution",
-                       factors="0,3,0.5", bootstrap=7, seed=5, steer_op="clamp")  # fmt: skip
+                       factors="0,3,0.5", bootstrap=7, seed=5, steer_op="clamp",
+                       map_top_k=3)  # fmt: skip
     run_all(config, "pope", ["--splits", "random"], ["--questions-dir", "L"])
     assert ran == {
         "capture": ["--out", out, "--model", "M", "--recipe", "llava", "--coders", "C", "--limit",
@@ -936,7 +938,7 @@ def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
         "plot": ["--out", out],
         "examples": ["--out", out],
         # clamp steers no neurons: map checks them at its own default factor
-        "map": ["--out", out, "--coders", "C", "--device", "cpu", "--seed", "5"],
+        "map": ["--out", out, "--coders", "C", "--top-k", "3", "--device", "cpu", "--seed", "5"],
         "steer": ["--out", out, "--coders", "C", "--factors", "0,3,0.5", "--device", "cpu",
                   "--bootstrap", "7", "--seed", "5", "--batch-size", "3", "--region", "all",
                   "--op", "clamp"],
@@ -946,7 +948,7 @@ def test_all_passes_its_options_to_every_stage_in_order(tmp_path, monkeypatch):
     run_all(AllConfig(out=out, coders="C", limit=None), "easyvqa")
     assert "--limit" not in ran["capture"] and ran["score"] == ["--out", out]
     assert ran["steer"][-4:] == ["--region", "decision", "--op", "scale"]  # the defaults
-    assert ran["map"][4:6] == ["--factor", "4.0"]  # scaling: the largest steering factor
+    assert ran["map"][4:8] == ["--factor", "4.0", "--top-k", "10"]  # the largest steering factor
 
 
 def test_all_reuses_a_finished_clt_and_resumes_an_unfinished_one(tmp_path, monkeypatch):
