@@ -115,7 +115,8 @@ class Verdict:
 
 class Adapter(Protocol):
     """What `benchmarks/<name>/adapter.py` provides (POPE also `split_labels`, for `all`: the
-    label files of a question file without labels go to score and classify, not capture)."""
+    label files of a question file without labels go to score and classify, not capture;
+    easy-VQA and AMBER also `is_caption(record)`, for capture's warning about cut captions)."""
 
     Data: type
     """Dataclass of the benchmark's data flags (parsed with simple-parsing)."""

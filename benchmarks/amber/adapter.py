@@ -69,6 +69,13 @@ def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
     return interleave(items, lambda item: item.fields["dimension"])
 
 
+def is_caption(record: dict[str, Any]) -> bool:
+    """A generative item's record (a yes/no item's score does not change when its response is
+    cut: the official match of "Yes" / "No" fails on any longer response, `--normalize` reads the
+    first word)."""
+    return record.get("dimension") == "generative"
+
+
 def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
     """JSON list of `{"id", "response"}` with integer ids, by id (what `amber score` and the
     official inference.py read)."""

@@ -50,6 +50,11 @@ def load_items(data: Data, recipe: Recipe) -> list[BenchItem]:
     ]
 
 
+def is_caption(record: dict[str, Any]) -> bool:
+    """A caption item's record (the others' scores read the response's first word)."""
+    return record.get("kind") == "caption"
+
+
 def write_official(records: Sequence[dict[str, Any]], path: Path) -> None:
     """JSONL of `{"id", "response"}` by id (what `easyvqa score` reads)."""
     ordered = sorted(records, key=lambda r: r["id"])

@@ -337,16 +337,23 @@ def _finish(
         "captured": len(records) - len(done),
         "skipped_image": len(skipped),
     }
-    cut = [r["id"] for r in records if r.get("cut")]  # captures before 2026-11-27: unknown
-    counts["cut_at_max_new_tokens"] = len(cut)
-    if cut:
-        warnings.warn(
-            f"{len(cut)} of {len(records)} responses reached --max-new-tokens "
-            f"{config.max_new_tokens} before the model ended them (first: {', '.join(cut[:5])}): "
-            "a cut caption names fewer objects (AMBER's CHAIR, Cover and Hal, easy-VQA's caption "
-            "score); for whole responses rerun with a larger --max-new-tokens and a new --out",
-            stacklevel=1,
-        )
+    # captures before 2026-11-27 have no "cut": unknown, not counted
+    counts["cut_at_max_new_tokens"] = sum(bool(r.get("cut")) for r in records)
+    # a short answer's score reads its first words, so only cut captions are worth a warning
+    is_caption = getattr(adapter, "is_caption", None)
+    captions = [r for r in records if is_caption is not None and is_caption(r)]
+    if captions:
+        cut = [r["id"] for r in captions if r.get("cut")]
+        counts["cut_captions"] = len(cut)
+        if cut:
+            warnings.warn(
+                f"{len(cut)} of {len(captions)} captions reached --max-new-tokens "
+                f"{config.max_new_tokens} before the model ended them (first: "
+                f"{', '.join(cut[:5])}): a cut caption names fewer objects (AMBER's CHAIR, Cover "
+                "and Hal, easy-VQA's caption score); for whole captions rerun with a larger "
+                "--max-new-tokens and a new --out",
+                stacklevel=1,
+            )
     if store is not None and store.records():
         counts["bytes_per_active_feature"] = round(store.bytes_per_active_feature(), 4)
     _write_info(out, config, data, recipe, world, counts, skipped)

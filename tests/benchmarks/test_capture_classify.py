@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -342,9 +343,19 @@ def test_pope_llava_question_file_scores_against_the_label_files(
         run(["pope", "classify", "--out", str(out), "--questions-dir", str(questions)])
 
 
+def test_capture_warns_of_cut_captions(tmp_path, tiny_llava_dir):
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match=r"2 of 2 captions reached --max-new-tokens 5 .*first"):
+        run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir),
+             "--kinds", "caption", "--limit", "2", *GREEDY])  # fmt: skip
+    counts = json.loads((out / "capture.json").read_text())["counts"]
+    assert counts["cut_captions"] == counts["cut_at_max_new_tokens"] == 2
+
+
 def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match=r"(\d) of 3 responses reached --max-new-tokens 5 .*first"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         run(["easyvqa", "capture", "--out", str(out), "--model", str(tiny_llava_dir),
              "--kinds", "yesno,caption", "--limit", "3", *GREEDY])  # fmt: skip
     records = responses(out)
@@ -352,6 +363,9 @@ def test_easyvqa_capture_score_classify(tmp_path, tiny_llava_dir):
     assert cut and all(len(records[i]["response_token_ids"]) == 5 for i in cut)
     counts = json.loads((out / "capture.json").read_text())["counts"]
     assert counts["cut_at_max_new_tokens"] == len(cut)
+    # the first 3 are yes/no questions: a cut short answer keeps its score, so no warning
+    assert {r["kind"] for r in records.values()} == {"yes/no"} and "cut_captions" not in counts
+    assert not [w for w in caught if "--max-new-tokens" in str(w.message)]
     run(["easyvqa", "score", "--out", str(out)])
     assert "yes/no" in json.loads((out / "metrics.json").read_text())
     run(["easyvqa", "classify", "--out", str(out), "--caption-rule", "no-hallucination"])
