@@ -1,7 +1,8 @@
 """Pictures and a page of the samples where features fire most (`examples` stage).
 
 `model_view` is the image as the model saw it (the processor's pixels, de-normalized; for a tiled
-image, the frame of the view drawn, or its tiles stitched);
+image, the frame of the view drawn, or its tiles stitched; for anyres crops, the crops stitched
+with the padding's patches cut away);
 `overlay` colours its patches by a feature's activation; `write_page` writes one self-contained
 HTML page (images inline) with, per feature, its top samples: image, GOOD / BAD, peak, and the
 sample's tokens shaded by the feature's activation (hover for the value); `plot_grid` draws the
@@ -67,12 +68,16 @@ def model_view(
     image: Image.Image,
     frame: int | None = None,
     tiles: tuple[int, int] = (1, 1),
+    box: tuple[int, int, int, int] | None = None,
+    seen: tuple[int, int] | None = None,
 ) -> Image.Image | None:
     """The image as the vision tower saw it: the processor's resized / cropped pixels, with its
     normalization undone. None when its output is not one [3, H, W] image (tiles, videos), unless
     `frame` picks one of its [1, frames, 3, H, W] or [frames, 3, H, W] (a tiled image's view,
     `ViewGrid.frame`); with `tiles` (rows, columns), that frame and the next, row-major, stitched
-    into one picture (`ViewGrid.tiles`)."""
+    into one picture (`ViewGrid.tiles`), each frame cut to its top-left `seen` (height, width)
+    first (`ViewGrid.seen`); with `box` (top, left, bottom, right), those pixels of it only
+    (`ViewGrid.box`). None when `seen` or `box` does not lie within."""
     pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     if frame is not None:
         frames = pixels[0] if pixels.ndim == 5 and pixels.shape[0] == 1 else pixels
@@ -80,11 +85,20 @@ def model_view(
         stop = frame + rows * columns
         if frames.ndim != 4 or rows < 1 or columns < 1 or not 0 <= frame < stop <= len(frames):
             return None
+        if seen is not None:
+            if not (0 < seen[0] <= frames.shape[-2] and 0 < seen[1] <= frames.shape[-1]):
+                return None
+            frames = frames[..., : seen[0], : seen[1]]
         grid = frames[frame:stop].reshape(rows, columns, *frames.shape[1:])
         # [rows, columns, 3, h, w] -> [3, rows * h, columns * w]
         pixels = grid.permute(2, 0, 3, 1, 4).reshape(
             1, frames.shape[1], -1, columns * frames.shape[-1]
         )
+    if box is not None:
+        top, left, bottom, right = box
+        if not (0 <= top < bottom <= pixels.shape[-2] and 0 <= left < right <= pixels.shape[-1]):
+            return None
+        pixels = pixels[..., top:bottom, left:right]
     if pixels.ndim != 4 or pixels.shape[0] != 1 or pixels.shape[1] != 3:
         return None
     array = pixels[0].float().numpy().transpose(1, 2, 0)

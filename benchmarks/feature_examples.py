@@ -7,8 +7,9 @@ sample's store rows (prompt through the processor, then the generated tokens but
 layout of its image tokens as the processor reports it; `patch_grid` puts the image-token
 activations on that rows x columns grid (LLaVA-1.5: 576 = 24 x 24; the tiny model: 8 x 8). An
 image split into tiles or crops has no such grid: `view_grid` finds the tokens of one view of
-the whole image (Idefics3 / SmolVLM's tiles stitched, LLaVA-NeXT / OneVision's base view,
-InternVL's thumbnail) and their grid.
+the whole image (Idefics3 / SmolVLM's tiles stitched; LLaVA-NeXT / OneVision's high-resolution
+crops stitched and unpadded, newline tokens skipped, else their base view; InternVL's thumbnail)
+and their grid.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import heapq
 import math
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -149,14 +150,15 @@ def _offer(
 @dataclass(frozen=True)
 class ViewGrid:
     """The tokens of one view of a tiled or cropped image that lie on a grid over a whole frame of
-    the processor's pixels (`view_grid`), or over several frames stitched (a tiled image's tiles)."""
+    the processor's pixels (`view_grid`), over several frames stitched (a tiled image's tiles), or
+    over part of them (`box`: anyres crops stitched, their padding cut away)."""
 
     shape: tuple[int, int]
     """Rows, columns of the whole grid (row-major, as the towers emit them); with tiles, the
     stitched grid: each tile's rows x columns times `tiles`."""
     starts: tuple[int, ...]
-    """Row (token position in the sample) of the grid's first token; with tiles, of each tile's,
-    row-major."""
+    """Row (token position in the sample) of the grid's first token; with several, of each
+    tile's, row-major (each tile's rows x columns tokens a run)."""
     frame: int
     """The pixel frame the grid lies on: `pixel_values[0, frame]` ([1, frames, 3, H, W]), or
     `pixel_values[frame]` ([frames, 3, H, W], InternVL); with tiles, the first tile's frame."""
@@ -165,6 +167,16 @@ class ViewGrid:
     drawn`)."""
     tiles: tuple[int, int] = (1, 1)
     """Tile rows, columns: frames `frame` on, row-major, stitched into one picture."""
+    stride: int = 0
+    """Tokens from the first of one grid row to the next's; 0: the row's columns (no token
+    between rows). LLaVA-NeXT / OneVision's crops: columns + 1 (a newline token ends each row)."""
+    box: tuple[int, int, int, int] | None = None
+    """The pixels of the (stitched) frames that the grid covers, top, left, bottom, right (the
+    picture drawn); None: all of them."""
+    seen: tuple[int, int] | None = None
+    """Of each frame, the pixels the tower's patches cover (height, width from the top left), cut
+    out before the frames are stitched: SigLIP's 27 patches of 14 pixels leave the last 6 rows and
+    columns of its 384-pixel input unseen. None: the whole frame."""
 
 
 def patch_grid(
@@ -173,22 +185,25 @@ def patch_grid(
     """The image tokens' activations on the image's token grid `shape` (rows, columns; row-major,
     as the towers emit them; from `sample_tokens`). None without a shape, or when the sample has
     no single block of image tokens of that size. A `ViewGrid` takes its tokens from its `starts`
-    (one per tile, stitched), each run within one block of image tokens."""
+    (one per tile, stitched; or one run over the whole grid), a grid row every `stride` tokens,
+    each run within one block of image tokens."""
     spans = regions.get("image", [])
     if isinstance(shape, ViewGrid):
-        tile_rows, tile_columns = shape.tiles
+        tile_rows, tile_columns = shape.tiles if len(shape.starts) > 1 else (1, 1)
         rows, columns = shape.shape[0] // tile_rows, shape.shape[1] // tile_columns
+        stride = shape.stride or columns
         if len(shape.starts) != tile_rows * tile_columns or rows * columns == 0:
             return None
+        if stride < columns:
+            return None
+        cells = np.arange(rows)[:, None] * stride + np.arange(columns)  # [rows, columns] offsets
         grid = np.zeros(shape.shape, activations.dtype)
         for tile, start in enumerate(shape.starts):
-            stop = start + rows * columns
-            if not any(a <= start and stop <= b for a, b in spans):
+            stop = start + int(cells[-1, -1]) + 1
+            if not any(a <= start and stop <= b for a, b in spans) or stop > len(activations):
                 return None
             top, left = tile // tile_columns * rows, tile % tile_columns * columns
-            grid[top : top + rows, left : left + columns] = activations[start:stop].reshape(
-                rows, columns
-            )
+            grid[top : top + rows, left : left + columns] = activations[start + cells]
         return grid
     if shape is None or len(spans) != 1:
         return None
@@ -255,7 +270,9 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
     LLaVA-NeXT / LLaVA-OneVision (anyres): one block of image tokens, the base view's first (the
     whole image resized to the vision tower's input, pixel frame 0; `pack_image_features` puts
     its features before the crops', with no newline tokens among them), row-major on the tower's
-    patch grid; then the crops' tokens with a newline token closing each row.
+    patch grid; then the crops' (frames 1..) stitched into one grid, unpadded, with a newline
+    token closing each row. The crops are drawn (`_crops_view`), stitched, on the pixels their
+    kept patches see; where their layout is not exactly that, the base view.
 
     InternVL: `<img>` + `image_seq_length` tokens per tile + `</img>`, the tiles in the pixel
     frames' order ([tiles, 3, H, W]); with several tiles the image processor always appends a
@@ -272,7 +289,7 @@ def view_grid(processor: Any, inputs: Any) -> ViewGrid | None:
     if isinstance(processor, (Idefics3Processor, SmolVLMProcessor)):
         return _idefics3_view(processor, inputs)
     if isinstance(processor, (LlavaNextProcessor, LlavaOnevisionProcessor)):
-        return _base_view(processor, inputs)
+        return _anyres_view(processor, inputs)
     if isinstance(processor, InternVLProcessor):
         return _thumbnail_view(processor, inputs)
     return None
@@ -326,6 +343,19 @@ def _idefics3_view(processor: Any, inputs: Any) -> ViewGrid | None:
     return ViewGrid(shape, tuple(starts[:-1]), 0, view, (rows, columns))
 
 
+def _anyres_view(processor: Any, inputs: Any) -> ViewGrid | None:
+    """LLaVA-NeXT / OneVision: the high-resolution crops (`_crops_view`) where their layout is
+    exactly as derived, else the base view, else None."""
+    base = _base_view(processor, inputs)
+    if base is None:
+        return None
+    crops = _crops_view(processor, inputs, base)
+    if crops is not None:
+        return crops
+    view = "base view (whole image) drawn; high-resolution crops not drawn"
+    return replace(base, view=view if inputs["pixel_values"].shape[1] > 1 else "")
+
+
 def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:
     """LLaVA-NeXT / OneVision's base view: the first tokens of the image's block, as many as the
     processor counts for it (`_get_number_of_features`' base features) when they are exactly the
@@ -338,11 +368,17 @@ def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:
         return None
     height, width = pixels.shape[-2], pixels.shape[-1]
     cls_dropped = processor.vision_feature_select_strategy == "default"
+    seen = None
     if hasattr(processor, "num_image_tokens"):  # OneVision: no CLS (SigLIP), a square grid
         side = math.isqrt(processor.num_image_tokens or 0)
         if cls_dropped or side * side != processor.num_image_tokens or height != width:
             return None
         shape = (side, side)
+        if height % side:  # patches not filling the frame: of the one size that gives `side`
+            patches = [patch for patch in range(1, height + 1) if height // patch == side]
+            if len(patches) != 1:
+                return None  # the patch size is not known from the processor
+            seen = (patches[0] * side, patches[0] * side)
     else:  # LLaVA-NeXT: the base's patches + num_additional_image_tokens, less a dropped CLS
         patch = processor.patch_size
         extra = processor.num_additional_image_tokens - int(cls_dropped)
@@ -354,9 +390,65 @@ def _base_view(processor: Any, inputs: Any) -> ViewGrid | None:
         return None  # not one block of image tokens
     if len(rows) <= shape[0] * shape[1]:  # the crops' (or a lone base's newline) follow the base
         return None
-    crops = pixels.shape[1] > 1
-    view = "base view (whole image) drawn; high-resolution crops not drawn" if crops else ""
-    return ViewGrid(shape, (rows[0],), 0, view)
+    return ViewGrid(shape, (rows[0],), 0, "", seen=seen)
+
+
+def _crops_view(processor: Any, inputs: Any, base: ViewGrid) -> ViewGrid | None:
+    """LLaVA-NeXT / OneVision's high-resolution crops, after the base view's tokens: the image
+    processor picks the best of `image_grid_pinpoints` for the image (`select_best_resolution`),
+    fits the image in it, pads it and cuts it into R x C crops of the tower's input (frames 1..,
+    row-major); `pack_image_features` stitches their patch grids into one (R x side) x (C x side)
+    grid, cuts off the rows or columns that the padding added (`unpad_image`, the model's own,
+    run here on a grid of cell numbers), and appends a newline token to each row. Drawn when the
+    block holds exactly the base's tokens and then rows x (columns + 1), as many as the processor
+    wrote (OneVision's crops pooled past `anyres_max_N` are fewer: not drawn), on the stitched
+    crops with the padding's cells cut away. None otherwise (an empty grid too)."""
+    import torch
+    from transformers.image_processing_utils import select_best_resolution
+
+    try:
+        if hasattr(processor, "num_image_tokens"):
+            from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
+        else:
+            from transformers.models.llava_next.modeling_llava_next import unpad_image
+    except ImportError:
+        return None
+    pixels, ids = inputs["pixel_values"], inputs["input_ids"][0].tolist()
+    frames, height, width = pixels.shape[1], pixels.shape[-2], pixels.shape[-1]
+    side = base.shape[0]
+    if base.shape != (side, side) or height != width:
+        return None  # the model reshapes each crop to image_size // patch_size squared
+    seen = base.seen or (height, width)
+    pinpoints = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    original = [int(v) for v in inputs["image_sizes"][0]]  # height, width
+    if not pinpoints or len(original) != 2:
+        return None
+    best_height, best_width = select_best_resolution(original, pinpoints)
+    crop_rows, crop_columns = best_height // height, best_width // width
+    if best_height % height or best_width % width or frames != 1 + crop_rows * crop_columns:
+        return None
+    full = (crop_rows * side, crop_columns * side)
+    numbers = torch.arange(full[0] * full[1]).view(full)
+    cells = unpad_image(numbers[None], original)[0]
+    rows, columns = cells.shape
+    if rows * columns == 0:
+        return None
+    top, left = divmod(int(cells[0, 0]), full[1])
+    if not torch.equal(cells, numbers[top : top + rows, left : left + columns]):
+        return None  # not one rectangle of the stitched grid
+    count = sum(1 for t in ids if t == processor.image_token_id)
+    if count != side * side + rows * (columns + 1):
+        return None
+    patch = seen[0] // side
+    box = (top * patch, left * patch, (top + rows) * patch, (left + columns) * patch)
+    unpadded = "unpadded to " if (rows, columns) != full else ""
+    view = (
+        f"high-resolution crops drawn ({crop_rows} x {crop_columns}, {unpadded}{rows} x "
+        f"{columns} patches); base view not drawn"
+    )
+    start = base.starts[0] + side * side
+    return ViewGrid((rows, columns), (start,), 1, view, (crop_rows, crop_columns),
+                    columns + 1, box, base.seen)  # fmt: skip
 
 
 def _thumbnail_view(processor: Any, inputs: Any) -> ViewGrid | None:

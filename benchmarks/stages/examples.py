@@ -230,7 +230,9 @@ def _sample_view(
             image_rows = [r for a, b in spans for r in range(a, b)]
             tokens = token_strings(processor.tokenizer, ids, skip=image_rows)
         if isinstance(shape, ViewGrid):  # drawn on that view's frame of pixels, or not at all
-            frame = model_view(processor.image_processor, image, shape.frame, shape.tiles)
+            frame = model_view(
+                processor.image_processor, image, shape.frame, shape.tiles, shape.box, shape.seen
+            )
             view, shape = (view, None) if frame is None else (frame, shape)
     if tokens is not None and spans:
         if patch_grid(example.activations, example.regions, shape) is None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import html
 import json
 import re
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +31,7 @@ from benchmarks.store import FeatureStore, StoreMeta
 from tests.benchmarks.test_attribute import coders_dir  # noqa: F401 (fixture)
 from tests.benchmarks.test_capture_classify import GREEDY
 from vlm_sparsify.data import load_rgb
+from vlm_sparsify.recipe import Recipe, find_recipe
 
 HOOKPOINTS = [f"model.language_model.layers.{i}.mlp" for i in range(2)]
 SPAN = re.compile(r'<span class="([^"]*)" style="([^"]*)" title="([^"]*)">([^<]*)</span>')
@@ -120,8 +124,9 @@ def test_tiled_images_get_no_whole_block_grid_even_when_their_token_count_is_a_s
         assert tokens == list(ids), name
         if name == "llava":
             assert shape == (2, 2)
-        else:  # its base view's grid only, never the 16 tokens as a 4 x 4 square
-            assert isinstance(shape, ViewGrid) and shape.view.startswith("base view"), shape
+        else:  # its crops' grid only, never the 16 tokens as a 4 x 4 square
+            assert isinstance(shape, ViewGrid), shape
+            assert shape.view.startswith("high-resolution crops drawn"), shape
             assert shape.shape[0] * shape.shape[1] < count
 
 
@@ -610,19 +615,31 @@ def tokens_fed_by(model, inputs, frame: int, box: tuple[int, int, int, int]) -> 
     return torch.nonzero((after - before).abs().amax(-1) > 1e-6).flatten().tolist()
 
 
-def check_view_overlay(name: str, size: tuple[int, int], splitting: bool = True):
+def check_view_overlay(
+    name: str | Recipe,
+    size: tuple[int, int],
+    splitting: bool = True,
+    configure: Callable[[Any, Any], None] | None = None,
+    sample: int | None = None,
+):
     """Each cell of the drawn view's grid holds the activation of the token that the model feeds
-    from that cell of the view's pixel frame (tiles: of the tile's frame, the tiles stitched
-    row-major); returns the grid and the processor's inputs."""
+    from that cell of the view's pixels (tiles / crops: of the frame under the cell, each frame
+    cut to the pixels its patches cover, the frames stitched row-major, then cut to the grid's
+    `box`), and the picture drawn is those pixels; returns the grid, the processor's inputs and
+    the model. `configure(model, processor)` runs before the image is processed; `sample`: check
+    that many random cells and the corners only (a grid too large to check cell by cell)."""
     from benchmarks.example_pages import model_view
     from benchmarks.feature_examples import ViewGrid
     from vlm_sparsify.random_models import build_tiny
     from vlm_sparsify.recipe import find_recipe
 
-    recipe = find_recipe(name)
+    recipe = find_recipe(name) if isinstance(name, str) else name
+    name = recipe.name
     model, processor = build_tiny(recipe)
     if not splitting:
         processor.image_processor.do_image_splitting = False
+    if configure is not None:
+        configure(model, processor)
     image = Image.new("RGB", size, (200, 30, 30))
     record = {"prompt": recipe.format_prompt("what shape?", processor), "response_token_ids": [5]}
     inputs = processor(images=[image], text=[record["prompt"]], return_tensors="pt")
@@ -637,33 +654,42 @@ def check_view_overlay(name: str, size: tuple[int, int], splitting: bool = True)
     frames = frames_of(inputs["pixel_values"])
     pixels = processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
     assert torch.equal(frames_of(pixels), frames)
-    view = model_view(processor.image_processor, image, grid.frame, grid.tiles)
-    height, width = frames.shape[-2:]
-    assert view is not None and view.size == (width * tile_columns, height * tile_rows)
-    stitched = model_view(processor.image_processor, image, None)
-    for tile in range(tile_rows * tile_columns):
-        alone = model_view(processor.image_processor, image, grid.frame + tile)
-        top, left = tile // tile_columns * height, tile % tile_columns * width
-        box = (left, top, left + width, top + height)
-        assert alone is not None and stitched is None
-        assert np.array_equal(np.asarray(view.crop(box)), np.asarray(alone)), (name, tile)
+    height, width = grid.seen or frames.shape[-2:]  # of each frame, the pixels its patches see
+    alone = [
+        np.asarray(model_view(processor.image_processor, image, grid.frame + tile, seen=grid.seen))
+        for tile in range(tile_rows * tile_columns)
+    ]
+    stitched = np.concatenate(
+        [np.concatenate(alone[r * tile_columns : (r + 1) * tile_columns], 1)
+         for r in range(tile_rows)], 0
+    )  # fmt: skip
+    top, left, bottom, right = grid.box or (0, 0, height * tile_rows, width * tile_columns)
+    view = model_view(processor.image_processor, image, grid.frame, grid.tiles, grid.box, grid.seen)
+    assert view is not None and view.size == (right - left, bottom - top)
+    assert np.array_equal(np.asarray(view), stitched[top:bottom, left:right]), name
+    assert model_view(processor.image_processor, image, None) is None
     acts = np.random.default_rng(0).random(len(ids)).astype(np.float32)
     drawn = patch_grid(acts, {"image": _merged(spans)}, grid)
     assert drawn is not None and drawn.shape == grid.shape
-    rows, columns = grid.shape[0] // tile_rows, grid.shape[1] // tile_columns  # per tile
+    cell_height, cell_width = (bottom - top) // grid.shape[0], (right - left) // grid.shape[1]
+    assert (cell_height * grid.shape[0], cell_width * grid.shape[1]) == view.size[::-1]
     seen = set()
-    for r in range(grid.shape[0]):
-        for c in range(grid.shape[1]):
-            tile = r // rows * tile_columns + c // columns
-            local_r, local_c = r % rows, c % columns
-            box = (local_r * height // rows, local_c * width // columns,
-                   (local_r + 1) * height // rows, (local_c + 1) * width // columns)  # fmt: skip
-            fed = tokens_fed_by(model, inputs, grid.frame + tile, box)
-            assert len(fed) == 1 and fed[0] in image_rows, (name, r, c, fed)
-            assert drawn[r, c] == acts[fed[0]], (name, r, c)
-            seen.add(fed[0])
-    assert len(seen) == grid.shape[0] * grid.shape[1]  # each cell its own token
-    return grid, inputs
+    cells = [(r, c) for r in range(grid.shape[0]) for c in range(grid.shape[1])]
+    if sample is not None:
+        picked = np.random.default_rng(1).choice(len(cells), sample, replace=False)
+        corners = {(0, 0), (0, grid.shape[1] - 1), (grid.shape[0] - 1, 0), cells[-1]}
+        cells = sorted(corners | {cells[i] for i in picked})
+    for r, c in cells:
+        y, x = top + r * cell_height, left + c * cell_width  # in the stitched frames
+        tile = y // height * tile_columns + x // width
+        y, x = y % height, x % width
+        fed = tokens_fed_by(model, inputs, grid.frame + tile,
+                            (y, x, y + cell_height, x + cell_width))  # fmt: skip
+        assert len(fed) == 1 and fed[0] in image_rows, (name, r, c, fed)
+        assert drawn[r, c] == acts[fed[0]], (name, r, c)
+        seen.add(fed[0])
+    assert len(seen) == len(cells)  # each cell its own token
+    return grid, inputs, model
 
 
 def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -683,7 +709,7 @@ def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
     [((40, 64), (2, 2)), ((80, 20), (1, 2)), ((20, 40), (2, 1))],  # (width, height): (rows, cols)
 )
 def test_idefics3_tiles_are_drawn_stitched_on_their_grid(name, size, tiles):
-    grid, inputs = check_view_overlay(name, size)
+    grid, inputs, _ = check_view_overlay(name, size)
     frames = inputs["pixel_values"].shape[1]
     assert frames == tiles[0] * tiles[1] + 1 and grid.frame == 0  # the tiles, then the global
     assert grid.tiles == tiles and grid.shape == (tiles[0] * 2, tiles[1] * 2)  # 4 tokens a tile
@@ -692,7 +718,7 @@ def test_idefics3_tiles_are_drawn_stitched_on_their_grid(name, size, tiles):
 
 @pytest.mark.parametrize("name", ["idefics3", "smolvlm"])
 def test_an_idefics3_image_not_split_draws_its_global_view(name):
-    grid, inputs = check_view_overlay(name, (40, 64), splitting=False)
+    grid, inputs, _ = check_view_overlay(name, (40, 64), splitting=False)
     assert inputs["pixel_values"].shape[1] == 1 and grid.frame == 0 and grid.tiles == (1, 1)
     assert grid.shape == (2, 2) and grid.view == ""
 
@@ -734,12 +760,204 @@ def test_a_tiled_card_tints_its_tiles_stitched_and_says_the_global_view_is_not_d
 
 
 @pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
-@pytest.mark.parametrize("size", [(40, 64), (100, 60), (16, 16)])
-def test_anyres_crops_draw_the_base_view_on_its_grid(name, size):
-    grid, inputs = check_view_overlay(name, size)
-    assert grid.frame == 0 and grid.shape == (2, 2)  # the tiny towers: 28 pixels, patches of 14
+@pytest.mark.parametrize(
+    "size, crops, cells",
+    [  # (width, height); crop rows, columns; the grid of their patches (2 x 2 a crop) unpadded
+        ((40, 64), (2, 2), (4, 2)),  # tall: a column cut off each side, across the crops
+        ((30, 57), (2, 2), (4, 2)),
+        ((100, 60), (2, 2), (2, 4)),  # wide: a row cut off top and bottom
+        ((57, 30), (2, 2), (2, 4)),
+        ((50, 45), (2, 2), (4, 4)),  # near square: nothing cut
+        ((16, 16), None, (2, 2)),  # square: LLaVA-NeXT 1 x 2 crops (columns cut), OneVision 1 x 1
+    ],
+)
+def test_anyres_high_resolution_crops_are_drawn_stitched_and_unpadded_on_their_grid(
+    name, size, crops, cells
+):
+    crops = crops or ((1, 2) if name == "llava_next" else (1, 1))
+    grid, inputs, model = check_view_overlay(name, size)
+    assert inputs["pixel_values"].shape[1] == 1 + crops[0] * crops[1]  # the base, then the crops
+    assert grid.frame == 1 and grid.tiles == crops and grid.shape == cells
+    full = (crops[0] * 2, crops[1] * 2)  # the tiny towers: 28 pixels, patches of 14
+    cut = "unpadded to " if cells != full else ""
+    assert grid.view == (
+        f"high-resolution crops drawn ({crops[0]} x {crops[1]}, {cut}{cells[0]} x {cells[1]} "
+        "patches); base view not drawn"
+    )
+    check_anyres_block(grid, inputs, model, 4)
+
+
+def check_anyres_block(grid, inputs, model, base: int) -> None:
+    """The image's block is the base's `base` tokens, then per grid row its cells and a newline;
+    the model feeds each whole crop to grid tokens only (its padding's patches to none), all the
+    crops together to every grid token, the base frame to the first `base`, no pixel a newline;
+    and a newline's activation reaches no cell."""
+    ids = inputs["input_ids"][0].tolist()
+    image_rows = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+    rows, columns = grid.shape
+    assert grid.starts == (image_rows[0] + base,) and grid.stride == columns + 1
+    grid_tokens = {grid.starts[0] + r * grid.stride + c for r in range(rows)
+                   for c in range(columns)}  # fmt: skip
+    newlines = {grid.starts[0] + r * grid.stride + columns for r in range(rows)}
+    assert set(image_rows) == set(image_rows[:base]) | grid_tokens | newlines
+    assert max(newlines) == image_rows[-1]
+    whole = (0, 0, *inputs["pixel_values"].shape[-2:])
+    fed_by_crops = set()
+    for crop in range(grid.tiles[0] * grid.tiles[1]):
+        fed = set(tokens_fed_by(model, inputs, 1 + crop, whole))
+        assert fed <= grid_tokens, (crop, fed - grid_tokens)
+        fed_by_crops |= fed
+    assert fed_by_crops == grid_tokens
+    assert set(tokens_fed_by(model, inputs, 0, whole)) == set(image_rows[:base])
+    acts = np.zeros(len(ids), np.float32)
+    acts[sorted(newlines)] = 5.0
+    acts[image_rows[:base]] = 5.0
+    drawn = patch_grid(acts, {"image": _merged([(r, r + 1) for r in image_rows])}, grid)
+    assert drawn is not None and not drawn.any()
+
+
+def pooled(model, processor) -> None:
+    """OneVision pooling the crops' grid to at most 1 crop's patches (`anyres_max_1`)."""
+    model.config.vision_aspect_ratio = processor.vision_aspect_ratio = "anyres_max_1"
+
+
+@pytest.mark.parametrize(
+    "name, size, configure",
+    [
+        ("llava_next", (20, 90), None),  # a tall sliver: its crops unpadded to 4 x 0 patches
+        ("llava_onevision", (20, 90), None),
+        ("llava_onevision", (40, 64), pooled),  # 4 x 2 patches pooled bilinearly to 2 x 1
+    ],
+)
+def test_anyres_crops_without_an_exact_grid_fall_back_to_the_base_view(name, size, configure):
+    grid, inputs, _ = check_view_overlay(name, size, configure=configure)
     assert inputs["pixel_values"].shape[1] > 1  # crops follow the base
+    assert grid.frame == 0 and grid.shape == (2, 2) and grid.tiles == (1, 1)
+    assert grid.stride == 0 and grid.box is None
     assert grid.view == "base view (whole image) drawn; high-resolution crops not drawn"
+
+
+@pytest.mark.parametrize("name", ["llava_next", "llava_onevision"])
+def test_anyres_crops_whose_tokens_or_frames_do_not_add_up_fall_back_to_the_base_view(name):
+    from benchmarks.feature_examples import view_grid
+    from vlm_sparsify.random_models import build_tiny_processor
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe(name)
+    processor = build_tiny_processor(recipe)
+    text = recipe.format_prompt("what shape?", processor)
+    inputs = processor(images=[Image.new("RGB", (40, 64))], text=[text], return_tensors="pt")
+    assert view_grid(processor, inputs).view.startswith("high-resolution crops drawn (2 x 2")
+    base = "base view (whole image) drawn; high-resolution crops not drawn"
+    ids = inputs["input_ids"][0].tolist()
+    last = max(i for i, t in enumerate(ids) if t == processor.image_token_id)
+    short = dict(inputs, input_ids=torch.tensor([ids[:last] + ids[last + 1 :]]))  # a token fewer
+    assert view_grid(processor, short).view == base
+    fewer = dict(inputs, pixel_values=inputs["pixel_values"][:, :-1])  # a crop's frame fewer
+    assert view_grid(processor, fewer).view == base
+    wider = dict(inputs, image_sizes=torch.tensor([[64, 140]]))  # sized for 1 x 2 crops
+    assert view_grid(processor, wider).view == base
+
+
+def test_an_anyres_card_tints_its_crops_stitched_and_unpadded(tmp_path):
+    from benchmarks.stages.examples import _card
+    from vlm_sparsify.random_models import build_tiny_processor
+    from vlm_sparsify.recipe import find_recipe
+
+    recipe = find_recipe("llava_next")
+    processor = build_tiny_processor(recipe)
+    halves = np.zeros((60, 100, 3), np.uint8)  # wide: fit to 56 x 34 in the 2 x 2 crops' 56 x 56
+    halves[:, :50] = (220, 20, 20)  # red, blue
+    halves[:, 50:] = (20, 20, 220)
+    Image.fromarray(halves).save(tmp_path / "halves.png")
+    record = {"prompt": recipe.format_prompt("what shape?", processor), "response_token_ids": [5]}
+    ids = processor(images=[Image.fromarray(halves)], text=[record["prompt"]])["input_ids"][0]
+    image_rows = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    assert len(image_rows) == 4 + 2 * (4 + 1)  # the base, then 2 rows of 4 patches + newline
+    acts = np.zeros(len(ids), np.float32)
+    acts[image_rows[-2]] = 2.0  # the last row's last patch
+    acts[image_rows[-1]] = 2.0  # its newline: not drawn
+    acts[image_rows[0]] = 2.0  # the base view's first patch: not drawn
+    example = Example("s1", 2.0, image_rows[-2], acts, {"image": _merged(
+        [(r, r + 1) for r in image_rows])})  # fmt: skip
+    images = {"s1": tmp_path / "halves.png"}
+    card = _card(example, {}, {"s1": record}, images, processor, {}, 2.0)
+    assert card.note == (
+        "high-resolution crops drawn (2 x 2, unpadded to 2 x 4 patches); base view not drawn"
+    )
+    picture = np.asarray(card.picture).astype(int)
+    assert picture.shape == (112, 224, 3)  # 2 x 4 patches: the padding's rows cut away
+    bright = picture.sum(-1)
+    assert bright[-10, -10] > bright[10, 10] + 200  # lit there, dimmed elsewhere
+    assert bright[10, 10] == pytest.approx(bright[10, 120], abs=60)  # the first cell not lit
+    red, blue = picture[40, 20], picture[40, 180]  # dimmed, the halves' colours, no padding
+    assert red[0] > red[1] + 20 and red[0] > red[2] + 20
+    assert blue[2] > blue[0] + 20 and blue[2] > blue[1] + 20
+    for y in (1, 110):  # the image's colour up to the top and bottom edges: no padding drawn
+        assert np.array_equal(picture[y, 20], red), y
+
+
+def anyres_recipe(name: str, side: int, tokens: int | None = None) -> Recipe:
+    """The tiny recipe with towers of `side`-pixel inputs (patches of 14) and the released
+    checkpoints' pinpoints (llava-v1.6-mistral-7b-hf's five, llava-onevision-qwen2-0.5b-ov-hf's
+    1..6 x 1..6 crops); OneVision's processor counting `tokens` base patches."""
+    recipe = find_recipe(name)
+    tiny = copy.deepcopy(recipe.tiny)
+    if name == "llava_next":
+        pins = [[side, 2 * side], [2 * side, side], [2 * side, 2 * side], [3 * side, side],
+                [side, 3 * side]]  # fmt: skip
+        tiny["image_processor"].update(size={"shortest_edge": side},
+                                       crop_size={"height": side, "width": side})  # fmt: skip
+    else:
+        pins = [[side * i, side * j] for i in range(1, 7) for j in range(1, 7)]
+        tiny["image_processor"]["size"] = {"height": side, "width": side}
+        tiny["processor"]["num_image_tokens"] = tokens
+    tiny["image_processor"]["image_grid_pinpoints"] = tiny["config"]["image_grid_pinpoints"] = pins
+    tiny["config"]["vision_config"]["image_size"] = side
+    return dataclasses.replace(recipe, tiny=tiny)
+
+
+def test_onevision_views_whose_patch_size_is_not_known_are_not_drawn():
+    """OneVision's processor does not know the tower's patch size: a frame whose side is no
+    multiple of the grid's is drawn on the pixels of the one patch size that gives that grid
+    (384 pixels, 27 patches: 14, the last 6 pixels unseen), else not at all (43 pixels, 3
+    patches: 11 to 14)."""
+    from benchmarks.feature_examples import view_grid
+    from vlm_sparsify.random_models import build_tiny_processor
+
+    image = Image.new("RGB", (640, 480))
+    for side, tokens, seen in [(384, 729, (378, 378)), (43, 9, None)]:
+        recipe = anyres_recipe("llava_onevision", side, tokens)
+        processor = build_tiny_processor(recipe)
+        text = recipe.format_prompt("what shape?", processor)
+        grid = view_grid(processor, processor(images=[image], text=[text], return_tensors="pt"))
+        assert (grid and grid.seen) == seen, side
+
+
+@pytest.mark.parametrize(
+    "name, side, tokens, size, view",
+    [
+        ("llava_next", 336, None, (640, 480), "2 x 2, unpadded to 36 x 48"),
+        ("llava_next", 336, None, (300, 1000), "3 x 1, unpadded to 72 x 22"),
+        ("llava_onevision", 384, 729, (640, 480), "2 x 2, unpadded to 40 x 54"),
+        ("llava_onevision", 384, 729, (1000, 300), "1 x 3, unpadded to 25 x 81"),
+        ("llava_onevision", 384, 729, (500, 500), "2 x 2, 54 x 54"),
+        ("llava_onevision", 384, 729, (1200, 900), None),  # 3 x 4 crops pooled: the base view
+    ],
+)
+def test_anyres_crops_at_the_released_checkpoints_geometry(name, side, tokens, size, view):
+    """The towers' inputs and pinpoints of llava-v1.6-mistral-7b-hf (CLIP at 336: 24 x 24
+    patches) and llava-onevision-qwen2-0.5b-ov-hf (SigLIP at 384: 27 x 27, anyres_max_9), the
+    rest tiny: the corners and some random cells checked against the model."""
+    patches = side // 14
+    grid, inputs, model = check_view_overlay(anyres_recipe(name, side, tokens), size, sample=6)
+    assert grid.seen == (None if side % 14 == 0 else (patches * 14, patches * 14))
+    if view is None:
+        assert grid.frame == 0 and grid.shape == (patches, patches)
+        assert grid.view == "base view (whole image) drawn; high-resolution crops not drawn"
+        return
+    assert grid.view == f"high-resolution crops drawn ({view} patches); base view not drawn"
+    check_anyres_block(grid, inputs, model, patches * patches)
 
 
 def test_an_anyres_base_view_with_a_cls_token_among_its_tokens_is_not_drawn():
@@ -759,7 +977,7 @@ def test_an_anyres_base_view_with_a_cls_token_among_its_tokens_is_not_drawn():
 
 
 def test_internvl_tiles_draw_the_thumbnail_on_its_grid():
-    grid, inputs = check_view_overlay("internvl", (40, 100))
+    grid, inputs, _ = check_view_overlay("internvl", (40, 100))
     frames = inputs["pixel_values"].shape[0]
     assert frames > 2 and grid.frame == frames - 1 and grid.shape == (2, 2)
     assert grid.view == "thumbnail (whole image) drawn; tiles not drawn"
