@@ -420,7 +420,7 @@ def _crops_view(processor: Any, inputs: Any, base: ViewGrid) -> ViewGrid | None:
         return None  # the model reshapes each crop to image_size // patch_size squared
     seen = base.seen or (height, width)
     pinpoints = getattr(processor.image_processor, "image_grid_pinpoints", None)
-    original = [int(v) for v in inputs["image_sizes"][0]]  # height, width
+    original = tuple(int(v) for v in inputs["image_sizes"][0])  # height, width
     if not pinpoints or len(original) != 2:
         return None
     best_height, best_width = select_best_resolution(original, pinpoints)
