@@ -290,10 +290,10 @@ def plot_grid(path: Path, title: str, sections: Sequence[FeatureSection], dpi: i
 
     plt = pyplot()
     columns = max([len(s.cards) for s in sections] + [1])
+    width = max(1.9 * columns + 0.6, 4.8)  # at least the title's width (one or two cards)
     fig, axes = plt.subplots(
-        len(sections), columns, figsize=(1.9 * columns + 0.6, 2.1 * len(sections) + 0.5),
-        squeeze=False,
-    )  # fmt: skip
+        len(sections), columns, figsize=(width, 2.1 * len(sections) + 0.5), squeeze=False
+    )
     for row, section in enumerate(sections):
         for column in range(columns):
             ax = axes[row][column]
@@ -301,6 +301,9 @@ def plot_grid(path: Path, title: str, sections: Sequence[FeatureSection], dpi: i
             ax.set_yticks([])
             if column == 0:
                 ax.set_ylabel(section.title, fontsize=9)
+                if not section.cards:
+                    ax.text(0.5, 0.5, "fires in no sample", ha="center", va="center",
+                            fontsize=8, color="#555", transform=ax.transAxes)  # fmt: skip
             if column >= len(section.cards):
                 ax.axis("off") if column else ax.set_frame_on(False)
                 continue

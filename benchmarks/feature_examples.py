@@ -178,6 +178,14 @@ class ViewGrid:
     out before the frames are stitched: SigLIP's 27 patches of 14 pixels leave the last 6 rows and
     columns of its 384-pixel input unseen. None: the whole frame."""
 
+    def token_rows(self) -> set[int]:
+        """The token positions the grid draws (`patch_grid`'s), newlines between rows left out."""
+        tile_rows, tile_columns = self.tiles if len(self.starts) > 1 else (1, 1)
+        rows, columns = self.shape[0] // tile_rows, self.shape[1] // tile_columns
+        stride = self.stride or columns
+        return {start + r * stride + c for start in self.starts
+                for r in range(rows) for c in range(columns)}  # fmt: skip
+
 
 def patch_grid(
     activations: np.ndarray, regions: Regions, shape: tuple[int, int] | ViewGrid | None

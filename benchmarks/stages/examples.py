@@ -200,6 +200,10 @@ def _card(
         views[sample] = _sample_view(example, records.get(sample), images.get(sample), processor)
     view, tokens, shape, notes = views[sample]
     picture = card_picture(view, example, scale, shape)
+    peak, spans = example.peak_row, example.regions.get("image", [])
+    in_image = any(a <= peak < b for a, b in spans)
+    if isinstance(shape, ViewGrid) and shape.view and in_image and peak not in shape.token_rows():
+        notes = [*notes, "its peak is at an image token of the view not drawn"]
     return Card(example, labels.get(sample), picture, tokens, "; ".join(notes), shape)
 
 

@@ -460,6 +460,20 @@ def test_the_page_escapes_what_comes_from_data_and_the_plot_takes_dollars(tmp_pa
     assert (tmp_path / "plot.png").stat().st_size > 0
 
 
+def test_a_narrow_plot_keeps_its_title_and_marks_features_firing_nowhere(tmp_path):
+    from benchmarks.example_pages import Card, FeatureSection, plot_grid
+
+    acts = np.array([0, 2.0], np.float32)
+    card = Card(Example("a", 2.0, 1, acts, {"prompt": [(0, 2)]}), "GOOD", None, ["x", "y"])
+    sections = [FeatureSection("L0/F1", "", [], 2.0), FeatureSection("L0/F2", "", [card], 2.0)]
+    plot_grid(tmp_path / "plot.png", "easyvqa: where 2 features fire most", sections, 50)
+    with Image.open(tmp_path / "plot.png") as png:
+        assert png.size == (240, 235)  # one card: 4.8 inches wide, the title's width, not 2.5
+        pixels = np.asarray(png.convert("L"))
+    # the empty row (the first) holds its note: dark text in its middle third
+    assert pixels[60:130, 80:200].min() < 128
+
+
 def test_the_colour_scale_covers_tokens_outside_the_ranking_region(tmp_path):
     from benchmarks.example_pages import colour_scale
 
@@ -895,6 +909,15 @@ def test_an_anyres_card_tints_its_crops_stitched_and_unpadded(tmp_path):
     assert blue[2] > blue[0] + 20 and blue[2] > blue[1] + 20
     for y in (1, 110):  # the image's colour up to the top and bottom edges: no padding drawn
         assert np.array_equal(picture[y, 20], red), y
+    # a sample whose peak is in the base view: the crops drawn, the card says where the peak is
+    base_only = np.zeros(len(ids), np.float32)
+    base_only[image_rows[0]] = 2.0
+    example = Example("s1", 2.0, image_rows[0], base_only, example.regions)
+    card = _card(example, {}, {"s1": record}, images, processor, {}, 2.0)
+    assert card.note.endswith(
+        "base view not drawn; its peak is at an image token of the view not drawn"
+    )
+    assert np.asarray(card.picture).shape == (112, 224, 3)
 
 
 def anyres_recipe(name: str, side: int, tokens: int | None = None) -> Recipe:
