@@ -178,13 +178,18 @@ class ViewGrid:
     out before the frames are stitched: SigLIP's 27 patches of 14 pixels leave the last 6 rows and
     columns of its 384-pixel input unseen. None: the whole frame."""
 
+    def runs(self) -> tuple[tuple[int, int], np.ndarray]:
+        """How the grid's tokens lie: the runs' tile rows and columns ((1, 1) with one start: one
+        run over the whole grid), and the [rows, columns] token offsets of a run's cells from its
+        start (a grid row every `stride` tokens)."""
+        tiles = self.tiles if len(self.starts) > 1 else (1, 1)
+        rows, columns = self.shape[0] // tiles[0], self.shape[1] // tiles[1]
+        return tiles, np.arange(rows)[:, None] * (self.stride or columns) + np.arange(columns)
+
     def token_rows(self) -> set[int]:
         """The token positions the grid draws (`patch_grid`'s), newlines between rows left out."""
-        tile_rows, tile_columns = self.tiles if len(self.starts) > 1 else (1, 1)
-        rows, columns = self.shape[0] // tile_rows, self.shape[1] // tile_columns
-        stride = self.stride or columns
-        return {start + r * stride + c for start in self.starts
-                for r in range(rows) for c in range(columns)}  # fmt: skip
+        _, cells = self.runs()
+        return {start + int(cell) for start in self.starts for cell in cells.flat}
 
 
 def patch_grid(
@@ -197,14 +202,12 @@ def patch_grid(
     each run within one block of image tokens."""
     spans = regions.get("image", [])
     if isinstance(shape, ViewGrid):
-        tile_rows, tile_columns = shape.tiles if len(shape.starts) > 1 else (1, 1)
-        rows, columns = shape.shape[0] // tile_rows, shape.shape[1] // tile_columns
-        stride = shape.stride or columns
-        if len(shape.starts) != tile_rows * tile_columns or rows * columns == 0:
+        (tile_rows, tile_columns), cells = shape.runs()
+        rows, columns = cells.shape
+        if len(shape.starts) != tile_rows * tile_columns or cells.size == 0:
             return None
-        if stride < columns:
+        if 0 < shape.stride < columns:  # rows would overlap
             return None
-        cells = np.arange(rows)[:, None] * stride + np.arange(columns)  # [rows, columns] offsets
         grid = np.zeros(shape.shape, activations.dtype)
         for tile, start in enumerate(shape.starts):
             stop = start + int(cells[-1, -1]) + 1
